@@ -1,0 +1,1 @@
+"""Where a step body runs: on the event loop, in a thread, in a process, or on a cluster."""

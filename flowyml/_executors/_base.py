@@ -1,0 +1,34 @@
+"""The one interface every executor implements."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+
+class Executor(abc.ABC):
+    """Runs step bodies somewhere and enforces their timeouts the way that place allows.
+
+    The engine creates or receives one executor per kind for a run, calls :meth:`run` for each
+    step attempt, and :meth:`aclose` once when the run ends (also on failure or cancellation).
+    ``run`` must let ``asyncio.CancelledError`` through untouched, and raise
+    :class:`flowyml.errors.StepTimeoutError` (naming ``step_name``) when ``timeout`` expires.
+    """
+
+    name: ClassVar[str] = "executor"
+
+    @abc.abstractmethod
+    async def run(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        timeout: float | None,
+        step_name: str,
+    ) -> Any:
+        """Call ``fn(*args, **kwargs)`` here and return its result."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, most executors hold nothing
+        """Release what the executor holds; leave no thread or process behind that it owns."""
