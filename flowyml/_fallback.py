@@ -1,0 +1,142 @@
+"""Fallbacks: return a substitute value when a function raises.
+
+:func:`on_failure` is the decorator from the seed page; :class:`FallbackHandler` is the same
+behaviour as an object (a decorator, or :meth:`FallbackHandler.call`). Only the listed
+``Exception`` types are caught: cancellation, ``KeyboardInterrupt`` and ``SystemExit`` always
+propagate.
+
+The fallback is called with the exception if its signature accepts one positional argument,
+and with no arguments otherwise; this is decided once, when the handler is made.
+"""
+
+from __future__ import annotations
+
+__all__ = ("FallbackHandler", "on_failure")
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ParamSpec, TypeVar, cast
+
+from flowyml._errors import ConfigError
+from flowyml._retry import ExceptionTypes, exception_types
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _takes_exception(fallback: Callable[..., Any]) -> bool:
+    """Whether ``fallback`` should receive the exception: it can bind one positional argument."""
+    try:
+        signature = inspect.signature(fallback)
+    except (TypeError, ValueError):  # some builtins have no signature: call them bare
+        return False
+    try:
+        signature.bind(None)
+    except TypeError:
+        pass
+    else:
+        return True
+    try:
+        signature.bind()
+    except TypeError:
+        raise ConfigError(
+            f"fallback {fallback!r} must take no arguments or one (the exception), "
+            f"but its signature is {signature}"
+        ) from None
+    return False
+
+
+class FallbackHandler:
+    """Return ``fallback_func``'s value when the wrapped function raises one of ``fallback_on``.
+
+    Args:
+        fallback_func: called with no arguments or with the exception (decided by its
+            signature); may be ``async def`` when the protected function is async too.
+        fallback_on: the exception types that trigger the fallback.
+
+    The return type of the fallback should match the function's, so typing stays honest.
+    """
+
+    __slots__ = ("_pass_exception", "fallback_func", "fallback_on")
+
+    def __init__(self, fallback_func: Callable[..., Any], fallback_on: ExceptionTypes = (Exception,)) -> None:
+        if not callable(fallback_func):
+            raise ConfigError(f"fallback must be callable, got {fallback_func!r}")
+        self.fallback_func = fallback_func
+        self.fallback_on = exception_types(fallback_on, "fallback_on")
+        self._pass_exception = _takes_exception(fallback_func)
+
+    def __repr__(self) -> str:
+        name = getattr(self.fallback_func, "__qualname__", repr(self.fallback_func))
+        on = ", ".join(t.__name__ for t in self.fallback_on)
+        return f"FallbackHandler({name}, fallback_on=({on}))"
+
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
+        """Decorate a sync or async function."""
+        wrapper: Callable[..., Any]
+        if self._check(func):
+            afunc = cast(Callable[P, Awaitable[Any]], func)
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                return await self._acall(afunc, args, kwargs)
+
+            wrapper = async_wrapper
+        else:
+
+            @functools.wraps(func)
+            def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+                return self._call(func, args, kwargs)
+
+            wrapper = sync_wrapper
+        # functools.wraps copied the inner function's __dict__; a retry marker copied from below
+        # would tell the engine to lift a retry loop that is not the outermost layer.
+        wrapper.__dict__.pop("__flowyml_retry__", None)
+        return cast(Callable[P, R], wrapper)
+
+    def call(self, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call ``func`` with the fallback in place; for an async ``func`` this returns a coroutine."""
+        if self._check(func):
+            return cast(R, self._acall(cast(Callable[..., Awaitable[Any]], func), args, kwargs))
+        return self._call(func, args, kwargs)
+
+    def _check(self, func: Callable[..., Any]) -> bool:
+        """Validate ``func`` against the fallback; return whether it is async."""
+        if not callable(func):
+            raise ConfigError(f"on_failure(...) decorates a function, got {func!r}")
+        is_async = inspect.iscoroutinefunction(func)
+        if not is_async and inspect.iscoroutinefunction(self.fallback_func):
+            raise ConfigError(
+                f"the fallback {self.fallback_func!r} is async but {func!r} is not; "
+                "use a plain fallback function for a plain function"
+            )
+        return is_async
+
+    def _fallback(self, exc: Exception) -> Any:
+        return self.fallback_func(exc) if self._pass_exception else self.fallback_func()
+
+    def _call(self, func: Callable[..., R], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> R:
+        try:
+            return func(*args, **kwargs)
+        except self.fallback_on as exc:
+            return cast(R, self._fallback(exc))
+
+    async def _acall(
+        self, func: Callable[..., Awaitable[R]], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> R:
+        try:
+            return await func(*args, **kwargs)
+        except self.fallback_on as exc:
+            result = self._fallback(exc)
+            if inspect.isawaitable(result):
+                result = await result
+            return cast(R, result)
+
+
+def on_failure(fallback: Callable[..., Any], *, on: ExceptionTypes = (Exception,)) -> FallbackHandler:
+    """Decorator: return ``fallback``'s value when the function raises one of ``on``.
+
+    ``fallback`` takes no arguments or the exception; it may be async for async functions.
+    """
+    return FallbackHandler(fallback, fallback_on=on)
