@@ -1,1 +1,58 @@
-"""flowyml"""
+"""flowyml: plain Python functions as pipeline steps, run on an asyncio engine.
+
+This module only re-exports. The layers, from the bottom up:
+
+- ``_errors``                  the error tree (public as ``flowyml.errors``)
+- ``_step``, ``_context``      describing work: ``@step``, ``context()``
+- ``_graph``                   planning: bind parameters, wire edges, reject bad graphs (pure)
+- ``_scheduler``, ``_attempt`` running: start each step when its inputs exist; retries and timeouts
+- ``_executors``               where bodies run: the loop, threads, processes, Dask
+- ``_retry``, ``_breaker``, ``_fallback``, ``_conditions``, ``_parallel``   resilience and control flow
+- ``_hashing``, ``_store``     cache keys, the SQLite cache and lineage store
+- ``_pipeline``                ``Pipeline``: plan once, run many times
+"""
+
+from ._assets import Asset, Dataset, Metrics, Model
+from ._conditions import unless, when
+from ._context import Context, context
+from ._errors import (
+    CircuitOpenError,
+    ConfigError,
+    CycleError,
+    DuplicateOutputError,
+    FlowymlError,
+    MissingInputError,
+    StepTimeoutError,
+)
+from ._executors._base import Executor
+from ._pipeline import Pipeline
+from ._results import ExecutionResult, PipelineResult, StepResult, StepStatus
+from ._step import Step, step
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "Asset",
+    "CircuitOpenError",
+    "ConfigError",
+    "Context",
+    "CycleError",
+    "Dataset",
+    "DuplicateOutputError",
+    "ExecutionResult",
+    "Executor",
+    "FlowymlError",
+    "Metrics",
+    "MissingInputError",
+    "Model",
+    "Pipeline",
+    "PipelineResult",
+    "Step",
+    "StepResult",
+    "StepStatus",
+    "StepTimeoutError",
+    "context",
+    "step",
+    "unless",
+    "when",
+)

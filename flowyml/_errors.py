@@ -136,8 +136,7 @@ class StepTimeoutError(StepError, TimeoutError):
         where = f" in the {executor} executor" if executor else ""
         name = repr(step_name) if step_name else "the step"
         super().__init__(
-            f"{name} timed out after {timeout:g}s{where}. "
-            "Raise its timeout= or make the step faster.",
+            f"{name} timed out after {timeout:g}s{where}. Raise its timeout= or make the step faster.",
             step_name=step_name,
         )
 

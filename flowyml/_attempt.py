@@ -1,0 +1,61 @@
+"""One step's attempts: retry with backoff around a timed call on the step's executor.
+
+The order of layers is fixed: the scheduler checks conditions and the cache first; here each
+attempt gets its own timeout, a failure is retried as the step's policy allows, and a timed-out
+attempt counts as a failure for any circuit breaker wrapped around the step's function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ._errors import StepTimeoutError
+from ._executors._base import Executor
+from ._graph import Node
+from ._results import StepResult
+from ._retry import _asleep as asleep
+
+__all__ = ("run_attempts",)
+
+
+async def run_attempts(
+    node: Node, executor: Executor, args: list[Any], kwargs: dict[str, Any], res: StepResult
+) -> Any:
+    """Call the step's body until it succeeds or its retry policy gives up; record attempts on ``res``."""
+    step = node.step
+    policy = step.retry
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        res.attempts = attempt
+        try:
+            return await executor.run(
+                step.body, tuple(args), kwargs, timeout=step.timeout, step_name=node.name
+            )
+        except Exception as exc:
+            if isinstance(exc, StepTimeoutError):
+                for breaker in _breakers(step.body):
+                    breaker.record_failure(exc)
+            if policy is None or not policy.should_retry(exc, attempt, time.monotonic() - started):
+                _note_attempts(exc, attempt)
+                raise
+            await asleep(policy.delay(attempt))
+
+
+def _breakers(func: Callable[..., Any]) -> Iterator[Any]:
+    while func is not None:
+        breaker = getattr(func, "__flowyml_breaker__", None)
+        if breaker is not None:
+            yield breaker
+        func = getattr(func, "__wrapped__", None)  # type: ignore[assignment]
+
+
+def _note_attempts(exc: Exception, attempts: int) -> None:
+    if attempts > 1:
+        with contextlib.suppress(AttributeError):
+            exc.attempts = attempts  # type: ignore[attr-defined]
+        exc.add_note(f"flowyml: gave up after {attempts} attempts")

@@ -1,0 +1,265 @@
+"""Build and validate the DAG of a pipeline: names, producers, parameter bindings, cycles. Pure.
+
+A :class:`Plan` is what the scheduler runs: integer node ids, integer output slots, dependents
+lists and remaining-input counters, with every parameter already bound to where its value
+comes from (an upstream output slot, a context name, or a default).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ._errors import ConfigError, CycleError, DuplicateOutputError, DuplicateStepError, MissingInputError
+from ._step import Step
+
+__all__ = ("MISSING", "Node", "Plan", "Source", "build_plan")
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Final[Any] = _Missing()
+
+SLOT: Final = 0
+CONTEXT: Final = 1
+CONSTANT: Final = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where one argument comes from: an output ``slot``, else the context ``name``, else ``default``."""
+
+    kind: int
+    slot: int = -1
+    name: str = ""
+    default: Any = MISSING
+    parameter: str = ""
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """One step in a plan, with its arguments bound and its edges counted."""
+
+    id: int
+    step: Step
+    name: str
+    output_names: tuple[str, ...]
+    output_slots: tuple[int, ...]
+    positional: tuple[Source, ...]
+    var_positional: tuple[Source, ...]
+    keyword: tuple[tuple[str, Source], ...]
+    deps: tuple[int, ...]
+    dependents: tuple[int, ...] = ()
+
+    def sources(self) -> list[tuple[str, Source]]:
+        """Every bound argument as ``(parameter label, source)``, in call order."""
+        out = [(s.parameter, s) for s in self.positional]
+        out += [(s.parameter, s) for s in self.var_positional]
+        out += list(self.keyword)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A validated, runnable DAG. Built once per pipeline shape and reused across runs."""
+
+    nodes: tuple[Node, ...]
+    slot_names: tuple[str, ...]
+    roots: tuple[int, ...]
+    by_name: Mapping[str, Node]
+    context_needs: tuple[tuple[Node, Source], ...]
+
+    def check_context(self, available: Mapping[str, Any]) -> None:
+        """Raise :class:`MissingInputError` for a context-bound parameter nobody can fill."""
+        for node, src in self.context_needs:
+            if src.name not in available:
+                names = [*self.slot_names, *available]
+                close = difflib.get_close_matches(src.name, names, n=3)
+                raise MissingInputError(node.name, src.parameter, src.name, close)
+
+
+def assign_names(steps: Sequence[Step]) -> list[str]:
+    """A distinct, stable name for every step of one pipeline.
+
+    Explicit names must be unique. Automatic names that collide (a factory called in a loop)
+    are qualified by their first output, then by their position among the colliding steps.
+    """
+    names = [s.name for s in steps]
+    explicit: dict[str, Step] = {}
+    for s in steps:
+        if s.explicit_name:
+            if s.name in explicit:
+                raise DuplicateStepError(f"two steps are named {s.name!r}; give one of them another name=...")
+            explicit[s.name] = s
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    for i, s in enumerate(steps):
+        if not s.explicit_name and (counts[s.name] > 1 or s.name in explicit):
+            names[i] = f"{s.name}[{s.outputs[0]}]" if s.outputs else s.name
+    seen: dict[str, int] = {}
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+    order: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if seen[n] > 1 and not steps[i].explicit_name:
+            order[n] = order.get(n, 0) + 1
+            names[i] = f"{n}#{order[n]}"
+    return names
+
+
+def build_plan(steps: Sequence[Step]) -> Plan:
+    """Resolve every parameter, wire the edges and reject what cannot run.
+
+    Raises:
+        DuplicateStepError, DuplicateOutputError, CycleError, ConfigError: the graph is invalid.
+    """
+    names = assign_names(steps)
+    outputs_of = [s.outputs or (names[i],) for i, s in enumerate(steps)]
+
+    producer: dict[str, int] = {}
+    slot_of: dict[str, int] = {}
+    slot_names: list[str] = []
+    for i, outs in enumerate(outputs_of):
+        for out in outs:
+            if out in producer:
+                raise DuplicateOutputError(out, [names[producer[out]], names[i]])
+            producer[out] = i
+            slot_of[out] = len(slot_names)
+            slot_names.append(out)
+
+    nodes: list[Node] = []
+    context_needs: list[tuple[int, Source]] = []
+    for i, s in enumerate(steps):
+        positional, var_pos, keyword = _bind(s, names[i], i, producer, slot_of)
+        deps: list[int] = []
+        for src in (*positional, *var_pos, *(k[1] for k in keyword)):
+            if src.kind == SLOT:
+                p = producer[slot_names[src.slot]]
+                if p not in deps:
+                    deps.append(p)
+            elif src.kind == CONTEXT and src.default is MISSING:
+                context_needs.append((i, src))
+        nodes.append(
+            Node(
+                id=i,
+                step=s,
+                name=names[i],
+                output_names=outputs_of[i],
+                output_slots=tuple(slot_of[o] for o in outputs_of[i]),
+                positional=positional,
+                var_positional=var_pos,
+                keyword=keyword,
+                deps=tuple(deps),
+            )
+        )
+
+    dependents: list[list[int]] = [[] for _ in nodes]
+    for n in nodes:
+        for d in n.deps:
+            dependents[d].append(n.id)
+    for n in nodes:
+        n.dependents = tuple(dependents[n.id])
+    _check_acyclic(nodes)
+    return Plan(
+        nodes=tuple(nodes),
+        slot_names=tuple(slot_names),
+        roots=tuple(n.id for n in nodes if not n.deps),
+        by_name={n.name: n for n in nodes},
+        context_needs=tuple((nodes[i], src) for i, src in context_needs),
+    )
+
+
+def _bind(
+    s: Step, name: str, index: int, producer: Mapping[str, int], slot_of: Mapping[str, int]
+) -> tuple[tuple[Source, ...], tuple[Source, ...], tuple[tuple[str, Source], ...]]:
+    """Bind each parameter of ``s`` to its source, following DESIGN.md §3 in order."""
+    params = list(s.signature.parameters.values())
+    kinds = inspect.Parameter
+    named = [
+        p
+        for p in params
+        if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
+    ]
+    var_pos = next((p for p in params if p.kind is kinds.VAR_POSITIONAL), None)
+    var_kw = next((p for p in params if p.kind is kinds.VAR_KEYWORD), None)
+
+    def wired(source_name: str, parameter: str, default: Any) -> Source:
+        p = producer.get(source_name)
+        if p is not None and p != index:
+            return Source(SLOT, slot=slot_of[source_name], name=source_name, parameter=parameter)
+        if p == index:
+            raise CycleError([name, name])
+        return Source(CONTEXT, name=source_name, default=default, parameter=parameter)
+
+    bound: dict[str, Source] = {}
+    declared = list(s.inputs)
+    by_name = {p.name for p in named}
+    leftover = [inp for inp in declared if inp not in by_name]
+    for inp in declared:
+        if inp in by_name:
+            param = next(p for p in named if p.name == inp)
+            bound[inp] = wired(inp, inp, _default(param))
+    free_positional = [p for p in named if p.name not in bound and p.kind is not kinds.KEYWORD_ONLY]
+    extra_pos: list[Source] = []
+    extra_kw: list[tuple[str, Source]] = []
+    for inp in leftover:
+        if free_positional:
+            param = free_positional.pop(0)
+            bound[param.name] = wired(inp, param.name, _default(param))
+        elif var_pos is not None:
+            extra_pos.append(wired(inp, f"*{var_pos.name}[{len(extra_pos)}]", MISSING))
+        elif var_kw is not None:
+            extra_kw.append((inp, wired(inp, inp, MISSING)))
+        else:
+            raise ConfigError(
+                f"step {name!r} declares input {inp!r} but its function has no parameter left to "
+                f"receive it; add a parameter named {inp!r} (or *args / **kwargs)"
+            )
+
+    for p in named:
+        if p.name not in bound:
+            bound[p.name] = wired(p.name, p.name, _default(p))
+
+    positional = tuple(bound[p.name] for p in named if p.kind is not kinds.KEYWORD_ONLY)
+    keyword = tuple((p.name, bound[p.name]) for p in named if p.kind is kinds.KEYWORD_ONLY)
+    return positional, tuple(extra_pos), keyword + tuple(extra_kw)
+
+
+def _default(param: inspect.Parameter) -> Any:
+    return MISSING if param.default is inspect.Parameter.empty else param.default
+
+
+def _check_acyclic(nodes: Sequence[Node]) -> None:
+    remaining = [len(n.deps) for n in nodes]
+    ready = [n.id for n in nodes if not n.deps]
+    seen = 0
+    while ready:
+        i = ready.pop()
+        seen += 1
+        for d in nodes[i].dependents:
+            remaining[d] -= 1
+            if remaining[d] == 0:
+                ready.append(d)
+    if seen == len(nodes):
+        return
+    # Walk dependencies from a node still blocked until one repeats: that loop is the cycle.
+    start = next(i for i, r in enumerate(remaining) if r > 0)
+    path: list[int] = []
+    index: dict[int, int] = {}
+    node = start
+    while node not in index:
+        index[node] = len(path)
+        path.append(node)
+        node = next(d for d in nodes[node].deps if remaining[d] > 0)
+    cycle = path[index[node] :]
+    cycle.reverse()
+    raise CycleError([nodes[i].name for i in (*cycle, cycle[0])])

@@ -1,0 +1,230 @@
+"""``Pipeline``: a set of steps, planned once, run as often as you like."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from ._context import Context
+from ._errors import ConfigError, EventLoopError
+from ._executors._base import Executor
+from ._executors._local import AsyncExecutor, ThreadExecutor
+from ._graph import Node, Plan, build_plan
+from ._results import PipelineResult, StepResult, StepStatus
+from ._scheduler import Run, describe_inputs
+from ._step import Step, step
+
+__all__ = ("Pipeline",)
+
+DEFAULT_MAX_THREADS = 40
+
+
+class Pipeline:
+    """Steps wired by the names they consume and produce, run on an asyncio engine.
+
+    Args:
+        name: the pipeline's name, recorded with every run.
+        context: parameters injected into steps by name (see :func:`flowyml.context`).
+        enable_cache: False turns the cache off for every run of this pipeline.
+        cache_dir: where the cache and lineage store lives (default ``$FLOWYML_HOME`` or ``./.flowyml``).
+        max_concurrency: at most this many steps run at once (default: no limit).
+        max_threads: threads for plain-function steps (default 40).
+        max_processes: worker processes for ``executor="process"`` steps (default: CPU count).
+        debug: run steps one at a time and report failures in detail (see :meth:`run`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        context: Context | Mapping[str, Any] | None = None,
+        *,
+        enable_cache: bool = True,
+        cache_dir: str | os.PathLike[str] | None = None,
+        max_concurrency: int | None = None,
+        max_threads: int | None = None,
+        max_processes: int | None = None,
+        debug: bool = False,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"Pipeline name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.context = context if isinstance(context, Context) else Context(dict(context or {}))
+        self.enable_cache = bool(enable_cache)
+        self.cache_dir = cache_dir
+        self.max_concurrency = _positive("max_concurrency", max_concurrency)
+        self.max_threads = _positive("max_threads", max_threads) or DEFAULT_MAX_THREADS
+        self.max_processes = _positive("max_processes", max_processes)
+        self.debug = debug
+        self._steps: list[Step] = []
+        self._plan: Plan | None = None
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        return tuple(self._steps)
+
+    def add_step(self, step_: Step | Callable[..., Any]) -> Pipeline:
+        """Add a step (a plain function is wrapped with ``@step``); returns the pipeline to chain calls."""
+        if not isinstance(step_, Step):
+            if not callable(step_):
+                raise ConfigError(f"add_step() needs a @step function, got {type(step_).__name__}")
+            step_ = step(step_)
+        if any(s is step_ for s in self._steps):
+            raise ConfigError(f"step {step_.name!r} was already added to pipeline {self.name!r}")
+        self._steps.append(step_)
+        self._plan = None
+        return self
+
+    def plan(self) -> Plan:
+        """The validated DAG, built on first use and reused until a step is added.
+
+        Raises:
+            GraphError: a cycle, a missing input or a duplicate output, before anything runs.
+        """
+        if self._plan is None:
+            self._plan = build_plan(self._steps)
+        return self._plan
+
+    def run(
+        self,
+        context: Context | Mapping[str, Any] | None = None,
+        *,
+        fail_fast: bool = True,
+        debug: bool | None = None,
+        run_id: str | None = None,
+    ) -> PipelineResult:
+        """Run the pipeline to completion and return its result; a failing step does not raise.
+
+        ``context`` overrides apply to this run only. ``fail_fast=False`` lets branches that do
+        not depend on a failed step finish. ``debug=True`` runs one step at a time and, when a
+        step fails, prints its inputs and traceback and opens ``pdb`` if stdin is a terminal.
+
+        Raises:
+            EventLoopError: called inside a running event loop; use ``await pipeline.arun()``.
+            GraphError, ConfigError: the pipeline cannot run, before any step starts.
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise EventLoopError(
+                f"Pipeline.run() was called inside a running event loop; "
+                f"use `await pipeline.arun()` there (pipeline {self.name!r})"
+            )
+        return asyncio.run(self.arun(context, fail_fast=fail_fast, debug=debug, run_id=run_id))
+
+    async def arun(
+        self,
+        context: Context | Mapping[str, Any] | None = None,
+        *,
+        fail_fast: bool = True,
+        debug: bool | None = None,
+        run_id: str | None = None,
+    ) -> PipelineResult:
+        """Run the pipeline inside the caller's event loop; same contract as :meth:`run`.
+
+        Cancelling the awaiting task cancels every running step and propagates.
+        """
+        plan = self.plan()
+        params: dict[str, Any] = {**self.context.to_dict(), **(dict(context) if context else {})}
+        plan.check_context(params)
+        debug = self.debug if debug is None else debug
+        executors = _Executors(self)
+        run = Run(
+            plan,
+            params=params,
+            executors=executors.for_node,
+            fail_fast=fail_fast,
+            max_concurrency=1 if debug else self.max_concurrency,
+            on_failure=_debug_report if debug else None,
+        )
+        start = time.time()
+        try:
+            await run.execute()
+        finally:
+            await executors.aclose()
+        results: dict[str, StepResult] = {r.step_name: r for r in run.results if r is not None}
+        return PipelineResult(
+            run_id=run_id or uuid.uuid4().hex,
+            pipeline_name=self.name,
+            state=_state(results.values()),
+            outputs=run.outputs(),
+            step_results=results,
+            start_time=start,
+            end_time=time.time(),
+        )
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.name!r}, steps={[s.name for s in self._steps]})"
+
+
+class _Executors:
+    """The executors of one run, created on first use and closed when the run ends."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        self._async = AsyncExecutor()
+        self._thread: ThreadExecutor | None = None
+        self._process: Executor | None = None
+        self._by_node: dict[int, Executor] = {}
+
+    def for_node(self, node: Node) -> Executor:
+        found = self._by_node.get(node.id)
+        if found is None:
+            found = self._by_node[node.id] = self._make(node.step)
+        return found
+
+    def _make(self, s: Step) -> Executor:
+        kind = s.executor
+        if isinstance(kind, Executor):
+            return kind
+        if kind == "process":
+            if self._process is None:
+                from ._executors._process import ProcessExecutor
+
+                self._process = ProcessExecutor(self._pipeline.max_processes)
+            return self._process
+        if s.is_async:
+            return self._async
+        if self._thread is None:
+            self._thread = ThreadExecutor(self._pipeline.max_threads)
+        return self._thread
+
+    async def aclose(self) -> None:
+        for ex in (self._thread, self._process):
+            if ex is not None:
+                await ex.aclose()
+
+
+def _state(results: Iterable[StepResult]) -> str:
+    statuses = {r.status for r in results}
+    if statuses & {StepStatus.FAILED, StepStatus.TIMED_OUT}:
+        return "failed"
+    if StepStatus.CANCELLED in statuses:
+        return "cancelled"
+    return "completed"
+
+
+def _positive(option: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"Pipeline {option}={value!r} must be a positive integer, or None for the default")
+    return value
+
+
+def _debug_report(node: Node, res: StepResult, inputs: list[Any]) -> None:
+    """Print what a failing step received and why it failed; open pdb when a human is there."""
+    print(f"\nflowyml debug: step {node.name!r} {res.status.value}", file=sys.stderr)
+    print(f"  inputs: {describe_inputs(inputs)}", file=sys.stderr)
+    if res.traceback:
+        print(res.traceback, file=sys.stderr)
+    if res.error is not None and sys.stdin is not None and sys.stdin.isatty():
+        import pdb
+
+        pdb.post_mortem(res.error.__traceback__)

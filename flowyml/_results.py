@@ -1,0 +1,147 @@
+"""What a run reports: one :class:`StepResult` per step and a :class:`PipelineResult` around them."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ("ExecutionResult", "PipelineResult", "StepResult", "StepStatus")
+
+
+class StepStatus(enum.StrEnum):
+    """The fate of one step in one run."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    CACHED = "cached"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+_OK = frozenset({StepStatus.SUCCEEDED, StepStatus.CACHED})
+
+
+@dataclass(slots=True, eq=False)
+class StepResult:
+    """The outcome of one step: status, outputs, timing, attempts and, on failure, the error.
+
+    Built by the engine once the step's fate is known; treat it as read-only.
+    """
+
+    step_name: str
+    status: StepStatus = StepStatus.PENDING
+    outputs: dict[str, Any] = field(default_factory=dict)
+    error: BaseException | None = None
+    traceback: str | None = None
+    attempts: int = 0
+    start_time: float | None = None
+    end_time: float | None = None
+    duration_seconds: float = 0.0
+    time_saved_seconds: float = 0.0
+    cache_key: str | None = None
+    skip_reason: str | None = None
+
+    @property
+    def success(self) -> bool:
+        """True when the step produced its outputs, by running or from the cache."""
+        return self.status in _OK
+
+    @property
+    def cached(self) -> bool:
+        """True when the outputs came from the cache."""
+        return self.status is StepStatus.CACHED
+
+    @property
+    def skipped(self) -> bool:
+        """True when the step never started (a false condition, or an earlier failure)."""
+        return self.status is StepStatus.SKIPPED
+
+    @property
+    def retries(self) -> int:
+        """Attempts after the first."""
+        return max(0, self.attempts - 1)
+
+    @property
+    def output(self) -> Any:
+        """The single output's value, or the dict of outputs when the step has several."""
+        if len(self.outputs) == 1:
+            return next(iter(self.outputs.values()))
+        return self.outputs or None
+
+    def __repr__(self) -> str:
+        err = f", error={type(self.error).__name__}" if self.error is not None else ""
+        return (
+            f"StepResult({self.step_name!r}, {self.status.value}, "
+            f"{self.duration_seconds:.3f}s, attempts={self.attempts}{err})"
+        )
+
+
+ExecutionResult = StepResult
+"""FlowyML's name for :class:`StepResult`."""
+
+
+@dataclass(slots=True, eq=False)
+class PipelineResult:
+    """The outcome of one run. ``result["name"]`` looks up an output, then a step."""
+
+    run_id: str
+    pipeline_name: str
+    state: str
+    outputs: dict[str, Any]
+    step_results: dict[str, StepResult]
+    start_time: float
+    end_time: float
+
+    @property
+    def success(self) -> bool:
+        """True when every step succeeded, ran from the cache, or was skipped by a condition."""
+        return self.state == "completed"
+
+    @property
+    def duration_seconds(self) -> float:
+        return self.end_time - self.start_time
+
+    @property
+    def time_saved_seconds(self) -> float:
+        """The original run time of every step served from the cache."""
+        return sum(r.time_saved_seconds for r in self.step_results.values())
+
+    @property
+    def failed_steps(self) -> list[str]:
+        """Names of the steps that failed or timed out."""
+        bad = (StepStatus.FAILED, StepStatus.TIMED_OUT)
+        return [n for n, r in self.step_results.items() if r.status in bad]
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self.outputs:
+            return self.outputs[name]
+        if name in self.step_results:
+            return self.step_results[name]
+        raise KeyError(
+            f"{name!r} is neither an output nor a step of pipeline {self.pipeline_name!r}; "
+            f"outputs: {sorted(self.outputs)}"
+        )
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.outputs or name in self.step_results
+
+    def __iter__(self) -> Iterator[StepResult]:
+        return iter(self.step_results.values())
+
+    def summary(self) -> str:
+        """A human-readable table of every step's fate."""
+        lines = [f"run {self.run_id} of {self.pipeline_name!r}: {self.state} in {self.duration_seconds:.3f}s"]
+        for r in self.step_results.values():
+            extra = f"  {type(r.error).__name__}: {r.error}" if r.error is not None else ""
+            lines.append(f"  {r.step_name:<30} {r.status.value:<10} {r.duration_seconds:8.3f}s{extra}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"PipelineResult({self.pipeline_name!r}, {self.state}, steps={len(self.step_results)}, "
+            f"{self.duration_seconds:.3f}s)"
+        )

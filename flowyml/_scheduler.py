@@ -1,0 +1,277 @@
+"""The async core: start every step the moment its last input exists.
+
+One task group per run. Each node carries a counter of inputs still missing; a finishing step
+decrements its dependents' counters and starts those that reach zero — the first of them in the
+same task (a chain never pays for a new task per link), the rest as new tasks. There are no
+level barriers, no task waiting per pending step and no polling.
+
+A step that cannot produce its outputs (failed, skipped by a condition, cancelled) marks its
+dependents *blocked*; a blocked node is recorded as skipped when its turn comes, and passes the
+mark on. With ``fail_fast`` a failure instead aborts the task group: running steps are
+cancelled, and steps that never started are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ._attempt import run_attempts
+from ._errors import OutputError, StepTimeoutError
+from ._executors._base import Executor
+from ._graph import CONTEXT, MISSING, SLOT, Node, Plan, Source
+from ._results import StepResult, StepStatus
+
+__all__ = ("Run",)
+
+_perf = time.perf_counter
+_now = time.time
+
+
+class _Abort(Exception):
+    """Raised inside the task group by the first failure of a fail-fast run."""
+
+
+class Run:
+    """The state of one execution of a :class:`~flowyml._graph.Plan`."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        params: Mapping[str, Any],
+        executors: Callable[[Node], Executor],
+        fail_fast: bool = True,
+        max_concurrency: int | None = None,
+        on_failure: Callable[[Node, StepResult, list[Any]], None] | None = None,
+        hooks: RunHooks | None = None,
+    ) -> None:
+        self.plan = plan
+        self.params = params
+        self.fail_fast = fail_fast
+        self.values: list[Any] = [MISSING] * len(plan.slot_names)
+        self.results: list[StepResult | None] = [None] * len(plan.nodes)
+        self.blocked: list[str | None] = [None] * len(plan.nodes)
+        self.remaining = [len(n.deps) for n in plan.nodes]
+        self._executor_for = executors
+        self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        self._on_failure = on_failure
+        self._hooks = hooks
+        self._tg: asyncio.TaskGroup | None = None
+        self.stopped_by: str | None = None
+
+    async def execute(self) -> None:
+        """Run every node; return when all have a fate. Outer cancellation propagates."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for i in self.plan.roots:
+                    tg.create_task(self._drive(self.plan.nodes[i]))
+        except* _Abort:
+            pass
+        finally:
+            reason = (
+                f"the run stopped after step {self.stopped_by!r} failed"
+                if self.stopped_by
+                else "the run stopped"
+            )
+            for node in self.plan.nodes:
+                if self.results[node.id] is None:
+                    self.results[node.id] = StepResult(node.name, StepStatus.SKIPPED, skip_reason=reason)
+
+    async def _drive(self, node: Node | None) -> None:
+        tg = self._tg
+        assert tg is not None
+        nodes = self.plan.nodes
+        remaining = self.remaining
+        while node is not None:
+            ok = await self._run_node(node)
+            if not ok:
+                if self.fail_fast and self.results[node.id].status not in _QUIET:  # type: ignore[union-attr]
+                    self.stopped_by = node.name
+                    raise _Abort
+                mark = self.blocked[node.id] or f"upstream step {node.name!r} did not produce its outputs"
+                for d in node.dependents:
+                    self.blocked[d] = self.blocked[d] or mark
+            nxt = None
+            for d in node.dependents:
+                remaining[d] -= 1
+                if remaining[d] == 0:
+                    if nxt is None:
+                        nxt = nodes[d]
+                    else:
+                        tg.create_task(self._drive(nodes[d]))
+            node = nxt
+
+    def _arguments(self, node: Node) -> tuple[list[Any], dict[str, Any]]:
+        resolve = self._resolve
+        args = [resolve(s) for s in node.positional]
+        if node.var_positional:
+            args += [resolve(s) for s in node.var_positional]
+        kwargs = {k: resolve(s) for k, s in node.keyword} if node.keyword else {}
+        return args, kwargs
+
+    def _resolve(self, src: Source) -> Any:
+        if src.kind == SLOT:
+            return self.values[src.slot]
+        if src.kind == CONTEXT:
+            value = self.params.get(src.name, MISSING)
+            if value is not MISSING:
+                return value
+        return src.default
+
+    async def _run_node(self, node: Node) -> bool:
+        """Run one node through its layers and record its fate; True when its outputs exist."""
+        res = StepResult(node.name)
+        self.results[node.id] = res
+        blocked = self.blocked[node.id]
+        if blocked is not None:
+            res.status = StepStatus.SKIPPED
+            res.skip_reason = blocked
+            return False
+        args, kwargs = self._arguments(node)
+        step = node.step
+        if step.conditions and not conditions_hold(step.conditions, args, kwargs):
+            res.status = StepStatus.SKIPPED
+            res.skip_reason = "its condition was false"
+            return False
+        hooks = self._hooks
+        if hooks is not None and await hooks.before(node, res, args, kwargs, self.values):
+            return True
+        limit = self._limit
+        if limit is not None:
+            await limit.acquire()
+        res.start_time = _now()
+        t0 = _perf()
+        try:
+            executor = self._executor_for(node)
+            if step.retry is None and step.timeout is None and executor.name == "async" and hooks is None:
+                ret = await step.body(*args, **kwargs)
+                res.attempts = 1
+            else:
+                ret = await run_attempts(node, executor, args, kwargs, res)
+            res.outputs = self._store(node, ret)
+            res.status = StepStatus.SUCCEEDED
+        except asyncio.CancelledError:
+            res.status = StepStatus.CANCELLED
+            raise
+        except Exception as exc:
+            res.status = StepStatus.TIMED_OUT if isinstance(exc, StepTimeoutError) else StepStatus.FAILED
+            res.error = exc
+            res.traceback = "".join(traceback.format_exception(exc))
+        finally:
+            res.duration_seconds = _perf() - t0
+            res.end_time = res.start_time + res.duration_seconds
+            if limit is not None:
+                limit.release()
+        if res.status is not StepStatus.SUCCEEDED:
+            if self._on_failure is not None:
+                self._on_failure(node, res, [*args, *kwargs.values()])
+            return False
+        if hooks is not None:
+            hooks.after(node, res, args, kwargs, self.values)
+        return True
+
+    def _store(self, node: Node, ret: Any) -> dict[str, Any]:
+        """Put a return value into the node's output slots, by the rules of DESIGN.md §3."""
+        slots = node.output_slots
+        values = self.values
+        names = node.output_names
+        if len(slots) == 1:
+            values[slots[0]] = ret
+            return {names[0]: ret}
+        if isinstance(ret, Mapping):
+            missing = [n for n in names if n not in ret]
+            if missing:
+                raise OutputError(
+                    f"step {node.name!r} returned a dict without output(s) {missing}; "
+                    f"it declares outputs {list(names)}",
+                    step_name=node.name,
+                )
+            for slot, name in zip(slots, names, strict=True):
+                values[slot] = ret[name]
+            return {name: ret[name] for name in names}
+        if not isinstance(ret, tuple | list) or len(ret) != len(slots):
+            got = (
+                f"a {type(ret).__name__} of {len(ret)}"
+                if isinstance(ret, tuple | list)
+                else type(ret).__name__
+            )
+            raise OutputError(
+                f"step {node.name!r} declares {len(slots)} outputs {list(names)} and must return a tuple, "
+                f"list or dict of exactly that many values; expected {len(slots)}, got {got}",
+                step_name=node.name,
+            )
+        for slot, value in zip(slots, ret, strict=True):
+            values[slot] = value
+        return dict(zip(names, ret, strict=True))
+
+    def outputs(self) -> dict[str, Any]:
+        """Every output value produced (or loaded from the cache) in this run, by name."""
+        names = self.plan.slot_names
+        return {names[i]: v for i, v in enumerate(self.values) if v is not MISSING}
+
+
+class RunHooks:
+    """What the cache and the lineage recorder do around each step; the core stays unaware of them.
+
+    ``before`` may satisfy the step (a cache hit): it fills the output slots, completes ``res``
+    and returns True. ``after`` sees every successful step.
+    """
+
+    async def before(
+        self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any], values: list[Any]
+    ) -> bool:
+        return False
+
+    def after(
+        self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any], values: list[Any]
+    ) -> None:
+        return None
+
+
+_QUIET = frozenset({StepStatus.SKIPPED})
+
+
+def conditions_hold(
+    conditions: tuple[tuple[Callable[..., Any], bool], ...], args: list[Any], kwargs: dict[str, Any]
+) -> bool:
+    values = [*args, *kwargs.values()]
+    for predicate, negate in conditions:
+        n = _arity(predicate)
+        outcome = bool(predicate(*(values if n is None else values[:n])))
+        if outcome == negate:
+            return False
+    return True
+
+
+def _arity(predicate: Callable[..., Any]) -> int | None:
+    """How many positional arguments the predicate takes; None when it takes any number."""
+    try:
+        params = inspect.signature(predicate).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    n = 0
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            return None
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            n += 1
+    return n
+
+
+def describe_inputs(values: list[Any]) -> str:
+    """Types and sizes of a step's arguments, for the debug report."""
+    parts = []
+    for v in values:
+        try:
+            size = f"len={len(v)}"
+        except TypeError:
+            size = f"{sys.getsizeof(v)} bytes"
+        parts.append(f"{type(v).__name__}({size})")
+    return ", ".join(parts) or "no inputs"

@@ -1,0 +1,438 @@
+"""The engine: concurrency, ordering, failures, cancellation, timeouts and retries in real runs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from flowyml import Pipeline, StepStatus, step
+from flowyml.errors import EventLoopError, OutputError, StepTimeoutError
+
+
+class InFlight:
+    """Counts concurrent holders, thread-safely, and remembers the peak."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> InFlight:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.now -= 1
+
+
+class TestConcurrency:
+    @pytest.mark.slow
+    def test_fifty_async_steps_all_overlap(self) -> None:
+        """50 independent async steps of 0.3 s are all in flight at once."""
+        gauge = InFlight()
+
+        def make(i: int) -> Any:
+            @step(name=f"s{i}", outputs=[f"o{i}"])
+            async def s() -> int:
+                with gauge:
+                    await asyncio.sleep(0.3)
+                return i
+
+            return s
+
+        p = Pipeline("fan", enable_cache=False)
+        for i in range(50):
+            p.add_step(make(i))
+        result = p.run()
+        assert result.success
+        assert gauge.peak == 50
+        assert [result[f"o{i}"] for i in range(50)] == list(range(50))
+
+    @pytest.mark.slow
+    def test_sixteen_blocking_steps_overlap_in_threads(self) -> None:
+        """16 blocking sync steps of 0.3 s run at the same time in the thread pool."""
+        gauge = InFlight()
+        threads: set[int] = set()
+
+        def make(i: int) -> Any:
+            @step(name=f"s{i}")
+            def s() -> int:
+                with gauge:
+                    threads.add(threading.get_ident())
+                    time.sleep(0.3)
+                return i
+
+            return s
+
+        p = Pipeline("threads", enable_cache=False)
+        for i in range(16):
+            p.add_step(make(i))
+        assert p.run().success
+        assert gauge.peak == 16
+        assert len(threads) == 16
+
+    def test_max_threads_bounds_thread_steps(self) -> None:
+        """max_threads caps how many sync steps run at once."""
+        gauge = InFlight()
+
+        def make(i: int) -> Any:
+            return step(name=f"s{i}")(lambda: _hold(gauge, 0.05))
+
+        p = Pipeline("bounded", enable_cache=False, max_threads=3)
+        for i in range(9):
+            p.add_step(make(i))
+        assert p.run().success
+        assert gauge.peak == 3
+
+    def test_max_concurrency_bounds_all_steps(self) -> None:
+        """max_concurrency caps steps in flight across executors."""
+        gauge = InFlight()
+
+        def make(i: int) -> Any:
+            @step(name=f"s{i}")
+            async def s() -> None:
+                with gauge:
+                    await asyncio.sleep(0.01)
+
+            return s
+
+        p = Pipeline("limited", enable_cache=False, max_concurrency=4)
+        for i in range(20):
+            p.add_step(make(i))
+        assert p.run().success
+        assert gauge.peak == 4
+
+    def test_step_starts_when_its_own_inputs_exist(self) -> None:
+        """A consumer of a fast branch starts while a slow, unrelated branch is still running."""
+        order: list[str] = []
+        slow_done = asyncio.Event()
+
+        @step(outputs=["fast"])
+        async def fast() -> int:
+            return 1
+
+        @step(outputs=["after_fast"])
+        async def consumer(fast: int) -> int:
+            order.append("consumer")
+            slow_done.set()
+            return fast
+
+        @step(outputs=["slow"])
+        async def slow() -> int:
+            await asyncio.wait_for(slow_done.wait(), 5)
+            order.append("slow")
+            return 2
+
+        result = (
+            Pipeline("nobarrier", enable_cache=False).add_step(slow).add_step(fast).add_step(consumer).run()
+        )
+        assert result.success
+        assert order == ["consumer", "slow"]
+
+    def test_chain_runs_in_order_and_passes_values(self) -> None:
+        """A chain of steps passes each value to the next."""
+        p = Pipeline("chain", enable_cache=False)
+        p.add_step(step(outputs=["v0"], name="s0")(lambda: 0))
+        for i in range(1, 50):
+            p.add_step(step(inputs=[f"v{i - 1}"], outputs=[f"v{i}"], name=f"s{i}")(lambda x: x + 1))
+        assert p.run()["v49"] == 49
+
+    def test_thousand_way_fan_in_with_var_positional(self) -> None:
+        """A fan-in of 1,000 upstream results arrives through *args in declared order."""
+        p = Pipeline("fanin", enable_cache=False)
+        for i in range(1000):
+
+            async def produce(i: int = i) -> int:
+                return i
+
+            p.add_step(step(name=f"p{i}", outputs=[f"r{i}"])(produce))
+
+        @step(inputs=[f"r{i}" for i in range(1000)], outputs=["total"])
+        def total(*results: int) -> list[int]:
+            return list(results)
+
+        p.add_step(total)
+        assert p.run()["total"] == list(range(1000))
+
+
+def _hold(gauge: InFlight, seconds: float) -> None:
+    with gauge:
+        time.sleep(seconds)
+
+
+class TestEmbedding:
+    async def test_arun_keeps_the_callers_loop_ticking(self) -> None:
+        """The application's own loop keeps running while a blocking step runs in a thread."""
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        @step
+        def blocking() -> str:
+            time.sleep(0.3)
+            return "done"
+
+        task = asyncio.create_task(ticker())
+        result = await Pipeline("embedded", enable_cache=False).add_step(blocking).arun()
+        task.cancel()
+        assert result["blocking"] == "done"
+        assert ticks >= 5
+
+    async def test_run_inside_a_loop_points_to_arun(self) -> None:
+        """run() inside a running loop raises EventLoopError mentioning arun()."""
+        p = Pipeline("p").add_step(step(lambda: 1))
+        with pytest.raises(EventLoopError, match="arun"):
+            p.run()
+
+    async def test_cancelling_arun_cancels_steps_and_propagates(self) -> None:
+        """Cancelling the task awaiting arun() cancels running steps and re-raises."""
+        started = asyncio.Event()
+        cancelled = asyncio.Event()
+
+        @step
+        async def forever() -> None:
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        task = asyncio.create_task(Pipeline("p", enable_cache=False).add_step(forever).arun())
+        await started.wait()
+        task.cancel()
+        async with asyncio.timeout(10):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert cancelled.is_set()
+
+    async def test_cancelling_arun_with_a_blocking_step_returns(self) -> None:
+        """Cancelling arun() while a thread step blocks does not wait for the thread."""
+        release = threading.Event()
+        started = threading.Event()
+
+        @step
+        def blocked() -> None:
+            started.set()
+            release.wait(10)
+
+        task = asyncio.create_task(Pipeline("p", enable_cache=False).add_step(blocked).arun())
+        await asyncio.to_thread(started.wait, 10)
+        task.cancel()
+        try:
+            async with asyncio.timeout(5):
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            assert not release.is_set()
+        finally:
+            release.set()
+
+
+class TestFailures:
+    def test_failure_does_not_raise_and_is_reported(self) -> None:
+        """A failing step makes success False; its result holds the error and traceback."""
+
+        @step(outputs=["x"])
+        def boom() -> int:
+            raise ValueError("bad input")
+
+        result = Pipeline("p", enable_cache=False).add_step(boom).run()
+        assert not result.success
+        r = result["boom"]
+        assert r.status is StepStatus.FAILED
+        assert isinstance(r.error, ValueError)
+        assert "bad input" in (r.traceback or "")
+        assert result.state == "failed"
+
+    def test_fail_fast_cancels_running_and_skips_the_rest(self) -> None:
+        """By default a failure cancels running steps and skips those not started."""
+
+        @step(outputs=["a"])
+        async def boom() -> int:
+            await asyncio.sleep(0.01)
+            raise RuntimeError("x")
+
+        @step(outputs=["b"])
+        async def long() -> int:
+            await asyncio.sleep(30)
+            return 1
+
+        @step
+        def after(b: int) -> int:
+            return b
+
+        result = Pipeline("p", enable_cache=False).add_step(boom).add_step(long).add_step(after).run()
+        statuses = {n: r.status for n, r in result.step_results.items()}
+        assert statuses == {
+            "boom": StepStatus.FAILED,
+            "long": StepStatus.CANCELLED,
+            "after": StepStatus.SKIPPED,
+        }
+
+    def test_fail_fast_false_lets_independent_branches_finish(self) -> None:
+        """With fail_fast=False independent branches finish; dependents of the failure skip."""
+
+        @step(outputs=["a"])
+        async def boom() -> int:
+            raise RuntimeError("x")
+
+        @step(outputs=["c"])
+        def uses_a(a: int) -> int:
+            return a
+
+        @step(outputs=["b"])
+        async def other() -> int:
+            await asyncio.sleep(0.05)
+            return 2
+
+        p = Pipeline("p", enable_cache=False).add_step(boom).add_step(uses_a).add_step(other)
+        result = p.run(fail_fast=False)
+        assert result["b"] == 2
+        assert result["uses_a"].status is StepStatus.SKIPPED
+        assert "boom" in (result["uses_a"].skip_reason or "")
+        assert result.failed_steps == ["boom"]
+
+    def test_wrong_length_tuple_is_an_output_error(self) -> None:
+        """Returning 3 values for 2 outputs fails the step, saying expected vs got."""
+
+        @step(outputs=["a", "b"])
+        def split() -> tuple[int, int, int]:
+            return 1, 2, 3
+
+        r = Pipeline("p", enable_cache=False).add_step(split).run()["split"]
+        assert isinstance(r.error, OutputError)
+        assert "expected 2, got a tuple of 3" in str(r.error)
+
+    def test_dict_return_fills_several_outputs(self) -> None:
+        """A dict holding the declared output names fills them."""
+
+        @step(outputs=["a", "b"])
+        def both() -> dict[str, int]:
+            return {"b": 2, "a": 1}
+
+        result = Pipeline("p", enable_cache=False).add_step(both).run()
+        assert (result["a"], result["b"]) == (1, 2)
+
+
+class TestTimeoutsAndRetries:
+    def test_async_timeout_cancels_the_step(self) -> None:
+        """An async step past its timeout is cancelled and fails with StepTimeoutError."""
+        cancelled = threading.Event()
+
+        @step(timeout=0.05)
+        async def slow() -> None:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        r = Pipeline("p", enable_cache=False).add_step(slow).run().step_results["slow"]
+        assert r.status is StepStatus.TIMED_OUT
+        assert isinstance(r.error, StepTimeoutError)
+        assert r.error.step_name == "slow"
+        assert cancelled.is_set()
+
+    def test_thread_timeout_stops_waiting(self) -> None:
+        """A blocking step past its timeout is reported at once; the thread is abandoned."""
+        release = threading.Event()
+
+        @step(timeout=0.05)
+        def stuck() -> None:
+            release.wait(10)
+
+        try:
+            r = Pipeline("p", enable_cache=False).add_step(stuck).run().step_results["stuck"]
+            assert r.status is StepStatus.TIMED_OUT
+            assert "thread" in str(r.error)
+            assert not release.is_set()
+        finally:
+            release.set()
+
+    def test_own_timeout_error_is_a_plain_failure(self) -> None:
+        """A TimeoutError raised by the step itself is not mistaken for a step timeout."""
+
+        @step(timeout=10)
+        async def raises() -> None:
+            raise TimeoutError("upstream API")
+
+        r = Pipeline("p", enable_cache=False).add_step(raises).run().step_results["raises"]
+        assert r.status is StepStatus.FAILED
+        assert not isinstance(r.error, StepTimeoutError)
+
+    def test_retry_reruns_until_success(self, no_sleep: list[float]) -> None:
+        """retry=N retries a failing step and records the attempts."""
+        calls = 0
+
+        @step(retry=3)
+        def flaky() -> str:
+            nonlocal calls
+            calls += 1
+            if calls < 3:
+                raise ConnectionError("try again")
+            return "ok"
+
+        r = Pipeline("p", enable_cache=False).add_step(flaky).run().step_results["flaky"]
+        assert r.success and r.output == "ok"
+        assert (r.attempts, r.retries) == (3, 2)
+        assert len(no_sleep) == 2
+
+    def test_retry_gives_up_after_n_retries(self, no_sleep: list[float]) -> None:
+        """retry=2 means three attempts in all, then the step fails with the last error."""
+        calls = 0
+
+        @step(retry=2)
+        async def always() -> None:
+            nonlocal calls
+            calls += 1
+            raise ConnectionError(f"attempt {calls}")
+
+        r = Pipeline("p", enable_cache=False).add_step(always).run().step_results["always"]
+        assert calls == 3
+        assert r.attempts == 3
+        assert "attempt 3" in str(r.error)
+
+    def test_each_attempt_has_its_own_timeout(self, no_sleep: list[float]) -> None:
+        """A timed-out attempt is retried with a fresh timeout."""
+        calls = 0
+
+        @step(retry=1, timeout=0.05)
+        async def slow_then_fast() -> str:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await asyncio.sleep(30)
+            return "ok"
+
+        r = Pipeline("p", enable_cache=False).add_step(slow_then_fast).run().step_results["slow_then_fast"]
+        assert r.success and r.attempts == 2
+
+
+class TestDebug:
+    def test_debug_prints_step_inputs_and_traceback(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """debug=True reports the failing step, its input types and sizes and the traceback."""
+
+        @step(outputs=["data"])
+        def load() -> list[int]:
+            return [1, 2, 3]
+
+        @step
+        def explode(data: list[int]) -> None:
+            raise KeyError("missing column")
+
+        result = Pipeline("p", enable_cache=False).add_step(load).add_step(explode).run(debug=True)
+        err = capsys.readouterr().err
+        assert not result.success
+        assert "'explode'" in err and "list(len=3)" in err
+        assert "KeyError" in err and "Traceback" in err
