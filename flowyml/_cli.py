@@ -1,0 +1,332 @@
+"""The ``flowyml`` command line: read back runs, the cache and lineage from a store directory.
+
+    flowyml [--dir DIR] runs [--limit N]          recent runs, newest first
+    flowyml [--dir DIR] runs show RUN_ID          one run's steps (a unique id prefix is enough)
+    flowyml [--dir DIR] cache stats               entries, bytes, hits, time saved
+    flowyml [--dir DIR] cache clear [--step NAME] drop cache entries (lineage stays)
+    flowyml [--dir DIR] cache verify              integrity check + re-hash every artifact
+    flowyml [--dir DIR] lineage OUTPUT [--run ID] which step runs an output came from
+
+Exit codes: 0 success; 1 the thing asked for does not exist or a problem was found; 2 usage error.
+Without a store, listing commands say so and exit 0; commands about one run or output exit 1.
+"""
+
+from __future__ import annotations
+
+__all__ = ("main",)
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from flowyml._errors import StoreError
+from flowyml._store import LineageNode, RunRecord, StepRecord, Store, resolve_root
+from flowyml._store._db import DB_NAME
+
+
+def _fmt_time(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1.0:
+        return f"{seconds * 1000:.1f}ms"
+    if seconds < 60.0:
+        return f"{seconds:.2f}s"
+    minutes, rest = divmod(seconds, 60.0)
+    if minutes < 60:
+        return f"{int(minutes)}m{rest:04.1f}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{int(hours)}h{int(minutes):02d}m"
+
+
+def _fmt_bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"  # pragma: no cover - unreachable
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in (header, *rows)
+    ]
+    return "\n".join(lines)
+
+
+def _err(message: str) -> None:
+    print(f"flowyml: {message}", file=sys.stderr)
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+async def _runs(store: Store, args: argparse.Namespace) -> int:
+    runs = await store.runs(limit=args.limit)
+    if not runs:
+        print("No runs recorded yet.")
+        return 0
+    print(_runs_table(runs))
+    return 0
+
+
+def _runs_table(runs: Sequence[RunRecord]) -> str:
+    rows = [
+        (
+            r.run_id,
+            r.pipeline_name,
+            r.status,
+            _fmt_time(r.started_at),
+            _fmt_duration(r.duration_seconds),
+            _fmt_duration(r.time_saved_seconds) if r.time_saved_seconds else "-",
+        )
+        for r in runs
+    ]
+    return _table(("RUN ID", "PIPELINE", "STATUS", "STARTED", "DURATION", "TIME SAVED"), rows)
+
+
+async def _resolve_run(store: Store, run_id: str) -> str | None:
+    matches = await store.match_run_ids(run_id, limit=6)
+    if not matches:
+        _err(f"no run {run_id!r} in {store.root}. `flowyml runs` lists the recent ones.")
+        return None
+    if len(matches) > 1:
+        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        _err(f"run id prefix {run_id!r} matches several runs ({shown}); give more characters.")
+        return None
+    return matches[0]
+
+
+async def _runs_show(store: Store, args: argparse.Namespace) -> int:
+    run_id = await _resolve_run(store, args.run_id)
+    if run_id is None:
+        return 1
+    detail = await store.get_run(run_id)
+    if detail is None:  # deleted in between
+        _err(f"no run {args.run_id!r} in {store.root}.")
+        return 1
+    run, steps = detail.run, detail.steps
+    hits = sum(1 for s in steps if s.cached)
+    print(f"Run {run.run_id}  pipeline {run.pipeline_name!r}  status {run.status}")
+    print(
+        f"started {_fmt_time(run.started_at)}  duration {_fmt_duration(run.duration_seconds)}  "
+        f"cache hits {hits}/{len(steps)}  time saved {_fmt_duration(run.time_saved_seconds or _saved(steps))}"
+    )
+    if run.error_message:
+        print(f"error: {run.error_message}")
+    if not steps:
+        print("No steps recorded.")
+        return 0
+    print()
+    rows = [
+        (
+            s.step_name,
+            s.status,
+            str(s.attempts),
+            _fmt_duration(s.duration_seconds),
+            "yes" if s.cached else "no",
+            _fmt_duration(s.time_saved_seconds) if s.cached else "-",
+        )
+        for s in steps
+    ]
+    print(_table(("STEP", "STATUS", "ATTEMPTS", "DURATION", "CACHED", "TIME SAVED"), rows))
+    failures = [s for s in steps if s.error_type or s.error_message]
+    for s in failures:
+        print(f"\n{s.step_name}: {s.error_type or 'error'}: {s.error_message or ''}".rstrip())
+    return 0
+
+
+def _saved(steps: Sequence[StepRecord]) -> float:
+    return sum(s.time_saved_seconds for s in steps if s.cached)
+
+
+async def _cache_stats(store: Store, args: argparse.Namespace) -> int:
+    stats = await store.cache_stats()
+    print(f"store:       {store.root}")
+    print(f"entries:     {stats.entries}")
+    print(
+        f"size:        {_fmt_bytes(stats.bytes)} ({stats.artifacts} artifacts; "
+        f"{_fmt_bytes(stats.inline_bytes)} inline, {_fmt_bytes(stats.file_bytes)} in files)"
+    )
+    print(f"hits:        {stats.hits}")
+    print(f"time saved:  {_fmt_duration(stats.time_saved_seconds)}")
+    if stats.steps:
+        print()
+        rows = [
+            (
+                s.step_name,
+                str(s.entries),
+                _fmt_bytes(s.bytes),
+                str(s.hits),
+                _fmt_duration(s.time_saved_seconds),
+            )
+            for s in stats.steps
+        ]
+        print(_table(("STEP", "ENTRIES", "SIZE", "HITS", "TIME SAVED"), rows))
+    return 0
+
+
+async def _cache_clear(store: Store, args: argparse.Namespace) -> int:
+    removed = await store.clear_cache(args.step)
+    what = f"of step {args.step!r} " if args.step else ""
+    print(f"Removed {removed} cache {'entry' if removed == 1 else 'entries'} {what}from {store.root}.")
+    return 0
+
+
+async def _cache_verify(store: Store, args: argparse.Namespace) -> int:
+    report = await store.verify()
+    print(f"database integrity: {report.integrity}")
+    print(f"checked {report.entries_checked} entries, {report.artifacts_checked} artifacts")
+    if report.ok:
+        print("All artifacts intact.")
+        return 0
+    for p in report.problems:
+        if p.kind == "integrity":
+            continue
+        where = p.path or "inline"
+        print(f"BAD  step {p.step_name!r} output {p.output_name!r} key {p.key}: {p.detail} ({where})")
+    _err(
+        f"{len(report.problems)} problem(s) found. Bad entries are set aside and recomputed when next needed."
+    )
+    return 1
+
+
+def _lineage_lines(label: str, node: LineageNode, prefix: str, last: bool, root: bool) -> list[str]:
+    origin = ""
+    if node.cached and node.origin_run_id and node.origin_run_id != node.run_id:
+        origin = f", cached from run {node.origin_run_id}"
+    elif node.cached:
+        origin = ", cached"
+    artifact = ""
+    if node.artifact_hash:
+        artifact = f"  [{node.type_name or '?'}, {_fmt_bytes(node.size)}, {node.artifact_hash[:12]}]"
+    text = f"{label} <- {node.step_name} ({node.status}, {_fmt_duration(node.duration_seconds)}{origin}){artifact}"
+    if root:
+        lines = [text]
+        child_prefix = ""
+    else:
+        lines = [f"{prefix}{'└── ' if last else '├── '}{text}"]
+        child_prefix = prefix + ("    " if last else "│   ")
+    for i, (param, child) in enumerate(node.inputs):
+        child_label = param if param == child.output_name else f"{param}={child.output_name}"
+        lines += _lineage_lines(child_label, child, child_prefix, i == len(node.inputs) - 1, False)
+    return lines
+
+
+async def _lineage(store: Store, args: argparse.Namespace) -> int:
+    run_id = None
+    if args.run is not None:
+        run_id = await _resolve_run(store, args.run)
+        if run_id is None:
+            return 1
+    lineage = await store.lineage(args.output, run_id)
+    if lineage is None:
+        where = f"run {run_id}" if run_id else "any recorded run"
+        _err(f"no output {args.output!r} in {where}.")
+        return 1
+    print(f"Lineage of {lineage.output_name!r} in run {lineage.run_id}:")
+    print("\n".join(_lineage_lines(lineage.output_name, lineage.root, "", True, True)))
+    return 0
+
+
+# -- plumbing --------------------------------------------------------------------------------------
+
+_Command = Callable[[Store, argparse.Namespace], Coroutine[Any, Any, int]]
+
+#: What each command does when there is no store yet: (message, exit code, to stderr?).
+_NO_STORE: dict[str, tuple[str, int, bool]] = {
+    "runs": ("No runs recorded yet: there is no flowyml store at {root}.", 0, False),
+    "runs show": ("no flowyml store at {root}, so no run {arg!r}.", 1, True),
+    "cache stats": ("No flowyml store at {root}: the cache is empty.", 0, False),
+    "cache clear": ("No flowyml store at {root}: nothing to clear.", 0, False),
+    "cache verify": ("No flowyml store at {root}: nothing to verify.", 0, False),
+    "lineage": ("no flowyml store at {root}, so no output {arg!r}.", 1, True),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--dir",
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="the store directory (default: $FLOWYML_HOME, else ./.flowyml)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="flowyml", description="Inspect flowyml runs, cache and lineage.", parents=[common]
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    runs = commands.add_parser("runs", parents=[common], help="list recent runs; `runs show ID` for one")
+    runs.add_argument("--limit", type=int, default=20, help="how many runs to list (default 20)")
+    runs.set_defaults(handler=_runs, name="runs")
+    runs_sub = runs.add_subparsers(dest="runs_command", metavar="show")
+    show = runs_sub.add_parser("show", parents=[common], help="one run with its steps")
+    show.add_argument("run_id", metavar="RUN_ID", help="a run id or a unique prefix of one")
+    show.set_defaults(handler=_runs_show, name="runs show")
+
+    cache = commands.add_parser("cache", parents=[common], help="cache statistics, clearing, verification")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="{stats,clear,verify}")
+    stats = cache_sub.add_parser("stats", parents=[common], help="entries, bytes, hits, time saved")
+    stats.set_defaults(handler=_cache_stats, name="cache stats")
+    clear = cache_sub.add_parser("clear", parents=[common], help="remove cache entries")
+    clear.add_argument("--step", metavar="NAME", default=None, help="only this step's entries")
+    clear.set_defaults(handler=_cache_clear, name="cache clear")
+    verify = cache_sub.add_parser("verify", parents=[common], help="integrity check and artifact re-hash")
+    verify.set_defaults(handler=_cache_verify, name="cache verify")
+
+    lineage = commands.add_parser("lineage", parents=[common], help="where an output came from")
+    lineage.add_argument("output", metavar="OUTPUT", help="an output name")
+    lineage.add_argument("--run", metavar="RUN_ID", default=None, help="that run (default: the latest)")
+    lineage.set_defaults(handler=_lineage, name="lineage")
+    return parser
+
+
+async def _dispatch(handler: _Command, root: Path, args: argparse.Namespace) -> int:
+    async with await Store.open(root, create=False) as store:
+        return await handler(store, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``flowyml`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help (0)
+        return exc.code if isinstance(exc.code, int) else 2
+    root = resolve_root(getattr(args, "dir", None))
+    name: str = args.name
+    if not (root / DB_NAME).is_file():
+        message, code, to_stderr = _NO_STORE[name]
+        arg = getattr(args, "run_id", None) or getattr(args, "output", None)
+        text = message.format(root=root, arg=arg)
+        if to_stderr:
+            _err(text)
+        else:
+            print(text)
+        return code
+    try:
+        return asyncio.run(_dispatch(args.handler, root, args))
+    except StoreError as exc:
+        _err(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The cache and lineage store: SQLite index (aiosqlite, one writer task) plus artifact files.
+
+Layers, bottom up: ``_records`` (frozen values handed out), ``_db`` (schema, connection, lock
+retries), ``_artifacts`` (content-addressed files), ``_api`` (the :class:`Store` the engine and the
+CLI use). This package only re-exports.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "INLINE_LIMIT",
+    "STATUSES",
+    "CacheEntry",
+    "CacheStats",
+    "CachedOutput",
+    "Lineage",
+    "LineageNode",
+    "RunDetail",
+    "RunRecord",
+    "StepCacheStats",
+    "StepRecord",
+    "Store",
+    "VerifyProblem",
+    "VerifyReport",
+    "resolve_root",
+)
+
+from ._api import INLINE_LIMIT, Store, resolve_root
+from ._records import (
+    STATUSES,
+    CachedOutput,
+    CacheEntry,
+    CacheStats,
+    Lineage,
+    LineageNode,
+    RunDetail,
+    RunRecord,
+    StepCacheStats,
+    StepRecord,
+    VerifyProblem,
+    VerifyReport,
+)

@@ -1,0 +1,978 @@
+"""The store: a cache index and lineage record in SQLite, written by one background task.
+
+How a write travels: ``put`` / ``record_run`` / ``record_step`` are plain (non-async) calls that do
+the caller-side work at once (pickling, so later mutation cannot change what is cached) and put a
+job on an :class:`asyncio.Queue`. One writer task per store drains whatever is queued, writes the
+artifact files of the batch, fsyncs them, then commits every index and lineage row of the batch in
+ONE ``BEGIN IMMEDIATE`` transaction. The commit runs in a task the writer awaits through
+:func:`asyncio.shield`, so cancelling anything never leaves a transaction half-applied, and
+:meth:`Store.aclose` drains the queue before closing.
+
+How a read travels: :meth:`Store.preload` loads the index rows of the steps a run will need in one
+query; entries just ``put`` are in the same in-memory map. A look-up served from memory costs a dict
+access and no thread hop. A memory miss asks the database (another process may have written the
+entry); misses arriving together share one query. :meth:`Store.load` checks the xxh3-128 of every
+artifact against the index BEFORE unpickling it; a mismatch is quarantined and reported as a miss.
+"""
+
+from __future__ import annotations
+
+__all__ = ("INLINE_LIMIT", "Store", "resolve_root")
+
+import asyncio
+import contextlib
+import json
+import os
+import pickle
+import sqlite3
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self
+
+import aiosqlite
+import cloudpickle
+import xxhash
+
+from flowyml._errors import CacheCorruptionWarning, StoreError, UncachedStepWarning
+
+from . import _db
+from ._artifacts import ArtifactFiles, make_private_dir
+from ._records import (
+    CachedOutput,
+    CacheEntry,
+    CacheStats,
+    Lineage,
+    LineageNode,
+    RunDetail,
+    RunRecord,
+    StepCacheStats,
+    StepRecord,
+    VerifyProblem,
+    VerifyReport,
+)
+
+#: Pickled values up to this many bytes live inline in SQLite; larger ones are artifact files.
+INLINE_LIMIT: Final = 64 * 1024
+#: The writer commits at most this many jobs per transaction.
+_MAX_BATCH: Final = 10_000
+_HOME_ENV: Final = "FLOWYML_HOME"
+
+_hexdigest = xxhash.xxh3_128_hexdigest
+
+
+def resolve_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The store directory: ``cache_dir``, else ``$FLOWYML_HOME``, else ``./.flowyml``."""
+    if cache_dir is not None and os.fspath(cache_dir) != "":
+        chosen = Path(cache_dir)
+    elif os.environ.get(_HOME_ENV):
+        chosen = Path(os.environ[_HOME_ENV])
+    else:
+        chosen = Path.cwd() / ".flowyml"
+    return chosen.expanduser().absolute()
+
+
+# -- jobs for the writer ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Put:
+    entry: CacheEntry
+
+
+@dataclass(slots=True)
+class _Drop:
+    key: str
+    created_at: float
+
+
+@dataclass(slots=True)
+class _Step:
+    record: StepRecord
+    outputs: tuple[tuple[str, str | None], ...]
+    inputs: tuple[tuple[str, str, str], ...]
+    seq: int
+
+
+@dataclass(slots=True)
+class _Call:
+    """Run ``fn`` on the writer's connection between batches (used by clear_cache)."""
+
+    fn: Callable[[aiosqlite.Connection], Awaitable[Any]]
+    future: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class _Flush:
+    future: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _Stop:
+    pass
+
+
+_Job = _Put | _Drop | RunRecord | _Step | _Call | _Flush | _Stop
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The rows of one transaction, grouped by table."""
+
+    drops: list[_Drop] = field(default_factory=list)
+    puts: list[_Put] = field(default_factory=list)
+    runs: dict[str, RunRecord] = field(default_factory=dict)
+    steps: dict[tuple[str, str], _Step] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.drops or self.puts or self.runs or self.steps)
+
+
+def _type_name(value: object) -> str:
+    cls = type(value)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+_ENTRY_QUERY = """
+SELECT e.key, e.step_name, e.run_id, e.duration_seconds, e.created_at,
+       o.output_name, o.artifact_hash, o.size, o.type_name, o.inline
+FROM cache_entries AS e LEFT JOIN cache_outputs AS o ON o.key = e.key
+WHERE {where}
+ORDER BY e.key, o.position
+"""
+
+
+def _entries_from_rows(rows: Iterable[sqlite3.Row | tuple[Any, ...]]) -> dict[str, CacheEntry]:
+    grouped: dict[str, tuple[tuple[Any, ...], list[CachedOutput]]] = {}
+    for row in rows:
+        key = row[0]
+        head_outputs = grouped.get(key)
+        if head_outputs is None:
+            head_outputs = grouped[key] = (tuple(row[:5]), [])
+        if row[5] is not None:
+            inline = None if row[9] is None else bytes(row[9])
+            head_outputs[1].append(CachedOutput(row[5], row[6], row[7], row[8], inline))
+    return {
+        key: CacheEntry(
+            key=key,
+            step_name=head[1],
+            run_id=head[2],
+            duration_seconds=head[3],
+            created_at=head[4],
+            outputs=tuple(outputs),
+        )
+        for key, (head, outputs) in grouped.items()
+    }
+
+
+_RUN_COLUMNS = (
+    "run_id, pipeline_name, status, started_at, ended_at, duration_seconds, time_saved_seconds, error_message"
+)
+_STEP_COLUMNS = (
+    "run_id, step_name, status, attempts, started_at, ended_at, duration_seconds, cached, cache_key, "
+    "time_saved_seconds, error_type, error_message, traceback"
+)
+
+
+def _run_from_row(row: Sequence[Any]) -> RunRecord:
+    return RunRecord(*row)
+
+
+class Store:
+    """The cache and lineage store of one directory. Create it with ``await Store.open(root)``.
+
+    One store object belongs to one event loop. Writes are queued and committed in the background;
+    call :meth:`flush` to wait for them and :meth:`aclose` (or ``async with``) to finish.
+    """
+
+    root: Path
+
+    def __init__(self, root: Path, conn: aiosqlite.Connection, files: ArtifactFiles) -> None:
+        """Private: use :meth:`open`."""
+        self.root = root
+        self._conn = conn
+        self._files = files
+        self._memory: dict[str, CacheEntry] = {}
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._waiting: dict[str, asyncio.Future[CacheEntry | None]] = {}
+        self._fetcher: asyncio.Task[None] | None = None
+        self._closed = False
+        self._errors: list[BaseException] = []
+        self._seq = 0
+        self._writer = asyncio.get_running_loop().create_task(self._run_writer(), name="flowyml-store-writer")
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, root: str | os.PathLike[str] | None = None, *, create: bool = True) -> Store:
+        """Open the store at ``root`` (see :func:`resolve_root`), creating it unless ``create=False``.
+
+        Raises:
+            StoreError: the store does not exist and ``create`` is False, or it cannot be used.
+        """
+        path = resolve_root(root)
+        if not create and not (path / _db.DB_NAME).is_file():
+            raise StoreError(f"no flowyml store at {path}")
+        try:
+            if not path.is_dir():
+                make_private_dir(path)
+            files = ArtifactFiles(path)
+            files.prepare()
+        except OSError as exc:
+            raise StoreError(f"cannot create the flowyml store at {path}: {exc}") from exc
+        try:
+            conn = await _db.connect(path)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the flowyml store at {path}: {exc}") from exc
+        return cls(path, conn, files)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` has started."""
+        return self._closed
+
+    async def aclose(self) -> None:
+        """Commit everything queued, close the database and join every thread the store started.
+
+        Raises:
+            StoreError: some queued writes could not be committed (they are lost).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put_nowait(_Stop())
+        try:
+            await asyncio.shield(self._writer)
+        except asyncio.CancelledError:
+            # Being cancelled must not leave the connection open: finish closing when the writer is done.
+            self._writer.add_done_callback(lambda _: asyncio.ensure_future(self._release()))
+            raise
+        await self._release()
+        self._raise_errors()
+
+    async def _release(self) -> None:
+        fetcher = self._fetcher
+        if fetcher is not None:
+            with contextlib.suppress(BaseException):
+                await fetcher
+        try:
+            await _db.close(self._conn)
+        finally:
+            self._files.shutdown()
+
+    def _raise_errors(self) -> None:
+        if self._errors:
+            first = self._errors[0]
+            count = len(self._errors)
+            self._errors.clear()
+            raise StoreError(
+                f"{count} write batch(es) to the flowyml store at {self.root} failed; "
+                f"their cache entries and records are lost: {first!r}"
+            ) from first
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"the flowyml store at {self.root} is closed")
+
+    # -- the hot path: look-ups, loads, puts ---------------------------------------------------------
+
+    async def preload(self, step_names: Iterable[str]) -> None:
+        """Load the index rows (with inline values) of these steps into memory, in one query."""
+        self._check_open()
+        names = sorted(set(step_names))
+        if not names:
+            return
+        rows = await self._conn.execute_fetchall(
+            _ENTRY_QUERY.format(where="e.step_name IN (SELECT value FROM json_each(?))"), (json.dumps(names),)
+        )
+        for key, entry in _entries_from_rows(rows).items():
+            self._memory.setdefault(key, entry)
+
+    async def lookup(self, key: str, *, query: bool = True) -> CacheEntry | None:
+        """The cache entry of ``key``, or None.
+
+        Served from memory when the entry was preloaded, put, or looked up before. Otherwise, unless
+        ``query`` is False, asks the database once (misses arriving together share one query).
+        """
+        entry = self._memory.get(key)
+        if entry is not None or not query:
+            return entry
+        self._check_open()
+        future = self._waiting.get(key)
+        if future is None:
+            future = self._waiting[key] = asyncio.get_running_loop().create_future()
+            if self._fetcher is None:
+                self._fetcher = asyncio.get_running_loop().create_task(self._fetch_waiting())
+        # Shielded: one cancelled caller must not cancel the answer others wait for.
+        return await asyncio.shield(future)
+
+    async def _fetch_waiting(self) -> None:
+        try:
+            await asyncio.sleep(0)  # let look-ups started in the same loop iteration join this query
+            while self._waiting:
+                batch, self._waiting = self._waiting, {}
+                try:
+                    rows = await self._conn.execute_fetchall(
+                        _ENTRY_QUERY.format(where="e.key IN (SELECT value FROM json_each(?))"),
+                        (json.dumps(list(batch)),),
+                    )
+                    found = _entries_from_rows(rows)
+                except BaseException as exc:
+                    for future in batch.values():
+                        if not future.done():
+                            future.set_exception(StoreError(f"cache look-up failed: {exc!r}"))
+                    raise
+                for key, future in batch.items():
+                    entry = self._memory.get(key) or found.get(key)
+                    if entry is not None:
+                        self._memory[key] = entry
+                    if not future.done():
+                        future.set_result(entry)
+        except Exception:
+            pass  # already delivered to the waiting look-ups
+        finally:
+            self._fetcher = None
+            if self._waiting and not self._closed:
+                self._fetcher = asyncio.get_running_loop().create_task(self._fetch_waiting())
+
+    async def load(self, entry: CacheEntry) -> dict[str, Any] | None:
+        """The outputs of ``entry`` by name, or None when any of them cannot be read back intact.
+
+        Every artifact's length and xxh3-128 are checked before it is unpickled. A missing, truncated
+        or altered artifact (file or inline blob) is moved to ``quarantine/`` when it is a file, its
+        index entry is dropped, and a :class:`CacheCorruptionWarning` names the step, key and file.
+        """
+        values: dict[str, Any] = {}
+        for out in entry.outputs:
+            data = out.inline
+            if data is None:
+                data = await self._files.read(out.artifact_hash)
+                if data is None:
+                    self._report_corrupt(entry, out, "is missing", quarantine=False)
+                    return None
+            if len(data) != out.size or _hexdigest(data) != out.artifact_hash:
+                self._report_corrupt(entry, out, "does not match its hash", quarantine=out.inline is None)
+                return None
+            try:
+                values[out.name] = cloudpickle.loads(data)
+            except Exception as exc:
+                self._report_corrupt(entry, out, f"cannot be unpickled ({exc!r})", quarantine=False)
+                return None
+        return values
+
+    def _report_corrupt(
+        self, entry: CacheEntry, out: CachedOutput, problem: str, *, quarantine: bool
+    ) -> None:
+        if out.inline is None:
+            where = f"artifact file {self._files.path(out.artifact_hash)}"
+            if quarantine:
+                moved = self._files.quarantine(out.artifact_hash)
+                if moved is not None:
+                    where += f" (moved to {moved})"
+        else:
+            where = f"inline artifact {out.artifact_hash}"
+        if self._memory.get(entry.key) is entry:
+            del self._memory[entry.key]
+        if not self._closed:
+            self._queue.put_nowait(_Drop(entry.key, entry.created_at))
+        warnings.warn(
+            CacheCorruptionWarning(
+                f"cache entry {entry.key} of step {entry.step_name!r}: output {out.name!r} in {where} "
+                f"{problem}; the entry was dropped and the step will run again."
+            ),
+            stacklevel=3,
+        )
+
+    def put(
+        self, *, key: str, step_name: str, run_id: str, outputs: dict[str, Any], duration: float
+    ) -> dict[str, str] | None:
+        """Cache the outputs of a successful step under ``key``, without waiting for the write.
+
+        The outputs are pickled now, so what is cached cannot change afterwards. They are committed
+        all together or not at all. An output that cannot be pickled warns
+        (:class:`UncachedStepWarning`) and nothing is cached. Returns the artifact hash of each output,
+        or None when nothing was cached.
+
+        Raises:
+            StoreError: the store is closed.
+        """
+        self._check_open()
+        cached: list[CachedOutput] = []
+        for name, value in outputs.items():
+            try:
+                data = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                warnings.warn(
+                    UncachedStepWarning(
+                        f"step {step_name!r} was not cached: its output {name!r} "
+                        f"({_type_name(value)}) cannot be pickled: {exc!r}"
+                    ),
+                    stacklevel=2,
+                )
+                return None
+            cached.append(CachedOutput(name, _hexdigest(data), len(data), _type_name(value), data))
+        entry = CacheEntry(key, step_name, float(duration), time.time(), tuple(cached), run_id)
+        self._memory[key] = entry
+        self._queue.put_nowait(_Put(entry))
+        return {out.name: out.artifact_hash for out in cached}
+
+    def record_run(self, run: RunRecord) -> None:
+        """Queue an insert-or-update of a run (at its start with status "running", and at its end)."""
+        self._check_open()
+        self._queue.put_nowait(run)
+
+    def record_step(self, step: StepRecord) -> None:
+        """Queue an insert-or-update of a step run, with the artifacts it produced and consumed."""
+        self._check_open()
+        self._seq += 1
+        inputs = tuple((param, src[0], src[1]) for param, src in step.inputs.items())
+        self._queue.put_nowait(_Step(step, tuple(step.outputs.items()), inputs, self._seq))
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed.
+
+        Raises:
+            StoreError: a write batch failed since the last flush (its rows are lost).
+        """
+        self._check_open()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Flush(future))
+        await future
+        self._raise_errors()
+
+    # -- the writer --------------------------------------------------------------------------------
+
+    async def _run_writer(self) -> None:
+        stop = False
+        while not stop:
+            jobs = [await self._queue.get()]
+            while len(jobs) < _MAX_BATCH:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            # Shielded: cancelling the writer (say, at loop shutdown) lets this batch commit first.
+            stop = await asyncio.shield(asyncio.ensure_future(self._process(jobs)))
+
+    async def _process(self, jobs: list[_Job]) -> bool:
+        """Commit one drained batch; returns True when the batch asked the writer to stop."""
+        batch = _Batch()
+        flushes: list[asyncio.Future[None]] = []
+        stop = False
+        for job in jobs:
+            if isinstance(job, _Put):
+                batch.puts.append(job)
+            elif isinstance(job, _Step):
+                known = batch.steps.get((job.record.run_id, job.record.step_name))
+                if known is not None:
+                    job.seq = known.seq
+                batch.steps[(job.record.run_id, job.record.step_name)] = job
+            elif isinstance(job, RunRecord):
+                batch.runs[job.run_id] = job
+            elif isinstance(job, _Drop):
+                batch.drops.append(job)
+            elif isinstance(job, _Flush):
+                flushes.append(job.future)
+            elif isinstance(job, _Call):
+                await self._commit_safely(batch)
+                batch = _Batch()
+                try:
+                    job.future.set_result(await job.fn(self._conn))
+                except Exception as exc:
+                    job.future.set_exception(exc)
+            else:
+                stop = True
+        await self._commit_safely(batch)
+        for future in flushes:
+            if not future.done():
+                future.set_result(None)
+        return stop
+
+    async def _commit_safely(self, batch: _Batch) -> None:
+        if not batch:
+            return
+        try:
+            await self._commit(batch)
+        except Exception as exc:
+            # The values stay served from memory (they are right); only their persistence is lost.
+            self._errors.append(exc)
+
+    async def _commit(self, batch: _Batch) -> None:
+        # 1. Artifact files first, durably: an index row may only name a file that is in place.
+        wrote = False
+        for put in batch.puts:
+            for out in put.entry.outputs:
+                if out.size > INLINE_LIMIT and out.inline is not None:
+                    await self._files.write(out.artifact_hash, out.inline)
+                    wrote = True
+        if wrote:
+            await self._files.sync_dir()
+        # 2. Every row of the batch in one IMMEDIATE transaction.
+        conn = self._conn
+        now = time.time()
+        drop_rows = [(d.key, d.created_at) for d in batch.drops]
+        artifact_rows: list[tuple[Any, ...]] = []
+        entry_rows: list[tuple[Any, ...]] = []
+        output_rows: list[tuple[Any, ...]] = []
+        for put in batch.puts:
+            e = put.entry
+            entry_rows.append((e.key, e.step_name, e.run_id, e.duration_seconds, e.created_at))
+            for position, out in enumerate(e.outputs):
+                inline = out.inline if out.size <= INLINE_LIMIT else None
+                output_rows.append(
+                    (e.key, position, out.name, out.artifact_hash, out.size, out.type_name, inline)
+                )
+                artifact_rows.append((out.artifact_hash, out.size, out.type_name, e.run_id, e.step_name, now))
+        run_rows = [
+            (
+                r.run_id,
+                r.pipeline_name,
+                r.status,
+                r.started_at,
+                r.ended_at,
+                r.duration_seconds,
+                r.time_saved_seconds,
+                r.error_message,
+            )
+            for r in batch.runs.values()
+        ]
+        step_rows: list[tuple[Any, ...]] = []
+        step_keys: list[tuple[str, str]] = []
+        step_output_rows: list[tuple[Any, ...]] = []
+        consumed_rows: list[tuple[Any, ...]] = []
+        for (run_id, step_name), job in batch.steps.items():
+            s = job.record
+            step_rows.append(
+                (
+                    run_id,
+                    step_name,
+                    s.status,
+                    s.attempts,
+                    s.started_at,
+                    s.ended_at,
+                    s.duration_seconds,
+                    int(s.cached),
+                    s.cache_key,
+                    s.time_saved_seconds,
+                    s.error_type,
+                    s.error_message,
+                    s.traceback,
+                    job.seq,
+                )
+            )
+            step_keys.append((run_id, step_name))
+            step_output_rows.extend((run_id, step_name, name, digest) for name, digest in job.outputs)
+            consumed_rows.extend(
+                (run_id, step_name, param, producer, output, run_id, producer, output)
+                for param, producer, output in job.inputs
+            )
+
+        async def transaction() -> None:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                if drop_rows:
+                    await conn.executemany(
+                        "DELETE FROM cache_outputs WHERE key = ?1 AND EXISTS (SELECT 1 FROM cache_entries "
+                        "WHERE key = ?1 AND created_at = ?2)",
+                        drop_rows,
+                    )
+                    await conn.executemany(
+                        "DELETE FROM cache_entries WHERE key = ? AND created_at = ?", drop_rows
+                    )
+                if entry_rows:
+                    await conn.executemany(
+                        "INSERT INTO artifacts (hash, size, type_name, producer_run_id, producer_step, "
+                        "created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hash) DO NOTHING",
+                        artifact_rows,
+                    )
+                    await conn.executemany(
+                        "DELETE FROM cache_outputs WHERE key = ?", [(row[0],) for row in entry_rows]
+                    )
+                    await conn.executemany(
+                        "INSERT OR REPLACE INTO cache_entries (key, step_name, run_id, duration_seconds, "
+                        "created_at) VALUES (?, ?, ?, ?, ?)",
+                        entry_rows,
+                    )
+                    await conn.executemany(
+                        "INSERT INTO cache_outputs (key, position, output_name, artifact_hash, size, "
+                        "type_name, inline) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        output_rows,
+                    )
+                if run_rows:
+                    await conn.executemany(
+                        f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT (run_id) DO UPDATE SET pipeline_name = excluded.pipeline_name, "
+                        "status = excluded.status, started_at = excluded.started_at, "
+                        "ended_at = excluded.ended_at, duration_seconds = excluded.duration_seconds, "
+                        "time_saved_seconds = excluded.time_saved_seconds, "
+                        "error_message = excluded.error_message",
+                        run_rows,
+                    )
+                if step_rows:
+                    await conn.executemany(
+                        f"INSERT INTO step_runs ({_STEP_COLUMNS}, seq) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT (run_id, step_name) DO UPDATE SET status = excluded.status, "
+                        "attempts = excluded.attempts, started_at = excluded.started_at, "
+                        "ended_at = excluded.ended_at, duration_seconds = excluded.duration_seconds, "
+                        "cached = excluded.cached, cache_key = excluded.cache_key, "
+                        "time_saved_seconds = excluded.time_saved_seconds, error_type = excluded.error_type, "
+                        "error_message = excluded.error_message, traceback = excluded.traceback",
+                        step_rows,
+                    )
+                    await conn.executemany(
+                        "DELETE FROM step_outputs WHERE run_id = ? AND step_name = ?", step_keys
+                    )
+                    if step_output_rows:
+                        await conn.executemany(
+                            "INSERT INTO step_outputs (run_id, step_name, output_name, artifact_hash) "
+                            "VALUES (?, ?, ?, ?)",
+                            step_output_rows,
+                        )
+                    if consumed_rows:
+                        await conn.executemany(
+                            "INSERT INTO consumed (run_id, step_name, parameter, producer_step, output_name, "
+                            "artifact_hash) VALUES (?, ?, ?, ?, ?, (SELECT artifact_hash FROM step_outputs "
+                            "WHERE run_id = ? AND step_name = ? AND output_name = ?)) "
+                            "ON CONFLICT (run_id, step_name, parameter) DO UPDATE SET "
+                            "producer_step = excluded.producer_step, output_name = excluded.output_name, "
+                            "artifact_hash = excluded.artifact_hash",
+                            consumed_rows,
+                        )
+                await conn.execute("COMMIT")
+            except BaseException:
+                await self._rollback()
+                raise
+
+        await _db.retry_locked(transaction)
+        # 3. Committed: large values are now read from their files, so stop holding their bytes.
+        for put in batch.puts:
+            e = put.entry
+            if self._memory.get(e.key) is e and any(o.size > INLINE_LIMIT for o in e.outputs):
+                self._memory[e.key] = CacheEntry(
+                    e.key,
+                    e.step_name,
+                    e.duration_seconds,
+                    e.created_at,
+                    tuple(
+                        CachedOutput(o.name, o.artifact_hash, o.size, o.type_name, None)
+                        if o.size > INLINE_LIMIT
+                        else o
+                        for o in e.outputs
+                    ),
+                    e.run_id,
+                )
+
+    async def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error, ValueError):
+            if self._conn.in_transaction:
+                await self._conn.execute("ROLLBACK")
+
+    async def _call(self, fn: Callable[[aiosqlite.Connection], Awaitable[Any]]) -> Any:
+        """Run ``fn`` on the writer, after everything queued before it is committed."""
+        self._check_open()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Call(fn, future))
+        return await future
+
+    # -- the read API ------------------------------------------------------------------------------
+
+    async def runs(self, limit: int = 20) -> list[RunRecord]:
+        """The most recent runs, newest first."""
+        self._check_open()
+        rows = await self._conn.execute_fetchall(
+            f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY started_at DESC LIMIT ?", (limit,)
+        )
+        return [_run_from_row(row) for row in rows]
+
+    async def match_run_ids(self, prefix: str, limit: int = 10) -> list[str]:
+        """Run ids equal to ``prefix`` (alone, if there is one) or starting with it."""
+        self._check_open()
+        exact = await self._conn.execute_fetchall("SELECT run_id FROM runs WHERE run_id = ?", (prefix,))
+        if exact:
+            return [prefix]
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = await self._conn.execute_fetchall(
+            "SELECT run_id FROM runs WHERE run_id LIKE ? ESCAPE '\\' ORDER BY started_at DESC LIMIT ?",
+            (pattern, limit),
+        )
+        return [row[0] for row in rows]
+
+    async def get_run(self, run_id: str) -> RunDetail | None:
+        """The run with this id (or unique id prefix) and its step runs; None if there is no such run."""
+        matches = await self.match_run_ids(run_id, limit=2)
+        if len(matches) != 1:
+            return None
+        rows = await self._conn.execute_fetchall(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (matches[0],)
+        )
+        run = _run_from_row(next(iter(rows)))
+        return RunDetail(run, tuple(await self._steps_of(run.run_id)))
+
+    async def _steps_of(self, run_id: str) -> list[StepRecord]:
+        conn = self._conn
+        outputs: dict[str, dict[str, str | None]] = {}
+        for step_name, name, digest in await conn.execute_fetchall(
+            "SELECT step_name, output_name, artifact_hash FROM step_outputs WHERE run_id = ?", (run_id,)
+        ):
+            outputs.setdefault(step_name, {})[name] = digest
+        inputs: dict[str, dict[str, tuple[str, str]]] = {}
+        for step_name, param, producer, output in await conn.execute_fetchall(
+            "SELECT step_name, parameter, producer_step, output_name FROM consumed WHERE run_id = ?",
+            (run_id,),
+        ):
+            inputs.setdefault(step_name, {})[param] = (producer, output)
+        rows = await conn.execute_fetchall(
+            f"SELECT {_STEP_COLUMNS} FROM step_runs WHERE run_id = ? "
+            "ORDER BY started_at IS NULL, started_at, seq",
+            (run_id,),
+        )
+        return [
+            StepRecord(
+                run_id=row[0],
+                step_name=row[1],
+                status=row[2],
+                attempts=row[3],
+                started_at=row[4],
+                ended_at=row[5],
+                duration_seconds=row[6],
+                cached=bool(row[7]),
+                cache_key=row[8],
+                time_saved_seconds=row[9],
+                error_type=row[10],
+                error_message=row[11],
+                traceback=row[12],
+                outputs=outputs.get(row[1], {}),
+                inputs=inputs.get(row[1], {}),
+            )
+            for row in rows
+        ]
+
+    async def lineage(self, output_name: str, run_id: str | None = None) -> Lineage | None:
+        """Where ``output_name`` came from in run ``run_id`` (default: the latest run that made it).
+
+        Returns the step run that produced it and, recursively, the producers of what that step
+        consumed; None when no recorded run produced that output.
+        """
+        self._check_open()
+        conn = self._conn
+        found: list[Sequence[Any]]
+        if run_id is None:
+            found = list(
+                await conn.execute_fetchall(
+                    "SELECT o.run_id FROM step_outputs AS o LEFT JOIN runs AS r ON r.run_id = o.run_id "
+                    "LEFT JOIN step_runs AS s ON s.run_id = o.run_id AND s.step_name = o.step_name "
+                    "WHERE o.output_name = ? ORDER BY COALESCE(r.started_at, s.started_at) DESC LIMIT 1",
+                    (output_name,),
+                )
+            )
+        else:
+            matches = await self.match_run_ids(run_id, limit=2)
+            if len(matches) != 1:
+                return None
+            found = [(matches[0],)]
+        if not found:
+            return None
+        the_run: str = found[0][0]
+        steps = {s.step_name: s for s in await self._steps_of(the_run)}
+        producers = {name: step for step in steps.values() for name in step.outputs}
+        if output_name not in producers:
+            return None
+        hashes = sorted({h for s in steps.values() for h in s.outputs.values() if h is not None})
+        artifacts = {
+            row[0]: (row[1], row[2], row[3])
+            for row in await conn.execute_fetchall(
+                "SELECT hash, type_name, size, producer_run_id FROM artifacts "
+                "WHERE hash IN (SELECT value FROM json_each(?))",
+                (json.dumps(hashes),),
+            )
+        }
+
+        def node(step_name: str, output: str, seen: frozenset[str]) -> LineageNode:
+            step = steps.get(step_name)
+            digest = step.outputs.get(output) if step is not None else None
+            type_name, size, origin = (
+                artifacts.get(digest, (None, None, None)) if digest else (None, None, None)
+            )
+            inputs: tuple[tuple[str, LineageNode], ...] = ()
+            if step is not None and step_name not in seen:
+                inputs = tuple(
+                    (param, node(producer, out, seen | {step_name}))
+                    for param, (producer, out) in sorted(step.inputs.items())
+                )
+            return LineageNode(
+                run_id=the_run,
+                step_name=step_name,
+                status=step.status if step is not None else "unknown",
+                cached=step.cached if step is not None else False,
+                output_name=output,
+                artifact_hash=digest,
+                type_name=type_name,
+                size=size,
+                origin_run_id=origin,
+                started_at=step.started_at if step is not None else None,
+                duration_seconds=step.duration_seconds if step is not None else None,
+                inputs=inputs,
+            )
+
+        return Lineage(output_name, the_run, node(producers[output_name].step_name, output_name, frozenset()))
+
+    async def cache_stats(self) -> CacheStats:
+        """Entries, bytes, per-step counts, cache hits recorded and the time they saved."""
+        self._check_open()
+        conn = self._conn
+        (entries,) = next(iter(await conn.execute_fetchall("SELECT COUNT(*) FROM cache_entries")))
+        (artifacts, inline_bytes) = next(
+            iter(
+                await conn.execute_fetchall(
+                    "SELECT COUNT(DISTINCT artifact_hash), COALESCE(SUM(LENGTH(inline)), 0) FROM cache_outputs"
+                )
+            )
+        )
+        (file_bytes,) = next(
+            iter(
+                await conn.execute_fetchall(
+                    "SELECT COALESCE(SUM(size), 0) FROM (SELECT MAX(size) AS size FROM cache_outputs "
+                    "WHERE inline IS NULL GROUP BY artifact_hash)"
+                )
+            )
+        )
+        per_step: dict[str, list[Any]] = {}
+        for name, count, size in await conn.execute_fetchall(
+            "SELECT e.step_name, COUNT(DISTINCT e.key), COALESCE(SUM(o.size), 0) FROM cache_entries AS e "
+            "LEFT JOIN cache_outputs AS o ON o.key = e.key GROUP BY e.step_name"
+        ):
+            per_step[name] = [count, size, 0, 0.0]
+        for name, hits, saved in await conn.execute_fetchall(
+            "SELECT step_name, COUNT(*), COALESCE(SUM(time_saved_seconds), 0) FROM step_runs "
+            "WHERE cached = 1 GROUP BY step_name"
+        ):
+            per_step.setdefault(name, [0, 0, 0, 0.0])[2:] = [hits, saved]
+        steps = tuple(StepCacheStats(name, *values) for name, values in sorted(per_step.items()))
+        return CacheStats(
+            entries=entries,
+            artifacts=artifacts,
+            inline_bytes=inline_bytes,
+            file_bytes=file_bytes,
+            hits=sum(s.hits for s in steps),
+            time_saved_seconds=sum(s.time_saved_seconds for s in steps),
+            steps=steps,
+        )
+
+    async def clear_cache(self, step_name: str | None = None) -> int:
+        """Remove the cache entries of ``step_name`` (default: all); returns how many were removed.
+
+        Artifact files no longer named by any entry are deleted. Lineage records stay.
+        """
+        where = "" if step_name is None else " WHERE step_name = ?"
+        params: tuple[str, ...] = () if step_name is None else (step_name,)
+
+        async def clear(conn: aiosqlite.Connection) -> tuple[int, set[str]]:
+            async def transaction() -> tuple[int, set[str]]:
+                await conn.execute("BEGIN IMMEDIATE")
+                try:
+                    keys = f"SELECT key FROM cache_entries{where}"
+                    hashes = {
+                        row[0]
+                        for row in await conn.execute_fetchall(
+                            f"SELECT DISTINCT artifact_hash FROM cache_outputs WHERE inline IS NULL "
+                            f"AND key IN ({keys})",
+                            params,
+                        )
+                    }
+                    await conn.execute(f"DELETE FROM cache_outputs WHERE key IN ({keys})", params)
+                    cursor = await conn.execute(f"DELETE FROM cache_entries{where}", params)
+                    removed = cursor.rowcount
+                    still_used = {
+                        row[0]
+                        for row in await conn.execute_fetchall(
+                            "SELECT DISTINCT artifact_hash FROM cache_outputs WHERE artifact_hash IN "
+                            "(SELECT value FROM json_each(?))",
+                            (json.dumps(sorted(hashes)),),
+                        )
+                    }
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    await self._rollback()
+                    raise
+                return removed, hashes - still_used
+
+            return await _db.retry_locked(transaction)
+
+        removed, unused = await self._call(clear)
+        if step_name is None:
+            self._memory.clear()
+        else:
+            for key in [k for k, e in self._memory.items() if e.step_name == step_name]:
+                del self._memory[key]
+        self._files.remove(unused)
+        return int(removed)
+
+    async def verify(self) -> VerifyReport:
+        """Run SQLite's integrity check and re-hash every artifact; read-only.
+
+        Problems are listed, not repaired: a bad artifact is still detected and set aside by
+        :meth:`load` the next time a run needs it.
+        """
+        self._check_open()
+        await self.flush()
+        conn = self._conn
+        checks = [row[0] for row in await conn.execute_fetchall("PRAGMA integrity_check")]
+        integrity = "ok" if checks == ["ok"] else "; ".join(str(c) for c in checks)
+        rows = list(
+            await conn.execute_fetchall(
+                "SELECT o.key, e.step_name, o.output_name, o.artifact_hash, o.size, o.inline "
+                "FROM cache_outputs AS o JOIN cache_entries AS e ON e.key = o.key ORDER BY e.step_name, o.key"
+            )
+        )
+        (entries,) = next(iter(await conn.execute_fetchall("SELECT COUNT(*) FROM cache_entries")))
+        files = self._files
+
+        def check() -> tuple[int, list[VerifyProblem]]:
+            problems: list[VerifyProblem] = []
+            hashed: dict[str, str | None] = {}  # file hash -> problem kind (None when fine)
+            for key, step, name, digest, size, inline in rows:
+                path: str | None = None
+                kind: str | None
+                if inline is not None:
+                    blob = bytes(inline)
+                    kind = None if len(blob) == size and _hexdigest(blob) == digest else "hash"
+                else:
+                    path = str(files.path(digest))
+                    if digest not in hashed:
+                        data: bytes | None
+                        try:
+                            data = files.path(digest).read_bytes()
+                        except FileNotFoundError:
+                            data = None
+                        if data is None:
+                            hashed[digest] = "missing"
+                        elif len(data) != size:
+                            hashed[digest] = "size"
+                        else:
+                            hashed[digest] = None if _hexdigest(data) == digest else "hash"
+                    kind = hashed[digest]
+                if kind is not None:
+                    detail = {
+                        "missing": "artifact file is missing",
+                        "size": f"artifact has the wrong size (expected {size} bytes)",
+                        "hash": "artifact does not match its hash",
+                    }[kind]
+                    problems.append(VerifyProblem(kind, detail, key, step, name, digest, path))
+            return len({r[3] for r in rows}), problems
+
+        checked, problems = await asyncio.get_running_loop().run_in_executor(files.executor, check)
+        if integrity != "ok":
+            problems.insert(0, VerifyProblem("integrity", integrity))
+        return VerifyReport(integrity, entries, checked, tuple(problems))

@@ -1,0 +1,156 @@
+"""Artifact files: pickled values too big to live inline, named by the xxh3-128 hash of their bytes.
+
+A file is written with aiofiles to a private temporary name in the same directory, fsynced, then
+``os.replace``'d into place, so a reader sees either no file or the whole file. All blocking file
+work runs on this module's own small thread pool (not the loop's default executor), which the store
+shuts down on close, so no thread outlives it.
+"""
+
+from __future__ import annotations
+
+__all__ = ("ArtifactFiles", "make_private_dir")
+
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import aiofiles
+import aiofiles.os
+
+_TMP_PREFIX = ".tmp-"
+_STALE_TMP_SECONDS = 3600.0
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) if needed and make it owner-only (0o700), whatever the umask."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _private_opener(path: str, flags: int) -> int:
+    """Open for ``open(..., opener=)`` with mode 0o600, fixed explicitly so the umask cannot widen it."""
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames done in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ArtifactFiles:
+    """The ``artifacts/`` and ``quarantine/`` folders of one store."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "artifacts"
+        self.quarantine_dir = root / "quarantine"
+        self._executor: ThreadPoolExecutor | None = None
+
+    def prepare(self) -> None:
+        """Create the folders and remove temporary files that a crashed writer left long ago."""
+        make_private_dir(self.dir)
+        make_private_dir(self.quarantine_dir)
+        cutoff = time.time() - _STALE_TMP_SECONDS
+        for entry in os.scandir(self.dir):
+            if entry.name.startswith(_TMP_PREFIX):
+                try:
+                    if entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The store's file thread pool, created on first use."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flowyml-store-files")
+        return self._executor
+
+    def shutdown(self) -> None:
+        """Join the file threads (they are idle once the writer has drained)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def path(self, artifact_hash: str) -> Path:
+        """Where the artifact with this hash lives."""
+        return self.dir / artifact_hash
+
+    async def write(self, artifact_hash: str, data: bytes) -> None:
+        """Write ``data`` durably under its hash, unless an intact-looking copy is already there.
+
+        The caller fsyncs the directory (:meth:`sync_dir`) once per batch, before committing any
+        index row that names these files.
+        """
+        final = self.path(artifact_hash)
+        try:
+            if final.stat().st_size == len(data):
+                return  # content-addressed: the same bytes are already in place
+        except FileNotFoundError:
+            pass
+        loop = asyncio.get_running_loop()
+        executor = self.executor
+        tmp = self.dir / f"{_TMP_PREFIX}{artifact_hash}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            # Not ``async with``: aiofiles' context manager closes on the loop's default executor,
+            # whose threads would outlive the store.
+            f = await aiofiles.open(tmp, "wb", opener=_private_opener, executor=executor)
+            try:
+                await f.write(data)
+                await f.flush()
+                await loop.run_in_executor(executor, os.fsync, f.fileno())
+            finally:
+                await f.close()
+            await aiofiles.os.replace(tmp, final, executor=executor)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    async def sync_dir(self) -> None:
+        """fsync the artifact folder so the renames done so far survive a power loss."""
+        await asyncio.get_running_loop().run_in_executor(self.executor, _fsync_dir, self.dir)
+
+    async def read(self, artifact_hash: str) -> bytes | None:
+        """The bytes of an artifact, or None when its file does not exist."""
+        try:
+            f = await aiofiles.open(self.path(artifact_hash), "rb", executor=self.executor)
+        except FileNotFoundError:
+            return None
+        try:
+            return await f.read()
+        finally:
+            await f.close()
+
+    def quarantine(self, artifact_hash: str) -> Path | None:
+        """Move a bad artifact file aside; returns where it went, or None when it was already gone."""
+        target = self.quarantine_dir / f"{artifact_hash}.{time.time_ns()}"
+        try:
+            os.replace(self.path(artifact_hash), target)
+        except FileNotFoundError:
+            return None
+        return target
+
+    def remove(self, hashes: set[str]) -> int:
+        """Delete the artifact files of ``hashes``; returns how many existed."""
+        removed = 0
+        for artifact_hash in hashes:
+            try:
+                os.unlink(self.path(artifact_hash))
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def stored_hashes(self) -> set[str]:
+        """The hashes of every artifact file present (temporary files excluded)."""
+        return {e.name for e in os.scandir(self.dir) if not e.name.startswith(_TMP_PREFIX)}
