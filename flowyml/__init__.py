@@ -13,6 +13,7 @@ This module only re-exports. The layers, from the bottom up:
 """
 
 from ._assets import Asset, Dataset, Metrics, Model
+from ._breaker import CircuitBreaker, CircuitState, CircuitStats
 from ._conditions import unless, when
 from ._context import Context, context
 from ._errors import (
@@ -25,15 +26,21 @@ from ._errors import (
     StepTimeoutError,
 )
 from ._executors._base import Executor
+from ._fallback import FallbackHandler, on_failure
+from ._parallel import parallel_map
 from ._pipeline import Pipeline
 from ._results import ExecutionResult, PipelineResult, StepResult, StepStatus
+from ._retry import ExponentialBackoff, RetryConfig, retry
 from ._step import Step, step
 
 __version__ = "0.1.0"
 
 __all__ = (
     "Asset",
+    "CircuitBreaker",
     "CircuitOpenError",
+    "CircuitState",
+    "CircuitStats",
     "ConfigError",
     "Context",
     "CycleError",
@@ -41,17 +48,23 @@ __all__ = (
     "DuplicateOutputError",
     "ExecutionResult",
     "Executor",
+    "ExponentialBackoff",
+    "FallbackHandler",
     "FlowymlError",
     "Metrics",
     "MissingInputError",
     "Model",
     "Pipeline",
     "PipelineResult",
+    "RetryConfig",
     "Step",
     "StepResult",
     "StepStatus",
     "StepTimeoutError",
     "context",
+    "on_failure",
+    "parallel_map",
+    "retry",
     "step",
     "unless",
     "when",

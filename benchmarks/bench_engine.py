@@ -1,0 +1,183 @@
+"""Engine overhead against the raw-asyncio floor, measured side by side in one process.
+
+Each workload runs on flowyml and on a bare ``asyncio.TaskGroup`` awaiting the same coroutines
+(or the same blocking calls in a same-sized thread pool), alternating, several times; the
+median of each is reported with the ratio. Absolute times drift on a shared machine; ratios
+taken in the same run are what we compare against the targets.
+
+    W1  one source, 1,000 async steps sleeping 10 ms, one fan-in        target <= 2x
+    W2  a chain of 500 no-op async steps (per-step cost vs per-task)    target <= 3x
+    W3  5,000 independent no-op async steps and one fan-in (per step)   target <= 3x
+    W4  200 sync steps sleeping 50 ms on 32 threads                      target <= 1.1x
+
+Run: ``python benchmarks/bench_engine.py [--repeat N] [--only W1,W3] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from flowyml import Pipeline, step
+
+
+async def noop(*_: Any) -> None:
+    return None
+
+
+async def sleep10(*_: Any) -> None:
+    await asyncio.sleep(0.01)
+
+
+def block50(*_: Any) -> None:
+    time.sleep(0.05)
+
+
+# --- flowyml pipelines -----------------------------------------------------------------------
+
+
+def w1_pipeline(n: int = 1000) -> Pipeline:
+    p = Pipeline("w1", enable_cache=False)
+    p.add_step(step(name="source", outputs=["src"])(noop))
+    for i in range(n):
+        p.add_step(step(name=f"io{i}", inputs=["src"], outputs=[f"r{i}"])(sleep10))
+    p.add_step(step(name="fan_in", inputs=[f"r{i}" for i in range(n)], outputs=["total"])(noop))
+    return p
+
+
+def w2_pipeline(n: int = 500) -> Pipeline:
+    p = Pipeline("w2", enable_cache=False)
+    p.add_step(step(name="s0", outputs=["v0"])(noop))
+    for i in range(1, n):
+        p.add_step(step(name=f"s{i}", inputs=[f"v{i - 1}"], outputs=[f"v{i}"])(noop))
+    return p
+
+
+def w3_pipeline(n: int = 5000) -> Pipeline:
+    p = Pipeline("w3", enable_cache=False)
+    for i in range(n):
+        p.add_step(step(name=f"s{i}", outputs=[f"r{i}"])(noop))
+    p.add_step(step(name="fan_in", inputs=[f"r{i}" for i in range(n)], outputs=["total"])(noop))
+    return p
+
+
+def w4_pipeline(n: int = 200) -> Pipeline:
+    p = Pipeline("w4", enable_cache=False, max_threads=32)
+    for i in range(n):
+        p.add_step(step(name=f"s{i}", outputs=[f"r{i}"])(block50))
+    return p
+
+
+# --- the raw-asyncio floor -------------------------------------------------------------------
+
+
+async def w1_floor(n: int = 1000) -> None:
+    src = await noop()
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(sleep10(src)) for _ in range(n)]
+    await noop(*[t.result() for t in tasks])
+
+
+async def w2_floor(n: int = 500) -> None:
+    v = None
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(n):
+            v = await tg.create_task(noop(v))
+
+
+async def w3_floor(n: int = 5000) -> None:
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(noop()) for _ in range(n)]
+    await noop(*[t.result() for t in tasks])
+
+
+async def w4_floor(n: int = 200) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def one(pool: ThreadPoolExecutor) -> None:
+        await loop.run_in_executor(pool, block50)
+
+    with ThreadPoolExecutor(32) as pool:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(n):
+                tg.create_task(one(pool))
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+async def timed(fn: Callable[[], Awaitable[Any]]) -> float:
+    t0 = time.perf_counter()
+    await fn()
+    return time.perf_counter() - t0
+
+
+WORKLOADS: dict[str, tuple[Callable[[], Pipeline], Callable[[], Awaitable[None]], int, str, float]] = {
+    # name: (pipeline, floor, steps for per-step figures, how to compare, target)
+    "W1": (w1_pipeline, w1_floor, 1002, "total", 2.0),
+    "W2": (w2_pipeline, w2_floor, 500, "per-step", 3.0),
+    "W3": (w3_pipeline, w3_floor, 5001, "per-step", 3.0),
+    "W4": (w4_pipeline, w4_floor, 200, "total", 1.1),
+}
+
+
+async def measure(name: str, repeat: int) -> dict[str, Any]:
+    make, floor, steps, mode, target = WORKLOADS[name]
+    pipeline = make()
+    result = await pipeline.arun()  # warm-up; also builds and caches the plan
+    assert result.success, result.summary()
+    await floor()
+    ours: list[float] = []
+    base: list[float] = []
+    for i in range(repeat):
+        pair = [("ours", pipeline.arun), ("floor", floor)]
+        if i % 2:
+            pair.reverse()
+        for label, fn in pair:
+            (ours if label == "ours" else base).append(await timed(fn))
+    o, b = statistics.median(ours), statistics.median(base)
+    ratio = o / b
+    return {
+        "workload": name,
+        "flowyml_s": o,
+        "floor_s": b,
+        "flowyml_us_per_step": o / steps * 1e6,
+        "floor_us_per_task": b / steps * 1e6,
+        "ratio": ratio,
+        "target": target,
+        "compare": mode,
+        "ok": ratio <= target,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--only", default="W1,W2,W3,W4")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    rows = []
+    print(f"{'':4} {'flowyml':>10} {'floor':>10} {'us/step':>9} {'us/task':>9} {'ratio':>7} {'target':>7}")
+    for name in args.only.split(","):
+        row = asyncio.run(measure(name.strip(), args.repeat))
+        rows.append(row)
+        print(
+            f"{row['workload']:4} {row['flowyml_s'] * 1e3:8.1f}ms {row['floor_s'] * 1e3:8.1f}ms "
+            f"{row['flowyml_us_per_step']:9.1f} {row['floor_us_per_task']:9.1f} "
+            f"{row['ratio']:6.2f}x {row['target']:6.2f}x {'ok' if row['ok'] else 'MISS'}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

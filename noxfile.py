@@ -1,0 +1,45 @@
+"""Developer sessions: ``nox -s tests lint typecheck examples bench``."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck", "examples"]
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    """The full test suite, slow and Dask tests included."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python="3.11")
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package."""
+    session.install("-e", ".[dev]")
+    session.run("mypy")
+
+
+@nox.session(python="3.11")
+def examples(session: nox.Session) -> None:
+    """Run every script in examples/."""
+    session.install("-e", ".[dask]")
+    for script in sorted(__import__("pathlib").Path("examples").glob("*.py")):
+        session.run("python", str(script))
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Engine, store and executor benchmarks, each reporting ratios to its raw floor."""
+    session.install("-e", ".[test]")
+    for script in sorted(__import__("pathlib").Path("benchmarks").glob("bench_*.py")):
+        session.run("python", str(script), *session.posargs)
