@@ -21,6 +21,7 @@ __all__ = ("parallel_map",)
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import inspect
 import multiprocessing
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -38,7 +39,8 @@ _BACKENDS = ("thread", "process")
 
 
 def _note(exc: BaseException, index: int) -> BaseException:
-    exc.add_note(f"parallel_map: item {index} failed")
+    with contextlib.suppress(AttributeError, TypeError):  # exceptions refusing new attributes
+        exc.add_note(f"parallel_map: item {index} failed")
     return exc
 
 
@@ -102,6 +104,8 @@ def _map_sync(func: Callable[[T], R], items: Sequence[T], num_workers: int, back
 async def _map_async(
     func: Callable[[T], Coroutine[Any, Any, R]], items: Sequence[T], num_workers: int
 ) -> list[R]:
+    if not items:
+        return []
     results: list[Any] = [None] * len(items)
     pending = iter(enumerate(items))  # shared by the workers; safe, they run on one thread
 
@@ -110,7 +114,8 @@ async def _map_async(
             try:
                 results[index] = await func(item)
             except Exception as exc:
-                raise _note(exc, index) from None
+                _note(exc, index)
+                raise
 
     tasks = [asyncio.create_task(worker()) for _ in range(min(num_workers, len(items)))]
     try:

@@ -329,10 +329,13 @@ class RetryRun:
             self.attempt += 1
             return delay
         if isinstance(exc, Exception):
-            with contextlib.suppress(AttributeError, TypeError):  # __slots__ or read-only attributes
+            # Exceptions may refuse new attributes (a strict __setattr__, C types); the exception
+            # itself matters more than the annotation, so such refusals are ignored.
+            with contextlib.suppress(AttributeError, TypeError):
                 exc.attempts = self.attempt  # type: ignore[attr-defined]
             if self.attempt > 1:
-                exc.add_note(f"flowyml retry: gave up after {self.attempt} attempts ({reason})")
+                with contextlib.suppress(AttributeError, TypeError):
+                    exc.add_note(f"flowyml retry: gave up after {self.attempt} attempts ({reason})")
         return None
 
 
