@@ -196,6 +196,8 @@ class Store:
         self._conn = conn
         self._files = files
         self._memory: dict[str, CacheEntry] = {}
+        # Entries found corrupt whose index rows are not deleted yet: never serve them again.
+        self._dropped: dict[str, float] = {}
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._waiting: dict[str, asyncio.Future[CacheEntry | None]] = {}
         self._fetcher: asyncio.Task[None] | None = None
@@ -297,7 +299,8 @@ class Store:
             _ENTRY_QUERY.format(where="e.step_name IN (SELECT value FROM json_each(?))"), (json.dumps(names),)
         )
         for key, entry in _entries_from_rows(rows).items():
-            self._memory.setdefault(key, entry)
+            if self._dropped.get(key) != entry.created_at:
+                self._memory.setdefault(key, entry)
 
     async def lookup(self, key: str, *, query: bool = True) -> CacheEntry | None:
         """The cache entry of ``key``, or None.
@@ -335,6 +338,8 @@ class Store:
                     raise
                 for key, future in batch.items():
                     entry = self._memory.get(key) or found.get(key)
+                    if entry is not None and self._dropped.get(key) == entry.created_at:
+                        entry = None
                     if entry is not None:
                         self._memory[key] = entry
                     if not future.done():
@@ -385,6 +390,7 @@ class Store:
         if self._memory.get(entry.key) is entry:
             del self._memory[entry.key]
         if not self._closed:
+            self._dropped[entry.key] = entry.created_at
             self._queue.put_nowait(_Drop(entry.key, entry.created_at))
         warnings.warn(
             CacheCorruptionWarning(
@@ -656,6 +662,9 @@ class Store:
                 raise
 
         await _db.retry_locked(transaction)
+        for drop in batch.drops:
+            if self._dropped.get(drop.key) == drop.created_at:
+                del self._dropped[drop.key]
         # 3. Committed: large values are now read from their files, so stop holding their bytes.
         for put in batch.puts:
             e = put.entry

@@ -1,0 +1,230 @@
+"""The ``flowyml`` command line, run through ``main([...])``: output and exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from flowyml._cli import main
+from flowyml._store import INLINE_LIMIT, RunRecord, StepRecord, Store
+
+
+async def populate(root: Path) -> None:
+    """Two runs of a load -> train pipeline; the second hits load's cache and train fails."""
+    async with await Store.open(root) as store:
+        hashes = store.put(
+            key="load-key", step_name="load", run_id="run-aaa1", outputs={"data": [1]}, duration=1.5
+        )
+        big = store.put(
+            key="big-key",
+            step_name="embed",
+            run_id="run-aaa1",
+            outputs={"emb": b"x" * INLINE_LIMIT},
+            duration=1.0,
+        )
+        assert hashes is not None
+        assert big is not None
+        store.record_run(RunRecord("run-aaa1", "train", "succeeded", 100.0, 103.0, 3.0))
+        store.record_step(StepRecord("run-aaa1", "load", "succeeded", 1, 100.0, 101.5, 1.5, outputs=hashes))
+        store.record_step(StepRecord("run-aaa1", "embed", "succeeded", 1, 100.0, 101.0, 1.0, outputs=big))
+        store.record_step(
+            StepRecord(
+                "run-aaa1",
+                "train",
+                "succeeded",
+                1,
+                101.5,
+                103.0,
+                1.5,
+                outputs={"model": None},
+                inputs={"data": ("load", "data")},
+            )
+        )
+        store.record_run(
+            RunRecord("run-bbb2", "train", "failed", 200.0, 201.0, 1.0, 1.5, "step 'train' failed")
+        )
+        store.record_step(
+            StepRecord(
+                "run-bbb2",
+                "load",
+                "cached",
+                0,
+                200.0,
+                200.001,
+                0.001,
+                cached=True,
+                time_saved_seconds=1.5,
+                outputs=hashes,
+            )
+        )
+        store.record_step(
+            StepRecord(
+                "run-bbb2",
+                "train",
+                "failed",
+                3,
+                200.0,
+                201.0,
+                1.0,
+                error_type="ValueError",
+                error_message="learning rate too high",
+                outputs={"model": None},
+                inputs={"data": ("load", "data")},
+            )
+        )
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store_dir(root: Path) -> str:
+    asyncio.run(populate(root))
+    return str(root)
+
+
+class TestRuns:
+    def test_lists_runs_newest_first(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """`flowyml runs` prints a table of runs, newest first."""
+        assert main(["--dir", store_dir, "runs"]) == 0
+        out = capsys.readouterr().out
+        assert out.index("run-bbb2") < out.index("run-aaa1")
+        assert "failed" in out
+        assert "succeeded" in out
+
+    def test_dir_after_the_command(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """--dir is accepted after the command too."""
+        assert main(["runs", "--dir", store_dir]) == 0
+        assert "run-aaa1" in capsys.readouterr().out
+
+    def test_uses_flowyml_home(
+        self, store_dir: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Without --dir the store comes from $FLOWYML_HOME."""
+        monkeypatch.setenv("FLOWYML_HOME", store_dir)
+        assert main(["runs"]) == 0
+        assert "run-aaa1" in capsys.readouterr().out
+
+    def test_show_by_prefix(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """`runs show PREFIX` shows steps, statuses, cache hits, time saved and the error."""
+        assert main(["--dir", store_dir, "runs", "show", "run-b"]) == 0
+        out = capsys.readouterr().out
+        assert "run-bbb2" in out
+        assert "cache hits 1/2" in out
+        assert "time saved 1.50s" in out
+        assert "learning rate too high" in out
+        assert "cached" in out
+
+    def test_show_unknown_run(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """An unknown run id is a message on stderr and exit 1."""
+        assert main(["--dir", store_dir, "runs", "show", "nope"]) == 1
+        captured = capsys.readouterr()
+        assert "no run 'nope'" in captured.err
+        assert captured.out == ""
+
+    def test_show_ambiguous_prefix(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """A prefix matching several runs is exit 1 and lists them."""
+        assert main(["--dir", store_dir, "runs", "show", "run-"]) == 1
+        err = capsys.readouterr().err
+        assert "run-aaa1" in err
+        assert "run-bbb2" in err
+
+
+class TestCache:
+    def test_stats(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """`cache stats` prints entries, hits and time saved per step."""
+        assert main(["--dir", store_dir, "cache", "stats"]) == 0
+        out = capsys.readouterr().out
+        assert "entries:     2" in out
+        assert "hits:        1" in out
+        assert "time saved:  1.50s" in out
+        assert "embed" in out
+
+    def test_clear_one_step(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """`cache clear --step NAME` removes that step's entries only."""
+        assert main(["--dir", store_dir, "cache", "clear", "--step", "load"]) == 0
+        assert "Removed 1 cache entry of step 'load'" in capsys.readouterr().out
+        assert main(["--dir", store_dir, "cache", "stats"]) == 0
+        assert "entries:     1" in capsys.readouterr().out
+
+    def test_clear_all(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """`cache clear` removes every entry."""
+        assert main(["--dir", store_dir, "cache", "clear"]) == 0
+        assert "Removed 2 cache entries" in capsys.readouterr().out
+
+    def test_verify_ok(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """`cache verify` on an intact store exits 0."""
+        assert main(["--dir", store_dir, "cache", "verify"]) == 0
+        assert "database integrity: ok" in capsys.readouterr().out
+
+    def test_verify_finds_a_bad_artifact(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """`cache verify` exits 1 and names the bad artifact."""
+        (artifact,) = (Path(store_dir) / "artifacts").iterdir()
+        artifact.write_bytes(b"junk")
+        assert main(["--dir", store_dir, "cache", "verify"]) == 1
+        captured = capsys.readouterr()
+        assert "'embed'" in captured.out
+        assert "1 problem(s) found" in captured.err
+
+
+class TestLineage:
+    def test_latest_run(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """`lineage OUTPUT` shows the producer tree of the latest run, noting cache hits."""
+        assert main(["--dir", store_dir, "lineage", "model"]) == 0
+        out = capsys.readouterr().out
+        assert "run-bbb2" in out
+        assert "model <- train (failed" in out
+        assert "data <- load (cached" in out
+        assert "cached from run run-aaa1" in out
+
+    def test_given_run(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """--run picks the run."""
+        assert main(["--dir", store_dir, "lineage", "model", "--run", "run-a"]) == 0
+        assert "model <- train (succeeded" in capsys.readouterr().out
+
+    def test_unknown_output(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """An output no run produced is exit 1 with a message on stderr."""
+        assert main(["--dir", store_dir, "lineage", "nope"]) == 1
+        assert "no output 'nope'" in capsys.readouterr().err
+
+
+class TestNoStore:
+    @pytest.mark.parametrize(
+        ("argv", "code"),
+        [
+            (["runs"], 0),
+            (["cache", "stats"], 0),
+            (["cache", "clear"], 0),
+            (["cache", "verify"], 0),
+            (["runs", "show", "x"], 1),
+            (["lineage", "x"], 1),
+        ],
+    )
+    def test_friendly_message(
+        self, root: Path, argv: list[str], code: int, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Without a store, listings say so and exit 0; questions about one thing exit 1."""
+        assert main(["--dir", str(root), *argv]) == code
+        captured = capsys.readouterr()
+        assert "no flowyml store" in (captured.out + captured.err).lower()
+        assert not root.exists()
+
+
+class TestUsage:
+    @pytest.mark.parametrize(
+        "argv",
+        [[], ["bogus"], ["runs", "show"], ["cache"], ["cache", "clear", "--step"], ["runs", "--limit", "x"]],
+    )
+    def test_usage_errors_exit_2(self, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+        """Bad arguments print usage to stderr and exit 2."""
+        assert main(argv) == 2
+        assert "usage:" in capsys.readouterr().err
+
+    def test_help_exits_0(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """--help prints the commands and exits 0."""
+        assert main(["--help"]) == 0
+        assert "lineage" in capsys.readouterr().out

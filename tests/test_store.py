@@ -1,0 +1,644 @@
+"""The cache and lineage store, used directly: round trips, corruption, permissions, records, lineage."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowyml._errors import CacheCorruptionWarning, StoreError, UncachedStepWarning
+from flowyml._store import (
+    INLINE_LIMIT,
+    CacheEntry,
+    RunRecord,
+    StepRecord,
+    Store,
+    resolve_root,
+)
+from flowyml._store._db import DB_NAME, SCHEMA_VERSION
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+async def store(root: Path) -> AsyncIterator[Store]:
+    async with await Store.open(root) as opened:
+        yield opened
+
+
+def big(tag: int = 0) -> bytes:
+    """A value whose pickle is too large to live inline."""
+    return bytes([tag % 256]) * (INLINE_LIMIT + 100)
+
+
+def put(
+    store: Store, key: str = "k", step: str = "s", run_id: str = "run-1", **outputs: Any
+) -> dict[str, str] | None:
+    return store.put(key=key, step_name=step, run_id=run_id, outputs=outputs or {"out": 1}, duration=2.5)
+
+
+async def reload(root: Path, key: str) -> tuple[Store, CacheEntry | None]:
+    """A fresh store (nothing in memory) and what it finds for ``key``."""
+    fresh = await Store.open(root)
+    return fresh, await fresh.lookup(key)
+
+
+def sql(root: Path, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Run one statement on the store's database with plain sqlite3 and commit."""
+    conn = sqlite3.connect(root / DB_NAME)
+    try:
+        rows = conn.execute(statement, params).fetchall()
+        conn.commit()
+        return rows
+    finally:
+        conn.close()
+
+
+def artifact_path(root: Path, entry: CacheEntry, name: str = "out") -> Path:
+    (out,) = (o for o in entry.outputs if o.name == name)
+    return root / "artifacts" / out.artifact_hash
+
+
+@pytest.fixture
+def umask_zero() -> Iterator[None]:
+    """The most permissive umask, so only explicit modes can make files private."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+class TestResolveRoot:
+    def test_explicit_dir_wins(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """cache_dir beats $FLOWYML_HOME."""
+        monkeypatch.setenv("FLOWYML_HOME", str(tmp_path / "env"))
+        assert resolve_root(tmp_path / "mine") == tmp_path / "mine"
+
+    def test_environment_variable(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """$FLOWYML_HOME is used when no cache_dir is given."""
+        monkeypatch.setenv("FLOWYML_HOME", str(tmp_path / "env"))
+        assert resolve_root() == tmp_path / "env"
+
+    def test_default_is_dot_flowyml_in_cwd(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without either, the store is ./.flowyml."""
+        monkeypatch.delenv("FLOWYML_HOME", raising=False)
+        monkeypatch.chdir(tmp_path)
+        assert resolve_root() == tmp_path / ".flowyml"
+
+
+class TestRoundTrip:
+    async def test_inline_value(self, store: Store) -> None:
+        """A small value comes back equal, stored inline."""
+        put(store, out={"a": [1, 2]})
+        await store.flush()
+        entry = await store.lookup("k")
+        assert entry is not None
+        assert entry.outputs[0].inline is not None
+        assert await store.load(entry) == {"out": {"a": [1, 2]}}
+
+    async def test_file_value(self, store: Store, root: Path) -> None:
+        """A large value is written to a file named by its hash, and comes back equal."""
+        hashes = put(store, out=big())
+        await store.flush()
+        assert hashes is not None
+        assert (root / "artifacts" / hashes["out"]).is_file()
+        entry = await store.lookup("k")
+        assert entry is not None
+        assert await store.load(entry) == {"out": big()}
+
+    async def test_survives_reopen(self, store: Store, root: Path) -> None:
+        """A committed entry is found by a new store on the same directory."""
+        put(store, small=1, large=big())
+        await store.aclose()
+        fresh, entry = await reload(root, "k")
+        async with fresh:
+            assert entry is not None
+            assert entry.duration_seconds == 2.5
+            assert await fresh.load(entry) == {"small": 1, "large": big()}
+
+    async def test_value_is_snapshotted_at_put(self, store: Store) -> None:
+        """Mutating an output after put does not change what is cached."""
+        value = [1, 2]
+        put(store, out=value)
+        value.append(3)
+        await store.flush()
+        entry = await store.lookup("k")
+        assert entry is not None
+        assert await store.load(entry) == {"out": [1, 2]}
+
+    async def test_miss(self, store: Store) -> None:
+        """An unknown key is None."""
+        assert await store.lookup("nope") is None
+
+    async def test_several_outputs_keep_names_and_order(self, store: Store) -> None:
+        """Every output of a step comes back under its name."""
+        put(store, a=1, b="two", c=big(3))
+        await store.flush()
+        entry = await store.lookup("k")
+        assert entry is not None
+        assert [o.name for o in entry.outputs] == ["a", "b", "c"]
+        assert await store.load(entry) == {"a": 1, "b": "two", "c": big(3)}
+
+    async def test_put_is_visible_before_commit(self, store: Store) -> None:
+        """A just-put entry (even a large one) is served from memory before the writer runs."""
+        put(store, out=big(7))
+        entry = await store.lookup("k", query=False)
+        assert entry is not None
+        assert await store.load(entry) == {"out": big(7)}
+        await store.flush()
+
+    async def test_unpicklable_output_is_not_cached(self, store: Store) -> None:
+        """An output cloudpickle cannot pickle warns, caches nothing and raises nothing."""
+        with pytest.warns(UncachedStepWarning, match="'s'.*'bad'"):
+            result = put(store, good=1, bad=threading.Lock())
+        assert result is None
+        await store.flush()
+        assert await store.lookup("k") is None
+
+
+class TestHotPath:
+    async def test_preload_serves_without_query(self, store: Store, root: Path) -> None:
+        """After preload, look-up and load do not touch the database."""
+        put(store, key="k1", step="s", out=1)
+        await store.aclose()
+        async with await Store.open(root) as fresh:
+            await fresh.preload(["s"])
+
+            async def no_query(*args: object, **kwargs: object) -> None:
+                raise AssertionError("queried the database")
+
+            fresh._conn.execute_fetchall = no_query  # type: ignore[method-assign]
+            entry = await fresh.lookup("k1")
+            assert entry is not None
+            assert await fresh.load(entry) == {"out": 1}
+            del fresh._conn.execute_fetchall
+
+    async def test_preload_only_loads_named_steps(self, store: Store, root: Path) -> None:
+        """Entries of steps not preloaded are not in memory."""
+        put(store, key="k1", step="s", out=1)
+        put(store, key="k2", step="t", out=2)
+        await store.aclose()
+        async with await Store.open(root) as fresh:
+            await fresh.preload(["s"])
+            assert await fresh.lookup("k1", query=False) is not None
+            assert await fresh.lookup("k2", query=False) is None
+
+    async def test_concurrent_misses_share_one_query(self, store: Store) -> None:
+        """Look-ups that miss memory together are answered by one query."""
+        put(store, key="k1", out=1)
+        await store.flush()
+        store._memory.clear()
+        calls = 0
+        real = store._conn.execute_fetchall
+
+        async def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return await real(*args, **kwargs)
+
+        store._conn.execute_fetchall = counting  # type: ignore[method-assign]
+        found = await asyncio.gather(*(store.lookup(k) for k in ["k1", "x", "y", "k1"]))
+        del store._conn.execute_fetchall
+        assert calls == 1
+        assert [e is not None for e in found] == [True, False, False, True]
+
+
+class TestAllOrNothing:
+    async def test_failed_transaction_caches_no_output(self, store: Store, root: Path) -> None:
+        """When one output row cannot be written, none of the step's outputs is cached."""
+        sql(
+            root,
+            "CREATE TRIGGER boom BEFORE INSERT ON cache_outputs WHEN NEW.output_name = 'b' "
+            "BEGIN SELECT RAISE(ABORT, 'boom'); END",
+        )
+        put(store, a=1, b=2)
+        with pytest.raises(StoreError, match="boom"):
+            await store.flush()
+        assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(0,)]
+        assert sql(root, "SELECT COUNT(*) FROM cache_outputs") == [(0,)]
+
+    async def test_one_corrupt_output_misses_the_whole_entry(self, store: Store, root: Path) -> None:
+        """A step with one bad artifact among several is a miss as a whole."""
+        put(store, a=1, b=big())
+        await store.flush()
+        entry = await store.lookup("k")
+        assert entry is not None
+        artifact_path(root, entry, "b").unlink()
+        with pytest.warns(CacheCorruptionWarning):
+            assert await store.load(entry) is None
+
+
+class TestCorruption:
+    async def stored(self, store: Store, root: Path) -> tuple[CacheEntry, Path]:
+        put(store, out=big())
+        await store.flush()
+        entry = await store.lookup("k")
+        assert entry is not None
+        return entry, artifact_path(root, entry)
+
+    async def test_truncated_file_is_a_miss(self, store: Store, root: Path) -> None:
+        """A truncated artifact is not unpickled: the load is a miss."""
+        entry, path = await self.stored(store, root)
+        path.write_bytes(path.read_bytes()[:100])
+        with pytest.warns(CacheCorruptionWarning, match="does not match its hash"):
+            assert await store.load(entry) is None
+
+    async def test_flipped_byte_is_a_miss(self, store: Store, root: Path) -> None:
+        """An artifact with one byte changed is a miss."""
+        entry, path = await self.stored(store, root)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with pytest.warns(CacheCorruptionWarning):
+            assert await store.load(entry) is None
+
+    async def test_missing_file_is_a_miss(self, store: Store, root: Path) -> None:
+        """A deleted artifact is a miss."""
+        entry, path = await self.stored(store, root)
+        path.unlink()
+        with pytest.warns(CacheCorruptionWarning, match="is missing"):
+            assert await store.load(entry) is None
+
+    async def test_warning_names_step_key_and_file(self, store: Store, root: Path) -> None:
+        """The warning says which step, which key and which file."""
+        entry, path = await self.stored(store, root)
+        path.write_bytes(b"junk")
+        with pytest.warns(CacheCorruptionWarning) as caught:
+            await store.load(entry)
+        message = str(caught[0].message)
+        assert "'s'" in message
+        assert entry.key in message
+        assert str(path) in message
+
+    async def test_bad_file_is_quarantined(self, store: Store, root: Path) -> None:
+        """The bad file is moved to quarantine/, not deleted and not left in place."""
+        entry, path = await self.stored(store, root)
+        path.write_bytes(b"junk")
+        with pytest.warns(CacheCorruptionWarning):
+            await store.load(entry)
+        assert not path.exists()
+        (moved,) = (root / "quarantine").iterdir()
+        assert moved.read_bytes() == b"junk"
+
+    async def test_index_row_is_dropped(self, store: Store, root: Path) -> None:
+        """After a corrupt load the key is a miss, in this store and in a fresh one."""
+        entry, path = await self.stored(store, root)
+        path.unlink()
+        with pytest.warns(CacheCorruptionWarning):
+            await store.load(entry)
+        assert await store.lookup("k") is None
+        await store.aclose()
+        fresh, again = await reload(root, "k")
+        await fresh.aclose()
+        assert again is None
+
+    async def test_fresh_put_works_again(self, store: Store, root: Path) -> None:
+        """After a corruption, putting the same value again caches it intact."""
+        entry, path = await self.stored(store, root)
+        path.write_bytes(b"junk")
+        with pytest.warns(CacheCorruptionWarning):
+            await store.load(entry)
+        put(store, out=big())
+        await store.aclose()
+        fresh, again = await reload(root, "k")
+        async with fresh:
+            assert again is not None
+            assert await fresh.load(again) == {"out": big()}
+
+    async def test_corrupt_inline_blob_is_a_miss(self, store: Store, root: Path) -> None:
+        """A changed inline blob is never unpickled, and its entry is dropped."""
+        put(store, out="hello")
+        await store.aclose()
+        sql(root, "UPDATE cache_outputs SET inline = ? WHERE key = 'k'", (b"\x80\x05K\x07.",))
+        fresh, entry = await reload(root, "k")
+        async with fresh:
+            assert entry is not None
+            with pytest.warns(CacheCorruptionWarning, match="inline"):
+                assert await fresh.load(entry) is None
+            assert await fresh.lookup("k") is None
+
+    async def test_drop_spares_a_newer_entry(self, store: Store) -> None:
+        """Dropping a corrupt entry does not remove a newer entry put under the same key."""
+        put(store, out=big(1))
+        await store.flush()
+        old = await store.lookup("k")
+        assert old is not None
+        put(store, out=2)  # a newer entry (other content) replaces it before the drop commits
+        await store.flush()
+        (Path(store.root) / "artifacts" / old.outputs[0].artifact_hash).unlink()
+        with pytest.warns(CacheCorruptionWarning):
+            await store.load(old)
+        await store.flush()
+        store._memory.clear()
+        entry = await store.lookup("k")
+        assert entry is not None
+        assert await store.load(entry) == {"out": 2}
+
+
+class TestPermissions:
+    async def test_directories_are_owner_only(self, root: Path, umask_zero: None) -> None:
+        """The store, artifacts and quarantine directories are 0o700 whatever the umask."""
+        async with await Store.open(root):
+            pass
+        for path in (root, root / "artifacts", root / "quarantine"):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+
+    async def test_files_are_owner_only(self, root: Path, umask_zero: None) -> None:
+        """The database, its WAL files and artifact files are 0o600 whatever the umask."""
+        async with await Store.open(root) as store:
+            put(store, out=big())
+            await store.flush()
+            files = [p for p in root.rglob("*") if p.is_file()]
+            assert {p.name for p in files} >= {DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm"}
+            assert any(p.parent.name == "artifacts" for p in files)
+            for path in files:
+                assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+class TestLifecycle:
+    async def test_no_thread_left_after_close(self, root: Path) -> None:
+        """aclose joins aiosqlite's thread and the file threads."""
+        before = set(threading.enumerate())
+        store = await Store.open(root)
+        put(store, out=big())
+        await store.flush()
+        entry = await store.lookup("k")
+        assert entry is not None
+        await store.load(entry)
+        await store.aclose()
+        assert set(threading.enumerate()) <= before
+
+    async def test_close_commits_what_was_queued(self, root: Path) -> None:
+        """aclose drains the queue: nothing put before it is lost."""
+        store = await Store.open(root)
+        for i in range(100):
+            put(store, key=f"k{i}", out=i)
+        await store.aclose()
+        assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(100,)]
+
+    async def test_cancelled_flush_does_not_lose_writes(self, store: Store, root: Path) -> None:
+        """Cancelling a task waiting on flush leaves the write to complete."""
+        put(store, out=1)
+        waiter = asyncio.ensure_future(store.flush())
+        await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await store.flush()
+        assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(1,)]
+
+    async def test_closed_store_refuses_writes(self, store: Store) -> None:
+        """put after aclose is a StoreError, not a silent loss."""
+        await store.aclose()
+        with pytest.raises(StoreError, match="closed"):
+            put(store)
+
+    async def test_open_without_create_needs_a_store(self, root: Path) -> None:
+        """create=False on an empty directory is a StoreError and creates nothing."""
+        with pytest.raises(StoreError, match="no flowyml store"):
+            await Store.open(root, create=False)
+        assert not root.exists()
+
+    async def test_newer_schema_is_refused(self, root: Path) -> None:
+        """A store written by a newer flowyml is not used."""
+        async with await Store.open(root):
+            pass
+        sql(root, "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+        with pytest.raises(StoreError, match="newer"):
+            await Store.open(root)
+
+    async def test_uses_wal(self, store: Store, root: Path) -> None:
+        """The database is in WAL mode."""
+        assert sql(root, "PRAGMA journal_mode") == [("wal",)]
+
+
+def run_record(run_id: str = "run-1", status: str = "running", **kw: Any) -> RunRecord:
+    return RunRecord(
+        run_id=run_id, pipeline_name="p", status=status, started_at=kw.pop("started_at", 100.0), **kw
+    )
+
+
+class TestRecords:
+    async def test_run_is_upserted(self, store: Store) -> None:
+        """Recording a run at start and at end leaves one row with the final state."""
+        store.record_run(run_record())
+        store.record_run(run_record(status="succeeded", ended_at=103.0, duration_seconds=3.0))
+        await store.flush()
+        assert await store.runs() == [run_record(status="succeeded", ended_at=103.0, duration_seconds=3.0)]
+
+    async def test_runs_newest_first_with_limit(self, store: Store) -> None:
+        """runs() lists the newest runs first, at most ``limit``."""
+        for i in range(5):
+            store.record_run(run_record(f"r{i}", started_at=100.0 + i))
+        await store.flush()
+        assert [r.run_id for r in await store.runs(limit=3)] == ["r4", "r3", "r2"]
+
+    async def test_step_round_trip(self, store: Store) -> None:
+        """A step record reads back equal, outputs and inputs included."""
+        store.record_run(run_record())
+        step = StepRecord(
+            run_id="run-1",
+            step_name="train",
+            status="failed",
+            attempts=3,
+            started_at=101.0,
+            ended_at=102.0,
+            duration_seconds=1.0,
+            cache_key="abc",
+            error_type="ValueError",
+            error_message="bad",
+            traceback="Traceback...",
+            outputs={"model": None},
+            inputs={"data": ("load", "data")},
+        )
+        store.record_step(step)
+        await store.flush()
+        detail = await store.get_run("run-1")
+        assert detail is not None
+        assert detail.steps == (step,)
+
+    async def test_steps_in_start_order(self, store: Store) -> None:
+        """A run's steps come back in the order they started, unstarted (skipped) ones last."""
+        store.record_run(run_record())
+        store.record_step(StepRecord("run-1", "c", "skipped"))
+        store.record_step(StepRecord("run-1", "b", "succeeded", started_at=102.0))
+        store.record_step(StepRecord("run-1", "a", "succeeded", started_at=101.0))
+        await store.flush()
+        detail = await store.get_run("run-1")
+        assert detail is not None
+        assert [s.step_name for s in detail.steps] == ["a", "b", "c"]
+
+    async def test_get_run_by_unique_prefix(self, store: Store) -> None:
+        """A unique prefix finds the run; an ambiguous or unknown one is None."""
+        store.record_run(run_record("abc1"))
+        store.record_run(run_record("abd2"))
+        await store.flush()
+        found = await store.get_run("abc")
+        assert found is not None
+        assert found.run.run_id == "abc1"
+        assert await store.get_run("ab") is None
+        assert await store.get_run("zzz") is None
+
+
+class TestLineage:
+    async def chain(
+        self, store: Store, run_id: str = "run-1", cached: bool = False, started_at: float = 100.0
+    ) -> None:
+        """load -> clean -> train, with load's output cached."""
+        store.record_run(run_record(run_id, started_at=started_at))
+        hashes = None if cached else put(store, key="load-key", step="load", run_id=run_id, data=[1, 2, 3])
+        if hashes is None:
+            entry = await store.lookup("load-key")
+            assert entry is not None
+            hashes = {o.name: o.artifact_hash for o in entry.outputs}
+        store.record_step(
+            StepRecord(
+                run_id,
+                "load",
+                "cached" if cached else "succeeded",
+                started_at=1,
+                cached=cached,
+                outputs={"data": hashes["data"]},
+            )
+        )
+        store.record_step(
+            StepRecord(
+                run_id,
+                "clean",
+                "succeeded",
+                started_at=2,
+                outputs={"clean": None},
+                inputs={"raw": ("load", "data")},
+            )
+        )
+        store.record_step(
+            StepRecord(
+                run_id,
+                "train",
+                "succeeded",
+                started_at=3,
+                outputs={"model": None},
+                inputs={"clean": ("clean", "clean")},
+            )
+        )
+        await store.flush()
+
+    async def test_producers_recursively(self, store: Store) -> None:
+        """The lineage of an output names its producer and, recursively, its inputs' producers."""
+        await self.chain(store)
+        lineage = await store.lineage("model")
+        assert lineage is not None
+        assert lineage.root.step_name == "train"
+        ((param, clean),) = lineage.root.inputs
+        assert (param, clean.step_name, clean.output_name) == ("clean", "clean", "clean")
+        ((param, load),) = clean.inputs
+        assert (param, load.step_name, load.output_name) == ("raw", "load", "data")
+        assert load.type_name == "list"
+        assert load.inputs == ()
+
+    async def test_cached_producer_names_its_origin_run(self, store: Store) -> None:
+        """A cache hit's lineage points back at the run that computed the value."""
+        await self.chain(store, "run-0", started_at=50.0)
+        await self.chain(store, "run-1", cached=True)
+        lineage = await store.lineage("data")
+        assert lineage is not None
+        assert lineage.run_id == "run-1"
+        assert lineage.root.cached
+        assert lineage.root.origin_run_id == "run-0"
+
+    async def test_lineage_of_a_given_run(self, store: Store) -> None:
+        """run_id picks an older run's lineage instead of the latest."""
+        await self.chain(store, "run-0", started_at=50.0)
+        await self.chain(store, "run-1", cached=True)
+        older = await store.lineage("data", run_id="run-0")
+        assert older is not None
+        assert older.run_id == "run-0"
+
+    async def test_unknown_output_is_none(self, store: Store) -> None:
+        """An output no run produced has no lineage."""
+        await self.chain(store)
+        assert await store.lineage("nope") is None
+
+    async def test_consumed_artifact_is_recorded(self, store: Store, root: Path) -> None:
+        """The consumed table names the artifact a step read."""
+        await self.chain(store)
+        rows = sql(root, "SELECT artifact_hash FROM consumed WHERE step_name = 'clean'")
+        entry = await store.lookup("load-key")
+        assert entry is not None
+        assert rows == [(entry.outputs[0].artifact_hash,)]
+
+
+class TestCacheAdmin:
+    async def test_stats(self, store: Store) -> None:
+        """Stats count entries, bytes, hits and time saved per step."""
+        put(store, key="k1", step="a", out=big())
+        put(store, key="k2", step="b", out=1)
+        store.record_step(StepRecord("run-1", "a", "cached", cached=True, time_saved_seconds=2.5))
+        await store.flush()
+        stats = await store.cache_stats()
+        assert stats.entries == 2
+        assert stats.file_bytes > INLINE_LIMIT
+        assert stats.inline_bytes > 0
+        assert (stats.hits, stats.time_saved_seconds) == (1, 2.5)
+        assert [(s.step_name, s.entries, s.hits) for s in stats.steps] == [("a", 1, 1), ("b", 1, 0)]
+
+    async def test_clear_one_step(self, store: Store, root: Path) -> None:
+        """Clearing one step removes its entries and files, and nothing else."""
+        put(store, key="k1", step="a", out=big(1))
+        put(store, key="k2", step="b", out=big(2))
+        await store.flush()
+        assert await store.clear_cache("a") == 1
+        assert await store.lookup("k1") is None
+        assert await store.lookup("k2") is not None
+        assert len(list((root / "artifacts").iterdir())) == 1
+
+    async def test_clear_all(self, store: Store, root: Path) -> None:
+        """Clearing everything empties the index and the artifact folder."""
+        put(store, key="k1", step="a", out=big(1))
+        put(store, key="k2", step="b", out=1)
+        assert await store.clear_cache() == 2
+        assert await store.lookup("k1") is None
+        assert list((root / "artifacts").iterdir()) == []
+
+    async def test_clear_keeps_shared_artifact(self, store: Store, root: Path) -> None:
+        """A file still named by another step's entry survives clearing one step."""
+        put(store, key="k1", step="a", out=big(1))
+        put(store, key="k2", step="b", out=big(1))
+        await store.clear_cache("a")
+        entry = await store.lookup("k2")
+        assert entry is not None
+        assert await store.load(entry) == {"out": big(1)}
+
+    async def test_verify_ok(self, store: Store) -> None:
+        """An intact store verifies clean."""
+        put(store, key="k1", out=big())
+        put(store, key="k2", out=1)
+        report = await store.verify()
+        assert report.ok
+        assert (report.integrity, report.entries_checked, report.artifacts_checked) == ("ok", 2, 2)
+
+    async def test_verify_lists_bad_artifacts(self, store: Store, root: Path) -> None:
+        """verify lists a flipped file and a deleted one, and leaves them in place."""
+        put(store, key="k1", step="a", out=big(1))
+        put(store, key="k2", step="b", out=big(2))
+        await store.flush()
+        e1, e2 = await store.lookup("k1"), await store.lookup("k2")
+        assert e1 is not None
+        assert e2 is not None
+        artifact_path(root, e1).write_bytes(b"x" * e1.outputs[0].size)
+        artifact_path(root, e2).unlink()
+        report = await store.verify()
+        assert not report.ok
+        assert sorted((p.step_name, p.kind) for p in report.problems) == [("a", "hash"), ("b", "missing")]
+        assert artifact_path(root, e1).exists()
