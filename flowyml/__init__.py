@@ -14,7 +14,7 @@ This module only re-exports. The layers, from the bottom up:
 
 from ._assets import Asset, Dataset, Metrics, Model
 from ._breaker import CircuitBreaker, CircuitState, CircuitStats
-from ._conditions import unless, when
+from ._conditions import ControlContext, If, unless, when
 from ._context import Context, context
 from ._errors import (
     CircuitOpenError,
@@ -43,6 +43,7 @@ __all__ = (
     "CircuitStats",
     "ConfigError",
     "Context",
+    "ControlContext",
     "CycleError",
     "Dataset",
     "DuplicateOutputError",
@@ -51,6 +52,7 @@ __all__ = (
     "ExponentialBackoff",
     "FallbackHandler",
     "FlowymlError",
+    "If",
     "Metrics",
     "MissingInputError",
     "Model",

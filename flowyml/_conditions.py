@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
+from ._assets import Asset, Metrics
 from ._errors import ConfigError
+from ._results import StepStatus
 
-__all__ = ("unless", "when")
+if TYPE_CHECKING:
+    from ._scheduler import Run
+    from ._step import Step
+
+__all__ = ("NOT_CHOSEN", "ControlContext", "If", "NotReady", "conditions_hold", "unless", "when")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+Conditions = tuple[tuple[Callable[..., Any], bool], ...]
+
+NOT_CHOSEN: Final = "its branch of an If was not chosen"
 
 
 def when(predicate: Callable[..., Any]) -> Callable[[Callable[P, R]], Callable[P, R | None]]:
@@ -35,11 +44,9 @@ def _conditional(
 ) -> Callable[[Callable[P, R]], Callable[P, R | None]]:
     if not callable(predicate):
         raise ConfigError(f"{label}() needs a callable predicate, got {predicate!r}")
+    conditions = ((predicate, negate),)
 
     def decorate(func: Callable[P, R]) -> Callable[P, R | None]:
-        from ._scheduler import conditions_hold
-
-        conditions = ((predicate, negate),)
         wrapper: Any
         if inspect.iscoroutinefunction(func):
 
@@ -61,3 +68,124 @@ def _conditional(
         return wrapper  # type: ignore[no-any-return]
 
     return decorate
+
+
+def conditions_hold(conditions: Conditions, args: list[Any], kwargs: Mapping[str, Any]) -> bool:
+    """True when every ``when`` predicate holds and no ``unless`` predicate does."""
+    values = [*args, *kwargs.values()]
+    for predicate, negate in conditions:
+        n = _arity(predicate)
+        if bool(predicate(*(values if n is None else values[:n]))) == negate:
+            return False
+    return True
+
+
+def _arity(predicate: Callable[..., Any]) -> int | None:
+    """How many positional arguments the predicate takes; None when it takes any number."""
+    try:
+        params = inspect.signature(predicate).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    n = 0
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            return None
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            n += 1
+    return n
+
+
+class If:
+    """Run ``then_step`` or ``else_step`` depending on upstream results; add with ``add_control_flow``.
+
+    ``condition`` receives a :class:`ControlContext`: ``ctx.steps["evaluate"].outputs["metrics"]``
+    and ``ctx.params``. It is evaluated as soon as every step it reads has finished, and only the
+    chosen branch runs and appears in the results. Assets are unwrapped for comparison: a
+    ``Metrics`` output reads as its dict of values (whose keys are also readable directly from
+    ``outputs``), any other asset as its ``data``.
+    """
+
+    def __init__(
+        self,
+        condition: Callable[[ControlContext], Any],
+        then_step: Step | Callable[..., Any],
+        else_step: Step | Callable[..., Any] | None = None,
+        *,
+        name: str | None = None,
+    ) -> None:
+        from ._step import Step, step
+
+        if not callable(condition):
+            raise ConfigError(f"If(condition=...) needs a callable, got {condition!r}")
+        self.condition = condition
+        self.then_step = then_step if isinstance(then_step, Step) else step(then_step)
+        self.else_step = (
+            None if else_step is None else else_step if isinstance(else_step, Step) else step(else_step)
+        )
+        self.name = name or f"If({self.then_step.name}" + (
+            f", {self.else_step.name})" if self.else_step else ")"
+        )
+
+    def steps(self) -> tuple[Step, ...]:
+        return (self.then_step,) if self.else_step is None else (self.then_step, self.else_step)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class NotReady(Exception):
+    """Raised inside an ``If`` condition that reads a step which has not finished yet."""
+
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+
+
+class StepView:
+    """What an ``If`` condition sees of one finished step."""
+
+    __slots__ = ("outputs", "status", "success")
+
+    def __init__(self, status: StepStatus, outputs: Mapping[str, Any]) -> None:
+        self.status = status
+        self.success = status in (StepStatus.SUCCEEDED, StepStatus.CACHED)
+        unwrapped: dict[str, Any] = {}
+        for name, value in outputs.items():
+            if isinstance(value, Metrics):
+                for key, metric in value.data.items():
+                    unwrapped.setdefault(key, metric)
+                unwrapped[name] = dict(value.data)
+            elif isinstance(value, Asset):
+                unwrapped[name] = value.data
+            else:
+                unwrapped[name] = value
+        self.outputs = unwrapped
+
+
+class _Steps(Mapping[str, StepView]):
+    def __init__(self, run: Run) -> None:
+        self._run = run
+
+    def __getitem__(self, name: str) -> StepView:
+        node = self._run.plan.by_name.get(name)
+        if node is None:
+            raise KeyError(f"no step named {name!r}; steps: {sorted(self._run.plan.by_name)}")
+        res = self._run.results[node.id]
+        if res is None or res.status is StepStatus.PENDING:
+            raise NotReady(node.id)
+        return StepView(res.status, res.outputs)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._run.plan.by_name)
+
+    def __len__(self) -> int:
+        return len(self._run.plan.by_name)
+
+
+class ControlContext:
+    """The view an ``If`` condition gets: finished steps by name, and the run's parameters."""
+
+    __slots__ = ("params", "steps")
+
+    def __init__(self, run: Run) -> None:
+        self.steps: Mapping[str, StepView] = _Steps(run)
+        self.params: Mapping[str, Any] = run.params

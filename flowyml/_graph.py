@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ._errors import ConfigError, CycleError, DuplicateOutputError, DuplicateStepError, MissingInputError
 from ._step import Step
 
-__all__ = ("MISSING", "Node", "Plan", "Source", "build_plan")
+if TYPE_CHECKING:
+    from ._conditions import If
+
+__all__ = ("MISSING", "Gate", "Node", "Plan", "Source", "build_plan")
 
 
 class _Missing:
@@ -68,6 +71,16 @@ class Node:
 
 
 @dataclass(frozen=True, slots=True)
+class Gate:
+    """An ``If``: a condition that releases the nodes of one branch and skips the other's."""
+
+    name: str
+    condition: Callable[..., Any]
+    then_ids: tuple[int, ...]
+    else_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """A validated, runnable DAG. Built once per pipeline shape and reused across runs."""
 
@@ -76,6 +89,7 @@ class Plan:
     roots: tuple[int, ...]
     by_name: Mapping[str, Node]
     context_needs: tuple[tuple[Node, Source], ...]
+    gates: tuple[Gate, ...] = ()
 
     def check_context(self, available: Mapping[str, Any]) -> None:
         """Raise :class:`MissingInputError` for a context-bound parameter nobody can fill."""
@@ -116,7 +130,7 @@ def assign_names(steps: Sequence[Step]) -> list[str]:
     return names
 
 
-def build_plan(steps: Sequence[Step]) -> Plan:
+def build_plan(steps: Sequence[Step], flows: Sequence[If] = ()) -> Plan:
     """Resolve every parameter, wire the edges and reject what cannot run.
 
     Raises:
@@ -169,12 +183,23 @@ def build_plan(steps: Sequence[Step]) -> Plan:
     for n in nodes:
         n.dependents = tuple(dependents[n.id])
     _check_acyclic(nodes)
+    index = {id(s): i for i, s in enumerate(steps)}
+    gates = tuple(
+        Gate(
+            name=f.name,
+            condition=f.condition,
+            then_ids=(index[id(f.then_step)],),
+            else_ids=() if f.else_step is None else (index[id(f.else_step)],),
+        )
+        for f in flows
+    )
     return Plan(
         nodes=tuple(nodes),
         slot_names=tuple(slot_names),
         roots=tuple(n.id for n in nodes if not n.deps),
         by_name={n.name: n for n in nodes},
         context_needs=tuple((nodes[i], src) for i, src in context_needs),
+        gates=gates,
     )
 
 

@@ -10,11 +10,13 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from ._conditions import NOT_CHOSEN, If
 from ._context import Context
 from ._errors import ConfigError, EventLoopError
 from ._executors._base import Executor
 from ._executors._local import AsyncExecutor, ThreadExecutor
 from ._graph import Node, Plan, build_plan
+from ._resources import Request, ResourcePool, parse_capacity, requests_for
 from ._results import PipelineResult, StepResult, StepStatus
 from ._scheduler import Run, describe_inputs
 from ._step import Step, step
@@ -36,6 +38,8 @@ class Pipeline:
         max_threads: threads for plain-function steps (default 40).
         max_processes: worker processes for ``executor="process"`` steps (default: CPU count).
         debug: run steps one at a time and report failures in detail (see :meth:`run`).
+        resources: capacity steps draw from, e.g. ``{"gpu": 1, "memory": "16Gi"}``; a step's
+            ``resources=`` of a declared kind is held while it runs. Undeclared kinds are not limited.
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class Pipeline:
         max_threads: int | None = None,
         max_processes: int | None = None,
         debug: bool = False,
+        resources: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"Pipeline name must be a non-empty string, got {name!r}")
@@ -60,8 +65,11 @@ class Pipeline:
         self.max_threads = _positive("max_threads", max_threads) or DEFAULT_MAX_THREADS
         self.max_processes = _positive("max_processes", max_processes)
         self.debug = debug
+        self.capacity = parse_capacity(resources)
         self._steps: list[Step] = []
+        self._flows: list[If] = []
         self._plan: Plan | None = None
+        self._requests: list[Request] = []
 
     @property
     def steps(self) -> tuple[Step, ...]:
@@ -79,6 +87,23 @@ class Pipeline:
         self._plan = None
         return self
 
+    def add_control_flow(self, flow: If) -> Pipeline:
+        """Add an ``If``: its branch steps are added too unless already present."""
+        if not isinstance(flow, If):
+            raise ConfigError(f"add_control_flow() needs an If(...), got {type(flow).__name__}")
+        for s in flow.steps():
+            if not any(existing is s for existing in self._steps):
+                self.add_step(s)
+        for other in self._flows:
+            shared = {id(s) for s in other.steps()} & {id(s) for s in flow.steps()}
+            if shared:
+                raise ConfigError(
+                    f"{flow.name} shares a branch step with {other.name}; a step may sit in one If only"
+                )
+        self._flows.append(flow)
+        self._plan = None
+        return self
+
     def plan(self) -> Plan:
         """The validated DAG, built on first use and reused until a step is added.
 
@@ -86,7 +111,9 @@ class Pipeline:
             GraphError: a cycle, a missing input or a duplicate output, before anything runs.
         """
         if self._plan is None:
-            self._plan = build_plan(self._steps)
+            plan = build_plan(self._steps, self._flows)
+            self._requests = [requests_for(n.name, n.step.resources, self.capacity) for n in plan.nodes]
+            self._plan = plan
         return self._plan
 
     def run(
@@ -142,13 +169,15 @@ class Pipeline:
             fail_fast=fail_fast,
             max_concurrency=1 if debug else self.max_concurrency,
             on_failure=_debug_report if debug else None,
+            resources=ResourcePool(self.capacity) if self.capacity else None,
+            requests=self._requests if self.capacity else (),
         )
         start = time.time()
         try:
             await run.execute()
         finally:
             await executors.aclose()
-        results: dict[str, StepResult] = {r.step_name: r for r in run.results if r is not None}
+        results = {r.step_name: r for r in run.results if r is not None and r.skip_reason is not NOT_CHOSEN}
         return PipelineResult(
             run_id=run_id or uuid.uuid4().hex,
             pipeline_name=self.name,

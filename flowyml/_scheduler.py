@@ -14,17 +14,18 @@ cancelled, and steps that never started are reported as skipped.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._attempt import run_attempts
+from ._conditions import NOT_CHOSEN, ControlContext, NotReady, conditions_hold
 from ._errors import OutputError, StepTimeoutError
 from ._executors._base import Executor
-from ._graph import CONTEXT, MISSING, SLOT, Node, Plan, Source
+from ._graph import CONTEXT, MISSING, SLOT, Gate, Node, Plan, Source
+from ._resources import Request, ResourcePool
 from ._results import StepResult, StepStatus
 
 __all__ = ("Run",)
@@ -50,6 +51,8 @@ class Run:
         max_concurrency: int | None = None,
         on_failure: Callable[[Node, StepResult, list[Any]], None] | None = None,
         hooks: RunHooks | None = None,
+        resources: ResourcePool | None = None,
+        requests: Sequence[Request] = (),
     ) -> None:
         self.plan = plan
         self.params = params
@@ -58,7 +61,13 @@ class Run:
         self.results: list[StepResult | None] = [None] * len(plan.nodes)
         self.blocked: list[str | None] = [None] * len(plan.nodes)
         self.remaining = [len(n.deps) for n in plan.nodes]
+        for gate in plan.gates:
+            for i in (*gate.then_ids, *gate.else_ids):
+                self.remaining[i] += 1
+        self._gate_waiters: dict[int, list[Gate]] = {}
         self._executor_for = executors
+        self._resources = resources
+        self._requests = requests
         self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self._on_failure = on_failure
         self._hooks = hooks
@@ -71,7 +80,10 @@ class Run:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 for i in self.plan.roots:
-                    tg.create_task(self._drive(self.plan.nodes[i]))
+                    if self.remaining[i] == 0:
+                        tg.create_task(self._drive(self.plan.nodes[i]))
+                for gate in self.plan.gates:
+                    self._evaluate(gate)
         except* _Abort:
             pass
         finally:
@@ -106,7 +118,36 @@ class Run:
                         nxt = nodes[d]
                     else:
                         tg.create_task(self._drive(nodes[d]))
+            if self._gate_waiters:
+                for gate in self._gate_waiters.pop(node.id, ()):
+                    self._evaluate(gate)
             node = nxt
+
+    def _evaluate(self, gate: Gate) -> None:
+        """Pick a branch of an ``If`` once everything its condition reads exists."""
+        try:
+            chosen = bool(gate.condition(ControlContext(self)))
+        except NotReady as wait:
+            self._gate_waiters.setdefault(wait.node_id, []).append(gate)
+            return
+        except Exception as exc:
+            reason = f"the condition of {gate.name!r} raised {type(exc).__name__}: {exc}"
+            for i in (*gate.then_ids, *gate.else_ids):
+                self.blocked[i] = self.blocked[i] or reason
+                self._release(i)
+            return
+        run, drop = (gate.then_ids, gate.else_ids) if chosen else (gate.else_ids, gate.then_ids)
+        for i in drop:
+            self.blocked[i] = NOT_CHOSEN
+            self._release(i)
+        for i in run:
+            self._release(i)
+
+    def _release(self, i: int) -> None:
+        self.remaining[i] -= 1
+        if self.remaining[i] == 0:
+            assert self._tg is not None
+            self._tg.create_task(self._drive(self.plan.nodes[i]))
 
     def _arguments(self, node: Node) -> tuple[list[Any], dict[str, Any]]:
         resolve = self._resolve
@@ -136,27 +177,32 @@ class Run:
             return False
         args, kwargs = self._arguments(node)
         step = node.step
-        if step.conditions and not conditions_hold(step.conditions, args, kwargs):
-            res.status = StepStatus.SKIPPED
-            res.skip_reason = "its condition was false"
-            return False
         hooks = self._hooks
-        if hooks is not None and await hooks.before(node, res, args, kwargs, self.values):
-            return True
+        request = self._requests[node.id] if self._requests else ()
         limit = self._limit
-        if limit is not None:
-            await limit.acquire()
+        held = False
         res.start_time = _now()
         t0 = _perf()
         try:
-            executor = self._executor_for(node)
-            if step.retry is None and step.timeout is None and executor.name == "async" and hooks is None:
-                ret = await step.body(*args, **kwargs)
-                res.attempts = 1
+            if step.conditions and not conditions_hold(step.conditions, args, kwargs):
+                res.status = StepStatus.SKIPPED
+                res.skip_reason = "its condition was false"
+            elif hooks is not None and await hooks.before(node, res, args, kwargs, self.values):
+                pass
             else:
-                ret = await run_attempts(node, executor, args, kwargs, res)
-            res.outputs = self._store(node, ret)
-            res.status = StepStatus.SUCCEEDED
+                if request:
+                    await self._resources.acquire(request)  # type: ignore[union-attr]
+                if limit is not None:
+                    await limit.acquire()
+                held = True
+                executor = self._executor_for(node)
+                if step.retry is None and step.timeout is None and executor.name == "async":
+                    res.attempts = 1
+                    ret = await step.body(*args, **kwargs)
+                else:
+                    ret = await run_attempts(node, executor, args, kwargs, res)
+                res.outputs = self._store(node, ret)
+                res.status = StepStatus.SUCCEEDED
         except asyncio.CancelledError:
             res.status = StepStatus.CANCELLED
             raise
@@ -165,17 +211,20 @@ class Run:
             res.error = exc
             res.traceback = "".join(traceback.format_exception(exc))
         finally:
+            if held:
+                if limit is not None:
+                    limit.release()
+                if request:
+                    self._resources.release(request)  # type: ignore[union-attr]
             res.duration_seconds = _perf() - t0
             res.end_time = res.start_time + res.duration_seconds
-            if limit is not None:
-                limit.release()
-        if res.status is not StepStatus.SUCCEEDED:
-            if self._on_failure is not None:
-                self._on_failure(node, res, [*args, *kwargs.values()])
-            return False
-        if hooks is not None:
-            hooks.after(node, res, args, kwargs, self.values)
-        return True
+            if hooks is not None:
+                hooks.after(node, res, args, kwargs, self.values)
+        if res.status in _OK:
+            return True
+        if self._on_failure is not None and res.status is not StepStatus.SKIPPED:
+            self._on_failure(node, res, [*args, *kwargs.values()])
+        return False
 
     def _store(self, node: Node, ret: Any) -> dict[str, Any]:
         """Put a return value into the node's output slots, by the rules of DESIGN.md §3."""
@@ -221,7 +270,8 @@ class RunHooks:
     """What the cache and the lineage recorder do around each step; the core stays unaware of them.
 
     ``before`` may satisfy the step (a cache hit): it fills the output slots, completes ``res``
-    and returns True. ``after`` sees every successful step.
+    (status ``CACHED``) and returns True; an exception it raises fails the step. ``after`` sees
+    every step that got past its blocked check, whatever its fate, and must not raise.
     """
 
     async def before(
@@ -236,33 +286,7 @@ class RunHooks:
 
 
 _QUIET = frozenset({StepStatus.SKIPPED})
-
-
-def conditions_hold(
-    conditions: tuple[tuple[Callable[..., Any], bool], ...], args: list[Any], kwargs: dict[str, Any]
-) -> bool:
-    values = [*args, *kwargs.values()]
-    for predicate, negate in conditions:
-        n = _arity(predicate)
-        outcome = bool(predicate(*(values if n is None else values[:n])))
-        if outcome == negate:
-            return False
-    return True
-
-
-def _arity(predicate: Callable[..., Any]) -> int | None:
-    """How many positional arguments the predicate takes; None when it takes any number."""
-    try:
-        params = inspect.signature(predicate).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    n = 0
-    for p in params:
-        if p.kind is inspect.Parameter.VAR_POSITIONAL:
-            return None
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
-            n += 1
-    return n
+_OK = frozenset({StepStatus.SUCCEEDED, StepStatus.CACHED})
 
 
 def describe_inputs(values: list[Any]) -> str:

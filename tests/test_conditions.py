@@ -1,0 +1,175 @@
+"""Conditions: when/unless skip a step and its consumers; If runs only the chosen branch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from flowyml import If, Metrics, Pipeline, StepStatus, context, step, unless, when
+from flowyml.errors import ConfigError
+
+
+class TestWhenUnless:
+    def test_false_condition_skips_step_and_consumers(self) -> None:
+        """A false when() skips the step, and steps needing its output are skipped, not failed."""
+
+        @step(outputs=["big"])
+        @when(lambda n: n > 100)
+        def only_big(n: int) -> int:
+            return n
+
+        @step(outputs=["report"])
+        def report(big: int) -> str:
+            return f"big={big}"
+
+        result = Pipeline("p", context=context(n=5)).add_step(only_big).add_step(report).run()
+        assert result.success
+        assert result.step_results["only_big"].status is StepStatus.SKIPPED
+        assert result.step_results["report"].status is StepStatus.SKIPPED
+        assert "big" not in result.outputs
+
+    def test_predicate_gets_as_many_arguments_as_it_takes(self) -> None:
+        """A two-argument predicate sees the first two resolved arguments."""
+
+        @step
+        @when(lambda a, b: a < b)
+        def ordered(a: int, b: int, c: int) -> int:
+            return a + b + c
+
+        assert Pipeline("p", context=context(a=1, b=2, c=3)).add_step(ordered).run()["ordered"] == 6
+        skipped = Pipeline("p", context=context(a=3, b=2, c=3)).add_step(ordered).run()
+        assert skipped.step_results["ordered"].skipped
+
+    def test_unless_on_async_step(self) -> None:
+        """unless() works on async steps and skips when the predicate holds."""
+
+        @step
+        @unless(lambda x: x is None)
+        async def maybe(x: object) -> str:
+            await asyncio.sleep(0)
+            return "ran"
+
+        assert Pipeline("p", context=context(x=1)).add_step(maybe).run()["maybe"] == "ran"
+        assert Pipeline("p", context=context(x=None)).add_step(maybe).run().step_results["maybe"].skipped
+
+    def test_condition_option(self) -> None:
+        """step(condition=...) behaves like @when."""
+
+        @step(condition=lambda flag: flag)
+        def gated(flag: bool) -> str:
+            return "on"
+
+        assert Pipeline("p", context=context(flag=False)).add_step(gated).run().step_results["gated"].skipped
+
+    def test_called_directly_returns_none_when_false(self) -> None:
+        """Outside a pipeline a when()-wrapped function returns None when its predicate is false."""
+
+        @when(lambda x: x > 0)
+        def positive(x: int) -> int:
+            return x
+
+        assert (positive(3), positive(-1)) == (3, None)
+
+    def test_non_callable_predicate_is_a_config_error(self) -> None:
+        """when() refuses a predicate that is not callable."""
+        with pytest.raises(ConfigError):
+            when(True)  # type: ignore[arg-type]
+
+
+def _pipeline(accuracy: float) -> Pipeline:
+    @step(outputs=["metrics"])
+    async def evaluate() -> Metrics:
+        await asyncio.sleep(0.01)
+        return Metrics(accuracy=accuracy)
+
+    @step(outputs=["deployed"])
+    def deploy() -> str:
+        return "deployed"
+
+    @step(outputs=["retrained"])
+    def retrain() -> str:
+        return "retrained"
+
+    p = Pipeline("branching", context=context(threshold=0.9)).add_step(evaluate)
+    return p.add_control_flow(
+        If(
+            condition=lambda ctx: (
+                ctx.steps["evaluate"].outputs["metrics"]["accuracy"] > ctx.params["threshold"]
+            ),
+            then_step=deploy,
+            else_step=retrain,
+        )
+    )
+
+
+class TestIf:
+    def test_then_branch(self) -> None:
+        """A true condition runs only then_step; else_step is absent from the results."""
+        result = _pipeline(0.95).run()
+        assert result.success
+        assert result["deployed"] == "deployed"
+        assert "retrain" not in result.step_results
+
+    def test_else_branch(self) -> None:
+        """A false condition runs only else_step."""
+        result = _pipeline(0.5).run()
+        assert result["retrained"] == "retrained"
+        assert "deploy" not in result.step_results
+
+    def test_metric_keys_read_directly(self) -> None:
+        """Metrics' values are also readable straight from outputs."""
+
+        @step(outputs=["metrics"])
+        def evaluate() -> Metrics:
+            return Metrics(accuracy=0.99)
+
+        @step
+        def ship() -> str:
+            return "shipped"
+
+        p = Pipeline("p").add_step(evaluate)
+        p.add_control_flow(
+            If(condition=lambda ctx: ctx.steps["evaluate"].outputs["accuracy"] > 0.9, then_step=ship)
+        )
+        assert p.run()["ship"] == "shipped"
+
+    def test_condition_waits_for_what_it_reads(self) -> None:
+        """The condition is evaluated after the step it reads, not before."""
+        seen: list[str] = []
+
+        @step(outputs=["n"])
+        async def slow() -> int:
+            await asyncio.sleep(0.05)
+            seen.append("slow")
+            return 7
+
+        @step
+        def branch() -> str:
+            seen.append("branch")
+            return "ok"
+
+        def condition(ctx: object) -> bool:
+            value = ctx.steps["slow"].outputs["n"]  # type: ignore[attr-defined]
+            seen.append("condition")
+            return bool(value == 7)
+
+        p = Pipeline("p").add_step(slow).add_control_flow(If(condition=condition, then_step=branch))
+        assert p.run()["branch"] == "ok"
+        assert seen == ["slow", "condition", "branch"]
+
+    def test_condition_error_skips_both_branches(self) -> None:
+        """A condition that raises skips both branches, saying why."""
+
+        @step
+        def a() -> int:
+            return 1
+
+        @step
+        def b() -> int:
+            return 2
+
+        p = Pipeline("p").add_control_flow(If(condition=lambda ctx: 1 / 0, then_step=a, else_step=b))
+        result = p.run()
+        assert result.step_results["a"].skipped
+        assert "ZeroDivisionError" in (result.step_results["b"].skip_reason or "")
