@@ -336,7 +336,8 @@ class TestCancellation:
         running = asyncio.create_task(call(single, hold))
         await await_file(marker)
         queued = asyncio.create_task(call(single, os.getpid))
-        await asyncio.sleep(0)
+        for _ in range(5):  # let it reach the slot queue
+            await asyncio.sleep(0)
         queued.cancel()
         with pytest.raises(asyncio.CancelledError):
             await queued
@@ -399,7 +400,7 @@ class TestShutdown:
         busy = asyncio.create_task(call(pool, mark_then_sleep, marker, 60))
         await await_file(marker)
         await pool.aclose()
-        with pytest.raises(WorkerCrashedError):
+        with pytest.raises(WorkerCrashedError, match="executor was closed"):
             await busy
         children = {child.pid for child in psutil.Process().children(recursive=True)}
         assert children - service_pids() == set()

@@ -198,7 +198,7 @@ class ProcessExecutor(Executor):
             workers = list(self._workers)
             for worker in workers:
                 if worker.busy:
-                    worker.kill()
+                    worker.kill("the executor was closed while the step ran")
                 else:
                     worker.stop()
             exits = {worker.exited for worker in workers}
@@ -315,6 +315,7 @@ class _Worker:
         assert process.pid is not None
         self.pid: Final[int] = process.pid
         self.exitcode: int | None = None
+        self.kill_reason: str | None = None
         self.exited: asyncio.Future[None] = self._loop.create_future()
         self._inbox = bytearray()
         self._outbox: list[memoryview] = []
@@ -355,9 +356,14 @@ class _Worker:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_WR)
 
-    def kill(self) -> None:
-        """``SIGKILL`` the process; its sentinel then reports the exit and it gets reaped."""
+    def kill(self, reason: str | None = None) -> None:
+        """``SIGKILL`` the process; its sentinel then reports the exit and it gets reaped.
+
+        ``reason`` says why, for the message of a step that was still waiting on this worker.
+        """
         if self.alive:
+            if self.kill_reason is None:
+                self.kill_reason = reason
             with contextlib.suppress(OSError, ValueError):
                 self._process.kill()
 
@@ -534,7 +540,9 @@ def _crash_message(worker: _Worker, step_name: str) -> str:
         except ValueError:
             signame = f"signal {-code}"
         how = f"from {signame} (exit code {code})"
-        if -code == signal.SIGKILL:
+        if worker.kill_reason is not None:
+            how += f"; flowyml killed it: {worker.kill_reason}"
+        elif -code == signal.SIGKILL:
             how += "; something killed it, often the out-of-memory killer: give the step more memory"
         elif -code == signal.SIGSEGV:
             how += "; native code in the step crashed"
