@@ -1,0 +1,1133 @@
+"""Cache keys: deterministic value hashes and code fingerprints. The only place keys are made.
+
+Every key is an xxh3_128 hex digest of a canonical byte encoding, so it is the same in every
+process and under every ``PYTHONHASHSEED``: nothing here calls ``hash()``, ``id()`` (except to
+detect cycles), ``repr()`` of arbitrary objects or pickle.
+
+The encoding is a stream of self-delimiting records: a short type tag, then the content, with every
+variable-length part prefixed by its length, so two different values never produce the same stream.
+Mapping entries and set elements are sorted by the digest of their own encoding, which makes the
+result independent of insertion order and hash seeds.
+
+Three functions are public inside flowyml:
+
+* :func:`hash_value` hashes one value (``UnhashableInputError`` names the path that failed);
+* :func:`fingerprint_function` hashes what a step will run: its source without comments,
+  docstrings or positions, its defaults, closure values and the user helpers it calls;
+* :func:`cache_key` combines a step's identity, fingerprint, inputs and parameters.
+
+Paths in error messages are only built when an error happens: the internal ``_Unhashable`` error
+collects path parts while it propagates, so the hot path never formats strings.
+"""
+
+from __future__ import annotations
+
+__all__ = ("cache_key", "fingerprint_function", "hash_value")
+
+import ast
+import dataclasses
+import enum
+import functools
+import inspect
+import math
+import os
+import struct
+import sys
+import textwrap
+import tokenize
+import types
+import weakref
+from collections.abc import Callable, Mapping, Sequence, Set
+from typing import Any, Final, NamedTuple, Protocol
+
+import xxhash
+
+from flowyml._errors import UnhashableInputError
+
+
+class _Hasher(Protocol):
+    """The part of ``xxhash.xxh3_128`` the encoder uses."""
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+    def hexdigest(self) -> str: ...
+
+
+_Encoder = Callable[[_Hasher, Any, set[int]], None]
+
+_KEY_VERSION: Final = b"flowyml-cache-key/1\x00"
+_FINGERPRINT_VERSION: Final = b"flowyml-fingerprint/1\x00"
+_FIX: Final = (
+    "Fix it by passing hashable inputs (plain data, dataclasses, numpy or pandas objects, or a "
+    "class that defines __flowyml_hash__) with cache='input_hash' or 'code_hash', by giving the "
+    "step a callable cache key, or by setting cache=False on the step."
+)
+_CANONICAL_NAN: Final = struct.pack("<d", math.nan)
+_pack_double = struct.Struct("<d").pack
+_new_hasher: Callable[[], _Hasher] = xxhash.xxh3_128
+_digest_bytes: Callable[[bytes], bytes] = xxhash.xxh3_128_digest
+
+
+class _Unhashable(Exception):
+    """Internal: a value cannot be encoded. Collects path parts, innermost first, on its way up."""
+
+    def __init__(self, obj: object, reason: str = "") -> None:
+        super().__init__(reason)
+        self.type_name = _qualified_name(type(obj))
+        self.reason = reason
+        self.parts: list[str] = []
+
+    def to_public(self, root: str, *, step_name: str | None = None, prefix: str = "") -> UnhashableInputError:
+        """Build the public error, whose message names the full path, the type and the fix."""
+        path = root + "".join(reversed(self.parts))
+        why = f": {self.reason}" if self.reason else ""
+        message = (
+            f"{prefix}cannot hash {path} (of type {self.type_name}) deterministically{why}, "
+            f"so no cache key can be built. {_FIX}"
+        )
+        return UnhashableInputError(message, step_name=step_name, path=path)
+
+
+# --------------------------------------------------------------------------------------------
+# Atoms: values whose encoding is one bytes object.
+
+
+_len8: Callable[[int], bytes] = struct.Struct("<Q").pack
+_pack_int64: Callable[[int], bytes] = struct.Struct("<q").pack
+
+
+def _str_bytes(tag: bytes, text: str) -> bytes:
+    try:
+        data = text.encode()
+    except UnicodeEncodeError:  # lone surrogates: still one exact encoding per string
+        data = text.encode("utf-8", "surrogatepass")
+    return tag + _len8(len(data)) + data
+
+
+def _int_bytes(tag: bytes, n: int) -> bytes:
+    size = (n.bit_length() + 8) // 8
+    return tag + size.to_bytes(8, "little") + n.to_bytes(size, "little", signed=True)
+
+
+def _float_bytes(x: float) -> bytes:
+    return _CANONICAL_NAN if x != x else _pack_double(x)
+
+
+def _enc_none(v: None) -> bytes:
+    return b"N"
+
+
+def _enc_bool(v: bool) -> bytes:
+    return b"T" if v else b"F"
+
+
+def _enc_int(v: int) -> bytes:
+    try:
+        return b"i" + _pack_int64(v)
+    except struct.error:  # beyond 64 bits: a distinct tag keeps each int's encoding unique
+        return _int_bytes(b"I", v)
+
+
+def _enc_float(v: float) -> bytes:
+    return b"f" + _float_bytes(v)
+
+
+def _enc_complex(v: complex) -> bytes:
+    return b"c" + _float_bytes(v.real) + _float_bytes(v.imag)
+
+
+def _enc_str(v: str) -> bytes:
+    try:
+        data = v.encode()
+    except UnicodeEncodeError:
+        data = v.encode("utf-8", "surrogatepass")
+    return b"s" + _len8(len(data)) + data
+
+
+def _enc_bytes(v: bytes) -> bytes:
+    return b"b" + _len8(len(v)) + v
+
+
+def _enc_bytearray(v: bytearray) -> bytes:
+    return b"B" + _len8(len(v)) + bytes(v)
+
+
+def _enc_memoryview(v: memoryview) -> bytes:
+    data = v.tobytes()
+    return _str_bytes(b"m", v.format) + _enc_tuple_of_ints(v.shape or ()) + _len8(len(data)) + data
+
+
+def _enc_tuple_of_ints(values: Sequence[int]) -> bytes:
+    return b"n" + _len8(len(values)) + b"".join(_int_bytes(b"i", n) for n in values)
+
+
+def _enc_range(v: range) -> bytes:
+    return b"r" + _int_bytes(b"", v.start) + _int_bytes(b"", v.stop) + _int_bytes(b"", v.step)
+
+
+def _enc_ellipsis(v: object) -> bytes:
+    return b"..."
+
+
+def _enc_not_implemented(v: object) -> bytes:
+    return b"NotImplemented"
+
+
+def _enc_module(v: types.ModuleType) -> bytes:
+    return _str_bytes(b"M", v.__name__)
+
+
+def _enc_class(v: type) -> bytes:
+    return _str_bytes(b"C", _qualified_name(v))
+
+
+def _enc_decimal(v: Any) -> bytes:
+    return _str_bytes(b"Dec", str(v))
+
+
+def _enc_fraction(v: Any) -> bytes:
+    return b"Frac" + _int_bytes(b"", v.numerator) + _int_bytes(b"", v.denominator)
+
+
+def _enc_uuid(v: Any) -> bytes:
+    return b"U" + bytes(v.bytes)
+
+
+def _enc_path(v: Any) -> bytes:
+    return _str_bytes(b"P", _qualified_name(type(v))) + _str_bytes(b"", os.fspath(v))
+
+
+def _tz_bytes(tz: object, moment: Any) -> bytes:
+    """Encode a tzinfo by what identifies it: None, a fixed offset, a zone key, or offset + name."""
+    if tz is None:
+        return b"z0"
+    key = getattr(tz, "key", None)  # zoneinfo.ZoneInfo
+    if isinstance(key, str):
+        return _str_bytes(b"zk", key)
+    zone = getattr(tz, "zone", None)  # pytz
+    if isinstance(zone, str):
+        return _str_bytes(b"zp", zone)
+    offset = moment.utcoffset()
+    name = moment.tzname()
+    total = None if offset is None else round(offset.total_seconds() * 1_000_000)
+    return (
+        _str_bytes(b"zo", _qualified_name(type(tz)))
+        + (b"N" if total is None else _int_bytes(b"i", total))
+        + (b"N" if name is None else _str_bytes(b"s", name))
+    )
+
+
+def _enc_datetime(v: Any) -> bytes:
+    return _str_bytes(b"dt", v.replace(tzinfo=None).isoformat()) + bytes([v.fold]) + _tz_bytes(v.tzinfo, v)
+
+
+def _enc_date(v: Any) -> bytes:
+    return _str_bytes(b"da", v.isoformat())
+
+
+def _enc_time(v: Any) -> bytes:
+    return _str_bytes(b"ti", v.replace(tzinfo=None).isoformat()) + bytes([v.fold]) + _tz_bytes(v.tzinfo, v)
+
+
+def _enc_timedelta(v: Any) -> bytes:
+    return b"td" + _int_bytes(b"", v.days) + _int_bytes(b"", v.seconds) + _int_bytes(b"", v.microseconds)
+
+
+_ATOMS: dict[type, Callable[[Any], bytes]] = {
+    type(None): _enc_none,
+    bool: _enc_bool,
+    int: _enc_int,
+    float: _enc_float,
+    complex: _enc_complex,
+    str: _enc_str,
+    bytes: _enc_bytes,
+    bytearray: _enc_bytearray,
+    memoryview: _enc_memoryview,
+    range: _enc_range,
+    type(...): _enc_ellipsis,
+    type(NotImplemented): _enc_not_implemented,
+    types.ModuleType: _enc_module,
+    type: _enc_class,
+}
+
+# Types whose modules flowyml does not import itself, found by qualified name and then promoted
+# into ``_ATOMS`` keyed by the type, so ``import flowyml`` pulls in none of these modules.
+_ATOMS_BY_NAME: dict[str, Callable[[Any], bytes]] = {
+    "builtins.int": _enc_int,
+    "builtins.float": _enc_float,
+    "builtins.complex": _enc_complex,
+    "builtins.str": _enc_str,
+    "builtins.bytes": _enc_bytes,
+    "builtins.bytearray": _enc_bytearray,
+    "decimal.Decimal": _enc_decimal,
+    "fractions.Fraction": _enc_fraction,
+    "uuid.UUID": _enc_uuid,
+    "datetime.datetime": _enc_datetime,
+    "datetime.date": _enc_date,
+    "datetime.time": _enc_time,
+    "datetime.timedelta": _enc_timedelta,
+    "pathlib.PurePath": _enc_path,
+    "pathlib.PurePosixPath": _enc_path,
+    "pathlib.PureWindowsPath": _enc_path,
+    "pathlib.Path": _enc_path,
+    "pathlib.PosixPath": _enc_path,
+    "pathlib.WindowsPath": _enc_path,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Containers: streamed element by element.
+
+
+def _enter(value: object, seen: set[int]) -> int:
+    """Mark a container as being encoded; a second visit means it contains itself."""
+    key = id(value)
+    if key in seen:
+        raise _Unhashable(value, "it contains itself")
+    seen.add(key)
+    return key
+
+
+def _enc_sequence(tag: bytes, h: _Hasher, value: Sequence[Any], seen: set[int]) -> None:
+    """Encode elements in order; runs of atoms are joined so the hasher is called rarely."""
+    key = _enter(value, seen)
+    atoms = _ATOMS
+    chunk = [tag, _len8(len(value))]
+    i = 0
+    try:
+        for i, item in enumerate(value):  # noqa: B007 - ``i`` names the failing element below
+            enc = atoms.get(type(item))
+            if enc is not None:
+                chunk.append(enc(item))
+            else:
+                h.update(b"".join(chunk))
+                chunk.clear()
+                _update(h, item, seen)
+    except _Unhashable as exc:
+        exc.parts.append(f"[{i}]")
+        raise
+    h.update(b"".join(chunk))
+    seen.discard(key)
+
+
+def _enc_list(h: _Hasher, value: list[Any], seen: set[int]) -> None:
+    _enc_sequence(b"l", h, value, seen)
+
+
+def _enc_tuple(h: _Hasher, value: tuple[Any, ...], seen: set[int]) -> None:
+    _enc_sequence(b"t", h, value, seen)
+
+
+def _digest(value: object, seen: set[int]) -> bytes:
+    """The digest of one value's encoding alone; used to order mapping keys and set elements."""
+    enc = _ATOMS.get(type(value))
+    if enc is not None:
+        return _digest_bytes(enc(value))
+    h = _new_hasher()
+    _update(h, value, seen)
+    return h.digest()
+
+
+def _key_label(key: object) -> str:
+    if type(key) in (str, int, float, bool, bytes, type(None)):
+        return repr(key)
+    return f"<{type(key).__name__} key>"
+
+
+def _enc_mapping_items(h: _Hasher, value: Mapping[Any, Any], seen: set[int]) -> None:
+    key = _enter(value, seen)
+    atoms = _ATOMS
+    entries: list[tuple[bytes, object]] = []
+    k: object = None
+    try:
+        for k, v in value.items():
+            enc = atoms.get(type(k))
+            entries.append((_digest_bytes(enc(k)) if enc is not None else _digest(k, seen), v))
+    except _Unhashable as exc:
+        exc.parts.append(f".<key {_key_label(k)}>")
+        raise
+    entries.sort(key=_first)
+    chunk = [_len8(len(entries))]
+    for digest, v in entries:
+        enc = atoms.get(type(v))
+        if enc is not None:
+            chunk.append(digest)
+            chunk.append(enc(v))
+            continue
+        chunk.append(digest)
+        h.update(b"".join(chunk))
+        chunk.clear()
+        try:
+            _update(h, v, seen)
+        except _Unhashable as exc:
+            exc.parts.append(f"[{_key_label(_find_key(value, digest, seen))}]")
+            raise
+    h.update(b"".join(chunk))
+    seen.discard(key)
+
+
+def _first(entry: tuple[bytes, object]) -> bytes:
+    return entry[0]
+
+
+def _find_key(mapping: Mapping[Any, Any], digest: bytes, seen: set[int]) -> object:
+    """Recover the key with a given digest; only called to name the path of an error."""
+    return next((k for k in mapping if _digest(k, set(seen)) == digest), "?")
+
+
+def _enc_dict(h: _Hasher, value: dict[Any, Any], seen: set[int]) -> None:
+    h.update(b"d")
+    _enc_mapping_items(h, value, seen)
+
+
+def _enc_set_items(h: _Hasher, value: Set[Any], seen: set[int]) -> None:
+    key = _enter(value, seen)
+    digests: list[bytes] = []
+    item: object = None
+    try:
+        for item in value:
+            digests.append(_digest(item, seen))
+    except _Unhashable as exc:
+        exc.parts.append(f".<element {_key_label(item)}>")
+        raise
+    digests.sort()
+    h.update(_len8(len(digests)) + b"".join(digests))
+    seen.discard(key)
+
+
+def _enc_set(h: _Hasher, value: set[Any], seen: set[int]) -> None:
+    h.update(b"S")
+    _enc_set_items(h, value, seen)
+
+
+def _enc_frozenset(h: _Hasher, value: frozenset[Any], seen: set[int]) -> None:
+    h.update(b"Z")
+    _enc_set_items(h, value, seen)
+
+
+def _enc_function_value(h: _Hasher, value: Callable[..., object], seen: set[int]) -> None:
+    h.update(b"fn" + _fingerprint_digest(value))
+
+
+def _enc_partial(h: _Hasher, value: functools.partial[Any], seen: set[int]) -> None:
+    h.update(b"fp" + _fingerprint_digest(value.func))
+    try:
+        _update(h, value.args, seen)
+        _update(h, value.keywords, seen)
+    except _Unhashable as exc:
+        exc.parts.append(".<partial>")
+        raise
+
+
+_CONTAINERS: dict[type, _Encoder] = {
+    list: _enc_list,
+    tuple: _enc_tuple,
+    dict: _enc_dict,
+    set: _enc_set,
+    frozenset: _enc_frozenset,
+    types.FunctionType: _enc_function_value,
+    types.MethodType: _enc_function_value,
+    types.BuiltinFunctionType: _enc_function_value,
+    functools.partial: _enc_partial,
+}
+_CONTAINERS_BY_NAME: dict[str, _Encoder] = {
+    "builtins.list": _enc_list,
+    "builtins.tuple": _enc_tuple,
+    "builtins.dict": _enc_dict,
+    "builtins.set": _enc_set,
+    "builtins.frozenset": _enc_frozenset,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The recursive encoder.
+
+
+def _update(h: _Hasher, value: object, seen: set[int]) -> None:
+    """Stream the canonical encoding of ``value`` into ``h``; raise ``_Unhashable`` if there is none.
+
+    ``seen`` holds the ids of the containers being encoded, to refuse values that contain
+    themselves. Exact types are dispatched through dicts first; everything else goes through
+    :func:`_update_other`.
+    """
+    cls = type(value)
+    atom = _ATOMS.get(cls)
+    if atom is not None:
+        h.update(atom(value))
+        return
+    container = _CONTAINERS.get(cls)
+    if container is not None:
+        container(h, value, seen)
+        return
+    _update_other(h, value, seen)
+
+
+def _update_other(h: _Hasher, value: object, seen: set[int]) -> None:
+    """Encode everything that is not one of the exact builtin types, or raise ``_Unhashable``."""
+    cls = type(value)
+    custom = getattr(cls, "__flowyml_hash__", None)
+    if custom is not None and not isinstance(value, type):
+        key = _enter(value, seen)
+        h.update(_str_bytes(b"A", _qualified_name(cls)))
+        try:
+            _update(h, custom(value), seen)
+        except _Unhashable as exc:
+            exc.parts.append(".__flowyml_hash__()")
+            raise
+        seen.discard(key)
+        return
+    if isinstance(value, enum.Enum):
+        h.update(_str_bytes(b"E", _qualified_name(cls)))
+        _update(h, value.name if value.name is not None else value.value, seen)  # unnamed flags
+        return
+    if isinstance(value, type):
+        h.update(_enc_class(value))
+        return
+    fields = getattr(cls, "__dataclass_fields__", None)
+    if fields is not None:
+        _enc_dataclass(h, value, seen)
+        return
+    module = cls.__module__
+    if (module.startswith("numpy") and _update_numpy(h, value, seen)) or (
+        module.startswith("pandas") and _update_pandas(h, value, seen)
+    ):
+        return
+    for base in cls.__mro__:
+        name = _qualified_name(base)
+        atom = _ATOMS_BY_NAME.get(name)
+        container = _CONTAINERS_BY_NAME.get(name) if atom is None else None
+        if atom is None and container is None:
+            continue
+        if base is cls:  # an exact type seen for the first time: dispatch it directly from now on
+            if atom is not None:
+                _ATOMS[cls] = atom
+            elif container is not None:
+                _CONTAINERS[cls] = container
+        else:
+            h.update(_str_bytes(b"sub", _qualified_name(cls)))
+        if atom is not None:
+            h.update(atom(value))
+        elif container is not None:
+            container(h, value, seen)
+        return
+    if isinstance(value, Mapping):
+        h.update(_str_bytes(b"map", _qualified_name(cls)))
+        _enc_mapping_items(h, value, seen)
+        return
+    if isinstance(value, Set):
+        h.update(_str_bytes(b"set", _qualified_name(cls)))
+        _enc_set_items(h, value, seen)
+        return
+    if isinstance(value, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
+        _enc_function_value(h, value, seen)
+        return
+    if isinstance(value, functools.partial):
+        _enc_partial(h, value, seen)
+        return
+    raise _Unhashable(value)
+
+
+def _enc_dataclass(h: _Hasher, value: object, seen: set[int]) -> None:
+    """Hash a dataclass by its type and the fields that take part in its equality."""
+    key = _enter(value, seen)
+    fields = [f for f in dataclasses.fields(value) if f.compare]  # type: ignore[arg-type]
+    h.update(_str_bytes(b"D", _qualified_name(type(value))) + _len8(len(fields)))
+    for field in fields:
+        h.update(_str_bytes(b"", field.name))
+        try:
+            _update(h, getattr(value, field.name), seen)
+        except _Unhashable as exc:
+            exc.parts.append(f".{field.name}")
+            raise
+    seen.discard(key)
+
+
+def _update_numpy(h: _Hasher, value: Any, seen: set[int]) -> bool:
+    """Encode numpy arrays, scalars and dtypes; False if ``value`` is none of these."""
+    np: Any = sys.modules.get("numpy")
+    if np is None:
+        return False
+    if isinstance(value, np.ndarray):
+        _enc_ndarray(np, h, value, seen)
+        return True
+    if isinstance(value, np.generic):
+        h.update(b"np0")
+        _enc_ndarray(np, h, np.asarray(value), seen)
+        return True
+    if isinstance(value, np.dtype):
+        h.update(_str_bytes(b"npd", value.str))
+        if value.fields is not None:
+            _update(h, value.descr, seen)
+        return True
+    return False
+
+
+def _enc_ndarray(np: Any, h: _Hasher, value: Any, seen: set[int]) -> None:
+    """Hash an array by dtype, shape and C-order bytes; object arrays element by element."""
+    cls = type(value)
+    if cls is not np.ndarray:
+        h.update(_str_bytes(b"sub", _qualified_name(cls)))
+        ma = sys.modules.get("numpy.ma")
+        if ma is not None and isinstance(value, ma.MaskedArray):
+            h.update(b"mask")
+            _enc_ndarray(np, h, np.asarray(ma.getmaskarray(value)), seen)
+            value = np.asarray(ma.getdata(value))
+    dtype = value.dtype
+    h.update(_str_bytes(b"nd", dtype.str) + _enc_tuple_of_ints(value.shape))
+    if dtype.fields is not None:
+        _update(h, dtype.descr, seen)
+    if dtype.kind == "O" or dtype.kind == "T":  # object, or numpy 2 variable-width strings
+        if dtype.fields is not None:
+            raise _Unhashable(value, "structured arrays with object fields are not supported")
+        key = _enter(value, seen)
+        i = 0
+        try:
+            for i, item in enumerate(value.ravel(order="C").tolist()):  # noqa: B007
+                _update(h, item, seen)
+        except _Unhashable as exc:
+            index = np.unravel_index(i, value.shape) if value.ndim else ()
+            exc.parts.append(f"[{', '.join(str(int(j)) for j in index)}]")
+            raise
+        seen.discard(key)
+        return
+    if dtype.hasobject:
+        raise _Unhashable(value, "structured arrays with object fields are not supported")
+    data = np.ascontiguousarray(value).reshape(-1)
+    if dtype.kind in "fc" and dtype.fields is None:
+        nan = np.isnan(data)
+        if nan.any():
+            data = data.copy()
+            data[nan] = np.nan
+    raw = data.view(np.uint8)
+    h.update(_len8(raw.size))
+    h.update(raw)
+
+
+def _update_pandas(h: _Hasher, value: Any, seen: set[int]) -> bool:
+    """Encode pandas frames, series, indexes and common scalars; False if ``value`` is none."""
+    pd: Any = sys.modules.get("pandas")
+    if pd is None:
+        return False
+    if isinstance(value, pd.DataFrame):
+        h.update(_str_bytes(b"pdf", _qualified_name(type(value))) + _enc_tuple_of_ints(value.shape))
+        _enc_pandas_index(pd, h, value.columns, seen, ".columns")
+        _enc_pandas_index(pd, h, value.index, seen, ".index")
+        for i in range(value.shape[1]):
+            column = value.iloc[:, i]
+            try:
+                _enc_pandas_values(pd, h, column, seen)
+            except _Unhashable as exc:
+                exc.parts.append(f"[{_key_label(value.columns[i])}]")
+                raise
+        return True
+    if isinstance(value, pd.Series):
+        h.update(_str_bytes(b"pds", _qualified_name(type(value))))
+        try:
+            _update(h, value.name, seen)
+        except _Unhashable as exc:
+            exc.parts.append(".name")
+            raise
+        _enc_pandas_index(pd, h, value.index, seen, ".index")
+        _enc_pandas_values(pd, h, value, seen)
+        return True
+    if isinstance(value, pd.Index):
+        _enc_pandas_index(pd, h, value, seen, "")
+        return True
+    if value is pd.NaT:
+        h.update(b"pdNaT")
+        return True
+    if value is pd.NA:
+        h.update(b"pdNA")
+        return True
+    if isinstance(value, pd.Timestamp):
+        h.update(b"pdts")
+        _update(h, value.asm8, seen)
+        h.update(_tz_bytes(value.tzinfo, value))
+        return True
+    if isinstance(value, pd.Timedelta):
+        h.update(b"pdtd")
+        _update(h, value.asm8, seen)
+        return True
+    return False
+
+
+def _enc_pandas_index(pd: Any, h: _Hasher, index: Any, seen: set[int], part: str) -> None:
+    try:
+        h.update(_str_bytes(b"pdi", _qualified_name(type(index))))
+        _update(h, list(index.names), seen)
+        _enc_pandas_values(pd, h, index, seen)
+    except _Unhashable as exc:
+        exc.parts.append(part)
+        raise
+
+
+def _enc_pandas_values(pd: Any, h: _Hasher, values: Any, seen: set[int]) -> None:
+    """Hash the values of a Series or Index: dtype, length, then per-row hashes or elements."""
+    dtype = values.dtype
+    h.update(_str_bytes(b"pdv", str(dtype)) + _len8(len(values)))
+    if isinstance(dtype, pd.CategoricalDtype):
+        _enc_pandas_index(pd, h, dtype.categories, seen, ".dtype.categories")
+        h.update(_enc_bool(bool(dtype.ordered)))
+    if str(dtype) == "object":
+        i = 0
+        try:
+            for i, item in enumerate(values.to_numpy(dtype=object).tolist()):  # noqa: B007
+                _update(h, item, seen)
+        except _Unhashable as exc:
+            exc.parts.append(f"[{i}]")
+            raise
+        return
+    try:
+        hashed = pd.util.hash_pandas_object(values, index=False, categorize=True)
+    except (TypeError, ValueError) as exc:
+        raise _Unhashable(values, f"pandas cannot hash dtype {dtype}") from exc
+    h.update(hashed.to_numpy().view("uint8"))
+
+
+# --------------------------------------------------------------------------------------------
+# Code fingerprints.
+
+
+class _Static(NamedTuple):
+    """What a code object alone determines: the digest of its text and the global names it uses."""
+
+    digest: bytes
+    names: tuple[str, ...]
+
+
+_STATIC: weakref.WeakKeyDictionary[types.CodeType, _Static] = weakref.WeakKeyDictionary()
+_SIMPLE_CONSTANTS: Final = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _qualified_name(obj: Any) -> str:
+    module = getattr(obj, "__module__", None) or "?"
+    qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or "?"
+    return f"{module}.{qualname}"
+
+
+def _static_part(code: types.CodeType) -> _Static:
+    """Hash a code object's source AST (or, without usable source, its bytecode); memoized."""
+    static = _STATIC.get(code)
+    if static is None:
+        h = _new_hasher()
+        tree = _source_tree(code)
+        if tree is not None:
+            h.update(b"ast" + _str_bytes(b"", ast.dump(tree, include_attributes=False)))
+        else:
+            _hash_code(h, code)
+        static = _Static(h.digest(), tuple(dict.fromkeys(_global_names(code))))
+        _STATIC[code] = static
+    return static
+
+
+def _source_tree(code: types.CodeType) -> ast.AST | None:
+    """The function's AST without decorators and docstrings, or None if the source is unusable."""
+    try:
+        source = textwrap.dedent(inspect.getsource(code))
+        module = ast.parse(source)
+    except (OSError, TypeError, ValueError, SyntaxError, tokenize.TokenError):
+        return None
+    if code.co_name == "<lambda>":
+        lambdas = [node for node in ast.walk(module) if isinstance(node, ast.Lambda)]
+        return lambdas[0] if len(lambdas) == 1 else None
+    if not module.body:
+        return None
+    node = module.body[0]
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name != code.co_name:
+        return None
+    node.decorator_list = []
+    for inner in ast.walk(node):
+        if not isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if inner.body and _is_docstring(inner.body[0]):
+            inner.body = inner.body[1:]
+    return node
+
+
+def _is_docstring(node: ast.stmt) -> bool:
+    return (
+        isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    )
+
+
+def _hash_code(h: _Hasher, code: types.CodeType) -> None:
+    """Hash bytecode, constants (docstring slot dropped, nested code recursively) and names."""
+    consts = code.co_consts
+    if code.co_flags & inspect.CO_OPTIMIZED and consts and isinstance(consts[0], str):
+        consts = consts[1:]  # CPython keeps a function's docstring (or None) in the first slot
+    h.update(b"code" + _str_bytes(b"", code.co_name) + _len8(len(code.co_code)) + code.co_code)
+    h.update(_int_bytes(b"", code.co_argcount) + _int_bytes(b"", code.co_kwonlyargcount))
+    h.update(_int_bytes(b"", code.co_flags))
+    seen: set[int] = set()
+    for group in (code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars):
+        _update(h, group, seen)
+    h.update(_len8(len(consts)))
+    for const in consts:
+        if isinstance(const, types.CodeType):
+            _hash_code(h, const)
+        else:
+            _update(h, const, seen)
+
+
+def _global_names(code: types.CodeType) -> list[str]:
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.extend(_global_names(const))
+    return names
+
+
+@functools.cache
+def _library_roots() -> tuple[str, ...]:
+    """Directories holding the stdlib and installed packages: code there is not the user's."""
+    import site
+    import sysconfig
+
+    roots: set[str] = set()
+    for scheme_vars in ({}, {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}):
+        paths = sysconfig.get_paths(vars=scheme_vars)
+        roots.update(paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths)
+    roots.update(getattr(site, "getsitepackages", list)())
+    user_site = getattr(site, "getusersitepackages", lambda: None)()
+    if isinstance(user_site, str):
+        roots.add(user_site)
+    roots.add(os.path.dirname(os.path.abspath(__file__)))  # flowyml itself
+    return tuple(sorted({os.path.normcase(os.path.realpath(root)) + os.sep for root in roots}))
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_user_file(filename: str) -> bool:
+    """True for source files of the user's project: not stdlib, site-/dist-packages or flowyml."""
+    if filename.startswith("<") and filename.endswith(">"):
+        return True  # __main__ in a REPL, exec'd code: only user code reaches us this way
+    path = os.path.normcase(os.path.realpath(filename))
+    parts = path.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:
+        return False
+    return not path.startswith(_library_roots())
+
+
+def _is_user_module(module_name: str | None, fallback_file: str | None) -> bool:
+    """True if a module (found by name, else by a code file) belongs to the user's project."""
+    if not module_name:
+        return fallback_file is not None and _is_user_file(fallback_file)
+    if module_name == "flowyml" or module_name.startswith("flowyml."):
+        return False
+    module = sys.modules.get(module_name)
+    if module is None:
+        return fallback_file is None or _is_user_file(fallback_file)
+    filename = getattr(module, "__file__", None)
+    if isinstance(filename, str):
+        return _is_user_file(filename)
+    return module_name == "__main__"
+
+
+def _is_user_function(obj: object) -> bool:
+    return isinstance(obj, types.FunctionType) and _is_user_module(obj.__module__, obj.__code__.co_filename)
+
+
+def _is_user_class(obj: object) -> bool:
+    return isinstance(obj, type) and _is_user_module(obj.__module__, None)
+
+
+def _unwrap(func: object) -> object:
+    if getattr(func, "__wrapped__", None) is None:
+        return func
+    try:
+        return inspect.unwrap(func)  # type: ignore[arg-type]
+    except ValueError as exc:  # a __wrapped__ cycle
+        raise _Unhashable(func, "its __wrapped__ chain is a cycle") from exc
+
+
+def _fingerprint_digest(func: object) -> bytes:
+    h = _new_hasher()
+    h.update(_FINGERPRINT_VERSION)
+    _fingerprint(h, func, set())
+    return h.digest()
+
+
+def _fingerprint(h: _Hasher, obj: object, visited: set[int]) -> None:
+    """Stream the fingerprint of any callable: functions, methods, partials, classes, objects."""
+    target = _unwrap(obj)
+    if isinstance(target, types.FunctionType):
+        _fingerprint_function(h, target, visited)
+    elif isinstance(target, types.MethodType):
+        h.update(b"method")
+        _fingerprint(h, target.__func__, visited)
+        _fingerprint_state(h, target.__self__, visited, ".__self__")
+    elif isinstance(target, functools.partial):
+        h.update(b"partial")
+        _fingerprint(h, target.func, visited)
+        try:
+            _update(h, (target.args, target.keywords), set())
+        except _Unhashable as exc:
+            exc.parts.append(".<partial>")
+            raise
+    elif isinstance(target, type):
+        _fingerprint_class(h, target, visited)
+    elif isinstance(target, (types.BuiltinFunctionType, types.MethodWrapperType)) or type(target) in (
+        types.WrapperDescriptorType,
+        types.MethodDescriptorType,
+        types.ClassMethodDescriptorType,
+    ):
+        h.update(_str_bytes(b"builtin", _qualified_name(target)))
+        owner = getattr(target, "__self__", None)
+        if owner is not None and not isinstance(owner, types.ModuleType):
+            _fingerprint_state(h, owner, visited, ".__self__")
+    elif callable(target):
+        h.update(b"callable")
+        _fingerprint_class(h, type(target), visited)
+        _fingerprint_state(h, target, visited, "")
+    else:
+        raise _Unhashable(target, "it is not callable")
+
+
+def _fingerprint_state(h: _Hasher, owner: object, visited: set[int], part: str) -> None:
+    """Hash the object a method or callable is bound to: by value if possible, else its attributes."""
+    try:
+        if isinstance(owner, type):
+            _fingerprint_class(h, owner, visited)
+        elif (
+            getattr(type(owner), "__flowyml_hash__", None) is not None
+            or getattr(type(owner), "__dataclass_fields__", None) is not None
+            or not hasattr(owner, "__dict__")
+        ):
+            _update(h, owner, set())
+        else:
+            h.update(b"vars")
+            _update(h, vars(owner), set())
+    except _Unhashable as exc:
+        exc.parts.append(part)
+        raise
+
+
+def _fingerprint_function(h: _Hasher, func: types.FunctionType, visited: set[int]) -> None:
+    """Hash a function: static code part, defaults, closure values and referenced user globals."""
+    if id(func) in visited:
+        h.update(_str_bytes(b"again", _qualified_name(func)))
+        return
+    visited.add(id(func))
+    code = func.__code__
+    static = _static_part(code)
+    h.update(b"F" + static.digest)
+    defaults = func.__defaults__ or ()
+    if defaults:
+        names = code.co_varnames[code.co_argcount - len(defaults) : code.co_argcount]
+        _fingerprint_values(h, b"defaults", dict(zip(names, defaults, strict=True)), ".<default>.", visited)
+    if func.__kwdefaults__:
+        _fingerprint_values(h, b"kwdefaults", func.__kwdefaults__, ".<default>.", visited)
+    if func.__closure__:
+        cells: dict[str, object] = {}
+        for name, cell in zip(code.co_freevars, func.__closure__, strict=True):
+            try:
+                cells[name] = cell.cell_contents
+            except ValueError:
+                cells[name] = _EmptyCell.EMPTY
+        _fingerprint_values(h, b"closure", cells, ".<closure>.", visited)
+    _fingerprint_globals(h, func, static.names, visited)
+
+
+class _EmptyCell(enum.Enum):
+    """Stands for a closure cell that holds no value yet."""
+
+    EMPTY = "empty"
+
+
+def _fingerprint_values(
+    h: _Hasher, tag: bytes, values: Mapping[str, object], part: str, visited: set[int]
+) -> None:
+    """Hash named values (defaults, closure cells): user callables by fingerprint, others by value."""
+    h.update(tag + _len8(len(values)))
+    for name, value in values.items():
+        h.update(_str_bytes(b"", name))
+        try:
+            if _is_user_function(_unwrap(value)) or _is_user_class(value):
+                h.update(b"code")
+                _fingerprint(h, value, visited)
+            else:
+                _update(h, value, set())
+        except _Unhashable as exc:
+            exc.parts.append(part + name)
+            raise
+
+
+def _fingerprint_globals(
+    h: _Hasher, func: types.FunctionType, names: tuple[str, ...], visited: set[int]
+) -> None:
+    """Hash the user functions, classes and simple constants the function reaches by global name.
+
+    A referenced user module (``import helpers`` then ``helpers.f()``) contributes the user
+    functions and classes among the other names the code uses as attributes of it.
+    """
+    namespace = func.__globals__
+    user_module = _is_user_module(func.__module__, func.__code__.co_filename)
+    for name in names:
+        if name not in namespace:
+            continue
+        value = namespace[name]
+        if isinstance(value, types.ModuleType):
+            if _is_user_module(value.__name__, None):
+                for attribute in names:
+                    member = value.__dict__.get(attribute)
+                    if member is not None and (_is_user_function(_unwrap(member)) or _is_user_class(member)):
+                        _fingerprint_global(h, f"{name}.{attribute}", member, visited)
+            continue
+        if _is_user_function(_unwrap(value)) or _is_user_class(value):
+            _fingerprint_global(h, name, value, visited)
+        elif user_module and _is_simple_constant(value):
+            h.update(_str_bytes(b"K", name))
+            _update(h, value, set())
+
+
+def _fingerprint_global(h: _Hasher, label: str, value: object, visited: set[int]) -> None:
+    h.update(_str_bytes(b"G", label))
+    try:
+        _fingerprint(h, value, visited)
+    except _Unhashable as exc:
+        exc.parts.append(f".<global>.{label}")
+        raise
+
+
+def _is_simple_constant(value: object) -> bool:
+    if isinstance(value, tuple):
+        return all(_is_simple_constant(item) for item in value)
+    return type(value) in _SIMPLE_CONSTANTS
+
+
+def _fingerprint_class(h: _Hasher, cls: type, visited: set[int]) -> None:
+    """Hash a class by name; a user class also by its bases and the code of its members."""
+    h.update(_str_bytes(b"C", _qualified_name(cls)))
+    if not _is_user_class(cls) or id(cls) in visited:
+        return
+    visited.add(id(cls))
+    bases = [base for base in cls.__bases__ if base is not object]
+    h.update(_len8(len(bases)))
+    for base in bases:
+        _fingerprint_class(h, base, visited)
+    for name, member in sorted(vars(cls).items(), key=_first_str):
+        if name in ("__dict__", "__weakref__", "__module__", "__doc__", "__qualname__"):
+            continue
+        targets: list[object]
+        if isinstance(member, (staticmethod, classmethod)):
+            targets = [member.__func__]
+        elif isinstance(member, property):
+            targets = [member.fget, member.fset, member.fdel]
+        elif isinstance(member, (types.FunctionType, type)) or _is_simple_constant(member):
+            targets = [member]
+        else:
+            continue
+        h.update(_str_bytes(b"member", name))
+        for target in targets:
+            if target is None or _is_simple_constant(target):
+                _update(h, target, set())
+            else:
+                try:
+                    _fingerprint(h, target, visited)
+                except _Unhashable as exc:
+                    exc.parts.append(f".{name}")
+                    raise
+
+
+def _first_str(item: tuple[str, object]) -> str:
+    return item[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Public API.
+
+
+def hash_value(value: object, *, path: str = "value") -> str:
+    """Return the hex xxh3_128 digest of ``value``'s canonical encoding.
+
+    Equal values of the same type give equal digests in every process; values of different types
+    (``1``, ``1.0``, ``True``, ``"1"``; ``[1]`` and ``(1,)``) give different ones. Dicts and sets
+    do not depend on order.
+
+    Args:
+        value: The value to hash.
+        path: How error messages name ``value`` (for example ``"rows"``).
+
+    Raises:
+        UnhashableInputError: ``value`` (or something inside it, named by ``path``) has no
+            deterministic encoding, contains itself or is nested too deeply.
+    """
+    h = _new_hasher()
+    try:
+        _update(h, value, set())
+    except _Unhashable as exc:
+        raise exc.to_public(path) from None
+    except RecursionError:
+        raise _Unhashable(value, "it is nested too deeply").to_public(path) from None
+    return str(h.hexdigest())
+
+
+def fingerprint_function(func: Callable[..., object]) -> str:
+    """Return the hex digest of what calling ``func`` would run.
+
+    ``__wrapped__`` chains are followed to the innermost function, so flowyml's decorators (and
+    any that use ``functools.wraps``) do not change it. The fingerprint covers the function's
+    source parsed with :mod:`ast` (so comments, docstrings, blank lines, decorators and positions
+    are ignored; bytecode when there is no usable source, as for several lambdas on one line),
+    default values, closure values, and the functions, classes and simple constants it reaches by
+    global name in the user's own modules, recursively. The source part is memoized per code
+    object; values are hashed again on every call, so a mutated closure value is never missed.
+
+    Raises:
+        UnhashableInputError: a default or closure value (named ``<default>.x`` or
+            ``<closure>.x`` in the path) cannot be hashed, or ``func`` is not callable.
+    """
+    root = _qualified_name(_unwrap_quietly(func))
+    try:
+        return str(_fingerprint_digest(func).hex())
+    except _Unhashable as exc:
+        raise exc.to_public(root) from None
+    except RecursionError:
+        raise _Unhashable(func, "its helpers are nested too deeply").to_public(root) from None
+
+
+def _unwrap_quietly(func: object) -> object:
+    try:
+        return inspect.unwrap(func)  # type: ignore[arg-type]
+    except ValueError:
+        return func
+
+
+def cache_key(
+    *,
+    step_identity: str,
+    fingerprint: str | None,
+    inputs: Mapping[str, object],
+    params: Mapping[str, object],
+    step_name: str,
+) -> str:
+    """Return the cache key of one step run: identity, code fingerprint, inputs and parameters.
+
+    ``fingerprint`` is None for ``cache="input_hash"``. Inputs and injected parameters are each
+    sorted by name. If any value cannot be hashed no key is made from the rest: the error names
+    the step and the parameter.
+
+    Raises:
+        UnhashableInputError: with ``step_name`` set and ``path`` starting with the parameter name.
+    """
+    h = _new_hasher()
+    h.update(_KEY_VERSION + _str_bytes(b"id", step_identity))
+    h.update(b"N" if fingerprint is None else _str_bytes(b"fp", fingerprint))
+    for tag, values in ((b"inputs", inputs), (b"params", params)):
+        h.update(tag + _len8(len(values)))
+        for name in sorted(values):
+            h.update(_str_bytes(b"", name))
+            try:
+                _update(h, values[name], set())
+            except _Unhashable as exc:
+                raise exc.to_public(
+                    name, step_name=step_name, prefix=f"step {step_name!r}, parameter {name!r}: "
+                ) from None
+            except RecursionError:
+                raise _Unhashable(values[name], "it is nested too deeply").to_public(
+                    name, step_name=step_name, prefix=f"step {step_name!r}, parameter {name!r}: "
+                ) from None
+    return str(h.hexdigest())

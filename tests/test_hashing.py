@@ -1,0 +1,675 @@
+"""Tests for flowyml._hashing: value hashes, code fingerprints and cache keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import enum
+import fractions
+import functools
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import types
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flowyml._errors import UnhashableInputError
+from flowyml._hashing import cache_key, fingerprint_function, hash_value
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    x: int
+    y: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherPoint:
+    x: int
+    y: int
+
+
+@dataclasses.dataclass
+class Row:
+    model: object
+
+
+class Color(enum.Enum):
+    RED = 1
+    GREEN = 2
+
+
+class FakeAsset:
+    """Stands for flowyml's asset classes, which hash their data and name."""
+
+    def __init__(self, data: object, name: str) -> None:
+        self.data = data
+        self.name = name
+
+    def __flowyml_hash__(self) -> object:
+        return (self.data, self.name)
+
+
+@pytest.fixture
+def load_module(tmp_path: pathlib.Path) -> Iterator[Callable[[str, str], types.ModuleType]]:
+    """Write source to a file under tmp_path and import it under a fresh module name."""
+    names: list[str] = []
+
+    def load(name: str, source: str) -> types.ModuleType:
+        path = tmp_path / f"{name}.py"
+        path.write_text(textwrap.dedent(source))
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        names.append(name)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+class TestHashValue:
+    """hash_value: canonical, type-aware, order-independent digests."""
+
+    @pytest.mark.parametrize(
+        "make",
+        [
+            lambda: None,
+            lambda: 12345678901234567890123,
+            lambda: -7,
+            lambda: 0.1,
+            lambda: 1 + 2j,
+            lambda: "héllo",
+            lambda: b"\x00\x01",
+            lambda: bytearray(b"ab"),
+            lambda: [1, [2, (3, "x")]],
+            lambda: {"a": [1, 2], "b": {"c": None}},
+            lambda: {"x", "y"},
+            lambda: frozenset({1, 2}),
+            lambda: Point(1, 2),
+            lambda: Color.RED,
+            lambda: datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.UTC),
+            lambda: datetime.date(2024, 5, 1),
+            lambda: datetime.time(12, 30),
+            lambda: datetime.timedelta(days=1, seconds=3),
+            lambda: decimal.Decimal("1.10"),
+            lambda: fractions.Fraction(1, 3),
+            lambda: uuid.UUID(int=42),
+            lambda: pathlib.PurePosixPath("/data/x.csv"),
+            lambda: range(0, 10, 2),
+            lambda: int,
+            lambda: FakeAsset([1, 2], "train"),
+        ],
+    )
+    def test_equal_values_give_equal_digests(self, make: Callable[[], object]) -> None:
+        """Two separately built equal values hash the same."""
+        assert hash_value(make()) == hash_value(make())
+
+    def test_digest_is_a_128_bit_hex_string(self) -> None:
+        """The digest is 32 lowercase hex characters."""
+        digest = hash_value({"a": 1})
+        assert len(digest) == 32
+        assert int(digest, 16) >= 0
+
+    def test_distinct_types_give_distinct_digests(self) -> None:
+        """1, 1.0, True, "1", b"1", [1], (1,), {1} and friends all differ."""
+        values: list[object] = [
+            1,
+            1.0,
+            True,
+            "1",
+            b"1",
+            bytearray(b"1"),
+            [1],
+            (1,),
+            {1},
+            frozenset({1}),
+            {1: 1},
+            decimal.Decimal(1),
+            fractions.Fraction(1),
+            1 + 0j,
+            None,
+            0,
+            False,
+            "",
+            [],
+            (),
+        ]
+        digests = {hash_value(v) for v in values}
+        assert len(digests) == len(values)
+
+    def test_list_and_tuple_differ(self) -> None:
+        """A list and a tuple with the same items have different digests."""
+        assert hash_value([1, 2]) != hash_value((1, 2))
+
+    def test_nesting_is_part_of_the_digest(self) -> None:
+        """[[1], 2] and [[1, 2]] and [1, 2] all differ."""
+        assert len({hash_value([[1], 2]), hash_value([[1, 2]]), hash_value([1, 2])}) == 3
+
+    def test_dict_order_does_not_matter(self) -> None:
+        """Dicts with the same items in a different insertion order hash the same."""
+        assert hash_value({"a": 1, "b": 2, 3: "c"}) == hash_value({3: "c", "b": 2, "a": 1})
+
+    def test_dict_values_matter(self) -> None:
+        """Swapping values between keys changes the digest."""
+        assert hash_value({"a": 1, "b": 2}) != hash_value({"a": 2, "b": 1})
+
+    def test_set_order_does_not_matter(self) -> None:
+        """Sets built in different orders hash the same."""
+        words = [f"word{i}" for i in range(50)]
+        backwards: set[str] = set()
+        for word in words[::-1]:
+            backwards.add(word)
+        assert hash_value(set(words)) == hash_value(backwards)
+
+    def test_big_ints_are_exact(self) -> None:
+        """Ints beyond 64 bits keep every bit."""
+        big = 2**200
+        assert len({hash_value(big), hash_value(big + 1), hash_value(-big), hash_value(2**63)}) == 4
+
+    def test_floats_use_exact_bits(self) -> None:
+        """0.1 + 0.2 and 0.3 differ, as their bits do."""
+        assert hash_value(0.1 + 0.2) != hash_value(0.3)
+
+    def test_nan_is_canonical(self) -> None:
+        """Every float NaN hashes the same."""
+        assert hash_value(float("nan")) == hash_value(-math.nan) == hash_value(math.inf - math.inf)
+
+    def test_dataclass_type_is_part_of_the_digest(self) -> None:
+        """Two dataclasses with equal fields but different types differ."""
+        assert hash_value(Point(1, 2)) != hash_value(OtherPoint(1, 2))
+
+    def test_dataclass_fields_are_part_of_the_digest(self) -> None:
+        """Changing a dataclass field changes the digest."""
+        assert hash_value(Point(1, 2)) != hash_value(Point(1, 3))
+
+    def test_enum_members_differ(self) -> None:
+        """Members of one enum hash differently."""
+        assert hash_value(Color.RED) != hash_value(Color.GREEN)
+
+    def test_timezone_is_part_of_a_datetime(self) -> None:
+        """A naive and an aware datetime with the same wall time differ."""
+        naive = datetime.datetime(2024, 1, 1, 12)
+        assert hash_value(naive) != hash_value(naive.replace(tzinfo=datetime.UTC))
+
+    def test_flowyml_hash_protocol_is_used(self) -> None:
+        """Objects defining __flowyml_hash__ hash by what it returns."""
+        assert hash_value(FakeAsset([1], "a")) != hash_value(FakeAsset([1], "b"))
+
+    def test_functions_hash_by_their_code(self) -> None:
+        """Functions as values hash by fingerprint: equal code, equal digest."""
+
+        def make() -> Callable[[int], int]:
+            def inc(x: int) -> int:
+                return x + 1
+
+            return inc
+
+        assert hash_value(make()) == hash_value(make())
+
+    def test_numpy_arrays_hash_by_dtype_shape_and_bytes(self) -> None:
+        """dtype and shape are part of an array's digest."""
+        base = np.arange(6, dtype=np.int64)
+        digests = {
+            hash_value(base),
+            hash_value(base.astype(np.int32)),
+            hash_value(base.reshape(2, 3)),
+            hash_value(base.astype(np.float64)),
+        }
+        assert len(digests) == 4
+
+    def test_numpy_layout_does_not_matter(self) -> None:
+        """A Fortran-ordered or strided array hashes like its C-ordered copy."""
+        arr = np.arange(12.0).reshape(3, 4)
+        assert hash_value(np.asfortranarray(arr)) == hash_value(arr.copy())
+        assert hash_value(arr[:, ::2]) == hash_value(np.ascontiguousarray(arr[:, ::2]))
+
+    def test_numpy_object_arrays_hash_element_by_element(self) -> None:
+        """Object arrays hash their elements, not their pointers."""
+        a = np.array(["x", 1, None], dtype=object)
+        b = np.array(["x", 1, None], dtype=object)
+        assert hash_value(a) == hash_value(b)
+        assert hash_value(a) != hash_value(np.array(["x", 2, None], dtype=object))
+
+    def test_numpy_scalars_differ_from_python_numbers(self) -> None:
+        """np.float64(1) differs from 1.0 and from np.float32(1)."""
+        assert len({hash_value(np.float64(1)), hash_value(1.0), hash_value(np.float32(1))}) == 3
+
+    def test_pandas_dataframe_depends_on_names_dtypes_index_and_values(self) -> None:
+        """Column names, dtypes, index and values each change a DataFrame's digest."""
+        df = pd.DataFrame({"a": [1, 2], "b": ["x", "y"]})
+        variants = [
+            df,
+            df.rename(columns={"a": "z"}),
+            df.astype({"a": "float64"}),
+            df.set_axis([5, 6]),
+            df.assign(a=[1, 3]),
+        ]
+        assert len({hash_value(v) for v in variants}) == len(variants)
+        assert hash_value(df) == hash_value(pd.DataFrame({"a": [1, 2], "b": ["x", "y"]}))
+
+    def test_pandas_series_and_index(self) -> None:
+        """Series names and Index values are part of their digests."""
+        s = pd.Series([1.0, 2.0], name="s")
+        assert hash_value(s) == hash_value(s.copy())
+        assert hash_value(s) != hash_value(s.rename("t"))
+        assert hash_value(pd.Index(["a", "b"])) != hash_value(pd.Index(["a", "c"]))
+
+    @pytest.mark.parametrize(
+        ("make", "type_name"),
+        [
+            (threading.Lock, "lock"),
+            (lambda: open(os.devnull), "TextIOWrapper"),  # noqa: SIM115 - closed by the test
+            (socket.socket, "socket"),
+        ],
+    )
+    def test_unhashable_objects_raise_naming_path_and_type(
+        self, make: Callable[[], Any], type_name: str
+    ) -> None:
+        """Locks, open files and sockets raise UnhashableInputError naming the path and type."""
+        obj = make()
+        try:
+            with pytest.raises(UnhashableInputError) as info:
+                hash_value({"rows": [0, 1, 2, Row(obj)]})
+        finally:
+            if hasattr(obj, "close"):
+                obj.close()
+        assert info.value.path == "value['rows'][3].model"
+        assert "value['rows'][3].model" in str(info.value)
+        assert type_name in str(info.value)
+        assert "cache=False" in str(info.value)
+
+    def test_path_argument_names_the_root(self) -> None:
+        """The path keyword replaces 'value' at the start of the error path."""
+        with pytest.raises(UnhashableInputError) as info:
+            hash_value([threading.Lock()], path="batch")
+        assert info.value.path == "batch[0]"
+
+    def test_unknown_objects_are_unhashable(self) -> None:
+        """A plain object without __flowyml_hash__ is refused, not hashed by identity."""
+        with pytest.raises(UnhashableInputError):
+            hash_value(object())
+
+    def test_recursive_list_raises_cleanly(self) -> None:
+        """A list containing itself raises UnhashableInputError, not RecursionError."""
+        items: list[object] = [1]
+        items.append(items)
+        with pytest.raises(UnhashableInputError, match="contains itself"):
+            hash_value(items)
+
+    def test_recursive_dict_raises_cleanly(self) -> None:
+        """A dict containing itself raises UnhashableInputError."""
+        mapping: dict[str, object] = {}
+        mapping["self"] = mapping
+        with pytest.raises(UnhashableInputError) as info:
+            hash_value(mapping)
+        assert info.value.path == "value['self']"
+
+    def test_very_deep_nesting_raises_cleanly(self) -> None:
+        """Nesting deeper than the recursion limit raises UnhashableInputError."""
+        value: list[object] = []
+        for _ in range(sys.getrecursionlimit() * 2):
+            value = [value]
+        with pytest.raises(UnhashableInputError, match="nested too deeply"):
+            hash_value(value)
+
+    def test_shared_references_are_not_cycles(self) -> None:
+        """The same list appearing twice is fine."""
+        shared = [1, 2]
+        assert hash_value([shared, shared]) == hash_value([[1, 2], [1, 2]])
+
+    @pytest.mark.slow
+    def test_deterministic_across_interpreters_and_hash_seeds(self) -> None:
+        """Dicts, string sets, arrays and DataFrames hash the same in fresh processes."""
+        script = textwrap.dedent(
+            """
+            import json
+            import numpy as np
+            import pandas as pd
+            from flowyml._hashing import hash_value
+
+            values = {
+                "dict": {"b": [1, 2.5, None], "a": {"x": "y"}, 3: (True, b"z")},
+                "set": {"alpha", "beta", "gamma", "delta", "epsilon"},
+                "frozenset": frozenset({"one", ("two", 2)}),
+                "array": np.arange(12, dtype=np.float32).reshape(3, 4),
+                "frame": pd.DataFrame(
+                    {"a": [1, 2, 3], "b": ["x", "y", "z"], "c": pd.Categorical(["p", "q", "p"])},
+                    index=pd.Index([10, 20, 30], name="id"),
+                ),
+            }
+            print(json.dumps({name: hash_value(v) for name, v in values.items()}, sort_keys=True))
+            """
+        )
+        results = []
+        for seed in ("0", "1", "12345"):
+            env = {**os.environ, "PYTHONHASHSEED": seed}
+            out = subprocess.run(
+                [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+            )
+            results.append(json.loads(out.stdout))
+        assert results[0] == results[1] == results[2]
+        assert len(set(results[0].values())) == len(results[0])
+
+    def test_import_does_not_load_numpy_or_pandas(self) -> None:
+        """import flowyml._hashing (and hashing plain values) leaves numpy and pandas unloaded."""
+        script = (
+            "import sys; import flowyml._hashing as h; h.hash_value({'a': [1, 2.0]}); "
+            "print(sorted(m for m in ('numpy', 'pandas') if m in sys.modules))"
+        )
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "[]"
+
+
+class TestFingerprintFunction:
+    """fingerprint_function: what a step runs, ignoring what does not change behaviour."""
+
+    def test_ignores_comments_docstrings_blank_lines_and_positions(
+        self, load_module: Callable[[str, str], types.ModuleType]
+    ) -> None:
+        """Two modules differing only in comments, docstrings, blank lines and position agree."""
+        plain = load_module(
+            "fp_plain",
+            """
+            def train(data, lr=0.1):
+                total = 0
+                for x in data:
+                    total += x * lr
+                return total
+            """,
+        )
+        noisy = load_module(
+            "fp_noisy",
+            '''
+            # a header comment
+
+
+            import os  # moves the function down
+
+
+            def train(data, lr=0.1):
+                """Train on data."""
+                total = 0  # start at zero
+
+                for x in data:
+                    # scale each item
+                    total += x * lr
+                return total
+            ''',
+        )
+        assert fingerprint_function(plain.train) == fingerprint_function(noisy.train)
+
+    def test_changed_body_differs(self, load_module: Callable[[str, str], types.ModuleType]) -> None:
+        """Changing one operator in the body changes the fingerprint."""
+        a = load_module("fp_body_a", "def f(x):\n    return x + 1\n")
+        b = load_module("fp_body_b", "def f(x):\n    return x - 1\n")
+        assert fingerprint_function(a.f) != fingerprint_function(b.f)
+
+    def test_closures_from_a_factory_in_a_loop_differ(self) -> None:
+        """Steps made by a factory in a loop get different fingerprints."""
+
+        def make(factor: int) -> Callable[[int], int]:
+            def scale(x: int) -> int:
+                return x * factor
+
+            return scale
+
+        fingerprints = [fingerprint_function(make(i)) for i in range(3)]
+        assert len(set(fingerprints)) == 3
+        assert fingerprint_function(make(1)) == fingerprints[1]
+
+    def test_mutated_closure_value_is_seen(self) -> None:
+        """Memoization does not hide a change to a captured mutable value."""
+        config = {"lr": 0.1}
+
+        def step() -> float:
+            return config["lr"]
+
+        before = fingerprint_function(step)
+        config["lr"] = 0.2
+        assert fingerprint_function(step) != before
+
+    def test_defaults_differ(self) -> None:
+        """Default and keyword-only default values are part of the fingerprint."""
+
+        def make(default: int) -> tuple[Callable[..., int], Callable[..., int]]:
+            def positional(x: int, y: int = default) -> int:
+                return x + y
+
+            def keyword(x: int, *, y: int = default) -> int:
+                return x + y
+
+            return positional, keyword
+
+        (p1, k1), (p2, k2) = make(1), make(2)
+        assert fingerprint_function(p1) != fingerprint_function(p2)
+        assert fingerprint_function(k1) != fingerprint_function(k2)
+
+    def test_editing_a_helper_changes_the_caller(
+        self, load_module: Callable[[str, str], types.ModuleType]
+    ) -> None:
+        """A step's fingerprint follows the user helpers it calls, at any depth."""
+        template = """
+            def leaf(x):
+                return x {op} 1
+
+            def middle(x):
+                return leaf(x) * 2
+
+            def step(x):
+                return middle(x)
+            """
+        v1 = load_module("fp_helper_v1", template.format(op="+"))
+        v1_again = load_module("fp_helper_v1_again", template.format(op="+"))
+        v2 = load_module("fp_helper_v2", template.format(op="-"))
+        assert fingerprint_function(v1.step) == fingerprint_function(v1_again.step)
+        assert fingerprint_function(v1.step) != fingerprint_function(v2.step)
+
+    def test_helper_reached_through_a_module_attribute(
+        self, load_module: Callable[[str, str], types.ModuleType]
+    ) -> None:
+        """``import helpers; helpers.f()`` also makes f part of the fingerprint."""
+        load_module("fp_mod_helpers", "def f(x):\n    return x + 1\n")
+        caller = load_module(
+            "fp_mod_caller", "import fp_mod_helpers\n\ndef step(x):\n    return fp_mod_helpers.f(x)\n"
+        )
+        before = fingerprint_function(caller.step)
+        load_module("fp_mod_helpers", "def f(x):\n    return x + 2\n")
+        caller.fp_mod_helpers = sys.modules["fp_mod_helpers"]
+        assert fingerprint_function(caller.step) != before
+
+    def test_mutually_recursive_helpers_terminate(
+        self, load_module: Callable[[str, str], types.ModuleType]
+    ) -> None:
+        """Helpers that call each other are fingerprinted once each, without looping."""
+        module = load_module(
+            "fp_cycle",
+            """
+            def even(n):
+                return True if n == 0 else odd(n - 1)
+
+            def odd(n):
+                return False if n == 0 else even(n - 1)
+            """,
+        )
+        assert fingerprint_function(module.even) != fingerprint_function(module.odd)
+
+    def test_module_constants_are_included(self, load_module: Callable[[str, str], types.ModuleType]) -> None:
+        """A simple module-level constant the function reads is part of its fingerprint."""
+        a = load_module("fp_const_a", "RATE = 1\n\ndef f(x):\n    return x * RATE\n")
+        b = load_module("fp_const_b", "RATE = 2\n\ndef f(x):\n    return x * RATE\n")
+        assert fingerprint_function(a.f) != fingerprint_function(b.f)
+
+    def test_library_functions_are_not_walked(self) -> None:
+        """Calling a stdlib function works and adds nothing that varies."""
+
+        def step(x: object) -> str:
+            return json.dumps(x)
+
+        assert fingerprint_function(step) == fingerprint_function(step)
+
+    def test_lambda_works(self) -> None:
+        """Lambdas get stable fingerprints that depend on their body."""
+        inc = lambda x: x + 1  # noqa: E731
+        dec = lambda x: x - 1  # noqa: E731
+        assert fingerprint_function(inc) == fingerprint_function(inc)
+        assert fingerprint_function(inc) != fingerprint_function(dec)
+
+    def test_two_lambdas_on_one_line_differ(self) -> None:
+        """When the source line is ambiguous the bytecode still tells two lambdas apart."""
+        pair = (lambda x: x * 2, lambda x: x * 3)
+        assert fingerprint_function(pair[0]) != fingerprint_function(pair[1])
+
+    def test_wrapped_function_fingerprints_its_inner_function(self) -> None:
+        """A functools.wraps decorator does not change the fingerprint."""
+
+        def inner(x: int) -> int:
+            return x + 1
+
+        def decorate(func: Callable[[int], int]) -> Callable[[int], int]:
+            @functools.wraps(func)
+            def wrapper(x: int) -> int:
+                return func(x)
+
+            return wrapper
+
+        assert fingerprint_function(decorate(decorate(inner))) == fingerprint_function(inner)
+
+    def test_decorator_lines_are_ignored(self, load_module: Callable[[str, str], types.ModuleType]) -> None:
+        """Decorators written above the def are not part of the fingerprint."""
+        a = load_module("fp_deco_a", "def f(x):\n    return x\n")
+        b = load_module(
+            "fp_deco_b", "import functools\n\n@functools.lru_cache(maxsize=3)\ndef f(x):\n    return x\n"
+        )
+        assert fingerprint_function(a.f) == fingerprint_function(b.f)
+
+    def test_callable_object_includes_its_state(self) -> None:
+        """Instances of a class with __call__ fingerprint by their class and attributes."""
+
+        class Scale:
+            def __init__(self, factor: int) -> None:
+                self.factor = factor
+
+            def __call__(self, x: int) -> int:
+                return x * self.factor
+
+        assert fingerprint_function(Scale(2)) == fingerprint_function(Scale(2))
+        assert fingerprint_function(Scale(2)) != fingerprint_function(Scale(3))
+
+    def test_unhashable_closure_value_names_the_cell(self) -> None:
+        """A lock captured in a closure raises, naming <closure>.lock."""
+        lock = threading.Lock()
+
+        def step() -> None:
+            with lock:
+                pass
+
+        with pytest.raises(UnhashableInputError) as info:
+            fingerprint_function(step)
+        assert info.value.path.endswith("<closure>.lock")
+        assert "<closure>.lock" in str(info.value)
+
+    @pytest.mark.slow
+    def test_fingerprints_are_deterministic_across_hash_seeds(self, tmp_path: pathlib.Path) -> None:
+        """A function's fingerprint (helpers, set constants, lambdas) is the same in fresh processes."""
+        (tmp_path / "fp_seeded.py").write_text(
+            textwrap.dedent(
+                """
+                LABELS = ("a", "b")
+
+                def helper(x):
+                    return x in {"red", "green", "blue"}
+
+                def step(x, scale=2.5):
+                    return [helper(v) for v in x], LABELS, scale
+
+                pair = (lambda x: x in {"p", "q"}, lambda x: x)
+                """
+            )
+        )
+        script = (
+            "import json, fp_seeded; from flowyml._hashing import fingerprint_function as f; "
+            "print(json.dumps([f(fp_seeded.step), f(fp_seeded.pair[0])]))"
+        )
+        results = []
+        for seed in ("0", "1", "12345"):
+            env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(tmp_path)}
+            out = subprocess.run(
+                [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+            )
+            results.append(json.loads(out.stdout))
+        assert results[0] == results[1] == results[2]
+
+
+class TestCacheKey:
+    """cache_key: identity, fingerprint, inputs and params, never partial."""
+
+    @staticmethod
+    def key(**overrides: Any) -> str:
+        arguments: dict[str, Any] = {
+            "step_identity": "pipe/train",
+            "fingerprint": "f" * 32,
+            "inputs": {"data": [1, 2, 3], "cfg": {"lr": 0.1}},
+            "params": {"seed": 7},
+            "step_name": "train",
+        }
+        arguments.update(overrides)
+        return cache_key(**arguments)
+
+    def test_same_parts_same_key(self) -> None:
+        """Equal parts, built separately and in another order, give the same key."""
+        assert self.key() == self.key(inputs={"cfg": {"lr": 0.1}, "data": [1, 2, 3]})
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"step_identity": "pipe/other"},
+            {"fingerprint": None},
+            {"fingerprint": "e" * 32},
+            {"inputs": {"data": [1, 2, 4], "cfg": {"lr": 0.1}}},
+            {"params": {"seed": 8}},
+            {"params": {}},
+        ],
+    )
+    def test_each_part_changes_the_key(self, change: dict[str, Any]) -> None:
+        """Identity, fingerprint, every input and every parameter are part of the key."""
+        assert self.key(**change) != self.key()
+
+    def test_inputs_and_params_are_kept_apart(self) -> None:
+        """A value passed as an input and the same value injected as a parameter differ."""
+        as_input = self.key(inputs={"seed": 7}, params={})
+        as_param = self.key(inputs={}, params={"seed": 7})
+        assert as_input != as_param
+
+    def test_unhashable_input_names_step_and_parameter(self) -> None:
+        """An unhashable input raises with step_name set and the path under the parameter name."""
+        with pytest.raises(UnhashableInputError) as info:
+            self.key(inputs={"rows": [0, {"model": threading.Lock()}]})
+        assert info.value.step_name == "train"
+        assert info.value.path == "rows[1]['model']"
+        assert "'train'" in str(info.value)
+        assert "'rows'" in str(info.value)
+
+    def test_unhashable_param_raises(self) -> None:
+        """An unhashable injected parameter raises too: no key is built from the rest."""
+        with socket.socket() as conn, pytest.raises(UnhashableInputError) as info:
+            self.key(params={"conn": conn})
+        assert info.value.path == "conn"
