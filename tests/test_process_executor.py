@@ -145,6 +145,11 @@ class TestRun:
 
         assert await call(executor, add, 1) == 101
 
+    async def test_large_values_cross_intact(self, executor: ProcessExecutor) -> None:
+        """Megabytes of arguments and results go through the socket whole, both ways."""
+        blob = os.urandom(8 * 1024 * 1024)
+        assert await call(executor, lambda data: data[::-1], blob) == blob[::-1]
+
     async def test_worker_is_reused(self, single: ProcessExecutor) -> None:
         """Consecutive calls reuse one live worker instead of starting a process each."""
         first = await call(single, os.getpid)
@@ -320,6 +325,19 @@ class TestCancellation:
         wait_until_gone(pid)
         assert not psutil.pid_exists(pid)
         assert await call(single, os.getpid) != pid
+
+    async def test_cancel_while_worker_starts(self, tmp_path: Path) -> None:
+        """A call cancelled while its worker starts raises CancelledError; aclose still reaps it."""
+        pool = ProcessExecutor(max_workers=1)
+        task = asyncio.create_task(call(pool, os.getpid))
+        for _ in range(3):  # into the wait for the starting process
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await pool.aclose()
+        children = {child.pid for child in psutil.Process().children(recursive=True)}
+        assert children - service_pids() == set()
 
     async def test_cancel_while_queued_spares_running_worker(
         self, single: ProcessExecutor, tmp_path: Path

@@ -154,8 +154,12 @@ class ProcessExecutor(Executor):
         return f"<ProcessExecutor max_workers={self.max_workers} {state}>"
 
     def worker_pids(self) -> tuple[int, ...]:
-        """The PIDs of the live worker processes, idle or busy, sorted; for debugging and tests."""
-        return tuple(sorted(worker.pid for worker in self._workers if worker.alive))
+        """The PIDs of the worker processes that can take calls, idle or busy, sorted.
+
+        For debugging and tests: a worker being killed or stopped is no longer listed, even before
+        its process is reaped.
+        """
+        return tuple(sorted(worker.pid for worker in self._workers if worker.usable))
 
     async def run(
         self,
@@ -181,8 +185,7 @@ class ProcessExecutor(Executor):
             self._check_open()
             worker = await self._checkout()
             kind, body = await self._call(worker, payload, timeout, step_name)
-            if worker.alive and not self._closed:
-                self._idle.append(worker)
+            self._release(worker)
         return _load_reply(kind, body, worker, step_name)
 
     async def aclose(self) -> None:
@@ -222,7 +225,7 @@ class ProcessExecutor(Executor):
         """An idle live worker, or a new one. The caller holds a slot."""
         while self._idle:
             worker = self._idle.pop()
-            if worker.alive:
+            if worker.usable:
                 return worker
         started = self._start_worker()
         try:
@@ -263,18 +266,28 @@ class ProcessExecutor(Executor):
         worker = _Worker(process, sock, on_exit=self._forget)
         self._workers.add(worker)
         if self._closed:
-            worker.kill()
+            worker.kill("the executor was closed")
         started.set_result(worker)
 
     def _adopt(self, started: asyncio.Future[_Worker]) -> None:
         """Keep a worker whose requester was cancelled while it started."""
         if started.cancelled() or started.exception() is not None:
             return
-        worker = started.result()
+        self._release(started.result())
+
+    def _release(self, worker: _Worker) -> None:
+        """Put a worker back for the next call, or stop it if it would exceed ``max_workers``.
+
+        Surplus happens when a call is cancelled while its worker starts: the slot is free again
+        before the process it asked for exists.
+        """
         if self._closed:
-            worker.kill()
-        elif worker.alive:
-            self._idle.append(worker)
+            worker.kill("the executor was closed")
+        elif worker.usable:
+            if sum(w.usable for w in self._workers) > self.max_workers:
+                worker.stop()
+            else:
+                self._idle.append(worker)
 
     def _forget(self, worker: _Worker) -> None:
         """Drop a worker that has exited and been reaped."""
@@ -321,6 +334,7 @@ class _Worker:
         self._outbox: list[memoryview] = []
         self._writing = False
         self._reading = True
+        self._stopping = False
         self._reply: asyncio.Future[tuple[int, bytes]] | None = None
         sock.setblocking(False)
         self._loop.add_reader(self._fd, self._on_readable)
@@ -333,6 +347,11 @@ class _Worker:
     def alive(self) -> bool:
         """Whether the process has not been seen to exit."""
         return not self.exited.done()
+
+    @property
+    def usable(self) -> bool:
+        """Whether the worker can take calls: alive, and not being stopped or killed."""
+        return self.alive and not self._stopping
 
     @property
     def busy(self) -> bool:
@@ -352,6 +371,7 @@ class _Worker:
 
     def stop(self) -> None:
         """Ask the worker to exit: end of stream on its socket."""
+        self._stopping = True
         if self.alive:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_WR)
@@ -361,6 +381,7 @@ class _Worker:
 
         ``reason`` says why, for the message of a step that was still waiting on this worker.
         """
+        self._stopping = True
         if self.alive:
             if self.kill_reason is None:
                 self.kill_reason = reason
