@@ -245,11 +245,12 @@ class TestConnections:
             cluster.scheduler_address, asynchronous=True, set_as_default=False
         ) as user_client:
             assert user_client is not None
+            kept: Any = user_client
             ex = DaskExecutor(user_client)
             assert await ex.run(add_one, (1,), {}, timeout=None, step_name="a") == 2
             assert ex.client is user_client
             await ex.aclose()
-            assert user_client.status == "running"
+            assert kept.status == "running"
 
     async def test_reusable_after_aclose(self, executor: DaskExecutor) -> None:
         """After aclose, the next run connects again."""
