@@ -398,6 +398,32 @@ class TestLifecycle:
         await store.flush()
         assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(1,)]
 
+    async def test_failed_file_write_loses_only_its_entry(self, store: Store, root: Path) -> None:
+        """An artifact that cannot be written (disk full) is reported; the rest of the batch commits."""
+        real = store._files.write
+
+        async def full_disk(artifact_hash: str, data: bytes) -> None:
+            if data == store._memory["bad"].outputs[0].inline:
+                raise OSError(28, "No space left on device")
+            await real(artifact_hash, data)
+
+        store._files.write = full_disk  # type: ignore[method-assign]
+        put(store, key="bad", out=big(1))
+        put(store, key="good", out=big(2))
+        store.record_run(run_record())
+        with pytest.raises(StoreError, match="No space left"):
+            await store.flush()
+        assert sql(root, "SELECT key FROM cache_entries") == [("good",)]
+        assert sql(root, "SELECT COUNT(*) FROM runs") == [(1,)]
+
+    async def test_flush_fails_when_the_writer_is_gone(self, store: Store) -> None:
+        """If the writer task is cancelled (loop shutdown), waiting on it fails instead of hanging."""
+        store._writer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await store._writer
+        with pytest.raises(StoreError):
+            await store.flush()
+
     async def test_closed_store_refuses_writes(self, store: Store) -> None:
         """put after aclose is a StoreError, not a silent loss."""
         await store.aclose()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import flowyml
 from flowyml._store import Store
 
 PROCESSES = 8
@@ -56,7 +57,7 @@ async def test_eight_processes_share_one_store(tmp_path: Path) -> None:
     """8 processes started together: 0 errors, integrity ok, every entry loads and matches its hash."""
     root = tmp_path / "store"
     go = tmp_path / "go"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(flowyml.__file__).parent.parent)}  # the flowyml under test
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", WORKER, str(root), str(n), str(go), str(ENTRIES)],

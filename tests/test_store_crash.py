@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import flowyml
 from flowyml._errors import CacheCorruptionWarning
 from flowyml._store import Store
 from flowyml._store._db import DB_NAME
@@ -67,7 +68,7 @@ async def test_sigkill_never_corrupts(tmp_path: Path) -> None:
     """20 seeded SIGKILLs: integrity ok, every entry loads intact, committed entries are reused."""
     root = tmp_path / "store"
     wrong = tmp_path / "wrong"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(flowyml.__file__).parent.parent)}  # the flowyml under test
     rng = random.Random(20260529)
     for kill in range(KILLS):
         child = subprocess.Popen(

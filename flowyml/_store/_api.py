@@ -201,10 +201,12 @@ class Store:
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._waiting: dict[str, asyncio.Future[CacheEntry | None]] = {}
         self._fetcher: asyncio.Task[None] | None = None
-        self._closed = False
+        self._closed = False  # no more writes accepted
+        self._released = False  # connection closed and threads joined (or being)
         self._errors: list[BaseException] = []
         self._seq = 0
         self._writer = asyncio.get_running_loop().create_task(self._run_writer(), name="flowyml-store-writer")
+        self._writer.add_done_callback(self._on_writer_done)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -250,16 +252,19 @@ class Store:
         Raises:
             StoreError: some queued writes could not be committed (they are lost).
         """
-        if self._closed:
+        if self._released:
             return
+        self._released = True
         self._closed = True
-        self._queue.put_nowait(_Stop())
-        try:
-            await asyncio.shield(self._writer)
-        except asyncio.CancelledError:
-            # Being cancelled must not leave the connection open: finish closing when the writer is done.
-            self._writer.add_done_callback(lambda _: asyncio.ensure_future(self._release()))
-            raise
+        if not self._writer.done():
+            self._queue.put_nowait(_Stop())
+            try:
+                await asyncio.shield(self._writer)
+            except asyncio.CancelledError:
+                if not self._writer.done():
+                    # Cancelled while draining: finish closing once the writer is done.
+                    self._writer.add_done_callback(lambda _: asyncio.ensure_future(self._release()))
+                    raise
         await self._release()
         self._raise_errors()
 
@@ -471,6 +476,18 @@ class Store:
             # Shielded: cancelling the writer (say, at loop shutdown) lets this batch commit first.
             stop = await asyncio.shield(asyncio.ensure_future(self._process(jobs)))
 
+    def _on_writer_done(self, task: asyncio.Task[None]) -> None:
+        """If the writer ended early (the loop cancelled it), fail whoever still waits on it."""
+        reason = StoreError(f"the writer of the flowyml store at {self.root} stopped; the store is closed")
+        self._closed = True
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if isinstance(job, _Flush | _Call) and not job.future.done():
+                job.future.set_exception(reason)
+
     async def _process(self, jobs: list[_Job]) -> bool:
         """Commit one drained batch; returns True when the batch asked the writer to stop."""
         batch = _Batch()
@@ -516,12 +533,20 @@ class Store:
 
     async def _commit(self, batch: _Batch) -> None:
         # 1. Artifact files first, durably: an index row may only name a file that is in place.
+        #    A put whose file cannot be written (disk full, ...) is left out; the rest still commits.
         wrote = False
+        written: list[_Put] = []
         for put in batch.puts:
-            for out in put.entry.outputs:
-                if out.size > INLINE_LIMIT and out.inline is not None:
-                    await self._files.write(out.artifact_hash, out.inline)
-                    wrote = True
+            try:
+                for out in put.entry.outputs:
+                    if out.size > INLINE_LIMIT and out.inline is not None:
+                        wrote = True
+                        await self._files.write(out.artifact_hash, out.inline)
+            except OSError as exc:
+                self._errors.append(exc)
+            else:
+                written.append(put)
+        batch.puts = written
         if wrote:
             await self._files.sync_dir()
         # 2. Every row of the batch in one IMMEDIATE transaction.
