@@ -44,7 +44,7 @@ def block50(*_: Any) -> None:
 
 
 def w1_pipeline(n: int = 1000) -> Pipeline:
-    p = Pipeline("w1", enable_cache=False)
+    p = Pipeline("w1", enable_cache=False, lineage=False)
     p.add_step(step(name="source", outputs=["src"])(noop))
     for i in range(n):
         p.add_step(step(name=f"io{i}", inputs=["src"], outputs=[f"r{i}"])(sleep10))
@@ -53,7 +53,7 @@ def w1_pipeline(n: int = 1000) -> Pipeline:
 
 
 def w2_pipeline(n: int = 500) -> Pipeline:
-    p = Pipeline("w2", enable_cache=False)
+    p = Pipeline("w2", enable_cache=False, lineage=False)
     p.add_step(step(name="s0", outputs=["v0"])(noop))
     for i in range(1, n):
         p.add_step(step(name=f"s{i}", inputs=[f"v{i - 1}"], outputs=[f"v{i}"])(noop))
@@ -61,7 +61,7 @@ def w2_pipeline(n: int = 500) -> Pipeline:
 
 
 def w3_pipeline(n: int = 5000) -> Pipeline:
-    p = Pipeline("w3", enable_cache=False)
+    p = Pipeline("w3", enable_cache=False, lineage=False)
     for i in range(n):
         p.add_step(step(name=f"s{i}", outputs=[f"r{i}"])(noop))
     p.add_step(step(name="fan_in", inputs=[f"r{i}" for i in range(n)], outputs=["total"])(noop))
@@ -69,7 +69,7 @@ def w3_pipeline(n: int = 5000) -> Pipeline:
 
 
 def w4_pipeline(n: int = 200) -> Pipeline:
-    p = Pipeline("w4", enable_cache=False, max_threads=32)
+    p = Pipeline("w4", enable_cache=False, lineage=False, max_threads=32)
     for i in range(n):
         p.add_step(step(name=f"s{i}", outputs=[f"r{i}"])(block50))
     return p

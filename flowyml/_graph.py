@@ -61,6 +61,7 @@ class Node:
     keyword: tuple[tuple[str, Source], ...]
     deps: tuple[int, ...]
     dependents: tuple[int, ...] = ()
+    lineage_inputs: dict[str, tuple[str, str]] | None = None
 
     def sources(self) -> list[tuple[str, Source]]:
         """Every bound argument as ``(parameter label, source)``, in call order."""
@@ -176,6 +177,12 @@ def build_plan(steps: Sequence[Step], flows: Sequence[If] = ()) -> Plan:
             )
         )
 
+    for n in nodes:
+        n.lineage_inputs = {
+            label: (names[producer[slot_names[src.slot]]], slot_names[src.slot])
+            for label, src in n.sources()
+            if src.kind == SLOT
+        }
     dependents: list[list[int]] = [[] for _ in nodes]
     for n in nodes:
         for d in n.deps:

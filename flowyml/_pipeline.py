@@ -8,7 +8,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._conditions import NOT_CHOSEN, If
 from ._context import Context
@@ -20,6 +20,10 @@ from ._resources import Request, ResourcePool, parse_capacity, requests_for
 from ._results import PipelineResult, StepResult, StepStatus
 from ._scheduler import Run, describe_inputs
 from ._step import Step, step
+
+if TYPE_CHECKING:
+    from ._cache import StoreHooks
+    from ._store import Store
 
 __all__ = ("Pipeline",)
 
@@ -38,6 +42,7 @@ class Pipeline:
         max_threads: threads for plain-function steps (default 40).
         max_processes: worker processes for ``executor="process"`` steps (default: CPU count).
         debug: run steps one at a time and report failures in detail (see :meth:`run`).
+        lineage: False stops recording runs and steps in the store (the cache still works).
         resources: capacity steps draw from, e.g. ``{"gpu": 1, "memory": "16Gi"}``; a step's
             ``resources=`` of a declared kind is held while it runs. Undeclared kinds are not limited.
     """
@@ -54,12 +59,14 @@ class Pipeline:
         max_processes: int | None = None,
         debug: bool = False,
         resources: Mapping[str, Any] | None = None,
+        lineage: bool = True,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"Pipeline name must be a non-empty string, got {name!r}")
         self.name = name
         self.context = context if isinstance(context, Context) else Context(dict(context or {}))
         self.enable_cache = bool(enable_cache)
+        self.lineage = bool(lineage)
         self.cache_dir = cache_dir
         self.max_concurrency = _positive("max_concurrency", max_concurrency)
         self.max_threads = _positive("max_threads", max_threads) or DEFAULT_MAX_THREADS
@@ -67,6 +74,7 @@ class Pipeline:
         self.debug = debug
         self.capacity = parse_capacity(resources)
         self._steps: list[Step] = []
+        self._step_ids: set[int] = set()
         self._flows: list[If] = []
         self._plan: Plan | None = None
         self._requests: list[Request] = []
@@ -81,8 +89,9 @@ class Pipeline:
             if not callable(step_):
                 raise ConfigError(f"add_step() needs a @step function, got {type(step_).__name__}")
             step_ = step(step_)
-        if any(s is step_ for s in self._steps):
+        if id(step_) in self._step_ids:
             raise ConfigError(f"step {step_.name!r} was already added to pipeline {self.name!r}")
+        self._step_ids.add(id(step_))
         self._steps.append(step_)
         self._plan = None
         return self
@@ -92,7 +101,7 @@ class Pipeline:
         if not isinstance(flow, If):
             raise ConfigError(f"add_control_flow() needs an If(...), got {type(flow).__name__}")
         for s in flow.steps():
-            if not any(existing is s for existing in self._steps):
+            if id(s) not in self._step_ids:
                 self.add_step(s)
         for other in self._flows:
             shared = {id(s) for s in other.steps()} & {id(s) for s in flow.steps()}
@@ -161,6 +170,9 @@ class Pipeline:
         params: dict[str, Any] = {**self.context.to_dict(), **(dict(context) if context else {})}
         plan.check_context(params)
         debug = self.debug if debug is None else debug
+        run_id = run_id or uuid.uuid4().hex
+        start = time.time()
+        store, hooks = await self._open_store(plan, run_id, start)
         executors = _Executors(self)
         run = Run(
             plan,
@@ -169,24 +181,64 @@ class Pipeline:
             fail_fast=fail_fast,
             max_concurrency=1 if debug else self.max_concurrency,
             on_failure=_debug_report if debug else None,
+            hooks=hooks,
             resources=ResourcePool(self.capacity) if self.capacity else None,
             requests=self._requests if self.capacity else (),
         )
-        start = time.time()
+        state = "cancelled"
         try:
             await run.execute()
+            state = _state(r for r in run.results if r is not None)
         finally:
             await executors.aclose()
+            if store is not None:
+                await self._close_store(store, run, run_id, start, state)
         results = {r.step_name: r for r in run.results if r is not None and r.skip_reason is not NOT_CHOSEN}
         return PipelineResult(
-            run_id=run_id or uuid.uuid4().hex,
+            run_id=run_id,
             pipeline_name=self.name,
-            state=_state(results.values()),
+            state=state,
             outputs=run.outputs(),
             step_results=results,
             start_time=start,
             end_time=time.time(),
         )
+
+    async def _open_store(
+        self, plan: Plan, run_id: str, start: float
+    ) -> tuple[Store | None, StoreHooks | None]:
+        if not (self.enable_cache or self.lineage):
+            return None, None
+        from ._cache import StoreHooks
+        from ._store import RunRecord, Store
+
+        store = await Store.open(self.cache_dir)
+        try:
+            if self.enable_cache:
+                await store.preload(n.name for n in plan.nodes)
+            if self.lineage:
+                store.record_run(RunRecord(run_id, self.name, "running", start))
+        except BaseException:
+            await store.aclose()
+            raise
+        hooks = StoreHooks(store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage)
+        return store, hooks
+
+    async def _close_store(self, store: Store, run: Run, run_id: str, start: float, state: str) -> None:
+        """Record how the run ended and wait for every queued write to commit."""
+        from ._store import RunRecord
+
+        try:
+            if self.lineage:
+                for node in run.plan.nodes:
+                    res = run.results[node.id]
+                    if res is not None and res.start_time is None and run.hooks is not None:
+                        store.record_step(run.hooks.record(node, res))  # never started: skipped
+                end = time.time()
+                saved = sum(r.time_saved_seconds for r in run.results if r is not None)
+                store.record_run(RunRecord(run_id, self.name, state, start, end, end - start, saved))
+        finally:
+            await store.aclose()
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, steps={[s.name for s in self._steps]})"

@@ -70,7 +70,7 @@ class Run:
         self._requests = requests
         self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self._on_failure = on_failure
-        self._hooks = hooks
+        self.hooks = hooks
         self._tg: asyncio.TaskGroup | None = None
         self.stopped_by: str | None = None
 
@@ -177,7 +177,7 @@ class Run:
             return False
         args, kwargs = self._arguments(node)
         step = node.step
-        hooks = self._hooks
+        hooks = self.hooks
         request = self._requests[node.id] if self._requests else ()
         limit = self._limit
         held = False

@@ -9,18 +9,41 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final, overload
+from dataclasses import dataclass
+from typing import Any, Final, Literal, overload
 
 from ._errors import ConfigError
 from ._executors._base import Executor
 from ._retry import RetryConfig, as_retry_config
 
-__all__ = ("CACHE_STRATEGIES", "EXECUTORS", "Step", "step")
+__all__ = ("CACHE_STRATEGIES", "EXECUTORS", "CachePolicy", "Step", "step")
 
 CACHE_STRATEGIES: Final = ("code_hash", "input_hash")
 EXECUTORS: Final = ("async", "thread", "process")
 
-CacheOption = str | bool | Callable[..., Any]
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """A caching strategy plus what to do when an input cannot be hashed.
+
+    ``@step(cache=CachePolicy("input_hash", on_unhashable="warn"))`` runs the step uncached, with
+    an :class:`~flowyml.errors.UncachedStepWarning`, instead of failing it with
+    :class:`~flowyml.errors.UnhashableInputError`.
+    """
+
+    strategy: str = "code_hash"
+    on_unhashable: Literal["raise", "warn"] = "raise"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in CACHE_STRATEGIES:
+            raise ConfigError(
+                f"CachePolicy strategy={self.strategy!r} is unknown; use one of {', '.join(map(repr, CACHE_STRATEGIES))}"
+            )
+        if self.on_unhashable not in ("raise", "warn"):
+            raise ConfigError(f"CachePolicy on_unhashable={self.on_unhashable!r}; use 'raise' or 'warn'")
+
+
+CacheOption = str | bool | CachePolicy | Callable[..., Any]
 Predicate = Callable[..., Any]
 
 
@@ -275,11 +298,11 @@ def _names(value: Iterable[str] | str | None, option: str, label: str) -> tuple[
 def _check_cache(cache: Any, label: str) -> CacheOption:
     if cache is True:
         return "code_hash"
-    if cache is False or cache in CACHE_STRATEGIES or (callable(cache) and not isinstance(cache, str)):
+    if isinstance(cache, CachePolicy) or cache is False or cache in CACHE_STRATEGIES or callable(cache):
         return cache  # type: ignore[no-any-return]
     raise ConfigError(
         f"step {label!r}: cache={cache!r} is not a caching strategy; use one of "
-        f"{', '.join(repr(c) for c in CACHE_STRATEGIES)}, False, or a callable that returns the key"
+        f"{', '.join(repr(c) for c in CACHE_STRATEGIES)}, False, a CachePolicy, or a callable that returns the key"
     )
 
 

@@ -6,6 +6,7 @@ stand-in is defined right before the snippet; the snippet itself is unchanged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,9 @@ from flowyml import (
 )
 
 
+@dataclass
 class _LinearModel:
-    def __init__(self, lr: float) -> None:
-        self.lr = lr
+    lr: float
 
     def predict(self, X: Any) -> Any:
         return np.zeros(len(X))

@@ -1,0 +1,170 @@
+"""The cache and lineage layer of a run: keys, look-ups, single-flight, and records.
+
+It plugs into the scheduler as :class:`~flowyml._scheduler.RunHooks`. Before a step runs, its
+key is made from what the step really receives (``_hashing`` is the only place keys are made),
+the store is asked (from memory when the run preloaded it), and a run that needs a key another
+run in this process is computing waits for that value instead of computing it again. After a
+step, successful outputs are put in the store and every fate is recorded; both only enqueue —
+the store's single writer commits them off the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any
+
+from ._errors import UncachedStepWarning, UnhashableInputError
+from ._graph import SLOT, Node, Plan
+from ._hashing import cache_key, fingerprint_function
+from ._results import StepResult, StepStatus
+from ._scheduler import RunHooks
+from ._step import CachePolicy
+from ._store import Store, StepRecord
+
+__all__ = ("StoreHooks",)
+
+
+_Outcome = tuple[dict[str, Any], float] | None
+_inflight: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[Path, str], asyncio.Future[_Outcome]]
+]
+_inflight = weakref.WeakKeyDictionary()
+
+
+class StoreHooks(RunHooks):
+    """Cache look-ups before each step and cache writes plus lineage records after it."""
+
+    def __init__(self, store: Store, plan: Plan, *, run_id: str, caching: bool, recording: bool) -> None:
+        self.store = store
+        self.plan = plan
+        self.run_id = run_id
+        self.caching = caching
+        self.recording = recording
+        self._keys: dict[int, str] = {}
+        self._claims: dict[int, asyncio.Future[_Outcome]] = {}
+        self._hit_hashes: dict[int, dict[str, str]] = {}
+        self._inflight = _inflight.setdefault(asyncio.get_running_loop(), {})
+
+    async def before(
+        self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any], values: list[Any]
+    ) -> bool:
+        step = node.step
+        if not self.caching or step.cache is False:
+            return False
+        key = self._key(node, args, kwargs)
+        if key is None:
+            return False
+        res.cache_key = key
+        self._keys[node.id] = key
+        store = self.store
+        flight = (store.root, key)
+        while True:
+            entry = await store.lookup(key)
+            if entry is not None:
+                outputs = await store.load(entry)
+                if outputs is not None:
+                    self._hit(node, res, outputs, entry.duration_seconds, values)
+                    if self.recording:
+                        self._hit_hashes[node.id] = {o.name: o.artifact_hash for o in entry.outputs}
+                    return True
+            pending = self._inflight.get(flight)
+            if pending is None:
+                claim: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
+                self._inflight[flight] = self._claims[node.id] = claim
+                return False
+            outcome = await asyncio.shield(pending)
+            if outcome is not None:
+                self._hit(node, res, outcome[0], outcome[1], values)
+                return True
+
+    def _hit(
+        self, node: Node, res: StepResult, outputs: dict[str, Any], saved: float, values: list[Any]
+    ) -> None:
+        for slot, name in zip(node.output_slots, node.output_names, strict=True):
+            values[slot] = outputs[name]
+        res.outputs = outputs
+        res.status = StepStatus.CACHED
+        res.time_saved_seconds = saved
+
+    def _key(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> str | None:
+        step = node.step
+        strategy = step.cache
+        on_unhashable = "raise"
+        if isinstance(strategy, CachePolicy):
+            strategy, on_unhashable = strategy.strategy, strategy.on_unhashable
+        body = step.body
+        identity = f"{getattr(body, '__module__', '?')}.{getattr(body, '__qualname__', '?')}|{node.name}"
+        try:
+            if callable(strategy):
+                user_key = strategy(*args, **kwargs)
+                return cache_key(
+                    step_identity=identity,
+                    fingerprint=None,
+                    inputs={"key": user_key},
+                    params={},
+                    step_name=node.name,
+                )
+            inputs: dict[str, Any] = {}
+            params: dict[str, Any] = {}
+            for (label, src), value in zip(node.sources(), [*args, *kwargs.values()], strict=True):
+                (inputs if src.kind == SLOT else params)[label] = value
+            fingerprint = fingerprint_function(step.func) if strategy == "code_hash" else None
+            return cache_key(
+                step_identity=identity,
+                fingerprint=fingerprint,
+                inputs=inputs,
+                params=params,
+                step_name=node.name,
+            )
+        except UnhashableInputError as exc:
+            if on_unhashable == "raise":
+                raise
+            warnings.warn(UncachedStepWarning(f"{exc}; the step runs without its cache"), stacklevel=2)
+            return None
+
+    def after(
+        self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any], values: list[Any]
+    ) -> None:
+        key = self._keys.pop(node.id, None)
+        claim = self._claims.pop(node.id, None)
+        ok = res.status is StepStatus.SUCCEEDED
+        if claim is not None:
+            flight = (self.store.root, key or "")
+            if self._inflight.get(flight) is claim:
+                del self._inflight[flight]
+            claim.set_result((res.outputs, res.duration_seconds) if ok else None)
+        hashes = self._hit_hashes.pop(node.id, None) if self._hit_hashes else None
+        if ok and key is not None:
+            hashes = self.store.put(
+                key=key,
+                step_name=node.name,
+                run_id=self.run_id,
+                outputs=res.outputs,
+                duration=res.duration_seconds,
+            )
+        if self.recording:
+            self.store.record_step(self.record(node, res, hashes))
+
+    def record(self, node: Node, res: StepResult, hashes: dict[str, str] | None = None) -> StepRecord:
+        """The lineage row of one step's fate in this run."""
+        err = res.error
+        return StepRecord(
+            run_id=self.run_id,
+            step_name=node.name,
+            status=res.status.value,
+            attempts=res.attempts,
+            started_at=res.start_time,
+            ended_at=res.end_time,
+            duration_seconds=res.duration_seconds,
+            cached=res.status is StepStatus.CACHED,
+            cache_key=res.cache_key,
+            time_saved_seconds=res.time_saved_seconds,
+            error_type=None if err is None else type(err).__qualname__,
+            error_message=None if err is None else str(err),
+            traceback=res.traceback,
+            outputs={n: (hashes or {}).get(n) for n in res.outputs} if res.outputs else {},
+            inputs=node.lineage_inputs or {},
+        )
