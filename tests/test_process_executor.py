@@ -92,6 +92,11 @@ def wait_until_gone(pid: int) -> None:
         psutil.Process(pid).wait(timeout=10)
 
 
+def descendants() -> set[int]:
+    """PIDs of every process below this one (workers are grandchildren, via the forkserver)."""
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
 def service_pids() -> set[int]:
     """The forkserver and resource tracker: per-interpreter helpers, not workers."""
     pids = {
@@ -328,6 +333,7 @@ class TestCancellation:
 
     async def test_cancel_while_worker_starts(self, tmp_path: Path) -> None:
         """A call cancelled while its worker starts raises CancelledError; aclose still reaps it."""
+        before = descendants()
         pool = ProcessExecutor(max_workers=1)
         task = asyncio.create_task(call(pool, os.getpid))
         for _ in range(3):  # into the wait for the starting process
@@ -336,8 +342,7 @@ class TestCancellation:
         with pytest.raises(asyncio.CancelledError):
             await task
         await pool.aclose()
-        children = {child.pid for child in psutil.Process().children(recursive=True)}
-        assert children - service_pids() == set()
+        assert descendants() - before - service_pids() == set()
 
     async def test_cancel_while_queued_spares_running_worker(
         self, single: ProcessExecutor, tmp_path: Path
@@ -412,6 +417,7 @@ class TestSerialization:
 class TestShutdown:
     async def test_no_child_left_after_aclose(self, tmp_path: Path) -> None:
         """After aclose no worker is alive; only multiprocessing's shared helpers may remain."""
+        before = descendants()
         pool = ProcessExecutor(max_workers=2)
         marker = tmp_path / "running"
         pids = await asyncio.gather(call(pool, os.getpid), call(pool, os.getpid))
@@ -420,8 +426,7 @@ class TestShutdown:
         await pool.aclose()
         with pytest.raises(WorkerCrashedError, match="executor was closed"):
             await busy
-        children = {child.pid for child in psutil.Process().children(recursive=True)}
-        assert children - service_pids() == set()
+        assert descendants() - before - service_pids() == set()
         assert not any(psutil.pid_exists(pid) for pid in pids)
         assert pool.worker_pids() == ()
 
