@@ -416,6 +416,17 @@ class TestLifecycle:
         assert sql(root, "SELECT key FROM cache_entries") == [("good",)]
         assert sql(root, "SELECT COUNT(*) FROM runs") == [(1,)]
 
+    async def test_cancelling_the_writer_mid_batch_still_commits_it(self, store: Store, root: Path) -> None:
+        """A batch being committed when the writer is cancelled commits whole before the store closes."""
+        for i in range(500):
+            put(store, key=f"k{i}", out=i)
+        while store._inflight is None:
+            await asyncio.sleep(0)
+        store._writer.cancel()
+        await store.aclose()
+        assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(500,)]
+        assert sql(root, "PRAGMA integrity_check") == [("ok",)]
+
     async def test_flush_fails_when_the_writer_is_gone(self, store: Store) -> None:
         """If the writer task is cancelled (loop shutdown), waiting on it fails instead of hanging."""
         store._writer.cancel()

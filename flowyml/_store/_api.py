@@ -205,6 +205,7 @@ class Store:
         self._released = False  # connection closed and threads joined (or being)
         self._errors: list[BaseException] = []
         self._seq = 0
+        self._inflight: asyncio.Future[bool] | None = None
         self._writer = asyncio.get_running_loop().create_task(self._run_writer(), name="flowyml-store-writer")
         self._writer.add_done_callback(self._on_writer_done)
 
@@ -269,10 +270,10 @@ class Store:
         self._raise_errors()
 
     async def _release(self) -> None:
-        fetcher = self._fetcher
-        if fetcher is not None:
-            with contextlib.suppress(BaseException):
-                await fetcher
+        for task in (self._inflight, self._fetcher):
+            if task is not None:
+                with contextlib.suppress(BaseException):
+                    await task
         try:
             await _db.close(self._conn)
         finally:
@@ -473,8 +474,10 @@ class Store:
                     jobs.append(self._queue.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            # Shielded: cancelling the writer (say, at loop shutdown) lets this batch commit first.
-            stop = await asyncio.shield(asyncio.ensure_future(self._process(jobs)))
+            # Shielded: cancelling the writer (say, at loop shutdown) lets this batch commit first;
+            # _release waits for it before closing the connection.
+            self._inflight = asyncio.ensure_future(self._process(jobs))
+            stop = await asyncio.shield(self._inflight)
 
     def _on_writer_done(self, task: asyncio.Task[None]) -> None:
         """If the writer ended early (the loop cancelled it), fail whoever still waits on it."""
