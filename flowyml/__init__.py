@@ -31,12 +31,13 @@ from ._parallel import parallel_map
 from ._pipeline import Pipeline
 from ._results import ExecutionResult, PipelineResult, StepResult, StepStatus
 from ._retry import ExponentialBackoff, RetryConfig, retry
-from ._step import Step, step
+from ._step import CachePolicy, Step, step
 
 __version__ = "0.1.0"
 
 __all__ = (
     "Asset",
+    "CachePolicy",
     "CircuitBreaker",
     "CircuitOpenError",
     "CircuitState",

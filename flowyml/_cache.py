@@ -22,7 +22,7 @@ from ._hashing import cache_key, fingerprint_function
 from ._results import StepResult, StepStatus
 from ._scheduler import RunHooks
 from ._step import CachePolicy
-from ._store import Store, StepRecord
+from ._store import StepRecord, Store
 
 __all__ = ("StoreHooks",)
 
@@ -91,7 +91,7 @@ class StoreHooks(RunHooks):
 
     def _key(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> str | None:
         step = node.step
-        strategy = step.cache
+        strategy: Any = step.cache
         on_unhashable = "raise"
         if isinstance(strategy, CachePolicy):
             strategy, on_unhashable = strategy.strategy, strategy.on_unhashable

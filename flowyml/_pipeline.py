@@ -191,8 +191,8 @@ class Pipeline:
             state = _state(r for r in run.results if r is not None)
         finally:
             await executors.aclose()
-            if store is not None:
-                await self._close_store(store, run, run_id, start, state)
+            if store is not None and hooks is not None:
+                await self._close_store(store, hooks, run, run_id, start, state)
         results = {r.step_name: r for r in run.results if r is not None and r.skip_reason is not NOT_CHOSEN}
         return PipelineResult(
             run_id=run_id,
@@ -224,7 +224,9 @@ class Pipeline:
         hooks = StoreHooks(store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage)
         return store, hooks
 
-    async def _close_store(self, store: Store, run: Run, run_id: str, start: float, state: str) -> None:
+    async def _close_store(
+        self, store: Store, hooks: StoreHooks, run: Run, run_id: str, start: float, state: str
+    ) -> None:
         """Record how the run ended and wait for every queued write to commit."""
         from ._store import RunRecord
 
@@ -232,8 +234,8 @@ class Pipeline:
             if self.lineage:
                 for node in run.plan.nodes:
                     res = run.results[node.id]
-                    if res is not None and res.start_time is None and run.hooks is not None:
-                        store.record_step(run.hooks.record(node, res))  # never started: skipped
+                    if res is not None and res.start_time is None:
+                        store.record_step(hooks.record(node, res))  # never started: skipped
                 end = time.time()
                 saved = sum(r.time_saved_seconds for r in run.results if r is not None)
                 store.record_run(RunRecord(run_id, self.name, state, start, end, end - start, saved))

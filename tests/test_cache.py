@@ -1,0 +1,301 @@
+"""The cache in real runs: what reruns, what does not, single-flight, resume, corruption."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowyml import CachePolicy, Pipeline, StepStatus, context, step
+from flowyml._store import Store
+from flowyml.errors import CacheCorruptionWarning, UncachedStepWarning, UnhashableInputError
+
+
+def _statuses(result: Any) -> dict[str, StepStatus]:
+    return {n: r.status for n, r in result.step_results.items()}
+
+
+class Calls(list[Any]):
+    """Records calls from inside a step without changing the step's code fingerprint.
+
+    A closure value is part of a step's fingerprint, so a plain list the step appends to would
+    change the key of the next run; this one hashes as a constant.
+    """
+
+    def __flowyml_hash__(self) -> object:
+        return "Calls"
+
+
+class TestKeys:
+    def test_second_run_is_served_from_cache(self) -> None:
+        """An unchanged pipeline reruns nothing and reports the time saved."""
+        calls = Calls()
+
+        @step(outputs=["x"])
+        def expensive(n: int) -> int:
+            calls.append(n)
+            return n * 2
+
+        p = Pipeline("c", context=context(n=3)).add_step(expensive)
+        first, second = p.run(), p.run()
+        assert calls == [3]
+        assert second["x"] == 6
+        assert second.step_results["expensive"].cached
+        assert second.time_saved_seconds == pytest.approx(first.step_results["expensive"].duration_seconds)
+
+    def test_code_hash_reruns_when_an_input_changes(self) -> None:
+        """Under code_hash a changed input value misses the cache."""
+        calls = Calls()
+
+        @step(outputs=["x"])
+        def double(n: int) -> int:
+            calls.append(n)
+            return n * 2
+
+        p = Pipeline("c").add_step(double)
+        assert p.run(context={"n": 1})["x"] == 2
+        assert p.run(context={"n": 2})["x"] == 4
+        assert p.run(context={"n": 1})["x"] == 2
+        assert calls == [1, 2]
+
+    def test_cache_false_always_runs(self) -> None:
+        """cache=False runs every time."""
+        calls = Calls()
+        p = Pipeline("c").add_step(step(cache=False, name="live")(lambda: calls.append(1)))
+        p.run()
+        p.run()
+        assert len(calls) == 2
+
+    def test_enable_cache_false_turns_it_off(self) -> None:
+        """Pipeline(enable_cache=False) runs everything every time."""
+        calls = Calls()
+        p = Pipeline("c", enable_cache=False).add_step(step(name="s")(lambda: calls.append(1)))
+        p.run()
+        p.run()
+        assert len(calls) == 2
+
+    def test_callable_key(self) -> None:
+        """A callable cache key decides what counts as the same input."""
+        calls = Calls()
+
+        @step(cache=lambda path: path.lower())
+        def load(path: str) -> str:
+            calls.append(path)
+            return path
+
+        p = Pipeline("c").add_step(load)
+        p.run(context={"path": "A.csv"})
+        p.run(context={"path": "a.CSV"})
+        assert calls == ["A.csv"]
+
+    def test_factory_steps_never_share_entries(self) -> None:
+        """Steps with equal source but different closures get different keys."""
+
+        def make(k: int) -> Any:
+            @step(outputs=[f"v{k}"])
+            def value() -> int:
+                return k
+
+            return value
+
+        p = Pipeline("c")
+        for k in range(3):
+            p.add_step(make(k))
+        p.run()
+        assert [p.run()[f"v{k}"] for k in range(3)] == [0, 1, 2]
+
+    def test_unhashable_input_fails_the_step_naming_it(self) -> None:
+        """An input with no deterministic hash fails the step with UnhashableInputError."""
+        import threading
+
+        @step(outputs=["y"])
+        def use(lock: Any) -> int:
+            return 1
+
+        r = Pipeline("c").add_step(use).run(context={"lock": threading.Lock()})
+        err = r.step_results["use"].error
+        assert isinstance(err, UnhashableInputError)
+        assert "'use'" in str(err) and "lock" in str(err)
+
+    def test_unhashable_input_with_warn_policy_runs_uncached(self) -> None:
+        """CachePolicy(on_unhashable='warn') runs the step without its cache."""
+        import threading
+
+        @step(outputs=["y"], cache=CachePolicy("input_hash", on_unhashable="warn"))
+        def use(lock: Any) -> int:
+            return 1
+
+        with pytest.warns(UncachedStepWarning, match="lock"):
+            r = Pipeline("c").add_step(use).run(context={"lock": threading.Lock()})
+        assert r["y"] == 1
+
+
+def _load_module(path: Path, name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+CODE = """
+from flowyml import step
+
+CALLS = []
+
+def helper(x):
+    return x + {helper_delta}
+
+@step(outputs=["out"], cache={strategy!r})
+def compute(n):
+    CALLS.append(n)
+    return helper(n) * {factor}
+"""
+
+
+class TestCodeChanges:
+    def _run(self, tmp_path: Path, name: str, **fmt: Any) -> tuple[Any, list[int]]:
+        """Load a version of the module (same module name, as after an edit) and run it."""
+        path = tmp_path / name / "user_steps.py"
+        path.parent.mkdir()
+        path.write_text(CODE.format(**fmt))
+        module = _load_module(path, "user_steps")
+        result = (
+            Pipeline("code", context=context(n=1), cache_dir=tmp_path / "store")
+            .add_step(module.compute)
+            .run()
+        )
+        return result, module.CALLS
+
+    def test_code_edit_reruns_under_code_hash(self, tmp_path: Path) -> None:
+        """Editing the step's body misses the cache under code_hash."""
+        self._run(tmp_path, "m1", strategy="code_hash", helper_delta=0, factor=2)
+        result, calls = self._run(tmp_path, "m2", strategy="code_hash", helper_delta=0, factor=3)
+        assert calls == [1] and result["out"] == 3
+
+    def test_code_edit_does_not_rerun_under_input_hash(self, tmp_path: Path) -> None:
+        """Under input_hash an edited body with equal inputs is still a hit."""
+        self._run(tmp_path, "m3", strategy="input_hash", helper_delta=0, factor=2)
+        result, calls = self._run(tmp_path, "m4", strategy="input_hash", helper_delta=0, factor=3)
+        assert calls == [] and result.step_results["compute"].cached
+
+    def test_edited_helper_reruns(self, tmp_path: Path) -> None:
+        """Editing a helper the step calls misses the cache under code_hash."""
+        self._run(tmp_path, "m5", strategy="code_hash", helper_delta=0, factor=2)
+        result, calls = self._run(tmp_path, "m6", strategy="code_hash", helper_delta=10, factor=2)
+        assert calls == [1] and result["out"] == 22
+
+    def test_comment_only_edit_is_a_hit(self, tmp_path: Path) -> None:
+        """Reformatting and comments do not change the key."""
+        self._run(tmp_path, "m7", strategy="code_hash", helper_delta=0, factor=2)
+        path = tmp_path / "m8" / "user_steps.py"
+        path.parent.mkdir()
+        path.write_text("# a comment\n\n\n" + CODE.format(strategy="code_hash", helper_delta=0, factor=2))
+        module = _load_module(path, "user_steps")
+        p = Pipeline("code", context=context(n=1), cache_dir=tmp_path / "store").add_step(module.compute)
+        assert p.run().step_results["compute"].cached
+        assert module.CALLS == []
+
+
+class TestResume:
+    def test_rerun_after_a_fix_reruns_only_what_is_not_cached(self) -> None:
+        """After a failure, fixing the step reruns it and its dependents only."""
+        calls = Calls()
+        broken = {"on": True}
+
+        @step(outputs=["a"])
+        def first() -> int:
+            calls.append("first")
+            return 1
+
+        @step(outputs=["b"], cache="input_hash")
+        def flaky(a: int) -> int:
+            calls.append("flaky")
+            if broken["on"]:
+                raise RuntimeError("bug")
+            return a + 1
+
+        @step(outputs=["c"])
+        def last(b: int) -> int:
+            calls.append("last")
+            return b * 10
+
+        p = Pipeline("resume").add_step(first).add_step(flaky).add_step(last)
+        assert not p.run().success
+        broken["on"] = False
+        result = p.run()
+        assert result["c"] == 20
+        assert calls == ["first", "flaky", "flaky", "last"]
+        assert _statuses(result)["first"] is StepStatus.CACHED
+
+
+class TestSingleFlight:
+    async def test_concurrent_runs_compute_a_key_once(self) -> None:
+        """20 concurrent runs that need the same key compute it once."""
+        calls = Calls()
+
+        @step(outputs=["v"])
+        async def slow(n: int) -> int:
+            calls.append(n)
+            await asyncio.sleep(0.05)
+            return n
+
+        p = Pipeline("flight", context=context(n=7)).add_step(slow)
+        results = await asyncio.gather(*(p.arun() for _ in range(20)))
+        assert calls == [7]
+        assert all(r["v"] == 7 for r in results)
+        assert sum(r.step_results["slow"].cached for r in results) == 19
+
+
+class TestCorruption:
+    def test_corrupted_artifact_is_recomputed_with_a_warning(self, tmp_path: Path) -> None:
+        """A flipped artifact file is detected, reported and recomputed; never returned."""
+        calls = Calls()
+        big = list(range(50_000))
+
+        @step(outputs=["data"])
+        def produce() -> list[int]:
+            calls.append(1)
+            return big
+
+        p = Pipeline("corrupt", cache_dir=tmp_path / "s").add_step(produce)
+        p.run()
+        files = [f for f in (tmp_path / "s").rglob("*") if f.is_file() and f.stat().st_size > 100_000]
+        assert files, "expected the large output to be stored as an artifact file"
+        raw = bytearray(files[0].read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        files[0].write_bytes(bytes(raw))
+        with pytest.warns(CacheCorruptionWarning, match="produce"):
+            result = p.run()
+        assert result["data"] == big
+        assert len(calls) == 2
+        assert p.run().step_results["produce"].cached
+
+
+class TestLineage:
+    async def test_runs_and_lineage_are_recorded(self, tmp_path: Path) -> None:
+        """A run, its steps and an output's producers can be read back."""
+
+        @step(outputs=["raw"])
+        def load() -> list[int]:
+            return [1, 2]
+
+        @step(outputs=["total"])
+        def add(raw: list[int]) -> int:
+            return sum(raw)
+
+        result = await Pipeline("lin", cache_dir=tmp_path / "s").add_step(load).add_step(add).arun()
+        async with await Store.open(tmp_path / "s") as store:
+            detail = await store.get_run(result.run_id)
+            assert detail is not None
+            assert detail.run.status == "completed"
+            assert {s.step_name: s.status for s in detail.steps} == {"load": "succeeded", "add": "succeeded"}
+            lineage = await store.lineage("total")
+            assert lineage is not None
+            assert lineage.root.step_name == "add"
+            assert [(param, n.step_name) for param, n in lineage.root.inputs] == [("raw", "load")]
