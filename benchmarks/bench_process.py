@@ -10,7 +10,7 @@ to start but unsafe in the engine's threaded process; ProcessExecutor uses ``for
 first repetition also boots the interpreter's forkserver, a once-per-process cost that is
 reported with the rest rather than hidden.
 
-Run: ``.venv/bin/python benchmarks/bench_process.py``
+Run: ``.venv/bin/python benchmarks/bench_process.py [repetitions]`` (default 3).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import statistics
+import sys
 import time
 
 from flowyml._executors._process import ProcessExecutor
@@ -78,8 +79,8 @@ async def raw_pool(iterations: int) -> float:
     return time.perf_counter() - start
 
 
-async def main() -> None:
-    """Calibrate, alternate the two sides REPETITIONS times each, print figures and the ratio."""
+async def main(repetitions: int = REPETITIONS) -> None:
+    """Calibrate, alternate the two sides ``repetitions`` times each, print figures and the ratio."""
     iterations = calibrate()
     single = _fastest_of(2, iterations)
     ideal = single * CALLS / WORKERS
@@ -87,7 +88,7 @@ async def main() -> None:
     print(f"    ideal (no overhead): {ideal:.3f}s")
     ours: list[float] = []
     raw: list[float] = []
-    for rep in range(REPETITIONS):
+    for rep in range(repetitions):
         order = [("flowyml", flowyml_pool), ("raw", raw_pool)]
         if rep % 2:
             order.reverse()
@@ -106,4 +107,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else REPETITIONS))

@@ -31,6 +31,11 @@ forkserver     ~50 ms (boots the server)  ~6 ms
 spawn          ~55 ms                     ~30 ms + imports
 =============  =========================  ==================
 
+(Bare processes. A ``ProcessExecutor`` with two workers, first call answered: ~130 ms on first use,
+the forkserver importing ``flowyml`` once; then ~15 ms per executor, against ~6 ms for a raw
+``fork``-based ``ProcessPoolExecutor``. A call on a warm worker costs ~75 us round trip, about half
+of ``ProcessPoolExecutor`` via ``run_in_executor``.)
+
 ``fork`` is fastest but unsafe: the engine's process runs threads (aiosqlite, the thread executor),
 and forking a process while another thread holds a lock copies that lock held forever. ``spawn``
 pays a fresh interpreter plus every import (including re-running ``__main__``'s imports) for each
