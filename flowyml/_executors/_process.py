@@ -257,9 +257,14 @@ class ProcessExecutor(Executor):
                 _LIVE.add(process)
             except BaseException as exc:
                 parent_end.close()
-                loop.call_soon_threadsafe(_set_exception, started, exc)
+                with contextlib.suppress(RuntimeError):  # the loop may have closed meanwhile
+                    loop.call_soon_threadsafe(_set_exception, started, exc)
             else:
-                loop.call_soon_threadsafe(self._started, started, process, parent_end)
+                try:
+                    loop.call_soon_threadsafe(self._started, started, process, parent_end)
+                except RuntimeError:  # the loop closed while we started: nobody will use it
+                    parent_end.close()
+                    process.kill()
             finally:
                 child_end.close()
 
