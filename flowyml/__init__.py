@@ -26,6 +26,7 @@ from ._errors import (
     StepTimeoutError,
 )
 from ._executors._base import Executor
+from ._executors._dask import DaskExecutor
 from ._fallback import FallbackHandler, on_failure
 from ._parallel import parallel_map
 from ._pipeline import Pipeline
@@ -46,6 +47,7 @@ __all__ = (
     "Context",
     "ControlContext",
     "CycleError",
+    "DaskExecutor",
     "Dataset",
     "DuplicateOutputError",
     "ExecutionResult",

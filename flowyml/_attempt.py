@@ -22,19 +22,26 @@ __all__ = ("run_attempts",)
 
 
 async def run_attempts(
-    node: Node, executor: Executor, args: list[Any], kwargs: dict[str, Any], res: StepResult
+    node: Node,
+    executor: Executor,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    res: StepResult,
+    *,
+    keep_remote: bool = False,
 ) -> Any:
     """Call the step's body until it succeeds or its retry policy gives up; record attempts on ``res``."""
     step = node.step
     policy = step.retry
     started = time.monotonic()
+    extra = {"keep_remote": True} if keep_remote else {}
     attempt = 0
     while True:
         attempt += 1
         res.attempts = attempt
         try:
             return await executor.run(
-                step.body, tuple(args), kwargs, timeout=step.timeout, step_name=node.name
+                step.body, tuple(args), kwargs, timeout=step.timeout, step_name=node.name, **extra
             )
         except Exception as exc:
             if isinstance(exc, StepTimeoutError):

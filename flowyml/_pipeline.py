@@ -132,12 +132,16 @@ class Pipeline:
         fail_fast: bool = True,
         debug: bool | None = None,
         run_id: str | None = None,
+        executor: Executor | None = None,
     ) -> PipelineResult:
         """Run the pipeline to completion and return its result; a failing step does not raise.
 
         ``context`` overrides apply to this run only. ``fail_fast=False`` lets branches that do
         not depend on a failed step finish. ``debug=True`` runs one step at a time and, when a
         step fails, prints its inputs and traceback and opens ``pdb`` if stdin is a terminal.
+        ``executor`` (e.g. ``DaskExecutor(...)``) runs every step that does not name its own.
+        Executor objects used by the run are closed when ``run()`` returns, since its event
+        loop ends with it; ``arun()`` leaves them open for the caller to close.
 
         Raises:
             EventLoopError: called inside a running event loop; use ``await pipeline.arun()``.
@@ -152,7 +156,11 @@ class Pipeline:
                 f"Pipeline.run() was called inside a running event loop; "
                 f"use `await pipeline.arun()` there (pipeline {self.name!r})"
             )
-        return asyncio.run(self.arun(context, fail_fast=fail_fast, debug=debug, run_id=run_id))
+        return asyncio.run(
+            self.arun(
+                context, fail_fast=fail_fast, debug=debug, run_id=run_id, executor=executor, _close_all=True
+            )
+        )
 
     async def arun(
         self,
@@ -161,6 +169,8 @@ class Pipeline:
         fail_fast: bool = True,
         debug: bool | None = None,
         run_id: str | None = None,
+        executor: Executor | None = None,
+        _close_all: bool = False,
     ) -> PipelineResult:
         """Run the pipeline inside the caller's event loop; same contract as :meth:`run`.
 
@@ -173,7 +183,12 @@ class Pipeline:
         run_id = run_id or uuid.uuid4().hex
         start = time.time()
         store, hooks = await self._open_store(plan, run_id, start)
-        executors = _Executors(self)
+        if executor is not None and not isinstance(executor, Executor):
+            raise ConfigError(
+                f"run(executor=...) needs an executor object such as DaskExecutor(...), got {executor!r}"
+            )
+        executors = _Executors(self, executor)
+        remote = any(executors.for_node(n).supports_remote for n in plan.nodes)
         run = Run(
             plan,
             params=params,
@@ -184,13 +199,17 @@ class Pipeline:
             hooks=hooks,
             resources=ResourcePool(self.capacity) if self.capacity else None,
             requests=self._requests if self.capacity else (),
+            remote=remote,
+            caching=self.enable_cache,
         )
         state = "cancelled"
         try:
             await run.execute()
             state = _state(r for r in run.results if r is not None)
+            if remote:
+                await run.localize_outputs()
         finally:
-            await executors.aclose()
+            await executors.aclose(close_given=_close_all)
             if store is not None and hooks is not None:
                 await self._close_store(store, hooks, run, run_id, start, state)
         results = {r.step_name: r for r in run.results if r is not None and r.skip_reason is not NOT_CHOSEN}
@@ -249,8 +268,10 @@ class Pipeline:
 class _Executors:
     """The executors of one run, created on first use and closed when the run ends."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, default: Executor | None = None) -> None:
         self._pipeline = pipeline
+        self._default = default
+        self._given: dict[int, Executor] = {}
         self._async = AsyncExecutor()
         self._thread: ThreadExecutor | None = None
         self._process: Executor | None = None
@@ -264,7 +285,10 @@ class _Executors:
 
     def _make(self, s: Step) -> Executor:
         kind = s.executor
+        if kind is None and self._default is not None:
+            kind = self._default
         if isinstance(kind, Executor):
+            self._given[id(kind)] = kind
             return kind
         if kind == "process":
             if self._process is None:
@@ -278,10 +302,11 @@ class _Executors:
             self._thread = ThreadExecutor(self._pipeline.max_threads)
         return self._thread
 
-    async def aclose(self) -> None:
-        for ex in (self._thread, self._process):
-            if ex is not None:
-                await ex.aclose()
+    async def aclose(self, *, close_given: bool) -> None:
+        """Close the executors this run made, and the ones it was given when ``close_given``."""
+        owned = [ex for ex in (self._thread, self._process) if ex is not None]
+        for ex in owned + (list(self._given.values()) if close_given else []):
+            await ex.aclose()
 
 
 def _state(results: Iterable[StepResult]) -> str:

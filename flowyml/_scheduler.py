@@ -53,6 +53,8 @@ class Run:
         hooks: RunHooks | None = None,
         resources: ResourcePool | None = None,
         requests: Sequence[Request] = (),
+        remote: bool = False,
+        caching: bool = False,
     ) -> None:
         self.plan = plan
         self.params = params
@@ -68,6 +70,10 @@ class Run:
         self._executor_for = executors
         self._resources = resources
         self._requests = requests
+        self._remote = remote
+        self._caching = caching
+        self._producer: dict[int, Executor] = {}
+        self._fetched: dict[int, Any] = {}
         self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self._on_failure = on_failure
         self.hooks = hooks
@@ -177,6 +183,10 @@ class Run:
             return False
         args, kwargs = self._arguments(node)
         step = node.step
+        executor = self._executor_for(node)
+        keep_remote = False
+        if self._remote:
+            keep_remote = await self._localize(node, executor, args, kwargs)
         hooks = self.hooks
         request = self._requests[node.id] if self._requests else ()
         limit = self._limit
@@ -195,12 +205,11 @@ class Run:
                 if limit is not None:
                     await limit.acquire()
                 held = True
-                executor = self._executor_for(node)
                 if step.retry is None and step.timeout is None and executor.name == "async":
                     res.attempts = 1
                     ret = await step.body(*args, **kwargs)
                 else:
-                    ret = await run_attempts(node, executor, args, kwargs, res)
+                    ret = await run_attempts(node, executor, args, kwargs, res, keep_remote=keep_remote)
                 res.outputs = self._store(node, ret)
                 res.status = StepStatus.SUCCEEDED
         except asyncio.CancelledError:
@@ -225,6 +234,49 @@ class Run:
         if self._on_failure is not None and res.status is not StepStatus.SKIPPED:
             self._on_failure(node, res, [*args, *kwargs.values()])
         return False
+
+    async def _localize(
+        self, node: Node, executor: Executor, args: list[Any], kwargs: dict[str, Any]
+    ) -> bool:
+        """Fetch remote inputs this step cannot take as they are; say if its output may stay remote.
+
+        A remote value (a Dask future) goes straight to a step on the same executor, so data moves
+        worker to worker; any other consumer, or a cached step that must hash its inputs, gets it
+        fetched to the driver, once per output.
+        """
+        cached = self._caching and node.step.cache is not False
+        for i, (_, src) in enumerate(node.sources()):
+            if src.kind != SLOT or src.slot not in self._producer:
+                continue
+            producer = self._producer[src.slot]
+            if producer is executor and not cached:
+                continue
+            value = self._fetched.get(src.slot, MISSING)
+            if value is MISSING:
+                value = self._fetched[src.slot] = await producer.fetch(
+                    self.values[src.slot], step_name=node.name
+                )
+            if i < len(args):
+                args[i] = value
+            else:
+                kwargs[node.keyword[i - len(args)][0]] = value
+        keep = executor.supports_remote and len(node.output_slots) == 1 and not cached
+        if keep:
+            self._producer[node.output_slots[0]] = executor
+        return keep
+
+    async def localize_outputs(self) -> None:
+        """Fetch every remote output to the driver; call before the executors close."""
+        for slot, producer in self._producer.items():
+            if slot not in self._fetched and self.values[slot] is not MISSING:
+                self._fetched[slot] = await producer.fetch(self.values[slot])
+        for slot, value in self._fetched.items():
+            self.values[slot] = value
+        names = self.plan.slot_names
+        for node in self.plan.nodes:
+            res = self.results[node.id]
+            if res is not None and res.outputs and any(s in self._fetched for s in node.output_slots):
+                res.outputs = {names[s]: self.values[s] for s in node.output_slots}
 
     def _store(self, node: Node, ret: Any) -> dict[str, Any]:
         """Put a return value into the node's output slots, by the rules of DESIGN.md §3."""

@@ -331,3 +331,72 @@ class TestConfiguration:
             "assert not bad, bad\n"
         )
         subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+class CountingDask(DaskExecutor):
+    """A real DaskExecutor that counts how often a value is brought back to the driver."""
+
+    fetches = 0
+
+    async def fetch(self, value: Any, *, step_name: str | None = None) -> Any:
+        if self.is_remote(value):
+            type(self).fetches += 1
+        return await super().fetch(value, step_name=step_name)
+
+
+class TestPipeline:
+    async def test_chain_keeps_values_on_the_cluster(self, cluster: Any) -> None:
+        """Between two uncached Dask steps the value moves worker to worker, never via the driver."""
+        from flowyml import Pipeline, step
+
+        dask = CountingDask(cluster.scheduler_address)
+        CountingDask.fetches = 0
+
+        @step(outputs=["numbers"], executor=dask)
+        def make() -> list[int]:
+            return list(range(1000))
+
+        @step(outputs=["seen"], executor=dask)
+        def consume(numbers: list[int]) -> tuple[str, int]:
+            return type(numbers).__name__, sum(numbers)
+
+        p = Pipeline("dask-chain", enable_cache=False).add_step(make).add_step(consume)
+        try:
+            result = await p.arun()
+        finally:
+            await dask.aclose()
+        assert result.success, result.summary()
+        assert result["seen"] == ("list", sum(range(1000)))
+        assert result["numbers"] == list(range(1000))
+        assert CountingDask.fetches == 2  # only the two final outputs, for the PipelineResult
+
+    async def test_run_level_executor_with_driver_consumer(self, cluster: Any) -> None:
+        """run(executor=...) sends steps to Dask; a driver-side step (own executor) gets the value."""
+        from flowyml import Pipeline, step
+
+        @step(outputs=["pid"])
+        def where() -> int:
+            return os.getpid()
+
+        @step(outputs=["check"], executor="thread")
+        def local(pid: int) -> tuple[int, int]:
+            return pid, os.getpid()
+
+        dask = DaskExecutor(cluster.scheduler_address)
+        try:
+            result = await Pipeline("dask-run").add_step(where).add_step(local).arun(executor=dask)
+        finally:
+            await dask.aclose()
+        assert result.success, result.summary()
+        remote_pid, driver_pid = result["check"]
+        assert driver_pid == os.getpid() != remote_pid
+
+    def test_blocking_run_closes_the_executor(self, cluster: Any) -> None:
+        """pipeline.run(executor=...) closes the executor with its loop, and can run again."""
+        from flowyml import Pipeline, step
+
+        dask = DaskExecutor(cluster.scheduler_address)
+        p = Pipeline("dask-twice", enable_cache=False).add_step(step(outputs=["v"], name="v")(lambda: 41))
+        assert p.run(executor=dask)["v"] == 41
+        assert dask.client is None
+        assert p.run(executor=dask)["v"] == 41

@@ -17,6 +17,8 @@ class Executor(abc.ABC):
     """
 
     name: ClassVar[str] = "executor"
+    supports_remote: ClassVar[bool] = False
+    """True when :meth:`run` accepts ``keep_remote=True`` and may return handles to remote values."""
 
     @abc.abstractmethod
     async def run(
@@ -29,6 +31,14 @@ class Executor(abc.ABC):
         step_name: str,
     ) -> Any:
         """Call ``fn(*args, **kwargs)`` here and return its result."""
+
+    def is_remote(self, value: Any) -> bool:
+        """True when ``value`` is a handle to data that lives where this executor runs steps."""
+        return False
+
+    async def fetch(self, value: Any, *, step_name: str | None = None) -> Any:
+        """Bring a remote value to the driver; plain values pass through."""
+        return value
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most executors hold nothing
         """Release what the executor holds; leave no thread or process behind that it owns."""

@@ -110,6 +110,7 @@ class DaskExecutor(Executor):
     """
 
     name = "dask"
+    supports_remote = True
 
     def __init__(
         self,
