@@ -45,6 +45,7 @@ class StoreHooks(RunHooks):
         self.recording = recording
         self._keys: dict[int, str] = {}
         self._claims: dict[int, asyncio.Future[_Outcome]] = {}
+        self._settled: list[tuple[Path, str]] = []
         self._hit_hashes: dict[int, dict[str, str]] = {}
         self._inflight = _inflight.setdefault(asyncio.get_running_loop(), {})
 
@@ -132,10 +133,11 @@ class StoreHooks(RunHooks):
         claim = self._claims.pop(node.id, None)
         ok = res.status is StepStatus.SUCCEEDED
         if claim is not None:
-            flight = (self.store.root, key or "")
-            if self._inflight.get(flight) is claim:
-                del self._inflight[flight]
             claim.set_result((res.outputs, res.duration_seconds) if ok else None)
+            if ok:
+                self._settled.append((self.store.root, key or ""))
+            else:
+                self._forget((self.store.root, key or ""), claim)
         hashes = self._hit_hashes.pop(node.id, None) if self._hit_hashes else None
         if ok and key is not None:
             hashes = self.store.put(
@@ -147,6 +149,22 @@ class StoreHooks(RunHooks):
             )
         if self.recording:
             self.store.record_step(self.record(node, res, hashes))
+
+    def _forget(self, flight: tuple[Path, str], claim: asyncio.Future[_Outcome] | None = None) -> None:
+        if claim is None or self._inflight.get(flight) is claim:
+            self._inflight.pop(flight, None)
+
+    def release(self) -> None:
+        """Forget this run's computed values once the store has committed them.
+
+        Until then a concurrent run in this process that needs one of these keys gets the value
+        from here: its own store cannot see the entry before the commit.
+        """
+        for flight in self._settled:
+            pending = self._inflight.get(flight)
+            if pending is not None and pending.done():
+                del self._inflight[flight]
+        self._settled.clear()
 
     def record(self, node: Node, res: StepResult, hashes: dict[str, str] | None = None) -> StepRecord:
         """The lineage row of one step's fate in this run."""

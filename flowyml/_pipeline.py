@@ -259,7 +259,10 @@ class Pipeline:
                 saved = sum(r.time_saved_seconds for r in run.results if r is not None)
                 store.record_run(RunRecord(run_id, self.name, state, start, end, end - start, saved))
         finally:
-            await store.aclose()
+            try:
+                await store.aclose()
+            finally:
+                hooks.release()
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, steps={[s.name for s in self._steps]})"
