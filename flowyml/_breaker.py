@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Final, ParamSpec, TypeVar, cast
 
 from flowyml._errors import CircuitOpenError, ConfigError
-from flowyml._retry import ExceptionTypes, exception_types
+from flowyml._retry import ExceptionTypes, exception_types, own_markers
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -224,10 +224,7 @@ class CircuitBreaker:
                 return self._call(func, args, kwargs)
 
             wrapper = sync_wrapper
-        wrapper.__dict__["__flowyml_breaker__"] = self
-        # functools.wraps copied the inner function's __dict__; a retry marker copied from below
-        # would tell the engine to lift a retry loop that is not the outermost layer.
-        wrapper.__dict__.pop("__flowyml_retry__", None)
+        own_markers(wrapper, breaker=self)
         return cast(Callable[P, R], wrapper)
 
     def call(self, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:

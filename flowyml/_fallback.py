@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ParamSpec, TypeVar, cast
 
 from flowyml._errors import ConfigError
-from flowyml._retry import ExceptionTypes, exception_types
+from flowyml._retry import ExceptionTypes, exception_types, own_markers
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -73,7 +73,7 @@ class FallbackHandler:
         return f"FallbackHandler({name}, fallback_on=({on}))"
 
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
-        """Decorate a sync or async function."""
+        """Decorate a sync or async function; the wrapper carries ``__flowyml_fallback__ = self``."""
         wrapper: Callable[..., Any]
         if self._check(func):
             afunc = cast(Callable[P, Awaitable[Any]], func)
@@ -90,9 +90,7 @@ class FallbackHandler:
                 return self._call(func, args, kwargs)
 
             wrapper = sync_wrapper
-        # functools.wraps copied the inner function's __dict__; a retry marker copied from below
-        # would tell the engine to lift a retry loop that is not the outermost layer.
-        wrapper.__dict__.pop("__flowyml_retry__", None)
+        own_markers(wrapper, fallback=self)
         return cast(Callable[P, R], wrapper)
 
     def call(self, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:

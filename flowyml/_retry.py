@@ -81,6 +81,22 @@ def exception_types(value: object, option: str) -> tuple[type[Exception], ...]:
     return cast(tuple[type[Exception], ...], items)
 
 
+def own_markers(wrapper: Callable[..., Any], **markers: object) -> None:
+    """Give ``wrapper`` exactly its own ``__flowyml_*__`` markers.
+
+    ``functools.wraps`` copies the wrapped function's ``__dict__``, so without this a wrapper
+    would also carry the markers of every layer below it (``__flowyml_retry__``,
+    ``__flowyml_breaker__``, ``__flowyml_condition__``, ...), and the engine, which reads a marker
+    as "this layer is a retry / a breaker / a condition", would lift or count the wrong layer.
+    The markers stay reachable by walking ``__wrapped__``.
+    """
+    copied = [key for key in wrapper.__dict__ if key.startswith("__flowyml_") and key.endswith("__")]
+    for key in copied:
+        del wrapper.__dict__[key]
+    for key, value in markers.items():
+        wrapper.__dict__[f"__flowyml_{key}__"] = value
+
+
 def _check_attempt(attempt: int) -> None:
     if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
         raise ValueError(f"attempt numbers start at 1, got {attempt!r}")
@@ -395,7 +411,7 @@ class Retry:
                     _sleep(delay)
 
             wrapper = sync_wrapper
-        wrapper.__dict__["__flowyml_retry__"] = config
+        own_markers(wrapper, retry=config)
         return cast(Callable[P, R], wrapper)
 
 

@@ -138,6 +138,7 @@ class TestOnFailure:
         assert wrapped.__wrapped__ is inner  # type: ignore[attr-defined]
         assert wrapped.__name__ == "broken"
         assert not hasattr(wrapped, "__flowyml_retry__")
+        assert isinstance(wrapped.__flowyml_fallback__, FallbackHandler)  # type: ignore[attr-defined]
 
 
 class TestFallbackHandler:
@@ -198,6 +199,7 @@ class TestSeedStack:
         assert breaker.state is CircuitState.OPEN
         assert delays == []  # on_failure handles every error, so retry has nothing to retry
         assert fetch_data.__flowyml_retry__.max_attempts == 3  # type: ignore[attr-defined]
+        assert not hasattr(fetch_data, "__flowyml_breaker__")  # only the breaker's own layer has it
 
     async def test_async_stack_returns_the_fallback(self) -> None:
         """The same stack on an async function returns the fallback too."""

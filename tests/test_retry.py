@@ -386,6 +386,17 @@ class TestRetryDecorator:
         assert wrapped.__flowyml_retry__ is policy.config  # type: ignore[attr-defined]
         assert not inspect.iscoroutinefunction(wrapped)
 
+    def test_wrapper_carries_only_its_own_marker(self) -> None:
+        """Markers of inner layers are not copied up; they stay reachable through __wrapped__."""
+
+        def inner() -> None: ...
+
+        inner.__flowyml_breaker__ = "breaker"  # type: ignore[attr-defined]
+        inner.__flowyml_condition__ = "condition"  # type: ignore[attr-defined]
+        wrapped = retry()(inner)
+        assert [k for k in vars(wrapped) if k.startswith("__flowyml_")] == ["__flowyml_retry__"]
+        assert wrapped.__wrapped__.__flowyml_breaker__ == "breaker"  # type: ignore[attr-defined]
+
     def test_async_wrapper_is_a_coroutine_function(self) -> None:
         """Decorating an async def gives an async def."""
 
