@@ -7,6 +7,7 @@ comes from (an upstream output slot, a context name, or a default).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
@@ -91,6 +92,7 @@ class Plan:
     by_name: Mapping[str, Node]
     context_needs: tuple[tuple[Node, Source], ...]
     gates: tuple[Gate, ...] = ()
+    chains: Mapping[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def check_context(self, available: Mapping[str, Any]) -> None:
         """Raise :class:`MissingInputError` for a context-bound parameter nobody can fill."""
@@ -189,7 +191,7 @@ def build_plan(steps: Sequence[Step], flows: Sequence[If] = ()) -> Plan:
             dependents[d].append(n.id)
     for n in nodes:
         n.dependents = tuple(dependents[n.id])
-    _check_acyclic(nodes)
+    order = _check_acyclic(nodes)
     index = {id(s): i for i, s in enumerate(steps)}
     gates = tuple(
         Gate(
@@ -207,7 +209,37 @@ def build_plan(steps: Sequence[Step], flows: Sequence[If] = ()) -> Plan:
         by_name={n.name: n for n in nodes},
         context_needs=tuple((nodes[i], src) for i, src in context_needs),
         gates=gates,
+        chains=find_chains(nodes, order, {i for g in gates for i in (*g.then_ids, *g.else_ids)}),
     )
+
+
+def find_chains(
+    nodes: Sequence[Node], order: Sequence[int], excluded: set[int]
+) -> dict[int, tuple[int, ...]]:
+    """Chains of two or more grouped sync steps, by head node id, in topological ``order``.
+
+    A node extends a chain when it is in the same group, runs on the same executor, depends on
+    the chain's last node, and depends on nothing outside the chain.
+    """
+    open_chains: dict[str, list[int]] = {}
+    chains: list[list[int]] = []
+    for i in order:
+        node = nodes[i]
+        group = node.step.execution_group
+        if group is None or node.step.is_async or i in excluded:
+            continue
+        current = open_chains.get(group)
+        if (
+            current
+            and current[-1] in node.deps
+            and set(node.deps) <= set(current)
+            and nodes[current[-1]].step.executor == node.step.executor
+        ):
+            current.append(i)
+            continue
+        open_chains[group] = [i]
+        chains.append(open_chains[group])
+    return {c[0]: tuple(c) for c in chains if len(c) > 1}
 
 
 def _bind(
@@ -270,19 +302,20 @@ def _default(param: inspect.Parameter) -> Any:
     return MISSING if param.default is inspect.Parameter.empty else param.default
 
 
-def _check_acyclic(nodes: Sequence[Node]) -> None:
+def _check_acyclic(nodes: Sequence[Node]) -> list[int]:
+    """A topological order of the nodes; raises :class:`CycleError` naming a cycle if none exists."""
     remaining = [len(n.deps) for n in nodes]
-    ready = [n.id for n in nodes if not n.deps]
-    seen = 0
+    ready = [n.id for n in reversed(nodes) if not n.deps]
+    order: list[int] = []
     while ready:
         i = ready.pop()
-        seen += 1
-        for d in nodes[i].dependents:
+        order.append(i)
+        for d in reversed(nodes[i].dependents):
             remaining[d] -= 1
             if remaining[d] == 0:
                 ready.append(d)
-    if seen == len(nodes):
-        return
+    if len(order) == len(nodes):
+        return order
     # Walk dependencies from a node still blocked until one repeats: that loop is the cycle.
     start = next(i for i, r in enumerate(remaining) if r > 0)
     path: list[int] = []

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ("ExecutionResult", "PipelineResult", "StepResult", "StepStatus")
+from ._errors import OutputError
+
+__all__ = ("ExecutionResult", "PipelineResult", "StepResult", "StepStatus", "split_outputs")
 
 
 class StepStatus(enum.StrEnum):
@@ -145,3 +147,30 @@ class PipelineResult:
             f"PipelineResult({self.pipeline_name!r}, {self.state}, steps={len(self.step_results)}, "
             f"{self.duration_seconds:.3f}s)"
         )
+
+
+def split_outputs(step_name: str, names: tuple[str, ...], ret: Any) -> dict[str, Any]:
+    """A return value as ``{output name: value}``, by the rules of DESIGN.md §3.
+
+    Raises:
+        OutputError: several outputs are declared and ``ret`` is not a tuple/list of exactly
+            that length or a dict holding every name; the message says expected vs got.
+    """
+    if len(names) == 1:
+        return {names[0]: ret}
+    if isinstance(ret, Mapping):
+        missing = [n for n in names if n not in ret]
+        if missing:
+            raise OutputError(
+                f"step {step_name!r} returned a dict without output(s) {missing}; it declares outputs {list(names)}",
+                step_name=step_name,
+            )
+        return {n: ret[n] for n in names}
+    if not isinstance(ret, tuple | list) or len(ret) != len(names):
+        got = f"a {type(ret).__name__} of {len(ret)}" if isinstance(ret, tuple | list) else type(ret).__name__
+        raise OutputError(
+            f"step {step_name!r} declares {len(names)} outputs {list(names)} and must return a tuple, "
+            f"list or dict of exactly that many values; expected {len(names)}, got {got}",
+            step_name=step_name,
+        )
+    return dict(zip(names, ret, strict=True))

@@ -14,6 +14,7 @@ cancelled, and steps that never started are reported as skipped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 import traceback
@@ -22,11 +23,12 @@ from typing import Any
 
 from ._attempt import run_attempts
 from ._conditions import NOT_CHOSEN, ControlContext, NotReady, conditions_hold
-from ._errors import OutputError, StepTimeoutError
+from ._errors import StepTimeoutError
 from ._executors._base import Executor
 from ._graph import CONTEXT, MISSING, SLOT, Gate, Node, Plan, Source
+from ._groups import Member, Outcome, run_chain
 from ._resources import Request, ResourcePool
-from ._results import StepResult, StepStatus
+from ._results import StepResult, StepStatus, split_outputs
 
 __all__ = ("Run",)
 
@@ -107,27 +109,153 @@ class Run:
         assert tg is not None
         nodes = self.plan.nodes
         remaining = self.remaining
+        chains = self.plan.chains
         while node is not None:
-            ok = await self._run_node(node)
-            if not ok:
-                if self.fail_fast and self.results[node.id].status not in _QUIET:  # type: ignore[union-attr]
-                    self.stopped_by = node.name
-                    raise _Abort
-                mark = self.blocked[node.id] or f"upstream step {node.name!r} did not produce its outputs"
-                for d in node.dependents:
-                    self.blocked[d] = self.blocked[d] or mark
+            chain = chains.get(node.id) if chains else None
+            done: Sequence[tuple[Node, bool]]
+            if chain is None:
+                done = ((node, await self._run_node(node)),)
+            else:
+                done = await self._run_chain([nodes[i] for i in chain])
             nxt = None
-            for d in node.dependents:
-                remaining[d] -= 1
-                if remaining[d] == 0:
-                    if nxt is None:
-                        nxt = nodes[d]
-                    else:
-                        tg.create_task(self._drive(nodes[d]))
-            if self._gate_waiters:
-                for gate in self._gate_waiters.pop(node.id, ()):
-                    self._evaluate(gate)
+            for member, ok in done:
+                if not ok:
+                    if self.fail_fast and self.results[member.id].status not in _QUIET:  # type: ignore[union-attr]
+                        self.stopped_by = member.name
+                        raise _Abort
+                    mark = (
+                        self.blocked[member.id]
+                        or f"upstream step {member.name!r} did not produce its outputs"
+                    )
+                    for d in member.dependents:
+                        self.blocked[d] = self.blocked[d] or mark
+                for d in member.dependents:
+                    if chain is not None and d in chain:
+                        continue
+                    remaining[d] -= 1
+                    if remaining[d] == 0:
+                        if nxt is None:
+                            nxt = nodes[d]
+                        else:
+                            tg.create_task(self._drive(nodes[d]))
+                if self._gate_waiters:
+                    for gate in self._gate_waiters.pop(member.id, ()):
+                        self._evaluate(gate)
             node = nxt
+
+    async def _run_chain(self, chain: list[Node]) -> list[tuple[Node, bool]]:
+        """Run an execution group's chain as one call in one worker; see :mod:`flowyml._groups`."""
+        head = chain[0]
+        if self.blocked[head.id] is not None or self._remote:
+            return [(n, await self._run_node(n)) for n in chain]
+        args, kwargs = self._arguments(head)
+        hooks = self.hooks
+        results = [StepResult(n.name) for n in chain]
+        for n, r in zip(chain, results, strict=True):
+            self.results[n.id] = r
+        if hooks is not None:
+            hit = False
+            try:
+                hit = await hooks.before(head, results[0], args, kwargs, self.values)
+            except Exception as exc:
+                self._fail(results[0], exc)
+            if hit or results[0].status is not StepStatus.PENDING:
+                hooks.after(head, results[0], args, kwargs, self.values)
+                ok = results[0].status in _OK
+                return [(head, ok), *[(n, await self._run_node(n)) for n in chain[1:]]]
+        members = [
+            self._member(n, args if n is head else None, kwargs if n is head else None, chain) for n in chain
+        ]
+        timeouts = [n.step.timeout for n in chain]
+        timeout = None if None in timeouts else sum(t for t in timeouts if t is not None)
+        executor = self._executor_for(head)
+        request = tuple(
+            (kind, max(dict(self._requests[n.id]).get(kind, 0.0) for n in chain))
+            for kind in sorted(
+                {k for n in chain for k, _ in (self._requests[n.id] if self._requests else ())}
+            )
+        )
+        limit = self._limit
+        t0 = _perf()
+        started = _now()
+        try:
+            if request:
+                await self._resources.acquire(request)  # type: ignore[union-attr]
+            try:
+                if limit is not None:
+                    await limit.acquire()
+                try:
+                    outcomes = await executor.run(
+                        run_chain, (members,), {}, timeout=timeout, step_name=head.name
+                    )
+                finally:
+                    if limit is not None:
+                        limit.release()
+            finally:
+                if request:
+                    self._resources.release(request)  # type: ignore[union-attr]
+        except asyncio.CancelledError:
+            for r in results:
+                r.status = StepStatus.CANCELLED
+            raise
+        except Exception as exc:
+            outcomes = [
+                Outcome(StepStatus.PENDING, {}, start_time=started, duration_seconds=_perf() - t0)
+            ] * len(chain)
+            for r in results:
+                self._fail(r, exc)
+        done: list[tuple[Node, bool]] = []
+        for n, r, o in zip(chain, results, outcomes, strict=True):
+            if o.status is not StepStatus.PENDING:
+                r.status, r.outputs, r.error, r.traceback = o.status, o.outputs, o.error, o.traceback
+                r.skip_reason = o.skip_reason
+            r.attempts, r.start_time, r.duration_seconds = (
+                o.attempts,
+                o.start_time or started,
+                o.duration_seconds,
+            )
+            r.end_time = r.start_time + r.duration_seconds
+            for slot, name in zip(n.output_slots, n.output_names, strict=True):
+                if name in r.outputs:
+                    self.values[slot] = r.outputs[name]
+            if hooks is not None:
+                a, kw = self._arguments(n)
+                if n is not head and r.status is StepStatus.SUCCEEDED:
+                    probe = StepResult(n.name)
+                    with contextlib.suppress(Exception):
+                        await hooks.before(n, probe, a, kw, [MISSING] * len(self.values))
+                    r.cache_key = probe.cache_key
+                hooks.after(n, r, a, kw, self.values)
+            ok = r.status in _OK
+            if not ok and r.status is not StepStatus.SKIPPED and self._on_failure is not None:
+                self._on_failure(n, r, [*args, *kwargs.values()])
+            done.append((n, ok))
+        return done
+
+    def _member(
+        self, node: Node, args: list[Any] | None, kwargs: dict[str, Any] | None, chain: list[Node]
+    ) -> Member:
+        inside = {slot for n in chain for slot in n.output_slots}
+
+        def arg(src: Source) -> tuple[str, Any]:
+            return ("s", src.slot) if src.kind == SLOT and src.slot in inside else ("v", self._resolve(src))
+
+        return Member(
+            name=node.name,
+            body=node.step.body,
+            positional=tuple(arg(s) for s in (*node.positional, *node.var_positional)),
+            keyword=tuple((k, arg(s)) for k, s in node.keyword),
+            output_names=node.output_names,
+            output_slots=node.output_slots,
+            conditions=node.step.conditions,
+            retry=node.step.retry,
+        )
+
+    @staticmethod
+    def _fail(res: StepResult, exc: BaseException) -> None:
+        res.status = StepStatus.TIMED_OUT if isinstance(exc, StepTimeoutError) else StepStatus.FAILED
+        res.error = exc
+        res.traceback = "".join(traceback.format_exception(exc))
 
     def _evaluate(self, gate: Gate) -> None:
         """Pick a branch of an ``If`` once everything its condition reads exists."""
@@ -216,9 +344,7 @@ class Run:
             res.status = StepStatus.CANCELLED
             raise
         except Exception as exc:
-            res.status = StepStatus.TIMED_OUT if isinstance(exc, StepTimeoutError) else StepStatus.FAILED
-            res.error = exc
-            res.traceback = "".join(traceback.format_exception(exc))
+            self._fail(res, exc)
         finally:
             if held:
                 if limit is not None:
@@ -280,37 +406,13 @@ class Run:
 
     def _store(self, node: Node, ret: Any) -> dict[str, Any]:
         """Put a return value into the node's output slots, by the rules of DESIGN.md §3."""
-        slots = node.output_slots
-        values = self.values
-        names = node.output_names
-        if len(slots) == 1:
-            values[slots[0]] = ret
-            return {names[0]: ret}
-        if isinstance(ret, Mapping):
-            missing = [n for n in names if n not in ret]
-            if missing:
-                raise OutputError(
-                    f"step {node.name!r} returned a dict without output(s) {missing}; "
-                    f"it declares outputs {list(names)}",
-                    step_name=node.name,
-                )
-            for slot, name in zip(slots, names, strict=True):
-                values[slot] = ret[name]
-            return {name: ret[name] for name in names}
-        if not isinstance(ret, tuple | list) or len(ret) != len(slots):
-            got = (
-                f"a {type(ret).__name__} of {len(ret)}"
-                if isinstance(ret, tuple | list)
-                else type(ret).__name__
-            )
-            raise OutputError(
-                f"step {node.name!r} declares {len(slots)} outputs {list(names)} and must return a tuple, "
-                f"list or dict of exactly that many values; expected {len(slots)}, got {got}",
-                step_name=node.name,
-            )
-        for slot, value in zip(slots, ret, strict=True):
-            values[slot] = value
-        return dict(zip(names, ret, strict=True))
+        if len(node.output_slots) == 1:
+            self.values[node.output_slots[0]] = ret
+            return {node.output_names[0]: ret}
+        outputs = split_outputs(node.name, node.output_names, ret)
+        for slot, name in zip(node.output_slots, node.output_names, strict=True):
+            self.values[slot] = outputs[name]
+        return outputs
 
     def outputs(self) -> dict[str, Any]:
         """Every output value produced (or loaded from the cache) in this run, by name."""

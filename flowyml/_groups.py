@@ -1,0 +1,118 @@
+"""Execution groups: a chain of plain-function steps run back to back in one worker.
+
+Steps sharing an ``execution_group`` that form a chain — each one's inputs come from the steps
+before it in the chain (the first may read anything) — are sent to their executor as one call.
+Inside the worker (one thread, or one process) each step's outputs are handed to the next in
+memory, never through the event loop or the pickler; what comes back is every step's own
+outcome, so each is still recorded, cached and reported on its own.
+
+What changes inside a group, and why:
+
+- a member's ``timeout`` cannot be enforced on its own in a thread or process shared with the
+  other members: the whole chain gets the sum of its members' timeouts (none if any has none);
+- retries happen inside the worker, with the same policy and back-off (a blocking sleep there);
+- the cache is consulted for the first member only; if it hits, the others run one by one as
+  ordinary steps, each with its own cache look-up.
+
+Async steps are never grouped: they already run back to back on the loop without a hop.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._conditions import conditions_hold
+from ._results import StepStatus, split_outputs
+from ._retry import RetryConfig, _sleep
+
+__all__ = ("Member", "Outcome", "run_chain")
+
+# An argument: ("v", value) known before the chain starts, or ("s", slot) made inside it.
+Arg = tuple[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """What the worker needs to run one step of a chain."""
+
+    name: str
+    body: Callable[..., Any]
+    positional: tuple[Arg, ...]
+    keyword: tuple[tuple[str, Arg], ...]
+    output_names: tuple[str, ...]
+    output_slots: tuple[int, ...]
+    conditions: tuple[tuple[Callable[..., Any], bool], ...]
+    retry: RetryConfig | None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One member's fate, sent back from the worker."""
+
+    status: StepStatus
+    outputs: dict[str, Any]
+    error: BaseException | None = None
+    traceback: str | None = None
+    attempts: int = 0
+    start_time: float | None = None
+    duration_seconds: float = 0.0
+    skip_reason: str | None = None
+
+
+def run_chain(members: Sequence[Member]) -> list[Outcome]:
+    """Run the members in order in this worker; stop at the first that does not succeed."""
+    local: dict[int, Any] = {}
+    outcomes: list[Outcome] = []
+    for m in members:
+        if outcomes and outcomes[-1].status is not StepStatus.SUCCEEDED:
+            outcomes.append(
+                Outcome(
+                    StepStatus.SKIPPED,
+                    {},
+                    skip_reason=f"upstream step {members[len(outcomes) - 1].name!r} did not produce its outputs",
+                )
+            )
+            continue
+        args = [local[x] if kind == "s" else x for kind, x in m.positional]
+        kwargs = {k: (local[x] if kind == "s" else x) for k, (kind, x) in m.keyword}
+        if m.conditions and not conditions_hold(m.conditions, args, kwargs):
+            outcomes.append(Outcome(StepStatus.SKIPPED, {}, skip_reason="its condition was false"))
+            continue
+        outcomes.append(_attempts(m, args, kwargs, local))
+    return outcomes
+
+
+def _attempts(m: Member, args: list[Any], kwargs: dict[str, Any], local: dict[int, Any]) -> Outcome:
+    start = time.time()
+    t0 = time.perf_counter()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            outputs = split_outputs(m.name, m.output_names, m.body(*args, **kwargs))
+        except Exception as exc:
+            if m.retry is not None and m.retry.should_retry(exc, attempt, time.perf_counter() - t0):
+                _sleep(m.retry.delay(attempt))
+                continue
+            return Outcome(
+                StepStatus.FAILED,
+                {},
+                error=exc,
+                traceback="".join(traceback.format_exception(exc)),
+                attempts=attempt,
+                start_time=start,
+                duration_seconds=time.perf_counter() - t0,
+            )
+        for slot, name in zip(m.output_slots, m.output_names, strict=True):
+            local[slot] = outputs[name]
+        return Outcome(
+            StepStatus.SUCCEEDED,
+            outputs,
+            attempts=attempt,
+            start_time=start,
+            duration_seconds=time.perf_counter() - t0,
+        )
