@@ -7,8 +7,6 @@ attempt counts as a failure for any circuit breaker wrapped around the step's fu
 
 from __future__ import annotations
 
-import contextlib
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,7 +14,7 @@ from ._errors import StepTimeoutError
 from ._executors._base import Executor
 from ._graph import Node
 from ._results import StepResult
-from ._retry import _asleep as asleep
+from ._retry import RetryRun, _asleep
 
 __all__ = ("run_attempts",)
 
@@ -32,13 +30,10 @@ async def run_attempts(
 ) -> Any:
     """Call the step's body until it succeeds or its retry policy gives up; record attempts on ``res``."""
     step = node.step
-    policy = step.retry
-    started = time.monotonic()
+    retry = RetryRun(step.retry) if step.retry is not None else None
     extra = {"keep_remote": True} if keep_remote else {}
-    attempt = 0
     while True:
-        attempt += 1
-        res.attempts = attempt
+        res.attempts = retry.attempt if retry is not None else 1
         try:
             return await executor.run(
                 step.body, tuple(args), kwargs, timeout=step.timeout, step_name=node.name, **extra
@@ -47,10 +42,10 @@ async def run_attempts(
             if isinstance(exc, StepTimeoutError):
                 for breaker in _breakers(step.body):
                     breaker.record_failure(exc)
-            if policy is None or not policy.should_retry(exc, attempt, time.monotonic() - started):
-                _note_attempts(exc, attempt)
+            delay = retry.failed(exc) if retry is not None else None
+            if delay is None:
                 raise
-            await asleep(policy.delay(attempt))
+            await _asleep(delay)
 
 
 def _breakers(func: Callable[..., Any]) -> Iterator[Any]:
@@ -59,10 +54,3 @@ def _breakers(func: Callable[..., Any]) -> Iterator[Any]:
         if breaker is not None:
             yield breaker
         func = getattr(func, "__wrapped__", None)  # type: ignore[assignment]
-
-
-def _note_attempts(exc: Exception, attempts: int) -> None:
-    if attempts > 1:
-        with contextlib.suppress(AttributeError):
-            exc.attempts = attempts  # type: ignore[attr-defined]
-        exc.add_note(f"flowyml: gave up after {attempts} attempts")

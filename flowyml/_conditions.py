@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 from ._assets import Asset, Metrics
 from ._errors import ConfigError
 from ._results import StepStatus
+from ._retry import own_markers
 
 if TYPE_CHECKING:
     from ._scheduler import Run
@@ -64,7 +65,7 @@ def _conditional(
                     return None
                 return func(*args, **kwargs)
 
-        wrapper.__flowyml_condition__ = (predicate, negate)
+        own_markers(wrapper, condition=(predicate, negate))
         return wrapper  # type: ignore[no-any-return]
 
     return decorate
