@@ -9,6 +9,8 @@ taken in the same run are what we compare against the targets.
     W2  a chain of 500 no-op async steps (per-step cost vs per-task)    target <= 3x
     W3  5,000 independent no-op async steps and one fan-in (per step)   target <= 3x
     W4  200 sync steps sleeping 50 ms on 32 threads                      target <= 1.1x
+    W5  4 CPU-bound steps of ~0.5 s in the process pool (2 workers)      target <= 1.15x
+        (both sides start and stop their pool inside the timed run)
 
 Run: ``python benchmarks/bench_engine.py [--repeat N] [--only W1,W3] [--json out.json]``
 """
@@ -22,7 +24,7 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 from flowyml import Pipeline, step
@@ -38,6 +40,27 @@ async def sleep10(*_: Any) -> None:
 
 def block50(*_: Any) -> None:
     time.sleep(0.05)
+
+
+def burn(iterations: int) -> int:
+    """Pure-Python CPU work for W5."""
+    total = 0
+    for i in range(iterations):
+        total += i * i % 7
+    return total
+
+
+_ITERATIONS: list[int] = []
+
+
+def burn_iterations() -> int:
+    """Iterations that make :func:`burn` take about 0.5 s here (measured once)."""
+    if not _ITERATIONS:
+        n = 200_000
+        t0 = time.perf_counter()
+        burn(n)
+        _ITERATIONS.append(int(n * 0.5 / (time.perf_counter() - t0)))
+    return _ITERATIONS[0]
 
 
 # --- flowyml pipelines -----------------------------------------------------------------------
@@ -72,6 +95,15 @@ def w4_pipeline(n: int = 200) -> Pipeline:
     p = Pipeline("w4", enable_cache=False, lineage=False, max_threads=32)
     for i in range(n):
         p.add_step(step(name=f"s{i}", outputs=[f"r{i}"])(block50))
+    return p
+
+
+def w5_pipeline(n: int = 4) -> Pipeline:
+    p = Pipeline(
+        "w5", enable_cache=False, lineage=False, max_processes=2, context={"iterations": burn_iterations()}
+    )
+    for i in range(n):
+        p.add_step(step(name=f"cpu{i}", outputs=[f"r{i}"], executor="process")(burn))
     return p
 
 
@@ -110,6 +142,13 @@ async def w4_floor(n: int = 200) -> None:
                 tg.create_task(one(pool))
 
 
+async def w5_floor(n: int = 4) -> None:
+    loop = asyncio.get_running_loop()
+    iterations = burn_iterations()
+    with ProcessPoolExecutor(2) as pool:
+        await asyncio.gather(*(loop.run_in_executor(pool, burn, iterations) for _ in range(n)))
+
+
 # --- measuring -------------------------------------------------------------------------------
 
 
@@ -125,6 +164,7 @@ WORKLOADS: dict[str, tuple[Callable[[], Pipeline], Callable[[], Awaitable[None]]
     "W2": (w2_pipeline, w2_floor, 500, "per-step", 3.0),
     "W3": (w3_pipeline, w3_floor, 5001, "per-step", 3.0),
     "W4": (w4_pipeline, w4_floor, 200, "total", 1.1),
+    "W5": (w5_pipeline, w5_floor, 4, "total", 1.15),
 }
 
 
@@ -158,9 +198,11 @@ async def measure(name: str, repeat: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--only", default="W1,W2,W3,W4")
+    parser.add_argument("--only", default="W1,W2,W3,W4,W5")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
     rows = []

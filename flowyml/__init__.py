@@ -36,6 +36,16 @@ from ._step import CachePolicy, Step, step
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # The store pulls in aiosqlite; load it only when someone asks for it.
+    if name == "Store":
+        from ._store import Store
+
+        return Store
+    raise AttributeError(f"module 'flowyml' has no attribute {name!r}")
+
+
 __all__ = (
     "Asset",
     "CachePolicy",
@@ -66,6 +76,7 @@ __all__ = (
     "StepResult",
     "StepStatus",
     "StepTimeoutError",
+    "Store",
     "context",
     "on_failure",
     "parallel_map",

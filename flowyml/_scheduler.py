@@ -69,7 +69,7 @@ class Run:
             for i in (*gate.then_ids, *gate.else_ids):
                 self.remaining[i] += 1
         self._gate_waiters: dict[int, list[Gate]] = {}
-        self._executor_for = executors
+        self._executors = [executors(n) for n in plan.nodes]
         self._resources = resources
         self._requests = requests
         self._remote = remote
@@ -105,43 +105,43 @@ class Run:
                     self.results[node.id] = StepResult(node.name, StepStatus.SKIPPED, skip_reason=reason)
 
     async def _drive(self, node: Node | None) -> None:
-        tg = self._tg
-        assert tg is not None
-        nodes = self.plan.nodes
-        remaining = self.remaining
         chains = self.plan.chains
         while node is not None:
             chain = chains.get(node.id) if chains else None
-            done: Sequence[tuple[Node, bool]]
             if chain is None:
-                done = ((node, await self._run_node(node)),)
-            else:
-                done = await self._run_chain([nodes[i] for i in chain])
+                node = self._finish(node, await self._run_node(node))
+                continue
             nxt = None
-            for member, ok in done:
-                if not ok:
-                    if self.fail_fast and self.results[member.id].status not in _QUIET:  # type: ignore[union-attr]
-                        self.stopped_by = member.name
-                        raise _Abort
-                    mark = (
-                        self.blocked[member.id]
-                        or f"upstream step {member.name!r} did not produce its outputs"
-                    )
-                    for d in member.dependents:
-                        self.blocked[d] = self.blocked[d] or mark
-                for d in member.dependents:
-                    if chain is not None and d in chain:
-                        continue
-                    remaining[d] -= 1
-                    if remaining[d] == 0:
-                        if nxt is None:
-                            nxt = nodes[d]
-                        else:
-                            tg.create_task(self._drive(nodes[d]))
-                if self._gate_waiters:
-                    for gate in self._gate_waiters.pop(member.id, ()):
-                        self._evaluate(gate)
+            for member, ok in await self._run_chain([self.plan.nodes[i] for i in chain]):
+                nxt = self._finish(member, ok, chain, nxt)
             node = nxt
+
+    def _finish(
+        self, node: Node, ok: bool, chain: tuple[int, ...] = (), nxt: Node | None = None
+    ) -> Node | None:
+        """Count ``node`` done for its dependents: start those now ready, the first in this task."""
+        if not ok:
+            if self.fail_fast and self.results[node.id].status not in _QUIET:  # type: ignore[union-attr]
+                self.stopped_by = node.name
+                raise _Abort
+            mark = self.blocked[node.id] or f"upstream step {node.name!r} did not produce its outputs"
+            for d in node.dependents:
+                self.blocked[d] = self.blocked[d] or mark
+        remaining = self.remaining
+        nodes = self.plan.nodes
+        for d in node.dependents:
+            if chain and d in chain:
+                continue
+            remaining[d] -= 1
+            if remaining[d] == 0:
+                if nxt is None:
+                    nxt = nodes[d]
+                else:
+                    self._tg.create_task(self._drive(nodes[d]))  # type: ignore[union-attr]
+        if self._gate_waiters:
+            for gate in self._gate_waiters.pop(node.id, ()):
+                self._evaluate(gate)
+        return nxt
 
     async def _run_chain(self, chain: list[Node]) -> list[tuple[Node, bool]]:
         """Run an execution group's chain as one call in one worker; see :mod:`flowyml._groups`."""
@@ -168,7 +168,7 @@ class Run:
         ]
         timeouts = [n.step.timeout for n in chain]
         timeout = None if None in timeouts else sum(t for t in timeouts if t is not None)
-        executor = self._executor_for(head)
+        executor = self._executors[head.id]
         request = tuple(
             (kind, max(dict(self._requests[n.id]).get(kind, 0.0) for n in chain))
             for kind in sorted(
@@ -311,7 +311,7 @@ class Run:
             return False
         args, kwargs = self._arguments(node)
         step = node.step
-        executor = self._executor_for(node)
+        executor = self._executors[node.id]
         keep_remote = False
         if self._remote:
             keep_remote = await self._localize(node, executor, args, kwargs)

@@ -436,3 +436,47 @@ class TestDebug:
         assert not result.success
         assert "'explode'" in err and "list(len=3)" in err
         assert "KeyError" in err and "Traceback" in err
+
+
+def _crash() -> None:
+    import os
+
+    os._exit(7)
+
+
+class TestProcessSteps:
+    def test_process_step_runs_in_another_pid(self) -> None:
+        """executor="process" runs the function in a worker process, closures included."""
+        import os
+
+        offset = 5
+
+        @step(outputs=["where"], executor="process")
+        def where() -> tuple[int, int]:
+            return os.getpid(), offset
+
+        result = Pipeline("proc", enable_cache=False).add_step(where).run()
+        pid, value = result["where"]
+        assert pid != os.getpid() and value == 5
+
+    def test_crashed_worker_fails_only_its_step(self) -> None:
+        """A worker that dies fails its own step with WorkerCrashedError; the next process step runs."""
+        import os
+
+        from flowyml.errors import WorkerCrashedError
+
+        crash = step(name="crash", outputs=["x"], executor="process")(_crash)
+
+        @step(outputs=["pid"], executor="process")
+        def fine() -> int:
+            return os.getpid()
+
+        result = (
+            Pipeline("crash", enable_cache=False, max_processes=1)
+            .add_step(crash)
+            .add_step(fine)
+            .run(fail_fast=False)
+        )
+        err = result.step_results["crash"].error
+        assert isinstance(err, WorkerCrashedError) and err.exit_code == 7
+        assert result["pid"] != os.getpid()

@@ -1,0 +1,143 @@
+"""A small ML pipeline using most of flowyml: groups, processes, resources, branches, resilience.
+
+- ``load`` reads a CSV it wrote itself, asynchronously (aiofiles), on the event loop;
+- ``clean`` then ``featurize`` share an ``execution_group``: one worker thread runs both, handing
+  the rows over in memory;
+- ``train`` fits a tiny least-squares model in a worker *process*, holding one of the two ``cpu``
+  units the pipeline declares, and returns a ``Model``;
+- ``evaluate`` returns ``Metrics``; an ``If`` deploys the model when its R² clears the threshold
+  from the context, and asks for retraining otherwise (only the chosen branch runs);
+- ``notify`` calls a flaky webhook under ``@retry``, ``@on_failure`` and a ``CircuitBreaker``.
+
+Run it twice: the second run takes every cacheable step from the cache (``notify`` is
+``cache=False``). Run: ``python examples/ml_pipeline.py``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+from pathlib import Path
+
+import aiofiles
+
+from flowyml import (
+    CircuitBreaker,
+    If,
+    Metrics,
+    Model,
+    Pipeline,
+    context,
+    on_failure,
+    retry,
+    step,
+)
+
+
+@step(outputs=["raw_rows"])
+async def load(csv_path: str) -> list[str]:
+    async with aiofiles.open(csv_path) as f:
+        return (await f.read()).splitlines()[1:]
+
+
+@step(outputs=["rows"], execution_group="prep")
+def clean(raw_rows: list[str]) -> list[tuple[float, float]]:
+    rows = [line.split(",") for line in raw_rows if line and "NA" not in line]
+    return [(float(x), float(y)) for x, y in rows]
+
+
+@step(outputs=["features"], execution_group="prep")
+def featurize(rows: list[tuple[float, float]]) -> dict[str, list[float]]:
+    return {"x": [x for x, _ in rows], "y": [y for _, y in rows]}
+
+
+@step(outputs=["model"], executor="process", resources={"cpu": 1})
+def train(features: dict[str, list[float]]) -> Model:
+    xs, ys = features["x"], features["y"]
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return Model({"slope": slope, "intercept": my - slope * mx}, name="line")
+
+
+@step(outputs=["metrics"])
+def evaluate(model: Model, features: dict[str, list[float]]) -> Metrics:
+    a, b = model.data["slope"], model.data["intercept"]
+    xs, ys = features["x"], features["y"]
+    my = sum(ys) / len(ys)
+    residual = sum((y - (a * x + b)) ** 2 for x, y in zip(xs, ys, strict=True))
+    total = sum((y - my) ** 2 for y in ys)
+    return Metrics(r2=1 - residual / total, n=len(xs))
+
+
+@step(outputs=["deployment"])
+def deploy(model: Model) -> str:
+    return f"deployed {model.name}: y = {model.data['slope']:.2f}x + {model.data['intercept']:.2f}"
+
+
+@step(outputs=["retraining_request"])
+def ask_for_retraining(metrics: Metrics) -> str:
+    return f"not deployed: r2={metrics['r2']:.3f} is below the bar"
+
+
+webhook = CircuitBreaker(failure_threshold=3, recovery_timeout=30, name="webhook")
+
+
+def offline_notice() -> str:
+    return "webhook unavailable; notification queued"
+
+
+@step(outputs=["notice"], cache=False)
+@retry(max_attempts=3, backoff=2.0, initial=0.01)
+@on_failure(offline_notice)
+@webhook
+def notify(metrics: Metrics) -> str:
+    if random.random() < 0.5:
+        raise ConnectionError("webhook timed out")
+    return f"notified: r2={metrics['r2']:.3f}"
+
+
+def build(csv_path: Path) -> Pipeline:
+    pipeline = Pipeline(
+        "ml_example",
+        context=context(csv_path=str(csv_path), min_r2=0.9),
+        resources={"cpu": 2},
+    )
+    for s in (load, clean, featurize, train, evaluate, notify):
+        pipeline.add_step(s)
+    return pipeline.add_control_flow(
+        If(
+            condition=lambda ctx: ctx.steps["evaluate"].outputs["r2"] >= ctx.params["min_r2"],
+            then_step=deploy,
+            else_step=ask_for_retraining,
+        )
+    )
+
+
+def write_data(path: Path) -> None:
+    rng = random.Random(7)
+    lines = ["x,y"]
+    for i in range(200):
+        x = i / 10
+        lines.append(f"{x},{2.5 * x + 1 + rng.gauss(0, 0.5):.3f}" if i % 37 else f"{x},NA")
+    path.write_text("\n".join(lines))
+
+
+async def main() -> None:
+    csv_path = Path(tempfile.gettempdir()) / "flowyml_example_data.csv"
+    write_data(csv_path)
+    pipeline = build(csv_path)
+    for attempt in (1, 2):
+        result = await pipeline.arun()
+        print(f"--- run {attempt}")
+        print(result.summary())
+        print(result["deployment"] if "deployment" in result else result["retraining_request"])
+        print(result["notice"])
+        print(f"time saved by the cache: {result.time_saved_seconds:.3f}s")
+        if not result.success:
+            raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
