@@ -15,6 +15,7 @@ plain Python keeps working::
     │   ├── StepTimeoutError(TimeoutError)    the step ran past its ``timeout``
     │   ├── OutputError(ValueError)           the return value does not match ``outputs``
     │   ├── WorkerCrashedError(RuntimeError)  the process running the step died
+    │   ├── RemoteStepError(RuntimeError)     a step's own error could not be sent back from its worker
     │   └── SerializationError(TypeError)     an argument or result cannot be pickled
     ├── CircuitOpenError(RuntimeError)        a circuit breaker refused the call
     ├── UnhashableInputError(TypeError)       a value has no deterministic cache key
@@ -39,9 +40,9 @@ __all__ = (
     "FlowymlError",
     "FlowymlWarning",
     "GraphError",
-    "LateResultWarning",
     "MissingInputError",
     "OutputError",
+    "RemoteStepError",
     "ResourceError",
     "SerializationError",
     "StepError",
@@ -153,6 +154,13 @@ class WorkerCrashedError(StepError, RuntimeError):
         super().__init__(message, step_name=step_name)
 
 
+class RemoteStepError(StepError, RuntimeError):
+    """A step failed in a worker process with an exception that cannot be pickled back.
+
+    The message holds the original exception's type and text; ``__cause__`` its remote traceback.
+    """
+
+
 class SerializationError(StepError, TypeError):
     """An argument or a result of a step cannot be pickled to cross a process boundary."""
 
@@ -195,7 +203,3 @@ class CacheCorruptionWarning(FlowymlWarning):
 
 class UncachedStepWarning(FlowymlWarning):
     """A step ran without its cache because an input could not be hashed."""
-
-
-class LateResultWarning(FlowymlWarning):
-    """A timed-out thread step finished after all; its result was discarded."""

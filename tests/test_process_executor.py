@@ -191,14 +191,16 @@ class TestRemoteExceptions:
         assert "_inner_failure" in cause.text
         assert "StepFailed: bad input 42" in cause.text
 
-    async def test_unpicklable_exception_becomes_runtime_error(self, executor: ProcessExecutor) -> None:
-        """An exception that cannot be pickled arrives as a RuntimeError with its repr and traceback."""
+    async def test_unpicklable_exception_becomes_remote_step_error(self, executor: ProcessExecutor) -> None:
+        """An exception that cannot be pickled arrives as a RemoteStepError with its repr and traceback."""
+        from flowyml.errors import RemoteStepError
 
         def raise_unpicklable() -> None:
             raise Unpicklable
 
-        with pytest.raises(RuntimeError, match=r"step 'odd' raised Unpicklable\('holds a lock'\)") as info:
+        with pytest.raises(RemoteStepError, match=r"step 'odd' raised Unpicklable\('holds a lock'\)") as info:
             await call(executor, raise_unpicklable, step="odd")
+        assert info.value.step_name == "odd"
         assert isinstance(info.value.__cause__, RemoteTraceback)
         assert "raise_unpicklable" in info.value.__cause__.text
 

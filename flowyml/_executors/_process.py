@@ -78,7 +78,13 @@ from typing import Any, ClassVar, Final
 
 import cloudpickle
 
-from flowyml._errors import ConfigError, SerializationError, StepTimeoutError, WorkerCrashedError
+from flowyml._errors import (
+    ConfigError,
+    RemoteStepError,
+    SerializationError,
+    StepTimeoutError,
+    WorkerCrashedError,
+)
 from flowyml._executors import _worker
 from flowyml._executors._base import Executor
 
@@ -537,9 +543,10 @@ def _load_reply(kind: int, body: bytes, worker: _Worker, step_name: str) -> Any:
             except Exception as exc:
                 why = f"{type(exc).__name__}: {exc}"
         if not isinstance(error, BaseException):
-            error = RuntimeError(
+            error = RemoteStepError(
                 f"step {step_name!r} raised {text} in its worker process, and that exception "
-                f"cannot be pickled back ({why}); its traceback is attached."
+                f"cannot be pickled back ({why}); its traceback is attached.",
+                step_name=step_name,
             )
         raise error from RemoteTraceback(tb)
     if kind == _worker.BAD_RESULT:
