@@ -25,7 +25,6 @@ from __future__ import annotations
 __all__ = ("CircuitBreaker", "CircuitState", "CircuitStats")
 
 import enum
-import functools
 import inspect
 import math
 import threading
@@ -35,7 +34,8 @@ from dataclasses import dataclass
 from typing import Any, Final, ParamSpec, TypeVar, cast
 
 from flowyml._errors import CircuitOpenError, ConfigError
-from flowyml._retry import ExceptionTypes, exception_types, own_markers
+from flowyml._layers import layer
+from flowyml._retry import ExceptionTypes, exception_types
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -208,24 +208,10 @@ class CircuitBreaker:
         """Decorate a sync or async function; the wrapper carries ``__flowyml_breaker__ = self``."""
         if not callable(func):
             raise ConfigError(f"CircuitBreaker decorates a function, got {func!r}")
-        wrapper: Callable[..., Any]
-        if inspect.iscoroutinefunction(func):
-            afunc = cast(Callable[P, Awaitable[Any]], func)
-
-            @functools.wraps(func)
-            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await self._acall(afunc, args, kwargs)
-
-            wrapper = async_wrapper
-        else:
-
-            @functools.wraps(func)
-            def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-                return self._call(func, args, kwargs)
-
-            wrapper = sync_wrapper
-        own_markers(wrapper, breaker=self)
-        return cast(Callable[P, R], wrapper)
+        afunc = cast(Callable[..., Awaitable[Any]], func)
+        return layer(
+            func, lambda a, k: self._call(func, a, k), lambda a, k: self._acall(afunc, a, k), breaker=self
+        )
 
     def call(self, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Call ``func`` through the breaker; for an async ``func`` this returns a coroutine."""

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
-from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 
 from ._assets import Asset, Metrics
 from ._errors import ConfigError
+from ._layers import layer
 from ._results import StepStatus
-from ._retry import own_markers
 
 if TYPE_CHECKING:
     from ._scheduler import Run
@@ -48,25 +47,15 @@ def _conditional(
     conditions = ((predicate, negate),)
 
     def decorate(func: Callable[P, R]) -> Callable[P, R | None]:
-        wrapper: Any
-        if inspect.iscoroutinefunction(func):
+        afunc = cast(Callable[..., Awaitable[Any]], func)
 
-            @functools.wraps(func)
-            async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                if not conditions_hold(conditions, list(args), kwargs):
-                    return None
-                return await func(*args, **kwargs)
+        def call(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+            return func(*args, **kwargs) if conditions_hold(conditions, list(args), kwargs) else None
 
-        else:
+        async def acall(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+            return await afunc(*args, **kwargs) if conditions_hold(conditions, list(args), kwargs) else None
 
-            @functools.wraps(func)
-            def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | None:
-                if not conditions_hold(conditions, list(args), kwargs):
-                    return None
-                return func(*args, **kwargs)
-
-        own_markers(wrapper, condition=(predicate, negate))
-        return wrapper  # type: ignore[no-any-return]
+        return layer(func, call, acall, condition=(predicate, negate))
 
     return decorate
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 __all__ = ("FallbackHandler", "on_failure")
 
-import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ParamSpec, TypeVar, cast
 
 from flowyml._errors import ConfigError
-from flowyml._retry import ExceptionTypes, exception_types, own_markers
+from flowyml._layers import layer
+from flowyml._retry import ExceptionTypes, exception_types
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -74,24 +74,11 @@ class FallbackHandler:
 
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
         """Decorate a sync or async function; the wrapper carries ``__flowyml_fallback__ = self``."""
-        wrapper: Callable[..., Any]
-        if self._check(func):
-            afunc = cast(Callable[P, Awaitable[Any]], func)
-
-            @functools.wraps(func)
-            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await self._acall(afunc, args, kwargs)
-
-            wrapper = async_wrapper
-        else:
-
-            @functools.wraps(func)
-            def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-                return self._call(func, args, kwargs)
-
-            wrapper = sync_wrapper
-        own_markers(wrapper, fallback=self)
-        return cast(Callable[P, R], wrapper)
+        self._check(func)
+        afunc = cast(Callable[..., Awaitable[Any]], func)
+        return layer(
+            func, lambda a, k: self._call(func, a, k), lambda a, k: self._acall(afunc, a, k), fallback=self
+        )
 
     def call(self, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Call ``func`` with the fallback in place; for an async ``func`` this returns a coroutine."""

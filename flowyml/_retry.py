@@ -29,17 +29,16 @@ __all__ = (
 
 import asyncio
 import contextlib
-import functools
-import inspect
 import math
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
 from flowyml._errors import CircuitOpenError, ConfigError
+from flowyml._layers import layer
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -79,22 +78,6 @@ def exception_types(value: object, option: str) -> tuple[type[Exception], ...]:
                 "(cancellation, KeyboardInterrupt and SystemExit are never caught)"
             )
     return cast(tuple[type[Exception], ...], items)
-
-
-def own_markers(wrapper: Callable[..., Any], **markers: object) -> None:
-    """Give ``wrapper`` exactly its own ``__flowyml_*__`` markers.
-
-    ``functools.wraps`` copies the wrapped function's ``__dict__``, so without this a wrapper
-    would also carry the markers of every layer below it (``__flowyml_retry__``,
-    ``__flowyml_breaker__``, ``__flowyml_condition__``, ...), and the engine, which reads a marker
-    as "this layer is a retry / a breaker / a condition", would lift or count the wrong layer.
-    The markers stay reachable by walking ``__wrapped__``.
-    """
-    copied = [key for key in wrapper.__dict__ if key.startswith("__flowyml_") and key.endswith("__")]
-    for key in copied:
-        del wrapper.__dict__[key]
-    for key, value in markers.items():
-        wrapper.__dict__[f"__flowyml_{key}__"] = value
 
 
 def _check_attempt(attempt: int) -> None:
@@ -379,40 +362,31 @@ class Retry:
         if not callable(func):
             raise ConfigError(f"retry(...) decorates a function, got {func!r}")
         config = self.config
-        wrapper: Callable[..., Any]
-        if inspect.iscoroutinefunction(func):
-            afunc = cast(Callable[P, Awaitable[Any]], func)
+        afunc = cast(Callable[..., Awaitable[Any]], func)
 
-            @functools.wraps(func)
-            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                run = RetryRun(config)
-                while True:
-                    try:
-                        return await afunc(*args, **kwargs)
-                    except Exception as exc:
-                        delay = run.failed(exc)
-                        if delay is None:
-                            raise
-                    await _asleep(delay)
+        def call(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+            run = RetryRun(config)
+            while True:
+                try:
+                    return func(*args, **kwargs)
+                except Exception as exc:
+                    delay = run.failed(exc)
+                    if delay is None:
+                        raise
+                _sleep(delay)
 
-            wrapper = async_wrapper
-        else:
+        async def acall(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+            run = RetryRun(config)
+            while True:
+                try:
+                    return await afunc(*args, **kwargs)
+                except Exception as exc:
+                    delay = run.failed(exc)
+                    if delay is None:
+                        raise
+                await _asleep(delay)
 
-            @functools.wraps(func)
-            def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-                run = RetryRun(config)
-                while True:
-                    try:
-                        return func(*args, **kwargs)
-                    except Exception as exc:
-                        delay = run.failed(exc)
-                        if delay is None:
-                            raise
-                    _sleep(delay)
-
-            wrapper = sync_wrapper
-        own_markers(wrapper, retry=config)
-        return cast(Callable[P, R], wrapper)
+        return layer(func, call, acall, retry=config)
 
 
 def retry(
