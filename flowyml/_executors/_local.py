@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 import logging
+import math
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+
+import anyio
+import anyio.to_thread
 
 from .._errors import StepTimeoutError
 from ._base import Executor
@@ -45,12 +46,11 @@ class AsyncExecutor(Executor):
 
 
 class ThreadExecutor(Executor):
-    """Runs plain functions in a pool of at most ``max_threads`` threads.
+    """Runs plain functions in worker threads, at most ``max_threads`` at once (anyio's thread pool).
 
     A thread cannot be killed: on a timeout or a cancellation the run stops waiting at once and
     the step fails (or is cancelled); the thread finishes on its own and its late result is
-    discarded. :attr:`abandoned` counts such threads, and the pool is then shut down without
-    waiting for them.
+    discarded and logged. :attr:`abandoned` counts such threads.
     """
 
     name = "thread"
@@ -58,12 +58,7 @@ class ThreadExecutor(Executor):
     def __init__(self, max_threads: int = 40) -> None:
         self.max_threads = max_threads
         self.abandoned = 0
-        self._pool: ThreadPoolExecutor | None = None
-
-    def _get_pool(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.max_threads, thread_name_prefix="flowyml-step")
-        return self._pool
+        self._limiter = anyio.CapacityLimiter(max_threads)
 
     async def run(
         self,
@@ -74,41 +69,38 @@ class ThreadExecutor(Executor):
         timeout: float | None,
         step_name: str,
     ) -> Any:
-        ctx = contextvars.copy_context()
-        call = functools.partial(ctx.run, fn, *args, **kwargs)
-        cfuture = self._get_pool().submit(call)
-        future = asyncio.wrap_future(cfuture)
-        if timeout is None:
+        state = _Call(fn, args, kwargs, step_name)
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        with anyio.CancelScope(deadline=deadline):
             try:
-                return await future
-            except asyncio.CancelledError:
-                self._abandon(cfuture, step_name)
+                return await anyio.to_thread.run_sync(state, abandon_on_cancel=True, limiter=self._limiter)
+            except BaseException:
+                if not state.finished:
+                    state.abandoned = True
+                    self.abandoned += 1
                 raise
+        # Reached only when the deadline cancelled the wait (the scope swallowed its own cancellation).
+        raise StepTimeoutError(step_name, timeout or 0.0, executor=self.name)
+
+
+class _Call:
+    """A thread step's call, which notices when nobody waits for its result any more."""
+
+    __slots__ = ("abandoned", "args", "finished", "fn", "kwargs", "step_name")
+
+    def __init__(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any], step_name: str
+    ) -> None:
+        self.fn, self.args, self.kwargs, self.step_name = fn, args, kwargs, step_name
+        self.finished = False
+        self.abandoned = False
+
+    def __call__(self) -> Any:
         try:
-            async with asyncio.timeout(timeout):
-                return await asyncio.shield(future)
-        except TimeoutError:
-            if future.done() and not future.cancelled() and future.exception() is not None:
-                raise
-            self._abandon(cfuture, step_name)
-            raise StepTimeoutError(step_name, timeout, executor=self.name) from None
-        except asyncio.CancelledError:
-            self._abandon(cfuture, step_name)
-            raise
-
-    def _abandon(self, cfuture: Future[Any], step_name: str) -> None:
-        if cfuture.cancel():
-            return
-        self.abandoned += 1
-
-        def late(f: Future[Any]) -> None:
-            logger.warning(
-                "thread step %r finished after it was abandoned; its result was discarded", step_name
-            )
-
-        cfuture.add_done_callback(late)
-
-    async def aclose(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=self.abandoned == 0, cancel_futures=True)
-            self._pool = None
+            return self.fn(*self.args, **self.kwargs)
+        finally:
+            self.finished = True
+            if self.abandoned:
+                logger.warning(
+                    "thread step %r finished after it was abandoned; its result was discarded", self.step_name
+                )
