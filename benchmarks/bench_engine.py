@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -197,6 +198,13 @@ async def measure(name: str, repeat: int) -> dict[str, Any]:
     }
 
 
+def import_time(samples: int = 5) -> float:
+    """Median seconds for ``import flowyml`` in a fresh interpreter (target: under 150 ms)."""
+    code = "import time; t = time.perf_counter(); import flowyml; print(time.perf_counter() - t)"
+    runs = [float(subprocess.check_output([sys.executable, "-c", code], text=True)) for _ in range(samples)]
+    return statistics.median(runs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -215,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['flowyml_us_per_step']:9.1f} {row['floor_us_per_task']:9.1f} "
             f"{row['ratio']:6.2f}x {row['target']:6.2f}x {'ok' if row['ok'] else 'MISS'}"
         )
+    took = import_time()
+    print(f"import flowyml: {took * 1e3:.1f} ms (target < 150 ms) {'ok' if took < 0.150 else 'MISS'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
