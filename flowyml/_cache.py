@@ -5,7 +5,9 @@ key is made from what the step really receives (``_hashing`` is the only place k
 the store is asked (from memory when the run preloaded it), and a run that needs a key another
 run in this process is computing waits for that value instead of computing it again. After a
 step, successful outputs are put in the store and every fate is recorded; both only enqueue —
-the store's single writer commits them off the hot path.
+the store's single writer commits them off the hot path. Recording a step that did not fail
+appends four items to a list (``Store.record_fate``) and the writer builds its record; what never
+changes between runs of a plan (names, inputs) is encoded once per node (``StepShape``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ._hashing import cache_key, fingerprint_function
 from ._results import StepResult, StepStatus
 from ._scheduler import RunHooks
 from ._step import CachePolicy
-from ._store import StepRecord, Store
+from ._store import StepRecord, StepShape, Store
 
 __all__ = ("StoreHooks",)
 
@@ -32,6 +34,22 @@ _inflight: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, dict[tuple[Path, str], asyncio.Future[_Outcome]]
 ]
 _inflight = weakref.WeakKeyDictionary()
+
+#: The lineage shapes of the nodes of the last few plans run, by ``id(plan)`` (a plan is frozen and
+#: reused until its pipeline changes; it is kept here so that its id cannot be reused meanwhile).
+_shapes: dict[int, tuple[Plan, list[StepShape | None]]] = {}
+_MAX_PLANS = 8
+
+
+def _shapes_of(plan: Plan) -> list[StepShape | None]:
+    found = _shapes.get(id(plan))
+    if found is not None and found[0] is plan:
+        return found[1]
+    if len(_shapes) >= _MAX_PLANS:
+        del _shapes[next(iter(_shapes))]
+    shapes: list[StepShape | None] = [None] * len(plan.nodes)
+    _shapes[id(plan)] = (plan, shapes)
+    return shapes
 
 
 class StoreHooks(RunHooks):
@@ -48,6 +66,8 @@ class StoreHooks(RunHooks):
         self._settled: list[tuple[Path, str]] = []
         self._hit_hashes: dict[int, dict[str, str]] = {}
         self._inflight = _inflight.setdefault(asyncio.get_running_loop(), {})
+        self._shapes = _shapes_of(plan) if recording else []
+        self._record_fate = store.record_fate
 
     async def before(
         self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any], values: list[Any]
@@ -129,6 +149,21 @@ class StoreHooks(RunHooks):
     def after(
         self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any], values: list[Any]
     ) -> None:
+        hashes = self._cache_after(node, res) if self.caching else None
+        if self.recording:
+            if res.error is None:
+                # The hot path: four items appended; the writer builds the record when it commits.
+                shape = self._shapes[node.id]
+                if shape is None:
+                    shape = self._shapes[node.id] = StepShape(
+                        node.name, node.output_names, node.lineage_inputs
+                    )
+                self._record_fate(self.run_id, res, hashes, shape)
+            else:
+                self.store.record_step(self.record(node, res, hashes))
+
+    def _cache_after(self, node: Node, res: StepResult) -> dict[str, str] | None:
+        """Settle this step's single-flight claim and cache its outputs; their artifact hashes."""
         key = self._keys.pop(node.id, None)
         claim = self._claims.pop(node.id, None)
         ok = res.status is StepStatus.SUCCEEDED
@@ -147,8 +182,7 @@ class StoreHooks(RunHooks):
                 outputs=res.outputs,
                 duration=res.duration_seconds,
             )
-        if self.recording:
-            self.store.record_step(self.record(node, res, hashes))
+        return hashes
 
     def _forget(self, flight: tuple[Path, str], claim: asyncio.Future[_Outcome] | None = None) -> None:
         if claim is None or self._inflight.get(flight) is claim:

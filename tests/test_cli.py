@@ -26,9 +26,11 @@ async def populate(root: Path) -> None:
         )
         assert hashes is not None
         assert big is not None
+        load_out: dict[str, str | None] = {**hashes}
+        big_out: dict[str, str | None] = {**big}
         store.record_run(RunRecord("run-aaa1", "train", "succeeded", 100.0, 103.0, 3.0))
-        store.record_step(StepRecord("run-aaa1", "load", "succeeded", 1, 100.0, 101.5, 1.5, outputs=hashes))
-        store.record_step(StepRecord("run-aaa1", "embed", "succeeded", 1, 100.0, 101.0, 1.0, outputs=big))
+        store.record_step(StepRecord("run-aaa1", "load", "succeeded", 1, 100.0, 101.5, 1.5, outputs=load_out))
+        store.record_step(StepRecord("run-aaa1", "embed", "succeeded", 1, 100.0, 101.0, 1.0, outputs=big_out))
         store.record_step(
             StepRecord(
                 "run-aaa1",
@@ -56,7 +58,7 @@ async def populate(root: Path) -> None:
                 0.001,
                 cached=True,
                 time_saved_seconds=1.5,
-                outputs=hashes,
+                outputs=load_out,
             )
         )
         store.record_step(

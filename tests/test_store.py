@@ -8,6 +8,7 @@ import sqlite3
 import stat
 import threading
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from flowyml._store import (
     CacheEntry,
     RunRecord,
     StepRecord,
+    StepShape,
     Store,
     resolve_root,
 )
@@ -178,7 +180,7 @@ class TestHotPath:
             async def no_query(*args: object, **kwargs: object) -> None:
                 raise AssertionError("queried the database")
 
-            fresh._conn.execute_fetchall = no_query  # type: ignore[method-assign]
+            fresh._conn.execute_fetchall = no_query  # type: ignore[method-assign,assignment]
             entry = await fresh.lookup("k1")
             assert entry is not None
             assert await fresh.load(entry) == {"out": 1}
@@ -207,7 +209,7 @@ class TestHotPath:
             calls += 1
             return await real(*args, **kwargs)
 
-        store._conn.execute_fetchall = counting  # type: ignore[method-assign]
+        store._conn.execute_fetchall = counting  # type: ignore[method-assign,assignment]
         found = await asyncio.gather(*(store.lookup(k) for k in ["k1", "x", "y", "k1"]))
         del store._conn.execute_fetchall
         assert calls == 1
@@ -607,13 +609,157 @@ class TestLineage:
         await self.chain(store)
         assert await store.lineage("nope") is None
 
-    async def test_consumed_artifact_is_recorded(self, store: Store, root: Path) -> None:
-        """The consumed table names the artifact a step read."""
+    async def test_consumed_artifact_is_recorded(self, store: Store) -> None:
+        """The lineage of a consumer names the artifact it read."""
         await self.chain(store)
-        rows = sql(root, "SELECT artifact_hash FROM consumed WHERE step_name = 'clean'")
+        lineage = await store.lineage("clean")
         entry = await store.lookup("load-key")
+        assert lineage is not None
         assert entry is not None
-        assert rows == [(entry.outputs[0].artifact_hash,)]
+        ((_, load),) = lineage.root.inputs
+        assert load.artifact_hash == entry.outputs[0].artifact_hash
+
+    async def test_latest_run_that_made_the_output(self, store: Store) -> None:
+        """Without run_id, lineage looks at the newest run that produced the output, not just any."""
+        await self.chain(store, "run-0", started_at=50.0)
+        store.record_run(run_record("run-2", started_at=200.0))
+        store.record_step(StepRecord("run-2", "other", "succeeded", started_at=201.0, outputs={"x": None}))
+        await store.flush()
+        lineage = await store.lineage("model")
+        assert lineage is not None
+        assert lineage.run_id == "run-0"
+        newest = await store.lineage("x")
+        assert newest is not None
+        assert newest.run_id == "run-2"
+
+
+@dataclass
+class Fate:
+    """What the engine hands ``record_fate``: the fields of a StepResult the store reads."""
+
+    status: str = "succeeded"
+    outputs: dict[str, object] = field(default_factory=lambda: {"out": 1})
+    attempts: int = 1
+    start_time: float | None = 10.0
+    end_time: float | None = 10.5
+    duration_seconds: float = 0.5
+    cache_key: str | None = None
+    time_saved_seconds: float = 0.0
+    traceback: str | None = None
+
+
+SHAPE = StepShape("s", ["out"], None)
+
+
+class TestRecordFate:
+    async def test_reads_back_as_a_step_record(self, store: Store) -> None:
+        """A fate recorded on the hot path reads back as the equal StepRecord."""
+        store.record_run(run_record())
+        store.record_fate(
+            "run-1", Fate(cache_key="k"), {"out": "h1"}, StepShape("s", ["out"], {"x": ("p", "o")})
+        )
+        await store.flush()
+        detail = await store.get_run("run-1")
+        assert detail is not None
+        assert detail.steps == (
+            StepRecord(
+                "run-1",
+                "s",
+                "succeeded",
+                1,
+                10.0,
+                10.5,
+                0.5,
+                cache_key="k",
+                outputs={"out": "h1"},
+                inputs={"x": ("p", "o")},
+            ),
+        )
+
+    async def test_cache_hits_count_in_stats(self, store: Store) -> None:
+        """A cached fate counts as a hit with the time it saved."""
+        for run in ("r1", "r2"):
+            store.record_fate(run, Fate(status="cached", time_saved_seconds=1.5), None, SHAPE)
+        await store.flush()
+        stats = await store.cache_stats()
+        assert (stats.hits, stats.time_saved_seconds) == (2, 3.0)
+
+    async def test_last_record_of_a_step_wins(self, store: Store) -> None:
+        """Recording a step again updates it in place (an upsert), across batches."""
+        store.record_fate("run-1", Fate(status="running"), None, SHAPE)
+        store.record_step(StepRecord("run-1", "t", "succeeded", started_at=11.0))
+        await store.flush()
+        store.record_fate("run-1", Fate(), None, SHAPE)
+        await store.flush()
+        detail = await store._steps_of("run-1")
+        assert [(s.step_name, s.status) for s in detail] == [("s", "succeeded"), ("t", "succeeded")]
+
+    async def test_closed_store_refuses_fates(self, store: Store) -> None:
+        """record_fate after aclose is a StoreError."""
+        await store.aclose()
+        with pytest.raises(StoreError, match="closed"):
+            store.record_fate("run-1", Fate(), None, SHAPE)
+
+
+SCHEMA_1_LINEAGE = """
+CREATE TABLE step_runs (
+    run_id TEXT NOT NULL, step_name TEXT NOT NULL, status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    started_at REAL, ended_at REAL, duration_seconds REAL, cached INTEGER NOT NULL DEFAULT 0, cache_key TEXT,
+    time_saved_seconds REAL NOT NULL DEFAULT 0, error_type TEXT, error_message TEXT, traceback TEXT,
+    seq INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run_id, step_name)) WITHOUT ROWID;
+CREATE TABLE step_outputs (
+    run_id TEXT NOT NULL, step_name TEXT NOT NULL, output_name TEXT NOT NULL, artifact_hash TEXT,
+    PRIMARY KEY (run_id, step_name, output_name)) WITHOUT ROWID;
+CREATE TABLE consumed (
+    run_id TEXT NOT NULL, step_name TEXT NOT NULL, parameter TEXT NOT NULL, producer_step TEXT NOT NULL,
+    output_name TEXT NOT NULL, artifact_hash TEXT, PRIMARY KEY (run_id, step_name, parameter)) WITHOUT ROWID;
+INSERT INTO step_runs VALUES ('run-1', 'load', 'cached', 0, 1.0, 2.0, 1.0, 1, 'k', 4.0, NULL, NULL, NULL, 1);
+INSERT INTO step_runs VALUES ('run-1', 'train', 'failed', 2, 3.0, 4.0, 1.0, 0, NULL, 0, 'E', 'bad', 'tb', 2);
+INSERT INTO step_outputs VALUES ('run-1', 'load', 'data', 'h1');
+INSERT INTO step_outputs VALUES ('run-1', 'train', 'model', NULL);
+INSERT INTO consumed VALUES ('run-1', 'train', 'data', 'load', 'data', 'h1');
+UPDATE meta SET value = '1' WHERE name = 'schema_version';
+DROP TABLE step_records;
+"""
+
+
+class TestSchemaUpgrade:
+    async def test_schema_1_lineage_is_packed(self, root: Path) -> None:
+        """A store written with one row per step (schema 1) opens with its lineage intact."""
+        async with await Store.open(root) as store:
+            store.record_run(run_record())
+        conn = sqlite3.connect(root / DB_NAME)
+        conn.executescript(SCHEMA_1_LINEAGE)
+        conn.close()
+        async with await Store.open(root) as store:
+            detail = await store.get_run("run-1")
+            assert detail is not None
+            assert detail.steps == (
+                StepRecord(
+                    "run-1", "load", "cached", 0, 1.0, 2.0, 1.0, True, "k", 4.0, outputs={"data": "h1"}
+                ),
+                StepRecord(
+                    "run-1",
+                    "train",
+                    "failed",
+                    2,
+                    3.0,
+                    4.0,
+                    1.0,
+                    False,
+                    None,
+                    0.0,
+                    "E",
+                    "bad",
+                    "tb",
+                    outputs={"model": None},
+                    inputs={"data": ("load", "data")},
+                ),
+            )
+            assert (await store.cache_stats()).hits == 1
+        tables = {row[0] for row in sql(root, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert not tables & {"step_runs", "step_outputs", "consumed"}
+        assert sql(root, "SELECT value FROM meta WHERE name = 'schema_version'") == [(str(SCHEMA_VERSION),)]
 
 
 class TestCacheAdmin:

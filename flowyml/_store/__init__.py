@@ -1,8 +1,8 @@
 """The cache and lineage store: SQLite index (aiosqlite, one writer task) plus artifact files.
 
-Layers, bottom up: ``_records`` (frozen values handed out), ``_db`` (schema, connection, lock
-retries), ``_artifacts`` (content-addressed files), ``_api`` (the :class:`Store` the engine and the
-CLI use). This package only re-exports.
+Layers, bottom up: ``_records`` (frozen values handed out), ``_packed`` (lineage rows packed per
+writer batch), ``_db`` (schema, connection, lock retries), ``_artifacts`` (content-addressed
+files), ``_api`` (the :class:`Store` the engine and the CLI use). This package only re-exports.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ __all__ = (
     "RunDetail",
     "RunRecord",
     "StepCacheStats",
+    "StepFate",
+    "StepShape",
     "StepRecord",
     "Store",
     "VerifyProblem",
@@ -25,7 +27,7 @@ __all__ = (
     "resolve_root",
 )
 
-from ._api import INLINE_LIMIT, Store, resolve_root
+from ._api import INLINE_LIMIT, StepFate, StepShape, Store, resolve_root
 from ._records import (
     STATUSES,
     CachedOutput,

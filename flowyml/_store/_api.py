@@ -1,12 +1,19 @@
 """The store: a cache index and lineage record in SQLite, written by one background task.
 
-How a write travels: ``put`` / ``record_run`` / ``record_step`` are plain (non-async) calls that do
-the caller-side work at once (pickling, so later mutation cannot change what is cached) and put a
-job on an :class:`asyncio.Queue`. One writer task per store drains whatever is queued, writes the
-artifact files of the batch, fsyncs them, then commits every index and lineage row of the batch in
-ONE ``BEGIN IMMEDIATE`` transaction. The commit runs in a task the writer awaits through
-:func:`asyncio.shield`, so cancelling anything never leaves a transaction half-applied, and
-:meth:`Store.aclose` drains the queue before closing.
+How a write travels: ``put`` / ``record_run`` are plain (non-async) calls that do the caller-side
+work at once (pickling, so later mutation cannot change what is cached) and put a job on an
+:class:`asyncio.Queue`. Step records are not queued one by one: ``record_step`` and the engine's
+``record_fate`` append to a list (the first append of a batch queues a wake-up), and the writer
+takes the whole list with each batch. One writer task per store drains whatever is queued, writes
+the artifact files of the batch, fsyncs them, then builds every index and lineage row of the batch
+and commits them in ONE ``BEGIN IMMEDIATE`` transaction, in ONE call on the connection's thread.
+The commit runs in a task the writer awaits through :func:`asyncio.shield`, so cancelling anything
+never leaves a transaction half-applied, and :meth:`Store.aclose` drains the queue before closing.
+
+Why so: the per-step cost of recording is paid on the event loop, so the hot path only appends a
+tuple; building a frozen record, queueing it and awaiting ~10 thread hops per batch cost ~20 us a
+step. Lineage rows are packed per batch (``_packed``), because the drain at the end of a run is on
+the run's wall clock and a SQLite row per step, output and consumed input cost more than the run.
 
 How a read travels: :meth:`Store.preload` loads the index rows of the steps a run will need in one
 query; entries just ``put`` are in the same in-memory map. A look-up served from memory costs a dict
@@ -17,7 +24,7 @@ artifact against the index BEFORE unpickling it; a mismatch is quarantined and r
 
 from __future__ import annotations
 
-__all__ = ("INLINE_LIMIT", "Store", "resolve_root")
+__all__ = ("INLINE_LIMIT", "StepFate", "StepShape", "Store", "resolve_root")
 
 import asyncio
 import contextlib
@@ -27,7 +34,7 @@ import pickle
 import sqlite3
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -39,8 +46,9 @@ import xxhash
 
 from flowyml._errors import CacheCorruptionWarning, StoreError, UncachedStepWarning
 
-from . import _db
+from . import _db, _packed
 from ._artifacts import ArtifactFiles, make_private_dir
+from ._packed import StepFate, StepShape
 from ._records import (
     CachedOutput,
     CacheEntry,
@@ -59,6 +67,8 @@ from ._records import (
 INLINE_LIMIT: Final = 64 * 1024
 #: The writer commits at most this many jobs per transaction.
 _MAX_BATCH: Final = 10_000
+#: At most this many step runs go in one packed ``step_records`` row.
+_MAX_PART: Final = 10_000
 _HOME_ENV: Final = "FLOWYML_HOME"
 
 _hexdigest = xxhash.xxh3_128_hexdigest
@@ -90,14 +100,6 @@ class _Drop:
 
 
 @dataclass(slots=True)
-class _Step:
-    record: StepRecord
-    outputs: tuple[tuple[str, str | None], ...]
-    inputs: tuple[tuple[str, str, str], ...]
-    seq: int
-
-
-@dataclass(slots=True)
 class _Call:
     """Run ``fn`` on the writer's connection between batches (used by clear_cache)."""
 
@@ -115,7 +117,19 @@ class _Stop:
     pass
 
 
-_Job = _Put | _Drop | RunRecord | _Step | _Call | _Flush | _Stop
+class _Wake:
+    """Queued when step records start piling up (they are not queued one by one)."""
+
+
+_WAKE: Final = _Wake()
+
+_Job = _Put | _Drop | RunRecord | _Call | _Flush | _Stop | _Wake
+
+
+#: Steps waiting for the writer, flat, four items a step (no tuple per step for the GC to count):
+#: ``run_id, fate, artifact hashes, shape`` from record_fate, ``None, record, None, None`` from
+#: record_step.
+_Pending = list[Any]
 
 
 @dataclass(slots=True)
@@ -125,7 +139,7 @@ class _Batch:
     drops: list[_Drop] = field(default_factory=list)
     puts: list[_Put] = field(default_factory=list)
     runs: dict[str, RunRecord] = field(default_factory=dict)
-    steps: dict[tuple[str, str], _Step] = field(default_factory=dict)
+    steps: _Pending = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.drops or self.puts or self.runs or self.steps)
@@ -171,14 +185,117 @@ def _entries_from_rows(rows: Iterable[sqlite3.Row | tuple[Any, ...]]) -> dict[st
 _RUN_COLUMNS = (
     "run_id, pipeline_name, status, started_at, ended_at, duration_seconds, time_saved_seconds, error_message"
 )
-_STEP_COLUMNS = (
-    "run_id, step_name, status, attempts, started_at, ended_at, duration_seconds, cached, cache_key, "
-    "time_saved_seconds, error_type, error_message, traceback"
-)
 
 
 def _run_from_row(row: Sequence[Any]) -> RunRecord:
     return RunRecord(*row)
+
+
+_UPSERT_RUN = (
+    f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (run_id) DO UPDATE SET pipeline_name = excluded.pipeline_name, "
+    "status = excluded.status, started_at = excluded.started_at, ended_at = excluded.ended_at, "
+    "duration_seconds = excluded.duration_seconds, time_saved_seconds = excluded.time_saved_seconds, "
+    "error_message = excluded.error_message"
+)
+
+
+class _BatchRows:
+    """The rows of one batch and the transaction writing them; runs on the connection's thread."""
+
+    def __init__(self, batch: _Batch) -> None:
+        self._batch = batch
+        self._built: list[tuple[str, Sequence[tuple[Any, ...]]]] | None = None
+
+    def _build(self) -> list[tuple[str, Sequence[tuple[Any, ...]]]]:
+        batch = self._batch
+        now = time.time()
+        artifact_rows: list[tuple[Any, ...]] = []
+        entry_rows: list[tuple[Any, ...]] = []
+        output_rows: list[tuple[Any, ...]] = []
+        for put in batch.puts:
+            e = put.entry
+            entry_rows.append((e.key, e.step_name, e.run_id, e.duration_seconds, e.created_at))
+            for position, out in enumerate(e.outputs):
+                inline = out.inline if out.size <= INLINE_LIMIT else None
+                output_rows.append(
+                    (e.key, position, out.name, out.artifact_hash, out.size, out.type_name, inline)
+                )
+                artifact_rows.append((out.artifact_hash, out.size, out.type_name, e.run_id, e.step_name, now))
+        part_rows: list[tuple[str, str, bytes, str, str | None]] = []
+        parts: dict[str, _packed.Part] = {}
+        pending = iter(batch.steps)
+        for run_id, fate, hashes, shape in zip(pending, pending, pending, pending, strict=True):
+            record_id = fate.run_id if run_id is None else run_id
+            part = parts.get(record_id)
+            if part is None or len(part) >= _MAX_PART:
+                if part is not None:
+                    part_rows.append((record_id, *part.columns()))
+                part = parts[record_id] = _packed.Part()
+            if run_id is None:
+                part.add_record(fate)
+            else:
+                part.add_fate(fate, hashes, shape)
+        part_rows.extend((run_id, *part.columns()) for run_id, part in parts.items())
+        drop_rows = [(d.key, d.created_at) for d in batch.drops]
+        return [
+            (
+                "DELETE FROM cache_outputs WHERE key = ?1 AND EXISTS "
+                "(SELECT 1 FROM cache_entries WHERE key = ?1 AND created_at = ?2)",
+                drop_rows,
+            ),
+            ("DELETE FROM cache_entries WHERE key = ? AND created_at = ?", drop_rows),
+            (
+                "INSERT INTO artifacts (hash, size, type_name, producer_run_id, producer_step, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hash) DO NOTHING",
+                artifact_rows,
+            ),
+            ("DELETE FROM cache_outputs WHERE key = ?", [(row[0],) for row in entry_rows]),
+            (
+                "INSERT OR REPLACE INTO cache_entries (key, step_name, run_id, duration_seconds, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                entry_rows,
+            ),
+            (
+                "INSERT INTO cache_outputs (key, position, output_name, artifact_hash, size, type_name, inline) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                output_rows,
+            ),
+            (_UPSERT_RUN, [_run_row(r) for r in batch.runs.values()]),
+            (
+                "INSERT INTO step_records (run_id, steps, times, outputs, hits) VALUES (?, ?, ?, ?, ?)",
+                part_rows,
+            ),
+        ]
+
+    def commit(self, db: sqlite3.Connection) -> None:
+        """Write the batch in one ``BEGIN IMMEDIATE`` transaction, or nothing of it."""
+        if self._built is None:
+            self._built = self._build()  # once: a retry after a locked database reuses the rows
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement, rows in self._built:
+                if rows:
+                    db.executemany(statement, rows)
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            raise
+
+
+def _run_row(r: RunRecord) -> tuple[Any, ...]:
+    return (
+        r.run_id,
+        r.pipeline_name,
+        r.status,
+        r.started_at,
+        r.ended_at,
+        r.duration_seconds,
+        r.time_saved_seconds,
+        r.error_message,
+    )
 
 
 class Store:
@@ -204,7 +321,7 @@ class Store:
         self._closed = False  # no more writes accepted
         self._released = False  # connection closed and threads joined (or being)
         self._errors: list[BaseException] = []
-        self._seq = 0
+        self._steps: _Pending = []
         self._inflight: asyncio.Future[bool] | None = None
         self._writer = asyncio.get_running_loop().create_task(self._run_writer(), name="flowyml-store-writer")
         self._writer.add_done_callback(self._on_writer_done)
@@ -447,9 +564,31 @@ class Store:
     def record_step(self, step: StepRecord) -> None:
         """Queue an insert-or-update of a step run, with the artifacts it produced and consumed."""
         self._check_open()
-        self._seq += 1
-        inputs = tuple((param, src[0], src[1]) for param, src in step.inputs.items())
-        self._queue.put_nowait(_Step(step, tuple(step.outputs.items()), inputs, self._seq))
+        if not self._steps:
+            self._queue.put_nowait(_WAKE)
+        self._steps += (None, step, None, None)
+
+    def record_fate(
+        self,
+        run_id: str,
+        fate: StepFate,
+        hashes: Mapping[str, str] | None,
+        shape: StepShape,
+    ) -> None:
+        """:meth:`record_step` for the engine's hot path: the writer builds the record.
+
+        ``fate`` is read when its batch commits (within the run), so it must not change after
+        this call; a step that failed goes through :meth:`record_step`, so that no user code
+        (an exception's ``__str__``) ever runs on the writer's thread. ``hashes`` maps output
+        names to artifact hashes when the outputs are cached; ``shape`` names the step, its
+        outputs and the ``(producer step, output name)`` of each parameter another step fills.
+        """
+        if self._closed:
+            self._check_open()
+        steps = self._steps
+        if not steps:
+            self._queue.put_nowait(_WAKE)
+        steps += (run_id, fate, hashes, shape)
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed.
@@ -499,11 +638,6 @@ class Store:
         for job in jobs:
             if isinstance(job, _Put):
                 batch.puts.append(job)
-            elif isinstance(job, _Step):
-                known = batch.steps.get((job.record.run_id, job.record.step_name))
-                if known is not None:
-                    job.seq = known.seq
-                batch.steps[(job.record.run_id, job.record.step_name)] = job
             elif isinstance(job, RunRecord):
                 batch.runs[job.run_id] = job
             elif isinstance(job, _Drop):
@@ -511,19 +645,25 @@ class Store:
             elif isinstance(job, _Flush):
                 flushes.append(job.future)
             elif isinstance(job, _Call):
-                await self._commit_safely(batch)
+                await self._commit_safely(self._take_steps(batch))
                 batch = _Batch()
                 try:
                     job.future.set_result(await job.fn(self._conn))
                 except Exception as exc:
                     job.future.set_exception(exc)
-            else:
+            elif isinstance(job, _Stop):
                 stop = True
-        await self._commit_safely(batch)
+        await self._commit_safely(self._take_steps(batch))
         for future in flushes:
             if not future.done():
                 future.set_result(None)
         return stop
+
+    def _take_steps(self, batch: _Batch) -> _Batch:
+        """Move every step recorded so far into ``batch`` (they commit with the jobs queued before)."""
+        if self._steps:
+            batch.steps, self._steps = self._steps, []
+        return batch
 
     async def _commit_safely(self, batch: _Batch) -> None:
         if not batch:
@@ -552,144 +692,11 @@ class Store:
         batch.puts = written
         if wrote:
             await self._files.sync_dir()
-        # 2. Every row of the batch in one IMMEDIATE transaction.
-        conn = self._conn
-        now = time.time()
-        drop_rows = [(d.key, d.created_at) for d in batch.drops]
-        artifact_rows: list[tuple[Any, ...]] = []
-        entry_rows: list[tuple[Any, ...]] = []
-        output_rows: list[tuple[Any, ...]] = []
-        for put in batch.puts:
-            e = put.entry
-            entry_rows.append((e.key, e.step_name, e.run_id, e.duration_seconds, e.created_at))
-            for position, out in enumerate(e.outputs):
-                inline = out.inline if out.size <= INLINE_LIMIT else None
-                output_rows.append(
-                    (e.key, position, out.name, out.artifact_hash, out.size, out.type_name, inline)
-                )
-                artifact_rows.append((out.artifact_hash, out.size, out.type_name, e.run_id, e.step_name, now))
-        run_rows = [
-            (
-                r.run_id,
-                r.pipeline_name,
-                r.status,
-                r.started_at,
-                r.ended_at,
-                r.duration_seconds,
-                r.time_saved_seconds,
-                r.error_message,
-            )
-            for r in batch.runs.values()
-        ]
-        step_rows: list[tuple[Any, ...]] = []
-        step_keys: list[tuple[str, str]] = []
-        step_output_rows: list[tuple[Any, ...]] = []
-        consumed_rows: list[tuple[Any, ...]] = []
-        for (run_id, step_name), job in batch.steps.items():
-            s = job.record
-            step_rows.append(
-                (
-                    run_id,
-                    step_name,
-                    s.status,
-                    s.attempts,
-                    s.started_at,
-                    s.ended_at,
-                    s.duration_seconds,
-                    int(s.cached),
-                    s.cache_key,
-                    s.time_saved_seconds,
-                    s.error_type,
-                    s.error_message,
-                    s.traceback,
-                    job.seq,
-                )
-            )
-            step_keys.append((run_id, step_name))
-            step_output_rows.extend((run_id, step_name, name, digest) for name, digest in job.outputs)
-            consumed_rows.extend(
-                (run_id, step_name, param, producer, output, run_id, producer, output)
-                for param, producer, output in job.inputs
-            )
-
-        async def transaction() -> None:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                if drop_rows:
-                    await conn.executemany(
-                        "DELETE FROM cache_outputs WHERE key = ?1 AND EXISTS (SELECT 1 FROM cache_entries "
-                        "WHERE key = ?1 AND created_at = ?2)",
-                        drop_rows,
-                    )
-                    await conn.executemany(
-                        "DELETE FROM cache_entries WHERE key = ? AND created_at = ?", drop_rows
-                    )
-                if entry_rows:
-                    await conn.executemany(
-                        "INSERT INTO artifacts (hash, size, type_name, producer_run_id, producer_step, "
-                        "created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hash) DO NOTHING",
-                        artifact_rows,
-                    )
-                    await conn.executemany(
-                        "DELETE FROM cache_outputs WHERE key = ?", [(row[0],) for row in entry_rows]
-                    )
-                    await conn.executemany(
-                        "INSERT OR REPLACE INTO cache_entries (key, step_name, run_id, duration_seconds, "
-                        "created_at) VALUES (?, ?, ?, ?, ?)",
-                        entry_rows,
-                    )
-                    await conn.executemany(
-                        "INSERT INTO cache_outputs (key, position, output_name, artifact_hash, size, "
-                        "type_name, inline) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        output_rows,
-                    )
-                if run_rows:
-                    await conn.executemany(
-                        f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT (run_id) DO UPDATE SET pipeline_name = excluded.pipeline_name, "
-                        "status = excluded.status, started_at = excluded.started_at, "
-                        "ended_at = excluded.ended_at, duration_seconds = excluded.duration_seconds, "
-                        "time_saved_seconds = excluded.time_saved_seconds, "
-                        "error_message = excluded.error_message",
-                        run_rows,
-                    )
-                if step_rows:
-                    await conn.executemany(
-                        f"INSERT INTO step_runs ({_STEP_COLUMNS}, seq) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT (run_id, step_name) DO UPDATE SET status = excluded.status, "
-                        "attempts = excluded.attempts, started_at = excluded.started_at, "
-                        "ended_at = excluded.ended_at, duration_seconds = excluded.duration_seconds, "
-                        "cached = excluded.cached, cache_key = excluded.cache_key, "
-                        "time_saved_seconds = excluded.time_saved_seconds, error_type = excluded.error_type, "
-                        "error_message = excluded.error_message, traceback = excluded.traceback",
-                        step_rows,
-                    )
-                    await conn.executemany(
-                        "DELETE FROM step_outputs WHERE run_id = ? AND step_name = ?", step_keys
-                    )
-                    if step_output_rows:
-                        await conn.executemany(
-                            "INSERT INTO step_outputs (run_id, step_name, output_name, artifact_hash) "
-                            "VALUES (?, ?, ?, ?)",
-                            step_output_rows,
-                        )
-                    if consumed_rows:
-                        await conn.executemany(
-                            "INSERT INTO consumed (run_id, step_name, parameter, producer_step, output_name, "
-                            "artifact_hash) VALUES (?, ?, ?, ?, ?, (SELECT artifact_hash FROM step_outputs "
-                            "WHERE run_id = ? AND step_name = ? AND output_name = ?)) "
-                            "ON CONFLICT (run_id, step_name, parameter) DO UPDATE SET "
-                            "producer_step = excluded.producer_step, output_name = excluded.output_name, "
-                            "artifact_hash = excluded.artifact_hash",
-                            consumed_rows,
-                        )
-                await conn.execute("COMMIT")
-            except BaseException:
-                await self._rollback()
-                raise
-
-        await _db.retry_locked(transaction)
+        # 2. Every row of the batch in one IMMEDIATE transaction, built and run in ONE call on the
+        #    connection's thread: no thread hop per statement, and the loop stays free meanwhile.
+        #    A locked database rolls back and the whole call is retried.
+        rows = _BatchRows(batch)
+        await _db.retry_locked(lambda: _db.on_thread(self._conn, rows.commit))
         for drop in batch.drops:
             if self._dropped.get(drop.key) == drop.created_at:
                 del self._dropped[drop.key]
@@ -758,43 +765,13 @@ class Store:
         return RunDetail(run, tuple(await self._steps_of(run.run_id)))
 
     async def _steps_of(self, run_id: str) -> list[StepRecord]:
-        conn = self._conn
-        outputs: dict[str, dict[str, str | None]] = {}
-        for step_name, name, digest in await conn.execute_fetchall(
-            "SELECT step_name, output_name, artifact_hash FROM step_outputs WHERE run_id = ?", (run_id,)
-        ):
-            outputs.setdefault(step_name, {})[name] = digest
-        inputs: dict[str, dict[str, tuple[str, str]]] = {}
-        for step_name, param, producer, output in await conn.execute_fetchall(
-            "SELECT step_name, parameter, producer_step, output_name FROM consumed WHERE run_id = ?",
-            (run_id,),
-        ):
-            inputs.setdefault(step_name, {})[param] = (producer, output)
-        rows = await conn.execute_fetchall(
-            f"SELECT {_STEP_COLUMNS} FROM step_runs WHERE run_id = ? "
-            "ORDER BY started_at IS NULL, started_at, seq",
-            (run_id,),
+        """The step runs of ``run_id`` in the order they started, unstarted (skipped) ones last."""
+        rows = await self._conn.execute_fetchall(
+            "SELECT steps, times FROM step_records WHERE run_id = ? ORDER BY id", (run_id,)
         )
-        return [
-            StepRecord(
-                run_id=row[0],
-                step_name=row[1],
-                status=row[2],
-                attempts=row[3],
-                started_at=row[4],
-                ended_at=row[5],
-                duration_seconds=row[6],
-                cached=bool(row[7]),
-                cache_key=row[8],
-                time_saved_seconds=row[9],
-                error_type=row[10],
-                error_message=row[11],
-                traceback=row[12],
-                outputs=outputs.get(row[1], {}),
-                inputs=inputs.get(row[1], {}),
-            )
-            for row in rows
-        ]
+        steps = _packed.decode(run_id, [(row[0], row[1]) for row in rows])
+        order = {s.step_name: i for i, s in enumerate(steps)}
+        return sorted(steps, key=lambda s: (s.started_at is None, s.started_at or 0.0, order[s.step_name]))
 
     async def lineage(self, output_name: str, run_id: str | None = None) -> Lineage | None:
         """Where ``output_name`` came from in run ``run_id`` (default: the latest run that made it).
@@ -804,27 +781,29 @@ class Store:
         """
         self._check_open()
         conn = self._conn
-        found: list[Sequence[Any]]
+        candidates: list[str]
         if run_id is None:
-            found = list(
-                await conn.execute_fetchall(
-                    "SELECT o.run_id FROM step_outputs AS o LEFT JOIN runs AS r ON r.run_id = o.run_id "
-                    "LEFT JOIN step_runs AS s ON s.run_id = o.run_id AND s.step_name = o.step_name "
-                    "WHERE o.output_name = ? ORDER BY COALESCE(r.started_at, s.started_at) DESC LIMIT 1",
-                    (output_name,),
+            # Newest first; the substring search finds the parts naming the output (see _packed).
+            candidates = [
+                row[0]
+                for row in await conn.execute_fetchall(
+                    "SELECT p.run_id FROM step_records AS p LEFT JOIN runs AS r ON r.run_id = p.run_id "
+                    "WHERE instr(p.outputs, ?) > 0 GROUP BY p.run_id "
+                    "ORDER BY MAX(r.started_at) IS NULL, MAX(r.started_at) DESC, MAX(p.id) DESC",
+                    (_packed.search_text([output_name]),),
                 )
-            )
+            ]
         else:
             matches = await self.match_run_ids(run_id, limit=2)
             if len(matches) != 1:
                 return None
-            found = [(matches[0],)]
-        if not found:
-            return None
-        the_run: str = found[0][0]
-        steps = {s.step_name: s for s in await self._steps_of(the_run)}
-        producers = {name: step for step in steps.values() for name in step.outputs}
-        if output_name not in producers:
+            candidates = matches
+        for the_run in candidates:
+            steps = {s.step_name: s for s in await self._steps_of(the_run)}
+            producers = {name: step for step in steps.values() for name in step.outputs}
+            if output_name in producers:
+                break
+        else:
             return None
         hashes = sorted({h for s in steps.values() for h in s.outputs.values() if h is not None})
         artifacts = {
@@ -892,8 +871,8 @@ class Store:
         ):
             per_step[name] = [count, size, 0, 0.0]
         for name, hits, saved in await conn.execute_fetchall(
-            "SELECT step_name, COUNT(*), COALESCE(SUM(time_saved_seconds), 0) FROM step_runs "
-            "WHERE cached = 1 GROUP BY step_name"
+            "SELECT h.key, SUM(json_extract(h.value, '$[0]')), SUM(json_extract(h.value, '$[1]')) "
+            "FROM step_records AS p, json_each(p.hits) AS h WHERE p.hits IS NOT NULL GROUP BY h.key"
         ):
             per_step.setdefault(name, [0, 0, 0, 0.0])[2:] = [hits, saved]
         steps = tuple(StepCacheStats(name, *values) for name, values in sorted(per_step.items()))

@@ -1,0 +1,267 @@
+"""Step records packed by the writer: one ``step_records`` row holds many step runs of one run.
+
+Why packed: lineage is written for every step of every run and read rarely (``runs show``,
+``lineage``, ``cache stats``). A SQLite row per step, per output and per consumed input cost 2-4
+us each of binding and B-tree work, all in the drain at the end of a run, which is on the run's
+wall clock: 5,000 no-op steps took ~45 ms more than the run itself. One JSON document per batch
+costs one string join and one row.
+
+Why strings: a step row is written as a JSON text at once, never as a list or dict first. Those
+would be thousands of short-lived GC-tracked containers per run, and the collections they set
+off (a full one costs ~20 ms next to a 5,000-step plan) cost more than the encoding.
+
+Why floats apart: ``repr`` of a float costs ~0.35 us, half the cost of a whole row. Each step's
+``started_at``, ``duration_seconds`` and ``time_saved_seconds`` go in the ``times`` column instead,
+three little-endian float64 a step (NaN stands for null), which round-trips them exactly.
+
+A step row is a JSON array in this order; the fields after ``outputs`` are left off from the end
+while they hold their default (in brackets)::
+
+    [step_name, status, attempts, {output_name: artifact_hash|null},
+     inputs ({}: {parameter: [producer_step, output_name]}), ended_at (started_at + duration),
+     cached (0), cache_key (null), error_type (null), error_message (null), traceback (null)]
+
+A step recorded twice in one run (an upsert) keeps the position of its first record and the
+content of its last. Each ``step_records`` row also carries ``outputs``, the names its steps
+produced framed by newlines (``"\\nmodel\\nscores\\n"``), so that finding the runs that made an
+output is a substring search rather than a JSON parse; and ``hits``, ``{step_name: [cache hits,
+seconds saved]}`` of its cache hits (NULL when none), so that ``cache stats`` never decodes steps.
+"""
+
+from __future__ import annotations
+
+__all__ = ("Part", "StepFate", "StepShape", "decode", "search_text")
+
+import json
+import math
+import sys
+from array import array
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, Protocol
+
+from ._records import StepRecord
+
+_quote = json.encoder.encode_basestring  # the C version when available: a JSON string literal
+_dumps = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(",", ":")).encode
+_NON_FINITE: Final = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}  # as json.loads reads them
+_NAN: Final = math.nan
+_SWAP: Final = sys.byteorder != "little"
+
+
+class StepFate(Protocol):
+    """What the store reads from the engine's result of one step (:class:`flowyml.StepResult`)."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def outputs(self) -> Mapping[str, object]: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def start_time(self) -> float | None: ...
+    @property
+    def end_time(self) -> float | None: ...
+    @property
+    def duration_seconds(self) -> float: ...
+    @property
+    def cache_key(self) -> str | None: ...
+    @property
+    def time_saved_seconds(self) -> float: ...
+    @property
+    def traceback(self) -> str | None: ...
+
+
+class StepShape:
+    """What every record of one plan node says whatever its fate, JSON-encoded once.
+
+    The engine keeps one per node of a plan and hands it to :meth:`Store.record_fate`, so the
+    writer does not quote the same names and encode the same inputs on every run.
+    """
+
+    __slots__ = ("inputs", "name", "null_outputs", "output_names", "quoted_inputs", "quoted_name")
+
+    def __init__(
+        self, name: str, output_names: Iterable[str], inputs: Mapping[str, tuple[str, str]] | None
+    ) -> None:
+        self.name = name
+        self.output_names = tuple(output_names)
+        self.inputs = dict(inputs or {})
+        self.quoted_name = _quote(name)
+        self.null_outputs = "{" + ",".join(f"{_quote(n)}:null" for n in self.output_names) + "}"
+        self.quoted_inputs = _dumps(self.inputs)
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "null"
+    text = repr(float(x))
+    return text if text[-1] <= "9" else _NON_FINITE[text]
+
+
+def search_text(names: Iterable[str]) -> str:
+    """Output names framed by newlines, searched with ``instr(outputs, '\\n' || name || '\\n')``."""
+    return "\n" + "\n".join(names) + "\n"
+
+
+class Part:
+    """The step rows of one run in one writer batch, and the columns they make."""
+
+    __slots__ = ("_hits", "_names", "_rows", "_times")
+
+    def __init__(self) -> None:
+        self._rows: list[str] = []
+        self._times = array("d")
+        self._names: list[str] = []
+        self._hits: dict[str, list[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add_fate(self, fate: StepFate, hashes: Mapping[str, str] | None, shape: StepShape) -> None:
+        """Add the row of a step as the engine reported it (the hot path's record)."""
+        status = fate.status
+        start = fate.start_time
+        duration = fate.duration_seconds
+        saved = fate.time_saved_seconds
+        times = self._times
+        times.append(_NAN if start is None else start)
+        times.append(_NAN if duration is None else duration)
+        times.append(saved)
+        names = fate.outputs
+        if hashes:
+            outputs = _dumps({n: hashes.get(n) for n in names})
+        elif not names:
+            outputs = "{}"
+        elif len(names) == len(shape.output_names):
+            outputs = shape.null_outputs  # the engine's outputs are the node's, when it has any
+        else:
+            outputs = _dumps(dict.fromkeys(names))
+        self._names.extend(names)
+        row = f"[{shape.quoted_name},{_quote(status)},{int(fate.attempts)},{outputs}"
+        cached = status == "cached"
+        key = fate.cache_key
+        trace = fate.traceback
+        end = fate.end_time
+        if cached:
+            self._hit(shape.name, saved)
+        if trace is not None:
+            n = 7
+        elif key is not None:
+            n = 4
+        elif cached:
+            n = 3
+        elif end != (None if start is None else start + duration):
+            n = 2
+        else:
+            n = 1 if shape.inputs else 0
+        if n:
+            tail = [
+                shape.quoted_inputs,
+                _num(end),
+                "1" if cached else "0",
+                "null" if key is None else _quote(key),
+                "null",
+                "null",
+                "null" if trace is None else _quote(trace),
+            ]
+            row += "," + ",".join(tail[:n])
+        self._rows.append(row + "]")
+
+    def add_record(self, record: StepRecord) -> None:
+        """Add the row of a :class:`StepRecord` (its ``run_id`` is the part's)."""
+        start, duration = record.started_at, record.duration_seconds
+        self._times.extend(
+            (
+                _NAN if start is None else start,
+                _NAN if duration is None else duration,
+                record.time_saved_seconds,
+            )
+        )
+        full: list[Any] = [
+            record.step_name,
+            record.status,
+            record.attempts,
+            record.outputs,
+            record.inputs,
+            record.ended_at,
+            int(record.cached),
+            record.cache_key,
+            record.error_type,
+            record.error_message,
+            record.traceback,
+        ]
+        defaults = _defaults(start, duration)
+        n = len(full)
+        while n > _FIXED and full[n - 1] == defaults[n - 1 - _FIXED]:
+            n -= 1
+        self._rows.append(_dumps(full[:n]))
+        self._names.extend(record.outputs)
+        if record.cached:
+            self._hit(record.step_name, record.time_saved_seconds)
+
+    def _hit(self, step_name: str, saved: float) -> None:
+        seen = self._hits.get(step_name)
+        if seen is None:
+            self._hits[step_name] = [1, saved]
+        else:
+            seen[0] += 1
+            seen[1] += saved
+
+    def columns(self) -> tuple[str, bytes, str, str | None]:
+        """The ``steps``, ``times``, ``outputs`` and ``hits`` columns of this part's row."""
+        times = self._times
+        if _SWAP:
+            times = array("d", times)
+            times.byteswap()
+        hits = _dumps(self._hits) if self._hits else None
+        return "[" + ",".join(self._rows) + "]", times.tobytes(), search_text(self._names), hits
+
+
+#: Fields every row has: step_name, status, attempts, outputs.
+_FIXED: Final = 4
+
+
+def _defaults(start: float | None, duration: float | None) -> tuple[Any, ...]:
+    """The values of the fields after ``outputs`` that a row may leave off."""
+    end = None if start is None or duration is None else start + duration
+    return ({}, end, 0, None, None, None, None)
+
+
+def _float(x: float) -> float | None:
+    return None if x != x else x  # NaN stands for null
+
+
+def decode(run_id: str, parts: Iterable[tuple[str, bytes]]) -> list[StepRecord]:
+    """The step records of one run from its ``(steps, times)`` columns, oldest first, upserts applied."""
+    latest: dict[str, tuple[list[Any], float | None, float | None, float]] = {}
+    for steps, blob in parts:
+        times = array("d")
+        times.frombytes(blob)
+        if _SWAP:
+            times.byteswap()
+        for i, row in enumerate(json.loads(steps)):
+            # A dict keeps the position of the first insertion: an upsert keeps its place.
+            latest[row[0]] = (row, _float(times[3 * i]), _float(times[3 * i + 1]), times[3 * i + 2])
+    records = []
+    for row, start, duration, saved in latest.values():
+        full = row + list(_defaults(start, duration)[len(row) - _FIXED :])
+        records.append(
+            StepRecord(
+                run_id=run_id,
+                step_name=full[0],
+                status=full[1],
+                attempts=full[2],
+                started_at=start,
+                ended_at=full[5],
+                duration_seconds=duration,
+                cached=bool(full[6]),
+                cache_key=full[7],
+                time_saved_seconds=saved,
+                error_type=full[8],
+                error_message=full[9],
+                traceback=full[10],
+                outputs=full[3],
+                inputs={param: (src[0], src[1]) for param, src in full[4].items()},
+            )
+        )
+    return records
