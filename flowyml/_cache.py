@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import warnings
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ class StoreHooks(RunHooks):
         self._hit_hashes: dict[int, dict[str, str]] = {}
         self._inflight = _inflight.setdefault(asyncio.get_running_loop(), {})
         self._shapes = _shapes_of(plan) if recording else []
+        self._fingerprints: dict[int, tuple[Callable[..., Any], str]] = {}
         self._record_fate = store.record_fate
 
     async def before(
@@ -110,6 +112,18 @@ class StoreHooks(RunHooks):
         res.status = StepStatus.CACHED
         res.time_saved_seconds = saved
 
+    def _fingerprint(self, func: Callable[..., Any]) -> str:
+        """The code fingerprint of ``func``, made once per run (steps often share a function).
+
+        Not across runs: a closure or global value changed between runs must change the key.
+        """
+        found = self._fingerprints.get(id(func))
+        if found is not None and found[0] is func:
+            return found[1]
+        fingerprint = fingerprint_function(func)
+        self._fingerprints[id(func)] = (func, fingerprint)
+        return fingerprint
+
     def _key(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> str | None:
         step = node.step
         strategy: Any = step.cache
@@ -132,7 +146,7 @@ class StoreHooks(RunHooks):
             params: dict[str, Any] = {}
             for (label, src), value in zip(node.sources(), [*args, *kwargs.values()], strict=True):
                 (inputs if src.kind == SLOT else params)[label] = value
-            fingerprint = fingerprint_function(step.func) if strategy == "code_hash" else None
+            fingerprint = self._fingerprint(step.func) if strategy == "code_hash" else None
             return cache_key(
                 step_identity=identity,
                 fingerprint=fingerprint,

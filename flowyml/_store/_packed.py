@@ -18,8 +18,8 @@ A step row is a JSON array in this order; the fields after ``outputs`` are left 
 while they hold their default (in brackets)::
 
     [step_name, status, attempts, {output_name: artifact_hash|null},
-     inputs ({}: {parameter: [producer_step, output_name]}), ended_at (started_at + duration),
-     cached (0), cache_key (null), error_type (null), error_message (null), traceback (null)]
+     inputs ({}: {parameter: [producer_step, output_name]}), cached (0), cache_key (null),
+     ended_at (started_at + duration), error_type (null), error_message (null), traceback (null)]
 
 A step recorded twice in one run (an upsert) keeps the position of its first record and the
 content of its last. Each ``step_records`` row also carries ``outputs``, the names its steps
@@ -146,20 +146,20 @@ class Part:
             self._hit(shape.name, saved)
         if trace is not None:
             n = 7
-        elif key is not None:
-            n = 4
-        elif cached:
-            n = 3
         elif end != (None if start is None else start + duration):
+            n = 4
+        elif key is not None:
+            n = 3
+        elif cached:
             n = 2
         else:
             n = 1 if shape.inputs else 0
         if n:
             tail = [
                 shape.quoted_inputs,
-                _num(end),
                 "1" if cached else "0",
                 "null" if key is None else _quote(key),
+                _num(end),
                 "null",
                 "null",
                 "null" if trace is None else _quote(trace),
@@ -183,9 +183,9 @@ class Part:
             record.attempts,
             record.outputs,
             record.inputs,
-            record.ended_at,
             int(record.cached),
             record.cache_key,
+            record.ended_at,
             record.error_type,
             record.error_message,
             record.traceback,
@@ -224,7 +224,7 @@ _FIXED: Final = 4
 def _defaults(start: float | None, duration: float | None) -> tuple[Any, ...]:
     """The values of the fields after ``outputs`` that a row may leave off."""
     end = None if start is None or duration is None else start + duration
-    return ({}, end, 0, None, None, None, None)
+    return ({}, 0, None, end, None, None, None)
 
 
 def _float(x: float) -> float | None:
@@ -252,10 +252,10 @@ def decode(run_id: str, parts: Iterable[tuple[str, bytes]]) -> list[StepRecord]:
                 status=full[1],
                 attempts=full[2],
                 started_at=start,
-                ended_at=full[5],
+                ended_at=full[7],
                 duration_seconds=duration,
-                cached=bool(full[6]),
-                cache_key=full[7],
+                cached=bool(full[5]),
+                cache_key=full[6],
                 time_saved_seconds=saved,
                 error_type=full[8],
                 error_message=full[9],
