@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import statistics
 import subprocess
@@ -31,7 +32,7 @@ from typing import Any
 from flowyml import Pipeline, step
 
 
-async def noop(*_: Any) -> None:
+async def noop(*_: Any) -> Any:
     return None
 
 
@@ -154,6 +155,7 @@ async def w5_floor(n: int = 4) -> None:
 
 
 async def timed(fn: Callable[[], Awaitable[Any]]) -> float:
+    gc.collect()  # untimed: a full collection must not land at random on one side
     t0 = time.perf_counter()
     await fn()
     return time.perf_counter() - t0
@@ -178,7 +180,7 @@ async def measure(name: str, repeat: int) -> dict[str, Any]:
     ours: list[float] = []
     base: list[float] = []
     for i in range(repeat):
-        pair = [("ours", pipeline.arun), ("floor", floor)]
+        pair: list[tuple[str, Callable[[], Awaitable[Any]]]] = [("ours", pipeline.arun), ("floor", floor)]
         if i % 2:
             pair.reverse()
         for label, fn in pair:

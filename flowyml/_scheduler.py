@@ -153,7 +153,7 @@ class Run:
         results = [StepResult(n.name) for n in chain]
         for n, r in zip(chain, results, strict=True):
             self.results[n.id] = r
-        if hooks is not None:
+        if hooks is not None and hooks.caching:
             hit = False
             try:
                 hit = await hooks.before(head, results[0], args, kwargs, self.values)
@@ -220,7 +220,7 @@ class Run:
                     self.values[slot] = r.outputs[name]
             if hooks is not None:
                 a, kw = self._arguments(n)
-                if n is not head and r.status is StepStatus.SUCCEEDED:
+                if n is not head and r.status is StepStatus.SUCCEEDED and hooks.caching:
                     probe = StepResult(n.name)
                     with contextlib.suppress(Exception):
                         await hooks.before(n, probe, a, kw, [MISSING] * len(self.values))
@@ -325,7 +325,11 @@ class Run:
             if step.conditions and not conditions_hold(step.conditions, args, kwargs):
                 res.status = StepStatus.SKIPPED
                 res.skip_reason = "its condition was false"
-            elif hooks is not None and await hooks.before(node, res, args, kwargs, self.values):
+            elif (
+                hooks is not None
+                and hooks.caching
+                and await hooks.before(node, res, args, kwargs, self.values)
+            ):
                 pass
             else:
                 if request:
@@ -423,10 +427,14 @@ class Run:
 class RunHooks:
     """What the cache and the lineage recorder do around each step; the core stays unaware of them.
 
+    ``before`` is only called when :attr:`caching` is true.
+
     ``before`` may satisfy the step (a cache hit): it fills the output slots, completes ``res``
     (status ``CACHED``) and returns True; an exception it raises fails the step. ``after`` sees
     every step that got past its blocked check, whatever its fate, and must not raise.
     """
+
+    caching: bool = False
 
     async def before(
         self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any], values: list[Any]
