@@ -12,6 +12,7 @@ from typing import Any
 
 from ._errors import StepTimeoutError
 from ._executors._base import Executor
+from ._fallback import WatchFallbacks, WatchFallbacksAsync
 from ._graph import Node
 from ._results import StepResult
 from ._retry import RetryRun, _asleep
@@ -32,12 +33,19 @@ async def run_attempts(
     step = node.step
     retry = RetryRun(step.retry) if step.retry is not None else None
     extra = {"keep_remote": True} if keep_remote else {}
+    body = step.body
+    if step.uses_fallback:
+        body = (WatchFallbacksAsync if step.is_async else WatchFallbacks)(body)
     while True:
         res.attempts = retry.attempt if retry is not None else 1
         try:
-            return await executor.run(
-                step.body, tuple(args), kwargs, timeout=step.timeout, step_name=node.name, **extra
+            ret = await executor.run(
+                body, tuple(args), kwargs, timeout=step.timeout, step_name=node.name, **extra
             )
+            if step.uses_fallback:
+                ret, used = ret
+                res.fallback_reasons = tuple(used)
+            return ret
         except Exception as exc:
             if isinstance(exc, StepTimeoutError):
                 for breaker in _breakers(step.body):

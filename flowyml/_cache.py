@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import UncachedStepWarning, UnhashableInputError
-from ._graph import SLOT, Node, Plan
+from ._graph import Node, Plan
 from ._hashing import cache_key, fingerprint_function
 from ._results import StepResult, StepStatus
 from ._scheduler import RunHooks
@@ -130,8 +130,7 @@ class StoreHooks(RunHooks):
         on_unhashable = "raise"
         if isinstance(strategy, CachePolicy):
             strategy, on_unhashable = strategy.strategy, strategy.on_unhashable
-        body = step.body
-        identity = f"{getattr(body, '__module__', '?')}.{getattr(body, '__qualname__', '?')}|{node.name}"
+        identity = node.identity
         try:
             if callable(strategy):
                 user_key = strategy(*args, **kwargs)
@@ -144,8 +143,8 @@ class StoreHooks(RunHooks):
                 )
             inputs: dict[str, Any] = {}
             params: dict[str, Any] = {}
-            for (label, src), value in zip(node.sources(), [*args, *kwargs.values()], strict=True):
-                (inputs if src.kind == SLOT else params)[label] = value
+            for (label, wired), value in zip(node.labels, [*args, *kwargs.values()], strict=True):
+                (inputs if wired else params)[label] = value
             fingerprint = self._fingerprint(step.func) if strategy == "code_hash" else None
             return cache_key(
                 step_identity=identity,
@@ -159,6 +158,13 @@ class StoreHooks(RunHooks):
                 raise
             warnings.warn(UncachedStepWarning(f"{exc}; the step runs without its cache"), stacklevel=2)
             return None
+
+    def prepare(self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """Make the step's key without looking it up, so that :meth:`after` can cache its outputs."""
+        if self.caching and node.step.cache is not False:
+            key = self._key(node, args, kwargs)
+            if key is not None:
+                self._keys[node.id] = res.cache_key = key
 
     def after(
         self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any], values: list[Any]
@@ -180,7 +186,7 @@ class StoreHooks(RunHooks):
         """Settle this step's single-flight claim and cache its outputs; their artifact hashes."""
         key = self._keys.pop(node.id, None)
         claim = self._claims.pop(node.id, None)
-        ok = res.status is StepStatus.SUCCEEDED
+        ok = res.status is StepStatus.SUCCEEDED and not res.fallback_reasons
         if claim is not None:
             claim.set_result((res.outputs, res.duration_seconds) if ok else None)
             if ok:

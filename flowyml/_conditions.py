@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
@@ -44,6 +45,11 @@ def _conditional(
 ) -> Callable[[Callable[P, R]], Callable[P, R | None]]:
     if not callable(predicate):
         raise ConfigError(f"{label}() needs a callable predicate, got {predicate!r}")
+    if inspect.iscoroutinefunction(predicate):
+        raise ConfigError(
+            f"{label}() needs a plain predicate, got the async function {predicate!r}; "
+            "a condition is checked before the step starts and cannot be awaited"
+        )
     conditions = ((predicate, negate),)
 
     def decorate(func: Callable[P, R]) -> Callable[P, R | None]:
@@ -72,6 +78,18 @@ def conditions_hold(conditions: Conditions, args: list[Any], kwargs: Mapping[str
 
 def _arity(predicate: Callable[..., Any]) -> int | None:
     """How many positional arguments the predicate takes; None when it takes any number."""
+    try:
+        return _cached_arity(predicate)
+    except TypeError:  # an unhashable callable object
+        return _read_arity(predicate)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_arity(predicate: Callable[..., Any]) -> int | None:
+    return _read_arity(predicate)
+
+
+def _read_arity(predicate: Callable[..., Any]) -> int | None:
     try:
         params = inspect.signature(predicate).parameters.values()
     except (TypeError, ValueError):
@@ -112,6 +130,8 @@ class If:
         self.else_step = (
             None if else_step is None else else_step if isinstance(else_step, Step) else step(else_step)
         )
+        if self.else_step is self.then_step:
+            raise ConfigError(f"If(...) got the same step {self.then_step.name!r} as then_step and else_step")
         self.name = name or f"If({self.then_step.name}" + (
             f", {self.else_step.name})" if self.else_step else ")"
         )

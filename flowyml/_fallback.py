@@ -11,8 +11,10 @@ and with no arguments otherwise; this is decided once, when the handler is made.
 
 from __future__ import annotations
 
-__all__ = ("FallbackHandler", "on_failure")
+__all__ = ("FallbackHandler", "WatchFallbacks", "WatchFallbacksAsync", "on_failure")
 
+import contextlib
+import contextvars
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ParamSpec, TypeVar, cast
@@ -99,6 +101,9 @@ class FallbackHandler:
         return is_async
 
     def _fallback(self, exc: Exception) -> Any:
+        used = _USED.get()
+        if used is not None:
+            used.append(f"{type(exc).__name__}: {exc}")
         return self.fallback_func(exc) if self._pass_exception else self.fallback_func()
 
     def _call(self, func: Callable[..., R], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> R:
@@ -117,6 +122,43 @@ class FallbackHandler:
             if inspect.isawaitable(result):
                 result = await result
             return cast(R, result)
+
+
+_USED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("flowyml_fallbacks", default=None)
+
+
+class WatchFallbacks:
+    """Call a step body and report whether a fallback stood in for it: ``(value, reasons)``.
+
+    The engine wraps the body of a step that has an ``on_failure`` layer in this, wherever the
+    body runs (loop, thread, process, cluster), so that a fallback value is passed on to the
+    step's consumers but never cached as if the step had succeeded.
+    """
+
+    def __init__(self, body: Callable[..., Any]) -> None:
+        self.body = body
+        with contextlib.suppress(TypeError, ValueError):
+            self.__signature__ = inspect.signature(body)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
+        used: list[str] = []
+        token = _USED.set(used)
+        try:
+            return self.body(*args, **kwargs), used
+        finally:
+            _USED.reset(token)
+
+
+class WatchFallbacksAsync(WatchFallbacks):
+    """:class:`WatchFallbacks` for an ``async def`` body."""
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:  # type: ignore[override]
+        used: list[str] = []
+        token = _USED.set(used)
+        try:
+            return await self.body(*args, **kwargs), used
+        finally:
+            _USED.reset(token)
 
 
 def on_failure(fallback: Callable[..., Any], *, on: ExceptionTypes = (Exception,)) -> FallbackHandler:

@@ -63,6 +63,8 @@ class Node:
     deps: tuple[int, ...]
     dependents: tuple[int, ...] = ()
     lineage_inputs: dict[str, tuple[str, str]] | None = None
+    identity: str = ""
+    labels: tuple[tuple[str, bool], ...] = ()
 
     def sources(self) -> list[tuple[str, Source]]:
         """Every bound argument as ``(parameter label, source)``, in call order."""
@@ -180,6 +182,12 @@ def build_plan(steps: Sequence[Step], flows: Sequence[If] = ()) -> Plan:
         )
 
     for n in nodes:
+        body = n.step.body
+        n.identity = (
+            f"{getattr(body, '__module__', '?')}.{getattr(body, '__qualname__', '?')}|{n.name}"
+            f"|{','.join(n.output_names)}"
+        )
+        n.labels = tuple((label, src.kind == SLOT) for label, src in n.sources())
         n.lineage_inputs = {
             label: (names[producer[slot_names[src.slot]]], slot_names[src.slot])
             for label, src in n.sources()
@@ -226,7 +234,7 @@ def find_chains(
     for i in order:
         node = nodes[i]
         group = node.step.execution_group
-        if group is None or node.step.is_async or i in excluded:
+        if group is None or i in excluded or not _groupable(node.step):
             continue
         current = open_chains.get(group)
         if (
@@ -240,6 +248,15 @@ def find_chains(
         open_chains[group] = [i]
         chains.append(open_chains[group])
     return {c[0]: tuple(c) for c in chains if len(c) > 1}
+
+
+def _groupable(s: Step) -> bool:
+    """Whether a step can run inside a group chain.
+
+    Async steps already run back to back on the loop; a step with its own ``timeout`` could not
+    have it enforced inside a shared worker; a fallback's value must be told apart from a result.
+    """
+    return not s.is_async and s.timeout is None and not s.uses_fallback
 
 
 def _bind(

@@ -7,7 +7,8 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+import weakref
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._conditions import NOT_CHOSEN, If
@@ -78,6 +79,9 @@ class Pipeline:
         self._flows: list[If] = []
         self._plan: Plan | None = None
         self._requests: list[Request] = []
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResourcePool] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def steps(self) -> tuple[Step, ...]:
@@ -181,37 +185,42 @@ class Pipeline:
         plan.check_context(params)
         debug = self.debug if debug is None else debug
         run_id = run_id or uuid.uuid4().hex
-        start = time.time()
-        store, hooks = await self._open_store(plan, run_id, start)
         if executor is not None and not isinstance(executor, Executor):
             raise ConfigError(
                 f"run(executor=...) needs an executor object such as DaskExecutor(...), got {executor!r}"
             )
         executors = _Executors(self, executor)
         remote = any(executors.for_node(n).supports_remote for n in plan.nodes)
-        run = Run(
-            plan,
-            params=params,
-            executors=executors.for_node,
-            fail_fast=fail_fast,
-            max_concurrency=1 if debug else self.max_concurrency,
-            on_failure=_debug_report if debug else None,
-            hooks=hooks,
-            resources=ResourcePool(self.capacity) if self.capacity else None,
-            requests=self._requests if self.capacity else (),
-            remote=remote,
-            caching=self.enable_cache,
-        )
+        start = time.time()
+        store, hooks = await self._open_store(plan, run_id, start)
+        run: Run | None = None
         state = "cancelled"
         try:
+            run = Run(
+                plan,
+                params=params,
+                executors=executors.for_node,
+                fail_fast=fail_fast,
+                max_concurrency=1 if debug else self.max_concurrency,
+                on_failure=_debug_report if debug else None,
+                hooks=hooks,
+                resources=self._resource_pool() if self.capacity else None,
+                requests=self._requests if self.capacity else (),
+                remote=remote,
+                caching=self.enable_cache,
+            )
             await run.execute()
             state = _state(r for r in run.results if r is not None)
             if remote:
                 await run.localize_outputs()
         finally:
-            await executors.aclose(close_given=_close_all)
-            if store is not None and hooks is not None:
-                await self._close_store(store, hooks, run, run_id, start, state)
+            try:
+                await executors.aclose(close_given=_close_all)
+            finally:
+                if store is not None and hooks is not None:
+                    await _finish_even_if_cancelled(
+                        self._close_store(store, hooks, run, run_id, start, state)
+                    )
         results = {r.step_name: r for r in run.results if r is not None and r.skip_reason is not NOT_CHOSEN}
         return PipelineResult(
             run_id=run_id,
@@ -244,25 +253,33 @@ class Pipeline:
         return store, hooks
 
     async def _close_store(
-        self, store: Store, hooks: StoreHooks, run: Run, run_id: str, start: float, state: str
+        self, store: Store, hooks: StoreHooks, run: Run | None, run_id: str, start: float, state: str
     ) -> None:
         """Record how the run ended and wait for every queued write to commit."""
         from ._store import RunRecord
 
         try:
             if self.lineage:
-                for node in run.plan.nodes:
-                    res = run.results[node.id]
+                results = run.results if run is not None else []
+                for node, res in zip(hooks.plan.nodes, results, strict=False):
                     if res is not None and res.start_time is None:
                         store.record_step(hooks.record(node, res))  # never started: skipped
                 end = time.time()
-                saved = sum(r.time_saved_seconds for r in run.results if r is not None)
+                saved = sum(r.time_saved_seconds for r in results if r is not None)
                 store.record_run(RunRecord(run_id, self.name, state, start, end, end - start, saved))
         finally:
             try:
                 await store.aclose()
             finally:
                 hooks.release()
+
+    def _resource_pool(self) -> ResourcePool:
+        """The capacity shared by every run of this pipeline on the running event loop."""
+        loop = asyncio.get_running_loop()
+        pool = self._pools.get(loop)
+        if pool is None:
+            pool = self._pools[loop] = ResourcePool(self.capacity)
+        return pool
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, steps={[s.name for s in self._steps]})"
@@ -310,6 +327,16 @@ class _Executors:
         owned = [ex for ex in (self._thread, self._process) if ex is not None]
         for ex in owned + (list(self._given.values()) if close_given else []):
             await ex.aclose()
+
+
+async def _finish_even_if_cancelled(closing: Coroutine[Any, Any, None]) -> None:
+    """Await ``closing`` to the end even if this task is cancelled meanwhile, then re-raise."""
+    task = asyncio.ensure_future(closing)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 def _state(results: Iterable[StepResult]) -> str:

@@ -46,6 +46,12 @@ class StepResult:
     time_saved_seconds: float = 0.0
     cache_key: str | None = None
     skip_reason: str | None = None
+    fallback_reasons: tuple[str, ...] = ()
+
+    @property
+    def used_fallback(self) -> bool:
+        """True when an ``on_failure`` fallback supplied the output: passed on, never cached."""
+        return bool(self.fallback_reasons)
 
     @property
     def success(self) -> bool:

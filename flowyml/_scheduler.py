@@ -18,12 +18,12 @@ import contextlib
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ._attempt import run_attempts
 from ._conditions import NOT_CHOSEN, ControlContext, NotReady, conditions_hold
-from ._errors import StepTimeoutError
+from ._errors import StepError, StepTimeoutError
 from ._executors._base import Executor
 from ._graph import CONTEXT, MISSING, SLOT, Gate, Node, Plan, Source
 from ._groups import Member, Outcome, run_chain
@@ -70,6 +70,14 @@ class Run:
                 self.remaining[i] += 1
         self._gate_waiters: dict[int, list[Gate]] = {}
         self._executors = [executors(n) for n in plan.nodes]
+        self._fast = [
+            ex.name == "async"
+            and n.step.retry is None
+            and n.step.timeout is None
+            and not n.step.uses_fallback
+            for n, ex in zip(plan.nodes, self._executors, strict=True)
+        ]
+        self._gate_errors: dict[int, BaseException] = {}
         self._resources = resources
         self._requests = requests
         self._remote = remote
@@ -95,6 +103,7 @@ class Run:
         except* _Abort:
             pass
         finally:
+            self._undecided_gates()
             reason = (
                 f"the run stopped after step {self.stopped_by!r} failed"
                 if self.stopped_by
@@ -111,9 +120,10 @@ class Run:
             if chain is None:
                 node = self._finish(node, await self._run_node(node))
                 continue
+            done, grouped = await self._run_chain([self.plan.nodes[i] for i in chain])
             nxt = None
-            for member, ok in await self._run_chain([self.plan.nodes[i] for i in chain]):
-                nxt = self._finish(member, ok, chain, nxt)
+            for member, ok in done:
+                nxt = self._finish(member, ok, chain if grouped else (), nxt)
             node = nxt
 
     def _finish(
@@ -143,16 +153,20 @@ class Run:
                 self._evaluate(gate)
         return nxt
 
-    async def _run_chain(self, chain: list[Node]) -> list[tuple[Node, bool]]:
-        """Run an execution group's chain as one call in one worker; see :mod:`flowyml._groups`."""
+    async def _run_chain(self, chain: list[Node]) -> tuple[list[tuple[Node, bool]], bool]:
+        """Run an execution group's chain as one call in one worker; see :mod:`flowyml._groups`.
+
+        Returns each member's fate and whether the chain ran as one unit. When it did not (the
+        head is blocked or served from the cache, its key cannot be made, or values are remote),
+        only the head has run, and the other members follow as ordinary steps.
+        """
         head = chain[0]
         if self.blocked[head.id] is not None or self._remote:
-            return [(n, await self._run_node(n)) for n in chain]
+            return [(head, await self._run_node(head))], False
         args, kwargs = self._arguments(head)
         hooks = self.hooks
         results = [StepResult(n.name) for n in chain]
-        for n, r in zip(chain, results, strict=True):
-            self.results[n.id] = r
+        self.results[head.id] = results[0]
         if hooks is not None and hooks.caching:
             hit = False
             try:
@@ -161,80 +175,71 @@ class Run:
                 self._fail(results[0], exc)
             if hit or results[0].status is not StepStatus.PENDING:
                 hooks.after(head, results[0], args, kwargs, self.values)
-                ok = results[0].status in _OK
-                return [(head, ok), *[(n, await self._run_node(n)) for n in chain[1:]]]
-        members = [
-            self._member(n, args if n is head else None, kwargs if n is head else None, chain) for n in chain
-        ]
-        timeouts = [n.step.timeout for n in chain]
-        timeout = None if None in timeouts else sum(t for t in timeouts if t is not None)
+                return [(head, results[0].status in _OK)], False
+        for n, r in zip(chain, results, strict=True):
+            self.results[n.id] = r
+        members = [self._member(n, chain) for n in chain]
         executor = self._executors[head.id]
-        request = tuple(
-            (kind, max(dict(self._requests[n.id]).get(kind, 0.0) for n in chain))
-            for kind in sorted(
-                {k for n in chain for k, _ in (self._requests[n.id] if self._requests else ())}
-            )
-        )
-        limit = self._limit
-        t0 = _perf()
+        request = _largest(self._requests[n.id] for n in chain) if self._requests else ()
         started = _now()
+        t0 = _perf()
         try:
-            if request:
-                await self._resources.acquire(request)  # type: ignore[union-attr]
-            try:
-                if limit is not None:
-                    await limit.acquire()
-                try:
-                    outcomes = await executor.run(
-                        run_chain, (members,), {}, timeout=timeout, step_name=head.name
-                    )
-                finally:
-                    if limit is not None:
-                        limit.release()
-            finally:
-                if request:
-                    self._resources.release(request)  # type: ignore[union-attr]
+            async with self._held(request, self._limit):
+                started = _now()
+                t0 = _perf()
+                outcomes = await executor.run(run_chain, (members,), {}, timeout=None, step_name=head.name)
         except asyncio.CancelledError:
-            for r in results:
+            for n, r in zip(chain, results, strict=True):
                 r.status = StepStatus.CANCELLED
+                if hooks is not None:
+                    hooks.after(n, r, args, kwargs, self.values)
             raise
         except Exception as exc:
-            outcomes = [
-                Outcome(StepStatus.PENDING, {}, start_time=started, duration_seconds=_perf() - t0)
-            ] * len(chain)
-            for r in results:
-                self._fail(r, exc)
+            reason = f"upstream step {head.name!r} did not produce its outputs"
+            outcomes = [Outcome(StepStatus.SKIPPED, {}, skip_reason=reason)] * len(chain)
+            outcomes[0] = Outcome(StepStatus.PENDING, {}, start_time=started, duration_seconds=_perf() - t0)
+            self._fail(results[0], exc)
         done: list[tuple[Node, bool]] = []
         for n, r, o in zip(chain, results, outcomes, strict=True):
             if o.status is not StepStatus.PENDING:
                 r.status, r.outputs, r.error, r.traceback = o.status, o.outputs, o.error, o.traceback
                 r.skip_reason = o.skip_reason
-            r.attempts, r.start_time, r.duration_seconds = (
-                o.attempts,
-                o.start_time or started,
-                o.duration_seconds,
-            )
+            r.attempts, r.duration_seconds = o.attempts, o.duration_seconds
+            r.start_time = o.start_time or started
             r.end_time = r.start_time + r.duration_seconds
             for slot, name in zip(n.output_slots, n.output_names, strict=True):
                 if name in r.outputs:
                     self.values[slot] = r.outputs[name]
+            a, kw = self._arguments(n)
             if hooks is not None:
-                a, kw = self._arguments(n)
-                if n is not head and r.status is StepStatus.SUCCEEDED and hooks.caching:
-                    probe = StepResult(n.name)
-                    with contextlib.suppress(Exception):
-                        await hooks.before(n, probe, a, kw, [MISSING] * len(self.values))
-                    r.cache_key = probe.cache_key
+                if n is not head and r.status is StepStatus.SUCCEEDED:
+                    with contextlib.suppress(Exception):  # a key that cannot be made: just not cached
+                        hooks.prepare(n, r, a, kw)
                 hooks.after(n, r, a, kw, self.values)
             ok = r.status in _OK
             if not ok and r.status is not StepStatus.SKIPPED and self._on_failure is not None:
-                self._on_failure(n, r, [*args, *kwargs.values()])
+                self._on_failure(n, r, [*a, *kw.values()])
             done.append((n, ok))
-        return done
+        return done, True
 
-    def _member(
-        self, node: Node, args: list[Any] | None, kwargs: dict[str, Any] | None, chain: list[Node]
-    ) -> Member:
+    @contextlib.asynccontextmanager
+    async def _held(self, request: Request, limit: asyncio.Semaphore | None) -> AsyncIterator[None]:
+        """Hold the step's resources and a concurrency slot; release exactly what was acquired."""
+        if request:
+            await self._resources.acquire(request)  # type: ignore[union-attr]
+        try:
+            if limit is not None:
+                await limit.acquire()
+            try:
+                yield
+            finally:
+                if limit is not None:
+                    limit.release()
+        finally:
+            if request:
+                self._resources.release(request)  # type: ignore[union-attr]
+
+    def _member(self, node: Node, chain: list[Node]) -> Member:
         inside = {slot for n in chain for slot in n.output_slots}
 
         def arg(src: Source) -> tuple[str, Any]:
@@ -265,9 +270,10 @@ class Run:
             self._gate_waiters.setdefault(wait.node_id, []).append(gate)
             return
         except Exception as exc:
-            reason = f"the condition of {gate.name!r} raised {type(exc).__name__}: {exc}"
+            exc.add_note(f"flowyml: raised by the condition of {gate.name}; neither branch ran")
             for i in (*gate.then_ids, *gate.else_ids):
-                self.blocked[i] = self.blocked[i] or reason
+                self.blocked[i] = self.blocked[i] or f"the condition of {gate.name} raised"
+                self._gate_errors[i] = exc
                 self._release(i)
             return
         run, drop = (gate.then_ids, gate.else_ids) if chosen else (gate.else_ids, gate.then_ids)
@@ -276,6 +282,21 @@ class Run:
             self._release(i)
         for i in run:
             self._release(i)
+
+    def _undecided_gates(self) -> None:
+        """Fail the branches of an ``If`` whose condition waited on a step that never finished."""
+        if self.stopped_by is not None:
+            return
+        for waited, gates in self._gate_waiters.items():
+            for gate in gates:
+                error = StepError(
+                    f"the condition of {gate.name} reads step {self.plan.nodes[waited].name!r}, which never "
+                    "finished; a condition must not read a step that depends on its own branches"
+                )
+                for i in (*gate.then_ids, *gate.else_ids):
+                    if self.results[i] is None:
+                        res = self.results[i] = StepResult(self.plan.nodes[i].name)
+                        self._fail(res, error)
 
     def _release(self, i: int) -> None:
         self.remaining[i] -= 1
@@ -306,8 +327,12 @@ class Run:
         self.results[node.id] = res
         blocked = self.blocked[node.id]
         if blocked is not None:
-            res.status = StepStatus.SKIPPED
-            res.skip_reason = blocked
+            failed = self._gate_errors.get(node.id) if self._gate_errors else None
+            if failed is not None:
+                self._fail(res, failed)
+            else:
+                res.status = StepStatus.SKIPPED
+                res.skip_reason = blocked
             return False
         args, kwargs = self._arguments(node)
         step = node.step
@@ -318,7 +343,7 @@ class Run:
         hooks = self.hooks
         request = self._requests[node.id] if self._requests else ()
         limit = self._limit
-        held = False
+        started = False
         res.start_time = _now()
         t0 = _perf()
         try:
@@ -332,31 +357,35 @@ class Run:
             ):
                 pass
             else:
-                if request:
-                    await self._resources.acquire(request)  # type: ignore[union-attr]
-                if limit is not None:
-                    await limit.acquire()
-                held = True
-                if step.retry is None and step.timeout is None and executor.name == "async":
+                if request or limit is not None:
+                    async with self._held(request, limit):
+                        started = True
+                        res.start_time = _now()
+                        t0 = _perf()
+                        ret = await run_attempts(node, executor, args, kwargs, res, keep_remote=keep_remote)
+                elif self._fast[node.id]:
+                    started = True
                     res.attempts = 1
                     ret = await step.body(*args, **kwargs)
                 else:
+                    started = True
                     ret = await run_attempts(node, executor, args, kwargs, res, keep_remote=keep_remote)
                 res.outputs = self._store(node, ret)
                 res.status = StepStatus.SUCCEEDED
         except asyncio.CancelledError:
-            res.status = StepStatus.CANCELLED
+            if started:
+                res.status = StepStatus.CANCELLED
+            else:
+                res.status = StepStatus.SKIPPED
+                res.skip_reason = "the run stopped before the step could start"
+                res.start_time = None
             raise
         except Exception as exc:
             self._fail(res, exc)
         finally:
-            if held:
-                if limit is not None:
-                    limit.release()
-                if request:
-                    self._resources.release(request)  # type: ignore[union-attr]
-            res.duration_seconds = _perf() - t0
-            res.end_time = res.start_time + res.duration_seconds
+            if res.start_time is not None:
+                res.duration_seconds = _perf() - t0
+                res.end_time = res.start_time + res.duration_seconds
             if hooks is not None:
                 hooks.after(node, res, args, kwargs, self.values)
         if res.status in _OK:
@@ -436,6 +465,10 @@ class RunHooks:
 
     caching: bool = False
 
+    def prepare(self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """Make the step's cache key without a look-up (a step that ran inside a group chain)."""
+        return
+
     async def before(
         self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any], values: list[Any]
     ) -> bool:
@@ -445,6 +478,15 @@ class RunHooks:
         self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any], values: list[Any]
     ) -> None:
         return None
+
+
+def _largest(requests: Iterable[Request]) -> Request:
+    """What a chain holds: the largest amount of each kind any member needs (they run one by one)."""
+    most: dict[str, float] = {}
+    for request in requests:
+        for kind, amount in request:
+            most[kind] = max(most.get(kind, 0.0), amount)
+    return tuple(sorted(most.items()))
 
 
 _QUIET = frozenset({StepStatus.SKIPPED})

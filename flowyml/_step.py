@@ -72,6 +72,7 @@ class Step:
         "signature",
         "tags",
         "timeout",
+        "uses_fallback",
     )
 
     func: Callable[..., Any]
@@ -91,6 +92,7 @@ class Step:
     executor: str | Executor | None
     is_async: bool
     signature: inspect.Signature
+    uses_fallback: bool
 
     def __init__(
         self,
@@ -139,6 +141,7 @@ class Step:
         set_(self, "conditions", conditions)
         set_(self, "execution_group", _check_group(execution_group, label))
         set_(self, "is_async", _is_async(body))
+        set_(self, "uses_fallback", _has_layer(body, "__flowyml_fallback__"))
         set_(self, "executor", _check_executor(executor, label, self.is_async))
         try:
             set_(self, "signature", inspect.signature(body))
@@ -259,6 +262,14 @@ def _unwrap_layers(
             break
         func = wrapped
     return func, retry, tuple(conditions)
+
+
+def _has_layer(func: Any, marker: str) -> bool:
+    while func is not None:
+        if getattr(func, marker, None) is not None:
+            return True
+        func = getattr(func, "__wrapped__", None)
+    return False
 
 
 def _is_async(func: Callable[..., Any]) -> bool:

@@ -158,8 +158,8 @@ class TestIf:
         assert p.run()["branch"] == "ok"
         assert seen == ["slow", "condition", "branch"]
 
-    def test_condition_error_skips_both_branches(self) -> None:
-        """A condition that raises skips both branches, saying why."""
+    def test_condition_error_fails_the_run(self) -> None:
+        """A condition that raises fails both branches with its error: the run is not a success."""
 
         @step
         def a() -> int:
@@ -170,6 +170,40 @@ class TestIf:
             return 2
 
         p = Pipeline("p").add_control_flow(If(condition=lambda ctx: 1 / 0, then_step=a, else_step=b))
+        result = p.run(fail_fast=False)
+        assert not result.success
+        assert isinstance(result.step_results["a"].error, ZeroDivisionError)
+        assert isinstance(result.step_results["b"].error, ZeroDivisionError)
+
+    def test_condition_that_can_never_be_decided_fails(self) -> None:
+        """A condition reading its own branch step fails the branches instead of passing silently."""
+
+        @step(outputs=["x"])
+        def branch() -> int:
+            return 1
+
+        p = Pipeline("p").add_control_flow(
+            If(condition=lambda ctx: ctx.steps["branch"].outputs["x"] > 0, then_step=branch)
+        )
         result = p.run()
-        assert result.step_results["a"].skipped
-        assert "ZeroDivisionError" in (result.step_results["b"].skip_reason or "")
+        assert not result.success
+        assert "never finished" in str(result.step_results["branch"].error)
+
+    def test_same_step_in_both_branches_is_rejected(self) -> None:
+        """If(then_step=s, else_step=s) is a ConfigError."""
+
+        @step
+        def s() -> int:
+            return 1
+
+        with pytest.raises(ConfigError, match="'s'"):
+            If(condition=lambda ctx: True, then_step=s, else_step=s)
+
+    def test_async_predicate_is_rejected(self) -> None:
+        """when() refuses an async predicate: it could never be awaited before the step."""
+
+        async def pred(x: int) -> bool:
+            return True
+
+        with pytest.raises(ConfigError, match="async"):
+            when(pred)

@@ -1,0 +1,185 @@
+"""Bugs found in review, each with the test that would have caught it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from flowyml import Pipeline, StepStatus, context, on_failure, retry, step
+from flowyml.errors import ConfigError
+
+_CHAIN_STARTED = threading.Event()
+_CHAIN_RELEASE = threading.Event()
+
+
+class TestGroupChainsEarlyExit:
+    def test_skipped_head_skips_the_rest_of_the_chain(self) -> None:
+        """When a group's first step is skipped, the others are skipped too, never run on nothing."""
+        ran: list[str] = []
+
+        @step(outputs=["a"], execution_group="g", condition=lambda: False)
+        def head() -> int:
+            return 1
+
+        @step(outputs=["b"], execution_group="g")
+        def middle(a: int) -> int:
+            ran.append("middle")
+            return a
+
+        @step(outputs=["c"], execution_group="g")
+        def last(b: int) -> int:
+            ran.append("last")
+            return b
+
+        result = Pipeline("g", enable_cache=False).add_step(head).add_step(middle).add_step(last).run()
+        assert ran == []
+        assert [result.step_results[n].status for n in ("head", "middle", "last")] == [StepStatus.SKIPPED] * 3
+
+    def test_head_whose_key_fails_blocks_the_rest(self) -> None:
+        """A group head failing on an unhashable input fails alone; the others are skipped."""
+        ran: list[str] = []
+
+        @step(outputs=["a"], execution_group="g")
+        def head(lock: Any) -> int:
+            return 1
+
+        @step(outputs=["b"], execution_group="g", cache=False)
+        def middle(a: int) -> int:
+            ran.append("middle")
+            return a
+
+        p = Pipeline("g", context=context(lock=threading.Lock())).add_step(head).add_step(middle)
+        result = p.run(fail_fast=False)
+        assert ran == []
+        assert result.step_results["head"].status is StepStatus.FAILED
+        assert result.step_results["middle"].status is StepStatus.SKIPPED
+
+    async def test_cancelled_chain_settles_its_cache_claim(self) -> None:
+        """Cancelling a run inside a group chain does not leave the next run waiting for ever."""
+        started, release = _CHAIN_STARTED, _CHAIN_RELEASE
+        started.clear()
+        release.clear()
+
+        @step(outputs=["a"], execution_group="g")
+        def head() -> int:
+            _CHAIN_STARTED.set()  # module globals: an Event in a closure would have no cache key
+            _CHAIN_RELEASE.wait(10)
+            return 1
+
+        @step(outputs=["b"], execution_group="g")
+        def tail(a: int) -> int:
+            return a + 1
+
+        p = Pipeline("claim").add_step(head).add_step(tail)
+        task = asyncio.create_task(p.arun())
+        await asyncio.to_thread(started.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        async with asyncio.timeout(10):
+            again = await p.arun()
+        assert again["b"] == 2
+
+
+class TestFallbacksAreNotCached:
+    def test_fallback_value_is_passed_on_but_not_cached(self, no_sleep: list[float]) -> None:
+        """A fallback stands in for one run only: the next run calls the function again."""
+        api_up = {"value": False}
+
+        @step(outputs=["data"])
+        @retry(max_attempts=2)
+        @on_failure(lambda: {"status": "unavailable"})
+        def fetch() -> dict[str, str]:
+            if not api_up["value"]:
+                raise ConnectionError("down")
+            return {"status": "ok"}
+
+        p = Pipeline("fallback").add_step(fetch)
+        first = p.run()
+        assert first["data"] == {"status": "unavailable"}
+        assert first.step_results["fetch"].used_fallback
+        api_up["value"] = True
+        second = p.run()
+        assert second["data"] == {"status": "ok"}
+        assert not second.step_results["fetch"].cached
+
+
+class TestOutputsInTheKey:
+    def test_swapping_output_names_is_a_miss(self) -> None:
+        """Changing a step's outputs= changes its key: no stale or crashing hit."""
+
+        def build(names: list[str]) -> Pipeline:
+            @step(name="split", outputs=names)
+            def split() -> tuple[list[int], list[int]]:
+                return [1, 2, 3], [9]
+
+            return Pipeline("outputs").add_step(split)
+
+        build(["train", "test"]).run()
+        swapped = build(["test", "train"]).run()
+        assert not swapped.step_results["split"].cached
+        assert swapped["test"] == [1, 2, 3]
+        renamed = build(["train", "holdout"]).run()
+        assert renamed.success and renamed["holdout"] == [9]
+
+
+class TestCleanup:
+    def test_bad_executor_is_rejected_before_the_store_opens(self) -> None:
+        """run(executor="process") is a ConfigError and leaves no store thread behind."""
+        before = threading.active_count()
+        with pytest.raises(ConfigError, match="executor"):
+            Pipeline("bad").add_step(step(lambda: 1)).run(executor="process")  # type: ignore[arg-type]
+        assert threading.active_count() == before
+
+
+class TestFailFastQueue:
+    def test_steps_waiting_for_a_slot_are_skipped_not_cancelled(self) -> None:
+        """With fail_fast, steps still queued on max_concurrency never started: they are skipped."""
+
+        @step(outputs=["boom"])
+        async def boom() -> None:
+            raise RuntimeError("x")
+
+        def waiter(i: int) -> Any:
+            @step(name=f"w{i}", outputs=[f"w{i}"])
+            async def w() -> None:
+                await asyncio.sleep(30)
+
+            return w
+
+        p = Pipeline("queue", enable_cache=False, max_concurrency=1).add_step(boom)
+        for i in range(3):
+            p.add_step(waiter(i))
+        result = p.run()
+        statuses = {n: r.status for n, r in result.step_results.items()}
+        assert statuses["boom"] is StepStatus.FAILED
+        waiting = [r for n, r in result.step_results.items() if n != "boom"]
+        never_started = [r for r in waiting if r.status is StepStatus.SKIPPED]
+        running = [r for r in waiting if r.status is StepStatus.CANCELLED]
+        assert len(never_started) >= 2 and len(running) <= 1  # one slot: at most one got to run
+        assert all(r.start_time is None for r in never_started)
+        assert all(r.start_time is not None for r in running)
+
+
+class TestSharedCapacity:
+    async def test_concurrent_runs_of_one_pipeline_share_its_capacity(self) -> None:
+        """Two concurrent runs of one pipeline never hold its single GPU at the same time."""
+        holders = 0
+        peak = 0
+
+        @step(outputs=["x"], resources={"gpu": 1}, cache=False)
+        async def use_gpu() -> int:
+            nonlocal holders, peak
+            holders += 1
+            peak = max(peak, holders)
+            await asyncio.sleep(0.02)
+            holders -= 1
+            return 1
+
+        p = Pipeline("gpu", resources={"gpu": 1}).add_step(use_gpu)
+        await asyncio.gather(p.arun(), p.arun(), p.arun())
+        assert peak == 1
