@@ -1,52 +1,108 @@
-"""Execution groups: a chain of grouped steps runs in one worker, each step still on its own record."""
+"""Execution groups: a chain of grouped steps runs in one worker, each step still on its own record.
+
+A grouped chain is one ``run`` call on its executor; the tests count those calls on a real
+executor subclass, since thread and process pools reuse idle workers and so "same thread" or
+"same PID" alone would also hold for steps run one by one.
+"""
 
 from __future__ import annotations
 
 import os
-import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flowyml import Pipeline, StepStatus, step
+from flowyml._executors._base import Executor
+from flowyml._executors._local import ThreadExecutor
+from flowyml._executors._process import ProcessExecutor
+
+NAMES = ("first", "second", "third")
 
 
-def _chain(executor: str | None, group: str | None = "g") -> Pipeline:
+class CountingThreadExecutor(ThreadExecutor):
+    """A real thread executor that counts the calls it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def run(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        timeout: float | None,
+        step_name: str,
+    ) -> Any:
+        self.calls += 1
+        return await super().run(fn, args, kwargs, timeout=timeout, step_name=step_name)
+
+
+class CountingProcessExecutor(ProcessExecutor):
+    """A real process executor with a single worker that counts the calls it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+        self.calls = 0
+
+    async def run(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        timeout: float | None,
+        step_name: str,
+    ) -> Any:
+        self.calls += 1
+        return await super().run(fn, args, kwargs, timeout=timeout, step_name=step_name)
+
+
+def _chain(executor: Executor, group: str | None = "g") -> Pipeline:
+    """Three sync steps, each reading the one before, all on ``executor``."""
+
     @step(outputs=["a"], execution_group=group, executor=executor)
     def first() -> dict[str, Any]:
-        return {"where": (os.getpid(), threading.get_ident()), "payload": list(range(10))}
+        return {"pid": os.getpid(), "n": 1}
 
     @step(outputs=["b"], execution_group=group, executor=executor)
     def second(a: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "where": (os.getpid(), threading.get_ident()),
-            "same_object": id(a["payload"]),
-            "payload": a["payload"],
-        }
+        return {"pid": os.getpid(), "n": a["n"] + 1}
 
     @step(outputs=["c"], execution_group=group, executor=executor)
     def third(b: dict[str, Any]) -> dict[str, Any]:
-        return {"where": (os.getpid(), threading.get_ident()), "same_object": id(b["payload"])}
+        return {"pid": os.getpid(), "n": b["n"] + 1}
 
-    return Pipeline(f"group-{executor}-{group}").add_step(first).add_step(second).add_step(third)
+    return Pipeline(f"group-{group}").add_step(first).add_step(second).add_step(third)
 
 
 class TestThreadGroup:
-    def test_chain_runs_in_one_thread(self) -> None:
-        """Three grouped sync steps run in the same thread, one after the other."""
-        result = _chain(None).run()
+    def test_chain_is_one_executor_call(self) -> None:
+        """Three grouped sync steps reach the thread executor as a single call."""
+        executor = CountingThreadExecutor()
+        result = _chain(executor).run()
         assert result.success, result.summary()
-        places = {result[name]["where"] for name in ("a", "b", "c")}
-        assert len(places) == 1
-        assert places.pop()[0] == os.getpid()
+        assert executor.calls == 1
+        assert result["c"]["n"] == 3
+
+    def test_ungrouped_steps_are_one_call_each(self) -> None:
+        """The same steps without a group reach the thread executor once each."""
+        executor = CountingThreadExecutor()
+        result = _chain(executor, group=None).run()
+        assert result.success, result.summary()
+        assert executor.calls == 3
 
     def test_each_step_is_recorded_and_cached_on_its_own(self) -> None:
         """Every member has its own result, and a second run takes each from the cache."""
-        p = _chain(None)
+        p = _chain(CountingThreadExecutor())
         first = p.run()
-        assert [first.step_results[n].status for n in ("first", "second", "third")] == [
-            StepStatus.SUCCEEDED
-        ] * 3
-        again = p.run()
-        assert [again.step_results[n].status for n in ("first", "second", "third")] == [StepStatus.CACHED] * 3
+        assert [first.step_results[n].status for n in NAMES] == [StepStatus.SUCCEEDED] * 3
+        assert [first.step_results[n].step_name for n in NAMES] == list(NAMES)
+        again_executor = CountingThreadExecutor()
+        again = _chain(again_executor).run()
+        assert [again.step_results[n].status for n in NAMES] == [StepStatus.CACHED] * 3
+        assert again_executor.calls == 0
 
     def test_failure_inside_the_chain_skips_the_rest(self) -> None:
         """A failing member fails alone; the members after it are skipped."""
@@ -76,10 +132,34 @@ class TestThreadGroup:
 
 
 class TestProcessGroup:
-    def test_chain_runs_in_one_process_without_pickling_between_steps(self) -> None:
-        """Grouped process steps share one worker PID and hand the very same object along."""
-        result = _chain("process").run()
+    def test_chain_is_one_worker_call(self) -> None:
+        """Three grouped process steps reach the process executor as a single call."""
+        executor = CountingProcessExecutor()
+        result = _chain(executor).run()
         assert result.success, result.summary()
-        pids = {result[name]["where"][0] for name in ("a", "b", "c")}
-        assert len(pids) == 1 and pids.pop() != os.getpid()
-        assert result["b"]["same_object"] == result["c"]["same_object"]
+        assert executor.calls == 1
+        assert result["c"]["n"] == 3
+
+    def test_ungrouped_steps_are_one_call_each(self) -> None:
+        """The same steps without a group reach the process executor once each."""
+        executor = CountingProcessExecutor()
+        result = _chain(executor, group=None).run()
+        assert result.success, result.summary()
+        assert executor.calls == 3
+
+    def test_members_report_the_same_worker_pid(self) -> None:
+        """Every member of a process group runs in the same worker process, not this one."""
+        result = _chain(CountingProcessExecutor()).run()
+        assert result.success, result.summary()
+        pids = {result[name]["pid"] for name in ("a", "b", "c")}
+        assert len(pids) == 1
+        assert pids.pop() != os.getpid()
+
+    def test_each_step_is_recorded_and_cached_on_its_own(self) -> None:
+        """Every member has its own result, and a second run takes each from the cache."""
+        first = _chain(CountingProcessExecutor()).run()
+        assert [first.step_results[n].status for n in NAMES] == [StepStatus.SUCCEEDED] * 3
+        again_executor = CountingProcessExecutor()
+        again = _chain(again_executor).run()
+        assert [again.step_results[n].status for n in NAMES] == [StepStatus.CACHED] * 3
+        assert again_executor.calls == 0

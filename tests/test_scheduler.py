@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -33,16 +32,22 @@ class InFlight:
 
 
 class TestConcurrency:
-    @pytest.mark.slow
     def test_fifty_async_steps_all_overlap(self) -> None:
-        """50 independent async steps of 0.3 s are all in flight at once."""
+        """50 independent async steps are all in flight at once."""
         gauge = InFlight()
+        started = 0
+        all_started = asyncio.Event()
 
         def make(i: int) -> Any:
             @step(name=f"s{i}", outputs=[f"o{i}"])
             async def s() -> int:
+                nonlocal started
                 with gauge:
-                    await asyncio.sleep(0.3)
+                    started += 1
+                    if started == 50:
+                        all_started.set()
+                    # Released only once all 50 have started; the timeout only guards against a hang.
+                    await asyncio.wait_for(all_started.wait(), 10)
                 return i
 
             return s
@@ -51,22 +56,22 @@ class TestConcurrency:
         for i in range(50):
             p.add_step(make(i))
         result = p.run()
-        assert result.success
+        assert result.success, result.summary()
         assert gauge.peak == 50
         assert [result[f"o{i}"] for i in range(50)] == list(range(50))
 
-    @pytest.mark.slow
     def test_sixteen_blocking_steps_overlap_in_threads(self) -> None:
-        """16 blocking sync steps of 0.3 s run at the same time in the thread pool."""
-        gauge = InFlight()
+        """16 blocking sync steps run at the same time, each in its own thread."""
+        barrier = threading.Barrier(16, timeout=10)
         threads: set[int] = set()
+        lock = threading.Lock()
 
         def make(i: int) -> Any:
             @step(name=f"s{i}")
             def s() -> int:
-                with gauge:
+                with lock:
                     threads.add(threading.get_ident())
-                    time.sleep(0.3)
+                barrier.wait()  # passes only when all 16 are blocked here together
                 return i
 
             return s
@@ -74,39 +79,49 @@ class TestConcurrency:
         p = Pipeline("threads", enable_cache=False)
         for i in range(16):
             p.add_step(make(i))
-        assert p.run().success
-        assert gauge.peak == 16
+        result = p.run()
+        assert result.success, result.summary()
         assert len(threads) == 16
 
     def test_max_threads_bounds_thread_steps(self) -> None:
-        """max_threads caps how many sync steps run at once."""
+        """max_threads=3 runs three sync steps together, and never a fourth alongside them."""
         gauge = InFlight()
+        barrier = threading.Barrier(3, timeout=10)
 
         def make(i: int) -> Any:
-            return step(name=f"s{i}")(lambda: _hold(gauge, 0.05))
+            @step(name=f"s{i}")
+            def s() -> None:
+                with gauge:
+                    barrier.wait()  # passes only when three steps are in flight together
+
+            return s
 
         p = Pipeline("bounded", enable_cache=False, max_threads=3)
         for i in range(9):
             p.add_step(make(i))
-        assert p.run().success
+        result = p.run()
+        assert result.success, result.summary()
         assert gauge.peak == 3
 
     def test_max_concurrency_bounds_all_steps(self) -> None:
-        """max_concurrency caps steps in flight across executors."""
+        """max_concurrency=4 runs four steps together, and never a fifth alongside them."""
         gauge = InFlight()
+        barrier = asyncio.Barrier(4)
 
         def make(i: int) -> Any:
             @step(name=f"s{i}")
             async def s() -> None:
                 with gauge:
-                    await asyncio.sleep(0.01)
+                    # Passes only when four steps are in flight together; the timeout guards a hang.
+                    await asyncio.wait_for(barrier.wait(), 10)
 
             return s
 
         p = Pipeline("limited", enable_cache=False, max_concurrency=4)
         for i in range(20):
             p.add_step(make(i))
-        assert p.run().success
+        result = p.run()
+        assert result.success, result.summary()
         assert gauge.peak == 4
 
     def test_step_starts_when_its_own_inputs_exist(self) -> None:
@@ -162,32 +177,37 @@ class TestConcurrency:
         assert p.run()["total"] == list(range(1000))
 
 
-def _hold(gauge: InFlight, seconds: float) -> None:
-    with gauge:
-        time.sleep(seconds)
-
-
 class TestEmbedding:
     async def test_arun_keeps_the_callers_loop_ticking(self) -> None:
         """The application's own loop keeps running while a blocking step runs in a thread."""
         ticks = 0
+        step_started = threading.Event()
+        ticked = threading.Event()
 
         async def ticker() -> None:
             nonlocal ticks
             while True:
-                ticks += 1
+                if step_started.is_set():
+                    ticks += 1
+                    if ticks >= 5:
+                        ticked.set()
                 await asyncio.sleep(0.01)
 
         @step
         def blocking() -> str:
-            time.sleep(0.3)
+            step_started.set()
+            # Returns only after the loop ticked 5 times since this step started blocking its thread.
+            if not ticked.wait(10):
+                raise TimeoutError("the caller's loop did not tick while the step blocked")
             return "done"
 
         task = asyncio.create_task(ticker())
-        result = await Pipeline("embedded", enable_cache=False).add_step(blocking).arun()
-        task.cancel()
+        try:
+            result = await Pipeline("embedded", enable_cache=False).add_step(blocking).arun()
+        finally:
+            task.cancel()
+        assert result.success, result.summary()
         assert result["blocking"] == "done"
-        assert ticks >= 5
 
     async def test_run_inside_a_loop_points_to_arun(self) -> None:
         """run() inside a running loop raises EventLoopError mentioning arun()."""
