@@ -230,3 +230,22 @@ class TestUsage:
         """--help prints the commands and exits 0."""
         assert main(["--help"]) == 0
         assert "lineage" in capsys.readouterr().out
+
+
+class TestPipes:
+    def test_closed_pipe_exits_quietly(self, tmp_path: Path) -> None:
+        """`flowyml runs show ID | head -1` ends without a traceback."""
+        import subprocess
+        import sys
+
+        from flowyml import Pipeline, step
+
+        home = tmp_path / "store"
+        p = Pipeline("many", cache_dir=home)
+        for i in range(3000):  # a table well past the 64 KiB a pipe buffers
+            p.add_step(step(name=f"s{i}", outputs=[f"o{i}"])(lambda: 1))
+        run_id = p.run().run_id
+        cmd = f"{sys.executable} -m flowyml._cli --dir {home} runs show {run_id} | head -1"
+        proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+        assert proc.stdout.startswith("Run ")
+        assert "Traceback" not in proc.stderr

@@ -825,7 +825,7 @@ class Store:
             if step is not None and step_name not in seen:
                 inputs = tuple(
                     (param, node(producer, out, seen | {step_name}))
-                    for param, (producer, out) in sorted(step.inputs.items())
+                    for param, (producer, out) in step.inputs.items()
                 )
             return LineageNode(
                 run_id=the_run,
