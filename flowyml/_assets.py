@@ -12,7 +12,7 @@ class Asset:
     """A value with a name and metadata, passed between steps like any other output.
 
     ``Model(trained, name="clf")`` wraps an object; consumers receive the asset itself and read
-    ``.data``. Cache keys hash an asset by its class, name and data (see ``__flowyml_hash__``).
+    ``.data``. Cache keys hash an asset by its class, name, data and metadata.
     """
 
     __slots__ = ("data", "metadata", "name")
@@ -37,7 +37,7 @@ class Asset:
         return cls(data, name=name, metadata={**(metadata or {}), **extra})
 
     def __flowyml_hash__(self) -> object:
-        return (type(self).__qualname__, self.name, self.data)
+        return (type(self).__qualname__, self.name, self.data, self.metadata)
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):

@@ -226,6 +226,17 @@ class CircuitBreaker:
         except BaseException as exc:
             self._settle(ticket, exc)
             raise
+        if inspect.isawaitable(result):  # a lambda or partial around a coroutine function
+            return cast(R, self._settle_when_done(ticket, result))
+        self._settle(ticket, None)
+        return result
+
+    async def _settle_when_done(self, ticket: _Ticket, awaitable: Awaitable[Any]) -> Any:
+        try:
+            result = await awaitable
+        except BaseException as exc:
+            self._settle(ticket, exc)
+            raise
         self._settle(ticket, None)
         return result
 

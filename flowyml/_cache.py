@@ -30,7 +30,7 @@ from ._store import StepRecord, StepShape, Store
 __all__ = ("StoreHooks",)
 
 
-_Outcome = tuple[dict[str, Any], float] | None
+_Outcome = Store | None  # the store whose memory holds the value a claim computed, or None
 _inflight: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, dict[tuple[Path, str], asyncio.Future[_Outcome]]
 ]
@@ -100,8 +100,18 @@ class StoreHooks(RunHooks):
                 return False
             outcome = await asyncio.shield(pending)
             if outcome is not None:
-                self._hit(node, res, outcome[0], outcome[1], values)
-                return True
+                # A fresh, hash-checked copy of what the other run cached: never its live objects.
+                shared = await outcome.lookup(key, query=False)
+                outputs = await store.load(shared) if shared is not None else None
+                if shared is not None and outputs is not None:
+                    self._hit(node, res, outputs, shared.duration_seconds, values)
+                    if self.recording:
+                        self._hit_hashes[node.id] = {o.name: o.artifact_hash for o in shared.outputs}
+                    return True
+            if self._inflight.get(flight) is pending:
+                claim = asyncio.get_running_loop().create_future()
+                self._inflight[flight] = self._claims[node.id] = claim
+                return False
 
     def _hit(
         self, node: Node, res: StepResult, outputs: dict[str, Any], saved: float, values: list[Any]
@@ -145,7 +155,18 @@ class StoreHooks(RunHooks):
             params: dict[str, Any] = {}
             for (label, wired), value in zip(node.labels, [*args, *kwargs.values()], strict=True):
                 (inputs if wired else params)[label] = value
-            fingerprint = self._fingerprint(step.func) if strategy == "code_hash" else None
+            fingerprint = None
+            if strategy == "code_hash":
+                try:
+                    fingerprint = self._fingerprint(step.func)
+                except UnhashableInputError as exc:
+                    raise UnhashableInputError(
+                        f"step {node.name!r}: its code fingerprint cannot be made: {exc}. A closure or "
+                        "default value is part of a code_hash key; use cache='input_hash', cache=False, "
+                        "or give the object a __flowyml_hash__ method",
+                        step_name=node.name,
+                        path=exc.path,
+                    ) from exc
             return cache_key(
                 step_identity=identity,
                 fingerprint=fingerprint,
@@ -187,12 +208,6 @@ class StoreHooks(RunHooks):
         key = self._keys.pop(node.id, None)
         claim = self._claims.pop(node.id, None)
         ok = res.status is StepStatus.SUCCEEDED and not res.fallback_reasons
-        if claim is not None:
-            claim.set_result((res.outputs, res.duration_seconds) if ok else None)
-            if ok:
-                self._settled.append((self.store.root, key or ""))
-            else:
-                self._forget((self.store.root, key or ""), claim)
         hashes = self._hit_hashes.pop(node.id, None) if self._hit_hashes else None
         if ok and key is not None:
             hashes = self.store.put(
@@ -202,6 +217,13 @@ class StoreHooks(RunHooks):
                 outputs=res.outputs,
                 duration=res.duration_seconds,
             )
+        if claim is not None:
+            cached = ok and hashes is not None
+            claim.set_result(self.store if cached else None)
+            if cached:
+                self._settled.append((self.store.root, key or ""))
+            else:
+                self._forget((self.store.root, key or ""), claim)
         return hashes
 
     def _forget(self, flight: tuple[Path, str], claim: asyncio.Future[_Outcome] | None = None) -> None:

@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ParamSpec, TypeVar, cast
 
-__all__ = ("layer", "own_markers")
+__all__ = ("is_async_callable", "layer", "own_markers")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -61,3 +61,13 @@ def own_markers(wrapper: Callable[..., Any], **markers: object) -> None:
         del wrapper.__dict__[key]
     for key, value in markers.items():
         wrapper.__dict__[f"__flowyml_{key}__"] = value
+
+
+def is_async_callable(func: Any) -> bool:
+    """True for an ``async def`` function, a partial of one, or an object with an async ``__call__``."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    if inspect.iscoroutinefunction(func):
+        return True
+    call = getattr(type(func), "__call__", None)  # noqa: B004 - a callable object's method
+    return call is not None and not inspect.isroutine(func) and inspect.iscoroutinefunction(call)

@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeVar, cast, overload
 import cloudpickle
 
 from flowyml._errors import ConfigError
+from flowyml._layers import is_async_callable
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -169,7 +170,7 @@ def parallel_map(
     if not callable(func):
         raise ConfigError(f"parallel_map func must be callable, got {func!r}")
     materialized = list(items)
-    if inspect.iscoroutinefunction(func):
+    if is_async_callable(func):
         if backend != "thread":
             raise ConfigError(
                 f"parallel_map backend={backend!r} cannot run an async function; async functions "
@@ -178,4 +179,14 @@ def parallel_map(
         return _map_async(func, materialized, num_workers)
     if not materialized:
         return []
-    return _map_sync(func, materialized, num_workers, backend)
+    results = _map_sync(func, materialized, num_workers, backend)
+    pending = [r for r in results if inspect.isawaitable(r)]
+    if pending:
+        for r in pending:
+            if inspect.iscoroutine(r):
+                r.close()
+        raise ConfigError(
+            f"parallel_map: {func!r} returned awaitables instead of values; pass an async def function "
+            "(then `await parallel_map(...)`), not a plain function that returns coroutines"
+        )
+    return results

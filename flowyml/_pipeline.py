@@ -180,6 +180,7 @@ class Pipeline:
 
         Cancelling the awaiting task cancels every running step and propagates.
         """
+        _refuse_worker_import(self.name)
         plan = self.plan()
         params: dict[str, Any] = {**self.context.to_dict(), **(dict(context) if context else {})}
         plan.check_context(params)
@@ -327,6 +328,22 @@ class _Executors:
         owned = [ex for ex in (self._thread, self._process) if ex is not None]
         for ex in owned + (list(self._given.values()) if close_given else []):
             await ex.aclose()
+
+
+def _refuse_worker_import(name: str) -> None:
+    """Refuse to run while a worker process (forkserver, spawn) is importing the user's script.
+
+    Without an ``if __name__ == "__main__":`` guard, every worker started for process steps would
+    run the whole pipeline again, and record phantom runs in the store.
+    """
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") != "__mp_main__":
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is not None:
+        raise ConfigError(
+            f"pipeline {name!r} was started while a worker process imported your script; put the code "
+            'that runs it under `if __name__ == "__main__":` (process steps start workers that import it)'
+        )
 
 
 async def _finish_even_if_cancelled(closing: Coroutine[Any, Any, None]) -> None:

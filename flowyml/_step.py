@@ -14,6 +14,7 @@ from typing import Any, Final, Literal, overload
 
 from ._errors import ConfigError
 from ._executors._base import Executor
+from ._layers import is_async_callable
 from ._retry import RetryConfig, as_retry_config
 
 __all__ = ("CACHE_STRATEGIES", "EXECUTORS", "CachePolicy", "Step", "step")
@@ -140,7 +141,7 @@ class Step:
         set_(self, "condition", condition)
         set_(self, "conditions", conditions)
         set_(self, "execution_group", _check_group(execution_group, label))
-        set_(self, "is_async", _is_async(body))
+        set_(self, "is_async", is_async_callable(body))
         set_(self, "uses_fallback", _has_layer(body, "__flowyml_fallback__"))
         set_(self, "executor", _check_executor(executor, label, self.is_async))
         try:
@@ -270,15 +271,6 @@ def _has_layer(func: Any, marker: str) -> bool:
             return True
         func = getattr(func, "__wrapped__", None)
     return False
-
-
-def _is_async(func: Callable[..., Any]) -> bool:
-    while isinstance(func, functools.partial):
-        func = func.func
-    if inspect.iscoroutinefunction(func):
-        return True
-    call = getattr(type(func), "__call__", None)  # noqa: B004 - a callable object's method
-    return call is not None and not inspect.isroutine(func) and inspect.iscoroutinefunction(call)
 
 
 def _check_name(name: str | None, label: str) -> str:

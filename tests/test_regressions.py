@@ -183,3 +183,109 @@ class TestSharedCapacity:
         p = Pipeline("gpu", resources={"gpu": 1}).add_step(use_gpu)
         await asyncio.gather(p.arun(), p.arun(), p.arun())
         assert peak == 1
+
+
+class TestSecondReview:
+    async def test_breaker_call_settles_a_returned_coroutine(self) -> None:
+        """breaker.call(lambda: coro()) counts the coroutine's failure, not an instant success."""
+        from flowyml import CircuitBreaker
+
+        breaker = CircuitBreaker(failure_threshold=2, recovery_timeout=60)
+
+        async def flaky() -> None:
+            raise ConnectionError("down")
+
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                await breaker.call(lambda: flaky())
+        assert breaker.state == "open"
+
+    async def test_parallel_map_runs_an_async_callable_object(self) -> None:
+        """An object with an async __call__ is awaited, not returned as coroutines."""
+        from flowyml import parallel_map
+
+        class Double:
+            async def __call__(self, x: int) -> int:
+                await asyncio.sleep(0)
+                return 2 * x
+
+        assert await parallel_map(Double(), [1, 2, 3], num_workers=2) == [2, 4, 6]
+
+    def test_parallel_map_refuses_a_function_returning_coroutines(self) -> None:
+        """A plain function that returns coroutines is a ConfigError, not a list of coroutines."""
+        from flowyml import parallel_map
+
+        async def f(x: int) -> int:
+            return x
+
+        with pytest.raises(ConfigError, match="async def"):
+            parallel_map(lambda x: f(x), [1, 2])
+
+    def test_asset_metadata_is_part_of_the_key(self) -> None:
+        """Two datasets differing only in metadata never share a cache entry."""
+        from flowyml import Dataset
+
+        @step(outputs=["label"])
+        def label_of(ds: Dataset) -> str:
+            return str(ds.metadata["label"])
+
+        p = Pipeline("meta").add_step(label_of)
+        assert p.run(context={"ds": Dataset([1, 2], metadata={"label": "y"})})["label"] == "y"
+        assert p.run(context={"ds": Dataset([1, 2], metadata={"label": "target"})})["label"] == "target"
+
+    async def test_single_flight_hands_out_copies(self) -> None:
+        """Runs that share a computed key get equal values, never the same live object."""
+
+        @step(outputs=["rows"])
+        async def rows() -> list[int]:
+            await asyncio.sleep(0.02)
+            return [1, 2, 3]
+
+        p = Pipeline("copies").add_step(rows)
+        a, b = await asyncio.gather(p.arun(), p.arun())
+        assert a["rows"] == b["rows"]
+        assert a["rows"] is not b["rows"]
+
+    def test_fingerprint_error_names_the_step(self) -> None:
+        """An unhashable closure value fails the step with an error naming it and the fix."""
+        from flowyml.errors import UnhashableInputError
+
+        lock = threading.Lock()
+
+        @step(outputs=["x"])
+        def uses_lock() -> int:
+            with lock:
+                return 1
+
+        err = Pipeline("fp").add_step(uses_lock).run().step_results["uses_lock"].error
+        assert isinstance(err, UnhashableInputError)
+        assert err.step_name == "uses_lock"
+        assert "input_hash" in str(err)
+
+    @pytest.mark.slow
+    def test_script_without_main_guard_gets_a_clear_error(self, tmp_path: Any) -> None:
+        """A process step in a script without a __main__ guard: the worker refuses, no phantom run."""
+        import subprocess
+        import sys
+
+        script = tmp_path / "noguard.py"
+        script.write_text(
+            "from flowyml import Pipeline, step\n"
+            "@step(outputs=['x'], executor='process')\n"
+            "def work():\n    return 1\n"
+            "result = Pipeline('noguard').add_step(work).run()\n"
+            "print('STATE', result.state)\n"
+        )
+        env = {**__import__("os").environ, "FLOWYML_HOME": str(tmp_path / ".flowyml")}
+        proc = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+        )
+        assert "STATE failed" in proc.stdout
+        assert "__main__" in proc.stderr
+        runs = subprocess.run(
+            [sys.executable, "-m", "flowyml._cli", "--dir", str(tmp_path / ".flowyml"), "runs"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert runs.stdout.count("noguard") == 1
