@@ -8,7 +8,11 @@
     flowyml [--dir DIR] lineage OUTPUT [--run ID] which step runs an output came from
 
 Exit codes: 0 success; 1 the thing asked for does not exist or a problem was found; 2 usage error.
-Without a store, listing commands say so and exit 0; commands about one run or output exit 1.
+Without a store, listing commands say so and exit 0; commands about one run, output or step, and
+``cache verify`` (there is nothing it could vouch for), exit 1.
+
+Stores are opened with ``create=False``: nothing is created, cleaned or migrated, and reading
+never waits for a pipeline that holds the store's write lock (WAL readers need no lock).
 """
 
 from __future__ import annotations
@@ -183,6 +187,11 @@ async def _cache_stats(store: Store, args: argparse.Namespace) -> int:
 
 async def _cache_clear(store: Store, args: argparse.Namespace) -> int:
     removed = await store.clear_cache(args.step)
+    if args.step is not None and removed == 0:
+        known = await store.cached_steps()
+        listing = "Steps with cache entries: " + ", ".join(known) + "." if known else "The cache is empty."
+        _err(f"no cache entries of step {args.step!r} in {store.root}. {listing}")
+        return 1
     what = f"of step {args.step!r} " if args.step else ""
     print(f"Removed {removed} cache {'entry' if removed == 1 else 'entries'} {what}from {store.root}.")
     return 0
@@ -254,9 +263,21 @@ _NO_STORE: dict[str, tuple[str, int, bool]] = {
     "runs show": ("no flowyml store at {root}, so no run {arg!r}.", 1, True),
     "cache stats": ("No flowyml store at {root}: the cache is empty.", 0, False),
     "cache clear": ("No flowyml store at {root}: nothing to clear.", 0, False),
-    "cache verify": ("No flowyml store at {root}: nothing to verify.", 0, False),
+    "cache clear --step": ("no flowyml store at {root}, so no cache entries of step {arg!r}.", 1, True),
+    "cache verify": ("no flowyml store at {root}: nothing to verify.", 1, True),
     "lineage": ("no flowyml store at {root}, so no output {arg!r}.", 1, True),
 }
+
+
+def _limit(text: str) -> int:
+    """``--limit``: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -273,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     runs = commands.add_parser("runs", parents=[common], help="list recent runs; `runs show ID` for one")
-    runs.add_argument("--limit", type=int, default=20, help="how many runs to list (default 20)")
+    runs.add_argument("--limit", type=_limit, default=20, help="how many runs to list (default 20)")
     runs.set_defaults(handler=_runs, name="runs")
     runs_sub = runs.add_subparsers(dest="runs_command", metavar="show")
     show = runs_sub.add_parser("show", parents=[common], help="one run with its steps")
@@ -311,9 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     root = resolve_root(getattr(args, "dir", None))
     name: str = args.name
+    if name == "cache clear" and args.step is not None:
+        name = "cache clear --step"
     if not (root / DB_NAME).is_file():
         message, code, to_stderr = _NO_STORE[name]
-        arg = getattr(args, "run_id", None) or getattr(args, "output", None)
+        arg = getattr(args, "run_id", None) or getattr(args, "output", None) or getattr(args, "step", None)
         text = message.format(root=root, arg=arg)
         if to_stderr:
             _err(text)

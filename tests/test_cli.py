@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from flowyml._cli import main
-from flowyml._store import INLINE_LIMIT, RunRecord, StepRecord, Store
+from flowyml._store import INLINE_LIMIT, RunRecord, StepRecord, Store, _db
 
 
 async def populate(root: Path) -> None:
@@ -153,6 +156,23 @@ class TestCache:
         assert main(["--dir", store_dir, "cache", "stats"]) == 0
         assert "entries:     1" in capsys.readouterr().out
 
+    def test_clear_unknown_step(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """`cache clear --step NAME` for a step with no entries says so, lists the known steps, exits 1."""
+        assert main(["--dir", store_dir, "cache", "clear", "--step", "lod"]) == 1
+        captured = capsys.readouterr()
+        assert "no cache entries of step 'lod'" in captured.err
+        assert "embed, load" in captured.err
+        assert captured.out == ""
+        assert main(["--dir", store_dir, "cache", "stats"]) == 0
+        assert "entries:     2" in capsys.readouterr().out
+
+    def test_clear_step_of_an_empty_cache(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """With nothing cached, `cache clear --step NAME` says the cache is empty and exits 1."""
+        assert main(["--dir", store_dir, "cache", "clear"]) == 0
+        capsys.readouterr()
+        assert main(["--dir", store_dir, "cache", "clear", "--step", "load"]) == 1
+        assert "The cache is empty" in capsys.readouterr().err
+
     def test_clear_all(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
         """`cache clear` removes every entry."""
         assert main(["--dir", store_dir, "cache", "clear"]) == 0
@@ -201,7 +221,8 @@ class TestNoStore:
             (["runs"], 0),
             (["cache", "stats"], 0),
             (["cache", "clear"], 0),
-            (["cache", "verify"], 0),
+            (["cache", "clear", "--step", "x"], 1),
+            (["cache", "verify"], 1),
             (["runs", "show", "x"], 1),
             (["lineage", "x"], 1),
         ],
@@ -209,22 +230,48 @@ class TestNoStore:
     def test_friendly_message(
         self, root: Path, argv: list[str], code: int, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """Without a store, listings say so and exit 0; questions about one thing exit 1."""
+        """Without a store, listings say so and exit 0; questions about one thing, and verify, exit 1."""
         assert main(["--dir", str(root), *argv]) == code
         captured = capsys.readouterr()
         assert "no flowyml store" in (captured.out + captured.err).lower()
+        if code:  # a failure is reported on stderr
+            assert "no flowyml store" in captured.err
+            assert captured.out == ""
         assert not root.exists()
 
 
 class TestUsage:
     @pytest.mark.parametrize(
         "argv",
-        [[], ["bogus"], ["runs", "show"], ["cache"], ["cache", "clear", "--step"], ["runs", "--limit", "x"]],
+        [
+            [],
+            ["bogus"],
+            ["runs", "show"],
+            ["cache"],
+            ["cache", "clear", "--step"],
+            ["runs", "--limit", "x"],
+            ["runs", "--limit", "0"],
+            ["runs", "--limit", "-1"],
+        ],
     )
     def test_usage_errors_exit_2(self, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
         """Bad arguments print usage to stderr and exit 2."""
         assert main(argv) == 2
         assert "usage:" in capsys.readouterr().err
+
+    def test_limit_below_one_is_named(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """`runs --limit -1` is a usage error saying why, not a listing of everything."""
+        assert main(["--dir", store_dir, "runs", "--limit", "-1"]) == 2
+        captured = capsys.readouterr()
+        assert "must be at least 1" in captured.err
+        assert "run-aaa1" not in captured.out
+
+    def test_limit_one(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """`runs --limit 1` lists the newest run only."""
+        assert main(["--dir", store_dir, "runs", "--limit", "1"]) == 0
+        out = capsys.readouterr().out
+        assert "run-bbb2" in out
+        assert "run-aaa1" not in out
 
     def test_help_exits_0(self, capsys: pytest.CaptureFixture[str]) -> None:
         """--help prints the commands and exits 0."""
@@ -249,3 +296,76 @@ class TestPipes:
         proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
         assert proc.stdout.startswith("Run ")
         assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def write_locked(store_dir: str) -> Iterator[sqlite3.Connection]:
+    """Another connection holding the store's write lock (BEGIN IMMEDIATE) for the whole test."""
+    holder = sqlite3.connect(Path(store_dir) / _db.DB_NAME, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("UPDATE meta SET value = value WHERE name = 'schema_version'")
+    try:
+        yield holder
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def run_cli(argv: list[str]) -> int:
+    """``main(argv)`` on a thread; fails (instead of hanging the suite) if it does not return."""
+    codes: list[int] = []
+    worker = threading.Thread(target=lambda: codes.append(main(argv)), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), f"flowyml {' '.join(argv)} hung while the write lock was held"
+    return codes[0]
+
+
+class TestWhileAnotherProcessWrites:
+    @pytest.mark.parametrize(
+        ("argv", "expected"),
+        [
+            (["runs"], "run-aaa1"),
+            (["runs", "show", "run-a"], "load"),
+            (["cache", "stats"], "entries:     2"),
+            (["cache", "verify"], "All artifacts intact"),
+            (["lineage", "model"], "model <- train"),
+        ],
+    )
+    def test_reads_do_not_wait_for_the_write_lock(
+        self,
+        store_dir: str,
+        write_locked: sqlite3.Connection,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        argv: list[str],
+        expected: str,
+    ) -> None:
+        """Read commands complete while another connection holds BEGIN IMMEDIATE on the store."""
+        # Were a read to need the lock, it would fail after this instead of succeeding.
+        monkeypatch.setattr(_db, "LOCK_DEADLINE_SECONDS", 2.0)
+        monkeypatch.setenv("FLOWYML_HOME", store_dir)
+        assert run_cli(argv) == 0
+        captured = capsys.readouterr()
+        assert expected in captured.out, captured.err
+
+    def test_reads_create_nothing(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """Reading a store makes no folders (artifacts/, quarantine/) it lacks."""
+        (Path(store_dir) / "quarantine").rmdir()
+        assert main(["--dir", store_dir, "runs"]) == 0
+        assert main(["--dir", store_dir, "cache", "verify"]) == 0
+        assert not (Path(store_dir) / "quarantine").exists()
+
+    def test_clear_gives_up_on_a_held_lock(
+        self,
+        store_dir: str,
+        write_locked: sqlite3.Connection,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """`cache clear` cannot get the write lock within the deadline: exit 1 naming the lock."""
+        monkeypatch.setattr(_db, "LOCK_DEADLINE_SECONDS", 0.3)
+        assert run_cli(["--dir", store_dir, "cache", "clear"]) == 1
+        err = capsys.readouterr().err
+        assert "another process holds the write lock" in err
+        assert "gave up after waiting" in err

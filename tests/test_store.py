@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import stat
@@ -17,11 +18,13 @@ import pytest
 from flowyml._errors import CacheCorruptionWarning, StoreError, UncachedStepWarning
 from flowyml._store import (
     INLINE_LIMIT,
+    PRELOAD_PER_STEP,
     CacheEntry,
     RunRecord,
     StepRecord,
     StepShape,
     Store,
+    _db,
     resolve_root,
 )
 from flowyml._store._db import DB_NAME, SCHEMA_VERSION
@@ -64,6 +67,19 @@ def sql(root: Path, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[
         return rows
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def write_lock(root: Path) -> Iterator[None]:
+    """Another connection holding the store's write lock (BEGIN IMMEDIATE) meanwhile."""
+    holder = sqlite3.connect(root / DB_NAME, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
+        holder.close()
 
 
 def artifact_path(root: Path, entry: CacheEntry, name: str = "out") -> Path:
@@ -195,6 +211,39 @@ class TestHotPath:
             await fresh.preload(["s"])
             assert await fresh.lookup("k1", query=False) is not None
             assert await fresh.lookup("k2", query=False) is None
+
+    async def test_preload_loads_only_the_most_recent_entries_of_a_step(
+        self, store: Store, root: Path
+    ) -> None:
+        """A step with many entries preloads at most PRELOAD_PER_STEP of them, the newest; the
+        older ones are still found by a look-up."""
+        keys = [f"k{i:02d}" for i in range(12)]
+        for i, key in enumerate(keys):
+            put(store, key=key, step="s", out=bytes([i]) * 1000)
+        put(store, key="other", step="t", out=1)
+        await store.aclose()
+        for i, key in enumerate(keys):  # distinct creation times, k11 the newest
+            sql(root, "UPDATE cache_entries SET created_at = ? WHERE key = ?", (1000.0 + i, key))
+        async with await Store.open(root) as fresh:
+            await fresh.preload(["s", "t"])
+            in_memory = [k for k in keys if await fresh.lookup(k, query=False) is not None]
+            assert in_memory == keys[-PRELOAD_PER_STEP:]
+            assert await fresh.lookup("other", query=False) is not None
+            oldest = await fresh.lookup(keys[0])  # one query
+            assert oldest is not None
+            assert await fresh.load(oldest) == {"out": bytes([0]) * 1000}
+
+    async def test_preload_size_does_not_grow_with_the_cache(self, store: Store, root: Path) -> None:
+        """However many entries each step has, preload keeps at most PRELOAD_PER_STEP per step."""
+        for step_name in ("a", "b", "c"):
+            for i in range(2 * PRELOAD_PER_STEP + 3):
+                put(store, key=f"{step_name}{i}", step=step_name, out=i)
+        await store.aclose()
+        async with await Store.open(root) as fresh:
+            await fresh.preload(["a", "b", "c"])
+            assert len(fresh._memory) == 3 * PRELOAD_PER_STEP
+            await fresh.preload(["a"], per_step=1)
+            assert len(fresh._memory) == 3 * PRELOAD_PER_STEP
 
     async def test_concurrent_misses_share_one_query(self, store: Store) -> None:
         """Look-ups that miss memory together are answered by one query."""
@@ -456,6 +505,69 @@ class TestLifecycle:
         sql(root, "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION + 1),))
         with pytest.raises(StoreError, match="newer"):
             await Store.open(root)
+
+    async def test_open_reads_the_schema_without_the_write_lock(
+        self, root: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Opening an up-to-date store (create or not) succeeds while another holds BEGIN IMMEDIATE."""
+        async with await Store.open(root):
+            pass
+        monkeypatch.setattr(_db, "LOCK_DEADLINE_SECONDS", 2.0)  # needing the lock would fail the test
+        with write_lock(root):
+            for create in (True, False):
+                async with await Store.open(root, create=create) as store:
+                    assert await store.runs() == []
+
+    async def test_open_without_create_writes_nothing(self, root: Path) -> None:
+        """create=False makes no folders and cleans no temporary files."""
+        async with await Store.open(root):
+            pass
+        (root / "quarantine").rmdir()
+        stale = root / "artifacts" / ".tmp-old"
+        stale.write_bytes(b"x")
+        os.utime(stale, (0, 0))
+        async with await Store.open(root, create=False) as store:
+            assert await store.cache_stats()
+        assert not (root / "quarantine").exists()
+        assert stale.exists()
+
+    async def test_open_without_create_refuses_an_older_schema(self, root: Path) -> None:
+        """create=False does not migrate: an older store is a StoreError saying how to upgrade it."""
+        async with await Store.open(root):
+            pass
+        sql(root, "UPDATE meta SET value = '1' WHERE name = 'schema_version'")
+        with pytest.raises(StoreError, match="older"):
+            await Store.open(root, create=False)
+        assert sql(root, "SELECT value FROM meta WHERE name = 'schema_version'") == [("1",)]
+        async with await Store.open(root):  # a writer upgrades it
+            pass
+        async with await Store.open(root, create=False):
+            pass
+
+    async def test_writer_gives_up_on_a_held_lock(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A write that cannot get the lock within the deadline is a StoreError naming the lock."""
+        monkeypatch.setattr(_db, "LOCK_DEADLINE_SECONDS", 0.3)
+        async with await Store.open(root) as store:
+            with write_lock(root):
+                put(store)
+                with pytest.raises(StoreError, match=r"another process holds the write lock.*gave up"):
+                    await store.flush()
+                with pytest.raises(StoreError, match="another process holds the write lock"):
+                    await store.clear_cache()
+            put(store, key="k2")  # once the lock is free, writing works again
+            await store.flush()
+        assert sql(root, "SELECT key FROM cache_entries") == [("k2",)]
+
+    async def test_schema_creation_gives_up_on_a_held_lock(
+        self, root: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Creating the schema while another connection holds the write lock fails after the deadline."""
+        monkeypatch.setattr(_db, "LOCK_DEADLINE_SECONDS", 0.3)
+        root.mkdir()
+        with write_lock(root), pytest.raises(StoreError, match="holds the write lock"):
+            await Store.open(root)
+        async with await Store.open(root):
+            pass
 
     async def test_uses_wal(self, store: Store, root: Path) -> None:
         """The database is in WAL mode."""

@@ -9,6 +9,7 @@ and every process makes the same keys).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -255,8 +256,15 @@ async def test_cancelled_run_leaves_the_store_consistent_and_closed(tmp_path: Pa
 
     before = set(threading.enumerate())
     task = asyncio.ensure_future(pipeline.arun())
-    while len(indexed_steps(root)) < 5:
-        await asyncio.sleep(0.005)
+    try:
+        async with asyncio.timeout(30):  # a regression fails here instead of hanging the suite
+            while len(indexed_steps(root)) < 5:
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        pytest.fail("the run committed fewer than 5 steps within 30 s")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = (
     "INLINE_LIMIT",
+    "PRELOAD_PER_STEP",
     "STATUSES",
     "CacheEntry",
     "CacheStats",
@@ -27,7 +28,7 @@ __all__ = (
     "resolve_root",
 )
 
-from ._api import INLINE_LIMIT, StepFate, StepShape, Store, resolve_root
+from ._api import INLINE_LIMIT, PRELOAD_PER_STEP, StepFate, StepShape, Store, resolve_root
 from ._records import (
     STATUSES,
     CachedOutput,

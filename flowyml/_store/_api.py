@@ -15,8 +15,10 @@ tuple; building a frozen record, queueing it and awaiting ~10 thread hops per ba
 step. Lineage rows are packed per batch (``_packed``), because the drain at the end of a run is on
 the run's wall clock and a SQLite row per step, output and consumed input cost more than the run.
 
-How a read travels: :meth:`Store.preload` loads the index rows of the steps a run will need in one
-query; entries just ``put`` are in the same in-memory map. A look-up served from memory costs a dict
+How a read travels: :meth:`Store.preload` loads, in one query, the index rows of the most recent
+:data:`PRELOAD_PER_STEP` entries of each step a run will need -- what an unchanged rerun hits --
+not every entry ever cached (inline values are up to 64 KiB each, so loading them all made a run's
+time and memory grow with the whole cache); entries just ``put`` are in the same in-memory map. A look-up served from memory costs a dict
 access and no thread hop. A memory miss asks the database (another process may have written the
 entry); misses arriving together share one query. :meth:`Store.load` checks the xxh3-128 of every
 artifact against the index BEFORE unpickling it; a mismatch is quarantined and reported as a miss.
@@ -24,7 +26,7 @@ artifact against the index BEFORE unpickling it; a mismatch is quarantined and r
 
 from __future__ import annotations
 
-__all__ = ("INLINE_LIMIT", "StepFate", "StepShape", "Store", "resolve_root")
+__all__ = ("INLINE_LIMIT", "PRELOAD_PER_STEP", "StepFate", "StepShape", "Store", "resolve_root")
 
 import asyncio
 import contextlib
@@ -65,6 +67,9 @@ from ._records import (
 
 #: Pickled values up to this many bytes live inline in SQLite; larger ones are artifact files.
 INLINE_LIMIT: Final = 64 * 1024
+#: :meth:`Store.preload` loads this many of the most recent entries of each step (an unchanged
+#: rerun hits the latest; the one before covers toggling between two inputs).
+PRELOAD_PER_STEP: Final = 2
 #: The writer commits at most this many jobs per transaction.
 _MAX_BATCH: Final = 10_000
 #: At most this many step runs go in one packed ``step_records`` row.
@@ -157,6 +162,15 @@ FROM cache_entries AS e LEFT JOIN cache_outputs AS o ON o.key = e.key
 WHERE {where}
 ORDER BY e.key, o.position
 """
+
+
+#: The keys of the ``?2`` most recent entries of each step named in the JSON list ``?1``.
+_RECENT_KEYS = """e.key IN (
+    SELECT key FROM (
+        SELECT key, ROW_NUMBER() OVER (PARTITION BY step_name ORDER BY created_at DESC, key DESC) AS n
+        FROM cache_entries WHERE step_name IN (SELECT value FROM json_each(?1))
+    ) WHERE n <= ?2
+)"""
 
 
 def _entries_from_rows(rows: Iterable[sqlite3.Row | tuple[Any, ...]]) -> dict[str, CacheEntry]:
@@ -332,21 +346,30 @@ class Store:
     async def open(cls, root: str | os.PathLike[str] | None = None, *, create: bool = True) -> Store:
         """Open the store at ``root`` (see :func:`resolve_root`), creating it unless ``create=False``.
 
+        ``create=False`` is for readers (the command line): the store must exist with this
+        flowyml's schema, and opening writes nothing -- so it never waits for another process's
+        write lock. Writes made through such a store (``clear_cache``) still work.
+
         Raises:
-            StoreError: the store does not exist and ``create`` is False, or it cannot be used.
+            StoreError: the store does not exist (or is not up to date) and ``create`` is False,
+                the write lock needed to create or migrate it stayed held by another process past
+                ``_db.LOCK_DEADLINE_SECONDS``, or it cannot be used.
         """
         path = resolve_root(root)
-        if not create and not (path / _db.DB_NAME).is_file():
-            raise StoreError(f"no flowyml store at {path}")
+        files = ArtifactFiles(path)
+        if not create:
+            # Touches nothing: no folder made, no temporary file cleaned, no schema written.
+            if not (path / _db.DB_NAME).is_file():
+                raise StoreError(f"no flowyml store at {path}")
+        else:
+            try:
+                if not path.is_dir():
+                    make_private_dir(path)
+                files.prepare()
+            except OSError as exc:
+                raise StoreError(f"cannot create the flowyml store at {path}: {exc}") from exc
         try:
-            if not path.is_dir():
-                make_private_dir(path)
-            files = ArtifactFiles(path)
-            files.prepare()
-        except OSError as exc:
-            raise StoreError(f"cannot create the flowyml store at {path}: {exc}") from exc
-        try:
-            conn = await _db.connect(path)
+            conn = await _db.connect(path, create=create)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the flowyml store at {path}: {exc}") from exc
         return cls(path, conn, files)
@@ -396,6 +419,10 @@ class Store:
         finally:
             self._files.shutdown()
 
+    @property
+    def _db_path(self) -> Path:
+        return self.root / _db.DB_NAME
+
     def _raise_errors(self) -> None:
         if self._errors:
             first = self._errors[0]
@@ -412,14 +439,18 @@ class Store:
 
     # -- the hot path: look-ups, loads, puts ---------------------------------------------------------
 
-    async def preload(self, step_names: Iterable[str]) -> None:
-        """Load the index rows (with inline values) of these steps into memory, in one query."""
+    async def preload(self, step_names: Iterable[str], *, per_step: int = PRELOAD_PER_STEP) -> None:
+        """Load the ``per_step`` most recent entries (with inline values) of these steps, in one query.
+
+        That is what an unchanged rerun hits, and it costs the same however many entries the
+        steps have cached; any other key is found by :meth:`lookup` with one query.
+        """
         self._check_open()
         names = sorted(set(step_names))
-        if not names:
+        if not names or per_step < 1:
             return
         rows = await self._conn.execute_fetchall(
-            _ENTRY_QUERY.format(where="e.step_name IN (SELECT value FROM json_each(?))"), (json.dumps(names),)
+            _ENTRY_QUERY.format(where=_RECENT_KEYS), (json.dumps(names), per_step)
         )
         for key, entry in _entries_from_rows(rows).items():
             if self._dropped.get(key) != entry.created_at:
@@ -696,7 +727,7 @@ class Store:
         #    connection's thread: no thread hop per statement, and the loop stays free meanwhile.
         #    A locked database rolls back and the whole call is retried.
         rows = _BatchRows(batch)
-        await _db.retry_locked(lambda: _db.on_thread(self._conn, rows.commit))
+        await _db.retry_locked(lambda: _db.on_thread(self._conn, rows.commit), where=self._db_path)
         for drop in batch.drops:
             if self._dropped.get(drop.key) == drop.created_at:
                 del self._dropped[drop.key]
@@ -886,6 +917,12 @@ class Store:
             steps=steps,
         )
 
+    async def cached_steps(self) -> list[str]:
+        """The names of the steps that have cache entries, sorted."""
+        self._check_open()
+        rows = await self._conn.execute_fetchall("SELECT DISTINCT step_name FROM cache_entries ORDER BY 1")
+        return [row[0] for row in rows]
+
     async def clear_cache(self, step_name: str | None = None) -> int:
         """Remove the cache entries of ``step_name`` (default: all); returns how many were removed.
 
@@ -924,7 +961,7 @@ class Store:
                     raise
                 return removed, hashes - still_used
 
-            return await _db.retry_locked(transaction)
+            return await _db.retry_locked(transaction, where=self._db_path)
 
         removed, unused = await self._call(clear)
         if step_name is None:

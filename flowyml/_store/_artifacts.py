@@ -54,11 +54,11 @@ class ArtifactFiles:
         self.dir = root / "artifacts"
         self.quarantine_dir = root / "quarantine"
         self._executor: ThreadPoolExecutor | None = None
+        self._made = False  # the folders exist (prepare ran, or a write made them)
 
     def prepare(self) -> None:
         """Create the folders and remove temporary files that a crashed writer left long ago."""
-        make_private_dir(self.dir)
-        make_private_dir(self.quarantine_dir)
+        self._make()
         cutoff = time.time() - _STALE_TMP_SECONDS
         for entry in os.scandir(self.dir):
             if entry.name.startswith(_TMP_PREFIX):
@@ -67,6 +67,11 @@ class ArtifactFiles:
                         os.unlink(entry.path)
                 except FileNotFoundError:
                     pass
+
+    def _make(self) -> None:
+        make_private_dir(self.dir)
+        make_private_dir(self.quarantine_dir)
+        self._made = True
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -91,6 +96,8 @@ class ArtifactFiles:
         The caller fsyncs the directory (:meth:`sync_dir`) once per batch, before committing any
         index row that names these files.
         """
+        if not self._made:  # a store opened with create=False made no folders
+            self._make()
         final = self.path(artifact_hash)
         try:
             if final.stat().st_size == len(data):
@@ -134,6 +141,8 @@ class ArtifactFiles:
     def quarantine(self, artifact_hash: str) -> Path | None:
         """Move a bad artifact file aside; returns where it went, or None when it was already gone."""
         target = self.quarantine_dir / f"{artifact_hash}.{time.time_ns()}"
+        if not self._made:  # a store opened with create=False made no folders
+            self._make()
         try:
             os.replace(self.path(artifact_hash), target)
         except FileNotFoundError:

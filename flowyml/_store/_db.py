@@ -11,7 +11,13 @@ Why these choices:
 - ``busy_timeout`` makes SQLite wait for a lock itself; writes begin ``IMMEDIATE`` so a writer
   takes the lock up front and never needs to upgrade (the one case the busy handler cannot
   resolve). Beyond the busy timeout :func:`retry_locked` keeps retrying with capped backoff, so
-  several processes sharing a store wait for each other instead of failing.
+  several processes sharing a store wait for each other instead of failing -- but only up to
+  :data:`LOCK_DEADLINE_SECONDS` in all: a process holding the write lock longer than that is stuck
+  (or a person left a transaction open), and a :class:`StoreError` saying so beats waiting forever.
+- Opening reads the schema version in a plain read transaction, which never waits for a writer in
+  WAL mode; the ``IMMEDIATE`` schema transaction runs only when the schema must be created or
+  migrated. ``create=False`` (the command line) never writes while opening: no file, no schema,
+  no migration.
 - ``synchronous=NORMAL`` in WAL mode keeps the database consistent across a process crash; a power
   loss may drop the last commits, which only turns cache hits into misses. Artifact files are
   fsynced before the index row naming them is committed, so a row never names a missing file
@@ -26,8 +32,11 @@ Why these choices:
 from __future__ import annotations
 
 __all__ = (
+    "BUSY_TIMEOUT_MS",
     "DB_NAME",
+    "LOCK_DEADLINE_SECONDS",
     "SCHEMA_VERSION",
+    "busy_timeout_ms",
     "close",
     "connect",
     "is_locked_error",
@@ -39,11 +48,13 @@ __all__ = (
 import asyncio
 import os
 import random
+import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import quote
 
 import aiosqlite
 
@@ -54,7 +65,11 @@ from ._records import StepRecord
 
 DB_NAME = "flowyml.db"
 SCHEMA_VERSION = 2
+#: How long SQLite itself waits for a lock before a statement fails with "database is locked".
 BUSY_TIMEOUT_MS = 30_000
+#: How long, in all, a write waits for another process to release the store's write lock before
+#: giving up with a StoreError. Read when a wait starts (tests patch it).
+LOCK_DEADLINE_SECONDS = 60.0
 
 _T = TypeVar("_T")
 
@@ -112,6 +127,9 @@ CREATE TABLE IF NOT EXISTS cache_outputs (
 CREATE INDEX IF NOT EXISTS cache_outputs_hash ON cache_outputs (artifact_hash);
 """
 
+#: Every table and index of the schema: a store lacking one needs the schema transaction.
+_SCHEMA_OBJECTS = frozenset(re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", _SCHEMA))
+
 
 def is_locked_error(exc: BaseException) -> bool:
     """True for SQLite's "database is locked" / "busy" errors, which are worth retrying."""
@@ -121,18 +139,43 @@ def is_locked_error(exc: BaseException) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _deadline() -> float:
+    return float(LOCK_DEADLINE_SECONDS)
+
+
+def busy_timeout_ms() -> int:
+    """The busy timeout of new connections: never longer than the overall lock deadline."""
+    return max(1, min(BUSY_TIMEOUT_MS, int(_deadline() * 1000)))
+
+
+def _gave_up(where: object, waited: float, limit: float) -> StoreError:
+    what = f"the flowyml store database {where}" if where is not None else "the flowyml store database"
+    return StoreError(
+        f"another process holds the write lock of {what}: gave up after waiting {waited:.1f} s "
+        f"(the limit is {limit:g} s). Is another flowyml run, or a program with an open write "
+        f"transaction on it, stuck?"
+    )
+
+
 async def retry_locked(
     operation: Callable[[], Awaitable[_T]],
     *,
     on_retry: Callable[[], Awaitable[None]] | None = None,
     max_wait: float = 2.0,
+    where: object = None,
 ) -> _T:
-    """Run ``operation`` until it does not fail with a locked database.
+    """Run ``operation`` until it does not fail with a locked database, for at most the deadline.
 
     SQLite's own busy handler already waited ``busy_timeout`` before the error surfaced, so a lock
-    held that long means another process is committing a lot; waiting longer is always better than
-    losing the write. ``on_retry`` runs before each new attempt (to roll back a failed transaction).
+    held that long means another process is committing a lot; waiting longer is better than losing
+    the write, up to :data:`LOCK_DEADLINE_SECONDS` in all. ``on_retry`` runs before each new attempt
+    (to roll back a failed transaction). ``where`` (the database path) goes in the error message.
+
+    Raises:
+        StoreError: the database was still locked when the deadline passed.
     """
+    limit = _deadline()
+    start = time.monotonic()
     delay = 0.01
     while True:
         try:
@@ -140,9 +183,12 @@ async def retry_locked(
         except sqlite3.OperationalError as exc:
             if not is_locked_error(exc):
                 raise
+            waited = time.monotonic() - start
+            if waited >= limit:
+                raise _gave_up(where, waited, limit) from exc
         if on_retry is not None:
             await on_retry()
-        await asyncio.sleep(delay * (0.5 + random.random()))
+        await asyncio.sleep(min(delay * (0.5 + random.random()), limit - waited))
         delay = min(delay * 2, max_wait)
 
 
@@ -214,42 +260,87 @@ def _migrate_v1(db: sqlite3.Connection) -> None:
         db.execute(f"DROP TABLE IF EXISTS {table}")
 
 
-def _prepare(db: sqlite3.Connection) -> str | None:
-    """Set the connection up and bring the schema up to date; returns the version found, if newer."""
-    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    retry_locked_sync(lambda: db.execute("PRAGMA journal_mode = WAL"))
-    db.execute("PRAGMA synchronous = NORMAL")
+def _schema_state(db: sqlite3.Connection) -> tuple[int | None, bool]:
+    """The schema version recorded (None if none) and whether every table and index is there.
 
-    def ensure_schema() -> str | None:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+    One read transaction: in WAL mode it never waits for a writer, so opening a store that is up
+    to date never touches the write lock.
+    """
+    db.execute("BEGIN")
+    try:
+        names = {
+            row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")
+        }
+        row = None
+        if "meta" in names:
             row = db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-            found = None if row is None else int(row[0])
-            if found is not None and found > SCHEMA_VERSION:
-                db.execute("ROLLBACK")
-                return str(found)
-            if found is not None and found < 2:
-                _migrate_v1(db)
-            db.execute(
-                "INSERT INTO meta (name, value) VALUES ('schema_version', ?) "
-                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                (str(SCHEMA_VERSION),),
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+    finally:
+        db.execute("COMMIT")
+    return (None if row is None else int(row[0])), names >= _SCHEMA_OBJECTS
+
+
+def _ensure_schema(db: sqlite3.Connection) -> str | None:
+    """Create or migrate the schema in one ``IMMEDIATE`` transaction; the newer version found, if any."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        row = db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+        found = None if row is None else int(row[0])
+        if found is not None and found > SCHEMA_VERSION:
+            db.execute("ROLLBACK")
+            return str(found)
+        if found is not None and found < 2:
+            _migrate_v1(db)
+        db.execute(
+            "INSERT INTO meta (name, value) VALUES ('schema_version', ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (str(SCHEMA_VERSION),),
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return None
+
+
+def _prepare(db: sqlite3.Connection, db_path: Path, create: bool) -> str | None:
+    """Set the connection up and bring the schema up to date; returns the version found, if newer.
+
+    With ``create`` False nothing is written: a store whose schema is missing or older is refused.
+
+    Raises:
+        StoreError: ``create`` is False and the schema is not this flowyml's, or the write lock
+            could not be had within :data:`LOCK_DEADLINE_SECONDS`.
+    """
+    db.execute(f"PRAGMA busy_timeout = {busy_timeout_ms()}")
+    if create and db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        retry_locked_sync(lambda: db.execute("PRAGMA journal_mode = WAL"), where=db_path)
+    db.execute("PRAGMA synchronous = NORMAL")
+    version, complete = retry_locked_sync(lambda: _schema_state(db), where=db_path)
+    if version is not None and version > SCHEMA_VERSION:
+        return str(version)
+    if version == SCHEMA_VERSION and complete:
         return None
+    if not create:
+        if version is None or version == SCHEMA_VERSION:
+            raise StoreError(
+                f"{db_path} is not a complete flowyml store (its schema is missing parts); "
+                "run a pipeline on it to repair it (reading it does not)"
+            )
+        raise StoreError(
+            f"the flowyml store at {db_path.parent} has schema version {version}, older than this "
+            f"flowyml's ({SCHEMA_VERSION}); run a pipeline on it to upgrade it (reading it does not)"
+        )
+    return retry_locked_sync(lambda: _ensure_schema(db), where=db_path)
 
-    return retry_locked_sync(ensure_schema)
 
-
-def retry_locked_sync(operation: Callable[[], _T], *, max_wait: float = 2.0) -> _T:
+def retry_locked_sync(operation: Callable[[], _T], *, max_wait: float = 2.0, where: object = None) -> _T:
     """:func:`retry_locked` for code already on the connection's thread (opening the store)."""
+    limit = _deadline()
+    start = time.monotonic()
     delay = 0.01
     while True:
         try:
@@ -257,24 +348,36 @@ def retry_locked_sync(operation: Callable[[], _T], *, max_wait: float = 2.0) -> 
         except sqlite3.OperationalError as exc:
             if not is_locked_error(exc):
                 raise
-        time.sleep(delay * (0.5 + random.random()))
+            waited = time.monotonic() - start
+            if waited >= limit:
+                raise _gave_up(where, waited, limit) from exc
+        time.sleep(min(delay * (0.5 + random.random()), limit - waited))
         delay = min(delay * 2, max_wait)
 
 
-async def connect(root: Path) -> aiosqlite.Connection:
-    """Open (creating if needed) the store's database and bring its schema up to date.
+async def connect(root: Path, *, create: bool = True) -> aiosqlite.Connection:
+    """Open the store's database and bring its schema up to date.
+
+    With ``create`` False the database must exist and be up to date: opening writes nothing and
+    never waits for the write lock (reads need none in WAL mode).
 
     Raises:
-        StoreError: the database cannot be opened, or was made by a newer flowyml.
+        StoreError: the database cannot be opened, was made by a newer flowyml, or (``create``
+            False) is not up to date.
     """
     db_path = root / DB_NAME
+    if create:
+        try:
+            _touch_private(db_path)
+        except OSError as exc:
+            raise StoreError(f"cannot create the flowyml store database {db_path}: {exc}") from exc
+        conn = await aiosqlite.connect(db_path, isolation_level=None, check_same_thread=False)
+    else:
+        # mode=rw: an existing database only; a file removed meanwhile is an error, not a new store.
+        uri = f"file:{quote(str(db_path))}?mode=rw"
+        conn = await aiosqlite.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     try:
-        _touch_private(db_path)
-    except OSError as exc:
-        raise StoreError(f"cannot create the flowyml store database {db_path}: {exc}") from exc
-    conn = await aiosqlite.connect(db_path, isolation_level=None, check_same_thread=False)
-    try:
-        newer = await on_thread(conn, _prepare)
+        newer = await on_thread(conn, lambda db: _prepare(db, db_path, create))
         if newer is not None:
             raise StoreError(
                 f"the flowyml store at {root} has schema version {newer}, newer than this flowyml "
