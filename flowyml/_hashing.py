@@ -13,7 +13,8 @@ Three functions are public inside flowyml:
 
 * :func:`hash_value` hashes one value (``UnhashableInputError`` names the path that failed);
 * :func:`fingerprint_function` hashes what a step will run: its source without comments,
-  docstrings or positions, its defaults, closure values and the user helpers it calls;
+  docstrings or positions, its bytecode, its defaults, closure values, the user helpers it
+  calls and the data it reads from module globals;
 * :func:`cache_key` combines a step's identity, fingerprint, inputs and parameters.
 
 Paths in error messages are only built when an error happens: the internal ``_Unhashable`` error
@@ -26,6 +27,7 @@ __all__ = ("cache_key", "fingerprint_function", "hash_value")
 
 import ast
 import dataclasses
+import dis
 import enum
 import functools
 import inspect
@@ -34,6 +36,7 @@ import os
 import struct
 import sys
 import textwrap
+import threading
 import tokenize
 import types
 import weakref
@@ -58,7 +61,7 @@ class _Hasher(Protocol):
 _Encoder = Callable[[_Hasher, Any, set[int]], None]
 
 _KEY_VERSION: Final = b"flowyml-cache-key/1\x00"
-_FINGERPRINT_VERSION: Final = b"flowyml-fingerprint/1\x00"
+_FINGERPRINT_VERSION: Final = b"flowyml-fingerprint/2\x00"
 _FIX: Final = (
     "Fix it by passing hashable inputs (plain data, dataclasses, numpy or pandas objects, or a "
     "class that defines __flowyml_hash__) with cache='input_hash' or 'code_hash', by giving the "
@@ -691,14 +694,26 @@ def _enc_pandas_values(pd: Any, h: _Hasher, values: Any, seen: set[int]) -> None
 
 
 class _Static(NamedTuple):
-    """What a code object alone determines: the digest of its text and the global names it uses."""
+    """What a code object alone determines, memoized per code object (never any value).
+
+    ``digest`` covers the source AST and the bytecode; ``chains`` are the global reads the
+    bytecode makes (``("settings", "SCALE")`` for ``settings.SCALE``), ``names`` every name the
+    code uses (globals and attributes alike), nested code objects included.
+    """
 
     digest: bytes
+    chains: tuple[tuple[str, ...], ...]
     names: tuple[str, ...]
 
 
 _STATIC: weakref.WeakKeyDictionary[types.CodeType, _Static] = weakref.WeakKeyDictionary()
 _SIMPLE_CONSTANTS: Final = (type(None), bool, int, float, complex, str, bytes)
+_GLOBAL_LOADS: Final = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"})
+_ATTRIBUTE_LOADS: Final = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
+_INVISIBLE_OPS: Final = frozenset({"EXTENDED_ARG", "CACHE", "NOP"})
+_COMPREHENSIONS: Final = frozenset({"<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>"})
+# Python 3.14 flags a docstring in co_consts[0]; before, every function and lambda has that slot.
+_CO_HAS_DOCSTRING: Final[int] = getattr(inspect, "CO_HAS_DOCSTRING", 0)
 
 
 def _qualified_name(obj: Any) -> str:
@@ -708,7 +723,12 @@ def _qualified_name(obj: Any) -> str:
 
 
 def _static_part(code: types.CodeType) -> _Static:
-    """Hash a code object's source AST (or, without usable source, its bytecode); memoized."""
+    """Hash a code object's source AST and its bytecode, and list its global reads; memoized.
+
+    The bytecode is what this process really runs: ``inspect.getsource`` rereads the file, so
+    after the file is edited the AST alone would describe code that is not running, and the old
+    code's results would be stored under the new code's key. Neither part sees line numbers.
+    """
     static = _STATIC.get(code)
     if static is None:
         h = _new_hasher()
@@ -716,8 +736,12 @@ def _static_part(code: types.CodeType) -> _Static:
         if tree is not None:
             h.update(b"ast" + _str_bytes(b"", ast.dump(tree, include_attributes=False)))
         else:
-            _hash_code(h, code)
-        static = _Static(h.digest(), tuple(dict.fromkeys(_global_names(code))))
+            h.update(b"noast")
+        _hash_code(h, code)
+        chains: dict[tuple[str, ...], None] = {}
+        names: dict[str, None] = {}
+        _collect_reads(code, chains, names)
+        static = _Static(h.digest(), tuple(chains), tuple(names))
         _STATIC[code] = static
     return static
 
@@ -755,13 +779,18 @@ def _is_docstring(node: ast.stmt) -> bool:
 
 
 def _hash_code(h: _Hasher, code: types.CodeType) -> None:
-    """Hash bytecode, constants (docstring slot dropped, nested code recursively) and names."""
+    """Hash bytecode, constants (docstring slot dropped, nested code recursively) and names.
+
+    Line numbers live in ``co_firstlineno`` and ``co_linetable``, which are never hashed, so
+    comments, blank lines and moving the function do not change this part. Constant frozensets
+    are hashed by the sorted encoding of :func:`_update`, never in iteration order.
+    """
     consts = code.co_consts
-    if code.co_flags & inspect.CO_OPTIMIZED and consts and isinstance(consts[0], str):
-        consts = consts[1:]  # CPython keeps a function's docstring (or None) in the first slot
+    if _has_docstring_slot(code) and consts:
+        consts = consts[1:]  # the docstring, or the None that stands for "no docstring"
     h.update(b"code" + _str_bytes(b"", code.co_name) + _len8(len(code.co_code)) + code.co_code)
-    h.update(_int_bytes(b"", code.co_argcount) + _int_bytes(b"", code.co_kwonlyargcount))
-    h.update(_int_bytes(b"", code.co_flags))
+    h.update(_int_bytes(b"", code.co_argcount) + _int_bytes(b"", code.co_posonlyargcount))
+    h.update(_int_bytes(b"", code.co_kwonlyargcount) + _int_bytes(b"", code.co_flags & ~_CO_HAS_DOCSTRING))
     seen: set[int] = set()
     for group in (code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars):
         _update(h, group, seen)
@@ -769,16 +798,46 @@ def _hash_code(h: _Hasher, code: types.CodeType) -> None:
     for const in consts:
         if isinstance(const, types.CodeType):
             _hash_code(h, const)
+        elif isinstance(const, slice):  # a constant since Python 3.14
+            h.update(b"slice")
+            _update(h, (const.start, const.stop, const.step), seen)
         else:
             _update(h, const, seen)
 
 
-def _global_names(code: types.CodeType) -> list[str]:
-    names = list(code.co_names)
+def _has_docstring_slot(code: types.CodeType) -> bool:
+    """True if ``co_consts[0]`` holds the docstring (or None for none), as in every function."""
+    if sys.version_info >= (3, 14):
+        return bool(code.co_flags & _CO_HAS_DOCSTRING)
+    return bool(code.co_flags & inspect.CO_OPTIMIZED) and code.co_name not in _COMPREHENSIONS
+
+
+def _collect_reads(code: types.CodeType, chains: dict[tuple[str, ...], None], names: dict[str, None]) -> None:
+    """Add the global reads of ``code`` and of its nested code objects, in bytecode order.
+
+    A read is the global name and the attributes loaded from it right after (``LOAD_GLOBAL
+    settings`` + ``LOAD_ATTR SCALE`` is ``("settings", "SCALE")``), so that a value reached
+    through a user module is hashed like a global of the function's own module.
+    """
+    names.update(dict.fromkeys(code.co_names))
+    chain: list[str] = []
+    for instruction in dis.get_instructions(code):
+        op = instruction.opname
+        if op in _INVISIBLE_OPS:
+            continue
+        if chain and op in _ATTRIBUTE_LOADS and isinstance(instruction.argval, str):
+            chain.append(instruction.argval)
+            continue
+        if chain:
+            chains[tuple(chain)] = None
+            chain = []
+        if op in _GLOBAL_LOADS and isinstance(instruction.argval, str):
+            chain.append(instruction.argval)
+    if chain:
+        chains[tuple(chain)] = None
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names.extend(_global_names(const))
-    return names
+            _collect_reads(const, chains, names)
 
 
 @functools.cache
@@ -843,11 +902,36 @@ def _unwrap(func: object) -> object:
         raise _Unhashable(func, "its __wrapped__ chain is a cycle") from exc
 
 
+class _Digesting(threading.local):
+    """The ids of the callables whose fingerprint digests this thread is computing now."""
+
+    def __init__(self) -> None:
+        self.ids: set[int] = set()
+
+
+_DIGESTING: Final = _Digesting()
+
+
 def _fingerprint_digest(func: object) -> bytes:
-    h = _new_hasher()
-    h.update(_FINGERPRINT_VERSION)
-    _fingerprint(h, func, set())
-    return h.digest()
+    """The fingerprint of ``func`` alone; also how functions inside values (globals, closures) hash.
+
+    A function found inside a value that its own fingerprint reaches (a registry dict of steps
+    that one of them reads) is encoded by name the second time: the guard holds only the
+    digests in progress on this thread, so the result does not depend on the order in which
+    sibling values are visited.
+    """
+    key = id(func)
+    digesting = _DIGESTING.ids
+    if key in digesting:
+        return _digest_bytes(_str_bytes(b"cycle", _qualified_name(_unwrap_quietly(func))))
+    digesting.add(key)
+    try:
+        h = _new_hasher()
+        h.update(_FINGERPRINT_VERSION)
+        _fingerprint(h, func, set())
+        return h.digest()
+    finally:
+        digesting.discard(key)
 
 
 def _fingerprint(h: _Hasher, obj: object, visited: set[int]) -> None:
@@ -928,7 +1012,7 @@ def _fingerprint_function(h: _Hasher, func: types.FunctionType, visited: set[int
             except ValueError:
                 cells[name] = _EmptyCell.EMPTY
         _fingerprint_values(h, b"closure", cells, ".<closure>.", visited)
-    _fingerprint_globals(h, func, static.names, visited)
+    _fingerprint_globals(h, func, static, visited)
 
 
 class _EmptyCell(enum.Enum):
@@ -955,32 +1039,88 @@ def _fingerprint_values(
             raise
 
 
-def _fingerprint_globals(
-    h: _Hasher, func: types.FunctionType, names: tuple[str, ...], visited: set[int]
-) -> None:
-    """Hash the user functions, classes and simple constants the function reaches by global name.
+_MISSING: Final = object()
 
-    A referenced user module (``import helpers`` then ``helpers.f()``) contributes the user
-    functions and classes among the other names the code uses as attributes of it.
+
+def _fingerprint_globals(h: _Hasher, func: types.FunctionType, static: _Static, visited: set[int]) -> None:
+    """Hash what the function reads by global name, read afresh on every call.
+
+    Every global the code loads (nested functions and comprehensions included) contributes:
+
+    * a user function or class: its fingerprint, recursively;
+    * a module: its name. For a user module, the attributes the code loads from it right after
+      (``settings.SCALE``, ``pkg.sub.f``) are followed as if they were globals, and the user
+      functions and classes among the other names the code uses are included too (so
+      ``h = helpers; h.f()`` still sees ``f``);
+    * any other value, when ``func`` is the user's: its :func:`hash_value` encoding (numbers,
+      strings, dicts, lists, sets, dataclasses, arrays...), so editing ``WEIGHTS = {"a": 1}``
+      or ``settings.SCALE`` in a file reruns the step.
+
+    A global that cannot be hashed deterministically (a logger, a client, a lock, an object
+    without ``__flowyml_hash__``) is skipped, recording only its name and type. This is on
+    purpose: the rule that no key is built from partial information is about a step's inputs;
+    module-level objects that are not data are state of the environment, like the library code
+    the step calls, which is not followed either. Library functions and classes add nothing,
+    and the globals of library functions are not hashed.
     """
     namespace = func.__globals__
     user_module = _is_user_module(func.__module__, func.__code__.co_filename)
-    for name in names:
-        if name not in namespace:
-            continue
-        value = namespace[name]
-        if isinstance(value, types.ModuleType):
-            if _is_user_module(value.__name__, None):
-                for attribute in names:
-                    member = value.__dict__.get(attribute)
-                    if member is not None and (_is_user_function(_unwrap(member)) or _is_user_class(member)):
-                        _fingerprint_global(h, f"{name}.{attribute}", member, visited)
-            continue
-        if _is_user_function(_unwrap(value)) or _is_user_class(value):
-            _fingerprint_global(h, name, value, visited)
-        elif user_module and _is_simple_constant(value):
-            h.update(_str_bytes(b"K", name))
-            _update(h, value, set())
+    done: set[str] = set()
+    user_modules: list[tuple[str, types.ModuleType]] = []
+    for chain in static.chains:
+        value = namespace.get(chain[0], _MISSING)
+        if value is _MISSING:
+            continue  # a builtin, or a name not defined yet
+        label = chain[0]
+        for attribute in chain[1:]:
+            if not isinstance(value, types.ModuleType) or not _is_user_module(value.__name__, None):
+                break
+            member = value.__dict__.get(attribute, _MISSING)
+            if member is _MISSING:
+                break
+            if label not in done:
+                done.add(label)
+                _fingerprint_global_value(h, label, value, user_module, user_modules, visited)
+            label, value = f"{label}.{attribute}", member
+        if label not in done:
+            done.add(label)
+            _fingerprint_global_value(h, label, value, user_module, user_modules, visited)
+    for label, module in user_modules:
+        for attribute in static.names:
+            member = module.__dict__.get(attribute)
+            name = f"{label}.{attribute}"
+            if name not in done and (_is_user_function(_unwrap(member)) or _is_user_class(member)):
+                done.add(name)
+                _fingerprint_global(h, name, member, visited)
+
+
+def _fingerprint_global_value(
+    h: _Hasher,
+    label: str,
+    value: object,
+    user_module: bool,
+    user_modules: list[tuple[str, types.ModuleType]],
+    visited: set[int],
+) -> None:
+    """Hash one global read: code by fingerprint, modules by name, data by value, else skip it."""
+    if isinstance(value, types.ModuleType):
+        h.update(_str_bytes(b"M", label) + _str_bytes(b"", value.__name__))
+        if _is_user_module(value.__name__, None):
+            user_modules.append((label, value))
+    elif _is_user_function(_unwrap(value)) or _is_user_class(value):
+        _fingerprint_global(h, label, value, visited)
+    elif not user_module or isinstance(
+        value, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodDescriptorType)
+    ):
+        return  # library code and library data: environment, not followed
+    else:
+        sub = _new_hasher()
+        try:
+            _update(sub, value, set())
+        except _Unhashable:
+            h.update(_str_bytes(b"X", label) + _str_bytes(b"", _qualified_name(type(value))))
+            return
+        h.update(_str_bytes(b"K", label) + sub.digest())
 
 
 def _fingerprint_global(h: _Hasher, label: str, value: object, visited: set[int]) -> None:
@@ -1070,11 +1210,14 @@ def fingerprint_function(func: Callable[..., object]) -> str:
 
     ``__wrapped__`` chains are followed to the innermost function, so flowyml's decorators (and
     any that use ``functools.wraps``) do not change it. The fingerprint covers the function's
-    source parsed with :mod:`ast` (so comments, docstrings, blank lines, decorators and positions
-    are ignored; bytecode when there is no usable source, as for several lambdas on one line),
-    default values, closure values, and the functions, classes and simple constants it reaches by
-    global name in the user's own modules, recursively. The source part is memoized per code
-    object; values are hashed again on every call, so a mutated closure value is never missed.
+    source parsed with :mod:`ast` and the bytecode this process runs (so comments, docstrings,
+    blank lines, decorators and positions are ignored, and a source file edited after import
+    cannot lend its new text to the old code), default values, closure values, and what the
+    code reads by global name: user functions and classes recursively, modules by name, data
+    by value (also through user modules, as in ``settings.SCALE``). Module-level objects that
+    cannot be hashed (loggers, clients, locks) are skipped as environment, see
+    :func:`_fingerprint_globals`. The code part is memoized per code object; values are hashed
+    again on every call, so a mutated closure value or global is never missed.
 
     Raises:
         UnhashableInputError: a default or closure value (named ``<default>.x`` or

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -66,12 +67,17 @@ class FakeAsset:
 
 @pytest.fixture
 def load_module(tmp_path: pathlib.Path) -> Iterator[Callable[[str, str], types.ModuleType]]:
-    """Write source to a file under tmp_path and import it under a fresh module name."""
+    """Write source to a file under tmp_path and import it under the given module name.
+
+    Loading a name again re-reads its file: the bytecode cache is removed first, since a stale
+    .pyc (same size, same second) would otherwise be imported instead of the new source.
+    """
     names: list[str] = []
 
     def load(name: str, source: str) -> types.ModuleType:
         path = tmp_path / f"{name}.py"
         path.write_text(textwrap.dedent(source))
+        shutil.rmtree(tmp_path / "__pycache__", ignore_errors=True)
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None
         assert spec.loader is not None
@@ -518,6 +524,85 @@ class TestFingerprintFunction:
         b = load_module("fp_const_b", "RATE = 2\n\ndef f(x):\n    return x * RATE\n")
         assert fingerprint_function(a.f) != fingerprint_function(b.f)
 
+    def test_edited_dict_global_changes_the_fingerprint(
+        self, load_module: Callable[[str, str], types.ModuleType]
+    ) -> None:
+        """Editing a dict global in the step's module file and importing it again changes it."""
+        source = "WEIGHTS = {{'a': {a}, 'b': 2}}\n\ndef step(x):\n    return x * WEIGHTS['a']\n"
+        before = fingerprint_function(load_module("fp_dict_global", source.format(a=1)).step)
+        after = fingerprint_function(load_module("fp_dict_global", source.format(a=3)).step)
+        same = fingerprint_function(load_module("fp_dict_global", source.format(a=3)).step)
+        assert before != after
+        assert after == same
+
+    def test_mutated_global_dict_is_seen(self, load_module: Callable[[str, str], types.ModuleType]) -> None:
+        """Memoization does not hide an in-place change to a global dict the step reads."""
+        module = load_module(
+            "fp_dict_mutated", "WEIGHTS = {'a': 1}\n\ndef step(x):\n    return WEIGHTS['a']\n"
+        )
+        before = fingerprint_function(module.step)
+        module.WEIGHTS["a"] = 2
+        assert fingerprint_function(module.step) != before
+
+    def test_edited_constant_of_a_settings_module_changes_the_fingerprint(
+        self, load_module: Callable[[str, str], types.ModuleType]
+    ) -> None:
+        """A step reading ``fp_settings.SCALE`` reruns when SCALE is edited in that module's file."""
+        caller = "import fp_settings\n\ndef step(x):\n    return x * fp_settings.SCALE\n"
+        load_module("fp_settings", "SCALE = 2\n")
+        before = fingerprint_function(load_module("fp_settings_caller", caller).step)
+        load_module("fp_settings", "SCALE = 30\n")
+        assert fingerprint_function(load_module("fp_settings_caller", caller).step) != before
+
+    def test_unhashable_global_is_skipped(self, load_module: Callable[[str, str], types.ModuleType]) -> None:
+        """A module-level lock the step uses neither raises nor changes the fingerprint."""
+        module = load_module(
+            "fp_lock_global",
+            """
+            import threading
+
+            LOCK = threading.Lock()
+
+            def step(x):
+                with LOCK:
+                    return x
+            """,
+        )
+        before = fingerprint_function(module.step)
+        with module.LOCK:
+            assert fingerprint_function(module.step) == before
+
+    def test_running_bytecode_counts_after_the_file_is_rewritten(
+        self, load_module: Callable[[str, str], types.ModuleType], tmp_path: pathlib.Path
+    ) -> None:
+        """A function whose file was rewritten never shares a fingerprint with the new code."""
+        running = load_module("fp_rewritten", "def f(x):\n    return x + 1\n").f
+        new_source = "def f(x):\n    return x * 100\n"
+        (tmp_path / "fp_rewritten.py").write_text(new_source)
+        stale = fingerprint_function(running)  # its source is read now, from the new file
+        assert stale != fingerprint_function(load_module("fp_rewritten", new_source).f)
+
+    def test_registry_global_holding_the_step_terminates(
+        self, load_module: Callable[[str, str], types.ModuleType]
+    ) -> None:
+        """A global dict of functions that read that dict is fingerprinted without endless recursion."""
+        module = load_module(
+            "fp_registry",
+            """
+            REGISTRY = {}
+
+            def step(name, x):
+                return REGISTRY[name](x)
+
+            def double(x):
+                return REGISTRY["step"]("inc", x) * 2
+
+            REGISTRY.update(step=step, double=double, inc=lambda x: x + 1)
+            """,
+        )
+        assert fingerprint_function(module.step) == fingerprint_function(module.step)
+        assert fingerprint_function(module.step) != fingerprint_function(module.double)
+
     def test_library_functions_are_not_walked(self) -> None:
         """Calling a stdlib function works and adds nothing that varies."""
 
@@ -589,17 +674,18 @@ class TestFingerprintFunction:
 
     @pytest.mark.slow
     def test_fingerprints_are_deterministic_across_hash_seeds(self, tmp_path: pathlib.Path) -> None:
-        """A function's fingerprint (helpers, set constants, lambdas) is the same in fresh processes."""
+        """A fingerprint (helpers, set constants and globals, lambdas) is the same in fresh processes."""
         (tmp_path / "fp_seeded.py").write_text(
             textwrap.dedent(
                 """
                 LABELS = ("a", "b")
+                TABLE = {"colors": {"red", "green", "blue"}, "sizes": frozenset({"s", "m", "l"})}
 
                 def helper(x):
                     return x in {"red", "green", "blue"}
 
                 def step(x, scale=2.5):
-                    return [helper(v) for v in x], LABELS, scale
+                    return [helper(v) for v in x if v in TABLE["colors"]], LABELS, scale
 
                 pair = (lambda x: x in {"p", "q"}, lambda x: x)
                 """
