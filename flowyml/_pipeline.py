@@ -208,7 +208,6 @@ class Pipeline:
                 resources=self._resource_pool() if self.capacity else None,
                 requests=self._requests if self.capacity else (),
                 remote=remote,
-                caching=self.enable_cache,
             )
             await run.execute()
             state = _state(r for r in run.results if r is not None)

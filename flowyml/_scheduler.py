@@ -27,6 +27,7 @@ from ._errors import StepError, StepTimeoutError
 from ._executors._base import Executor
 from ._graph import CONTEXT, MISSING, SLOT, Gate, Node, Plan, Source
 from ._groups import Member, Outcome, run_chain
+from ._remote import RemoteValues
 from ._resources import Request, ResourcePool
 from ._results import StepResult, StepStatus, split_outputs
 
@@ -56,7 +57,6 @@ class Run:
         resources: ResourcePool | None = None,
         requests: Sequence[Request] = (),
         remote: bool = False,
-        caching: bool = False,
     ) -> None:
         self.plan = plan
         self.params = params
@@ -80,10 +80,7 @@ class Run:
         self._gate_errors: dict[int, BaseException] = {}
         self._resources = resources
         self._requests = requests
-        self._remote = remote
-        self._caching = caching
-        self._producer: dict[int, Executor] = {}
-        self._fetched: dict[int, Any] = {}
+        self._remote = RemoteValues() if remote else None
         self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self._on_failure = on_failure
         self.hooks = hooks
@@ -161,7 +158,7 @@ class Run:
         only the head has run, and the other members follow as ordinary steps.
         """
         head = chain[0]
-        if self.blocked[head.id] is not None or self._remote:
+        if self.blocked[head.id] is not None or self._remote is not None:
             return [(head, await self._run_node(head))], False
         args, kwargs = self._arguments(head)
         hooks = self.hooks
@@ -337,10 +334,14 @@ class Run:
         args, kwargs = self._arguments(node)
         step = node.step
         executor = self._executors[node.id]
-        keep_remote = False
-        if self._remote:
-            keep_remote = await self._localize(node, executor, args, kwargs)
         hooks = self.hooks
+        cached = hooks is not None and hooks.caching and step.cache is not False
+        keep_remote = False
+        key_args, key_kwargs = args, kwargs
+        if self._remote is not None:
+            keep_remote, key_args, key_kwargs = await self._remote.localize(
+                node, executor, args, kwargs, self.values, self.results, self.plan.slot_producers, cached
+            )
         request = self._requests[node.id] if self._requests else ()
         limit = self._limit
         started = False
@@ -350,11 +351,7 @@ class Run:
             if step.conditions and not conditions_hold(step.conditions, args, kwargs):
                 res.status = StepStatus.SKIPPED
                 res.skip_reason = "its condition was false"
-            elif (
-                hooks is not None
-                and hooks.caching
-                and await hooks.before(node, res, args, kwargs, self.values)
-            ):
+            elif cached and await hooks.before(node, res, key_args, key_kwargs, self.values):  # type: ignore[union-attr]
                 pass
             else:
                 if request or limit is not None:
@@ -371,6 +368,8 @@ class Run:
                     started = True
                     ret = await run_attempts(node, executor, args, kwargs, res, keep_remote=keep_remote)
                 res.outputs = self._store(node, ret)
+                if keep_remote and cached:
+                    await self._remote.keep_copy(node, res)  # type: ignore[union-attr]
                 res.status = StepStatus.SUCCEEDED
         except asyncio.CancelledError:
             if started:
@@ -387,55 +386,17 @@ class Run:
                 res.duration_seconds = _perf() - t0
                 res.end_time = res.start_time + res.duration_seconds
             if hooks is not None:
-                hooks.after(node, res, args, kwargs, self.values)
+                hooks.after(node, res, key_args, key_kwargs, self.values)
         if res.status in _OK:
             return True
         if self._on_failure is not None and res.status is not StepStatus.SKIPPED:
             self._on_failure(node, res, [*args, *kwargs.values()])
         return False
 
-    async def _localize(
-        self, node: Node, executor: Executor, args: list[Any], kwargs: dict[str, Any]
-    ) -> bool:
-        """Fetch remote inputs this step cannot take as they are; say if its output may stay remote.
-
-        A remote value (a Dask future) goes straight to a step on the same executor, so data moves
-        worker to worker; any other consumer, or a cached step that must hash its inputs, gets it
-        fetched to the driver, once per output.
-        """
-        cached = self._caching and node.step.cache is not False
-        for i, (_, src) in enumerate(node.sources()):
-            if src.kind != SLOT or src.slot not in self._producer:
-                continue
-            producer = self._producer[src.slot]
-            if producer is executor and not cached:
-                continue
-            value = self._fetched.get(src.slot, MISSING)
-            if value is MISSING:
-                value = self._fetched[src.slot] = await producer.fetch(
-                    self.values[src.slot], step_name=node.name
-                )
-            if i < len(args):
-                args[i] = value
-            else:
-                kwargs[node.keyword[i - len(args)][0]] = value
-        keep = executor.supports_remote and len(node.output_slots) == 1 and not cached
-        if keep:
-            self._producer[node.output_slots[0]] = executor
-        return keep
-
     async def localize_outputs(self) -> None:
         """Fetch every remote output to the driver; call before the executors close."""
-        for slot, producer in self._producer.items():
-            if slot not in self._fetched and self.values[slot] is not MISSING:
-                self._fetched[slot] = await producer.fetch(self.values[slot])
-        for slot, value in self._fetched.items():
-            self.values[slot] = value
-        names = self.plan.slot_names
-        for node in self.plan.nodes:
-            res = self.results[node.id]
-            if res is not None and res.outputs and any(s in self._fetched for s in node.output_slots):
-                res.outputs = {names[s]: self.values[s] for s in node.output_slots}
+        if self._remote is not None:
+            await self._remote.localize_outputs(self.values, self.plan.nodes, self.results)
 
     def _store(self, node: Node, ret: Any) -> dict[str, Any]:
         """Put a return value into the node's output slots, by the rules of DESIGN.md §3."""

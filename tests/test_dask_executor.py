@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import psutil
 import pytest
@@ -345,9 +345,14 @@ class TestConfiguration:
 
 
 class CountingDask(DaskExecutor):
-    """A real DaskExecutor that counts how often a value is brought back to the driver."""
+    """A real DaskExecutor that counts fetches to the driver and notes what each step was handed."""
 
     fetches = 0
+    handed: ClassVar[dict[str, list[str]]] = {}
+
+    async def run(self, fn: Any, args: Any, kwargs: Any, **options: Any) -> Any:
+        type(self).handed[options["step_name"]] = [type(a).__name__ for a in args]
+        return await super().run(fn, args, kwargs, **options)
 
     async def fetch(self, value: Any, *, step_name: str | None = None) -> Any:
         if self.is_remote(value):
@@ -380,6 +385,33 @@ class TestPipeline:
         assert result["seen"] == ("list", sum(range(1000)))
         assert result["numbers"] == list(range(1000))
         assert CountingDask.fetches == 2  # only the two final outputs, for the PipelineResult
+
+    async def test_cached_chain_still_moves_data_worker_to_worker(self, cluster: Any) -> None:
+        """With caching on, the next Dask step is handed the future; the driver fetches once per output."""
+        from flowyml import Pipeline, step
+
+        dask = CountingDask(cluster.scheduler_address)
+        CountingDask.fetches = 0
+        CountingDask.handed = {}
+
+        @step(outputs=["numbers"], executor=dask)
+        def make_cached() -> list[int]:
+            return list(range(1000))
+
+        @step(outputs=["total"], executor=dask)
+        def total_cached(numbers: list[int]) -> int:
+            return sum(numbers)
+
+        p = Pipeline("dask-cached").add_step(make_cached).add_step(total_cached)
+        try:
+            first = await p.arun()
+            again = await p.arun()
+        finally:
+            await dask.aclose()
+        assert first["total"] == again["total"] == sum(range(1000))
+        assert CountingDask.handed["total_cached"] == ["Future"]
+        assert CountingDask.fetches == 2  # one copy of each output, for the driver-side cache
+        assert again.step_results["total_cached"].cached
 
     async def test_run_level_executor_with_driver_consumer(self, cluster: Any) -> None:
         """run(executor=...) sends steps to Dask; a driver-side step (own executor) gets the value."""
