@@ -528,7 +528,12 @@ class TestAdvancedPatterns:
             # Skips if data is None
             return "processed"
 
-        small = Pipeline("cond", context=context(data=5)).add_step(expensive_path).add_step(process_if_exists).run()
+        small = (
+            Pipeline("cond", context=context(data=5))
+            .add_step(expensive_path)
+            .add_step(process_if_exists)
+            .run()
+        )
         assert small.success
         assert small.step_results["expensive_path"].status is StepStatus.SKIPPED
         assert small["process_if_exists"] == "processed"
