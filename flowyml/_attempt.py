@@ -12,7 +12,7 @@ from typing import Any
 
 from ._errors import StepTimeoutError
 from ._executors._base import Executor
-from ._fallback import WatchFallbacks, WatchFallbacksAsync
+from ._fallback import watch_fallbacks
 from ._graph import Node
 from ._results import StepResult
 from ._retry import RetryRun, _asleep
@@ -35,7 +35,7 @@ async def run_attempts(
     extra = {"keep_remote": True} if keep_remote else {}
     body = step.body
     if step.uses_fallback:
-        body = (WatchFallbacksAsync if step.is_async else WatchFallbacks)(body)
+        body = watch_fallbacks(body)
     while True:
         res.attempts = retry.attempt if retry is not None else 1
         try:

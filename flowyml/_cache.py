@@ -209,21 +209,23 @@ class StoreHooks(RunHooks):
         claim = self._claims.pop(node.id, None)
         ok = res.status is StepStatus.SUCCEEDED and not res.fallback_reasons
         hashes = self._hit_hashes.pop(node.id, None) if self._hit_hashes else None
-        if ok and key is not None:
-            hashes = self.store.put(
-                key=key,
-                step_name=node.name,
-                run_id=self.run_id,
-                outputs=res.outputs,
-                duration=res.duration_seconds,
-            )
-        if claim is not None:
-            cached = ok and hashes is not None
-            claim.set_result(self.store if cached else None)
-            if cached:
-                self._settled.append((self.store.root, key or ""))
-            else:
-                self._forget((self.store.root, key or ""), claim)
+        try:
+            if ok and key is not None:
+                hashes = self.store.put(
+                    key=key,
+                    step_name=node.name,
+                    run_id=self.run_id,
+                    outputs=res.outputs,
+                    duration=res.duration_seconds,
+                )
+        finally:
+            if claim is not None:
+                cached = ok and hashes is not None
+                claim.set_result(self.store if cached else None)
+                if cached:
+                    self._settled.append((self.store.root, key or ""))
+                else:
+                    self._forget((self.store.root, key or ""), claim)
         return hashes
 
     def _forget(self, flight: tuple[Path, str], claim: asyncio.Future[_Outcome] | None = None) -> None:

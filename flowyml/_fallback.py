@@ -11,16 +11,16 @@ and with no arguments otherwise; this is decided once, when the handler is made.
 
 from __future__ import annotations
 
-__all__ = ("FallbackHandler", "WatchFallbacks", "WatchFallbacksAsync", "on_failure")
+__all__ = ("FallbackHandler", "on_failure", "watch_fallbacks")
 
-import contextlib
 import contextvars
+import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ParamSpec, TypeVar, cast
 
 from flowyml._errors import ConfigError
-from flowyml._layers import layer
+from flowyml._layers import is_async_callable, layer
 from flowyml._retry import ExceptionTypes, exception_types
 
 P = ParamSpec("P")
@@ -127,38 +127,51 @@ class FallbackHandler:
 _USED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("flowyml_fallbacks", default=None)
 
 
-class WatchFallbacks:
-    """Call a step body and report whether a fallback stood in for it: ``(value, reasons)``.
+def watch_fallbacks(body: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a step body so it returns ``(value, reasons)``: whether a fallback stood in for it.
 
     The engine wraps the body of a step that has an ``on_failure`` layer in this, wherever the
     body runs (loop, thread, process, cluster), so that a fallback value is passed on to the
-    step's consumers but never cached as if the step had succeeded.
+    step's consumers but never cached as if the step had succeeded. The wrapper is a plain or an
+    ``async def`` function like the body, so every executor recognises it for what it is.
     """
+    if is_async_callable(body):
 
-    def __init__(self, body: Callable[..., Any]) -> None:
-        self.body = body
-        with contextlib.suppress(TypeError, ValueError):
-            self.__signature__ = inspect.signature(body)
+        @functools.wraps(body)
+        async def watched_async(*args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
+            return await _awatch(body, args, kwargs)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
-        used: list[str] = []
-        token = _USED.set(used)
-        try:
-            return self.body(*args, **kwargs), used
-        finally:
-            _USED.reset(token)
+        return watched_async
+
+    @functools.wraps(body)
+    def watched(*args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
+        return _watch(body, args, kwargs)
+
+    return watched
 
 
-class WatchFallbacksAsync(WatchFallbacks):
-    """:class:`WatchFallbacks` for an ``async def`` body."""
+# Module-level, so a wrapper shipped to another process refers to them by name: the ContextVar
+# itself cannot be pickled.
+def _watch(
+    body: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> tuple[Any, list[str]]:
+    used: list[str] = []
+    token = _USED.set(used)
+    try:
+        return body(*args, **kwargs), used
+    finally:
+        _USED.reset(token)
 
-    async def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:  # type: ignore[override]
-        used: list[str] = []
-        token = _USED.set(used)
-        try:
-            return await self.body(*args, **kwargs), used
-        finally:
-            _USED.reset(token)
+
+async def _awatch(
+    body: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> tuple[Any, list[str]]:
+    used: list[str] = []
+    token = _USED.set(used)
+    try:
+        return await body(*args, **kwargs), used
+    finally:
+        _USED.reset(token)
 
 
 def on_failure(fallback: Callable[..., Any], *, on: ExceptionTypes = (Exception,)) -> FallbackHandler:

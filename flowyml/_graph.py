@@ -90,7 +90,6 @@ class Plan:
 
     nodes: tuple[Node, ...]
     slot_names: tuple[str, ...]
-    slot_producers: tuple[int, ...]
     roots: tuple[int, ...]
     by_name: Mapping[str, Node]
     context_needs: tuple[tuple[Node, Source], ...]
@@ -214,7 +213,6 @@ def build_plan(steps: Sequence[Step], flows: Sequence[If] = ()) -> Plan:
     return Plan(
         nodes=tuple(nodes),
         slot_names=tuple(slot_names),
-        slot_producers=tuple(producer[name] for name in slot_names),
         roots=tuple(n.id for n in nodes if not n.deps),
         by_name={n.name: n for n in nodes},
         context_needs=tuple((nodes[i], src) for i, src in context_needs),

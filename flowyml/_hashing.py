@@ -1117,7 +1117,9 @@ def _fingerprint_global_value(
         sub = _new_hasher()
         try:
             _update(sub, value, set())
-        except _Unhashable:
+        except (_Unhashable, RecursionError, Exception):
+            # Not data we can read reliably (an object, a dict another thread is filling, a
+            # __flowyml_hash__ that raises): it is environment, recorded by name and type only.
             h.update(_str_bytes(b"X", label) + _str_bytes(b"", _qualified_name(type(value))))
             return
         h.update(_str_bytes(b"K", label) + sub.digest())

@@ -210,9 +210,9 @@ class Pipeline:
                 remote=remote,
             )
             await run.execute()
-            state = _state(r for r in run.results if r is not None)
             if remote:
                 await run.localize_outputs()
+            state = _state(r for r in run.results if r is not None)
         finally:
             try:
                 await executors.aclose(close_given=_close_all)
@@ -336,7 +336,9 @@ def _refuse_worker_import(name: str) -> None:
     run the whole pipeline again, and record phantom runs in the store.
     """
     frame = sys._getframe(1)
-    while frame is not None and frame.f_globals.get("__name__") != "__mp_main__":
+    while frame is not None and not (
+        frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__mp_main__"
+    ):
         frame = frame.f_back  # type: ignore[assignment]
     if frame is not None:
         raise ConfigError(
@@ -350,8 +352,11 @@ async def _finish_even_if_cancelled(closing: Coroutine[Any, Any, None]) -> None:
     task = asyncio.ensure_future(closing)
     try:
         await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
+    except asyncio.CancelledError as cancelled:
+        try:
+            await task
+        except Exception as exc:  # the cancellation matters more; keep the close error visible
+            cancelled.add_note(f"flowyml: closing the run's store also failed: {exc!r}")
         raise
 
 

@@ -80,7 +80,7 @@ class Run:
         self._gate_errors: dict[int, BaseException] = {}
         self._resources = resources
         self._requests = requests
-        self._remote = RemoteValues() if remote else None
+        self._remote = RemoteValues(keep_outputs=not plan.gates) if remote else None
         self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self._on_failure = on_failure
         self.hooks = hooks
@@ -97,10 +97,10 @@ class Run:
                         tg.create_task(self._drive(self.plan.nodes[i]))
                 for gate in self.plan.gates:
                     self._evaluate(gate)
+            self._undecided_gates()
         except* _Abort:
             pass
         finally:
-            self._undecided_gates()
             reason = (
                 f"the run stopped after step {self.stopped_by!r} failed"
                 if self.stopped_by
@@ -180,14 +180,22 @@ class Run:
         request = _largest(self._requests[n.id] for n in chain) if self._requests else ()
         started = _now()
         t0 = _perf()
+        running = False
         try:
             async with self._held(request, self._limit):
+                running = True
                 started = _now()
                 t0 = _perf()
                 outcomes = await executor.run(run_chain, (members,), {}, timeout=None, step_name=head.name)
         except asyncio.CancelledError:
             for n, r in zip(chain, results, strict=True):
-                r.status = StepStatus.CANCELLED
+                if running:
+                    r.status, r.start_time = StepStatus.CANCELLED, started
+                else:
+                    r.status, r.skip_reason = (
+                        StepStatus.SKIPPED,
+                        "the run stopped before the step could start",
+                    )
                 if hooks is not None:
                     hooks.after(n, r, args, kwargs, self.values)
             raise
@@ -281,9 +289,11 @@ class Run:
             self._release(i)
 
     def _undecided_gates(self) -> None:
-        """Fail the branches of an ``If`` whose condition waited on a step that never finished."""
-        if self.stopped_by is not None:
-            return
+        """Fail the branches of an ``If`` whose condition waited on a step that never finished.
+
+        Called only when every task finished normally: after an abort or a cancellation such
+        branches are simply reported as skipped.
+        """
         for waited, gates in self._gate_waiters.items():
             for gate in gates:
                 error = StepError(
@@ -338,16 +348,16 @@ class Run:
         cached = hooks is not None and hooks.caching and step.cache is not False
         keep_remote = False
         key_args, key_kwargs = args, kwargs
-        if self._remote is not None:
-            keep_remote, key_args, key_kwargs = await self._remote.localize(
-                node, executor, args, kwargs, self.values, self.results, self.plan.slot_producers, cached
-            )
         request = self._requests[node.id] if self._requests else ()
         limit = self._limit
         started = False
         res.start_time = _now()
         t0 = _perf()
         try:
+            if self._remote is not None:
+                keep_remote, key_args, key_kwargs = await self._remote.localize(
+                    node, executor, args, kwargs, self.values, cached
+                )
             if step.conditions and not conditions_hold(step.conditions, args, kwargs):
                 res.status = StepStatus.SKIPPED
                 res.skip_reason = "its condition was false"

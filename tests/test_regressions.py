@@ -289,3 +289,38 @@ class TestSecondReview:
             timeout=60,
         )
         assert runs.stdout.count("noguard") == 1
+
+
+class _Grumpy:
+    def __flowyml_hash__(self) -> object:
+        raise ValueError("no hash for you")
+
+
+GRUMPY_GLOBAL = _Grumpy()
+
+
+def _fallback_value() -> int:
+    return -1
+
+
+@on_failure(_fallback_value)
+def _always_down() -> int:
+    raise ConnectionError("down")
+
+
+class TestThirdReview:
+    def test_process_step_with_fallback(self) -> None:
+        """A process step under @on_failure ships to its worker and returns the fallback."""
+        s = step(name="down", outputs=["v"], executor="process")(_always_down)
+        result = Pipeline("pfb").add_step(s).run()
+        assert result["v"] == -1, result.summary()
+        assert result.step_results["down"].used_fallback
+
+    def test_global_whose_hash_raises_is_environment(self) -> None:
+        """A global the step reads whose __flowyml_hash__ raises is skipped, not a step failure."""
+
+        @step(outputs=["x"])
+        def reads_global() -> str:
+            return type(GRUMPY_GLOBAL).__name__
+
+        assert Pipeline("grumpy").add_step(reads_global).run()["x"] == "_Grumpy"
