@@ -191,7 +191,8 @@ class Pipeline:
                 f"run(executor=...) needs an executor object such as DaskExecutor(...), got {executor!r}"
             )
         executors = _Executors(self, executor)
-        remote = any(executors.for_node(n).supports_remote for n in plan.nodes)
+        assigned = executors.assign(plan)
+        remote = any(ex.supports_remote for ex in set(assigned))
         start = time.time()
         store, hooks = await self._open_store(plan, run_id, start)
         run: Run | None = None
@@ -200,7 +201,7 @@ class Pipeline:
             run = Run(
                 plan,
                 params=params,
-                executors=executors.for_node,
+                executors=assigned,
                 fail_fast=fail_fast,
                 max_concurrency=1 if debug else self.max_concurrency,
                 on_failure=_debug_report if debug else None,
@@ -295,13 +296,20 @@ class _Executors:
         self._async = AsyncExecutor()
         self._thread: ThreadExecutor | None = None
         self._process: Executor | None = None
-        self._by_node: dict[int, Executor] = {}
+        self._by_kind: dict[tuple[int, bool], Executor] = {}
 
-    def for_node(self, node: Node) -> Executor:
-        found = self._by_node.get(node.id)
-        if found is None:
-            found = self._by_node[node.id] = self._make(node.step)
-        return found
+    def assign(self, plan: Plan) -> list[Executor]:
+        """The executor of every node, in node order; steps of one kind share one executor."""
+        by_kind = self._by_kind
+        out = []
+        for node in plan.nodes:
+            s = node.step
+            kind = (id(s.executor), s.is_async)
+            found = by_kind.get(kind)
+            if found is None:
+                found = by_kind[kind] = self._make(s)
+            out.append(found)
+        return out
 
     def _make(self, s: Step) -> Executor:
         kind = s.executor

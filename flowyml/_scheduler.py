@@ -49,7 +49,7 @@ class Run:
         plan: Plan,
         *,
         params: Mapping[str, Any],
-        executors: Callable[[Node], Executor],
+        executors: Sequence[Executor],
         fail_fast: bool = True,
         max_concurrency: int | None = None,
         on_failure: Callable[[Node, StepResult, list[Any]], None] | None = None,
@@ -69,7 +69,7 @@ class Run:
             for i in (*gate.then_ids, *gate.else_ids):
                 self.remaining[i] += 1
         self._gate_waiters: dict[int, list[Gate]] = {}
-        self._executors = [executors(n) for n in plan.nodes]
+        self._executors = executors
         self._fast = [
             ex.name == "async"
             and n.step.retry is None
