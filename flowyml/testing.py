@@ -1,11 +1,14 @@
-"""Helpers for testing code that uses flowyml: no real waiting between retries."""
+"""Helpers for testing code that uses flowyml: no real waiting between retries, a throwaway store."""
 
 from __future__ import annotations
 
-__all__ = ("no_sleep",)
+__all__ = ("no_sleep", "temporary_store")
 
 import contextlib
+import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 from flowyml import _retry
 
@@ -26,3 +29,24 @@ def no_sleep() -> Iterator[list[float]]:
         yield delays
     finally:
         _retry._switch.recorder = previous
+
+
+@contextlib.contextmanager
+def temporary_store() -> Iterator[Path]:
+    """Point flowyml's default store (``$FLOWYML_HOME``) at a fresh directory, removed afterwards.
+
+    Pipelines created without ``cache_dir=`` cache and record there, so tests neither see nor
+    leave entries in ``./.flowyml``. Yields the store's path. Sets the environment variable for
+    the whole process while active, and restores its previous value.
+    """
+    previous = os.environ.get("FLOWYML_HOME")
+    with tempfile.TemporaryDirectory(prefix="flowyml-test-") as tmp:
+        root = Path(tmp) / ".flowyml"
+        os.environ["FLOWYML_HOME"] = str(root)
+        try:
+            yield root
+        finally:
+            if previous is None:
+                os.environ.pop("FLOWYML_HOME", None)
+            else:
+                os.environ["FLOWYML_HOME"] = previous
