@@ -34,7 +34,6 @@ MISSING: Final[Any] = _Missing()
 
 SLOT: Final = 0
 CONTEXT: Final = 1
-CONSTANT: Final = 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flowyml import Pipeline, context, step
-from flowyml._graph import CONSTANT, CONTEXT, SLOT, build_plan
+from flowyml._graph import CONTEXT, SLOT, build_plan
 from flowyml.errors import (
     ConfigError,
     CycleError,
@@ -112,7 +112,6 @@ class TestBinding:
 
         src = build_plan([f]).by_name["f"].positional[0]
         assert src.kind == CONTEXT and src.default == 3
-        assert src.kind != CONSTANT
 
     def test_input_with_no_parameter_left_is_a_config_error(self) -> None:
         """Declaring more inputs than the function can take is rejected with the step named."""

@@ -159,7 +159,3 @@ class ArtifactFiles:
             except FileNotFoundError:
                 pass
         return removed
-
-    def stored_hashes(self) -> set[str]:
-        """The hashes of every artifact file present (temporary files excluded)."""
-        return {e.name for e in os.scandir(self.dir) if not e.name.startswith(_TMP_PREFIX)}
