@@ -9,6 +9,12 @@ A step that cannot produce its outputs (failed, skipped by a condition, cancelle
 dependents *blocked*; a blocked node is recorded as skipped when its turn comes, and passes the
 mark on. With ``fail_fast`` a failure instead aborts the task group: running steps are
 cancelled, and steps that never started are reported as skipped.
+
+Three things ride on the same counters: an ``If`` holds one extra count on each branch step
+until its condition can be read (``_evaluate``); an execution group's chain runs as one call when
+its head is ready (``_run_chain``, see :mod:`flowyml._groups`); remote values stay on their
+cluster between steps (:mod:`flowyml._remote`). What happens around one step — cache look-up,
+retries, timeouts, the executor — is in ``_run_node``, :mod:`flowyml._attempt` and the hooks.
 """
 
 from __future__ import annotations
