@@ -263,7 +263,7 @@ class Pipeline:
             if self.lineage:
                 results = run.results if run is not None else []
                 for node, res in zip(hooks.plan.nodes, results, strict=False):
-                    if res is not None and res.start_time is None:
+                    if res is not None and res.start_time is None and res.skip_reason is not NOT_CHOSEN:
                         store.record_step(hooks.record(node, res))  # never started: skipped
                 end = time.time()
                 saved = sum(r.time_saved_seconds for r in results if r is not None)

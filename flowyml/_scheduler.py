@@ -137,7 +137,9 @@ class Run:
             if self.fail_fast and self.results[node.id].status not in _QUIET:  # type: ignore[union-attr]
                 self.stopped_by = node.name
                 raise _Abort
-            mark = self.blocked[node.id] or f"upstream step {node.name!r} did not produce its outputs"
+            mark = self.blocked[node.id]
+            if mark is None or mark is NOT_CHOSEN:
+                mark = f"upstream step {node.name!r} did not produce its outputs"
             for d in node.dependents:
                 self.blocked[d] = self.blocked[d] or mark
         remaining = self.remaining
@@ -172,13 +174,19 @@ class Run:
         self.results[head.id] = results[0]
         if hooks is not None and hooks.caching:
             hit = False
+            head_res = results[0]
+            head_res.start_time = _now()
+            t0 = _perf()
             try:
-                hit = await hooks.before(head, results[0], args, kwargs, self.values)
+                hit = await hooks.before(head, head_res, args, kwargs, self.values)
             except Exception as exc:
-                self._fail(results[0], exc)
-            if hit or results[0].status is not StepStatus.PENDING:
-                hooks.after(head, results[0], args, kwargs, self.values)
-                return [(head, results[0].status in _OK)], False
+                self._fail(head_res, exc)
+            if hit or head_res.status is not StepStatus.PENDING:
+                head_res.duration_seconds = _perf() - t0
+                head_res.end_time = head_res.start_time + head_res.duration_seconds
+                hooks.after(head, head_res, args, kwargs, self.values)
+                return [(head, head_res.status in _OK)], False
+            head_res.start_time = None
         for n, r in zip(chain, results, strict=True):
             self.results[n.id] = r
         members = [self._member(n, chain) for n in chain]

@@ -324,3 +324,59 @@ class TestThirdReview:
             return type(GRUMPY_GLOBAL).__name__
 
         assert Pipeline("grumpy").add_step(reads_global).run()["x"] == "_Grumpy"
+
+
+class TestNewcomerPass:
+    async def test_cached_group_head_is_recorded_once(self, tmp_path: Any) -> None:
+        """A group whose head is a cache hit records each step once, the head with its artifact."""
+        from flowyml._store import Store
+
+        @step(outputs=["a"], execution_group="g")
+        def s1(x: int) -> int:
+            return x + 1
+
+        @step(outputs=["b"], execution_group="g")
+        def s2(a: int) -> int:
+            return a * 2
+
+        p = Pipeline("grp", context=context(x=1), cache_dir=tmp_path / "s").add_step(s1).add_step(s2)
+        await p.arun()
+        second = await p.arun()
+        async with await Store.open(tmp_path / "s") as store:
+            detail = await store.get_run(second.run_id)
+        assert detail is not None
+        names = [s.step_name for s in detail.steps]
+        assert sorted(names) == ["s1", "s2"]
+        head = next(s for s in detail.steps if s.step_name == "s1")
+        assert head.cached and head.outputs["a"] is not None
+
+    def test_consumer_of_an_unchosen_branch_is_reported_skipped(self) -> None:
+        """A step after the branch that did not run shows as skipped, with the reason."""
+        from flowyml import If
+
+        @step(outputs=["acc"])
+        def ev() -> float:
+            return 0.5
+
+        @step(outputs=["d"])
+        def dep() -> str:
+            return "deployed"
+
+        @step(outputs=["r"])
+        def ret() -> str:
+            return "retrained"
+
+        @step(outputs=["note"])
+        def after(d: str) -> str:
+            return d
+
+        p = Pipeline("ifc").add_step(ev)
+        p.add_control_flow(
+            If(condition=lambda ctx: ctx.steps["ev"].outputs["acc"] > 0.9, then_step=dep, else_step=ret)
+        )
+        p.add_step(after)
+        result = p.run()
+        assert result.success
+        assert "dep" not in result.step_results
+        assert result.step_results["after"].status is StepStatus.SKIPPED
+        assert "'dep'" in (result.step_results["after"].skip_reason or "")
