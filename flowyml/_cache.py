@@ -66,6 +66,7 @@ class StoreHooks(RunHooks):
         self._claims: dict[int, asyncio.Future[_Outcome]] = {}
         self._settled: list[tuple[Path, str]] = []
         self._hit_hashes: dict[int, dict[str, str]] = {}
+        self._uncacheable: set[int] = set()
         self._inflight = _inflight.setdefault(asyncio.get_running_loop(), {})
         self._shapes = _shapes_of(plan) if recording else []
         self._fingerprints: dict[int, tuple[Callable[..., Any], str]] = {}
@@ -75,7 +76,7 @@ class StoreHooks(RunHooks):
         self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any], values: list[Any]
     ) -> bool:
         step = node.step
-        if not self.caching or step.cache is False:
+        if not self.caching or step.cache is False or node.id in self._uncacheable:
             return False
         key = self._key(node, args, kwargs)
         if key is None:
@@ -134,6 +135,44 @@ class StoreHooks(RunHooks):
         self._fingerprints[id(func)] = (func, fingerprint)
         return fingerprint
 
+    def _step_fingerprint(self, node: Node) -> str:
+        try:
+            return self._fingerprint(node.step.func)
+        except UnhashableInputError as exc:
+            raise UnhashableInputError(
+                f"step {node.name!r} cannot be cached under cache='code_hash': {exc.path} has no "
+                "deterministic hash, and closure values, default arguments and global data are part "
+                "of the code fingerprint. Use cache='input_hash' or cache=False for this step, "
+                "CachePolicy('code_hash', on_unhashable='warn'), or give the object a "
+                "__flowyml_hash__ method.",
+                step_name=node.name,
+                path=exc.path,
+            ) from exc
+
+    def check_fingerprints(self) -> None:
+        """Make every code fingerprint the run needs now, before any step runs.
+
+        A closure value with no deterministic hash is visible up front, so it is reported up
+        front (or, with ``on_unhashable="warn"``, the step will run uncached).
+
+        Raises:
+            UnhashableInputError: naming the step and the value's path.
+        """
+        if not self.caching:
+            return
+        for node in self.plan.nodes:
+            policy = node.step.cache
+            strategy = policy.strategy if isinstance(policy, CachePolicy) else policy
+            if strategy != "code_hash":
+                continue
+            try:
+                self._step_fingerprint(node)
+            except UnhashableInputError as exc:
+                if not (isinstance(policy, CachePolicy) and policy.on_unhashable == "warn"):
+                    raise
+                self._uncacheable.add(node.id)
+                warnings.warn(UncachedStepWarning(f"{exc} The step runs without its cache."), stacklevel=3)
+
     def _key(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> str | None:
         step = node.step
         strategy: Any = step.cache
@@ -155,18 +194,7 @@ class StoreHooks(RunHooks):
             params: dict[str, Any] = {}
             for (label, wired), value in zip(node.labels, [*args, *kwargs.values()], strict=True):
                 (inputs if wired else params)[label] = value
-            fingerprint = None
-            if strategy == "code_hash":
-                try:
-                    fingerprint = self._fingerprint(step.func)
-                except UnhashableInputError as exc:
-                    raise UnhashableInputError(
-                        f"step {node.name!r}: its code fingerprint cannot be made: {exc}. A closure or "
-                        "default value is part of a code_hash key; use cache='input_hash', cache=False, "
-                        "or give the object a __flowyml_hash__ method",
-                        step_name=node.name,
-                        path=exc.path,
-                    ) from exc
+            fingerprint = self._step_fingerprint(node) if strategy == "code_hash" else None
             return cache_key(
                 step_identity=identity,
                 fingerprint=fingerprint,

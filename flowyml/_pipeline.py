@@ -243,6 +243,8 @@ class Pipeline:
 
         store = await Store.open(self.cache_dir)
         try:
+            hooks = StoreHooks(store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage)
+            hooks.check_fingerprints()
             if self.enable_cache:
                 await store.preload(n.name for n in plan.nodes)
             if self.lineage:
@@ -250,7 +252,6 @@ class Pipeline:
         except BaseException:
             await store.aclose()
             raise
-        hooks = StoreHooks(store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage)
         return store, hooks
 
     async def _close_store(

@@ -71,15 +71,28 @@ def requests_for(step_name: str, wanted: Mapping[str, Any], capacity: Mapping[st
     for kind, raw in wanted.items():
         if kind not in capacity:
             continue
+        if isinstance(raw, str) and not _QUANTITY.match(raw):
+            # A label such as {"gpu": "nvidia-tesla-v100", "gpu_count": 2}: the count says how many.
+            raw = wanted.get(f"{kind}_count", 1)
         amount = parse_quantity(raw, option=f"step {step_name!r} resources[{kind!r}]")
         if amount > capacity[kind]:
             raise ResourceError(
                 f"step {step_name!r} needs {raw!r} of {kind!r} but the pipeline declares only "
-                f"{capacity[kind]:g}; lower the step's request or raise Pipeline(resources={{{kind!r}: ...}})"
+                f"{_readable(capacity[kind])}; lower the step's request or raise "
+                f"Pipeline(resources={{{kind!r}: ...}})"
             )
         if amount:
             out.append((kind, amount))
     return tuple(out)
+
+
+def _readable(amount: float) -> str:
+    """An amount as people write it: ``8Gi`` rather than ``8.58993e+09``."""
+    for unit in ("Pi", "Ti", "Gi", "Mi", "Ki"):
+        size = _UNITS[unit.lower()]
+        if amount >= size and amount % size == 0:
+            return f"{amount / size:g}{unit}"
+    return f"{amount:g}"
 
 
 class ResourcePool:

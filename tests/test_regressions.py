@@ -246,21 +246,44 @@ class TestSecondReview:
         assert a["rows"] == b["rows"]
         assert a["rows"] is not b["rows"]
 
-    def test_fingerprint_error_names_the_step(self) -> None:
-        """An unhashable closure value fails the step with an error naming it and the fix."""
+    def test_fingerprint_error_is_raised_before_any_step_runs(self) -> None:
+        """An unhashable closure value is reported up front, naming the step and the fixes."""
         from flowyml.errors import UnhashableInputError
 
         lock = threading.Lock()
+        ran: list[str] = []
+
+        @step(outputs=["first"], cache=False)
+        def first() -> int:
+            ran.append("first")
+            return 1
 
         @step(outputs=["x"])
+        def uses_lock(first: int) -> int:
+            with lock:
+                return first
+
+        with pytest.raises(UnhashableInputError) as info:
+            Pipeline("fp").add_step(first).add_step(uses_lock).run()
+        assert ran == []
+        assert info.value.step_name == "uses_lock"
+        assert "input_hash" in str(info.value) and "..." not in str(info.value)
+
+    def test_fingerprint_warn_policy_runs_uncached(self) -> None:
+        """With on_unhashable='warn' the same step runs, uncached, after a warning."""
+        from flowyml import CachePolicy
+        from flowyml.errors import UncachedStepWarning
+
+        lock = threading.Lock()
+
+        @step(outputs=["x"], cache=CachePolicy("code_hash", on_unhashable="warn"))
         def uses_lock() -> int:
             with lock:
                 return 1
 
-        err = Pipeline("fp").add_step(uses_lock).run().step_results["uses_lock"].error
-        assert isinstance(err, UnhashableInputError)
-        assert err.step_name == "uses_lock"
-        assert "input_hash" in str(err)
+        with pytest.warns(UncachedStepWarning, match="uses_lock"):
+            result = Pipeline("fpw").add_step(uses_lock).run()
+        assert result["x"] == 1
 
     @pytest.mark.slow
     def test_script_without_main_guard_gets_a_clear_error(self, tmp_path: Any) -> None:

@@ -586,6 +586,11 @@ def _crash_message(worker: _Worker, step_name: str) -> str:
             how += "; native code in the step crashed"
     else:
         how = f"with exit code {code}"
+        if code == 1:
+            how += (
+                "; if no step code ran, the worker may have failed to import your script: code that "
+                'runs a pipeline must sit under `if __name__ == "__main__":`'
+            )
     return (
         f"step {step_name!r}: its worker process (pid {worker.pid}) died {how}. Other steps are "
         "unaffected, and the next process step gets a new worker."
