@@ -99,3 +99,35 @@ class TestCapacity:
         """Pipeline(resources=...) with a non-quantity is rejected at once."""
         with pytest.raises(ConfigError, match="resources"):
             Pipeline("bad", resources={"memory": "lots"})
+
+
+class TestLabels:
+    def test_labelled_request_holds_its_count(self) -> None:
+        """{"gpu": "<model>", "gpu_count": 2} holds two of the declared GPUs; a third step waits."""
+        current = 0
+        peak = 0
+
+        def make(name: str) -> Any:
+            @step(name=name, resources={"gpu": "nvidia-tesla-v100", "gpu_count": 2}, cache=False)
+            async def train() -> None:
+                nonlocal current, peak
+                current += 2
+                peak = max(peak, current)
+                await asyncio.sleep(0.01)
+                current -= 2
+
+            return train
+
+        p = Pipeline("labels", resources={"gpu": 3})
+        for name in ("a", "b", "c"):
+            p.add_step(make(name))
+        assert p.run().success
+        assert peak == 2
+
+    def test_capacity_in_messages_reads_like_its_declaration(self) -> None:
+        """An over-capacity error prints the capacity as declared (8Gi), not as bytes."""
+        p = Pipeline("mem", resources={"memory": "8Gi"}).add_step(
+            step(name="big", resources={"memory": "16Gi"})(lambda: 1)
+        )
+        with pytest.raises(ResourceError, match="8Gi"):
+            p.run()
