@@ -231,6 +231,7 @@ class Pipeline:
             step_results=results,
             start_time=start,
             end_time=time.time(),
+            producers={out: n.name for n in plan.nodes for out in n.output_names},
         )
 
     async def _open_store(
@@ -389,7 +390,7 @@ def _positive(option: str, value: int | None) -> int | None:
 def _debug_report(node: Node, res: StepResult, inputs: list[Any]) -> None:
     """Print what a failing step received and why it failed; open pdb when a human is there."""
     print(f"\nflowyml debug: step {node.name!r} {res.status.value}", file=sys.stderr)
-    print(f"  inputs: {describe_inputs(inputs)}", file=sys.stderr)
+    print(f"  inputs:\n{describe_inputs(node, inputs)}", file=sys.stderr)
     if res.traceback:
         print(res.traceback, file=sys.stderr)
     if res.error is not None and sys.stdin is not None and sys.stdin.isatty():

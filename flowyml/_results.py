@@ -103,6 +103,8 @@ class PipelineResult:
     step_results: dict[str, StepResult]
     start_time: float
     end_time: float
+    producers: dict[str, str] = field(default_factory=dict)
+    """The step that declares each output name, to explain an output that was not produced."""
 
     @property
     def success(self) -> bool:
@@ -129,6 +131,16 @@ class PipelineResult:
             return self.outputs[name]
         if name in self.step_results:
             return self.step_results[name]
+        producer = self.producers.get(name)
+        if producer is not None:
+            made = self.step_results.get(producer)
+            if made is None:
+                why = "did not run: its If branch was not chosen"
+            elif made.error is not None:
+                why = f"{made.status.value} ({type(made.error).__name__}: {made.error})"
+            else:
+                why = f"was {made.status.value}" + (f": {made.skip_reason}" if made.skip_reason else "")
+            raise KeyError(f"output {name!r} was not produced in this run: step {producer!r} {why}")
         raise KeyError(
             f"{name!r} is neither an output nor a step of pipeline {self.pipeline_name!r}; "
             f"outputs: {sorted(self.outputs)}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import reprlib
 import sys
 import time
 import traceback
@@ -478,13 +479,14 @@ _QUIET = frozenset({StepStatus.SKIPPED})
 _OK = frozenset({StepStatus.SUCCEEDED, StepStatus.CACHED})
 
 
-def describe_inputs(values: list[Any]) -> str:
-    """Types and sizes of a step's arguments, for the debug report."""
-    parts = []
-    for v in values:
+def describe_inputs(node: Node, values: list[Any]) -> str:
+    """Each argument of a step by parameter: type, size and a short repr, for the debug report."""
+    lines = []
+    for (label, _), v in zip(node.labels, values, strict=False):
         try:
             size = f"len={len(v)}"
         except TypeError:
             size = f"{sys.getsizeof(v)} bytes"
-        parts.append(f"{type(v).__name__}({size})")
-    return ", ".join(parts) or "no inputs"
+        text = reprlib.repr(v)
+        lines.append(f"    {label} = {type(v).__name__}({size}) {text}")
+    return "\n".join(lines) or "    no inputs"

@@ -65,6 +65,6 @@ def test_post_mortem_opens_on_a_terminal(tmp_path: Path) -> None:
             proc.kill()
         os.close(controller)
     text = seen.decode(errors="replace")
-    assert "'explode' failed" in text and "list(len=3)" in text
+    assert "'explode' failed" in text and "data = list(len=3)" in text
     assert "[1, 2, 3]" in text  # pdb printed the step's argument at the failing frame
     assert "FAILED-AS-EXPECTED" in text

@@ -403,3 +403,16 @@ class TestNewcomerPass:
         assert "dep" not in result.step_results
         assert result.step_results["after"].status is StepStatus.SKIPPED
         assert "'dep'" in (result.step_results["after"].skip_reason or "")
+
+
+class TestMissingOutputs:
+    def test_missing_output_names_its_step_and_why(self) -> None:
+        """result[name] for an output a failed step never produced says which step and why."""
+
+        @step(outputs=["inv"])
+        def invert(x: float) -> float:
+            return 1 / x
+
+        result = Pipeline("inv", context=context(x=0)).add_step(invert).run()
+        with pytest.raises(KeyError, match=r"'invert' failed \(ZeroDivisionError"):
+            result["inv"]

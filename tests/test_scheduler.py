@@ -454,7 +454,7 @@ class TestDebug:
         result = Pipeline("p", enable_cache=False).add_step(load).add_step(explode).run(debug=True)
         err = capsys.readouterr().err
         assert not result.success
-        assert "'explode'" in err and "list(len=3)" in err
+        assert "'explode'" in err and "data = list(len=3) [1, 2, 3]" in err
         assert "KeyError" in err and "Traceback" in err
 
 
