@@ -7,7 +7,8 @@
   units the pipeline declares, and returns a ``Model``;
 - ``evaluate`` returns ``Metrics``; an ``If`` deploys the model when its R² clears the threshold
   from the context, and asks for retraining otherwise (only the chosen branch runs);
-- ``notify`` calls a flaky webhook under ``@retry``, ``@on_failure`` and a ``CircuitBreaker``.
+- ``notify`` calls a flaky webhook through a ``CircuitBreaker``, retried, with a fallback notice
+  once the retries are spent (decorators compose outermost first).
 
 Run it twice: the second run takes every cacheable step from the cache (``notify`` is
 ``cache=False``). Run: ``python examples/ml_pipeline.py``
@@ -89,8 +90,8 @@ def offline_notice() -> str:
 
 
 @step(outputs=["notice"], cache=False)
+@on_failure(offline_notice)  # outermost: answers only once the retries below are spent
 @retry(max_attempts=3, backoff=2.0, initial=0.01)
-@on_failure(offline_notice)
 @webhook
 def notify(metrics: Metrics) -> str:
     if random.random() < 0.5:
