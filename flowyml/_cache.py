@@ -16,12 +16,13 @@ import asyncio
 import warnings
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ._errors import UncachedStepWarning, UnhashableInputError
 from ._graph import Node, Plan
-from ._hashing import cache_key, fingerprint_function
+from ._hashing import cache_key, fingerprint_function, hash_value
 from ._results import StepResult, StepStatus
 from ._scheduler import RunHooks
 from ._step import CachePolicy
@@ -67,6 +68,9 @@ class StoreHooks(RunHooks):
         self._settled: list[tuple[Path, str]] = []
         self._hit_hashes: dict[int, dict[str, str]] = {}
         self._uncacheable: set[int] = set()
+        self._digests: dict[int, str] = {}
+        self._hashing: dict[int, asyncio.Future[str]] = {}
+        self._hash_pool: ThreadPoolExecutor | None = None
         self._inflight = _inflight.setdefault(asyncio.get_running_loop(), {})
         self._shapes = _shapes_of(plan) if recording else []
         self._fingerprints: dict[int, tuple[Callable[..., Any], str]] = {}
@@ -78,6 +82,8 @@ class StoreHooks(RunHooks):
         step = node.step
         if not self.caching or step.cache is False or node.id in self._uncacheable:
             return False
+        if not callable(step.cache):
+            await self._hash_large_inputs(node, args, kwargs)
         key = self._key(node, args, kwargs)
         if key is None:
             return False
@@ -192,8 +198,11 @@ class StoreHooks(RunHooks):
                 )
             inputs: dict[str, Any] = {}
             params: dict[str, Any] = {}
-            for (label, wired), value in zip(node.labels, [*args, *kwargs.values()], strict=True):
-                (inputs if wired else params)[label] = value
+            for (label, slot), value in zip(node.labels, [*args, *kwargs.values()], strict=True):
+                if slot >= 0:
+                    inputs[label] = _Digest(self._slot_digest(node, label, slot, value))
+                else:
+                    params[label] = value
             fingerprint = self._step_fingerprint(node) if strategy == "code_hash" else None
             return cache_key(
                 step_identity=identity,
@@ -207,6 +216,26 @@ class StoreHooks(RunHooks):
                 raise
             warnings.warn(UncachedStepWarning(f"{exc}; the step runs without its cache"), stacklevel=2)
             return None
+
+    def _slot_digest(self, node: Node, label: str, slot: int, value: Any) -> str:
+        """The value hash of one upstream output, made once per run however many steps read it."""
+        digest = self._digests.get(slot)
+        if digest is None:
+            digest = self._digests[slot] = _hash_input(node.name, label, value)
+        return digest
+
+    async def _hash_large_inputs(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """Hash big upstream values in a worker thread, so the event loop keeps serving other tasks."""
+        for (label, slot), value in zip(node.labels, [*args, *kwargs.values()], strict=True):
+            if slot >= 0 and slot not in self._digests and _is_large(value):
+                hashing = self._hashing.get(slot)
+                if hashing is None:  # steps reading the same value share one hashing thread
+                    if self._hash_pool is None:
+                        self._hash_pool = ThreadPoolExecutor(1, thread_name_prefix="flowyml-hash")
+                    hashing = self._hashing[slot] = asyncio.get_running_loop().run_in_executor(
+                        self._hash_pool, _hash_input, node.name, label, value
+                    )
+                self._digests[slot] = await asyncio.shield(hashing)
 
     def prepare(self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any]) -> None:
         """Make the step's key without looking it up, so that :meth:`after` can cache its outputs."""
@@ -271,6 +300,9 @@ class StoreHooks(RunHooks):
             if pending is not None and pending.done():
                 del self._inflight[flight]
         self._settled.clear()
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=True)  # no thread outlives the run
+            self._hash_pool = None
 
     def record(self, node: Node, res: StepResult, hashes: dict[str, str] | None = None) -> StepRecord:
         """The lineage row of one step's fate in this run."""
@@ -292,3 +324,35 @@ class StoreHooks(RunHooks):
             outputs={n: (hashes or {}).get(n) for n in res.outputs} if res.outputs else {},
             inputs=node.lineage_inputs or {},
         )
+
+
+class _Digest:
+    """An upstream value in a cache key, by the hash already made of it."""
+
+    __slots__ = ("digest",)
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+
+    def __flowyml_hash__(self) -> object:
+        return ("digest", self.digest)
+
+
+def _hash_input(step_name: str, label: str, value: Any) -> str:
+    try:
+        return hash_value(value, path=label)
+    except UnhashableInputError as exc:
+        raise UnhashableInputError(
+            f"step {step_name!r}, parameter {label!r}: {exc}", step_name=step_name, path=exc.path
+        ) from None
+
+
+def _is_large(value: Any) -> bool:
+    """Cheap guess whether hashing ``value`` takes long enough to be worth a worker thread."""
+    size = getattr(value, "nbytes", None)
+    if isinstance(size, int):
+        return size > 1 << 20
+    try:
+        return len(value) > 20_000
+    except TypeError:
+        return False

@@ -63,7 +63,8 @@ class Node:
     dependents: tuple[int, ...] = ()
     lineage_inputs: dict[str, tuple[str, str]] | None = None
     identity: str = ""
-    labels: tuple[tuple[str, bool], ...] = ()
+    labels: tuple[tuple[str, int], ...] = ()
+    """Every argument as ``(parameter label, output slot)``; the slot is -1 for context values."""
 
     def sources(self) -> list[tuple[str, Source]]:
         """Every bound argument as ``(parameter label, source)``, in call order."""
@@ -186,7 +187,7 @@ def build_plan(steps: Sequence[Step], flows: Sequence[If] = ()) -> Plan:
             f"{getattr(body, '__module__', '?')}.{getattr(body, '__qualname__', '?')}|{n.name}"
             f"|{','.join(n.output_names)}"
         )
-        n.labels = tuple((label, src.kind == SLOT) for label, src in n.sources())
+        n.labels = tuple((label, src.slot if src.kind == SLOT else -1) for label, src in n.sources())
         n.lineage_inputs = {
             label: (names[producer[slot_names[src.slot]]], slot_names[src.slot])
             for label, src in n.sources()

@@ -6,7 +6,7 @@ import asyncio
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -299,3 +299,45 @@ class TestLineage:
             assert lineage is not None
             assert lineage.root.step_name == "add"
             assert [(param, n.step_name) for param, n in lineage.root.inputs] == [("raw", "load")]
+
+
+class BigValue:
+    """A value that says it is large and records where, and how often, it is hashed."""
+
+    hashed_in: ClassVar[list[int]] = []
+
+    def __len__(self) -> int:
+        return 1_000_000
+
+    def __flowyml_hash__(self) -> object:
+        import threading
+
+        BigValue.hashed_in.append(threading.get_ident())
+        return "big"
+
+
+class TestInputHashing:
+    async def test_large_inputs_are_hashed_off_the_loop_once_per_run(self) -> None:
+        """A big upstream value is hashed in a worker thread, once, however many steps read it."""
+        import threading
+
+        BigValue.hashed_in = []
+
+        @step(outputs=["big"], cache=False)
+        def make() -> BigValue:
+            return BigValue()
+
+        def reader(i: int) -> Any:
+            @step(name=f"read{i}", outputs=[f"r{i}"])
+            def read(big: BigValue) -> int:
+                return len(big)
+
+            return read
+
+        p = Pipeline("big").add_step(make)
+        for i in range(3):
+            p.add_step(reader(i))
+        result = await p.arun()
+        assert result.success, result.summary()
+        assert len(BigValue.hashed_in) == 1
+        assert BigValue.hashed_in[0] != threading.get_ident()
