@@ -185,7 +185,7 @@ class TestCache:
 
     def test_verify_finds_a_bad_artifact(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
         """`cache verify` exits 1 and names the bad artifact."""
-        (artifact,) = (Path(store_dir) / "artifacts").iterdir()
+        (artifact,) = (p for p in (Path(store_dir) / "artifacts").iterdir() if p.is_file())
         artifact.write_bytes(b"junk")
         assert main(["--dir", store_dir, "cache", "verify"]) == 1
         captured = capsys.readouterr()

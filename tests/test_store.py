@@ -523,7 +523,7 @@ class TestLifecycle:
         async with await Store.open(root):
             pass
         (root / "quarantine").rmdir()
-        stale = root / "artifacts" / ".tmp-old"
+        stale = root / "artifacts" / ".tmp" / "old"
         stale.write_bytes(b"x")
         os.utime(stale, (0, 0))
         async with await Store.open(root, create=False) as store:
@@ -896,7 +896,7 @@ class TestCacheAdmin:
         assert await store.clear_cache("a") == 1
         assert await store.lookup("k1") is None
         assert await store.lookup("k2") is not None
-        assert len(list((root / "artifacts").iterdir())) == 1
+        assert len([p for p in (root / "artifacts").iterdir() if p.is_file()]) == 1
 
     async def test_clear_all(self, store: Store, root: Path) -> None:
         """Clearing everything empties the index and the artifact folder."""
@@ -904,7 +904,7 @@ class TestCacheAdmin:
         put(store, key="k2", step="b", out=1)
         assert await store.clear_cache() == 2
         assert await store.lookup("k1") is None
-        assert list((root / "artifacts").iterdir()) == []
+        assert [p for p in (root / "artifacts").iterdir() if p.is_file()] == []
 
     async def test_clear_keeps_shared_artifact(self, store: Store, root: Path) -> None:
         """A file still named by another step's entry survives clearing one step."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import aiofiles
 import aiofiles.os
 
-_TMP_PREFIX = ".tmp-"
+_TMP_DIR = ".tmp"  # inside artifacts/, so a rename into place stays on one filesystem
 _STALE_TMP_SECONDS = 3600.0
 
 
@@ -52,24 +52,29 @@ class ArtifactFiles:
 
     def __init__(self, root: Path) -> None:
         self.dir = root / "artifacts"
+        self.tmp_dir = self.dir / _TMP_DIR
         self.quarantine_dir = root / "quarantine"
         self._executor: ThreadPoolExecutor | None = None
         self._made = False  # the folders exist (prepare ran, or a write made them)
 
     def prepare(self) -> None:
-        """Create the folders and remove temporary files that a crashed writer left long ago."""
+        """Create the folders and remove temporary files that a crashed writer left long ago.
+
+        Temporary files live in their own folder, so this never lists the artifacts themselves
+        (a store may hold many thousands).
+        """
         self._make()
         cutoff = time.time() - _STALE_TMP_SECONDS
-        for entry in os.scandir(self.dir):
-            if entry.name.startswith(_TMP_PREFIX):
-                try:
-                    if entry.stat().st_mtime < cutoff:
-                        os.unlink(entry.path)
-                except FileNotFoundError:
-                    pass
+        for entry in os.scandir(self.tmp_dir):
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
 
     def _make(self) -> None:
         make_private_dir(self.dir)
+        make_private_dir(self.tmp_dir)
         make_private_dir(self.quarantine_dir)
         self._made = True
 
@@ -106,7 +111,7 @@ class ArtifactFiles:
             pass
         loop = asyncio.get_running_loop()
         executor = self.executor
-        tmp = self.dir / f"{_TMP_PREFIX}{artifact_hash}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = self.tmp_dir / f"{artifact_hash}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             # Not ``async with``: aiofiles' context manager closes on the loop's default executor,
             # whose threads would outlive the store.
