@@ -8,8 +8,9 @@ executor subclass, since thread and process pools reuse idle workers and so "sam
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
 from typing import Any
+
+import pytest
 
 from flowyml import Pipeline, StepStatus, step
 from flowyml._executors._base import Executor
@@ -19,44 +20,31 @@ from flowyml._executors._process import ProcessExecutor
 NAMES = ("first", "second", "third")
 
 
-class CountingThreadExecutor(ThreadExecutor):
-    """A real thread executor that counts the calls it is given."""
+class _Counting(Executor):
+    """Counts the calls a real executor is given, then lets it run them."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
+    calls = 0
 
-    async def run(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        *,
-        timeout: float | None,
-        step_name: str,
-    ) -> Any:
+    async def run(self, fn: Any, args: Any, kwargs: Any, **options: Any) -> Any:
         self.calls += 1
-        return await super().run(fn, args, kwargs, timeout=timeout, step_name=step_name)
+        return await super().run(fn, args, kwargs, **options)  # type: ignore[safe-super]
 
 
-class CountingProcessExecutor(ProcessExecutor):
-    """A real process executor with a single worker that counts the calls it is given."""
+class CountingThreadExecutor(_Counting, ThreadExecutor):
+    """A real thread executor that counts its calls."""
+
+
+class CountingProcessExecutor(_Counting, ProcessExecutor):
+    """A real process executor with a single worker that counts its calls."""
 
     def __init__(self) -> None:
         super().__init__(max_workers=1)
-        self.calls = 0
 
-    async def run(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        *,
-        timeout: float | None,
-        step_name: str,
-    ) -> Any:
-        self.calls += 1
-        return await super().run(fn, args, kwargs, timeout=timeout, step_name=step_name)
+
+EXECUTORS = [
+    pytest.param(CountingThreadExecutor, id="thread"),
+    pytest.param(CountingProcessExecutor, id="process"),
+]
 
 
 def _chain(executor: Executor, group: str | None = "g") -> Pipeline:
@@ -77,33 +65,45 @@ def _chain(executor: Executor, group: str | None = "g") -> Pipeline:
     return Pipeline(f"group-{group}").add_step(first).add_step(second).add_step(third)
 
 
-class TestThreadGroup:
-    def test_chain_is_one_executor_call(self) -> None:
-        """Three grouped sync steps reach the thread executor as a single call."""
-        executor = CountingThreadExecutor()
+@pytest.mark.parametrize("make", EXECUTORS)
+class TestGroupedChain:
+    def test_chain_is_one_executor_call(self, make: Any) -> None:
+        """Three grouped sync steps reach their executor as a single call."""
+        executor = make()
         result = _chain(executor).run()
         assert result.success, result.summary()
         assert executor.calls == 1
         assert result["c"]["n"] == 3
 
-    def test_ungrouped_steps_are_one_call_each(self) -> None:
-        """The same steps without a group reach the thread executor once each."""
-        executor = CountingThreadExecutor()
+    def test_ungrouped_steps_are_one_call_each(self, make: Any) -> None:
+        """The same steps without a group reach the executor once each."""
+        executor = make()
         result = _chain(executor, group=None).run()
         assert result.success, result.summary()
         assert executor.calls == 3
 
-    def test_each_step_is_recorded_and_cached_on_its_own(self) -> None:
+    def test_each_step_is_recorded_and_cached_on_its_own(self, make: Any) -> None:
         """Every member has its own result, and a second run takes each from the cache."""
-        p = _chain(CountingThreadExecutor())
-        first = p.run()
+        first = _chain(make()).run()
         assert [first.step_results[n].status for n in NAMES] == [StepStatus.SUCCEEDED] * 3
         assert [first.step_results[n].step_name for n in NAMES] == list(NAMES)
-        again_executor = CountingThreadExecutor()
+        again_executor = make()
         again = _chain(again_executor).run()
         assert [again.step_results[n].status for n in NAMES] == [StepStatus.CACHED] * 3
         assert again_executor.calls == 0
 
+
+class TestProcessGroup:
+    def test_members_report_the_same_worker_pid(self) -> None:
+        """Every member of a process group runs in the same worker process, not this one."""
+        result = _chain(CountingProcessExecutor()).run()
+        assert result.success, result.summary()
+        pids = {result[name]["pid"] for name in ("a", "b", "c")}
+        assert len(pids) == 1
+        assert pids.pop() != os.getpid()
+
+
+class TestFailures:
     def test_failure_inside_the_chain_skips_the_rest(self) -> None:
         """A failing member fails alone; the members after it are skipped."""
 
@@ -119,47 +119,8 @@ class TestThreadGroup:
         def never(y: int) -> int:
             return y
 
-        result = (
-            Pipeline("fail", enable_cache=False)
-            .add_step(ok)
-            .add_step(broken)
-            .add_step(never)
-            .run(fail_fast=False)
-        )
+        p = Pipeline("fail", enable_cache=False).add_step(ok).add_step(broken).add_step(never)
+        result = p.run(fail_fast=False)
         statuses = [result.step_results[n].status for n in ("ok", "broken", "never")]
         assert statuses == [StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED]
         assert isinstance(result.step_results["broken"].error, ValueError)
-
-
-class TestProcessGroup:
-    def test_chain_is_one_worker_call(self) -> None:
-        """Three grouped process steps reach the process executor as a single call."""
-        executor = CountingProcessExecutor()
-        result = _chain(executor).run()
-        assert result.success, result.summary()
-        assert executor.calls == 1
-        assert result["c"]["n"] == 3
-
-    def test_ungrouped_steps_are_one_call_each(self) -> None:
-        """The same steps without a group reach the process executor once each."""
-        executor = CountingProcessExecutor()
-        result = _chain(executor, group=None).run()
-        assert result.success, result.summary()
-        assert executor.calls == 3
-
-    def test_members_report_the_same_worker_pid(self) -> None:
-        """Every member of a process group runs in the same worker process, not this one."""
-        result = _chain(CountingProcessExecutor()).run()
-        assert result.success, result.summary()
-        pids = {result[name]["pid"] for name in ("a", "b", "c")}
-        assert len(pids) == 1
-        assert pids.pop() != os.getpid()
-
-    def test_each_step_is_recorded_and_cached_on_its_own(self) -> None:
-        """Every member has its own result, and a second run takes each from the cache."""
-        first = _chain(CountingProcessExecutor()).run()
-        assert [first.step_results[n].status for n in NAMES] == [StepStatus.SUCCEEDED] * 3
-        again_executor = CountingProcessExecutor()
-        again = _chain(again_executor).run()
-        assert [again.step_results[n].status for n in NAMES] == [StepStatus.CACHED] * 3
-        assert again_executor.calls == 0
