@@ -2,16 +2,21 @@
 
 Every key is an xxh3_128 hex digest of a canonical byte encoding, so it is the same in every
 process and under every ``PYTHONHASHSEED``: nothing here calls ``hash()``, ``id()`` (except to
-detect cycles), ``repr()`` of arbitrary objects or pickle.
+detect cycles and visits) or ``repr()`` of arbitrary objects. Objects without an encoding of
+their own are hashed by their type and state (``__dict__``/``__slots__``, or ``__getstate__``);
+only a value with no state Python can see (a C object such as a fitted tree) falls back to the
+digest of its cloudpickle bytes, and one that cannot be pickled (a lock) cannot be hashed.
 
 The encoding is a stream of self-delimiting records: a short type tag, then the content, with every
 variable-length part prefixed by its length, so two different values never produce the same stream.
 Mapping entries and set elements are sorted by the digest of their own encoding, which makes the
 result independent of insertion order and hash seeds.
 
-Three functions are public inside flowyml:
+Four functions are public inside flowyml:
 
 * :func:`hash_value` hashes one value (``UnhashableInputError`` names the path that failed);
+* :func:`content_identity` identifies any value by content if anything can: its
+  :func:`hash_value`, else the digest of its cloudpickle bytes, else None;
 * :func:`fingerprint_function` hashes what a step will run: its source without comments,
   docstrings or positions, its bytecode, its defaults, closure values, the user helpers it
   calls and the data it reads from module globals;
@@ -23,7 +28,7 @@ collects path parts while it propagates, so the hot path never formats strings.
 
 from __future__ import annotations
 
-__all__ = ("cache_key", "fingerprint_function", "hash_value")
+__all__ = ("cache_key", "content_identity", "fingerprint_function", "hash_value")
 
 import ast
 import dataclasses
@@ -31,6 +36,7 @@ import dis
 import enum
 import functools
 import inspect
+import io
 import math
 import os
 import struct
@@ -61,13 +67,14 @@ class _Hasher(Protocol):
 _Encoder = Callable[[_Hasher, Any, set[int]], None]
 
 _KEY_VERSION: Final = b"flowyml-cache-key/1\x00"
-_FINGERPRINT_VERSION: Final = b"flowyml-fingerprint/2\x00"
+_FINGERPRINT_VERSION: Final = b"flowyml-fingerprint/3\x00"
 _FIX: Final = (
     "Fix it by passing hashable inputs (plain data, dataclasses, numpy or pandas objects, or a "
     "class that defines __flowyml_hash__) with cache='input_hash' or 'code_hash', by giving the "
     "step a callable cache key, or by setting cache=False on the step."
 )
 _CANONICAL_NAN: Final = struct.pack("<d", math.nan)
+_MISSING: Final = object()
 _pack_double = struct.Struct("<d").pack
 _new_hasher: Callable[[], _Hasher] = xxhash.xxh3_128
 _digest_bytes: Callable[[bytes], bytes] = xxhash.xxh3_128_digest
@@ -514,6 +521,10 @@ def _update_other(h: _Hasher, value: object, seen: set[int]) -> None:
             h.update(atom(value))
         elif container is not None:
             container(h, value, seen)
+        extra = getattr(value, "__dict__", None) if base is not cls else None
+        if extra:  # a dict (or list...) subclass carrying attributes: they are part of its state
+            h.update(b"attrs")
+            _update(h, extra, seen)
         return
     if isinstance(value, Mapping):
         h.update(_str_bytes(b"map", _qualified_name(cls)))
@@ -529,7 +540,19 @@ def _update_other(h: _Hasher, value: object, seen: set[int]) -> None:
     if isinstance(value, functools.partial):
         _enc_partial(h, value, seen)
         return
-    raise _Unhashable(value)
+    state = _object_state(value)
+    if state is not _MISSING:
+        key = _enter(value, seen)
+        h.update(_str_bytes(b"O", _qualified_name(cls)))
+        try:
+            _update(h, state, seen)
+        except _Unhashable as exc:
+            if isinstance(state, dict) and exc.parts and exc.parts[-1].startswith("[") and exc.parts[-1][1:2] in "'\"":
+                exc.parts[-1] = "." + exc.parts[-1][2:-2]  # an attribute, not an item
+            raise
+        seen.discard(key)
+        return
+    _enc_pickled(h, value)
 
 
 def _enc_dataclass(h: _Hasher, value: object, seen: set[int]) -> None:
@@ -545,6 +568,91 @@ def _enc_dataclass(h: _Hasher, value: object, seen: set[int]) -> None:
             exc.parts.append(f".{field.name}")
             raise
     seen.discard(key)
+
+
+_POINTER: Final = struct.calcsize("P")
+_HEAPTYPE: Final = 1 << 9
+_PLAIN: dict[type, bool] = {}
+_PICKLE_TAG: Final = b"flowyml-cloudpickle/1\x00"
+
+
+def _plain_layout(cls: type) -> bool:
+    """True if an instance of ``cls`` keeps all its state in its ``__dict__`` and ``__slots__``.
+
+    Classes written in Python qualify; a C type (a lock, an open file, a socket, a random
+    generator) keeps state in fields Python cannot see, so its ``__dict__`` is not its state.
+    A Python class adds to its base's size only a pointer per slot (plus ``__dict__`` and
+    ``__weakref__``); anything more is hidden C state somewhere in the MRO.
+    """
+    plain = _PLAIN.get(cls)
+    if plain is None:
+        plain = True
+        for klass in cls.__mro__[:-1]:
+            base = klass.__base__ or object
+            slots = klass.__dict__.get("__slots__", ())
+            count = 1 if isinstance(slots, str) else len(slots)
+            if (
+                not klass.__flags__ & _HEAPTYPE
+                or klass.__itemsize__
+                or klass.__basicsize__ - base.__basicsize__ > _POINTER * (count + 2)
+            ):
+                plain = False
+                break
+        _PLAIN[cls] = plain
+    return plain
+
+
+def _object_state(value: object) -> object:
+    """The state of an object that has no other encoding, or ``_MISSING`` if it has none we trust.
+
+    ``types.SimpleNamespace`` and instances of plain Python classes (``argparse.Namespace``,
+    attrs classes, config objects, estimators) are hashed by their type and this state: what
+    ``__getstate__`` returns when the class defines it, else the ``__dict__`` plus the set
+    ``__slots__``. Classes that define ``__reduce__`` take the pickled-bytes path instead.
+    """
+    cls = type(value)
+    if cls is types.SimpleNamespace:
+        return vars(value)
+    if (
+        getattr(cls, "__reduce_ex__", None) is not object.__reduce_ex__
+        or getattr(cls, "__reduce__", None) is not object.__reduce__
+        or not _plain_layout(cls)
+    ):
+        return _MISSING
+    if getattr(cls, "__getstate__", object.__getstate__) is not object.__getstate__:  # type: ignore[attr-defined]
+        return ("__getstate__", value.__getstate__())  # type: ignore[attr-defined]
+    state: dict[str, object] = dict(getattr(value, "__dict__", None) or {})
+    for klass in cls.__mro__[:-1]:
+        slots = klass.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot not in ("__dict__", "__weakref__"):
+                found = getattr(value, slot, _MISSING)
+                if found is not _MISSING:
+                    state[slot] = found
+    if not state and getattr(value, "__dict__", None) is None and not any(
+        klass.__dict__.get("__slots__") for klass in cls.__mro__[:-1]
+    ):
+        return _MISSING  # neither __dict__ nor __slots__: nothing says this object is data
+    return state
+
+
+def _pickled(value: object) -> bytes:
+    """``value``'s cloudpickle bytes; raise ``_Unhashable`` if it cannot be pickled."""
+    import cloudpickle
+
+    if isinstance(value, io.IOBase):  # cloudpickle would read a file's content to pickle it
+        raise _Unhashable(value, "it is an open file or stream")
+    try:
+        data: bytes = cloudpickle.dumps(value, protocol=5)
+    except Exception as exc:  # pickling runs arbitrary __reduce__ code: any failure means "no"
+        raise _Unhashable(value, f"it has no canonical encoding and cannot be pickled ({exc})") from None
+    return data
+
+
+def _enc_pickled(h: _Hasher, value: object) -> None:
+    """The last resort for a value: its type and the digest of its cloudpickle bytes."""
+    data = _pickled(value)
+    h.update(_str_bytes(b"pk", _qualified_name(type(value))) + _digest_bytes(_PICKLE_TAG + data))
 
 
 def _update_numpy(h: _Hasher, value: Any, seen: set[int]) -> bool:
@@ -698,12 +806,15 @@ class _Static(NamedTuple):
 
     ``digest`` covers the source AST and the bytecode; ``chains`` are the global reads the
     bytecode makes (``("settings", "SCALE")`` for ``settings.SCALE``), ``names`` every name the
-    code uses (globals and attributes alike), nested code objects included.
+    code uses (globals and attributes alike), nested code objects included; ``written`` the
+    global and closure values the code writes to, as dotted paths (``"STATS"``,
+    ``"settings.COUNTS"``), see :func:`_collect_writes`.
     """
 
     digest: bytes
     chains: tuple[tuple[str, ...], ...]
     names: tuple[str, ...]
+    written: frozenset[str]
 
 
 _STATIC: weakref.WeakKeyDictionary[types.CodeType, _Static] = weakref.WeakKeyDictionary()
@@ -741,7 +852,9 @@ def _static_part(code: types.CodeType) -> _Static:
         chains: dict[tuple[str, ...], None] = {}
         names: dict[str, None] = {}
         _collect_reads(code, chains, names)
-        static = _Static(h.digest(), tuple(chains), tuple(names))
+        written: set[str] = set()
+        _collect_writes(code, written)
+        static = _Static(h.digest(), tuple(chains), tuple(names), frozenset(written))
         _STATIC[code] = static
     return static
 
@@ -840,6 +953,151 @@ def _collect_reads(code: types.CodeType, chains: dict[tuple[str, ...], None], na
             _collect_reads(const, chains, names)
 
 
+_ROOT_LOADS: Final = _GLOBAL_LOADS | {"LOAD_DEREF", "LOAD_CLASSDEREF", "LOAD_FROM_DICT_OR_DEREF"}
+_REBINDS: Final = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL", "STORE_DEREF", "DELETE_DEREF"})
+_PUSH_ONE: Final = frozenset(
+    {
+        "LOAD_CONST",
+        "LOAD_SMALL_INT",
+        "LOAD_FAST",
+        "LOAD_FAST_CHECK",
+        "LOAD_FAST_BORROW",
+        "LOAD_DEREF",
+        "LOAD_GLOBAL",
+        "LOAD_NAME",
+    }
+)
+_PUSH_TWO: Final = frozenset({"LOAD_FAST_LOAD_FAST", "LOAD_FAST_BORROW_LOAD_FAST_BORROW"})
+#: Methods that change the object they are called on (lists, dicts, sets, deques, counters).
+_MUTATING_METHODS: Final = frozenset(
+    {
+        "append",
+        "appendleft",
+        "extend",
+        "extendleft",
+        "insert",
+        "remove",
+        "pop",
+        "popleft",
+        "popitem",
+        "clear",
+        "update",
+        "setdefault",
+        "add",
+        "discard",
+        "sort",
+        "reverse",
+        "rotate",
+        "difference_update",
+        "intersection_update",
+        "symmetric_difference_update",
+        "subtract",
+        "__setitem__",
+        "__delitem__",
+        "__setattr__",
+        "__delattr__",
+    }
+)
+
+
+def _collect_writes(code: types.CodeType, written: set[str]) -> None:
+    """Add the global and closure values ``code`` (or code nested in it) writes to.
+
+    A write is one of what CPython compiles a statement on a global or closure name into:
+    rebinding it (``global X; X = ...``, ``nonlocal n; n += 1``), assigning or deleting an item
+    or attribute of it (``count["n"] += 1``, ``STATS.hits += 1``, ``del CACHE[k]``), or calling a
+    mutating method on it (``calls.append(x)``, ``SEEN.add(k)``), also through attributes and
+    simple subscripts (``STATE["calls"].append(x)``, ``settings.COUNTS.update(...)``). The
+    subscript keys recognised are expressions of plain loads (names, constants, tuples of
+    them); a write the bytecode does not show this plainly (through an alias, a computed key)
+    is not seen, and the value stays in the key: a cache miss, never a stale hit.
+    """
+    instructions = [i for i in dis.get_instructions(code) if i.opname not in _INVISIBLE_OPS]
+    for n, instruction in enumerate(instructions):
+        name = instruction.argval
+        if not isinstance(name, str):
+            continue
+        if instruction.opname in _REBINDS:
+            written.add(name)
+        elif instruction.opname in _ROOT_LOADS and not _pushes_null(instruction):
+            path = _written_path(instructions, n + 1, name)
+            if path is not None:
+                written.add(path)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _collect_writes(const, written)
+
+
+def _pushes_null(instruction: dis.Instruction) -> bool:
+    """True for ``LOAD_GLOBAL`` of a name about to be called (it pushes NULL too)."""
+    return instruction.opname == "LOAD_GLOBAL" and bool((instruction.arg or 0) & 1)
+
+
+def _written_path(instructions: list[dis.Instruction], start: int, root: str) -> str | None:
+    """The dotted path written through the value loaded just before ``start``, or None."""
+    path = [root]
+    through_item = False  # past a subscript, attributes no longer name a global's path
+    j = start
+    end = len(instructions)
+    while j < end:
+        instruction = instructions[j]
+        op = instruction.opname
+        if op in _ATTRIBUTE_LOADS:
+            if instruction.argval in _MUTATING_METHODS:
+                return ".".join(path)
+            if op == "LOAD_METHOD" or (sys.version_info >= (3, 12) and (instruction.arg or 0) & 1):
+                return None  # calling a method that is not known to mutate
+            if not through_item:
+                path.append(str(instruction.argval))
+            j += 1
+            continue
+        if op in ("STORE_ATTR", "DELETE_ATTR"):
+            return ".".join(path)
+        if op == "COPY" and instruction.arg == 1 and j + 1 < end and instructions[j + 1].opname == "LOAD_ATTR":
+            return ".".join(path)  # augmented attribute assignment: X.a += 1
+        key_end = _one_value(instructions, j)
+        if key_end is None or key_end >= end:
+            return None
+        after = instructions[key_end]
+        if after.opname in ("STORE_SUBSCR", "DELETE_SUBSCR") or (after.opname == "COPY" and after.arg == 2):
+            return ".".join(path)  # X[k] = v, del X[k], X[k] += v
+        if after.opname == "BINARY_SUBSCR" or (after.opname == "BINARY_OP" and after.argrepr == "[]"):
+            through_item = True
+            j = key_end + 1
+            continue
+        return None
+    return None
+
+
+def _one_value(instructions: list[dis.Instruction], start: int) -> int | None:
+    """Where a run of plain loads from ``start`` ends, if together they push exactly one value."""
+    pushed = 0
+    j = start
+    while j < len(instructions):
+        instruction = instructions[j]
+        op = instruction.opname
+        if op in _PUSH_ONE:
+            pushed += 2 if _pushes_null(instruction) else 1
+        elif op in _PUSH_TWO:
+            pushed += 2
+        elif op == "BUILD_TUPLE" and 0 < (instruction.arg or 0) <= pushed:
+            pushed += 1 - (instruction.arg or 0)
+        else:
+            break
+        j += 1
+    return j if pushed == 1 else None
+
+
+def _is_written(label: str, written: frozenset[str]) -> bool:
+    """True if the value a global or closure read names (``"STATS"``, ``"settings.X"``) is written."""
+    if not written:
+        return False
+    if label in written:
+        return True
+    prefix = label + "."
+    return any(path.startswith(prefix) for path in written)
+
+
 @functools.cache
 def _library_roots() -> tuple[str, ...]:
     """Directories holding the stdlib and installed packages: code there is not the user's."""
@@ -902,6 +1160,73 @@ def _unwrap(func: object) -> object:
         raise _Unhashable(func, "its __wrapped__ chain is a cycle") from exc
 
 
+class _Walk(set[int]):
+    """One fingerprint's walk: the ids of the functions and classes visited (the set itself),
+    the ids of the values some visited code writes to, and the global data read, hashed last.
+
+    Global data is hashed after the walk so that a value written by any function the step
+    reaches (a helper appending to a list the step also reads) is state everywhere.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: set[int] = set()
+        self.data: list[tuple[str, object]] = []
+
+
+def _hash_deferred(h: _Hasher, walk: _Walk) -> None:
+    """Hash the global data read during ``walk``, except state, environment and library objects."""
+    h.update(b"globals" + _len8(len(walk.data)))
+    for label, value in walk.data:
+        if id(value) in walk.state:
+            h.update(_str_bytes(b"W", label))
+            continue
+        if _is_environment(value):
+            h.update(_str_bytes(b"X", label) + _str_bytes(b"", _qualified_name(type(value))))
+            continue
+        sub = _new_hasher()
+        try:
+            _update(sub, value, set())
+        except _Unhashable as exc:
+            if _is_library_object(value):
+                h.update(_str_bytes(b"X", label) + _str_bytes(b"", _qualified_name(type(value))))
+                continue
+            exc.parts.append(f".<global>.{label}")
+            raise
+        except RecursionError:
+            error = _Unhashable(value, "it is nested too deeply")
+            error.parts.append(f".<global>.{label}")
+            raise error from None
+        except Exception:
+            # A dict another thread is filling, a __flowyml_hash__ that raises: not data that
+            # can be read reliably now; recorded by name and type.
+            h.update(_str_bytes(b"X", label) + _str_bytes(b"", _qualified_name(type(value))))
+            continue
+        h.update(_str_bytes(b"K", label) + sub.digest())
+
+
+_DATA_TYPES: Final = (dict, list, tuple, set, frozenset, types.SimpleNamespace, Mapping, Set)
+
+
+def _is_environment(value: object) -> bool:
+    """Loggers and their handlers: process plumbing, left out of keys even though they pickle."""
+    module = type(value).__module__
+    return module == "logging" or module.startswith("logging.")
+
+
+def _is_library_object(value: object) -> bool:
+    """True for an object of a library type that is not a container of data.
+
+    Such an object with no content identity (a lock, a thread, a client, a connection, an open
+    file) is environment when a step reads it as a module-level name. A container or an object
+    of the user's own class that cannot be identified is refused instead: its content is data.
+    """
+    cls = type(value)
+    if isinstance(value, _DATA_TYPES) or _qualified_name(cls) == "argparse.Namespace":
+        return False
+    return not _is_user_module(cls.__module__, None)
+
+
 class _Digesting(threading.local):
     """The ids of the callables whose fingerprint digests this thread is computing now."""
 
@@ -928,13 +1253,15 @@ def _fingerprint_digest(func: object) -> bytes:
     try:
         h = _new_hasher()
         h.update(_FINGERPRINT_VERSION)
-        _fingerprint(h, func, set())
+        walk = _Walk()
+        _fingerprint(h, func, walk)
+        _hash_deferred(h, walk)
         return h.digest()
     finally:
         digesting.discard(key)
 
 
-def _fingerprint(h: _Hasher, obj: object, visited: set[int]) -> None:
+def _fingerprint(h: _Hasher, obj: object, visited: _Walk) -> None:
     """Stream the fingerprint of any callable: functions, methods, partials, classes, objects."""
     target = _unwrap(obj)
     if isinstance(target, types.FunctionType):
@@ -970,7 +1297,7 @@ def _fingerprint(h: _Hasher, obj: object, visited: set[int]) -> None:
         raise _Unhashable(target, "it is not callable")
 
 
-def _fingerprint_state(h: _Hasher, owner: object, visited: set[int], part: str) -> None:
+def _fingerprint_state(h: _Hasher, owner: object, visited: _Walk, part: str) -> None:
     """Hash the object a method or callable is bound to: by value if possible, else its attributes."""
     try:
         if isinstance(owner, type):
@@ -989,7 +1316,7 @@ def _fingerprint_state(h: _Hasher, owner: object, visited: set[int], part: str) 
         raise
 
 
-def _fingerprint_function(h: _Hasher, func: types.FunctionType, visited: set[int]) -> None:
+def _fingerprint_function(h: _Hasher, func: types.FunctionType, visited: _Walk) -> None:
     """Hash a function: static code part, defaults, closure values and referenced user globals."""
     if id(func) in visited:
         h.update(_str_bytes(b"again", _qualified_name(func)))
@@ -1008,9 +1335,13 @@ def _fingerprint_function(h: _Hasher, func: types.FunctionType, visited: set[int
         cells: dict[str, object] = {}
         for name, cell in zip(code.co_freevars, func.__closure__, strict=True):
             try:
-                cells[name] = cell.cell_contents
+                value = cell.cell_contents
             except ValueError:
-                cells[name] = _EmptyCell.EMPTY
+                value = _EmptyCell.EMPTY
+            if _is_written(name, static.written):
+                visited.state.add(id(value))
+                value = _State.STATE  # state the step keeps, not input: only its name counts
+            cells[name] = value
         _fingerprint_values(h, b"closure", cells, ".<closure>.", visited)
     _fingerprint_globals(h, func, static, visited)
 
@@ -1021,8 +1352,14 @@ class _EmptyCell(enum.Enum):
     EMPTY = "empty"
 
 
+class _State(enum.Enum):
+    """Stands for a closure value the function writes to."""
+
+    STATE = "state"
+
+
 def _fingerprint_values(
-    h: _Hasher, tag: bytes, values: Mapping[str, object], part: str, visited: set[int]
+    h: _Hasher, tag: bytes, values: Mapping[str, object], part: str, visited: _Walk
 ) -> None:
     """Hash named values (defaults, closure cells): user callables by fingerprint, others by value."""
     h.update(tag + _len8(len(values)))
@@ -1039,10 +1376,9 @@ def _fingerprint_values(
             raise
 
 
-_MISSING: Final = object()
 
 
-def _fingerprint_globals(h: _Hasher, func: types.FunctionType, static: _Static, visited: set[int]) -> None:
+def _fingerprint_globals(h: _Hasher, func: types.FunctionType, static: _Static, visited: _Walk) -> None:
     """Hash what the function reads by global name, read afresh on every call.
 
     Every global the code loads (nested functions and comprehensions included) contributes:
@@ -1053,15 +1389,21 @@ def _fingerprint_globals(h: _Hasher, func: types.FunctionType, static: _Static, 
       functions and classes among the other names the code uses are included too (so
       ``h = helpers; h.f()`` still sees ``f``);
     * any other value, when ``func`` is the user's: its :func:`hash_value` encoding (numbers,
-      strings, dicts, lists, sets, dataclasses, arrays...), so editing ``WEIGHTS = {"a": 1}``
-      or ``settings.SCALE`` in a file reruns the step.
+      strings, dicts, lists, sets, dataclasses, namespaces and config objects by their state,
+      arrays, else its pickled bytes), so editing ``WEIGHTS = {"a": 1}``, ``ARGS.lr`` or
+      ``settings.SCALE`` reruns the step. It is hashed after the walk (:func:`_hash_deferred`).
 
-    A global that cannot be hashed deterministically (a logger, a client, a lock, an object
-    without ``__flowyml_hash__``) is skipped, recording only its name and type. This is on
-    purpose: the rule that no key is built from partial information is about a step's inputs;
-    module-level objects that are not data are state of the environment, like the library code
-    the step calls, which is not followed either. Library functions and classes add nothing,
-    and the globals of library functions are not hashed.
+    Left out, recording only the name (and type):
+
+    * state: a value that this function or any other the walk reaches writes to
+      (:func:`_collect_writes`): a counter, a list of calls, a cache dict;
+    * environment: loggers, and library objects that have no content identity at all (cannot
+      be hashed or pickled): locks, threads, executors, clients, connections, open files;
+    * library functions and classes, and the globals of library functions.
+
+    A container or an object of the user's own class that cannot be identified is refused
+    (``UnhashableInputError`` with the path ``<global>.NAME``) rather than skipped: its
+    content is data a step may depend on.
     """
     namespace = func.__globals__
     user_module = _is_user_module(func.__module__, func.__code__.co_filename)
@@ -1080,11 +1422,11 @@ def _fingerprint_globals(h: _Hasher, func: types.FunctionType, static: _Static, 
                 break
             if label not in done:
                 done.add(label)
-                _fingerprint_global_value(h, label, value, user_module, user_modules, visited)
+                _fingerprint_global_value(h, label, value, user_module, user_modules, static, visited)
             label, value = f"{label}.{attribute}", member
         if label not in done:
             done.add(label)
-            _fingerprint_global_value(h, label, value, user_module, user_modules, visited)
+            _fingerprint_global_value(h, label, value, user_module, user_modules, static, visited)
     for label, module in user_modules:
         for attribute in static.names:
             member = module.__dict__.get(attribute)
@@ -1100,9 +1442,10 @@ def _fingerprint_global_value(
     value: object,
     user_module: bool,
     user_modules: list[tuple[str, types.ModuleType]],
-    visited: set[int],
+    static: _Static,
+    visited: _Walk,
 ) -> None:
-    """Hash one global read: code by fingerprint, modules by name, data by value, else skip it."""
+    """Hash one global read: code by fingerprint, modules by name; data is hashed after the walk."""
     if isinstance(value, types.ModuleType):
         h.update(_str_bytes(b"M", label) + _str_bytes(b"", value.__name__))
         if _is_user_module(value.__name__, None):
@@ -1113,19 +1456,15 @@ def _fingerprint_global_value(
         value, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodDescriptorType)
     ):
         return  # library code and library data: environment, not followed
+    elif _is_written(label, static.written):
+        visited.state.add(id(value))
+        h.update(_str_bytes(b"W", label))
     else:
-        sub = _new_hasher()
-        try:
-            _update(sub, value, set())
-        except (_Unhashable, RecursionError, Exception):
-            # Not data we can read reliably (an object, a dict another thread is filling, a
-            # __flowyml_hash__ that raises): it is environment, recorded by name and type only.
-            h.update(_str_bytes(b"X", label) + _str_bytes(b"", _qualified_name(type(value))))
-            return
-        h.update(_str_bytes(b"K", label) + sub.digest())
+        h.update(_str_bytes(b"K", label))
+        visited.data.append((label, value))
 
 
-def _fingerprint_global(h: _Hasher, label: str, value: object, visited: set[int]) -> None:
+def _fingerprint_global(h: _Hasher, label: str, value: object, visited: _Walk) -> None:
     h.update(_str_bytes(b"G", label))
     try:
         _fingerprint(h, value, visited)
@@ -1140,7 +1479,7 @@ def _is_simple_constant(value: object) -> bool:
     return type(value) in _SIMPLE_CONSTANTS
 
 
-def _fingerprint_class(h: _Hasher, cls: type, visited: set[int]) -> None:
+def _fingerprint_class(h: _Hasher, cls: type, visited: _Walk) -> None:
     """Hash a class by name; a user class also by its bases and the code of its members."""
     h.update(_str_bytes(b"C", _qualified_name(cls)))
     if not _is_user_class(cls) or id(cls) in visited:
@@ -1205,6 +1544,30 @@ def hash_value(value: object, *, path: str = "value") -> str:
     except RecursionError:
         raise _Unhashable(value, "it is nested too deeply").to_public(path) from None
     return str(h.hexdigest())
+
+
+def content_identity(value: object) -> str | None:
+    """Return what identifies ``value`` by content, or None if nothing does.
+
+    The canonical :func:`hash_value` digest where there is one (plain data, arrays, frames,
+    objects by their state, with pickled bytes for the leaves that have no other encoding);
+    otherwise the xxh3_128 digest of the whole value's cloudpickle bytes (an object whose
+    ``__getstate__`` or ``__reduce__`` leaves out what cannot be pickled); None for a value that
+    can be identified in no way, such as a thread lock, an open socket or a file.
+
+    A cloudpickle digest is exact within a process but, unlike the canonical one, may differ
+    between processes for objects holding sets or dicts of strings: a cache miss, never a
+    stale hit. The two kinds never collide: the pickled bytes are hashed under their own tag.
+    """
+    try:
+        return hash_value(value)
+    except UnhashableInputError:
+        pass
+    try:
+        data = _pickled(value)
+    except _Unhashable:
+        return None
+    return str(xxhash.xxh3_128_hexdigest(_PICKLE_TAG + data))
 
 
 def fingerprint_function(func: Callable[..., object]) -> str:

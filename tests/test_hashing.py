@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import decimal
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import random
 import shutil
 import socket
 import subprocess
@@ -22,14 +24,14 @@ import threading
 import types
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from flowyml._errors import UnhashableInputError
-from flowyml._hashing import cache_key, fingerprint_function, hash_value
+from flowyml._hashing import cache_key, content_identity, fingerprint_function, hash_value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,10 +311,12 @@ class TestHashValue:
             hash_value([threading.Lock()], path="batch")
         assert info.value.path == "batch[0]"
 
-    def test_unknown_objects_are_unhashable(self) -> None:
-        """A plain object without __flowyml_hash__ is refused, not hashed by identity."""
-        with pytest.raises(UnhashableInputError):
-            hash_value(object())
+    def test_objects_hash_by_content_never_by_identity(self) -> None:
+        """Two bare objects (no state) hash alike; an object holding a lock is refused."""
+        assert hash_value(object()) == hash_value(object())
+        with pytest.raises(UnhashableInputError) as info:
+            hash_value(types.SimpleNamespace(guard=threading.Lock()))
+        assert info.value.path == "value.guard"
 
     def test_recursive_list_raises_cleanly(self) -> None:
         """A list containing itself raises UnhashableInputError, not RecursionError."""
@@ -759,3 +763,355 @@ class TestCacheKey:
         with socket.socket() as conn, pytest.raises(UnhashableInputError) as info:
             self.key(params={"conn": conn})
         assert info.value.path == "conn"
+
+
+class Settings:
+    """A plain config class, as users write them."""
+
+    def __init__(self, lr: float, layers: list[int]) -> None:
+        self.lr = lr
+        self.layers = layers
+
+
+class Slotted:
+    __slots__ = ("lr", "unset")
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+
+class AttrDict(dict[str, Any]):
+    """A dict subclass that also carries attributes."""
+
+
+def _attr_dict(version: int) -> AttrDict:
+    d = AttrDict(a=1)
+    d.version = version  # type: ignore[attr-defined]
+    return d
+
+
+class TestObjectState:
+    """Objects without an encoding of their own are hashed by type and state."""
+
+    @pytest.mark.parametrize(
+        "make",
+        [
+            lambda v: argparse.Namespace(lr=v, name="run"),
+            lambda v: types.SimpleNamespace(lr=v),
+            lambda v: Settings(v, [1, 2]),
+            lambda v: Slotted(v),
+            lambda v: _attr_dict(int(v * 10)),
+            lambda v: attrs_class()(v),
+        ],
+        ids=["argparse", "simplenamespace", "config-class", "slots", "dict-subclass", "attrs"],
+    )
+    def test_state_changes_the_digest_and_equal_state_does_not(self, make: Callable[[float], object]) -> None:
+        """Equal content gives equal digests; changed content a different one."""
+        assert hash_value(make(0.1)) == hash_value(make(0.1))
+        assert hash_value(make(0.1)) != hash_value(make(0.5))
+
+    def test_type_is_part_of_the_state_digest(self) -> None:
+        """A Namespace and a SimpleNamespace with the same attributes differ."""
+        assert hash_value(argparse.Namespace(lr=1)) != hash_value(types.SimpleNamespace(lr=1))
+
+    def test_attribute_path_names_the_failing_attribute(self) -> None:
+        """A lock inside a config object is refused, naming it as an attribute."""
+        with pytest.raises(UnhashableInputError) as info:
+            hash_value(Settings(0.1, [threading.Lock()]))  # type: ignore[list-item]
+        assert info.value.path == "value.layers[0]"
+
+    def test_open_file_is_never_read_to_hash_it(self, tmp_path: pathlib.Path) -> None:
+        """An open file is refused rather than identified by its content."""
+        path = tmp_path / "data.txt"
+        path.write_text("x")
+        with path.open() as handle, pytest.raises(UnhashableInputError, match="open file"):
+            hash_value(handle)
+
+    def test_c_object_without_visible_state_counts_by_its_pickled_bytes(self) -> None:
+        """random.Random keeps its state in C: it is identified by pickling, so its state counts."""
+        a, b = random.Random(1), random.Random(1)
+        assert hash_value(a) == hash_value(b)
+        b.random()
+        assert hash_value(a) != hash_value(b)
+
+    def test_scikit_learn_estimators_hash_by_their_fitted_state(self) -> None:
+        """A fitted estimator (trees included) hashes; refitting on other data changes it."""
+        from sklearn.ensemble import RandomForestClassifier
+
+        x = np.random.default_rng(0).random((40, 3))
+        y = (x[:, 0] > 0.5).astype(int)
+
+        def fit(labels: Any) -> object:
+            return RandomForestClassifier(n_estimators=3, random_state=0).fit(x, labels)
+
+        assert hash_value(fit(y)) == hash_value(fit(y))
+        assert hash_value(fit(y)) != hash_value(fit(1 - y))
+
+    @pytest.mark.slow
+    def test_state_digests_are_deterministic_across_hash_seeds(self) -> None:
+        """Namespaces, config objects and dict subclasses hash the same in fresh processes."""
+        script = textwrap.dedent(
+            """
+            import argparse, json, types
+            from flowyml._hashing import hash_value
+
+            class Cfg:
+                def __init__(self):
+                    self.tags = {"alpha", "beta", "gamma"}
+                    self.opts = {"b": 1, "a": 2}
+
+            class D(dict):
+                pass
+
+            d = D(x=1)
+            d.names = frozenset({"p", "q", "r"})
+            values = [argparse.Namespace(lr=0.1, tags={"u", "v"}), types.SimpleNamespace(a={"k"}), Cfg(), d]
+            print(json.dumps([hash_value(v) for v in values]))
+            """
+        )
+        results = []
+        for seed in ("0", "1", "4242"):
+            env = {**os.environ, "PYTHONHASHSEED": seed}
+            out = subprocess.run(
+                [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+            )
+            results.append(json.loads(out.stdout))
+        assert results[0] == results[1] == results[2]
+
+
+def attrs_class() -> type:
+    """An attrs class with slots, built on demand so that attrs is only needed by its test."""
+    import attrs
+
+    @attrs.define
+    class Options:
+        lr: float
+
+    return Options
+
+
+class TestContentIdentity:
+    """content_identity: the canonical hash, else the pickled bytes, else None."""
+
+    def test_is_the_canonical_hash_where_there_is_one(self) -> None:
+        """For hashable values it is exactly hash_value."""
+        for value in ({"a": [1, 2]}, np.arange(3), argparse.Namespace(lr=0.1)):
+            assert content_identity(value) == hash_value(value)
+
+    def test_falls_back_to_pickled_bytes(self) -> None:
+        """An object that contains itself has no canonical hash but pickles: equal copies agree."""
+
+        def make(n: int) -> types.SimpleNamespace:
+            node = types.SimpleNamespace(n=n)
+            node.me = node
+            return node
+
+        with pytest.raises(UnhashableInputError):
+            hash_value(make(1))
+        identity = content_identity(make(1))
+        assert identity is not None and len(identity) == 32
+        assert identity == content_identity(make(1))
+        assert identity != content_identity(make(2))
+
+    def test_none_for_what_can_be_identified_in_no_way(self) -> None:
+        """A lock (or anything holding one) has no content identity."""
+        assert content_identity(threading.Lock()) is None
+        assert content_identity({"guard": threading.Lock()}) is None
+
+
+class TestGlobalsAndState:
+    """Globals and closures a step reads are in its fingerprint; what it writes to is not."""
+
+    CONFIGS: ClassVar[dict[str, str]] = {
+        "argparse": "import argparse\nCFG = argparse.Namespace(lr=0.1)\n",
+        "simplenamespace": "import types\nCFG = types.SimpleNamespace(lr=0.1)\n",
+        "config-class": "class C:\n    def __init__(self):\n        self.lr = 0.1\nCFG = C()\n",
+        "dataclass": "import dataclasses\n@dataclasses.dataclass\nclass C:\n    lr: float = 0.1\nCFG = C()\n",
+        "dict-subclass": "class C(dict):\n    pass\nCFG = C()\nCFG.lr = 0.1\n",
+    }
+
+    @pytest.mark.parametrize("kind", sorted(CONFIGS))
+    def test_config_object_global_changes_the_fingerprint(
+        self, kind: str, load_module: Callable[[str, str], types.ModuleType]
+    ) -> None:
+        """Editing an attribute of a module-level config object changes the step's fingerprint."""
+        module = load_module(
+            f"fp_cfg_{kind.replace('-', '_')}", self.CONFIGS[kind] + "\ndef step(x):\n    return x * CFG.lr\n"
+        )
+        before = fingerprint_function(module.step)
+        assert fingerprint_function(module.step) == before
+        module.CFG.lr = 0.5
+        assert fingerprint_function(module.step) != before
+
+    def test_module_list_the_step_appends_to_is_state(
+        self, load_module: Callable[[str, str], types.ModuleType]
+    ) -> None:
+        """A module-level list the step appends to does not change its fingerprint."""
+        module = load_module("fp_calls", "CALLS = []\n\ndef step(x):\n    CALLS.append(x)\n    return x\n")
+        before = fingerprint_function(module.step)
+        module.step(1)
+        assert module.CALLS == [1]
+        assert fingerprint_function(module.step) == before
+
+    def test_closure_counter_is_state(self) -> None:
+        """call_count["count"] += 1 in a closure does not change the fingerprint."""
+        call_count = {"count": 0}
+
+        def step(x: int) -> int:
+            call_count["count"] += 1
+            return x
+
+        before = fingerprint_function(step)
+        step(1)
+        assert fingerprint_function(step) == before
+
+    def test_read_only_config_dict_stays_in_the_fingerprint(
+        self, load_module: Callable[[str, str], types.ModuleType]
+    ) -> None:
+        """A config dict only read is input: editing it in place changes the fingerprint."""
+        module = load_module("fp_cfg_dict", "CONFIG = {'t': 0.5}\n\ndef step(x):\n    return x > CONFIG['t']\n")
+        before = fingerprint_function(module.step)
+        module.CONFIG["t"] = 0.7
+        assert fingerprint_function(module.step) != before
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            "STATE['n'] += 1",
+            "STATE['n'] = x",
+            "STATE.update(n=x)",
+            "STATE.setdefault('n', x)",
+            "STATE.pop('n', None)",
+            "STATE.clear()",
+            "del STATE['n']",
+            "STATE['calls'].append(x)",
+            "STATE['seen'].add(x)",
+            "STATE['calls'].extend([x])",
+            "STATE['calls'].insert(0, x)",
+            "STATE['seen'].discard(x)",
+            "STATE[x, 1] = 2",
+            "STATS.hits += 1",
+            "STATS.hits = x",
+            "STATS.inner.total += x",
+            "global TOTAL\n    TOTAL += x",
+        ],
+    )
+    def test_every_kind_of_write_makes_state(
+        self, body: str, load_module: Callable[[str, str], types.ModuleType]
+    ) -> None:
+        """Item, attribute, augmented and method writes each make the written value state."""
+        module = load_module(
+            "fp_writes",
+            "import types\n"
+            "STATE = {'n': 0, 'calls': [], 'seen': set()}\n"
+            "STATS = types.SimpleNamespace(hits=0, inner=types.SimpleNamespace(total=0))\n"
+            "TOTAL = 0\n\n"
+            f"def step(x):\n    {body}\n    return x\n",
+        )
+        before = fingerprint_function(module.step)
+        module.step(3)
+        module.STATE["n"], module.STATS.hits, module.TOTAL = 99, 99, 99
+        module.STATE.setdefault("calls", []).append(7)
+        assert fingerprint_function(module.step) == before
+
+    @pytest.mark.parametrize(
+        "body",
+        ["OUT[x] = CONFIG", "y = CONFIG['t']\n    OUT[y] = 1", "OUT.append(CONFIG['t'])", "OUT[CONFIG['t']] = 1"],
+    )
+    def test_a_value_only_read_beside_a_write_stays_input(
+        self, body: str, load_module: Callable[[str, str], types.ModuleType]
+    ) -> None:
+        """Using CONFIG as the value or key of a write to OUT leaves CONFIG in the fingerprint."""
+        module = load_module("fp_reads", f"CONFIG = {{'t': 1}}\nOUT = {{}}\n\ndef step(x):\n    {body}\n")
+        before = fingerprint_function(module.step)
+        module.CONFIG["t"] = 2
+        assert fingerprint_function(module.step) != before
+
+    def test_write_in_a_helper_makes_state_for_the_step_too(
+        self, load_module: Callable[[str, str], types.ModuleType]
+    ) -> None:
+        """A list a helper appends to is state also where the step itself reads it."""
+        module = load_module(
+            "fp_helper_state",
+            """
+            SEEN = []
+
+            def remember(x):
+                SEEN.append(x)
+
+            def step(x):
+                remember(x)
+                return len(SEEN)
+            """,
+        )
+        before = fingerprint_function(module.step)
+        module.step(1)
+        assert fingerprint_function(module.step) == before
+
+    def test_unidentifiable_global_of_a_user_class_is_refused(
+        self, load_module: Callable[[str, str], types.ModuleType]
+    ) -> None:
+        """A config object holding a lock is refused, naming the global."""
+        module = load_module(
+            "fp_refused",
+            """
+            import threading
+
+            class Service:
+                def __init__(self):
+                    self.guard = threading.Lock()
+                    self.lr = 0.1
+
+            SERVICE = Service()
+
+            def step(x):
+                return x * SERVICE.lr
+            """,
+        )
+        with pytest.raises(UnhashableInputError) as info:
+            fingerprint_function(module.step)
+        assert info.value.path.endswith("<global>.SERVICE.guard")
+        assert "cache=False" in str(info.value)
+
+    def test_unidentifiable_global_container_is_refused(
+        self, load_module: Callable[[str, str], types.ModuleType]
+    ) -> None:
+        """A module-level dict holding a lock is data that cannot be hashed: refused."""
+        module = load_module(
+            "fp_refused_dict",
+            "import threading\nOPTS = {'lr': 0.1, 'guard': threading.Lock()}\n\n"
+            "def step(x):\n    return x * OPTS['lr']\n",
+        )
+        with pytest.raises(UnhashableInputError) as info:
+            fingerprint_function(module.step)
+        assert "<global>.OPTS" in info.value.path
+
+    def test_environment_globals_stay_out(self, load_module: Callable[[str, str], types.ModuleType]) -> None:
+        """Loggers, threads, executors and connections read as globals neither raise nor count."""
+        module = load_module(
+            "fp_environment",
+            """
+            import concurrent.futures
+            import logging
+            import sqlite3
+            import threading
+
+            LOG = logging.getLogger("fp_environment")
+            WORKER = threading.Thread(target=print)
+            POOL = concurrent.futures.ThreadPoolExecutor(1)
+            DB = sqlite3.connect(":memory:")
+
+            def step(x):
+                LOG.info("step %s", x)
+                DB.execute("select 1")
+                return POOL, WORKER, x
+            """,
+        )
+        try:
+            before = fingerprint_function(module.step)
+            module.LOG.setLevel(module.logging.DEBUG)
+            module.POOL.submit(int).result()
+            assert fingerprint_function(module.step) == before
+        finally:
+            module.POOL.shutdown()
+            module.DB.close()
