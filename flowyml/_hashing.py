@@ -547,7 +547,12 @@ def _update_other(h: _Hasher, value: object, seen: set[int]) -> None:
         try:
             _update(h, state, seen)
         except _Unhashable as exc:
-            if isinstance(state, dict) and exc.parts and exc.parts[-1].startswith("[") and exc.parts[-1][1:2] in "'\"":
+            if (
+                isinstance(state, dict)
+                and exc.parts
+                and exc.parts[-1].startswith("[")
+                and exc.parts[-1][1:2] in "'\""
+            ):
                 exc.parts[-1] = "." + exc.parts[-1][2:-2]  # an attribute, not an item
             raise
         seen.discard(key)
@@ -619,8 +624,8 @@ def _object_state(value: object) -> object:
         or not _plain_layout(cls)
     ):
         return _MISSING
-    if getattr(cls, "__getstate__", object.__getstate__) is not object.__getstate__:  # type: ignore[attr-defined]
-        return ("__getstate__", value.__getstate__())  # type: ignore[attr-defined]
+    if getattr(cls, "__getstate__", object.__getstate__) is not object.__getstate__:
+        return ("__getstate__", value.__getstate__())
     state: dict[str, object] = dict(getattr(value, "__dict__", None) or {})
     for klass in cls.__mro__[:-1]:
         slots = klass.__dict__.get("__slots__", ())
@@ -629,8 +634,10 @@ def _object_state(value: object) -> object:
                 found = getattr(value, slot, _MISSING)
                 if found is not _MISSING:
                     state[slot] = found
-    if not state and getattr(value, "__dict__", None) is None and not any(
-        klass.__dict__.get("__slots__") for klass in cls.__mro__[:-1]
+    if (
+        not state
+        and getattr(value, "__dict__", None) is None
+        and not any(klass.__dict__.get("__slots__") for klass in cls.__mro__[:-1])
     ):
         return _MISSING  # neither __dict__ nor __slots__: nothing says this object is data
     return state
@@ -1053,7 +1060,12 @@ def _written_path(instructions: list[dis.Instruction], start: int, root: str) ->
             continue
         if op in ("STORE_ATTR", "DELETE_ATTR"):
             return ".".join(path)
-        if op == "COPY" and instruction.arg == 1 and j + 1 < end and instructions[j + 1].opname == "LOAD_ATTR":
+        if (
+            op == "COPY"
+            and instruction.arg == 1
+            and j + 1 < end
+            and instructions[j + 1].opname == "LOAD_ATTR"
+        ):
             return ".".join(path)  # augmented attribute assignment: X.a += 1
         key_end = _one_value(instructions, j)
         if key_end is None or key_end >= end:
@@ -1374,8 +1386,6 @@ def _fingerprint_values(
         except _Unhashable as exc:
             exc.parts.append(part + name)
             raise
-
-
 
 
 def _fingerprint_globals(h: _Hasher, func: types.FunctionType, static: _Static, visited: _Walk) -> None:

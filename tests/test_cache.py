@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
+import json
+import os
+import subprocess
 import sys
+import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -341,3 +347,199 @@ class TestInputHashing:
         assert result.success, result.summary()
         assert len(BigValue.hashed_in) == 1
         assert BigValue.hashed_in[0] != threading.get_ident()
+
+
+ARGPARSE_SCRIPT = """
+import argparse
+import json
+
+from flowyml import Pipeline, step
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--lr", type=float, default=0.1)
+ARGS = parser.parse_args()
+
+
+@step(outputs=["result"])
+def train():
+    return {"lr_used": ARGS.lr}
+
+
+if __name__ == "__main__":
+    result = Pipeline("argparse_demo").add_step(train).run()
+    print(json.dumps({"result": result["result"], "cached": result.step_results["train"].cached}))
+"""
+
+#: Module-level state and configuration read by the steps of TestGlobalsAndClosures.
+SEEN: list[int] = []
+CONFIG: dict[str, float] = {"threshold": 0.5}
+
+
+class TestGlobalsAndClosures:
+    @pytest.mark.slow
+    def test_argparse_namespace_global_reruns_for_each_lr(self, tmp_path: Path) -> None:
+        """The same script run with --lr 0.1, 0.5, 0.9: three results, none stale; 0.5 again hits."""
+        script = tmp_path / "train.py"
+        script.write_text(ARGPARSE_SCRIPT)
+        env = {**os.environ, "FLOWYML_HOME": str(tmp_path / "home")}
+
+        def run(lr: str) -> dict[str, Any]:
+            out = subprocess.run(
+                [sys.executable, str(script), "--lr", lr],
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            reported: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+            return reported
+
+        results = [run(lr) for lr in ("0.1", "0.5", "0.9")]
+        assert [r["result"]["lr_used"] for r in results] == [0.1, 0.5, 0.9]
+        assert [r["cached"] for r in results] == [False, False, False]
+        again = run("0.5")
+        assert again == {"result": {"lr_used": 0.5}, "cached": True}
+
+    @pytest.mark.parametrize(
+        "make",
+        [
+            lambda lr: types.SimpleNamespace(lr=lr),
+            lambda lr: _Settings(lr),
+            lambda lr: _Options(lr),
+            lambda lr: _attr_dict(lr),
+        ],
+        ids=["simplenamespace", "config-class", "dataclass", "dict-subclass"],
+    )
+    def test_config_object_global_reruns_when_its_content_changes(
+        self, make: Callable[[float], Any], tmp_path: Path
+    ) -> None:
+        """A step reading a module-level config object reruns when that object's content changes."""
+        path = tmp_path / "cfg_steps.py"
+        path.write_text(
+            "from flowyml import step\n\nCFG = None\n\n"
+            "@step(outputs=['lr_used'])\ndef train():\n    return CFG.lr\n"
+        )
+        module = _load_module(path, "cfg_steps")
+        pipeline = Pipeline("cfg").add_step(module.train)
+        module.CFG = make(0.1)
+        first = pipeline.run()
+        module.CFG = make(0.1)
+        same = pipeline.run()
+        module.CFG = make(0.5)
+        changed = pipeline.run()
+        assert (first["lr_used"], same["lr_used"], changed["lr_used"]) == (0.1, 0.1, 0.5)
+        assert _statuses(same) == {"train": StepStatus.CACHED}
+        assert _statuses(changed) == {"train": StepStatus.SUCCEEDED}
+
+    def test_closure_call_counter_second_run_is_a_hit(self) -> None:
+        """Counting calls in a closure dict, as tests usually do: the second run is a cache hit."""
+        call_count = {"count": 0}
+
+        @step(outputs=["y"])
+        def double(x: int) -> int:
+            call_count["count"] += 1
+            return 2 * x
+
+        p = Pipeline("counter", context=context(x=2)).add_step(double)
+        first, second = p.run(), p.run()
+        assert call_count["count"] == 1
+        assert first["y"] == second["y"] == 4
+        assert _statuses(second) == {"double": StepStatus.CACHED}
+
+    def test_module_list_appended_to_second_run_is_a_hit(self) -> None:
+        """A step appending to a module-level list: the second run is a cache hit."""
+        SEEN.clear()
+
+        @step(outputs=["y"])
+        def record(x: int) -> int:
+            SEEN.append(x)
+            return x + 1
+
+        p = Pipeline("seen", context=context(x=5)).add_step(record)
+        p.run()
+        second = p.run()
+        assert SEEN == [5]
+        assert _statuses(second) == {"record": StepStatus.CACHED}
+
+    def test_module_config_dict_edited_in_process_reruns(self) -> None:
+        """A step reading a module-level config dict reruns after the dict is edited."""
+
+        @step(outputs=["kept"])
+        def keep(rows: list[float]) -> list[float]:
+            return [r for r in rows if r > CONFIG["threshold"]]
+
+        p = Pipeline("cfgdict", context=context(rows=[0.2, 0.6, 0.8])).add_step(keep)
+        try:
+            assert p.run()["kept"] == [0.6, 0.8]
+            assert _statuses(p.run()) == {"keep": StepStatus.CACHED}
+            CONFIG["threshold"] = 0.7
+            edited = p.run()
+        finally:
+            CONFIG["threshold"] = 0.5
+        assert edited["kept"] == [0.8]
+        assert _statuses(edited) == {"keep": StepStatus.SUCCEEDED}
+
+
+class _Settings:
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+
+@dataclasses.dataclass
+class _Options:
+    lr: float
+
+
+class _AttrDict(dict[str, Any]):
+    pass
+
+
+def _attr_dict(lr: float) -> _AttrDict:
+    d = _AttrDict(kind="sgd")
+    d.lr = lr  # type: ignore[attr-defined]
+    return d
+
+
+class TestEstimators:
+    @pytest.mark.parametrize("wrapped", [False, True], ids=["raw", "Model"])
+    def test_scikit_learn_estimator_flows_through_a_cached_pipeline(self, wrapped: bool) -> None:
+        """train -> evaluate -> report with the default cache: runs once, then all cached."""
+        import numpy as np
+        from sklearn.ensemble import RandomForestClassifier
+
+        from flowyml import Model
+
+        ran = Calls()
+
+        @step(outputs=["train_data", "test_data"])
+        def load() -> tuple[Any, Any]:
+            rng = np.random.default_rng(0)
+            x = rng.random((60, 4))
+            y = (x[:, 0] + x[:, 1] > 1).astype(int)
+            return (x[:40], y[:40]), (x[40:], y[40:])
+
+        @step(outputs=["model"])
+        def train(train_data: Any) -> Any:
+            ran.append("train")
+            trained = RandomForestClassifier(n_estimators=5, random_state=0).fit(*train_data)
+            return Model(trained, name="forest") if wrapped else trained
+
+        @step(outputs=["accuracy"])
+        def evaluate(model: Any, test_data: Any) -> float:
+            ran.append("evaluate")
+            estimator = model.data if wrapped else model
+            return float(estimator.score(*test_data))
+
+        @step(outputs=["report"])
+        def report(accuracy: float) -> str:
+            ran.append("report")
+            return f"accuracy {accuracy:.2f}"
+
+        p = Pipeline("ml").add_step(load).add_step(train).add_step(evaluate).add_step(report)
+        first = p.run()
+        second = p.run()
+        assert first.success and first["report"].startswith("accuracy")
+        assert ran == ["train", "evaluate", "report"]
+        assert set(_statuses(second).values()) == {StepStatus.CACHED}
+        assert second["report"] == first["report"]

@@ -969,7 +969,9 @@ class TestGlobalsAndState:
         self, load_module: Callable[[str, str], types.ModuleType]
     ) -> None:
         """A config dict only read is input: editing it in place changes the fingerprint."""
-        module = load_module("fp_cfg_dict", "CONFIG = {'t': 0.5}\n\ndef step(x):\n    return x > CONFIG['t']\n")
+        module = load_module(
+            "fp_cfg_dict", "CONFIG = {'t': 0.5}\n\ndef step(x):\n    return x > CONFIG['t']\n"
+        )
         before = fingerprint_function(module.step)
         module.CONFIG["t"] = 0.7
         assert fingerprint_function(module.step) != before
@@ -1016,7 +1018,12 @@ class TestGlobalsAndState:
 
     @pytest.mark.parametrize(
         "body",
-        ["OUT[x] = CONFIG", "y = CONFIG['t']\n    OUT[y] = 1", "OUT.append(CONFIG['t'])", "OUT[CONFIG['t']] = 1"],
+        [
+            "OUT[x] = CONFIG",
+            "y = CONFIG['t']\n    OUT[y] = 1",
+            "OUT.append(CONFIG['t'])",
+            "OUT[CONFIG['t']] = 1",
+        ],
     )
     def test_a_value_only_read_beside_a_write_stays_input(
         self, body: str, load_module: Callable[[str, str], types.ModuleType]
