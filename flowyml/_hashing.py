@@ -1351,7 +1351,7 @@ def _fingerprint_function(h: _Hasher, func: types.FunctionType, visited: _Walk) 
             except ValueError:
                 value = _EmptyCell.EMPTY
             if _is_written(name, static.written):
-                visited.state.add(id(value))
+                _remember_state(visited, value)
                 value = _State.STATE  # state the step keeps, not input: only its name counts
             cells[name] = value
         _fingerprint_values(h, b"closure", cells, ".<closure>.", visited)
@@ -1467,11 +1467,23 @@ def _fingerprint_global_value(
     ):
         return  # library code and library data: environment, not followed
     elif _is_written(label, static.written):
-        visited.state.add(id(value))
+        _remember_state(visited, value)
         h.update(_str_bytes(b"W", label))
     else:
         h.update(_str_bytes(b"K", label))
+        if _is_user_class(type(value)):  # a config or service object: its methods are code too
+            _fingerprint_class(h, type(value), visited)
         visited.data.append((label, value))
+
+
+def _remember_state(walk: _Walk, value: object) -> None:
+    """Note a written value, so that it counts as state wherever the walk reads it.
+
+    Immutable atoms are left out: ``id`` of a small int or an interned string is shared with
+    unrelated globals that hold the same value.
+    """
+    if type(value) not in _ATOMS:
+        walk.state.add(id(value))
 
 
 def _fingerprint_global(h: _Hasher, label: str, value: object, visited: _Walk) -> None:
@@ -1542,9 +1554,14 @@ def hash_value(value: object, *, path: str = "value") -> str:
         value: The value to hash.
         path: How error messages name ``value`` (for example ``"rows"``).
 
+    Objects without an encoding of their own hash by type and state (``__dict__`` and
+    ``__slots__``, or ``__getstate__``); one whose state Python cannot see (a C object) by its
+    cloudpickle bytes.
+
     Raises:
-        UnhashableInputError: ``value`` (or something inside it, named by ``path``) has no
-            deterministic encoding, contains itself or is nested too deeply.
+        UnhashableInputError: ``value`` (or something inside it, named by ``path``) cannot be
+            encoded nor pickled (a lock, a socket, an open file), contains itself or is
+            nested too deeply.
     """
     h = _new_hasher()
     try:
@@ -1589,14 +1606,17 @@ def fingerprint_function(func: Callable[..., object]) -> str:
     blank lines, decorators and positions are ignored, and a source file edited after import
     cannot lend its new text to the old code), default values, closure values, and what the
     code reads by global name: user functions and classes recursively, modules by name, data
-    by value (also through user modules, as in ``settings.SCALE``). Module-level objects that
-    cannot be hashed (loggers, clients, locks) are skipped as environment, see
-    :func:`_fingerprint_globals`. The code part is memoized per code object; values are hashed
-    again on every call, so a mutated closure value or global is never missed.
+    by value (also through user modules, as in ``settings.SCALE``). Values the code writes to
+    (a call counter, a list it appends to) are state and count by name only; loggers and
+    library objects that cannot be identified (locks, clients, connections) are environment
+    and count by name and type; see :func:`_fingerprint_globals`. The code part is memoized
+    per code object; values are hashed again on every call, so a mutated closure value or
+    global is never missed.
 
     Raises:
-        UnhashableInputError: a default or closure value (named ``<default>.x`` or
-            ``<closure>.x`` in the path) cannot be hashed, or ``func`` is not callable.
+        UnhashableInputError: a default, closure or global value (named ``<default>.x``,
+            ``<closure>.x`` or ``<global>.X`` in the path) cannot be identified, or ``func`` is
+            not callable.
     """
     root = _qualified_name(_unwrap_quietly(func))
     try:

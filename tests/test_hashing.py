@@ -1122,3 +1122,32 @@ class TestGlobalsAndState:
         finally:
             module.POOL.shutdown()
             module.DB.close()
+
+
+def test_editing_a_method_of_a_global_service_object_changes_the_fingerprint(
+    load_module: Callable[[str, str], types.ModuleType],
+) -> None:
+    """A step calling a method of a module-level object of the user's class follows that method."""
+    source = (
+        "class Scaler:\n    def __init__(self):\n        self.k = 2\n\n"
+        "    def apply(self, x):\n        return x {op} self.k\n\n"
+        "SCALER = Scaler()\n\ndef step(x):\n    return SCALER.apply(x)\n"
+    )
+    times = fingerprint_function(load_module("fp_service_a", source.format(op="*")).step)
+    plus = fingerprint_function(load_module("fp_service_b", source.format(op="+")).step)
+    assert times != plus
+
+
+def test_a_written_small_int_does_not_hide_an_equal_constant(
+    load_module: Callable[[str, str], types.ModuleType],
+) -> None:
+    """A rebound counter equal to a config constant leaves the constant in the fingerprint."""
+    module = load_module(
+        "fp_small_int",
+        "TOTAL = 0\nLIMIT = 0\n\ndef step(x):\n    global TOTAL\n    TOTAL += x\n    return x > LIMIT\n",
+    )
+    before = fingerprint_function(module.step)
+    module.step(5)
+    assert fingerprint_function(module.step) == before
+    module.LIMIT = 1
+    assert fingerprint_function(module.step) != before
