@@ -616,7 +616,7 @@ def _object_state(value: object) -> object:
     ``__slots__``. Classes that define ``__reduce__`` take the pickled-bytes path instead.
     """
     cls = type(value)
-    if cls is types.SimpleNamespace:
+    if isinstance(value, types.SimpleNamespace) and cls.__reduce__ is types.SimpleNamespace.__reduce__:
         return vars(value)
     if (
         getattr(cls, "__reduce_ex__", None) is not object.__reduce_ex__
