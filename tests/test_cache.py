@@ -543,3 +543,37 @@ class TestEstimators:
         assert ran == ["train", "evaluate", "report"]
         assert set(_statuses(second).values()) == {StepStatus.CACHED}
         assert second["report"] == first["report"]
+
+
+class _Service:
+    """A user object that cannot be identified: it holds a lock."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.guard = threading.Lock()
+        self.factor = 2
+
+
+SERVICE = _Service()
+
+
+def test_unidentifiable_global_is_refused_before_any_step_runs() -> None:
+    """A global of the user's own class that cannot be hashed stops the run up front, naming it."""
+    ran = Calls()
+
+    @step(outputs=["first"], cache=False)
+    def first() -> int:
+        ran.append("first")
+        return 1
+
+    @step(outputs=["x"])
+    def scaled(first: int) -> int:
+        return first * SERVICE.factor
+
+    with pytest.raises(UnhashableInputError) as info:
+        Pipeline("refused").add_step(first).add_step(scaled).run()
+    assert ran == []
+    assert info.value.step_name == "scaled"
+    assert "<global>.SERVICE.guard" in str(info.value)
+    assert "cache=False" in str(info.value)
