@@ -8,6 +8,7 @@ This module only re-exports. The layers, from the bottom up:
 - ``_scheduler``, ``_attempt`` running: start each step when its inputs exist; retries and timeouts
 - ``_executors``               where bodies run: the loop, threads, processes, Dask
 - ``_retry``, ``_breaker``, ``_fallback``, ``_conditions``, ``_parallel``   resilience and control flow
+- ``_limits``, ``_items``       concurrency and rate limits; mapped steps' per-item markers
 - ``_hashing``, ``_store``     cache keys, the SQLite cache and lineage store
 - ``_pipeline``                ``Pipeline``: plan once, run many times
 """
@@ -28,6 +29,8 @@ from ._errors import (
 from ._executors._base import Executor
 from ._executors._dask import DaskExecutor
 from ._fallback import FallbackHandler, on_failure
+from ._items import ItemFailed
+from ._limits import Limit
 from ._parallel import parallel_map
 from ._pipeline import Pipeline
 from ._results import ExecutionResult, PipelineResult, StepResult, StepStatus
@@ -66,6 +69,8 @@ __all__ = (
     "FallbackHandler",
     "FlowymlError",
     "If",
+    "ItemFailed",
+    "Limit",
     "Metrics",
     "MissingInputError",
     "Model",

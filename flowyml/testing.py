@@ -1,8 +1,8 @@
-"""Helpers for testing code that uses flowyml: no real waiting between retries, a throwaway store."""
+"""Helpers for testing code that uses flowyml: no real waiting between retries or for rate limits, a throwaway store."""
 
 from __future__ import annotations
 
-__all__ = ("no_sleep", "temporary_store")
+__all__ = ("limiter_clock", "no_sleep", "temporary_store")
 
 import contextlib
 import os
@@ -10,7 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from flowyml import _retry
+from flowyml import _limits, _retry
+from flowyml._limits import LimiterClock
 
 
 @contextlib.contextmanager
@@ -29,6 +30,24 @@ def no_sleep() -> Iterator[list[float]]:
         yield delays
     finally:
         _retry._switch.recorder = previous
+
+
+@contextlib.contextmanager
+def limiter_clock(start: float = 0.0) -> Iterator[LimiterClock]:
+    """Run every rate limit (``rate_limit=``, ``Limit(rate=...)``) on a virtual clock.
+
+    Waiting for a token is instant and moves the clock to the moment the token would have
+    come, so a step that reads ``clock.now()`` when it starts sees exactly when the limiter let
+    it in. Yields the clock: ``now()``, ``advance(seconds)`` and ``waits`` (every wait skipped).
+    Affects the whole process while active; concurrency limits still wait for real holders.
+    """
+    clock = LimiterClock(start)
+    previous = _limits._clock.virtual
+    _limits._clock.virtual = clock
+    try:
+        yield clock
+    finally:
+        _limits._clock.virtual = previous
 
 
 @contextlib.contextmanager
