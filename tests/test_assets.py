@@ -18,6 +18,8 @@ from flowyml._assets import (
     asset_class,
     asset_type_for,
     input_assets,
+    output_asset_types,
+    resolved_annotations,
     restore,
     return_asset_type,
     runtime_classes,
@@ -31,6 +33,14 @@ from flowyml.errors import AssetError, OutputError
 def _third_party(module: str, name: str, **attrs: Any) -> type:
     """A class that looks, by its module, like one from a library this suite does not install."""
     return type(name, (), {"__module__": module, **attrs})
+
+
+class _Row(typing.TypedDict):
+    x: int
+
+
+def _train_and_score(raw: Dataset, hidden: NotDefinedAnywhere) -> tuple[Model, Metrics]:  # type: ignore[name-defined]  # noqa: F821
+    return Model(1), Metrics(a=1)
 
 
 class TestAssetMetadata:
@@ -418,6 +428,10 @@ class TestRuntimeClasses:
         """Classes, unions, generics (by origin) and Annotated are checkable."""
         assert runtime_classes(annotation) == expected
 
+    def test_typeddict_checks_as_dict(self) -> None:
+        """A TypedDict is checked as the dict it is at run time."""
+        assert runtime_classes(_Row) == (dict,)
+
     def test_uncheckable_are_skipped(self) -> None:
         """Any, strings, TypeVars, Protocols, Literals and unions holding them give None."""
 
@@ -450,6 +464,29 @@ class TestRouting:
 
         assert return_asset_type(train) is Model
         assert return_asset_type(broken) is None and return_asset_type(plain) is None
+
+    def test_resolved_annotations_leave_out_what_does_not_resolve(self) -> None:
+        """Resolvable string annotations are resolved; an unknown name is dropped, not guessed."""
+        hints = resolved_annotations(_train_and_score)
+        assert hints == {"raw": Dataset, "return": tuple[Model, Metrics]}
+
+    def test_output_asset_types(self) -> None:
+        """One output takes the return annotation; several take a tuple's members by position."""
+        assert output_asset_types(_train_and_score, ["model", "metrics"]) == {
+            "model": Model,
+            "metrics": Metrics,
+        }
+        assert output_asset_types(_train_and_score, ["a", "b", "c"]) == {}
+        assert output_asset_types(_train_and_score, ["both"]) == {}
+
+        def one() -> Dataset | None:
+            return None
+
+        def mixed() -> tuple[Model, int]:
+            return Model(1), 2
+
+        assert output_asset_types(one, ["d"]) == {"d": Dataset}
+        assert output_asset_types(mixed, ["m", "n"]) == {"m": Model}
 
     def test_wrap_plain_value(self) -> None:
         """A plain value is wrapped, named after the output, with the input assets as parents."""

@@ -11,6 +11,8 @@ from ._kinds import Dataset, FeatureSet, Metrics, Model
 from ._routing import (
     asset_type_for,
     input_assets,
+    output_asset_types,
+    resolved_annotations,
     return_asset_type,
     runtime_classes,
     unwrap_input,
@@ -27,6 +29,8 @@ __all__ = (
     "asset_class",
     "asset_type_for",
     "input_assets",
+    "output_asset_types",
+    "resolved_annotations",
     "restore",
     "return_asset_type",
     "runtime_classes",

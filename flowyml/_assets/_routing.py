@@ -1,7 +1,10 @@
 """How step values become assets and back, by type annotation. Pure functions for the engine.
 
-- :func:`return_asset_type` / :func:`asset_type_for`: which asset class a return annotation
-  names (``-> Model``, ``-> Dataset | None``), if any;
+- :func:`resolved_annotations`: a function's annotations with strings resolved, the ones
+  that do not resolve left out;
+- :func:`output_asset_types` / :func:`return_asset_type` / :func:`asset_type_for`: which asset
+  class each output's annotation names (``-> Model``, ``-> Dataset | None``,
+  ``-> tuple[Model, Metrics]`` for two outputs), if any;
 - :func:`wrap_output`: a step's return value as that asset, named after its output, with the
   step's input assets as parents; an asset of another kind is an ``OutputError``;
 - :func:`input_assets`: the assets among a step's arguments (the parents of what it returns);
@@ -17,7 +20,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .._errors import AssetError, OutputError
@@ -27,6 +30,8 @@ from ._kinds import Metrics
 __all__ = (
     "asset_type_for",
     "input_assets",
+    "output_asset_types",
+    "resolved_annotations",
     "return_asset_type",
     "runtime_classes",
     "unwrap_input",
@@ -63,6 +68,8 @@ def runtime_classes(annotation: object) -> tuple[type, ...] | None:
     if origin is not None:
         return (origin,) if isinstance(origin, type) and not _is_protocol(origin) else None
     if isinstance(annotation, type):
+        if typing.is_typeddict(annotation):
+            return (dict,)  # a TypedDict is a plain dict at run time; its keys are not checked
         return None if _is_protocol(annotation) else (annotation,)
     return None
 
@@ -85,21 +92,55 @@ def asset_type_for(annotation: object) -> type[Asset] | None:
     return kinds[0] if len(kinds) == 1 and not others else None
 
 
-def return_asset_type(func: Callable[..., Any]) -> type[Asset] | None:
-    """The asset class ``func``'s return annotation names, resolving string annotations.
+def resolved_annotations(func: Callable[..., Any]) -> dict[str, object]:
+    """``func``'s annotations by parameter name (and ``"return"``), strings resolved.
 
-    An annotation that does not resolve (a name imported only under ``TYPE_CHECKING``) is
-    skipped: the result is None, as for a function that returns no asset.
+    Strings (``from __future__ import annotations``) are evaluated in ``func``'s module; one
+    that does not resolve (a name imported only under ``TYPE_CHECKING``, a class local to
+    another function) is left out rather than guessed, so its parameter goes unchecked.
     """
+    target = inspect.unwrap(func)
     try:
-        hints = typing.get_type_hints(func)
+        return dict(typing.get_type_hints(target))
     except Exception:
+        pass
+    raw: Mapping[str, object] = getattr(target, "__annotations__", None) or {}
+    namespace: dict[str, Any] = dict(getattr(target, "__globals__", {}))
+    out: dict[str, object] = {}
+    for name, annotation in raw.items():
+        if not isinstance(annotation, str):
+            out[name] = annotation
+            continue
         try:
-            annotation = inspect.signature(func).return_annotation
-        except (TypeError, ValueError):
-            return None
-        return asset_type_for(annotation)
-    return asset_type_for(hints.get("return", inspect.Parameter.empty))
+            out[name] = eval(annotation, namespace)
+        except Exception:
+            continue
+    return out
+
+
+def return_asset_type(func: Callable[..., Any]) -> type[Asset] | None:
+    """The asset class ``func``'s return annotation names, or None (also when it does not resolve)."""
+    return asset_type_for(resolved_annotations(func).get("return", inspect.Parameter.empty))
+
+
+def output_asset_types(func: Callable[..., Any], outputs: Sequence[str]) -> dict[str, type[Asset]]:
+    """Output name -> the asset class its value is routed to, for the outputs that have one.
+
+    One output takes the whole return annotation (``-> Model``); several take the members of
+    a ``tuple[...]`` annotation of the same length (``-> tuple[Model, Metrics]``). Any other
+    annotation for several outputs routes none of them.
+    """
+    annotation = resolved_annotations(func).get("return", inspect.Parameter.empty)
+    if len(outputs) == 1:
+        kind = asset_type_for(annotation)
+        return {} if kind is None else {outputs[0]: kind}
+    if typing.get_origin(annotation) is not tuple:
+        return {}
+    members = typing.get_args(annotation)
+    if len(members) != len(outputs) or Ellipsis in members:
+        return {}
+    kinds = {name: asset_type_for(member) for name, member in zip(outputs, members, strict=True)}
+    return {name: kind for name, kind in kinds.items() if kind is not None}
 
 
 def input_assets(values: Iterable[object]) -> list[Asset]:
