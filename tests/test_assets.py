@@ -530,7 +530,12 @@ class TestRouting:
     def test_input_assets(self) -> None:
         """Assets among arguments, one level into containers, each once, in order."""
         a, b, c = Dataset([1]), Model(2), Metrics(x=1)
-        assert input_assets([a, 3, [b, a], {"k": c}, "text"]) == [a, b, c]
+        assert input_assets([a, 3, [b, a], {"k": c}, "text", (), {}]) == [a, b, c]
+
+    def test_input_assets_skip_containers_of_plain_values(self) -> None:
+        """Only containers that start with an asset are looked into."""
+        hidden = Dataset([1])
+        assert input_assets([[1, hidden], {"k": 1, "j": hidden}]) == []
 
     def test_unwrap_input(self) -> None:
         """An asset reaches a parameter annotated with its data's type as that data."""

@@ -146,8 +146,9 @@ def output_asset_types(func: Callable[..., Any], outputs: Sequence[str]) -> dict
 def input_assets(values: Iterable[object]) -> list[Asset]:
     """The assets among a step's argument values, in order, each once.
 
-    Looks into lists, tuples, sets and dict values one level deep, so a step taking
-    ``datasets: list[Dataset]`` derives from each of them.
+    Looks one level into lists, tuples and dict values that start with an asset, so a step
+    taking ``datasets: list[Dataset]`` derives from each of them, while a big list of plain
+    rows costs one look at its first item, not a pass over it.
     """
     out: list[Asset] = []
     seen: set[int] = set()
@@ -158,13 +159,16 @@ def input_assets(values: Iterable[object]) -> list[Asset]:
             out.append(value)
 
     for value in values:
+        items: Iterable[object] = ()
         if isinstance(value, Asset):
             add(value)
-        elif isinstance(value, list | tuple | set | frozenset):
-            for item in value:
-                add(item)
+        elif isinstance(value, list | tuple):
+            items = value
         elif isinstance(value, Mapping):
-            for item in value.values():
+            items = value.values()
+        first = next(iter(items), None)
+        if isinstance(first, Asset):
+            for item in items:
                 add(item)
     return out
 
