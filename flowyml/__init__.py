@@ -4,6 +4,7 @@ This module only re-exports. The layers, from the bottom up:
 
 - ``_errors``                  the error tree (public as ``flowyml.errors``)
 - ``_step``, ``_context``      describing work: ``@step``, ``context()``
+- ``_assets``                  typed values: ``Model``, ``Dataset``, ``Metrics``, ... and their lineage
 - ``_graph``                   planning: bind parameters, wire edges, reject bad graphs (pure)
 - ``_scheduler``, ``_attempt`` running: start each step when its inputs exist; retries and timeouts
 - ``_executors``               where bodies run: the loop, threads, processes, Dask
@@ -12,7 +13,8 @@ This module only re-exports. The layers, from the bottom up:
 - ``_pipeline``                ``Pipeline``: plan once, run many times
 """
 
-from ._assets import Asset, Dataset, Metrics, Model
+from . import errors as errors
+from ._assets import Asset, AssetMetadata, Dataset, FeatureSet, Metrics, Model
 from ._breaker import CircuitBreaker, CircuitState, CircuitStats
 from ._conditions import ControlContext, If, unless, when
 from ._context import Context, context
@@ -48,6 +50,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = (
     "Asset",
+    "AssetMetadata",
     "CachePolicy",
     "CircuitBreaker",
     "CircuitOpenError",
@@ -64,6 +67,7 @@ __all__ = (
     "Executor",
     "ExponentialBackoff",
     "FallbackHandler",
+    "FeatureSet",
     "FlowymlError",
     "If",
     "Metrics",
