@@ -7,7 +7,7 @@ run in this process is computing waits for that value instead of computing it ag
 step, successful outputs are put in the store and every fate is recorded; both only enqueue —
 the store's single writer commits them off the hot path. Recording a step that did not fail
 appends four items to a list (``Store.record_fate``) and the writer builds its record; what never
-changes between runs of a plan (names, inputs) is encoded once per node (``StepShape``).
+changes between runs of a plan (names, inputs) is encoded once per node, in the plan.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ._hashing import cache_key, fingerprint_function, hash_value
 from ._results import StepResult, StepStatus
 from ._scheduler import RunHooks
 from ._step import CachePolicy
-from ._store import StepRecord, StepShape, Store
+from ._store import StepRecord, Store
 
 __all__ = ("StoreHooks",)
 
@@ -36,22 +36,6 @@ _inflight: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, dict[tuple[Path, str], asyncio.Future[_Outcome]]
 ]
 _inflight = weakref.WeakKeyDictionary()
-
-#: The lineage shapes of the nodes of the last few plans run, by ``id(plan)`` (a plan is frozen and
-#: reused until its pipeline changes; it is kept here so that its id cannot be reused meanwhile).
-_shapes: dict[int, tuple[Plan, list[StepShape | None]]] = {}
-_MAX_PLANS = 8
-
-
-def _shapes_of(plan: Plan) -> list[StepShape | None]:
-    found = _shapes.get(id(plan))
-    if found is not None and found[0] is plan:
-        return found[1]
-    if len(_shapes) >= _MAX_PLANS:
-        del _shapes[next(iter(_shapes))]
-    shapes: list[StepShape | None] = [None] * len(plan.nodes)
-    _shapes[id(plan)] = (plan, shapes)
-    return shapes
 
 
 class StoreHooks(RunHooks):
@@ -72,7 +56,7 @@ class StoreHooks(RunHooks):
         self._hashing: dict[int, asyncio.Future[str]] = {}
         self._hash_pool: ThreadPoolExecutor | None = None
         self._inflight = _inflight.setdefault(asyncio.get_running_loop(), {})
-        self._shapes = _shapes_of(plan) if recording else []
+        self._shapes = plan.shapes
         self._fingerprints: dict[int, tuple[Callable[..., Any], str]] = {}
         self._record_fate = store.record_fate
 
@@ -251,12 +235,7 @@ class StoreHooks(RunHooks):
         if self.recording:
             if res.error is None:
                 # The hot path: four items appended; the writer builds the record when it commits.
-                shape = self._shapes[node.id]
-                if shape is None:
-                    shape = self._shapes[node.id] = StepShape(
-                        node.name, node.output_names, node.lineage_inputs
-                    )
-                self._record_fate(self.run_id, res, hashes, shape)
+                self._record_fate(self.run_id, res, hashes, self._shapes[node.id])
             else:
                 self.store.record_step(self.record(node, res, hashes))
 
@@ -322,7 +301,7 @@ class StoreHooks(RunHooks):
             error_message=None if err is None else str(err),
             traceback=res.traceback,
             outputs={n: (hashes or {}).get(n) for n in res.outputs} if res.outputs else {},
-            inputs=node.lineage_inputs or {},
+            inputs=dict(node.lineage_inputs),
         )
 
 

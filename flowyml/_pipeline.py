@@ -11,13 +11,14 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._conditions import NOT_CHOSEN, If
+from ._conditions import If
 from ._context import Context
 from ._errors import ConfigError, EventLoopError
 from ._executors._base import Executor
 from ._executors._local import AsyncExecutor, ThreadExecutor
+from ._gates import NOT_CHOSEN
 from ._graph import Node, Plan, build_plan
-from ._resources import Request, ResourcePool, parse_capacity, requests_for
+from ._resources import ResourcePool, parse_capacity
 from ._results import PipelineResult, StepResult, StepStatus
 from ._scheduler import Run, describe_inputs
 from ._step import Step, step
@@ -78,7 +79,6 @@ class Pipeline:
         self._step_ids: set[int] = set()
         self._flows: list[If] = []
         self._plan: Plan | None = None
-        self._requests: list[Request] = []
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResourcePool] = (
             weakref.WeakKeyDictionary()
         )
@@ -124,9 +124,7 @@ class Pipeline:
             GraphError: a cycle, a missing input or a duplicate output, before anything runs.
         """
         if self._plan is None:
-            plan = build_plan(self._steps, self._flows)
-            self._requests = [requests_for(n.name, n.step.resources, self.capacity) for n in plan.nodes]
-            self._plan = plan
+            self._plan = build_plan(self._steps, self._flows, capacity=self.capacity)
         return self._plan
 
     def run(
@@ -207,7 +205,6 @@ class Pipeline:
                 on_failure=_debug_report if debug else None,
                 hooks=hooks,
                 resources=self._resource_pool() if self.capacity else None,
-                requests=self._requests if self.capacity else (),
                 remote=remote,
             )
             await run.execute()

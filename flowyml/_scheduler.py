@@ -29,9 +29,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ._attempt import run_attempts
-from ._conditions import NOT_CHOSEN, ControlContext, NotReady, conditions_hold
+from ._conditions import conditions_hold
 from ._errors import StepError, StepTimeoutError
 from ._executors._base import Executor
+from ._gates import NOT_CHOSEN, decide
 from ._graph import CONTEXT, MISSING, SLOT, Gate, Node, Plan, Source
 from ._groups import Member, Outcome, run_chain
 from ._remote import RemoteValues
@@ -62,7 +63,6 @@ class Run:
         on_failure: Callable[[Node, StepResult, list[Any]], None] | None = None,
         hooks: RunHooks | None = None,
         resources: ResourcePool | None = None,
-        requests: Sequence[Request] = (),
         remote: bool = False,
     ) -> None:
         self.plan = plan
@@ -77,16 +77,10 @@ class Run:
                 self.remaining[i] += 1
         self._gate_waiters: dict[int, list[Gate]] = {}
         self._executors = executors
-        self._fast = [
-            ex.name == "async"
-            and n.step.retry is None
-            and n.step.timeout is None
-            and not n.step.uses_fallback
-            for n, ex in zip(plan.nodes, self._executors, strict=True)
-        ]
+        self._fast = [d and ex.name == "async" for d, ex in zip(plan.direct, executors, strict=True)]
         self._gate_errors: dict[int, BaseException] = {}
         self._resources = resources
-        self._requests = requests
+        self._requests = plan.requests if resources is not None else ()
         self._remote = RemoteValues(keep_outputs=not plan.gates) if remote else None
         self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self._on_failure = on_failure
@@ -284,23 +278,16 @@ class Run:
 
     def _evaluate(self, gate: Gate) -> None:
         """Pick a branch of an ``If`` once everything its condition reads exists."""
-        try:
-            chosen = bool(gate.condition(ControlContext(self)))
-        except NotReady as wait:
-            self._gate_waiters.setdefault(wait.node_id, []).append(gate)
+        decision = decide(gate, self.plan, self.results, self.params)
+        if decision.waits_on is not None:
+            self._gate_waiters.setdefault(decision.waits_on, []).append(gate)
             return
-        except Exception as exc:
-            exc.add_note(f"flowyml: raised by the condition of {gate.name}; neither branch ran")
-            for i in (*gate.then_ids, *gate.else_ids):
-                self.blocked[i] = self.blocked[i] or f"the condition of {gate.name} raised"
-                self._gate_errors[i] = exc
-                self._release(i)
-            return
-        run, drop = (gate.then_ids, gate.else_ids) if chosen else (gate.else_ids, gate.then_ids)
-        for i in drop:
-            self.blocked[i] = NOT_CHOSEN
+        for i in decision.dropped:
+            self.blocked[i] = self.blocked[i] or decision.mark
+            if decision.error is not None:
+                self._gate_errors[i] = decision.error
             self._release(i)
-        for i in run:
+        for i in decision.run:
             self._release(i)
 
     def _undecided_gates(self) -> None:
