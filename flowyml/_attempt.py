@@ -7,7 +7,6 @@ attempt counts as a failure for any circuit breaker wrapped around the step's fu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from typing import Any
 
 from ._errors import StepTimeoutError
@@ -15,7 +14,7 @@ from ._executors._base import Executor
 from ._fallback import watch_fallbacks
 from ._graph import Node
 from ._results import StepResult
-from ._retry import RetryRun, _asleep
+from ._retry import RetryRun
 
 __all__ = ("run_attempts",)
 
@@ -31,34 +30,30 @@ async def run_attempts(
 ) -> Any:
     """Call the step's body until it succeeds or its retry policy gives up; record attempts on ``res``."""
     step = node.step
-    retry = RetryRun(step.retry) if step.retry is not None else None
     extra = {"keep_remote": True} if keep_remote else {}
-    body = step.body
-    if step.uses_fallback:
-        body = watch_fallbacks(body)
-    while True:
-        res.attempts = retry.attempt if retry is not None else 1
+    body = watch_fallbacks(step.body) if step.uses_fallback else step.body
+    positional = tuple(args)
+
+    async def attempt() -> Any:
         try:
-            ret = await executor.run(
-                body, tuple(args), kwargs, timeout=step.timeout, step_name=node.name, **extra
+            return await executor.run(
+                body, positional, kwargs, timeout=step.timeout, step_name=node.name, **extra
             )
-            if step.uses_fallback:
-                ret, used = ret
-                res.fallback_reasons = tuple(used)
-            return ret
-        except Exception as exc:
-            if isinstance(exc, StepTimeoutError):
-                for breaker in _breakers(step.body):
-                    breaker.record_failure(exc)
-            delay = retry.failed(exc) if retry is not None else None
-            if delay is None:
-                raise
-            await _asleep(delay)
+        except StepTimeoutError as exc:
+            for breaker in step.breakers:
+                breaker.record_failure(exc)
+            raise
 
-
-def _breakers(func: Callable[..., Any]) -> Iterator[Any]:
-    while func is not None:
-        breaker = getattr(func, "__flowyml_breaker__", None)
-        if breaker is not None:
-            yield breaker
-        func = getattr(func, "__wrapped__", None)  # type: ignore[assignment]
+    if step.retry is None:
+        res.attempts = 1
+        ret = await attempt()
+    else:
+        retry = RetryRun(step.retry)
+        try:
+            ret = await retry.acall(attempt, (), {})
+        finally:
+            res.attempts = retry.attempt
+    if step.uses_fallback:
+        ret, used = ret
+        res.fallback_reasons = tuple(used)
+    return ret

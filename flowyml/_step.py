@@ -57,6 +57,7 @@ class Step:
     __slots__ = (
         "__dict__",
         "body",
+        "breakers",
         "cache",
         "condition",
         "conditions",
@@ -94,6 +95,7 @@ class Step:
     is_async: bool
     signature: inspect.Signature
     uses_fallback: bool
+    breakers: tuple[Any, ...]
 
     def __init__(
         self,
@@ -142,7 +144,8 @@ class Step:
         set_(self, "conditions", conditions)
         set_(self, "execution_group", _check_group(execution_group, label))
         set_(self, "is_async", is_async_callable(body))
-        set_(self, "uses_fallback", _has_layer(body, "__flowyml_fallback__"))
+        set_(self, "uses_fallback", bool(_layers_of(body, "__flowyml_fallback__")))
+        set_(self, "breakers", _layers_of(body, "__flowyml_breaker__"))
         set_(self, "executor", _check_executor(executor, label, self.is_async))
         try:
             set_(self, "signature", inspect.signature(body))
@@ -265,12 +268,19 @@ def _unwrap_layers(
     return func, retry, tuple(conditions)
 
 
-def _has_layer(func: Any, marker: str) -> bool:
+def _layers_of(func: Any, marker: str) -> tuple[Any, ...]:
+    """What each decorator layer of ``func`` marked with ``marker`` holds, outermost first.
+
+    Read once here, so no later stage walks ``__wrapped__``: a step's circuit breakers (a timed
+    out attempt counts as their failure) and whether it has a fallback.
+    """
+    found = []
     while func is not None:
-        if getattr(func, marker, None) is not None:
-            return True
+        value = getattr(func, marker, None)
+        if value is not None:
+            found.append(value)
         func = getattr(func, "__wrapped__", None)
-    return False
+    return tuple(found)
 
 
 def _check_name(name: str | None, label: str) -> str:

@@ -124,3 +124,44 @@ class TestFailures:
         statuses = [result.step_results[n].status for n in ("ok", "broken", "never")]
         assert statuses == [StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED]
         assert isinstance(result.step_results["broken"].error, ValueError)
+
+
+class TestRetriesInAGroup:
+    """Members retry through the same loop as every step: same clock, same annotations."""
+
+    def _flaky_chain(self, calls: list[int], retry: Any) -> Pipeline:
+        @step(outputs=["x"], execution_group="g")
+        def head() -> int:
+            return 1
+
+        @step(outputs=["y"], execution_group="g", retry=retry)
+        def flaky(x: int) -> int:
+            calls.append(x)
+            raise OSError("down")
+
+        return Pipeline("group-retry", enable_cache=False, lineage=False).add_step(head).add_step(flaky)
+
+    def test_max_time_reads_the_no_sleep_clock(self) -> None:
+        """Skipped waits still count against max_time, as they do outside a group."""
+        from flowyml import RetryConfig
+        from flowyml._retry import ExponentialBackoff
+        from flowyml.testing import no_sleep
+
+        calls: list[int] = []
+        policy = RetryConfig(50, ExponentialBackoff(initial=1.0, multiplier=1.0, jitter=False), max_time=3.5)
+        with no_sleep() as delays:
+            result = self._flaky_chain(calls, policy).run()
+        assert delays == [1.0, 1.0, 1.0]  # a fourth wait would end past 3.5 s
+        assert len(calls) == 4
+        assert result.step_results["flaky"].attempts == 4
+
+    def test_a_failure_carries_its_attempts(self) -> None:
+        from flowyml.testing import no_sleep
+
+        calls: list[int] = []
+        with no_sleep():
+            result = self._flaky_chain(calls, 2).run()
+        error = result.step_results["flaky"].error
+        assert isinstance(error, OSError)
+        assert error.attempts == 3  # type: ignore[attr-defined]
+        assert any("gave up after 3 attempts" in note for note in error.__notes__)
