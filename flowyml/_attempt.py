@@ -31,18 +31,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._conditions import conditions_hold
-from ._errors import StepError, StepTimeoutError
+from ._errors import StepTimeoutError
 from ._executors._base import Executor
 from ._fallback import watch_fallbacks
 from ._graph import SLOT, Node, Source
-from ._groups import Member, Outcome, run_chain
+from ._groups import Member, Outcome, coroutine_returned, run_chain
 from ._remote import RemoteValues
 from ._resources import Request, ResourcePool
 from ._results import StepResult, StepStatus, _Builder, finished
 from ._retry import RetryRun
 from ._state import RunState
 
-__all__ = ("Lookup", "RunHooks", "UnitRunner", "coroutine_returned")
+__all__ = ("Lookup", "RunHooks", "UnitRunner")
 
 _perf = time.perf_counter
 _now = time.time
@@ -432,18 +432,6 @@ class UnitRunner:
         """Fetch every remote output to the driver; call before the executors close."""
         if self.remote is not None:
             await self.remote.localize_outputs(self.state)
-
-
-def coroutine_returned(step_name: str, value: Any) -> StepError:
-    """The error for a plain function that returned a coroutine: it was never awaited."""
-    close = getattr(value, "close", None)
-    if close is not None:
-        close()  # no "never awaited" warning on top of the error
-    return StepError(
-        f"step {step_name!r} is a plain function that returned a coroutine, which flowyml will not "
-        "await; declare it with `async def` so it runs on the event loop",
-        step_name=step_name,
-    )
 
 
 def _largest(requests: Iterable[Request]) -> Request:

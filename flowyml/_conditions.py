@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from ._assets import Asset, Metrics
 from ._errors import ConfigError
-from ._layers import layer
+from ._layers import layer, over_step
 from ._results import StepStatus
 
 if TYPE_CHECKING:
@@ -54,6 +54,9 @@ def _conditional(
     conditions = ((predicate, negate),)
 
     def decorate(func: Callable[P, R]) -> Callable[P, R | None]:
+        stepped = over_step(func, decorate)
+        if stepped is not None:
+            return cast(Callable[P, R | None], stepped)
         afunc = cast(Callable[..., Awaitable[Any]], func)
 
         def call(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:

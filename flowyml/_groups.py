@@ -21,6 +21,7 @@ Async steps are never grouped: they already run back to back on the loop without
 
 from __future__ import annotations
 
+import inspect
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -28,10 +29,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._conditions import conditions_hold
+from ._errors import StepError
 from ._results import StepStatus, split_outputs
 from ._retry import RetryConfig, RetryRun
 
-__all__ = ("Member", "Outcome", "run_chain")
+__all__ = ("Member", "Outcome", "coroutine_returned", "run_chain")
 
 # An argument: ("v", value) known before the chain starts, or ("s", slot) made inside it.
 Arg = tuple[str, Any]
@@ -94,7 +96,10 @@ def _attempts(m: Member, args: list[Any], kwargs: dict[str, Any], local: dict[in
     retry = RetryRun(m.retry) if m.retry is not None else None
 
     def attempt() -> dict[str, Any]:
-        return split_outputs(m.name, m.output_names, m.body(*args, **kwargs))
+        ret = m.body(*args, **kwargs)
+        if inspect.iscoroutine(ret):
+            raise coroutine_returned(m.name, ret)
+        return split_outputs(m.name, m.output_names, ret)
 
     try:
         outputs = attempt() if retry is None else retry.call(attempt, (), {})
@@ -116,4 +121,16 @@ def _attempts(m: Member, args: list[Any], kwargs: dict[str, Any], local: dict[in
         attempts=1 if retry is None else retry.attempt,
         start_time=start,
         duration_seconds=time.perf_counter() - t0,
+    )
+
+
+def coroutine_returned(step_name: str, value: Any) -> StepError:
+    """The error for a plain function that returned a coroutine: it was never awaited."""
+    close = getattr(value, "close", None)
+    if close is not None:
+        close()  # no "never awaited" warning on top of the error
+    return StepError(
+        f"step {step_name!r} is a plain function that returned a coroutine, which flowyml will not "
+        "await; declare it with `async def` so it runs on the event loop",
+        step_name=step_name,
     )

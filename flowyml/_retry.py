@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
 from flowyml._errors import CircuitOpenError, ConfigError
-from flowyml._layers import layer
+from flowyml._layers import layer, over_step
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -380,6 +380,9 @@ class Retry:
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
         if not callable(func):
             raise ConfigError(f"retry(...) decorates a function, got {func!r}")
+        stepped = over_step(func, self)
+        if stepped is not None:
+            return cast(Callable[P, R], stepped)
         config = self.config
         afunc = cast(Callable[..., Awaitable[Any]], func)
 

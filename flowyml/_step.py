@@ -68,6 +68,7 @@ class Step:
         "inputs",
         "is_async",
         "name",
+        "options",
         "outputs",
         "resources",
         "retry",
@@ -96,6 +97,7 @@ class Step:
     signature: inspect.Signature
     uses_fallback: bool
     breakers: tuple[Any, ...]
+    options: dict[str, Any]
 
     def __init__(
         self,
@@ -117,8 +119,10 @@ class Step:
             raise ConfigError(f"@step needs a function, got {type(func).__name__}: {func!r}")
         if isinstance(func, Step):
             func = func.func
+        inputs, outputs = _as_tuple(inputs), _as_tuple(outputs)
         body, lifted_retry, conditions = _unwrap_layers(func)
         label = name or getattr(body, "__name__", None) or type(body).__name__
+        _refuse_generators(body, label)
         if lifted_retry is not None and retry not in (0, None):
             raise ConfigError(f"step {label!r} has both @retry(...) and retry={retry!r}; keep one of them")
         if condition is not None:
@@ -131,6 +135,11 @@ class Step:
         set_ = object.__setattr__
         set_(self, "func", func)
         set_(self, "body", body)
+        set_(self, "options", {
+            "name": name, "inputs": inputs, "outputs": outputs, "cache": cache,
+            "retry": retry, "timeout": timeout, "resources": resources, "tags": tags,
+            "condition": condition, "execution_group": execution_group, "executor": executor,
+        })  # fmt: skip
         set_(self, "name", _check_name(name, label))
         set_(self, "explicit_name", name is not None)
         set_(self, "inputs", _names(inputs, "inputs", label))
@@ -155,6 +164,10 @@ class Step:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)
+
+    def __flowyml_rewrap__(self, decorate: Callable[[Callable[..., Any]], Any]) -> Step:
+        """This step with ``decorate`` applied to its function: a decorator written above ``@step``."""
+        return Step(decorate(self.func), **self.options)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in Step.__slots__:
@@ -240,6 +253,23 @@ _OPTIONS: Final = frozenset(
         "executor",
     )
 )
+
+
+def _as_tuple(value: Any) -> Any:
+    """A one-shot iterable of names as a tuple, so the options can build the step again."""
+    return value if value is None or isinstance(value, str) else tuple(value)
+
+
+def _refuse_generators(body: Callable[..., Any], label: str) -> None:
+    """Generator steps have no meaning yet (streaming sources will give them one): refuse them."""
+    inner = inspect.unwrap(body) if callable(body) else body
+    for func in (body, inner):
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            kind = "an async generator" if inspect.isasyncgenfunction(func) else "a generator"
+            raise ConfigError(
+                f"step {label!r} is {kind} function (it uses `yield`); flowyml does not run generator "
+                "steps: return a list of the items instead (or use parallel_map inside the step)"
+            )
 
 
 def _unwrap_layers(
