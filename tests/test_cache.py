@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import sys
+import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -341,3 +342,90 @@ class TestInputHashing:
         assert result.success, result.summary()
         assert len(BigValue.hashed_in) == 1
         assert BigValue.hashed_in[0] != threading.get_ident()
+
+
+class TestOutputsInTheKey:
+    def test_swapping_output_names_is_a_miss(self) -> None:
+        """Changing a step's outputs= changes its key: no stale or crashing hit."""
+
+        def build(names: list[str]) -> Pipeline:
+            @step(name="split", outputs=names)
+            def split() -> tuple[list[int], list[int]]:
+                return [1, 2, 3], [9]
+
+            return Pipeline("outputs").add_step(split)
+
+        build(["train", "test"]).run()
+        swapped = build(["test", "train"]).run()
+        assert not swapped.step_results["split"].cached
+        assert swapped["test"] == [1, 2, 3]
+        renamed = build(["train", "holdout"]).run()
+        assert renamed.success and renamed["holdout"] == [9]
+
+
+class TestKeysAndFingerprints:
+    """What goes into a key, and fingerprints made before any step runs."""
+
+    def test_asset_metadata_is_part_of_the_key(self) -> None:
+        """Two datasets differing only in metadata never share a cache entry."""
+        from flowyml import Dataset
+
+        @step(outputs=["label"])
+        def label_of(ds: Dataset) -> str:
+            return str(ds.metadata["label"])
+
+        p = Pipeline("meta").add_step(label_of)
+        assert p.run(context={"ds": Dataset([1, 2], metadata={"label": "y"})})["label"] == "y"
+        assert p.run(context={"ds": Dataset([1, 2], metadata={"label": "target"})})["label"] == "target"
+
+    async def test_single_flight_hands_out_copies(self) -> None:
+        """Runs that share a computed key get equal values, never the same live object."""
+
+        @step(outputs=["rows"])
+        async def rows() -> list[int]:
+            await asyncio.sleep(0.02)
+            return [1, 2, 3]
+
+        p = Pipeline("copies").add_step(rows)
+        a, b = await asyncio.gather(p.arun(), p.arun())
+        assert a["rows"] == b["rows"]
+        assert a["rows"] is not b["rows"]
+
+    def test_fingerprint_error_is_raised_before_any_step_runs(self) -> None:
+        """An unhashable closure value is reported up front, naming the step and the fixes."""
+        from flowyml.errors import UnhashableInputError
+
+        lock = threading.Lock()
+        ran: list[str] = []
+
+        @step(outputs=["first"], cache=False)
+        def first() -> int:
+            ran.append("first")
+            return 1
+
+        @step(outputs=["x"])
+        def uses_lock(first: int) -> int:
+            with lock:
+                return first
+
+        with pytest.raises(UnhashableInputError) as info:
+            Pipeline("fp").add_step(first).add_step(uses_lock).run()
+        assert ran == []
+        assert info.value.step_name == "uses_lock"
+        assert "input_hash" in str(info.value) and "..." not in str(info.value)
+
+    def test_fingerprint_warn_policy_runs_uncached(self) -> None:
+        """With on_unhashable='warn' the same step runs, uncached, after a warning."""
+        from flowyml import CachePolicy
+        from flowyml.errors import UncachedStepWarning
+
+        lock = threading.Lock()
+
+        @step(outputs=["x"], cache=CachePolicy("code_hash", on_unhashable="warn"))
+        def uses_lock() -> int:
+            with lock:
+                return 1
+
+        with pytest.warns(UncachedStepWarning, match="uses_lock"):
+            result = Pipeline("fpw").add_step(uses_lock).run()
+        assert result["x"] == 1

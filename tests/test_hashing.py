@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from flowyml import Pipeline, step
 from flowyml._errors import UnhashableInputError
 from flowyml._hashing import cache_key, fingerprint_function, hash_value
 
@@ -759,3 +760,24 @@ class TestCacheKey:
         with socket.socket() as conn, pytest.raises(UnhashableInputError) as info:
             self.key(params={"conn": conn})
         assert info.value.path == "conn"
+
+
+class _Grumpy:
+    def __flowyml_hash__(self) -> object:
+        raise ValueError("no hash for you")
+
+
+GRUMPY_GLOBAL = _Grumpy()
+
+
+class TestGlobalsInPipelines:
+    """Globals a step reads, in a real run."""
+
+    def test_global_whose_hash_raises_is_environment(self) -> None:
+        """A global the step reads whose __flowyml_hash__ raises is skipped, not a step failure."""
+
+        @step(outputs=["x"])
+        def reads_global() -> str:
+            return type(GRUMPY_GLOBAL).__name__
+
+        assert Pipeline("grumpy").add_step(reads_global).run()["x"] == "_Grumpy"
