@@ -128,7 +128,12 @@ class UnitRunner:
             began = _now()
             t0 = _perf()
             try:
-                produced = state.put(node, await node.step.body(*args, **kwargs))
+                ret = await node.step.body(*args, **kwargs)
+                if len(node.output_slots) == 1:
+                    state.values[node.output_slots[0]] = ret
+                    produced = {node.output_names[0]: ret}
+                else:
+                    produced = state.put(node, ret)
             except asyncio.CancelledError:
                 res = self._result(
                     node, StepStatus.CANCELLED, {}, None, None, True, began, t0, 0.0, None, None, ()
