@@ -86,8 +86,6 @@ class InMemoryExecutor(Executor):
         self.closed = True
 
 
-
-
 @contextlib.contextmanager
 def no_sleep() -> Iterator[list[float]]:
     """Make flowyml's waits between retries instant, and record the requested delays.
