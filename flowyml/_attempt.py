@@ -26,7 +26,7 @@ import contextlib
 import inspect
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,44 +118,54 @@ class UnitRunner:
 
     # ------------------------------------------------------------------ one node
 
-    async def node(self, node: Node) -> bool:
-        """Run one node through its layers and record its fate; True when its outputs exist."""
+    def node(self, node: Node) -> Coroutine[Any, Any, bool]:
+        """Run one node through its layers and record its fate; True when its outputs exist.
+
+        A plain method handing back one of two coroutines, so a step with nothing around its
+        call pays for no layer it does not have, nor for an extra coroutine.
+        """
+        return self._bare_node(node) if self._bare[node.id] else self._layered_node(node)
+
+    async def _bare_node(self, node: Node) -> bool:
+        """A step with nothing around its call: awaited here, then recorded (the per-step hot path)."""
         state = self.state
         if state.blocked[node.id] is not None:
             return self._blocked(node)
         args, kwargs = state.arguments(node)
-        if self._bare[node.id]:  # nothing around the call (inlined: the per-step hot path)
-            began = _now()
-            t0 = _perf()
-            try:
-                ret = await node.step.body(*args, **kwargs)
-                if len(node.output_slots) == 1:
-                    state.values[node.output_slots[0]] = ret
-                    produced = {node.output_names[0]: ret}
-                else:
-                    produced = state.put(node, ret)
-            except asyncio.CancelledError:
-                res = self._result(
-                    node, StepStatus.CANCELLED, {}, None, None, True, began, t0, 0.0, None, None, ()
-                )
-                state.results[node.id] = res
-                if self.hooks is not None:
-                    self.hooks.after(node, res, args, kwargs)
-                raise
-            except Exception as exc:
-                res = self._result(
-                    node, StepStatus.FAILED, {}, exc, None, True, began, t0, 0.0, None, None, ()
-                )
-                return self.settle(node, res, args, kwargs, args, kwargs)
-            took = _perf() - t0
-            res = _Builder(
-                node.name, StepStatus.SUCCEEDED, produced, None, None, 1, began, began + took, took
+        began = _now()
+        t0 = _perf()
+        try:
+            ret = await node.step.body(*args, **kwargs)
+            if len(node.output_slots) == 1:
+                state.values[node.output_slots[0]] = ret
+                produced = {node.output_names[0]: ret}
+            else:
+                produced = state.put(node, ret)
+        except asyncio.CancelledError:
+            res = self._result(
+                node, StepStatus.CANCELLED, {}, None, None, True, began, t0, 0.0, None, None, ()
             )
-            res.__class__ = StepResult
             state.results[node.id] = res
             if self.hooks is not None:
                 self.hooks.after(node, res, args, kwargs)
-            return True
+            raise
+        except Exception as exc:
+            res = self._result(node, StepStatus.FAILED, {}, exc, None, True, began, t0, 0.0, None, None, ())
+            return self.settle(node, res, args, kwargs, args, kwargs)
+        took = _perf() - t0
+        res = _Builder(node.name, StepStatus.SUCCEEDED, produced, None, None, 1, began, began + took, took)
+        res.__class__ = StepResult
+        state.results[node.id] = res
+        if self.hooks is not None:
+            self.hooks.after(node, res, args, kwargs)
+        return True
+
+    async def _layered_node(self, node: Node) -> bool:
+        """A step with layers: blocked -> condition -> cache -> hold -> retry -> timeout -> executor -> record."""
+        state = self.state
+        if state.blocked[node.id] is not None:
+            return self._blocked(node)
+        args, kwargs = state.arguments(node)
         step = node.step
         hooks = self.hooks
         cached = hooks is not None and hooks.caching and step.cache is not False

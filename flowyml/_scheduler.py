@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
 from ._errors import StepError
@@ -42,7 +42,9 @@ class Runner(Protocol):
     them produced their outputs.
     """
 
-    async def node(self, node: Node) -> bool: ...
+    def node(self, node: Node) -> Awaitable[bool]:
+        """The node's fate: True when its outputs exist."""
+        ...
 
     async def chain(self, nodes: Sequence[Node]) -> tuple[list[tuple[Node, bool]], bool]:
         """Each member's fate, and whether the whole chain ran (else only its head did)."""
