@@ -429,3 +429,34 @@ class TestKeysAndFingerprints:
         with pytest.warns(UncachedStepWarning, match="uses_lock"):
             result = Pipeline("fpw").add_step(uses_lock).run()
         assert result["x"] == 1
+
+
+class TestHooksDecide:
+    """The cache hooks return what they found; they never write into a run's state."""
+
+    async def test_lookup_returns_the_hit_and_leaves_values_alone(self, tmp_path: Path) -> None:
+        from flowyml._cache import StoreHooks
+        from flowyml._graph import MISSING
+        from flowyml._results import finished
+        from flowyml._state import RunState
+
+        @step(outputs=["x"])
+        def make(n: int) -> int:
+            return n * 10
+
+        p = Pipeline("decide", context=context(n=4), cache_dir=tmp_path).add_step(make)
+        await p.arun()
+        plan = p.plan()
+        state = RunState(plan, {"n": 4})
+        async with await Store.open(tmp_path) as store:
+            hooks = StoreHooks(store, plan, run_id="r", caching=True, recording=False)
+            await store.preload(["make"])
+            node = plan.by_name["make"]
+            found = await hooks.lookup(node, *state.arguments(node))
+            assert found is not None and found.outputs == {"x": 40} and found.key
+            assert state.values == [MISSING]  # the runner applies a hit, not the hook
+            miss = await hooks.lookup(node, [5], {})
+            assert miss is not None and miss.outputs is None and miss.key != found.key
+            failed = finished("make", StepStatus.FAILED, {}, ValueError("no"))
+            hooks.after(node, failed, [5], {})  # settles the claim the miss took
+            hooks.release()
