@@ -1,19 +1,19 @@
 """flowyml: plain Python functions as pipeline steps, run on an asyncio engine.
 
-This module only re-exports. The layers, from the bottom up:
+This module only re-exports. Data flows define -> plan -> run -> record (docs/architecture.md):
 
-- ``_errors``                  the error tree (public as ``flowyml.errors``)
-- ``_step``, ``_context``      describing work: ``@step``, ``context()``
-- ``_graph``                   planning: bind parameters, wire edges, reject bad graphs (pure)
-- ``_scheduler``, ``_attempt`` running: start each step when its inputs exist; retries and timeouts
-- ``_executors``               where bodies run: the loop, threads, processes, Dask
-- ``_retry``, ``_breaker``, ``_fallback``, ``_conditions``, ``_parallel``   resilience and control flow
-- ``_limits``, ``_items``       concurrency and rate limits; mapped steps' per-item markers
-- ``_hashing``, ``_store``     cache keys, the SQLite cache and lineage store
-- ``_pipeline``                ``Pipeline``: plan once, run many times
+- define: ``_step``, ``_retry``, ``_fallback``, ``_breaker``, ``_conditions``, ``_context``,
+  ``_assets``, ``_parallel``, ``_layers``, ``_limits``   describing work: ``@step`` and its layers
+- plan: ``_graph``, ``_resources``         bind parameters, wire edges, reject bad graphs (pure)
+- run: ``_scheduler`` (counters), ``_state``, ``_attempt`` (one unit's layers), ``_gates``,
+  ``_groups``, ``_remote``
+- record: ``_cache``                       cache look-ups and lineage records around each step
+- foundation: ``_errors``, ``_results``, ``_items``, ``_executors``, ``_hashing``, ``_store``
+- ``_pipeline``                            ``Pipeline``: plan once, run many times
 """
 
-from ._assets import Asset, Dataset, Metrics, Model
+from . import errors as errors
+from ._assets import Asset, AssetMetadata, Dataset, FeatureSet, Metrics, Model
 from ._breaker import CircuitBreaker, CircuitState, CircuitStats
 from ._conditions import ControlContext, If, unless, when
 from ._context import Context, context
@@ -51,6 +51,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = (
     "Asset",
+    "AssetMetadata",
     "CachePolicy",
     "CircuitBreaker",
     "CircuitOpenError",
@@ -67,6 +68,7 @@ __all__ = (
     "Executor",
     "ExponentialBackoff",
     "FallbackHandler",
+    "FeatureSet",
     "FlowymlError",
     "If",
     "ItemFailed",

@@ -19,6 +19,7 @@ plain Python keeps working::
     │   └── SerializationError(TypeError)     an argument or result cannot be pickled
     ├── CircuitOpenError(RuntimeError)        a circuit breaker refused the call
     ├── UnhashableInputError(TypeError)       a value has no deterministic cache key
+    ├── AssetError(TypeError)                 an asset was given what it cannot hold (a metric that is not a number)
     ├── StoreError(RuntimeError)              the cache and lineage store cannot be used
     └── EventLoopError(RuntimeError)          ``run()`` was called inside a running loop
 
@@ -30,6 +31,7 @@ Cancellation is never wrapped in any of these: it stays ``asyncio.CancelledError
 from __future__ import annotations
 
 __all__ = (
+    "AssetError",
     "CacheCorruptionWarning",
     "CircuitOpenError",
     "ConfigError",
@@ -183,6 +185,11 @@ class UnhashableInputError(FlowymlError, TypeError):
         self.step_name = step_name
         self.path = path
         super().__init__(message)
+
+
+class AssetError(FlowymlError, TypeError):
+    """An asset was built from something it cannot hold: a metric that is not a number, a parent
+    that is not an asset, tags that are not a mapping. The message names the value and the fix."""
 
 
 class StoreError(FlowymlError, RuntimeError):

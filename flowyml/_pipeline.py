@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import reprlib
 import sys
 import time
 import uuid
@@ -11,15 +12,18 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._conditions import NOT_CHOSEN, If
+from ._attempt import UnitRunner
+from ._conditions import If
 from ._context import Context
 from ._errors import ConfigError, EventLoopError
 from ._executors._base import Executor
 from ._executors._local import AsyncExecutor, ThreadExecutor
+from ._gates import NOT_CHOSEN
 from ._graph import Node, Plan, build_plan
-from ._resources import Request, ResourcePool, parse_capacity, requests_for
+from ._resources import ResourcePool, parse_capacity
 from ._results import PipelineResult, StepResult, StepStatus
-from ._scheduler import Run, describe_inputs
+from ._scheduler import Run
+from ._state import RunState
 from ._step import Step, step
 
 if TYPE_CHECKING:
@@ -78,7 +82,6 @@ class Pipeline:
         self._step_ids: set[int] = set()
         self._flows: list[If] = []
         self._plan: Plan | None = None
-        self._requests: list[Request] = []
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResourcePool] = (
             weakref.WeakKeyDictionary()
         )
@@ -124,9 +127,7 @@ class Pipeline:
             GraphError: a cycle, a missing input or a duplicate output, before anything runs.
         """
         if self._plan is None:
-            plan = build_plan(self._steps, self._flows)
-            self._requests = [requests_for(n.name, n.step.resources, self.capacity) for n in plan.nodes]
-            self._plan = plan
+            self._plan = build_plan(self._steps, self._flows, capacity=self.capacity)
         return self._plan
 
     def run(
@@ -195,39 +196,37 @@ class Pipeline:
         remote = any(ex.supports_remote for ex in set(assigned))
         start = time.time()
         store, hooks = await self._open_store(plan, run_id, start)
-        run: Run | None = None
+        run_state = RunState(plan, params)
         state = "cancelled"
         try:
-            run = Run(
-                plan,
-                params=params,
-                executors=assigned,
-                fail_fast=fail_fast,
-                max_concurrency=1 if debug else self.max_concurrency,
-                on_failure=_debug_report if debug else None,
+            runner = UnitRunner(
+                run_state,
+                assigned,
                 hooks=hooks,
                 resources=self._resource_pool() if self.capacity else None,
-                requests=self._requests if self.capacity else (),
+                max_concurrency=1 if debug else self.max_concurrency,
                 remote=remote,
+                on_failure=_debug_report if debug else None,
             )
-            await run.execute()
-            if remote:
-                await run.localize_outputs()
-            state = _state(r for r in run.results if r is not None)
+            await Run(run_state, runner, fail_fast=fail_fast).execute()
+            await runner.localize_outputs()
+            state = _state(r for r in run_state.results if r is not None)
         finally:
             try:
                 await executors.aclose(close_given=_close_all)
             finally:
                 if store is not None and hooks is not None:
                     await _finish_even_if_cancelled(
-                        self._close_store(store, hooks, run, run_id, start, state)
+                        self._close_store(store, hooks, run_state, run_id, start, state)
                     )
-        results = {r.step_name: r for r in run.results if r is not None and r.skip_reason is not NOT_CHOSEN}
+        results = {
+            r.step_name: r for r in run_state.results if r is not None and r.skip_reason is not NOT_CHOSEN
+        }
         return PipelineResult(
             run_id=run_id,
             pipeline_name=self.name,
             state=state,
-            outputs=run.outputs(),
+            outputs=run_state.outputs(),
             step_results=results,
             start_time=start,
             end_time=time.time(),
@@ -256,14 +255,14 @@ class Pipeline:
         return store, hooks
 
     async def _close_store(
-        self, store: Store, hooks: StoreHooks, run: Run | None, run_id: str, start: float, state: str
+        self, store: Store, hooks: StoreHooks, run: RunState, run_id: str, start: float, state: str
     ) -> None:
         """Record how the run ended and wait for every queued write to commit."""
         from ._store import RunRecord
 
         try:
             if self.lineage:
-                results = run.results if run is not None else []
+                results = run.results
                 for node, res in zip(hooks.plan.nodes, results, strict=False):
                     if res is not None and res.start_time is None and res.skip_reason is not NOT_CHOSEN:
                         store.record_step(hooks.record(node, res))  # never started: skipped
@@ -397,3 +396,16 @@ def _debug_report(node: Node, res: StepResult, inputs: list[Any]) -> None:
         import pdb
 
         pdb.post_mortem(res.error.__traceback__)
+
+
+def describe_inputs(node: Node, values: list[Any]) -> str:
+    """Each argument of a step by parameter: type, size and a short repr, for the debug report."""
+    lines = []
+    for (label, _), v in zip(node.labels, values, strict=False):
+        try:
+            size = f"len={len(v)}"
+        except TypeError:
+            size = f"{sys.getsizeof(v)} bytes"
+        text = reprlib.repr(v)
+        lines.append(f"    {label} = {type(v).__name__}({size}) {text}")
+    return "\n".join(lines) or "    no inputs"
