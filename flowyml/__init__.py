@@ -6,9 +6,9 @@ This module only re-exports. Data flows define -> plan -> run -> record (docs/ar
   ``_assets``, ``_parallel``, ``_layers``, ``_limits``   describing work: ``@step`` and its layers
 - plan: ``_graph``, ``_resources``         bind parameters, wire edges, reject bad graphs (pure)
 - run: ``_scheduler`` (counters), ``_state``, ``_attempt`` (one unit's layers), ``_gates``,
-  ``_groups``, ``_remote``
+  ``_map`` (mapped steps, stream sources), ``_groups``, ``_remote``
 - record: ``_cache``                       cache look-ups and lineage records around each step
-- foundation: ``_errors``, ``_results``, ``_items``, ``_executors``, ``_hashing``, ``_store``
+- foundation: ``_errors``, ``_results``, ``_executors``, ``_hashing``, ``_store``
 - ``_pipeline``                            ``Pipeline``: plan once, run many times
 """
 
@@ -29,11 +29,10 @@ from ._errors import (
 from ._executors._base import Executor
 from ._executors._dask import DaskExecutor
 from ._fallback import FallbackHandler, on_failure
-from ._items import ItemFailed
 from ._limits import Limit
 from ._parallel import parallel_map
 from ._pipeline import Pipeline
-from ._results import ExecutionResult, PipelineResult, StepResult, StepStatus
+from ._results import ExecutionResult, ItemFailed, ItemResult, PipelineResult, StepResult, StepStatus
 from ._retry import ExponentialBackoff, RetryConfig, retry
 from ._step import CachePolicy, Step, step
 
@@ -72,6 +71,7 @@ __all__ = (
     "FlowymlError",
     "If",
     "ItemFailed",
+    "ItemResult",
     "Limit",
     "Metrics",
     "MissingInputError",

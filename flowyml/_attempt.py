@@ -34,8 +34,10 @@ from ._conditions import conditions_hold
 from ._errors import StepTimeoutError
 from ._executors._base import Executor
 from ._fallback import watch_fallbacks
-from ._graph import SLOT, Node, Source
+from ._graph import MISSING, SLOT, MapSpec, Node, Source
 from ._groups import Member, Outcome, coroutine_returned, run_chain
+from ._limits import Limit
+from ._map import Items, pending_bound, run_mapped, run_source
 from ._remote import RemoteValues
 from ._resources import Request, ResourcePool
 from ._results import StepResult, StepStatus, _Builder, finished
@@ -82,6 +84,40 @@ class RunHooks:
     def after(self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any]) -> None:
         return None
 
+    # Items of a mapped step (see flowyml._map): keyed by the step's key plus the item's identity.
+
+    def item_base_key(self, node: Node, args: list[Any], kwargs: dict[str, Any], spec: MapSpec) -> str | None:
+        """The key of a mapped step's arguments other than its mapped ones; None: items not cached."""
+        return None
+
+    async def item_lookup(
+        self, node: Node, base: str, args: list[Any], kwargs: dict[str, Any], elements: list[Any]
+    ) -> tuple[str | None, Any]:
+        """One item's cache key and its cached output (``MISSING`` on a miss)."""
+        return None, MISSING
+
+    def after_item(
+        self,
+        node: Node,
+        index: int,
+        status: StepStatus,
+        attempts: int,
+        start: float,
+        duration: float,
+        error: BaseException | None,
+        key: str | None,
+        value: Any,
+    ) -> None:
+        """One item's fate: cache its output, record its lineage. Must not raise."""
+        return
+
+    def item_progress(self, node: Node, done: int, total: int | None) -> None:
+        """Called after each item of a mapped step settles (``total`` is None while a stream is open).
+
+        The call site for run events about items (an ``ItemsProgress`` event).
+        """
+        return
+
 
 class UnitRunner:
     """Runs units of one run against its :class:`RunState`; the scheduler only counts."""
@@ -96,12 +132,29 @@ class UnitRunner:
         max_concurrency: int | None = None,
         remote: bool = False,
         on_failure: FailureCallback | None = None,
+        fail_fast: bool = True,
     ) -> None:
         plan = state.plan
         self.state = state
         self.hooks = hooks
         self.on_failure = on_failure
-        self._executors = executors
+        self.fail_fast = fail_fast
+        self._executors = self.executors = executors
+        self.limits: dict[int, Limit] = {}
+        """Per node with concurrency= / rate_limit=: the limit of this run."""
+        for i in plan.limited:
+            s = plan.nodes[i].step
+            limit = Limit.for_step(s.name, None if s.map_over else s.concurrency, s.rate_limit)
+            if limit is not None:
+                self.limits[i] = limit
+        self.items: dict[int, Items] = {
+            i: Items(
+                plan.nodes[i].name, {d: pending_bound(plan.nodes[d].step) for d in plan.nodes[i].streams_to}
+            )
+            for i in plan.itemized
+            if plan.nodes[i].streams_to
+        }
+        """Per mapped node or stream source with mapped consumers: its items as they come."""
         self._direct = [d and ex.name == "async" for d, ex in zip(plan.direct, executors, strict=True)]
         self._resources = resources
         self._requests = plan.requests if resources is not None else ()
@@ -167,6 +220,10 @@ class UnitRunner:
             return self._blocked(node)
         args, kwargs = state.arguments(node)
         step = node.step
+        if step.map_over:
+            return await run_mapped(self, node, args, kwargs)
+        if step.stream:
+            return await run_source(self, node, args, kwargs)
         hooks = self.hooks
         cached = hooks is not None and hooks.caching and step.cache is not False
         key_args, key_kwargs = args, kwargs
@@ -277,12 +334,19 @@ class UnitRunner:
         extra = {"keep_remote": True} if keep_remote else {}
         body = watch_fallbacks(step.body) if step.uses_fallback else step.body
         positional = tuple(args)
+        limits = [lim for lim in (self.limits.get(node.id), step.limit) if lim is not None]
 
         async def attempt() -> Any:
             try:
-                ret = await executor.run(
-                    body, positional, kwargs, timeout=step.timeout, step_name=node.name, **extra
-                )
+                for limit in limits:
+                    await limit.acquire()  # a slot, then a token: the timeout starts after both
+                try:
+                    ret = await executor.run(
+                        body, positional, kwargs, timeout=step.timeout, step_name=node.name, **extra
+                    )
+                finally:
+                    for limit in limits:
+                        limit.release()
             except StepTimeoutError as exc:
                 for breaker in step.breakers:
                     breaker.record_failure(exc)
@@ -415,6 +479,8 @@ class UnitRunner:
     def _blocked(self, node: Node) -> bool:
         """A node that cannot run: skipped with its mark, or failed with its If's error."""
         state = self.state
+        if self.items:
+            self._no_items(node)
         failed = state.gate_errors.get(node.id) if state.gate_errors else None
         if failed is not None:
             tb = "".join(traceback.format_exception(failed))
@@ -424,6 +490,17 @@ class UnitRunner:
                 node.name, StepStatus.SKIPPED, {}, skip_reason=state.blocked[node.id]
             )
         return False
+
+    def _no_items(self, node: Node) -> None:
+        """A node that will not run: its mapped consumers stop waiting for its items, and it for others'."""
+        board = self.items.get(node.id)
+        if board is not None:
+            board.end(False)
+        spec = self.state.plan.maps.get(node.id)
+        if spec is not None:
+            for _at, _name, streamed in spec.places:
+                if streamed >= 0:
+                    self.items[streamed].leave(node.id)
 
     @contextlib.asynccontextmanager
     async def _held(self, request: Request) -> AsyncIterator[None]:

@@ -23,9 +23,9 @@ from typing import Any
 
 from ._attempt import Lookup, RunHooks
 from ._errors import UncachedStepWarning, UnhashableInputError
-from ._graph import Node, Plan
+from ._graph import MISSING, MapSpec, Node, Plan
 from ._hashing import cache_key, fingerprint_function, hash_value
-from ._results import StepResult, StepStatus
+from ._results import ItemFailed, StepResult, StepStatus
 from ._step import CachePolicy
 from ._store import StepRecord, Store
 
@@ -269,6 +269,118 @@ class StoreHooks(RunHooks):
         if self._hash_pool is not None:
             self._hash_pool.shutdown(wait=True)  # no thread outlives the run
             self._hash_pool = None
+
+    # ------------------------------------------------------------------ items of a mapped step
+
+    def item_base_key(self, node: Node, args: list[Any], kwargs: dict[str, Any], spec: MapSpec) -> str | None:
+        """The key of everything a mapped step's items share: code, identity, unmapped inputs.
+
+        Each item's key adds the item's own elements to it (:meth:`item_lookup`), so a rerun
+        after a partial failure finds every item that succeeded, wherever it sits in the list.
+        """
+        step = node.step
+        if not self.caching or step.cache is False or node.id in self._uncacheable:
+            return None
+        strategy: Any = step.cache
+        on_unhashable = "raise"
+        if isinstance(strategy, CachePolicy):
+            strategy, on_unhashable = strategy.strategy, strategy.on_unhashable
+        mapped = {
+            at if isinstance(at, int) else len(args) + list(kwargs).index(at) for at, _n, _s in spec.places
+        }
+        inputs: dict[str, Any] = {}
+        params: dict[str, Any] = {"__flowyml_items__": callable(strategy)}
+        try:
+            if not callable(strategy):
+                values = [*args, *kwargs.values()]
+                for flat, ((label, slot), value) in enumerate(zip(node.labels, values, strict=True)):
+                    if flat in mapped:
+                        continue
+                    if slot >= 0:
+                        inputs[label] = _Digest(self._slot_digest(node, label, slot, value))
+                    else:
+                        params[label] = value
+            fingerprint = self._step_fingerprint(node) if strategy == "code_hash" else None
+            return cache_key(
+                step_identity=node.identity,
+                fingerprint=fingerprint,
+                inputs=inputs,
+                params=params,
+                step_name=node.name,
+            )
+        except UnhashableInputError as exc:
+            if on_unhashable == "raise":
+                raise
+            warnings.warn(UncachedStepWarning(f"{exc}; the step's items run without the cache"), stacklevel=2)
+            return None
+
+    async def item_lookup(
+        self, node: Node, base: str, args: list[Any], kwargs: dict[str, Any], elements: list[Any]
+    ) -> tuple[str | None, Any]:
+        strategy: Any = node.step.cache
+        if isinstance(strategy, CachePolicy):
+            strategy = strategy.strategy
+        identity: Any = strategy(*args, **kwargs) if callable(strategy) else tuple(elements)
+        try:
+            key = cache_key(
+                step_identity=base,
+                fingerprint=None,
+                inputs={"item": identity},
+                params={},
+                step_name=node.name,
+            )
+        except UnhashableInputError:
+            if isinstance(node.step.cache, CachePolicy) and node.step.cache.on_unhashable == "warn":
+                return None, MISSING
+            raise
+        entry = await self.store.lookup(key)
+        if entry is not None:
+            outputs = await self.store.load(entry)
+            if outputs is not None and node.output_names[0] in outputs:
+                return key, outputs[node.output_names[0]]
+        return key, MISSING
+
+    def after_item(
+        self,
+        node: Node,
+        index: int,
+        status: StepStatus,
+        attempts: int,
+        start: float,
+        duration: float,
+        error: BaseException | None,
+        key: str | None,
+        value: Any,
+    ) -> None:
+        hashes: dict[str, str] | None = None
+        name = node.output_names[0]
+        if self.caching and key is not None and status is StepStatus.SUCCEEDED:
+            try:
+                hashes = self.store.put(
+                    key=key, step_name=node.name, run_id=self.run_id, outputs={name: value}, duration=duration
+                )
+            except Exception as exc:  # an output that cannot be stored: the item is just not cached
+                warnings.warn(UncachedStepWarning(f"step {node.name!r}, item {index}: {exc}"), stacklevel=2)
+        if not self.recording:
+            return
+        produced = status in (StepStatus.SUCCEEDED, StepStatus.CACHED) and not isinstance(value, ItemFailed)
+        self.store.record_step(
+            StepRecord(
+                run_id=self.run_id,
+                step_name=f"{node.name}[{index}]",
+                status=status.value,
+                attempts=attempts,
+                started_at=start,
+                ended_at=start + duration,
+                duration_seconds=duration,
+                cached=status is StepStatus.CACHED,
+                cache_key=key,
+                error_type=None if error is None else type(error).__qualname__,
+                error_message=None if error is None else str(error),
+                outputs={name: (hashes or {}).get(name)} if produced else {},
+                inputs=dict(node.lineage_inputs),
+            )
+        )
 
     def record(self, node: Node, res: StepResult, hashes: dict[str, str] | None = None) -> StepRecord:
         """The lineage row of one step's fate in this run."""

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ._conditions import If
     from ._store import StepShape
 
-__all__ = ("MISSING", "Gate", "Node", "Plan", "Source", "build_plan")
+__all__ = ("MISSING", "Gate", "MapSpec", "Node", "Plan", "Source", "build_plan")
 
 
 class _Missing:
@@ -72,6 +72,8 @@ class Node:
     """Module, qualified name, step name and outputs: what a cache key says the step is."""
     labels: tuple[tuple[str, int], ...] = ()
     """Every argument as ``(parameter label, output slot)``; the slot is -1 for context values."""
+    streams_to: tuple[int, ...] = ()
+    """Mapped consumers of this node's items, started when this node starts (not in ``dependents``)."""
 
     def sources(self) -> list[tuple[str, Source]]:
         """Every bound argument as ``(parameter label, source)``, in call order."""
@@ -79,6 +81,18 @@ class Node:
         out += [(s.parameter, s) for s in self.var_positional]
         out += list(self.keyword)
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class MapSpec:
+    """Where a mapped node's items come from: one entry per ``map_over`` input, zipped.
+
+    ``places`` holds, per input, the argument it fills (an index into the positional
+    arguments, or a keyword name), the input's name, and the id of the node whose items stream
+    into it (-1 when the value is a whole collection: a context value or an unmapped step's output).
+    """
+
+    places: tuple[tuple[int | str, str, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +124,12 @@ class Plan:
     await on the loop itself when its executor is the loop's."""
     shapes: tuple[StepShape, ...] = ()
     """Per node: its lineage record's unchanging part (name, outputs, inputs), encoded once."""
+    maps: Mapping[int, MapSpec] = dataclasses.field(default_factory=dict)
+    """Mapped nodes (``map_over``), by id."""
+    itemized: tuple[int, ...] = ()
+    """Nodes whose output is made item by item: mapped steps and stream sources (generators)."""
+    limited: tuple[int, ...] = ()
+    """Nodes with a ``concurrency``, ``rate_limit`` or shared ``limit`` of their own."""
 
     def check_context(self, available: Mapping[str, Any]) -> None:
         """Raise :class:`MissingInputError` for a context-bound parameter nobody can fill."""
@@ -176,19 +196,32 @@ def build_plan(
             slot_names.append(out)
 
     bindings = [_bind(s, names[i], i, producer, slot_of) for i, s in enumerate(steps)]
+    itemized = [bool(s.map_over or s.stream) for s in steps]
     deps_of: list[tuple[int, ...]] = []
     context_needs: list[tuple[int, Source]] = []
     dependents: list[list[int]] = [[] for _ in steps]
+    streams_to: list[list[int]] = [[] for _ in steps]
+    maps: dict[int, MapSpec] = {}
     for i, (positional, var_pos, keyword) in enumerate(bindings):
         deps: list[int] = []
-        for src in (*positional, *var_pos, *(k[1] for k in keyword)):
+        mapped = steps[i].map_over
+        places: list[tuple[int | str, str, int]] = []
+        located: list[tuple[int | str, Source]] = [*enumerate((*positional, *var_pos)), *keyword]
+        for at, src in located:
+            streamed = -1
+            if mapped and src.name in mapped:
+                if src.kind == SLOT and itemized[producer[slot_names[src.slot]]]:
+                    streamed = producer[slot_names[src.slot]]
+                places.append((at, src.name, streamed))
             if src.kind == SLOT:
                 p = producer[slot_names[src.slot]]
                 if p not in deps:
                     deps.append(p)
-                    dependents[p].append(i)
+                    (streams_to if streamed >= 0 else dependents)[p].append(i)
             elif src.kind == CONTEXT and src.default is MISSING:
                 context_needs.append((i, src))
+        if mapped:
+            maps[i] = MapSpec(tuple(sorted(places, key=lambda p: mapped.index(p[1]))))
         deps_of.append(tuple(deps))
 
     nodes: list[Node] = []
@@ -218,6 +251,7 @@ def build_plan(
                     f"|{','.join(outputs_of[i])}"
                 ),
                 labels=tuple((label, src.slot if src.kind == SLOT else -1) for label, src in sources),
+                streams_to=tuple(streams_to[i]),
             )
         )
     order = _check_acyclic(nodes)
@@ -241,10 +275,24 @@ def build_plan(
         chains=find_chains(nodes, order, {i for g in gates for i in (*g.then_ids, *g.else_ids)}),
         requests=tuple(requests_for(n.name, n.step.resources, capacity) for n in nodes) if capacity else (),
         direct=tuple(
-            s.is_async and s.retry is None and s.timeout is None and not s.uses_fallback for s in steps
+            s.is_async
+            and s.retry is None
+            and s.timeout is None
+            and not s.uses_fallback
+            and not _limited(s)
+            and not itemized[i]
+            for i, s in enumerate(steps)
         ),
         shapes=tuple(StepShape(n.name, n.output_names, n.lineage_inputs) for n in nodes),
+        maps=maps,
+        itemized=tuple(i for i, yes in enumerate(itemized) if yes),
+        limited=tuple(i for i, s in enumerate(steps) if _limited(s)),
     )
+
+
+def _limited(s: Step) -> bool:
+    """Whether a step's calls hold a limit of their own (so it is never awaited bare on the loop)."""
+    return s.concurrency is not None or s.rate_limit is not None or s.limit is not None
 
 
 def find_chains(
@@ -358,7 +406,7 @@ def _check_acyclic(nodes: Sequence[Node]) -> list[int]:
     while ready:
         i = ready.pop()
         order.append(i)
-        for d in reversed(nodes[i].dependents):
+        for d in reversed((*nodes[i].dependents, *nodes[i].streams_to)):
             remaining[d] -= 1
             if remaining[d] == 0:
                 ready.append(d)

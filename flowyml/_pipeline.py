@@ -207,6 +207,7 @@ class Pipeline:
                 max_concurrency=1 if debug else self.max_concurrency,
                 remote=remote,
                 on_failure=_debug_report if debug else None,
+                fail_fast=fail_fast,
             )
             await Run(run_state, runner, fail_fast=fail_fast).execute()
             await runner.localize_outputs()

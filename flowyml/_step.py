@@ -487,6 +487,16 @@ def _check_map_over(value: Any, s: Step) -> tuple[str, ...]:
                 f"step {s.name!r}: map_over={name!r} is not one of its {what} {list(known)}; "
                 "map_over names the input(s) whose elements the step is called with"
             )
+    if len(s.outputs) > 1:
+        raise ConfigError(
+            f"step {s.name!r}: a mapped step makes one list, so it declares one output, not "
+            f"{list(s.outputs)}; return a tuple per item and split it in a consumer"
+        )
+    if s.conditions:
+        raise ConfigError(
+            f"step {s.name!r}: a condition (condition=, @when, @unless) cannot gate a mapped step; "
+            "filter the items in the step that makes them"
+        )
     if s.execution_group is not None:
         raise ConfigError(
             f"step {s.name!r}: map_over= and execution_group= cannot be combined; a mapped step runs "

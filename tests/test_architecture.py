@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "flowyml"
 
 # Libraries every stage may use; they import no stage module.
-FOUNDATION = ("_errors", "_results", "_items", "_hashing", "_store", "_executors")
+FOUNDATION = ("_errors", "_results", "_hashing", "_store", "_executors")
 STAGES = {
     "define": (
         "_step",
@@ -31,7 +31,7 @@ STAGES = {
         "_limits",
     ),
     "plan": ("_graph", "_resources"),
-    "run": ("_scheduler", "_state", "_attempt", "_gates", "_groups", "_remote"),
+    "run": ("_scheduler", "_state", "_attempt", "_map", "_gates", "_groups", "_remote"),
     "record": ("_cache",),
 }
 ORDER = ("define", "plan", "run", "record")
