@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._conditions import conditions_hold
-from ._errors import StepTimeoutError
+from ._errors import ConfigError, StepTimeoutError
 from ._executors._base import Executor
 from ._fallback import watch_fallbacks
 from ._graph import MISSING, SLOT, MapSpec, Node, Source
 from ._groups import Member, Outcome, coroutine_returned, run_chain
-from ._limits import Limit
+from ._limits import Limit, acquire_all, release_all
 from ._map import Items, pending_bound, run_mapped, run_source
 from ._remote import RemoteValues
 from ._resources import Request, ResourcePool
@@ -149,7 +149,12 @@ class UnitRunner:
                 self.limits[i] = limit
         self.items: dict[int, Items] = {
             i: Items(
-                plan.nodes[i].name, {d: pending_bound(plan.nodes[d].step) for d in plan.nodes[i].streams_to}
+                plan.nodes[i].name,
+                {
+                    d: pending_bound(plan.nodes[d].step)
+                    for d in plan.nodes[i].streams_to
+                    if (i, d) not in plan.unpaced
+                },
             )
             for i in plan.itemized
             if plan.nodes[i].streams_to
@@ -160,6 +165,12 @@ class UnitRunner:
         self._requests = plan.requests if resources is not None else ()
         self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self.remote = RemoteValues(keep_outputs=not plan.gates) if remote else None
+        if remote and plan.itemized:
+            name = plan.nodes[plan.itemized[0]].name
+            raise ConfigError(
+                f"step {name!r} is mapped or a stream source, which does not run alongside a Dask "
+                "executor yet; run this pipeline without the Dask executor, or map inside the step"
+            )
         caching = hooks is not None and hooks.caching
         # Nodes whose every layer but the call and the record is a no-op in this run.
         self._bare = [
@@ -338,15 +349,15 @@ class UnitRunner:
 
         async def attempt() -> Any:
             try:
-                for limit in limits:
-                    await limit.acquire()  # a slot, then a token: the timeout starts after both
+                if limits:
+                    await acquire_all(limits)  # a slot, then a token: the timeout starts after both
                 try:
                     ret = await executor.run(
                         body, positional, kwargs, timeout=step.timeout, step_name=node.name, **extra
                     )
                 finally:
-                    for limit in limits:
-                        limit.release()
+                    if limits:
+                        release_all(limits)
             except StepTimeoutError as exc:
                 for breaker in step.breakers:
                     breaker.record_failure(exc)
@@ -519,6 +530,13 @@ class UnitRunner:
         finally:
             if request:
                 self._resources.release(request)  # type: ignore[union-attr]
+
+    def held(self, node: Node) -> contextlib.AbstractAsyncContextManager[None] | None:
+        """What one call of ``node`` holds while it runs (its resources, a run-wide slot), or None."""
+        request = self._requests[node.id] if self._requests else ()
+        if request or self._limit is not None:
+            return self._held(request)
+        return None
 
     async def localize_outputs(self) -> None:
         """Fetch every remote output to the driver; call before the executors close."""

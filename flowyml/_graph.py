@@ -130,6 +130,9 @@ class Plan:
     """Nodes whose output is made item by item: mapped steps and stream sources (generators)."""
     limited: tuple[int, ...] = ()
     """Nodes with a ``concurrency``, ``rate_limit`` or shared ``limit`` of their own."""
+    unpaced: frozenset[tuple[int, int]] = frozenset()
+    """Streaming edges ``(producer, consumer)`` whose consumer also waits, through another input,
+    for the producer to end: the producer must not wait for that consumer (``max_pending``)."""
 
     def check_context(self, available: Mapping[str, Any]) -> None:
         """Raise :class:`MissingInputError` for a context-bound parameter nobody can fill."""
@@ -255,6 +258,7 @@ def build_plan(
             )
         )
     order = _check_acyclic(nodes)
+    unpaced = _unpaced(nodes, order) if any(streams_to) else frozenset()
     index = {id(s): i for i, s in enumerate(steps)}
     gates = tuple(
         Gate(
@@ -287,7 +291,27 @@ def build_plan(
         maps=maps,
         itemized=tuple(i for i, yes in enumerate(itemized) if yes),
         limited=tuple(i for i, s in enumerate(steps) if _limited(s)),
+        unpaced=unpaced,
     )
+
+
+def _unpaced(nodes: Sequence[Node], order: Sequence[int]) -> frozenset[tuple[int, int]]:
+    """Streaming edges whose consumer cannot start before its producer ends.
+
+    Such a consumer also has an ordinary input that (through any path) needs the producer's
+    whole output; were the producer paced by it, neither could ever go on.
+    """
+    ancestors: list[set[int]] = [set() for _ in nodes]
+    for i in order:
+        for d in (*nodes[i].dependents, *nodes[i].streams_to):
+            ancestors[d] |= ancestors[i] | {i}
+    found = set()
+    for p in nodes:
+        for c in p.streams_to:
+            streamed = {q.id for q in nodes if c in q.streams_to}
+            if any(p.id in ancestors[q] or q == p.id for q in nodes[c].deps if q not in streamed):
+                found.add((p.id, c))
+    return frozenset(found)
 
 
 def _limited(s: Step) -> bool:

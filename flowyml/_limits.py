@@ -34,7 +34,7 @@ from typing import Final
 
 from ._errors import ConfigError
 
-__all__ = ("Limit", "LimiterClock", "parse_rate")
+__all__ = ("Limit", "LimiterClock", "acquire_all", "parse_rate", "release_all")
 
 _UNITS: Final = {"s": 1.0, "min": 60.0, "h": 3600.0}
 _RATE: Final = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*/\s*(s|min|h)\s*$")
@@ -288,3 +288,18 @@ class Limit:
             yield
         finally:
             self.release()
+
+
+async def acquire_all(limits: tuple[Limit, ...] | list[Limit]) -> None:
+    """Acquire every limit in order; if one wait is cancelled or fails, give back those taken."""
+    for n, limit in enumerate(limits):
+        try:
+            await limit.acquire()
+        except BaseException:
+            release_all(limits[:n])
+            raise
+
+
+def release_all(limits: tuple[Limit, ...] | list[Limit]) -> None:
+    for limit in limits:
+        limit.release()

@@ -32,7 +32,7 @@ from ._errors import CircuitOpenError, StepError, StepTimeoutError
 from ._executors._base import Executor
 from ._fallback import watch_fallbacks
 from ._graph import MISSING, MapSpec, Node
-from ._limits import Limit
+from ._limits import Limit, acquire_all, release_all
 from ._results import ItemFailed, ItemResults, StepResult, StepStatus, finished
 from ._retry import RetryRun, _asleep
 from ._state import RunState
@@ -162,6 +162,8 @@ class UnitRunner(Protocol):
     executors: Sequence[Executor]
     fail_fast: bool
 
+    def held(self, node: Node) -> contextlib.AbstractAsyncContextManager[None] | None: ...
+
     def settle(
         self,
         node: Node,
@@ -213,6 +215,7 @@ class _Mapped:
         limits = [lim for lim in (runner.limits.get(node.id), step.limit) if lim is not None]
         self.limits: tuple[Limit, ...] = tuple(limits)
         self.executor: Executor = runner.executors[node.id]
+        self.runner_held = runner.held
         self.body = watch_fallbacks(step.body) if step.uses_fallback else step.body
         hooks = runner.hooks
         self.caching = hooks is not None and hooks.caching and step.cache is not False
@@ -307,7 +310,11 @@ class _Mapped:
             for board in self.streams:
                 board.leave(self.node.id)
         if isinstance(self.stop, UpstreamFailed):
-            return StepStatus.SKIPPED, None, f"upstream step {self.stop} did not produce its outputs"
+            return (
+                StepStatus.SKIPPED,
+                None,
+                f"upstream step {self.stop.args[0]!r} did not produce its outputs",
+            )
         if self.stop is not None:
             return StepStatus.FAILED, self.stop, None
         if self.first_error is not None and not self.collect:
@@ -436,15 +443,25 @@ class _Mapped:
         limits = self.limits
         positional = tuple(args)
         name = self.node.name
+        held = self.runner_held
         while True:
             try:
-                for limit in limits:
-                    await limit.acquire()
+                hold = held(self.node)
+                if hold is not None:
+                    await hold.__aenter__()
                 try:
-                    ret = await executor.run(body, positional, kwargs, timeout=step.timeout, step_name=name)
+                    if limits:
+                        await acquire_all(limits)
+                    try:
+                        ret = await executor.run(
+                            body, positional, kwargs, timeout=step.timeout, step_name=name
+                        )
+                    finally:
+                        if limits:
+                            release_all(limits)
                 finally:
-                    for limit in limits:
-                        limit.release()
+                    if hold is not None:
+                        await hold.__aexit__(None, None, None)
                 return ret[0] if step.uses_fallback else ret
             except CircuitOpenError as exc:
                 if retry is None:

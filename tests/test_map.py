@@ -539,3 +539,72 @@ class TestItemsInTheStore:
         assert by_name["square[1]"].status == "failed"
         assert by_name["square[1]"].error_type == "RuntimeError"
         assert by_name["square[2]"].inputs == {"x": ("make_xs", "xs")}
+
+
+def _process_square(x: int) -> int:
+    return x * x
+
+
+class TestShapes:
+    def test_a_consumer_that_also_needs_the_whole_stream_does_not_stall_it(self) -> None:
+        """`scale` maps over the stream and also reads `count`, made from the whole stream."""
+
+        @step(outputs=["xs"])
+        async def numbers() -> AsyncIterator[int]:
+            for i in range(200):
+                yield i
+
+        @step(inputs=["xs"], outputs=["count"])
+        def count(xs: list[int]) -> int:
+            return len(xs)
+
+        @step(inputs=["xs", "count"], outputs=["ys"], map_over="xs", max_pending=5)
+        def scale(x: int, count: int) -> float:
+            return x / count
+
+        p = pipeline(numbers, count, scale)
+        assert (0, 2) in p.plan().unpaced
+        result = p.run()
+        assert result.success, result.summary()
+        assert result["ys"][100] == 0.5
+
+    def test_without_fail_fast_a_failed_producer_skips_its_mapped_consumer(self) -> None:
+        @step(inputs=["xs"], outputs=["ys"], map_over="xs")
+        def fail_on_two(x: int) -> int:
+            if x == 2:
+                raise ValueError("two")
+            return x
+
+        @step(inputs=["ys"], outputs=["zs"], map_over="ys")
+        def passthrough(y: int) -> int:
+            return y
+
+        @step(outputs=["other"])
+        def other() -> str:
+            return "done"
+
+        result = pipeline(source("xs", [0, 1, 2, 3]), fail_on_two, passthrough, other).run(fail_fast=False)
+        assert result.step_results["fail_on_two"].status is StepStatus.FAILED
+        consumer = result.step_results["passthrough"]
+        assert consumer.status is StepStatus.SKIPPED
+        assert consumer.skip_reason == "upstream step 'fail_on_two' did not produce its outputs"
+        assert result["other"] == "done"
+
+    @pytest.mark.slow
+    def test_items_run_in_worker_processes(self) -> None:
+        mapped = step(inputs=["xs"], outputs=["ys"], map_over="xs", executor="process")(_process_square)
+        result = pipeline(source("xs", [1, 2, 3]), mapped, max_processes=2).run()
+        assert result["ys"] == [1, 4, 9]
+
+    def test_max_concurrency_of_the_pipeline_counts_items(self) -> None:
+        holders = Holders()
+
+        @step(inputs=["xs"], outputs=["ys"], map_over="xs")
+        async def held(x: int) -> int:
+            holders.enter()
+            await asyncio.sleep(0.001)
+            holders.leave()
+            return x
+
+        assert pipeline(source("xs", list(range(10))), held, max_concurrency=2).run().success
+        assert holders.most == 2
