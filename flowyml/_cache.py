@@ -364,6 +364,13 @@ class StoreHooks(RunHooks):
         if not self.recording:
             return
         produced = status in (StepStatus.SUCCEEDED, StepStatus.CACHED) and not isinstance(value, ItemFailed)
+        if error is None:
+            # The hot path, as for a step: the writer builds the row from the fate and the shape.
+            fate = _ItemFate(status, {name: None} if produced else {}, attempts, start, duration, key)
+            self._record_fate(
+                self.run_id, fate, hashes, self._shapes[node.id].renamed(f"{node.name}[{index}]")
+            )
+            return
         self.store.record_step(
             StepRecord(
                 run_id=self.run_id,
@@ -402,6 +409,32 @@ class StoreHooks(RunHooks):
             outputs={n: (hashes or {}).get(n) for n in res.outputs} if res.outputs else {},
             inputs=dict(node.lineage_inputs),
         )
+
+
+class _ItemFate:
+    """What the store reads of one item that did not fail (see ``StepFate``)."""
+
+    __slots__ = ("attempts", "cache_key", "duration_seconds", "end_time", "outputs", "start_time", "status")
+
+    time_saved_seconds = 0.0
+    traceback = None
+
+    def __init__(
+        self,
+        status: str,
+        outputs: dict[str, None],
+        attempts: int,
+        start: float,
+        duration: float,
+        key: str | None,
+    ) -> None:
+        self.status = status
+        self.outputs = outputs
+        self.attempts = attempts
+        self.start_time = start
+        self.duration_seconds = duration
+        self.end_time = start + duration
+        self.cache_key = key
 
 
 class _Digest:

@@ -77,7 +77,8 @@ class Items:
 
     # -- producer side
     def expect(self, n: int) -> None:
-        self.values = [MISSING] * n
+        if len(self.values) < n:
+            self.values.extend([MISSING] * (n - len(self.values)))  # in place: the producer shares it
         self.length = n
 
     def put(self, index: int, value: Any) -> None:
@@ -189,8 +190,8 @@ class _Mapped:
         self.kwargs = kwargs
         self.collect = step.map_errors == "collect"
         self.results = ItemResults(node.name)
-        self.out: list[Any] = []
         self.board = runner.items.get(node.id)
+        self.out: list[Any] = [] if self.board is None else self.board.values
         self.sources: list[Sequence[Any] | Items] = []
         self.streams: list[Items] = []
         for at, _name, streamed in spec.places:
@@ -202,10 +203,9 @@ class _Mapped:
                 self.sources.append(args[at] if isinstance(at, int) else kwargs[at])
         self.length: int | None = None
         self.launched = 0
-        self.finished = 0
         self.ready: list[int] = []
         self.counts: list[int] = []  # per index: streamed inputs holding it
-        self.running: set[asyncio.Task[None]] = set()
+        self.running: dict[int, asyncio.Task[None]] = {}
         self.window = _window(step)
         self.first_error: tuple[int, BaseException] | None = None
         self.stop: BaseException | None = None
@@ -221,6 +221,16 @@ class _Mapped:
         self.caching = hooks is not None and hooks.caching and step.cache is not False
         self.base_key: str | None = None
         self.fail_fast = runner.fail_fast
+        # Nothing around an item's call: await the body right here (the per-item hot path).
+        self.direct = (
+            step.is_async
+            and self.executor.name == "async"
+            and step.retry is None
+            and step.timeout is None
+            and not step.uses_fallback
+            and not self.limits
+            and runner.held(node) is None
+        )
 
     def _check_lengths(self) -> None:
         """Fix the number of items once every input's length is known; unequal lengths are an error."""
@@ -272,6 +282,8 @@ class _Mapped:
                     f"than the {self.length} items of the others",
                     step_name=self.node.name,
                 )
+                self.wake.set()
+                return
             self.ready.append(index)
             self.wake.set()
 
@@ -298,10 +310,10 @@ class _Mapped:
         try:
             await self._launch_all()
         except BaseException:
-            for t in self.running:
+            for t in self.running.values():
                 t.cancel()
             if self.running:
-                await asyncio.gather(*self.running, return_exceptions=True)
+                await asyncio.gather(*self.running.values(), return_exceptions=True)
             raise
         finally:
             for board, listen in subscribed:
@@ -329,14 +341,13 @@ class _Mapped:
         window = self.window
         ready = self.ready
         position = 0
+        create_task = asyncio.get_running_loop().create_task
         while True:
             stopping = self.stop is not None or (self.first_error is not None and not self.collect)
             while not stopping and position < len(ready) and (window is None or len(self.running) < window):
                 index = ready[position]
                 position += 1
-                task = asyncio.get_running_loop().create_task(self._item(index))
-                self.running.add(task)
-                task.add_done_callback(self._done)
+                self.running[index] = create_task(self._item(index))
                 self.launched += 1
             if position > 4096:
                 del ready[:position]
@@ -347,15 +358,8 @@ class _Mapped:
             self.wake.clear()
             await self.wake.wait()
             if self.first_error is not None and not self.collect and self.fail_fast:
-                for t in self.running:
+                for t in self.running.values():
                     t.cancel()
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.running.discard(task)
-        self.finished += 1
-        if not task.cancelled() and task.exception() is not None and self.stop is None:
-            self.stop = task.exception()
-        self.wake.set()
 
     def _item_args(self, index: int) -> tuple[list[Any], dict[str, Any], list[Any]]:
         args = self.args
@@ -376,59 +380,73 @@ class _Mapped:
         return args, kwargs, elements
 
     async def _item(self, index: int) -> None:
-        node = self.node
-        runner = self.runner
-        hooks = runner.hooks
-        args, kwargs, elements = self._item_args(index)
-        start = _now()
-        t0 = _perf()
-        key: str | None = None
-        retry: RetryRun | None = None
-        error: BaseException | None = None
-        value: Any = None
-        marker = next((e for e in elements if isinstance(e, ItemFailed)), None)
-        if marker is not None:
-            status, value, attempts = StepStatus.SKIPPED, marker, 0
-        else:
-            try:
-                found: Any = MISSING
-                if self.caching and self.base_key is not None:
-                    key, found = await hooks.item_lookup(node, self.base_key, args, kwargs, elements)
-                if found is not MISSING:
-                    value, status, attempts = found, StepStatus.CACHED, 0
-                    self.cached += 1
-                else:
-                    step = node.step
-                    if step.retry is not None:
-                        retry = RetryRun(step.retry)
-                    value = await self._attempts(args, kwargs, retry)
-                    status, attempts = StepStatus.SUCCEEDED, retry.attempt if retry is not None else 1
-            except asyncio.CancelledError:
-                took = _perf() - t0
-                self.results.set(index, StepStatus.CANCELLED, retry.attempt if retry else 1, took)
-                if hooks is not None:
-                    hooks.after_item(node, index, StepStatus.CANCELLED, 1, start, took, None, key, None)
-                raise
-            except Exception as exc:
-                error = exc
-                status = StepStatus.TIMED_OUT if isinstance(exc, StepTimeoutError) else StepStatus.FAILED
-                attempts = retry.attempt if retry is not None else 1
-                value = ItemFailed(node.name, index, exc)
-                if self.first_error is None:
-                    self.first_error = (index, exc)
-                    exc.add_note(f"flowyml: item {index} of mapped step {node.name!r}")
-        took = _perf() - t0
-        if hooks is not None and status is not StepStatus.SKIPPED:
-            hooks.after_item(node, index, status, attempts, start, took, error, key, value)
-        self.results.set(index, status, attempts, took, error, key)
-        _place(self.out, index, value)
-        if self.board is not None:
-            self.board.put(index, value)
-        for board in self.streams:
-            board.done_one(node.id)
-        self.settled += 1
-        if hooks is not None:
-            hooks.item_progress(node, self.settled, self.length)
+        try:
+            node = self.node
+            runner = self.runner
+            hooks = runner.hooks
+            args, kwargs, elements = self._item_args(index)
+            start = _now()
+            t0 = _perf()
+            key: str | None = None
+            retry: RetryRun | None = None
+            error: BaseException | None = None
+            value: Any = None
+            marker = None
+            for e in elements:
+                if type(e) is ItemFailed:
+                    marker = e
+            if marker is not None:
+                status, value, attempts = StepStatus.SKIPPED, marker, 0
+            else:
+                try:
+                    found: Any = MISSING
+                    if self.caching and self.base_key is not None:
+                        key, found = await hooks.item_lookup(node, self.base_key, args, kwargs, elements)
+                    if found is not MISSING:
+                        value, status, attempts = found, StepStatus.CACHED, 0
+                        self.cached += 1
+                    elif self.direct:
+                        value = await self.body(*args, **kwargs)
+                        status, attempts = StepStatus.SUCCEEDED, 1
+                    else:
+                        step = node.step
+                        if step.retry is not None:
+                            retry = RetryRun(step.retry)
+                        value = await self._attempts(args, kwargs, retry)
+                        status, attempts = StepStatus.SUCCEEDED, retry.attempt if retry is not None else 1
+                except asyncio.CancelledError:
+                    took = _perf() - t0
+                    self.results.set(index, StepStatus.CANCELLED, retry.attempt if retry else 1, took)
+                    if hooks is not None:
+                        hooks.after_item(node, index, StepStatus.CANCELLED, 1, start, took, None, key, None)
+                    raise
+                except Exception as exc:
+                    error = exc
+                    status = StepStatus.TIMED_OUT if isinstance(exc, StepTimeoutError) else StepStatus.FAILED
+                    attempts = retry.attempt if retry is not None else 1
+                    value = ItemFailed(node.name, index, exc)
+                    if self.first_error is None:
+                        self.first_error = (index, exc)
+                        exc.add_note(f"flowyml: item {index} of mapped step {node.name!r}")
+            took = _perf() - t0
+            if hooks is not None and status is not StepStatus.SKIPPED:
+                hooks.after_item(node, index, status, attempts, start, took, error, key, value)
+            self.results.set(index, status, attempts, took, error, key)
+            _place(self.out, index, value)
+            if self.board is not None:
+                self.board.put(index, value)
+            for board in self.streams:
+                board.done_one(node.id)
+            self.settled += 1
+            if hooks is not None:
+                hooks.item_progress(node, self.settled, self.length)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a fault in the bookkeeping itself: end the node with it
+            self.stop = self.stop or exc
+        finally:
+            self.running.pop(index, None)
+            self.wake.set()
 
     async def _attempts(self, args: list[Any], kwargs: dict[str, Any], retry: RetryRun | None) -> Any:
         """One item's attempts: each under the limits, with its own timeout, retried through ``retry``.
