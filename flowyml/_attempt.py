@@ -147,6 +147,11 @@ class UnitRunner:
             limit = Limit.for_step(s.name, None if s.map_over else s.concurrency, s.rate_limit)
             if limit is not None:
                 self.limits[i] = limit
+        self._call_limits: dict[int, list[Limit]] = {
+            i: [lim for lim in (self.limits.get(i), plan.nodes[i].step.limit) if lim is not None]
+            for i in plan.limited
+        }
+        """What each call of a limited node takes: this run's limit of it, then its shared one."""
         self.items: dict[int, Items] = {
             i: Items(
                 plan.nodes[i].name,
@@ -345,7 +350,7 @@ class UnitRunner:
         extra = {"keep_remote": True} if keep_remote else {}
         body = watch_fallbacks(step.body) if step.uses_fallback else step.body
         positional = tuple(args)
-        limits = [lim for lim in (self.limits.get(node.id), step.limit) if lim is not None]
+        limits = self._call_limits.get(node.id) if self._call_limits else None
 
         async def attempt() -> Any:
             try:
