@@ -368,6 +368,8 @@ class PipelineResult:
         lines = [f"run {self.run_id} of {self.pipeline_name!r}: {self.state} in {self.duration_seconds:.3f}s"]
         for r in self.step_results.values():
             extra = f"  {type(r.error).__name__}: {r.error}" if r.error is not None else ""
+            if r.items is not None:
+                extra = "  items: " + ", ".join(f"{n} {s}" for s, n in r.item_counts.items()) + extra
             lines.append(f"  {r.step_name:<30} {r.status.value:<10} {r.duration_seconds:8.3f}s{extra}")
         return "\n".join(lines)
 
