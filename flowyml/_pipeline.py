@@ -17,6 +17,7 @@ from ._errors import ConfigError, EventLoopError
 from ._executors._base import Executor
 from ._executors._local import AsyncExecutor, ThreadExecutor
 from ._graph import Node, Plan, build_plan
+from ._mermaid import to_mermaid
 from ._resources import Request, ResourcePool, parse_capacity, requests_for
 from ._results import PipelineResult, StepResult, StepStatus
 from ._scheduler import Run, describe_inputs
@@ -129,6 +130,10 @@ class Pipeline:
             self._plan = plan
         return self._plan
 
+    def to_mermaid(self) -> str:
+        """The pipeline's DAG as Mermaid flowchart text (see ``flowyml._mermaid``)."""
+        return to_mermaid(self.plan(), params=self.context.to_dict())
+
     def run(
         self,
         context: Context | Mapping[str, Any] | None = None,
@@ -232,6 +237,8 @@ class Pipeline:
             start_time=start,
             end_time=time.time(),
             producers={out: n.name for n in plan.nodes for out in n.output_names},
+            plan=plan,
+            params=params,
         )
 
     async def _open_store(

@@ -5,9 +5,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import OutputError
+
+if TYPE_CHECKING:
+    import os
+
+    from ._graph import Plan
 
 __all__ = ("ExecutionResult", "PipelineResult", "StepResult", "StepStatus", "split_outputs")
 
@@ -105,6 +110,9 @@ class PipelineResult:
     end_time: float
     producers: dict[str, str] = field(default_factory=dict)
     """The step that declares each output name, to explain an output that was not produced."""
+    plan: Plan | None = field(default=None, repr=False)
+    params: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """The plan that ran and the context parameters it ran with, for pictures and reports."""
 
     @property
     def success(self) -> bool:
@@ -152,13 +160,29 @@ class PipelineResult:
     def __iter__(self) -> Iterator[StepResult]:
         return iter(self.step_results.values())
 
-    def summary(self) -> str:
-        """A human-readable table of every step's fate."""
-        lines = [f"run {self.run_id} of {self.pipeline_name!r}: {self.state} in {self.duration_seconds:.3f}s"]
-        for r in self.step_results.values():
-            extra = f"  {type(r.error).__name__}: {r.error}" if r.error is not None else ""
-            lines.append(f"  {r.step_name:<30} {r.status.value:<10} {r.duration_seconds:8.3f}s{extra}")
-        return "\n".join(lines)
+    def summary(self, all: bool = False) -> str:
+        """Counts by status, then every step that did not succeed (every step with ``all=True``)."""
+        from ._report import summary
+
+        return summary(self, all_steps=all)
+
+    def to_mermaid(self) -> str:
+        """The pipeline's Mermaid flowchart with each step coloured by its status in this run."""
+        from ._report import result_mermaid
+
+        return result_mermaid(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run report as JSON-able data: totals, counts, time saved, and every step's detail."""
+        from ._report import result_to_dict
+
+        return result_to_dict(self)
+
+    def report(self, path: str | os.PathLike[str]) -> None:
+        """Write the run report to ``path``: one self-contained HTML file that works offline."""
+        from ._report import write_report
+
+        write_report(self.to_dict(), path)
 
     def __repr__(self) -> str:
         return (
