@@ -24,6 +24,27 @@ def _template(name: str) -> str:
     return resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
 
 
+_EMPTY: tuple[Any, ...] = (None, [], {}, False, "")
+_DROPPED = frozenset({"started_at", "ended_at"})  # the page uses offsets from the run's start
+
+
+def _compact(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without what the page can do without: empty fields, absolute step times.
+
+    A 10,000-step report is mostly step records, so this halves the file; the script fills
+    the defaults back in.
+    """
+    steps = [
+        {
+            k: round(v, 6) if isinstance(v, float) else v
+            for k, v in s.items()
+            if k not in _DROPPED and not any(v is e or v == e for e in _EMPTY if type(v) is type(e))
+        }
+        for s in data["steps"]
+    ]
+    return {**data, "steps": steps}
+
+
 def _embed(data: Any) -> str:
     # JSON inside <script>: no "<" may appear, or "</script>" in a step name would end the block.
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str).replace("<", "\\u003c")
@@ -42,7 +63,7 @@ def render_html(data: dict[str, Any]) -> str:
         ("__TITLE__", html.escape(f"flowyml run {data['run_id']} of {data['pipeline']}")),
         ("__CSS__", _template("report.css")),
         ("__DAG__", dag),
-        ("__DATA__", _embed(data)),
+        ("__DATA__", _embed(_compact(data))),
         ("__JS__", _template("report.js")),
     ):
         page = page.replace(marker, text, 1)

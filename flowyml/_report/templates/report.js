@@ -6,7 +6,17 @@
   var steps = data.steps;
   var SVG = "http://www.w3.org/2000/svg";
   var byName = {};
-  steps.forEach(function (s, i) { s._i = i; byName[s.name] = s; });
+  var DEFAULTS = {
+    start_offset: null, end_offset: null, duration_seconds: null, attempts: 0, errors: [], cache_key: null,
+    cache_reason: null, time_saved_seconds: null, skip_reason: null, fallback_reasons: [], executor: null,
+    cache_policy: null, group: null, resources: {}, tags: {}, inputs: [], outputs: [],
+    earlier_attempt_errors_recorded: false
+  };
+  steps.forEach(function (s, i) {
+    for (var k in DEFAULTS) if (!(k in s)) s[k] = DEFAULTS[k];
+    s._i = i;
+    byName[s.name] = s;
+  });
 
   function el(tag, attrs, text) {
     var node = document.createElement(tag);
