@@ -84,8 +84,11 @@ def fifty_step_run(store: Path) -> PipelineResult:
         return pipeline.run(fail_fast=False)
 
 
-def wide_pipeline(n: int, store: Path | None = None) -> Pipeline:
-    """One source, ``n - 2`` independent async steps and a sink: the shape of a big fan-out."""
+def wide_pipeline(n: int, store: Path | None = None, *, fail_every: int = 0) -> Pipeline:
+    """One source, ``n - 2`` independent async steps and a sink: the shape of a big fan-out.
+
+    With ``fail_every=k``, every k-th fan step raises (and is never cached), so the sink is skipped.
+    """
 
     @step(outputs=["seed"])
     async def seed() -> int:
@@ -98,9 +101,12 @@ def wide_pipeline(n: int, store: Path | None = None) -> Pipeline:
     names = []
     for i in range(n - 2):
         names.append(f"v{i}")
+        fails = bool(fail_every) and i % fail_every == fail_every - 1
 
-        @step(name=f"fan_{i:05d}", inputs=["seed"], outputs=[f"v{i}"])
-        async def fan(value: int, _i: int = i) -> int:
+        @step(name=f"fan_{i:05d}", inputs=["seed"], outputs=[f"v{i}"], cache=not fails and "code_hash")
+        async def fan(value: int, _i: int = i, _fails: bool = fails) -> int:
+            if _fails:
+                raise RuntimeError(f"fan step {_i} fails on purpose")
             return value + _i
 
         pipeline.add_step(fan)

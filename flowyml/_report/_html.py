@@ -29,7 +29,7 @@ _DROPPED = frozenset({"started_at", "ended_at"})  # the page uses offsets from t
 
 
 def _compact(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` without what the page can do without: empty fields, absolute step times.
+    """``data`` without what the page can do without: empty fields, absolute times, the edges.
 
     A 10,000-step report is mostly step records, so this halves the file; the script fills
     the defaults back in.
@@ -42,7 +42,8 @@ def _compact(data: dict[str, Any]) -> dict[str, Any]:
         }
         for s in data["steps"]
     ]
-    return {**data, "steps": steps}
+    graph = data["graph"]  # drawn already, as SVG; the page needs only what was not run
+    return {**data, "steps": steps, "graph": {"not_run": graph["not_run"], "gates": graph["gates"]}}
 
 
 def _embed(data: Any) -> str:
