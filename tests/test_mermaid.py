@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,18 @@ class TestText:
         result = Pipeline("two", cache_dir=tmp_path).add_step(first).add_step(second).run()
         text = result.to_mermaid()
         assert "class s0 succeeded" in text and "class s1 failed" in text
+
+
+def test_the_readme_shows_the_quickstart_as_it_is_drawn() -> None:
+    examples = Path(__file__).parent.parent / "examples"
+    sys.path.insert(0, str(examples))
+    try:
+        from quickstart import build_pipeline
+    finally:
+        sys.path.remove(str(examples))
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    [shown] = re.findall(r"```mermaid\n(.*?)```", readme, flags=re.S)
+    assert shown == build_pipeline(0).to_mermaid()
 
 
 class TestEscape:

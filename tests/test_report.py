@@ -142,6 +142,7 @@ class TestPage:
         assert statuses["broken"] == "failed" and statuses["report_small"] == "not_run"
         assert statuses["work_00"] == "cached" and statuses["flaky"] == "succeeded"
         assert page.count('class="edge gate-edge"') == 2
+        assert page.count('<g class="group" data-group="post">') == 1
 
     def test_a_step_name_cannot_close_the_script(self, tmp_path: Path) -> None:
         name = "</script><script>alert(1)</script>"

@@ -45,11 +45,17 @@ def _clip(text: str) -> str:
     return text if len(text) <= _LABEL_CHARS else text[: _LABEL_CHARS - 1] + "…"
 
 
-def dag_svg(graph: Mapping[str, Any], statuses: Mapping[str, str], details: Mapping[str, str]) -> str:
+def dag_svg(
+    graph: Mapping[str, Any],
+    statuses: Mapping[str, str],
+    details: Mapping[str, str],
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> str:
     """An ``<svg>`` of ``graph`` (``{"nodes", "edges", "gates"}`` from the report data), or a note why not.
 
     ``statuses`` colours each node (a CSS class ``st-<status>``); ``details`` is a node's second
-    line (executor and cache policy).
+    line (executor and cache policy); each of ``groups`` (execution group: its steps) is drawn
+    as a labelled box around its steps.
     """
     names: list[str] = list(graph["nodes"])
     gates: list[Mapping[str, Any]] = list(graph.get("gates", ()))
@@ -153,6 +159,21 @@ def dag_svg(graph: Mapping[str, Any], statuses: Mapping[str, str], details: Mapp
             parts.append(
                 f'<text class="edge-label" x="{mx + 4:.1f}" y="{my:.1f}">{html.escape(_clip(edge_label))}</text>'
             )
+    behind: list[str] = []  # group boxes go under the edges and nodes
+    for group, members in (groups or {}).items():
+        boxes = [vertices[m].view for m in members if m in vertices]
+        if not boxes:
+            continue
+        left = min(b.xy[0] - b.w / 2 for b in boxes) - _PAD / 2
+        top = min(b.xy[1] - b.h / 2 for b in boxes) - _LINE_H - _PAD / 2
+        right = max(b.xy[0] + b.w / 2 for b in boxes) + _PAD / 2
+        bottom = max(b.xy[1] + b.h / 2 for b in boxes) + _PAD / 2
+        behind.append(
+            f'<g class="group" data-group="{html.escape(group)}"><rect x="{left:.1f}" y="{top:.1f}" '
+            f'width="{right - left:.1f}" height="{bottom - top:.1f}" rx="6"/>'
+            f'<text x="{left + 6:.1f}" y="{top + 12:.1f}">group: {html.escape(_clip(group))}</text></g>'
+        )
+    parts[2:2] = behind
     for name, v in vertices.items():
         x, y = v.view.xy
         w, h = v.view.w, v.view.h

@@ -58,7 +58,11 @@ def render_html(data: dict[str, Any]) -> str:
         s["name"]: " · ".join(x for x in (s.get("executor"), s.get("cache_policy")) if x)
         for s in data["steps"]
     }
-    dag = dag_svg(data["graph"], statuses, details)
+    groups: dict[str, list[str]] = {}
+    for s in data["steps"]:
+        if s.get("group"):
+            groups.setdefault(s["group"], []).append(s["name"])
+    dag = dag_svg(data["graph"], statuses, details, groups)
     page = _template("report.html")
     for marker, text in (
         ("__TITLE__", html.escape(f"flowyml run {data['run_id']} of {data['pipeline']}")),

@@ -292,6 +292,22 @@
     for (var k in shown) shown[k].classList.toggle("selected", shown[k].getAttribute("data-step") === name);
   }
   var dagSvg = document.getElementById("dag-svg");
+  if (dagSvg) {
+    // Fit a drawing up to 2.5 times the box's width; a wider one keeps its size, centred.
+    var box = document.getElementById("dag"), natural = Number(dagSvg.getAttribute("width"));
+    var fit = document.getElementById("dag-fit");
+    var fitted = false;
+    var setFit = function (on) {
+      fitted = on;
+      dagSvg.style.width = on ? "100%" : natural + "px";
+      dagSvg.style.height = "auto";
+      fit.textContent = on ? "actual size" : "fit to width";
+      if (!on) box.scrollLeft = Math.max(0, (box.scrollWidth - box.clientWidth) / 2);
+    };
+    fit.hidden = false;
+    fit.addEventListener("click", function () { setFit(!fitted); });
+    setFit(natural <= 2.5 * box.clientWidth);
+  }
   if (dagSvg) dagSvg.addEventListener("click", function (ev) {
     var g = ev.target.closest(".node");
     if (g) select(g.getAttribute("data-step"), true);
