@@ -109,6 +109,26 @@ class TestRun:
         assert message in done.stderr
         assert "Traceback" not in done.stderr
 
+    def test_process_steps_of_a_file_target_run_in_workers(self, project: Path) -> None:
+        (project / "proc_pipes.py").write_text(
+            textwrap.dedent(
+                """
+                import os
+                from flowyml import Pipeline, step
+
+                @step(outputs=["where"], executor="process", cache=False)
+                def where(n: int = 1):
+                    return os.getpid(), n
+
+                pipeline = Pipeline("proc").add_step(where)
+                """
+            ),
+            encoding="utf-8",
+        )
+        done = flowyml_cli(project, "run", "proc_pipes.py:pipeline", "--param", "n=3")
+        assert done.returncode == 0, done.stderr
+        assert "1 succeeded" in done.stdout
+
     def test_report_is_written_after_the_run(self, project: Path) -> None:
         done = flowyml_cli(project, "run", "demo_pipes.py:pipeline", "--report", "out/run.html")
         assert done.returncode == 0, done.stderr
