@@ -41,6 +41,10 @@ NO_STORE: dict[str, tuple[str, int, bool]] = {
 }
 
 
+#: How a recorded run can stand: still running, or how it ended (``Pipeline.arun``).
+RUN_STATES = ("running", "completed", "failed", "cancelled")
+
+
 class UsageError(Exception):
     """A mistake on the command line: printed as ``flowyml: message``, exit code 2."""
 
@@ -258,8 +262,6 @@ def register(
     Commands that need no store set ``direct`` (called with the arguments); the others set
     ``handler`` like the rest of ``_cli``.
     """
-    from ._store import STATUSES
-
     parser.add_argument("--version", action="version", version=_version())
 
     run = commands.add_parser(
@@ -303,7 +305,7 @@ def register(
     runs.add_argument("--pipeline", metavar="NAME", default=None, help="only runs of this pipeline")
     runs.add_argument(
         "--status",
-        choices=sorted(STATUSES - {"skipped", "cached"}),
+        choices=RUN_STATES,
         default=None,
         help="only runs with this status",
     )

@@ -165,6 +165,8 @@ class TestOtherCommands:
         assert [r["status"] for r in every] == ["failed", "completed"]
         failed = json.loads(flowyml_cli(project, "runs", "--json", "--status", "failed").stdout)
         assert [r["run_id"] for r in failed] == [every[0]["run_id"]]
+        completed = json.loads(flowyml_cli(project, "runs", "--json", "--status", "completed").stdout)
+        assert [r["run_id"] for r in completed] == [every[1]["run_id"]]
         assert json.loads(flowyml_cli(project, "runs", "--json", "--pipeline", "other").stdout) == []
         table = flowyml_cli(project, "runs", "--pipeline", "cli_demo", "--limit", "1")
         assert table.returncode == 0 and every[0]["run_id"] in table.stdout

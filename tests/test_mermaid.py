@@ -18,7 +18,7 @@ from browser import Unavailable, chromium, mermaid_cli
 from flowyml import CachePolicy, If, Pipeline, StepStatus, step
 from flowyml._mermaid import escape, to_mermaid
 
-ODD = 'say "hi" [x] {y} (z) <b>#1; ünïcødé → 🚀 end'
+ODD = "say \"hi\" [x] {y} (z) <b>#1; ünïcødé → 🚀 end %% 5% $a ~b ^c *d* _e_ +f= @g! ?h 'i' j:k a-->b"
 
 
 def every_construct() -> Pipeline:

@@ -33,32 +33,34 @@ def type_name(value: object) -> str:
 
 
 def value_size(value: object) -> dict[str, int | None]:
-    """An in-memory size estimate: ``bytes`` (buffer size where known, else shallow) and ``len``."""
-    nbytes: int | None = None
-    raw = getattr(value, "nbytes", None)
-    if isinstance(raw, int):
-        nbytes = raw
-    else:
+    """An in-memory size estimate: ``bytes`` (buffer size where known, else shallow) and ``len``.
+
+    Never raises: a value whose size cannot be read gets ``None``.
+    """
+    return {"bytes": _bytes(value), "len": _len(value)}
+
+
+def _bytes(value: object) -> int | None:
+    try:
+        raw = getattr(value, "nbytes", None)
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
         usage = getattr(value, "memory_usage", None)
         if callable(usage) and type(value).__module__.startswith("pandas"):
-            try:
-                nbytes = int(usage(index=True).sum()) if hasattr(value, "columns") else int(usage(index=True))
-            except Exception:  # an odd pandas object: fall back to the shallow size
-                nbytes = None
-    if nbytes is None:
-        try:
-            nbytes = sys.getsizeof(value)
-        except TypeError:
-            nbytes = None
-    length: int | None = None
-    if not isinstance(value, str | bytes) and hasattr(value, "__len__"):
-        try:
-            length = len(value)
-        except Exception:
-            length = None
-    elif isinstance(value, str | bytes):
-        length = len(value)
-    return {"bytes": nbytes, "len": length}
+            used = usage(index=True)
+            return int(used.sum()) if hasattr(used, "sum") else int(used)
+        return sys.getsizeof(value)
+    except Exception:  # an odd object must not break the report
+        return None
+
+
+def _len(value: object) -> int | None:
+    if not hasattr(value, "__len__"):
+        return None
+    try:
+        return len(value)
+    except Exception:
+        return None
 
 
 def _short(value: object) -> str:

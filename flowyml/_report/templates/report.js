@@ -73,6 +73,10 @@
     savedCard.appendChild(el("div", { "class": "label" }, saved.unknown_steps.length + " hit(s) with unknown original time"));
   }
   card("peak concurrency", data.peak_concurrency, "total-peak");
+  var paramNames = Object.keys(data.params || {});
+  if (paramNames.length) {
+    card("parameters", paramNames.map(function (k) { return k + "=" + data.params[k]; }).join(", "), "total-params");
+  }
   var countsCard = card("counts by status", "", "total-counts");
   var legend = document.getElementById("legend");
   Object.keys(data.counts).forEach(function (status) {
