@@ -15,7 +15,7 @@ from typing import Any
 
 __all__ = ("DAG_LIMIT", "dag_svg")
 
-DAG_LIMIT = 2000
+DAG_LIMIT = 1000
 _CHAR_W = 7.0
 _LINE_H = 15.0
 _PAD = 10.0
