@@ -109,6 +109,13 @@ class TestRun:
         assert message in done.stderr
         assert "Traceback" not in done.stderr
 
+    def test_dir_chooses_the_store(self, project: Path) -> None:
+        done = flowyml_cli(project, "run", "demo_pipes.py:pipeline", "--dir", "elsewhere")
+        assert done.returncode == 0, done.stderr
+        here = json.loads(flowyml_cli(project, "runs", "--json", "--dir", "elsewhere").stdout)
+        assert [r["pipeline_name"] for r in here] == ["cli_demo"]
+        assert json.loads(flowyml_cli(project, "runs", "--json").stdout) == []
+
     def test_process_steps_of_a_file_target_run_in_workers(self, project: Path) -> None:
         (project / "proc_pipes.py").write_text(
             textwrap.dedent(

@@ -11,13 +11,16 @@ import asyncio
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from browser import Browser, Unavailable, chromium
 from PIL import Image
 from sample_runs import fifty_step_run
 
-from flowyml import PipelineResult
+from flowyml import PipelineResult, Store
+from flowyml._cli_run import _report_data
+from flowyml._report import write_report
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +47,7 @@ def in_browser(
 ) -> tuple[dict[str, object], list[dict[str, object]], bytes]:
     """Open ``path``, evaluate ``script`` (an expression giving a JSON-able object) and screenshot."""
 
-    async def go() -> tuple[dict[str, object], list[dict[str, object]], bytes]:
+    async def go() -> tuple[Any, list[dict[str, Any]], bytes]:
         async with Browser(executable) as page:
             await page.open(path)
             found = await page.eval(script)
@@ -86,28 +89,28 @@ def test_the_report_shows_every_step_the_timeline_and_the_totals(
     found, errors, shot = in_browser(browser_path, path, PROBE)
     assert errors == [], json.dumps(errors, indent=1)[:2000]
 
-    drawn = dict(found["dag"])  # type: ignore[arg-type]
+    drawn = dict(found["dag"])
     assert set(drawn) == set(result.step_results) | {"report_small"}
     assert "st-failed" in drawn["broken"] and "st-cached" in drawn["work_11"]
     assert "st-not_run" in drawn["report_small"]
 
     started = {n for n, r in result.step_results.items() if r.start_time is not None}
-    assert sorted(found["bars"]) == sorted(started)  # type: ignore[type-var]
-    assert found["lanes"] >= 2  # type: ignore[operator]
+    assert sorted(found["bars"]) == sorted(started)
+    assert found["lanes"] >= 2
     assert found["concurrency"] == 1
 
     totals = found["totals"]
-    assert totals["total-state"] == "failed"  # type: ignore[index]
-    assert totals["total-steps"] == "50"  # type: ignore[index]
-    assert totals["total-counts"] == "cached 47failed 1skipped 1succeeded 1"  # type: ignore[index]
-    assert "by 47 cache hits" in totals["total-saved"]  # type: ignore[index]
+    assert totals["total-state"] == "failed"
+    assert totals["total-steps"] == "50"
+    assert totals["total-counts"] == "cached 47failed 1skipped 1succeeded 1"
+    assert "by 47 cache hits" in totals["total-saved"]
 
     assert found["before"] == "showing 50 of 50 steps"
     assert found["filtered"] == ["broken"] and found["countFiltered"] == "showing 1 of 50 steps"
     slowest = max(result.step_results.values(), key=lambda r: r.duration_seconds).step_name
     assert found["slowest"] == slowest
-    assert "ValueError: cannot handle 10 items" in found["detail"]  # type: ignore[operator]
-    assert "raise ValueError" in found["detail"]  # type: ignore[operator]
+    assert "ValueError: cannot handle 10 items" in found["detail"]
+    assert "raise ValueError" in found["detail"]
 
     image = Image.open(io.BytesIO(shot)).convert("RGB")
     assert image.size[0] >= 800
@@ -126,5 +129,30 @@ def test_the_table_stays_virtual(browser_path: str, report: tuple[PipelineResult
     })()"""
     found, errors, _ = in_browser(browser_path, report[1], script)
     assert errors == []
-    assert found["first"] < 50  # type: ignore[operator]  # rows beyond the view are not in the DOM
-    assert "extra_3" in found["names"]  # type: ignore[operator]
+    assert found["first"] < 50  # rows beyond the view are not in the DOM
+    assert "extra_3" in found["names"]
+
+
+def test_the_report_of_a_recorded_run_loads_cleanly(
+    browser_path: str, report: tuple[PipelineResult, Path], tmp_path: Path
+) -> None:
+    result, live = report
+
+    async def read() -> dict[str, Any] | None:
+        async with await Store.open(live.parent / "store", create=False) as store:
+            return await _report_data(store, result.run_id)
+
+    data = asyncio.run(read())
+    assert data is not None
+    path = tmp_path / "recorded.html"
+    write_report(data, path)
+    script = """({
+      dag: Array.from(document.querySelectorAll('#dag-svg .node')).map(n => n.dataset.step),
+      count: document.getElementById('row-count').textContent,
+      subtitle: document.getElementById('subtitle').textContent,
+    })"""
+    found, errors, _ = in_browser(browser_path, path, script)
+    assert errors == [], errors
+    assert set(found["dag"]) == set(result.step_results)
+    assert found["count"] == "showing 50 of 50 steps"
+    assert "read back from the store" in found["subtitle"]
