@@ -78,9 +78,9 @@ def load_pipeline(target: str) -> Pipeline:
     if not isinstance(obj, Pipeline) and callable(obj):
         try:
             obj = obj()
-        except TypeError as exc:
+        except Exception as exc:  # a factory needing arguments, or failing: the user's code
             raise UsageError(
-                f"{target!r} is a function that could not be called without arguments: {exc}"
+                f"calling {target!r} without arguments failed: {type(exc).__name__}: {exc}"
             ) from None
     if not isinstance(obj, Pipeline):
         raise UsageError(f"{target!r} is a {type(obj).__name__}, not a flowyml Pipeline")

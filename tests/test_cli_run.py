@@ -35,6 +35,9 @@ PIPELINE = textwrap.dedent(
 
     needs_context = Pipeline("needs").add_step(step(outputs=["y"])(lambda x: x))
     not_a_pipeline = 42
+
+    def needs_args(x):
+        return pipeline
     """
 )
 
@@ -95,6 +98,10 @@ class TestRun:
             (["missing.py:pipeline"], "no file 'missing.py'"),
             (["demo_pipes.py"], "must be FILE.py:PIPELINE or MODULE:PIPELINE"),
             (["demo_pipes.py:not_a_pipeline"], "is a int, not a flowyml Pipeline"),
+            (
+                ["demo_pipes.py:needs_args"],
+                "calling 'demo_pipes.py:needs_args' without arguments failed: TypeError",
+            ),
             (["no_such_module:pipeline"], "ModuleNotFoundError"),
             (["demo_pipes.py:needs_context"], "'x'"),
             (["demo_pipes.py:pipeline", "--param", "novalue"], "--param needs KEY=VALUE"),

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 __all__ = ("SCHEMA", "concurrency", "records_to_dict", "result_to_dict", "type_name", "value_size")
 
 SCHEMA = 1
-_OK = ("succeeded", "cached")
 _VALUE_CHARS = 200
 
 
