@@ -31,7 +31,8 @@ from ._executors._dask import DaskExecutor
 from ._fallback import FallbackHandler, on_failure
 from ._parallel import parallel_map
 from ._pipeline import Pipeline
-from ._results import ExecutionResult, PipelineResult, StepResult, StepStatus
+from ._report import PipelineResult
+from ._results import ExecutionResult, StepResult, StepStatus
 from ._retry import ExponentialBackoff, RetryConfig, retry
 from ._step import CachePolicy, Step, step
 

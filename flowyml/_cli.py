@@ -6,6 +6,7 @@
     flowyml [--dir DIR] cache clear [--step NAME] drop cache entries (lineage stays)
     flowyml [--dir DIR] cache verify              integrity check + re-hash every artifact
     flowyml [--dir DIR] lineage OUTPUT [--run ID] which step runs an output came from
+    flowyml run | dag | report ...                see ``_cli_run``
 
 Exit codes: 0 success; 1 the thing asked for does not exist or a problem was found; 2 usage error.
 Without a store, listing commands say so and exit 0; commands about one run, output or step, and
@@ -28,6 +29,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from flowyml import _cli_run
 from flowyml._errors import StoreError
 from flowyml._store import LineageNode, RunRecord, StepRecord, Store, resolve_root
 from flowyml._store._db import DB_NAME
@@ -266,6 +268,7 @@ _NO_STORE: dict[str, tuple[str, int, bool]] = {
     "cache clear --step": ("no flowyml store at {root}, so no cache entries of step {arg!r}.", 1, True),
     "cache verify": ("no flowyml store at {root}: nothing to verify.", 1, True),
     "lineage": ("no flowyml store at {root}, so no output {arg!r}.", 1, True),
+    **_cli_run.NO_STORE,
 }
 
 
@@ -315,6 +318,7 @@ def _parser() -> argparse.ArgumentParser:
     lineage.add_argument("output", metavar="OUTPUT", help="an output name")
     lineage.add_argument("--run", metavar="RUN_ID", default=None, help="that run (default: the latest)")
     lineage.set_defaults(handler=_lineage, name="lineage")
+    _cli_run.register(parser, commands, common, runs, show)  # run, dag, report, --version, runs filters
     return parser
 
 
@@ -330,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors (2) and --help (0)
         return exc.code if isinstance(exc.code, int) else 2
+    direct = _cli_run.direct_command(args)
+    if direct is not None:  # run, dag: no store needed up front
+        return direct(args)
     root = resolve_root(getattr(args, "dir", None))
     name: str = args.name
     if name == "cache clear" and args.step is not None:

@@ -20,8 +20,10 @@ from ._executors._base import Executor
 from ._executors._local import AsyncExecutor, ThreadExecutor
 from ._gates import NOT_CHOSEN
 from ._graph import Node, Plan, build_plan
+from ._mermaid import to_mermaid
+from ._report import PipelineResult
 from ._resources import ResourcePool, parse_capacity
-from ._results import PipelineResult, StepResult, StepStatus
+from ._results import StepResult, StepStatus
 from ._scheduler import Run
 from ._state import RunState
 from ._step import Step, step
@@ -130,6 +132,10 @@ class Pipeline:
             self._plan = build_plan(self._steps, self._flows, capacity=self.capacity)
         return self._plan
 
+    def to_mermaid(self) -> str:
+        """The pipeline's DAG as Mermaid flowchart text (see ``flowyml._mermaid``)."""
+        return to_mermaid(self.plan(), params=self.context.to_dict())
+
     def run(
         self,
         context: Context | Mapping[str, Any] | None = None,
@@ -231,6 +237,8 @@ class Pipeline:
             start_time=start,
             end_time=time.time(),
             producers={out: n.name for n in plan.nodes for out in n.output_names},
+            plan=plan,
+            params=params,
         )
 
     async def _open_store(
