@@ -43,6 +43,10 @@ def __getattr__(name: str) -> object:
         from ._store import Store
 
         return Store
+    if name == "close_stores":
+        from ._store import close_stores
+
+        return close_stores
     raise AttributeError(f"module 'flowyml' has no attribute {name!r}")
 
 
@@ -77,6 +81,7 @@ __all__ = (
     "StepStatus",
     "StepTimeoutError",
     "Store",
+    "close_stores",
     "context",
     "on_failure",
     "parallel_map",

@@ -7,13 +7,14 @@ import os
 import sys
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._conditions import NOT_CHOSEN, If
 from ._context import Context
-from ._errors import ConfigError, EventLoopError
+from ._errors import ConfigError, EventLoopError, StoreError, StoreWarning
 from ._executors._base import Executor
 from ._executors._local import AsyncExecutor, ThreadExecutor
 from ._graph import Node, Plan, build_plan
@@ -194,7 +195,8 @@ class Pipeline:
         assigned = executors.assign(plan)
         remote = any(ex.supports_remote for ex in set(assigned))
         start = time.time()
-        store, hooks = await self._open_store(plan, run_id, start)
+        store, hooks, mark = await self._open_store(plan, run_id, start)
+        store_errors: list[StoreError] = []
         run: Run | None = None
         state = "cancelled"
         try:
@@ -220,7 +222,7 @@ class Pipeline:
             finally:
                 if store is not None and hooks is not None:
                     await _finish_even_if_cancelled(
-                        self._close_store(store, hooks, run, run_id, start, state)
+                        self._close_store(store, hooks, run, run_id, start, state, mark, store_errors)
                     )
         results = {r.step_name: r for r in run.results if r is not None and r.skip_reason is not NOT_CHOSEN}
         return PipelineResult(
@@ -232,33 +234,39 @@ class Pipeline:
             start_time=start,
             end_time=time.time(),
             producers={out: n.name for n in plan.nodes for out in n.output_names},
+            store_errors=_report_store_errors(self.name, store_errors),
         )
 
     async def _open_store(
         self, plan: Plan, run_id: str, start: float
-    ) -> tuple[Store | None, StoreHooks | None]:
+    ) -> tuple[Store | None, StoreHooks | None, int]:
         if not (self.enable_cache or self.lineage):
-            return None, None
+            return None, None, 0
         from ._cache import StoreHooks
-        from ._store import RunRecord, Store
+        from ._store import RunRecord, shared_store
 
-        store = await Store.open(self.cache_dir)
-        try:
-            hooks = StoreHooks(store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage)
-            hooks.check_fingerprints()
-            if self.enable_cache:
-                await store.preload(n.name for n in plan.nodes)
-            if self.lineage:
-                store.record_run(RunRecord(run_id, self.name, "running", start))
-        except BaseException:
-            await store.aclose()
-            raise
-        return store, hooks
+        store = await shared_store(self.cache_dir)  # one per process and directory, kept open
+        mark = store.error_mark()
+        hooks = StoreHooks(store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage)
+        hooks.check_fingerprints()
+        if self.enable_cache:
+            await store.preload(n.name for n in plan.nodes)
+        if self.lineage:
+            store.record_run(RunRecord(run_id, self.name, "running", start))
+        return store, hooks, mark
 
     async def _close_store(
-        self, store: Store, hooks: StoreHooks, run: Run | None, run_id: str, start: float, state: str
+        self,
+        store: Store,
+        hooks: StoreHooks,
+        run: Run | None,
+        run_id: str,
+        start: float,
+        state: str,
+        mark: int,
+        errors: list[StoreError],
     ) -> None:
-        """Record how the run ended and wait for every queued write to commit."""
+        """Record how the run ended and wait for its writes to commit; what failed goes in ``errors``."""
         from ._store import RunRecord
 
         try:
@@ -272,7 +280,7 @@ class Pipeline:
                 store.record_run(RunRecord(run_id, self.name, state, start, end, end - start, saved))
         finally:
             try:
-                await store.aclose()
+                errors += await store.settle(mark)
             finally:
                 hooks.release()
 
@@ -368,6 +376,20 @@ async def _finish_even_if_cancelled(closing: Coroutine[Any, Any, None]) -> None:
         except Exception as exc:  # the cancellation matters more; keep the close error visible
             cancelled.add_note(f"flowyml: closing the run's store also failed: {exc!r}")
         raise
+
+
+def _report_store_errors(name: str, errors: list[StoreError]) -> tuple[StoreError, ...]:
+    """Warn once for a run whose writes to the store failed; the errors for ``result.store_errors``."""
+    if errors:
+        warnings.warn(
+            StoreWarning(
+                f"pipeline {name!r}: {len(errors)} write(s) to the flowyml store failed; the run's values "
+                f"are all here, but what failed is not cached or recorded (see result.store_errors). "
+                f"First: {errors[0]}"
+            ),
+            stacklevel=3,
+        )
+    return tuple(errors)
 
 
 def _state(results: Iterable[StepResult]) -> str:

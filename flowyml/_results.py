@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import OutputError
+from ._errors import OutputError, StoreError
 
 __all__ = ("ExecutionResult", "PipelineResult", "StepResult", "StepStatus", "split_outputs")
 
@@ -105,6 +105,8 @@ class PipelineResult:
     end_time: float
     producers: dict[str, str] = field(default_factory=dict)
     """The step that declares each output name, to explain an output that was not produced."""
+    store_errors: tuple[StoreError, ...] = ()
+    """What the store could not write for this run (the values are all here; they are not cached)."""
 
     @property
     def success(self) -> bool:

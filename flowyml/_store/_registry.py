@@ -1,0 +1,136 @@
+"""One long-lived :class:`Store` per (process, directory, event loop), shared by every run.
+
+Why: opening a store costs a connection, a thread, the schema check and a cleanup of temporary
+files; closing it joins them again. Paid per run, that was most of a small run's cost, and 200
+concurrent runs held 200 connections whose writers could not batch with each other. Shared, the
+first run on a directory opens the store, every later or concurrent run of any pipeline reuses
+it, and its single writer commits the records of every run queued meanwhile in one transaction.
+
+Lifetime: a store lives until :func:`close_stores` (or ``async with`` on it, or its ``aclose``),
+or until its event loop shuts down (``asyncio.run`` cancelling the writer makes the store commit
+what is queued and close itself, see ``Store._run_writer``), or at interpreter exit. A store
+belongs to the loop that opened it: another loop (another thread, a later ``asyncio.run``) gets
+its own. A forked child never reuses its parent's stores: the registry is emptied in the child
+(without touching the parent's connections) and every entry is checked against the process id.
+"""
+
+from __future__ import annotations
+
+__all__ = ("close_stores", "shared_store")
+
+import asyncio
+import os
+import threading
+import weakref
+from pathlib import Path
+
+from ._api import Store, resolve_root
+
+_Key = tuple[int, Path]
+_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_Key, Store]] = weakref.WeakKeyDictionary()
+_opening: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_Key, asyncio.Future[Store]]] = (
+    weakref.WeakKeyDictionary()
+)
+_lock = threading.Lock()
+
+
+async def shared_store(cache_dir: str | os.PathLike[str] | None = None) -> Store:
+    """The open store of ``cache_dir`` (see :func:`resolve_root`) on this loop, opened on first use.
+
+    Concurrent first uses share one opening. A store closed meanwhile is opened again.
+
+    Raises:
+        StoreError: the store cannot be opened (it is then not remembered; the next call tries again).
+    """
+    loop = asyncio.get_running_loop()
+    key = (os.getpid(), resolve_root(cache_dir))
+    with _lock:
+        by_key = _stores.setdefault(loop, {})
+        store = by_key.get(key)
+        if store is not None and not store.closed:
+            return store
+        pending = _opening.setdefault(loop, {})
+        opening = pending.get(key)
+        if opening is None:
+            opening = pending[key] = loop.create_future()
+            owner = True
+        else:
+            owner = False
+    if not owner:
+        return await asyncio.shield(opening)
+    try:
+        store = await Store.open(key[1])
+    except BaseException as exc:
+        with _lock:
+            pending.pop(key, None)
+        if not opening.done():
+            opening.set_exception(exc)
+            opening.exception()  # retrieved: the waiters (if any) got it
+        raise
+    with _lock:
+        by_key[key] = store
+        pending.pop(key, None)
+    opening.set_result(store)
+    return store
+
+
+async def close_stores() -> None:
+    """Close every store this process opened on the running event loop, committing what is queued.
+
+    For applications that manage lifetimes (an ASGI lifespan's shutdown, the end of a service);
+    without it, stores close when their loop shuts down or the interpreter exits.
+
+    Raises:
+        StoreError: queued writes of some store could not be committed (every store is closed anyway).
+    """
+    loop = asyncio.get_running_loop()
+    with _lock:
+        stores = list(_stores.pop(loop, {}).values())
+    pid = os.getpid()
+    first: BaseException | None = None
+    for store in stores:
+        if store.pid != pid:
+            continue
+        try:
+            await store.aclose()
+        except Exception as exc:
+            first = first or exc
+    if first is not None:
+        raise first
+
+
+def _forget_in_child() -> None:
+    """After a fork: the parent's stores are not ours to use or close."""
+    global _stores, _opening, _lock
+    _stores = weakref.WeakKeyDictionary()
+    _opening = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()
+
+
+def _close_at_exit() -> None:
+    """At interpreter exit: close the stores whose loop is still there but not running."""
+    pid = os.getpid()
+    with _lock:
+        everything = [(loop, list(by_key.values())) for loop, by_key in _stores.items()]
+        _stores.clear()
+    for loop, stores in everything:
+        for store in stores:
+            if store.pid != pid or store.closed:
+                continue
+            if not loop.is_closed() and not loop.is_running():
+                try:
+                    loop.run_until_complete(store.aclose())
+                except Exception:  # exit must go on
+                    continue
+            else:
+                store.abandon()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+_register = getattr(threading, "_register_atexit", None)  # before non-daemon threads are joined
+if _register is not None:
+    _register(_close_at_exit)
+else:  # pragma: no cover - every supported Python has it
+    import atexit
+
+    atexit.register(_close_at_exit)
