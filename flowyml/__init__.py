@@ -12,6 +12,8 @@ This module only re-exports. The layers, from the bottom up:
 - ``_pipeline``                ``Pipeline``: plan once, run many times
 """
 
+import typing as _typing
+
 from ._assets import Asset, Dataset, Metrics, Model
 from ._breaker import CircuitBreaker, CircuitState, CircuitStats
 from ._conditions import ControlContext, If, unless, when
@@ -36,6 +38,9 @@ from ._step import CachePolicy, Step, step
 
 __version__ = "0.1.0"
 
+if _typing.TYPE_CHECKING:
+    from ._store import Store, close_stores, open_store
+
 
 def __getattr__(name: str) -> object:
     # The store pulls in aiosqlite; load it only when someone asks for it.
@@ -43,10 +48,11 @@ def __getattr__(name: str) -> object:
         from ._store import Store
 
         return Store
-    if name == "close_stores":
-        from ._store import close_stores
+    if name in ("close_stores", "open_store"):
+        from . import _store
 
-        return close_stores
+        found: object = getattr(_store, name)
+        return found
     raise AttributeError(f"module 'flowyml' has no attribute {name!r}")
 
 
@@ -84,6 +90,7 @@ __all__ = (
     "close_stores",
     "context",
     "on_failure",
+    "open_store",
     "parallel_map",
     "retry",
     "step",

@@ -83,6 +83,9 @@ class Pipeline:
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResourcePool] = (
             weakref.WeakKeyDictionary()
         )
+        self._threads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ThreadExecutor] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def steps(self) -> tuple[Step, ...]:
@@ -250,7 +253,7 @@ class Pipeline:
         hooks = StoreHooks(store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage)
         hooks.check_fingerprints()
         if self.enable_cache:
-            await store.preload(n.name for n in plan.nodes)
+            await store.preload(n.name for n in plan.nodes if n.step.cache is not False)
         if self.lineage:
             store.record_run(RunRecord(run_id, self.name, "running", start))
         return store, hooks, mark
@@ -283,6 +286,17 @@ class Pipeline:
                 errors += await store.settle(mark)
             finally:
                 hooks.release()
+
+    def _thread_executor(self) -> ThreadExecutor:
+        """The threads of every run of this pipeline on the running loop: ``max_threads`` in all.
+
+        Per run, 200 concurrent runs of a one-step pipeline started 200 threads.
+        """
+        loop = asyncio.get_running_loop()
+        found = self._threads.get(loop)
+        if found is None or found.max_threads != self.max_threads:
+            found = self._threads[loop] = ThreadExecutor(self.max_threads)
+        return found
 
     def _resource_pool(self) -> ResourcePool:
         """The capacity shared by every run of this pipeline on the running event loop."""
@@ -337,12 +351,12 @@ class _Executors:
         if s.is_async:
             return self._async
         if self._thread is None:
-            self._thread = ThreadExecutor(self._pipeline.max_threads)
+            self._thread = self._pipeline._thread_executor()
         return self._thread
 
     async def aclose(self, *, close_given: bool) -> None:
         """Close the executors this run made, and the ones it was given when ``close_given``."""
-        owned = [ex for ex in (self._thread, self._process) if ex is not None]
+        owned = [ex for ex in (self._process,) if ex is not None]  # the thread executor is shared
         for ex in owned + (list(self._given.values()) if close_given else []):
             await ex.aclose()
 

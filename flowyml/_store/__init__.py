@@ -30,6 +30,7 @@ __all__ = (
     "VerifyProblem",
     "VerifyReport",
     "close_stores",
+    "open_store",
     "resolve_root",
     "shared_store",
 )
@@ -51,4 +52,4 @@ from ._records import (
     VerifyProblem,
     VerifyReport,
 )
-from ._registry import close_stores, shared_store
+from ._registry import close_stores, open_store, shared_store

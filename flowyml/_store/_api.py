@@ -78,6 +78,11 @@ PRELOAD_PER_STEP: Final = 2
 _MAX_BATCH: Final = 10_000
 #: At most this many step runs go in one packed ``step_records`` row.
 _MAX_PART: Final = 10_000
+#: How long the writer holds lineage records nobody waits for yet (a run's "running" row, step
+#: records) before committing them, so that they go in the same transaction as what comes next --
+#: typically the run's end, which it waits for: one commit per short run instead of two. Cache
+#: entries, a flush, a close or a call commit at once (a crash must lose as little as possible).
+_LINGER_SECONDS: Final = 0.02
 _HOME_ENV: Final = "FLOWYML_HOME"
 #: The write errors a store remembers for runs to report (older ones are only counted).
 _ERROR_LOG: Final = 100
@@ -444,6 +449,8 @@ class Store:
         self._error_count = 0
         #: Rows found damaged while reading (for the command line to report), cleared by the reader.
         self.damaged: list[str] = []
+        #: Write transactions committed so far (batches; each holds the records of every run queued).
+        self.commits = 0
         self._release_task: asyncio.Task[None] | None = None
         self._memory: dict[str, CacheEntry] = {}
         self._unsaved: set[str] = set()  # keys put and not yet committed
@@ -457,6 +464,7 @@ class Store:
         self._released = False  # connection closed and threads joined (or being)
         self._errors: list[BaseException] = []
         self._steps: _Pending = []
+        self._held: list[_Job] = []  # jobs the writer took and has not handed to _process yet
         self._inflight: asyncio.Future[bool] | None = None
         self._writer = asyncio.get_running_loop().create_task(self._run_writer(), name="flowyml-store-writer")
         self._writer.add_done_callback(self._on_writer_done)
@@ -888,16 +896,31 @@ class Store:
 
     # -- the writer --------------------------------------------------------------------------------
 
+    def _drain_into(self, jobs: list[_Job]) -> bool:
+        """Move what is queued into ``jobs`` (up to the batch limit); True if it must commit now."""
+        urgent = False
+        while len(jobs) < _MAX_BATCH:
+            try:
+                job = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            jobs.append(job)
+            urgent = urgent or not isinstance(job, RunRecord | _Wake)
+        return urgent or len(jobs) >= _MAX_BATCH
+
     async def _run_writer(self) -> None:
         stop = False
         try:
             while not stop:
-                jobs = [await self._queue.get()]
-                while len(jobs) < _MAX_BATCH:
-                    try:
-                        jobs.append(self._queue.get_nowait())
-                    except asyncio.QueueEmpty:
-                        break
+                self._held = jobs = [await self._queue.get()]
+                urgent = self._drain_into(jobs) or not isinstance(jobs[0], RunRecord | _Wake)
+                if not urgent:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_LINGER_SECONDS):
+                            while not urgent:
+                                jobs.append(await self._queue.get())
+                                urgent = self._drain_into(jobs) or not isinstance(jobs[-1], RunRecord | _Wake)
+                self._held = []
                 # Shielded: cancelling the writer (say, at loop shutdown) lets this batch commit
                 # first; _release waits for it before closing the connection.
                 self._inflight = asyncio.ensure_future(self._process(jobs))
@@ -908,7 +931,7 @@ class Store:
             # The loop is shutting down (the end of ``asyncio.run``) with the store still open: a
             # shared store is closed this way. Commit what is queued, close, then end as cancelled.
             self._released = self._closed = True
-            jobs = []
+            jobs, self._held = self._held, []
             while True:
                 try:
                     jobs.append(self._queue.get_nowait())
@@ -1017,6 +1040,7 @@ class Store:
         #    A locked database rolls back and the whole call is retried.
         rows = _BatchRows(batch)
         await _db.retry_locked(lambda: _db.on_thread(self._conn, rows.commit), where=self._db_path)
+        self.commits += 1
         for drop in batch.drops:
             if self._dropped.get(drop.key) == drop.created_at:
                 del self._dropped[drop.key]

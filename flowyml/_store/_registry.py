@@ -16,7 +16,7 @@ its own. A forked child never reuses its parent's stores: the registry is emptie
 
 from __future__ import annotations
 
-__all__ = ("close_stores", "shared_store")
+__all__ = ("close_stores", "open_store", "shared_store")
 
 import asyncio
 import os
@@ -72,6 +72,19 @@ async def shared_store(cache_dir: str | os.PathLike[str] | None = None) -> Store
         pending.pop(key, None)
     opening.set_result(store)
     return store
+
+
+async def open_store(cache_dir: str | os.PathLike[str] | None = None) -> Store:
+    """The store every run in this process uses for ``cache_dir``, opened now if it is not open yet.
+
+    For applications that manage lifetimes: ``async with await flowyml.open_store(dir):`` in an
+    ASGI lifespan opens it at startup (a bad store fails the startup, not the first request) and
+    closes it at shutdown, with every record committed. Runs find it by their ``cache_dir``.
+
+    Raises:
+        StoreError: the store cannot be opened (another user's, writable by others, damaged, ...).
+    """
+    return await shared_store(cache_dir)
 
 
 async def close_stores() -> None:
