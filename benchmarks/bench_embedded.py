@@ -164,7 +164,8 @@ async def main_async(runs: int, batch: int, repeat: int, root: Path) -> int:
     print(f"  concurrent  store on (lineage): {tput_on:9.0f} runs/s   all: {_rate(conc['on'])}")
     print(f"  concurrent  store off:          {tput_off:9.0f} runs/s   all: {_rate(conc['off'])}")
     print(
-        f"  loop lag    store on: worst {max(lags['on']) * 1000:.2f} ms; store off: {max(lags['off']) * 1000:.2f} ms"
+        f"  loop lag    sequential: store on {max(lags['on']) * 1000:.2f} ms, off {max(lags['off']) * 1000:.2f} ms; "
+        f"concurrent: store on {max(conc_lags['on']) * 1000:.2f} ms, off {max(conc_lags['off']) * 1000:.2f} ms"
     )
     print(f"  threads     peak {threads.peak} (max_threads={MAX_THREADS})")
     failed = 0

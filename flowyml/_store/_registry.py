@@ -34,6 +34,28 @@ _opening: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_Key, asynci
 _lock = threading.Lock()
 
 
+_roots: dict[tuple[object, str | None, str], Path] = {}
+
+
+def _root_of(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """:func:`resolve_root`, remembered per (argument, ``$FLOWYML_HOME``, working directory).
+
+    Building and normalising the path cost more than the rest of a run's look-up of its store.
+    """
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the working directory was removed: do not remember anything
+        return resolve_root(cache_dir)
+    given = cache_dir if isinstance(cache_dir, str | None) else os.fspath(cache_dir)
+    memo = (given, os.environ.get("FLOWYML_HOME"), cwd)
+    found = _roots.get(memo)
+    if found is None:
+        if len(_roots) > 256:
+            _roots.clear()
+        found = _roots[memo] = resolve_root(cache_dir)
+    return found
+
+
 async def shared_store(cache_dir: str | os.PathLike[str] | None = None) -> Store:
     """The open store of ``cache_dir`` (see :func:`resolve_root`) on this loop, opened on first use.
 
@@ -43,7 +65,7 @@ async def shared_store(cache_dir: str | os.PathLike[str] | None = None) -> Store
         StoreError: the store cannot be opened (it is then not remembered; the next call tries again).
     """
     loop = asyncio.get_running_loop()
-    key = (os.getpid(), resolve_root(cache_dir))
+    key = (os.getpid(), _root_of(cache_dir))
     with _lock:
         by_key = _stores.setdefault(loop, {})
         store = by_key.get(key)
