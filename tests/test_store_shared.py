@@ -162,3 +162,14 @@ async def test_store_errors_of_a_store_that_cannot_be_opened_raise(tmp_path: Pat
     root.chmod(0o700)
     assert (await one_step(root).arun()).success  # a failed open is not remembered
     await close_stores()
+
+
+def test_stores_of_ended_loops_are_forgotten(tmp_path: Path) -> None:
+    """Each run() has its own loop; the registry keeps neither its store nor its loop afterwards."""
+    from flowyml._store import _registry
+
+    for i in range(3):
+        assert one_step(tmp_path / f"s{i}").run().success
+    assert not any(
+        store.root.parent == tmp_path for by_key in _registry._stores.values() for store in by_key.values()
+    )

@@ -455,6 +455,8 @@ class Store:
         #: Write transactions committed so far (batches; each holds the records of every run queued).
         self.commits = 0
         self._release_task: asyncio.Task[None] | None = None
+        #: Called once with the store when it has closed (the registry forgets it then).
+        self.on_release: Callable[[Store], None] | None = None
         self._memory: dict[str, CacheEntry] = {}
         self._unsaved: set[str] = set()  # keys put and not yet committed
         self._data_version: int | None = None
@@ -569,6 +571,12 @@ class Store:
             raw = self._conn._conn
             raw.close()
         self._files.shutdown()
+        self._released_hook()
+
+    def _released_hook(self) -> None:
+        hook, self.on_release = self.on_release, None
+        if hook is not None:
+            hook(self)
 
     async def _release(self) -> None:
         for task in (self._inflight, self._fetcher):
@@ -579,6 +587,7 @@ class Store:
             await _db.close(self._conn)
         finally:
             self._files.shutdown()
+            self._released_hook()
 
     def _raise_errors(self) -> None:
         if self._errors:

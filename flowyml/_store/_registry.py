@@ -92,8 +92,20 @@ async def shared_store(cache_dir: str | os.PathLike[str] | None = None) -> Store
     with _lock:
         by_key[key] = store
         pending.pop(key, None)
+    store.on_release = _forget
     opening.set_result(store)
     return store
+
+
+def _forget(store: Store) -> None:
+    """A store closed (by anyone): drop it, so a loop that ended is not kept alive by its store."""
+    with _lock:
+        for loop, by_key in list(_stores.items()):
+            for key, found in list(by_key.items()):
+                if found is store:
+                    del by_key[key]
+            if not by_key:
+                del _stores[loop]
 
 
 async def open_store(cache_dir: str | os.PathLike[str] | None = None) -> Store:
