@@ -284,6 +284,8 @@ class Pipeline:
                 end = time.time()
                 saved = sum(r.time_saved_seconds for r in results if r is not None)
                 store.record_run(RunRecord(run_id, self.name, state, start, end, end - start, saved))
+        except StoreError as exc:  # the store was closed under the run: its values still return
+            errors.append(exc)
         finally:
             try:
                 errors += await store.settle(mark)

@@ -208,6 +208,8 @@ class TestCraftedRows:
         assert big_pipeline(root, calls).run().success
         victim = tmp_path / "VICTIM"
         victim.write_bytes(b"precious")
+        # atime older than mtime: a read would update it (relatime), so "never read" is checked.
+        os.utime(victim, (1_000_000, 2_000_000))
         with sqlite3.connect(root / DB_NAME) as db:
             db.execute("UPDATE cache_outputs SET artifact_hash = '../../VICTIM'")
         # A second entry pointing at the victim by absolute path, for clear and gc.
@@ -230,6 +232,8 @@ class TestCraftedRows:
 
         assert main(["--dir", str(root), "cache", "clear"]) == 0
         assert main(["--dir", str(root), "cache", "gc"]) == 0
+        assert victim.exists()
+        assert victim.stat().st_atime == 1_000_000  # never read (nor moved, nor deleted)
         assert victim.read_bytes() == b"precious"
 
 
