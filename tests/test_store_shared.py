@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 from typing import Any
@@ -173,3 +176,27 @@ def test_stores_of_ended_loops_are_forgotten(tmp_path: Path) -> None:
     assert not any(
         store.root.parent == tmp_path for by_key in _registry._stores.values() for store in by_key.values()
     )
+
+
+def test_interpreter_exit_closes_a_store_left_open(tmp_path: Path) -> None:
+    """A loop that is never closed nor shut down: the store is closed at exit (WAL checkpointed)."""
+    root = tmp_path / "store"
+    code = textwrap.dedent(
+        """
+        import asyncio, sys
+        from flowyml import Pipeline, step
+
+        @step(outputs=["x"])
+        def work() -> int:
+            return 1
+
+        loop = asyncio.new_event_loop()
+        result = loop.run_until_complete(Pipeline("left", cache_dir=sys.argv[1]).add_step(work).arun())
+        print(result.success)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+    assert not (root / (DB_NAME + "-wal")).exists()  # the last connection closed cleanly
+    assert count(root, "runs") == 1
