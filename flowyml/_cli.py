@@ -68,12 +68,16 @@ def _safe(value: object) -> str:
 def _fmt_time(epoch: float | None) -> str:
     if epoch is None:
         return "-"
+    if not isinstance(epoch, int | float):
+        return "?"  # a damaged value: shown as unknown, never a traceback
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
 def _fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
+    if not isinstance(seconds, int | float) or seconds != seconds:
+        return "?"
     if seconds < 1.0:
         return f"{seconds * 1000:.1f}ms"
     if seconds < 60.0:
@@ -88,6 +92,8 @@ def _fmt_duration(seconds: float | None) -> str:
 def _fmt_bytes(count: int | None) -> str:
     if count is None:
         return "-"
+    if not isinstance(count, int | float):
+        return "?"
     size = float(count)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":

@@ -1182,14 +1182,16 @@ class Store:
         else:
             return None
         hashes = sorted({h for s in steps.values() for h in s.outputs.values() if h is not None})
-        artifacts = {
-            row[0]: (row[1], row[2], row[3])
-            for row in await conn.execute_fetchall(
-                "SELECT hash, type_name, size, producer_run_id FROM artifacts "
-                "WHERE hash IN (SELECT value FROM json_each(?))",
-                (json.dumps(hashes),),
-            )
-        }
+        artifacts: dict[str, tuple[str | None, int | None, str | None]] = {}
+        for row in await conn.execute_fetchall(
+            "SELECT hash, type_name, size, producer_run_id FROM artifacts "
+            "WHERE hash IN (SELECT value FROM json_each(?))",
+            (json.dumps(hashes),),
+        ):
+            if isinstance(row[1], str) and isinstance(row[2], int) and isinstance(row[3], str | None):
+                artifacts[row[0]] = (row[1], row[2], row[3])
+            else:
+                self.damaged.append(f"table artifacts, hash {row[0]!r}: values of the wrong type")
 
         def node(step_name: str, output: str, seen: frozenset[str]) -> LineageNode:
             step = steps.get(step_name)
