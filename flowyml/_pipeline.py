@@ -9,7 +9,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._conditions import NOT_CHOSEN, If
@@ -224,9 +224,9 @@ class Pipeline:
                 await executors.aclose(close_given=_close_all)
             finally:
                 if store is not None and hooks is not None:
-                    await _finish_even_if_cancelled(
-                        self._close_store(store, hooks, run, run_id, start, state, mark, store_errors)
-                    )
+                    # Awaited in this task: cancelled meanwhile, the run's records are queued already
+                    # and the shared store's writer commits them anyway.
+                    await self._close_store(store, hooks, run, run_id, start, state, mark, store_errors)
         results = {r.step_name: r for r in run.results if r is not None and r.skip_reason is not NOT_CHOSEN}
         return PipelineResult(
             run_id=run_id,
@@ -249,9 +249,6 @@ class Pipeline:
         from ._store import RunRecord, shared_store
 
         store = await shared_store(self.cache_dir)  # one per process and directory, kept open
-        # Let the loop turn: 200 runs started together otherwise do all their setup, engine and
-        # store, in one loop iteration, and every other task waits for all of it.
-        await asyncio.sleep(0)
         mark = store.error_mark()
         hooks = StoreHooks(store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage)
         hooks.check_fingerprints()
@@ -382,19 +379,6 @@ def _refuse_worker_import(name: str) -> None:
             f"pipeline {name!r} was started while a worker process imported your script; put the code "
             'that runs it under `if __name__ == "__main__":` (process steps start workers that import it)'
         )
-
-
-async def _finish_even_if_cancelled(closing: Coroutine[Any, Any, None]) -> None:
-    """Await ``closing`` to the end even if this task is cancelled meanwhile, then re-raise."""
-    task = asyncio.ensure_future(closing)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError as cancelled:
-        try:
-            await task
-        except Exception as exc:  # the cancellation matters more; keep the close error visible
-            cancelled.add_note(f"flowyml: closing the run's store also failed: {exc!r}")
-        raise
 
 
 def _report_store_errors(name: str, errors: list[StoreError]) -> tuple[StoreError, ...]:

@@ -470,6 +470,10 @@ class Store:
         self._errors: list[BaseException] = []
         self._steps: _Pending = []
         self._held: list[_Job] = []  # jobs the writer took and has not handed to _process yet
+        # Runs recorded and not yet taken by the writer (the latest record of each), and whether a
+        # wake-up is queued for them and the steps: one per batch, not one per record.
+        self._runs: dict[str, RunRecord] = {}
+        self._awake = False
         self._inflight: asyncio.Future[bool] | None = None
         self._writer = asyncio.get_running_loop().create_task(self._run_writer(), name="flowyml-store-writer")
         self._writer.add_done_callback(self._on_writer_done)
@@ -856,14 +860,18 @@ class Store:
         if run.status not in RUN_STATES:
             raise ValueError(f"run status {run.status!r} is not one of {sorted(RUN_STATES)}")
         if not self.read_only:
-            self._queue.put_nowait(run)
+            if not self._awake:
+                self._awake = True
+                self._queue.put_nowait(_WAKE)
+            self._runs[run.run_id] = run
 
     def record_step(self, step: StepRecord) -> None:
         """Queue an insert-or-update of a step run, with the artifacts it produced and consumed."""
         self._check_open()
         if self.read_only:
             return
-        if not self._steps:
+        if not self._awake:
+            self._awake = True
             self._queue.put_nowait(_WAKE)
         self._steps += (None, step, None, None)
 
@@ -886,7 +894,8 @@ class Store:
             self._check_open()
             return
         steps = self._steps
-        if not steps:
+        if not self._awake:
+            self._awake = True
             self._queue.put_nowait(_WAKE)
         steps += (run_id, fate, hashes, shape)
 
@@ -1000,9 +1009,13 @@ class Store:
         return stop
 
     def _take_steps(self, batch: _Batch) -> _Batch:
-        """Move every step recorded so far into ``batch`` (they commit with the jobs queued before)."""
+        """Move every run and step recorded so far into ``batch`` (they commit with the jobs queued before)."""
+        self._awake = False
         if self._steps:
             batch.steps, self._steps = self._steps, []
+        if self._runs:
+            batch.runs.update(self._runs)
+            self._runs = {}
         return batch
 
     async def _commit_safely(self, batch: _Batch) -> None:
