@@ -471,7 +471,7 @@ class TestLifecycle:
         """A batch being committed when the writer is cancelled commits whole before the store closes."""
         for i in range(500):
             put(store, key=f"k{i}", out=i)
-        while store._inflight is None:
+        while not store._held:  # the writer has taken the batch and is committing it
             await asyncio.sleep(0)
         store._writer.cancel()
         await store.aclose()

@@ -1,14 +1,16 @@
 """The store: a cache index and lineage record in SQLite, written by one background task.
 
-How a write travels: ``put`` / ``record_run`` are plain (non-async) calls that do the caller-side
-work at once (pickling, so later mutation cannot change what is cached) and put a job on an
-:class:`asyncio.Queue`. Step records are not queued one by one: ``record_step`` and the engine's
-``record_fate`` append to a list (the first append of a batch queues a wake-up), and the writer
-takes the whole list with each batch. One writer task per store drains whatever is queued, writes
+How a write travels: ``put`` is a plain (non-async) call that does the caller-side work at once
+(pickling, so later mutation cannot change what is cached) and puts a job on an
+:class:`asyncio.Queue`. Runs and step records are not queued one by one: ``record_run``,
+``record_step`` and the engine's ``record_fate`` add to a list (the first of a batch queues a
+wake-up), and the writer takes the whole list with each batch. One writer task per store drains
+whatever is queued (lineage alone may wait up to 20 ms for more, see ``_LINGER_SECONDS``), writes
 the artifact files of the batch, fsyncs them, then builds every index and lineage row of the batch
 and commits them in ONE ``BEGIN IMMEDIATE`` transaction, in ONE call on the connection's thread.
-The commit runs in a task the writer awaits through :func:`asyncio.shield`, so cancelling anything
-never leaves a transaction half-applied, and :meth:`Store.aclose` drains the queue before closing.
+A transaction commits whole or not at all; a writer cancelled mid-batch (its loop shutting down)
+processes the batch again and every queued job, then closes. :meth:`Store.aclose` drains the queue
+before closing. A run waits for its own records with :meth:`Store.settle`.
 
 Why so: the per-step cost of recording is paid on the event loop, so the hot path only appends a
 tuple; building a frozen record, queueing it and awaiting ~10 thread hops per batch cost ~20 us a
@@ -474,7 +476,6 @@ class Store:
         # wake-up is queued for them and the steps: one per batch, not one per record.
         self._runs: dict[str, RunRecord] = {}
         self._awake = False
-        self._inflight: asyncio.Future[bool] | None = None
         self._writer = asyncio.get_running_loop().create_task(self._run_writer(), name="flowyml-store-writer")
         self._writer.add_done_callback(self._on_writer_done)
 
@@ -583,7 +584,7 @@ class Store:
             hook(self)
 
     async def _release(self) -> None:
-        for task in (self._inflight, self._fetcher):
+        for task in (self._fetcher,):
             if task is not None:
                 with contextlib.suppress(BaseException):
                     await task
@@ -937,11 +938,12 @@ class Store:
                             while not urgent:
                                 jobs.append(await self._queue.get())
                                 urgent = self._drain_into(jobs) or not isinstance(jobs[-1], RunRecord | _Wake)
+                # In this task, not a task of its own (a loop turn per batch): cancelled meanwhile,
+                # the batch stays held and is processed again below. That is safe: a transaction
+                # commits whole or not at all, and every row is an upsert or, for packed step
+                # records, read back with the last record of a step winning.
+                stop = await self._process(jobs)
                 self._held = []
-                # Shielded: cancelling the writer (say, at loop shutdown) lets this batch commit
-                # first; _release waits for it before closing the connection.
-                self._inflight = asyncio.ensure_future(self._process(jobs))
-                stop = await asyncio.shield(self._inflight)
         except asyncio.CancelledError:
             if self._released:
                 raise
@@ -954,9 +956,6 @@ class Store:
                     jobs.append(self._queue.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            with contextlib.suppress(BaseException):
-                if self._inflight is not None and not self._inflight.done():
-                    await self._inflight
             with contextlib.suppress(BaseException):
                 await self._process(jobs)
             self._release_task = asyncio.ensure_future(self._release())
@@ -990,6 +989,8 @@ class Store:
             elif isinstance(job, _Flush):
                 flushes.append(job.future)
             elif isinstance(job, _Call):
+                if job.future.done():
+                    continue  # done before the writer was interrupted (see _run_writer)
                 await self._commit_safely(self._take_steps(batch))
                 batch = _Batch()
                 try:
