@@ -226,7 +226,9 @@ class Pipeline:
                 if store is not None and hooks is not None:
                     # Awaited in this task: cancelled meanwhile, the run's records are queued already
                     # and the shared store's writer commits them anyway.
-                    await self._close_store(store, hooks, run, run_id, start, state, mark, store_errors)
+                    await self._close_store(
+                        store, hooks, run, run_id, start, state, mark, store_errors, wait=_close_all
+                    )
         results = {r.step_name: r for r in run.results if r is not None and r.skip_reason is not NOT_CHOSEN}
         return PipelineResult(
             run_id=run_id,
@@ -268,8 +270,15 @@ class Pipeline:
         state: str,
         mark: int,
         errors: list[StoreError],
+        *,
+        wait: bool,
     ) -> None:
-        """Record how the run ended and wait for its writes to commit; what failed goes in ``errors``."""
+        """Record how the run ended; what could not be written goes in ``errors``.
+
+        ``run()`` (``wait``) returns once every record is committed; ``arun()`` once its cache
+        entries are, and leaves its lineage to the shared writer, which commits it within 20 ms
+        with the next runs' records (and at the latest when the store closes).
+        """
         from ._store import RunRecord
 
         try:
@@ -285,7 +294,7 @@ class Pipeline:
             errors.append(exc)
         finally:
             try:
-                errors += await store.settle(mark)
+                errors += await store.settle(mark, wait=wait)
             finally:
                 hooks.release()
 

@@ -495,6 +495,9 @@ class Store:
                 ``_db.LOCK_DEADLINE_SECONDS``, or it cannot be used.
         """
         path = resolve_root(root)
+        from ._registry import settle_shared
+
+        await settle_shared(path)  # what this process's runs recorded is there for this reader
         files = ArtifactFiles(path)
         _db.check_files(path)  # before anything is created, read or cleaned
         if not create:
@@ -627,15 +630,19 @@ class Store:
         """A mark for :meth:`settle`: errors logged after it are the ones a run reports."""
         return self._error_count
 
-    async def settle(self, mark: int) -> tuple[StoreError, ...]:
-        """Wait for everything queued so far to commit; the write errors logged since ``mark``.
+    async def settle(self, mark: int, *, wait: bool = True) -> tuple[StoreError, ...]:
+        """Wait for what is queued to commit; the write errors logged since ``mark``.
 
-        This is how a run ends with a shared store: it waits for its own records (committed with
-        those of every other run queued meanwhile, in one transaction) and reports what could not
-        be written instead of raising, so a run's results are never lost to the store. Errors
-        reported here are not raised again by :meth:`flush` or :meth:`aclose`.
+        This is how a run ends with a shared store: it reports what could not be written instead
+        of raising, so a run's results are never lost to the store. It waits for the commit
+        (made with the records of every other run queued meanwhile, in one transaction) when
+        ``wait`` is True or cache entries are waiting to be written (a put that fails is reported
+        on the run that made it). Otherwise -- lineage only -- it returns at once and the writer
+        commits the records within ``_LINGER_SECONDS``, together with the next runs': waiting
+        for a commit per run cost a short run several times its own time. Errors reported here
+        are not raised again by :meth:`flush` or :meth:`aclose`.
         """
-        if not self._closed and self.pid == os.getpid():
+        if (wait or self._unsaved) and not self._closed and self.pid == os.getpid():
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._queue.put_nowait(_Flush(future))
             with contextlib.suppress(StoreError):

@@ -16,7 +16,7 @@ its own. A forked child never reuses its parent's stores: the registry is emptie
 
 from __future__ import annotations
 
-__all__ = ("close_stores", "open_store", "shared_store")
+__all__ = ("close_stores", "open_store", "settle_shared", "shared_store")
 
 import asyncio
 import os
@@ -106,6 +106,21 @@ def _forget(store: Store) -> None:
                     del by_key[key]
             if not by_key:
                 del _stores[loop]
+
+
+async def settle_shared(root: Path) -> None:
+    """Wait until the shared store of ``root`` on this loop (if open) has committed what is queued.
+
+    Runs leave their lineage to the writer; a reader opened in the same process afterwards
+    (``Store.open``) must see it.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    store = _stores.get(loop, {}).get((os.getpid(), root))
+    if store is not None and not store.closed:
+        await store.settle(store.error_mark())
 
 
 async def open_store(cache_dir: str | os.PathLike[str] | None = None) -> Store:
