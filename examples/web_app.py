@@ -22,6 +22,7 @@ import contextlib
 import os
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 
 import uvicorn
@@ -95,15 +96,28 @@ async def check(port: int, requests: int = 200) -> int:
     """Send ``requests`` concurrent requests; returns how many answers were wrong."""
     import httpx
 
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    latencies: list[float] = []
+
+    async def ask(client: httpx.AsyncClient, text: str, n: int) -> httpx.Response:
+        start = time.perf_counter()
+        answer = await client.get("/top", params={"text": text, "n": n})
+        latencies.append(time.perf_counter() - start)
+        return answer
+
+    limits = httpx.Limits(max_connections=requests)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits) as client:
         asked = texts(requests)
-        answers = await asyncio.gather(*(client.get("/top", params={"text": t, "n": n}) for t, n in asked))
+        answers = await asyncio.gather(*(ask(client, t, n) for t, n in asked))
     wrong = 0
     for (text, n), answer in zip(asked, answers, strict=True):
         if answer.status_code != 200 or answer.json()["top"] != expected(text, n):
             wrong += 1
     run_ids = {a.json().get("run_id") for a in answers if a.status_code == 200}
-    print(f"{requests} requests: {requests - wrong} right, {wrong} wrong, {len(run_ids)} distinct runs")
+    latencies.sort()
+    print(
+        f"{requests} requests: {requests - wrong} right, {wrong} wrong, {len(run_ids)} distinct runs; "
+        f"latency p50 {latencies[len(latencies) // 2] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
+    )
     return wrong
 
 
