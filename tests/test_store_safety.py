@@ -134,6 +134,14 @@ class TestOwnerAndMode:
         assert stat.S_IMODE((root / DB_NAME).stat().st_mode) == 0o600
         assert stat.S_IMODE((root / "artifacts").stat().st_mode) == 0o700
 
+    def test_a_tighter_database_mode_is_not_loosened(self, tmp_path: Path) -> None:
+        """A database the user made 0400 stays 0400 (for root too, who may write it anyway)."""
+        root = tmp_path / "store"
+        answer_pipeline(root).run()
+        (root / DB_NAME).chmod(0o400)
+        answer_pipeline(root).run()
+        assert stat.S_IMODE((root / DB_NAME).stat().st_mode) == 0o400
+
     def test_symlinked_database_is_refused(self, tmp_path: Path) -> None:
         root = tmp_path / "store"
         answer_pipeline(root).run()

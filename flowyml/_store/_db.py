@@ -209,8 +209,11 @@ async def retry_locked(
 
 
 def _touch_private(path: Path) -> None:
-    """Create ``path`` if needed and make it readable and writable by its owner only."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    """Create ``path`` owner-only (0o600, whatever the umask) unless it exists; an existing one keeps its mode."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return
     try:
         os.fchmod(fd, 0o600)
     finally:
