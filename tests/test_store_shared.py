@@ -211,3 +211,16 @@ def test_interpreter_exit_closes_a_store_left_open(tmp_path: Path) -> None:
     assert done.stdout.strip() == "True"
     assert not (root / (DB_NAME + "-wal")).exists()  # the last connection closed cleanly
     assert count(root, "runs") == 1
+
+
+async def test_a_cancelled_opening_does_not_fail_the_runs_waiting_for_it(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    first = asyncio.ensure_future(shared_store(root))
+    second = asyncio.ensure_future(shared_store(root))
+    await asyncio.sleep(0)  # the first is opening the store, the second waits for it
+    first.cancel()
+    store = await second
+    assert not store.closed and await shared_store(root) is store
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await close_stores()

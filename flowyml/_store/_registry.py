@@ -66,32 +66,43 @@ async def shared_store(cache_dir: str | os.PathLike[str] | None = None) -> Store
     """
     loop = asyncio.get_running_loop()
     key = (os.getpid(), _root_of(cache_dir))
-    with _lock:
-        by_key = _stores.setdefault(loop, {})
-        store = by_key.get(key)
-        if store is not None and not store.closed:
-            return store
-        pending = _opening.setdefault(loop, {})
-        opening = pending.get(key)
-        if opening is None:
-            opening = pending[key] = loop.create_future()
-            owner = True
-        else:
-            owner = False
-    if not owner:
-        return await asyncio.shield(opening)
+    while True:
+        with _lock:
+            store = _stores.get(loop, {}).get(key)
+            if store is not None and not store.closed:
+                return store
+            pending = _opening.setdefault(loop, {})
+            opening = pending.get(key)
+            owner = opening is None
+            if opening is None:
+                opening = pending[key] = loop.create_future()
+        if owner:
+            return await _open_for(loop, key, opening)
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if opening.cancelled() and (task is None or not task.cancelling()):
+                continue  # the run opening it was cancelled, not this one: open it here
+            raise
+
+
+async def _open_for(loop: asyncio.AbstractEventLoop, key: _Key, opening: asyncio.Future[Store]) -> Store:
+    """Open the store of ``key`` for every caller waiting on ``opening``, and remember it."""
     try:
         store = await Store.open(key[1])
     except BaseException as exc:
         with _lock:
-            pending.pop(key, None)
-        if not opening.done():
+            _opening.get(loop, {}).pop(key, None)
+        if isinstance(exc, asyncio.CancelledError):
+            opening.cancel()
+        elif not opening.done():
             opening.set_exception(exc)
             opening.exception()  # retrieved: the waiters (if any) got it
         raise
     with _lock:
-        by_key[key] = store
-        pending.pop(key, None)
+        _stores.setdefault(loop, {})[key] = store
+        _opening.get(loop, {}).pop(key, None)
     store.on_release = _forget
     opening.set_result(store)
     return store
