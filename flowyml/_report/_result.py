@@ -6,6 +6,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._errors import StoreError
 from .._results import StepResult, StepStatus
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ class PipelineResult:
     plan: Plan | None = field(default=None, repr=False)
     params: Mapping[str, Any] = field(default_factory=dict, repr=False)
     """The plan that ran and the context parameters it ran with, for pictures and reports."""
+    store_errors: tuple[StoreError, ...] = ()
+    """What the store could not write for this run (the values are all here; they are not cached)."""
 
     @property
     def success(self) -> bool:
