@@ -61,7 +61,7 @@ class Items:
     consumer's count of finished items gives a stream source its room to run ahead.
     """
 
-    __slots__ = ("_room", "bounds", "consumed", "length", "listeners", "name", "ok", "values")
+    __slots__ = ("_room", "_slack", "bounds", "consumed", "length", "listeners", "name", "ok", "values")
 
     def __init__(self, name: str, bounds: dict[int, int]) -> None:
         self.name = name
@@ -74,6 +74,7 @@ class Items:
         """Consumer node id -> max_pending, for each mapped consumer that has not ended."""
         self.consumed = dict.fromkeys(bounds, 0)
         self._room: asyncio.Event | None = None
+        self._slack = 1
 
     # -- producer side
     def expect(self, n: int) -> None:
@@ -102,24 +103,31 @@ class Items:
             listen(_END)
         self.listeners = []
 
-    def ahead(self) -> bool:
-        """Whether producing one more item would put it ``max_pending`` ahead of some consumer."""
+    def ahead(self, slack: int = 0) -> bool:
+        """Whether some consumer is ``max_pending - slack`` items or more behind what was produced."""
         produced = len(self.values)
         consumed = self.consumed
-        return any(produced - consumed[c] >= bound for c, bound in self.bounds.items())
+        return any(produced - consumed[c] >= bound - slack for c, bound in self.bounds.items())
 
     async def room(self) -> None:
-        """Wait until every mapped consumer is less than its ``max_pending`` behind."""
+        """Wait until every mapped consumer is less than its ``max_pending`` behind.
+
+        The producer is woken once consumers are a quarter of their bound back from it, so it
+        produces in runs rather than one wake-up per item.
+        """
         while self.bounds and self.ahead():
             self._room = asyncio.Event()
+            self._slack = max(1, min(self.bounds.values()) // 4)
             await self._room.wait()
+            self._room = None
 
     # -- consumer side
     def done_one(self, consumer: int) -> None:
         """A consumer finished one item: it may let the producer run on."""
-        if consumer in self.consumed:
-            self.consumed[consumer] += 1
-            if self._room is not None and not self.ahead():
+        consumed = self.consumed
+        if consumer in consumed:
+            consumed[consumer] += 1
+            if self._room is not None and not self.ahead(self._slack):
                 self._room.set()
 
     def leave(self, consumer: int) -> None:

@@ -119,8 +119,8 @@ class ItemResults(Sequence[ItemResult]):
         error: BaseException | None = None,
         key: str | None = None,
     ) -> None:
-        if index >= len(self._status):
-            self.grow(index + 1)
+        if index >= len(self._status):  # a stream: room for many more at once, trimmed by seal()
+            self.grow(max(index + 1, 2 * len(self._status), 1024))
         self._status[index] = _CODE[status]
         self._attempts[index] = attempts
         self._durations[index] = duration
@@ -130,7 +130,12 @@ class ItemResults(Sequence[ItemResult]):
             self._keys[index] = key
 
     def seal(self, outputs: Sequence[Any]) -> None:
-        """Attach the step's output list, once it is complete."""
+        """Attach the step's output list once it is complete, and drop the room left past its end."""
+        n = len(outputs)
+        if len(self._status) > n:
+            del self._status[n:]
+            del self._attempts[n:]
+            del self._durations[n:]
         self._outputs = outputs
 
     def __len__(self) -> int:
