@@ -111,8 +111,9 @@ class RunHooks:
         """One item's fate: cache its output, record its lineage. Must not raise."""
         return
 
-    def item_progress(self, node: Node, done: int, total: int | None) -> None:
-        """Called after each item of a mapped step settles (``total`` is None while a stream is open).
+    def item_progress(self, node: Node, done: int, failed: int, total: int | None) -> None:
+        """Called after each item of a mapped step settles: items done so far (any fate), how many of
+        them failed or timed out, and the total (None while a streamed input is still open).
 
         The call site for run events about items (an ``ItemsProgress`` event).
         """

@@ -220,6 +220,7 @@ class _Mapped:
         self.wake = asyncio.Event()
         self.cached = 0
         self.settled = 0
+        self.failed = 0
         limits = [lim for lim in (runner.limits.get(node.id), step.limit) if lim is not None]
         self.limits: tuple[Limit, ...] = tuple(limits)
         self.executor: Executor = runner.executors[node.id]
@@ -446,8 +447,10 @@ class _Mapped:
             for board in self.streams:
                 board.done_one(node.id)
             self.settled += 1
+            if error is not None:
+                self.failed += 1
             if hooks is not None:
-                hooks.item_progress(node, self.settled, self.length)
+                hooks.item_progress(node, self.settled, self.failed, self.length)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a fault in the bookkeeping itself: end the node with it

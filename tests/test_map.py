@@ -608,3 +608,40 @@ class TestShapes:
 
         assert pipeline(source("xs", list(range(10))), held, max_concurrency=2).run().success
         assert holders.most == 2
+
+
+class TestProgressHook:
+    def test_item_progress_is_called_once_per_item_with_done_failed_total(self) -> None:
+        """The call site an ItemsProgress event hooks into: a RunHooks subclass sees every item."""
+        from flowyml._attempt import RunHooks, UnitRunner
+        from flowyml._executors._local import AsyncExecutor
+        from flowyml._scheduler import Run
+        from flowyml._state import RunState
+
+        seen: list[tuple[str, int, int, int | None]] = []
+
+        class Progress(RunHooks):
+            def item_progress(self, node: Any, done: int, failed: int, total: int | None) -> None:
+                seen.append((node.name, done, failed, total))
+
+        @step(inputs=["xs"], outputs=["ys"], map_over="xs", map_errors="collect")
+        async def half(x: int) -> float:
+            if x == 2:
+                raise ValueError("two")
+            return x / 2
+
+        @step(outputs=["xs"])
+        async def xs() -> list[int]:
+            return [1, 2, 3]
+
+        plan = pipeline(xs, half).plan()
+        executor = AsyncExecutor()
+
+        async def run() -> None:
+            state = RunState(plan, {})
+            runner = UnitRunner(state, [executor] * len(plan.nodes), hooks=Progress())
+            await Run(state, runner).execute()
+
+        asyncio.run(run())
+        assert [s[1] for s in seen] == [1, 2, 3]
+        assert seen[-1] == ("half", 3, 1, 3)
