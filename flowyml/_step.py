@@ -163,6 +163,8 @@ class Step:
             "name": name, "inputs": inputs, "outputs": outputs, "cache": cache,
             "retry": retry, "timeout": timeout, "resources": resources, "tags": tags,
             "condition": condition, "execution_group": execution_group, "executor": executor,
+            "map_over": _as_tuple(map_over), "concurrency": concurrency, "rate_limit": rate_limit,
+            "limit": limit, "max_pending": max_pending, "map_errors": map_errors,
         })  # fmt: skip
         set_(self, "name", _check_name(name, label))
         set_(self, "explicit_name", name is not None)

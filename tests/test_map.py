@@ -645,3 +645,18 @@ class TestProgressHook:
         asyncio.run(run())
         assert [s[1] for s in seen] == [1, 2, 3]
         assert seen[-1] == ("half", 3, 1, 3)
+
+
+def test_a_decorator_above_a_mapped_step_keeps_its_mapping() -> None:
+    """@retry written above @step(map_over=...) gives the same mapped step, limits included."""
+    shared = Limit(concurrency=3)
+
+    @retry(max_attempts=2)
+    @step(inputs=["xs"], outputs=["ys"], map_over="xs", concurrency=2, rate_limit="5/s", limit=shared,
+          max_pending=7, map_errors="collect")  # fmt: skip
+    async def fetch(x: int) -> int:
+        return x
+
+    assert isinstance(fetch, Step)
+    assert (fetch.map_over, fetch.concurrency, fetch.rate_limit, fetch.limit) == (("xs",), 2, "5/s", shared)
+    assert (fetch.max_pending, fetch.map_errors, fetch.retry is not None) == (7, "collect", True)
