@@ -161,7 +161,7 @@ def _window(step: Any) -> int | None:
 # ---------------------------------------------------------------------------- a mapped node
 
 
-class UnitRunner(Protocol):
+class MapRunner(Protocol):
     """What items need of the unit runner (:class:`flowyml._attempt.UnitRunner`)."""
 
     state: RunState
@@ -188,7 +188,7 @@ class _Mapped:
     """The run of one mapped node: its items' launch, their fates, and its output list."""
 
     def __init__(
-        self, runner: UnitRunner, node: Node, spec: MapSpec, args: list[Any], kwargs: dict[str, Any]
+        self, runner: MapRunner, node: Node, spec: MapSpec, args: list[Any], kwargs: dict[str, Any]
     ) -> None:
         step = node.step
         self.runner = runner
@@ -517,7 +517,7 @@ class _Mapped:
                 await _asleep(delay)
 
 
-async def run_mapped(runner: UnitRunner, node: Node, args: list[Any], kwargs: dict[str, Any]) -> bool:
+async def run_mapped(runner: MapRunner, node: Node, args: list[Any], kwargs: dict[str, Any]) -> bool:
     """Run a mapped node's items and record its fate; True when its output list exists."""
     spec = runner.state.plan.maps[node.id]
     start = _now()
@@ -595,7 +595,7 @@ def _next(gen: Any) -> tuple[bool, Any]:
         return False, None
 
 
-async def run_source(runner: UnitRunner, node: Node, args: list[Any], kwargs: dict[str, Any]) -> bool:
+async def run_source(runner: MapRunner, node: Node, args: list[Any], kwargs: dict[str, Any]) -> bool:
     """Run a generator step, publishing each item as it is yielded; record its fate."""
     step = node.step
     board = runner.items.get(node.id)
