@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import types
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -115,18 +116,22 @@ class TestKeys:
         p.run()
         assert [p.run()[f"v{k}"] for k in range(3)] == [0, 1, 2]
 
-    def test_unhashable_input_fails_the_step_naming_it(self) -> None:
-        """An input with no deterministic hash fails the step with UnhashableInputError."""
+    def test_unidentifiable_parameter_runs_the_step_uncached_with_one_warning(self) -> None:
+        """A context value that can be identified in no way: the step runs, uncached, and says why."""
         import threading
 
         @step(outputs=["y"])
         def use(lock: Any) -> int:
             return 1
 
-        r = Pipeline("c").add_step(use).run(context={"lock": threading.Lock()})
-        err = r.step_results["use"].error
-        assert isinstance(err, UnhashableInputError)
-        assert "'use'" in str(err) and "lock" in str(err)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = Pipeline("c").add_step(use).run(context={"lock": threading.Lock()})
+        assert r["y"] == 1 and r.step_results["use"].status is StepStatus.SUCCEEDED
+        uncached = [w for w in caught if issubclass(w.category, UncachedStepWarning)]
+        assert len(uncached) == 1
+        assert "'use'" in str(uncached[0].message) and "'lock'" in str(uncached[0].message)
+        assert r.step_results["use"].cache_reason == "ran uncached: parameter 'lock' cannot be identified"
 
     def test_unhashable_input_with_warn_policy_runs_uncached(self) -> None:
         """CachePolicy(on_unhashable='warn') runs the step without its cache."""

@@ -758,6 +758,7 @@ class Fate:
     cache_key: str | None = None
     time_saved_seconds: float = 0.0
     traceback: str | None = None
+    cache_reason: str | None = None
 
 
 SHAPE = StepShape("s", ["out"], None)

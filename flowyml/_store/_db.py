@@ -125,6 +125,13 @@ CREATE TABLE IF NOT EXISTS cache_outputs (
     PRIMARY KEY (key, position)
 );
 CREATE INDEX IF NOT EXISTS cache_outputs_hash ON cache_outputs (artifact_hash);
+CREATE TABLE IF NOT EXISTS cache_key_parts (
+    key        TEXT PRIMARY KEY,
+    step_name  TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    parts      TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS cache_key_parts_step ON cache_key_parts (step_name, created_at);
 """
 
 #: Every table and index of the schema: a store lacking one needs the schema transaction.
