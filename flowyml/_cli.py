@@ -6,6 +6,7 @@
     flowyml [--dir DIR] cache clear [--step NAME] drop cache entries (lineage stays)
     flowyml [--dir DIR] cache verify              integrity check + re-hash every artifact
     flowyml [--dir DIR] lineage OUTPUT [--run ID] which step runs an output came from
+    flowyml [--dir DIR] explain RUN_ID STEP       why a step ran or was cached, and what changed
 
 Exit codes: 0 success; 1 the thing asked for does not exist or a problem was found; 2 usage error.
 Without a store, listing commands say so and exit 0; commands about one run, output or step, and
@@ -28,6 +29,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from flowyml._cache import changed_parts, part_name
 from flowyml._errors import StoreError
 from flowyml._store import LineageNode, RunRecord, StepRecord, Store, resolve_root
 from flowyml._store._db import DB_NAME
@@ -145,10 +147,11 @@ async def _runs_show(store: Store, args: argparse.Namespace) -> int:
             _fmt_duration(s.duration_seconds),
             "yes" if s.cached else "no",
             _fmt_duration(s.time_saved_seconds) if s.cached else "-",
+            s.cache_reason or "-",
         )
         for s in steps
     ]
-    print(_table(("STEP", "STATUS", "ATTEMPTS", "DURATION", "CACHED", "TIME SAVED"), rows))
+    print(_table(("STEP", "STATUS", "ATTEMPTS", "DURATION", "CACHED", "TIME SAVED", "WHY"), rows))
     failures = [s for s in steps if s.error_type or s.error_message]
     for s in failures:
         print(f"\n{s.step_name}: {s.error_type or 'error'}: {s.error_message or ''}".rstrip())
@@ -253,6 +256,51 @@ async def _lineage(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- explain ---------------------------------------------------------------------------------------
+
+
+async def _explain(store: Store, args: argparse.Namespace) -> int:
+    """Why a step ran or was served from the cache, and which key components changed since its previous run."""
+    run_id = await _resolve_run(store, args.run_id)
+    if run_id is None:
+        return 1
+    detail = await store.get_run(run_id)
+    step = next((s for s in detail.steps if s.step_name == args.step), None) if detail else None
+    if step is None:
+        names = ", ".join(s.step_name for s in detail.steps) if detail else ""
+        _err(f"run {run_id} has no step {args.step!r}" + (f"; its steps: {names}." if names else "."))
+        return 1
+    print(f"Step {step.step_name!r} in run {run_id}: {step.status}")
+    print(f"why: {step.cache_reason or 'not recorded'}")
+    if step.cache_key is None:
+        return 0
+    print(f"key: {step.cache_key}")
+    before = await store.previous_step(run_id, step.step_name)
+    if before is None:
+        print("No earlier run of this pipeline ran this step: nothing to compare with.")
+        return 0
+    label = f"run {before.run_id} ({before.status})"
+    if before.cache_key is None:
+        print(f"Previous: {label}, without a cache key ({before.cache_reason or 'reason not recorded'}).")
+        return 0
+    if before.cache_key == step.cache_key:
+        print(f"Previous: {label}, with the same key.")
+        return 0
+    known = await store.key_parts([step.cache_key, before.cache_key])
+    now, then = known.get(step.cache_key), known.get(before.cache_key)
+    if now is None or then is None:
+        print(f"Previous: {label}, with key {before.cache_key}; the components of "
+              f"{'this' if now is None else 'that'} key were not recorded.")  # fmt: skip
+        return 0
+    changed = changed_parts(then, now)
+    print(f"Previous: {label}, with key {before.cache_key}.")
+    print("Changed since then:" if changed else "No component differs (another key version).")
+    rows = [(part_name(c), then.get(c, "(none)"), now.get(c, "(none)")) for c in changed]
+    if rows:
+        print(_table(("COMPONENT", "BEFORE", "NOW"), rows))
+    return 0
+
+
 # -- plumbing --------------------------------------------------------------------------------------
 
 _Command = Callable[[Store, argparse.Namespace], Coroutine[Any, Any, int]]
@@ -266,6 +314,7 @@ _NO_STORE: dict[str, tuple[str, int, bool]] = {
     "cache clear --step": ("no flowyml store at {root}, so no cache entries of step {arg!r}.", 1, True),
     "cache verify": ("no flowyml store at {root}: nothing to verify.", 1, True),
     "lineage": ("no flowyml store at {root}, so no output {arg!r}.", 1, True),
+    "explain": ("no flowyml store at {root}, so no run {arg!r}.", 1, True),
 }
 
 
@@ -315,6 +364,15 @@ def _parser() -> argparse.ArgumentParser:
     lineage.add_argument("output", metavar="OUTPUT", help="an output name")
     lineage.add_argument("--run", metavar="RUN_ID", default=None, help="that run (default: the latest)")
     lineage.set_defaults(handler=_lineage, name="lineage")
+
+    explain = commands.add_parser(
+        "explain",
+        parents=[common],
+        help="why a step ran or was cached, and what changed since its previous run",
+    )
+    explain.add_argument("run_id", metavar="RUN_ID", help="a run id or a unique prefix of one")
+    explain.add_argument("step", metavar="STEP", help="a step name of that run")
+    explain.set_defaults(handler=_explain, name="explain")
     return parser
 
 
