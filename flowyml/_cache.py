@@ -28,7 +28,6 @@ changes between runs of a plan (names, inputs) is encoded once per node, in the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -95,7 +94,7 @@ class StoreHooks(RunHooks):
         if caching:
             # The latest key components of each step, for the reasons of misses: one query,
             # started now so that it runs beside the preload; only a miss waits for it.
-            self._previous = loop.create_task(store.latest_key_parts([n.name for n in plan.nodes]))
+            self._previous = loop.create_task(_latest_parts(store, [n.name for n in plan.nodes]))
 
     async def lookup(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Lookup | None:
         step = node.step
@@ -141,8 +140,7 @@ class StoreHooks(RunHooks):
         """Why a step whose key missed runs; queues the key's components to the store's writer."""
         previous = self._previous
         if previous is not None and not previous.done():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(previous)
+            await asyncio.shield(previous)
         return self._miss_now(node, key)
 
     def _miss_now(self, node: Node, key: str) -> str:
@@ -156,7 +154,7 @@ class StoreHooks(RunHooks):
 
     def _latest(self, step_name: str) -> tuple[str, _KeyParts] | None:
         previous = self._previous
-        if previous is None or not previous.done() or previous.cancelled() or previous.exception():
+        if previous is None or not previous.done() or previous.cancelled():
             return None
         return previous.result().get(step_name)
 
@@ -456,6 +454,15 @@ class _Digest:
 
     def __flowyml_hash__(self) -> object:
         return ("digest", self.digest)
+
+
+async def _latest_parts(store: Store, step_names: list[str]) -> _Previous:
+    """The latest key components of each step; none when they cannot be read (reasons then say
+    "first run"), since a reason must never fail or delay a run."""
+    try:
+        return await store.latest_key_parts(step_names)
+    except Exception:
+        return {}
 
 
 def _short(identity: str) -> str:
