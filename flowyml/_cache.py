@@ -225,7 +225,7 @@ class StoreHooks(RunHooks):
             except UnhashableInputError as exc:
                 if not (isinstance(policy, CachePolicy) and policy.on_unhashable == "warn"):
                     raise
-                self._uncacheable[node.id] = f"ran uncached: {exc.path} cannot be identified"
+                self._uncacheable[node.id] = f"ran uncached: {_code_value(exc.path)} cannot be identified"
                 warnings.warn(UncachedStepWarning(f"{exc} The step runs without its cache."), stacklevel=3)
 
     def _key(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> str | None:
@@ -463,6 +463,18 @@ async def _latest_parts(store: Store, step_names: list[str]) -> _Previous:
         return await store.latest_key_parts(step_names)
     except Exception:
         return {}
+
+
+def _code_value(path: str | None) -> str:
+    """``"mod.f.<closure>.lock"`` -> ``"closure value 'lock'"``: how a refused code value is named."""
+    for marker, kind in (
+        (".<closure>.", "closure value"),
+        (".<global>.", "global"),
+        (".<default>.", "default"),
+    ):
+        if path and marker in path:
+            return f"{kind} {path.split(marker, 1)[1]!r}"
+    return f"{path or 'a value'} of its code"
 
 
 def _short(identity: str) -> str:

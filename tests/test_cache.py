@@ -549,6 +549,7 @@ class TestEstimators:
         assert first.success and first["report"].startswith("accuracy")
         assert ran == ["train", "evaluate", "report"]
         assert set(_statuses(second).values()) == {StepStatus.CACHED}
+        assert {r.cache_reason for r in second} == {"cache hit"}
         assert second["report"] == first["report"]
 
 
@@ -671,6 +672,10 @@ class TestKeysAndFingerprints:
         with pytest.warns(UncachedStepWarning, match="uses_lock"):
             result = Pipeline("fpw").add_step(uses_lock).run()
         assert result["x"] == 1
+        assert (
+            result.step_results["uses_lock"].cache_reason
+            == "ran uncached: closure value 'lock' cannot be identified"
+        )
 
 
 class TestHooksDecide:

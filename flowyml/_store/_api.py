@@ -800,8 +800,10 @@ class Store:
 
         Written for every key that missed, beside its cache entry (if the step's outputs are
         cached), so a later miss can say which component changed. ``parts`` must not change.
+        Dropped when the store is closed: an explanation never fails a run.
         """
-        self._check_open()
+        if self._closed:
+            return
         self._queue.put_nowait(_KeyParts(key, step_name, time.time(), parts))
 
     async def latest_key_parts(self, step_names: Iterable[str]) -> dict[str, tuple[str, dict[str, str]]]:
