@@ -92,6 +92,10 @@ class RunHooks:
         """The ``cache_reason`` decided by the last :meth:`key` of ``node``."""
         return None
 
+    async def ready(self) -> None:
+        """Prepare what :meth:`key` needs that takes a wait (called before a chain runs)."""
+        return
+
 
 class UnitRunner:
     """Runs units of one run against its :class:`RunState`; the scheduler only counts."""
@@ -377,6 +381,8 @@ class UnitRunner:
             head_why = found.reason if found is not None else None
         else:
             head_why = self._why[head.id]
+        if hooks is not None:
+            await hooks.ready()
         members = [self._member(n, nodes) for n in nodes]
         executor = self._executors[head.id]
         request = _largest(self._requests[n.id] for n in nodes) if self._requests else ()

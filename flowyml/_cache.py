@@ -28,6 +28,7 @@ changes between runs of a plan (names, inputs) is encoded once per node, in the 
 from __future__ import annotations
 
 import asyncio
+import json
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -40,7 +41,7 @@ import xxhash
 from ._attempt import CACHE_HIT, Lookup, RunHooks
 from ._errors import UncachedStepWarning, UnhashableInputError
 from ._graph import Node, Plan
-from ._hashing import cache_key, content_identity, fingerprint_parts
+from ._hashing import content_identity, fingerprint_parts, key_of
 from ._results import StepResult, StepStatus
 from ._step import CachePolicy
 from ._store import StepRecord, Store
@@ -51,7 +52,7 @@ FIRST_RUN = "first run of this step"
 UNCHANGED_KEY = "no cache entry for an unchanged key"
 
 _KeyParts = dict[str, str]
-_Previous = dict[str, tuple[str, _KeyParts]]
+_Previous = dict[str, tuple[str, str]]
 _NOT_YET = object()
 
 
@@ -91,10 +92,8 @@ class StoreHooks(RunHooks):
         """Node -> what its key was made of (fingerprint, inputs, params), for a miss's reason."""
         self._why: dict[int, str] = {}
         self._previous: asyncio.Future[_Previous] | None = None
-        if caching:
-            # The latest key components of each step, for the reasons of misses: one query,
-            # started now so that it runs beside the preload; only a miss waits for it.
-            self._previous = loop.create_task(_latest_parts(store, [n.name for n in plan.nodes]))
+        """The latest key components of each step of the plan, loaded (one query) at the first
+        miss: an all-hit rerun never reads them."""
 
     async def lookup(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Lookup | None:
         step = node.step
@@ -138,10 +137,21 @@ class StoreHooks(RunHooks):
 
     async def _miss(self, node: Node, key: str) -> str:
         """Why a step whose key missed runs; queues the key's components to the store's writer."""
-        previous = self._previous
-        if previous is not None and not previous.done():
-            await asyncio.shield(previous)
+        await self.ready()
         return self._miss_now(node, key)
+
+    async def ready(self) -> None:
+        """Load what the reasons of misses are computed from, once per run (see :meth:`why`)."""
+        previous = self._previous
+        if previous is None:
+            if not self.caching:
+                return
+            names = [n.name for n in self.plan.nodes]
+            previous = self._previous = asyncio.get_running_loop().create_task(
+                _latest_parts(self.store, names)
+            )
+        if not previous.done():
+            await asyncio.shield(previous)
 
     def _miss_now(self, node: Node, key: str) -> str:
         parts = self._parts(node)
@@ -156,7 +166,11 @@ class StoreHooks(RunHooks):
         previous = self._previous
         if previous is None or not previous.done() or previous.cancelled():
             return None
-        return previous.result().get(step_name)
+        found = previous.result().get(step_name)
+        if found is None:
+            return None
+        key, parts = found
+        return key, _loads_parts(parts) if isinstance(parts, str) else parts
 
     def _parts(self, node: Node) -> _KeyParts:
         """The components of the key just made for ``node``, by name, each a short digest."""
@@ -248,12 +262,8 @@ class StoreHooks(RunHooks):
                 self._uncached(node, ["its cache key function's value"])
                 return None
             self._made[node.id] = (None, [], [("key", user_key)])
-            return cache_key(
-                step_identity=node.identity,
-                fingerprint=None,
-                inputs={"key": _Digest(user_key)},
-                params={},
-                step_name=node.name,
+            return key_of(
+                step_identity=node.identity, fingerprint=None, inputs=[("key", user_key)], params=()
             )
         inputs: list[tuple[str, str]] = []
         params: list[tuple[str, str]] = []
@@ -280,13 +290,7 @@ class StoreHooks(RunHooks):
             return None
         fingerprint = self._step_fingerprint(node) if strategy == "code_hash" else None
         self._made[node.id] = (fingerprint, inputs, params)
-        return cache_key(
-            step_identity=node.identity,
-            fingerprint=fingerprint,
-            inputs={label: _Digest(identity) for label, identity in inputs},
-            params={label: _Digest(digest) for label, digest in params},
-            step_name=node.name,
-        )
+        return key_of(step_identity=node.identity, fingerprint=fingerprint, inputs=inputs, params=params)
 
     def _uncached(
         self,
@@ -444,18 +448,6 @@ class StoreHooks(RunHooks):
         )
 
 
-class _Digest:
-    """An upstream value in a cache key, by the hash already made of it."""
-
-    __slots__ = ("digest",)
-
-    def __init__(self, digest: str) -> None:
-        self.digest = digest
-
-    def __flowyml_hash__(self) -> object:
-        return ("digest", self.digest)
-
-
 async def _latest_parts(store: Store, step_names: list[str]) -> _Previous:
     """The latest key components of each step; none when they cannot be read (reasons then say
     "first run"), since a reason must never fail or delay a run."""
@@ -475,6 +467,15 @@ def _code_value(path: str | None) -> str:
         if path and marker in path:
             return f"{kind} {path.split(marker, 1)[1]!r}"
     return f"{path or 'a value'} of its code"
+
+
+def _loads_parts(text: str) -> _KeyParts:
+    """Key components as stored (a JSON object); a damaged row reads as none."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
 
 def _short(identity: str) -> str:

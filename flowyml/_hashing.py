@@ -12,7 +12,7 @@ variable-length part prefixed by its length, so two different values never produ
 Mapping entries and set elements are sorted by the digest of their own encoding, which makes the
 result independent of insertion order and hash seeds.
 
-Five functions are public inside flowyml:
+Six functions are public inside flowyml:
 
 * :func:`hash_value` hashes one value (``UnhashableInputError`` names the path that failed);
 * :func:`content_identity` identifies any value by content if anything can: its
@@ -23,7 +23,8 @@ Five functions are public inside flowyml:
 * :func:`fingerprint_parts` is the same fingerprint with the digest of each part it is made
   of (the step's own code, each closure value, helper and global it reads), so that a changed
   key can say which part changed;
-* :func:`cache_key` combines a step's identity, fingerprint, inputs and parameters.
+* :func:`cache_key` combines a step's identity, fingerprint, inputs and parameters;
+  :func:`key_of` does the same from digests already made (what the engine uses).
 
 Paths in error messages are only built when an error happens: the internal ``_Unhashable`` error
 collects path parts while it propagates, so the hot path never formats strings.
@@ -31,7 +32,14 @@ collects path parts while it propagates, so the hot path never formats strings.
 
 from __future__ import annotations
 
-__all__ = ("cache_key", "content_identity", "fingerprint_function", "fingerprint_parts", "hash_value")
+__all__ = (
+    "cache_key",
+    "content_identity",
+    "fingerprint_function",
+    "fingerprint_parts",
+    "hash_value",
+    "key_of",
+)
 
 import ast
 import dataclasses
@@ -1752,6 +1760,32 @@ def fingerprint_parts(func: Callable[..., object]) -> tuple[str, dict[str, str]]
         digesting.discard(key)
     parts = {label: str(tee.hexdigest())[:16] for label, tee in h.parts.items()}
     return h.hexdigest(), parts
+
+
+_DIGEST_KEY_VERSION: Final = b"flowyml-cache-key/2\x00"
+
+
+def key_of(
+    *,
+    step_identity: str,
+    fingerprint: str | None,
+    inputs: Sequence[tuple[str, str]],
+    params: Sequence[tuple[str, str]],
+) -> str:
+    """Return the cache key of one step run from what identifies each of its parts.
+
+    ``inputs`` and ``params`` are ``(name, identity)`` pairs, the identities already made (a
+    producer's artifact hash, a :func:`content_identity`); each list is sorted by name here.
+    One xxh3_128 over one joined bytes object: the per-step cost of a cached rerun.
+    """
+    chunks = [_DIGEST_KEY_VERSION, _str_bytes(b"id", step_identity)]
+    chunks.append(b"N" if fingerprint is None else _str_bytes(b"fp", fingerprint))
+    for tag, values in ((b"inputs", inputs), (b"params", params)):
+        chunks.append(tag + _len8(len(values)))
+        for name, identity in sorted(values) if len(values) > 1 else values:
+            chunks.append(_str_bytes(b"", name))
+            chunks.append(_str_bytes(b"", identity))
+    return str(xxhash.xxh3_128_hexdigest(b"".join(chunks)))
 
 
 def _unwrap_quietly(func: object) -> object:

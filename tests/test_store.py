@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sqlite3
 import stat
@@ -819,7 +820,7 @@ class TestRecordFate:
         store.put_key_parts("k3", "load", {"param:n": "01"})
         await store.flush()
         latest = await store.latest_key_parts(["train", "load", "absent"])
-        assert latest == {
+        assert {step: (key, json.loads(parts)) for step, (key, parts) in latest.items()} == {
             "train": ("k2", {"input:data": "bb", "code": "c1"}),
             "load": ("k3", {"param:n": "01"}),
         }

@@ -806,8 +806,9 @@ class Store:
             return
         self._queue.put_nowait(_KeyParts(key, step_name, time.time(), parts))
 
-    async def latest_key_parts(self, step_names: Iterable[str]) -> dict[str, tuple[str, dict[str, str]]]:
-        """The most recent key of each of these steps with its components, in one query."""
+    async def latest_key_parts(self, step_names: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """The most recent key of each of these steps with its components as stored (a JSON
+        object of component name -> digest), in one query; decoded by the caller, when needed."""
         self._check_open()
         names = sorted(set(step_names))
         if not names:
@@ -820,7 +821,7 @@ class Store:
             ") WHERE n = 1",
             (json.dumps(names),),
         )
-        return {row[0]: (row[1], _loads_parts(row[2])) for row in rows}
+        return {row[0]: (row[1], row[2]) for row in rows}
 
     async def key_parts(self, keys: Iterable[str]) -> dict[str, dict[str, str]]:
         """The components of each of these keys that has them recorded."""
