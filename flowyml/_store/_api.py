@@ -1148,9 +1148,9 @@ class Store:
 
         Written for every key that missed, beside its cache entry (if the step's outputs are
         cached), so a later miss can say which component changed. ``parts`` must not change.
-        Dropped when the store is closed: an explanation never fails a run.
+        Dropped when the store is closed or read-only: an explanation never fails a run.
         """
-        if self._closed:
+        if self._closed or self.read_only:
             return
         self._queue.put_nowait(_KeyParts(key, step_name, time.time(), parts))
 
