@@ -159,40 +159,18 @@ class UnitRunner:
             else:
                 produced = state.put(node, ret)
         except asyncio.CancelledError:
+            why = self._why[node.id]
             res = self._result(
-                node,
-                StepStatus.CANCELLED,
-                {},
-                None,
-                None,
-                True,
-                began,
-                t0,
-                0.0,
-                None,
-                None,
-                (),
-                self._why[node.id],
+                node, StepStatus.CANCELLED, {}, None, None, True, began, t0, 0.0, None, None, (), why
             )
             state.results[node.id] = res
             if self.hooks is not None:
                 self.hooks.after(node, res, args, kwargs)
             raise
         except Exception as exc:
+            why = self._why[node.id]
             res = self._result(
-                node,
-                StepStatus.FAILED,
-                {},
-                exc,
-                None,
-                True,
-                began,
-                t0,
-                0.0,
-                None,
-                None,
-                (),
-                self._why[node.id],
+                node, StepStatus.FAILED, {}, exc, None, True, began, t0, 0.0, None, None, (), why
             )
             return self.settle(node, res, args, kwargs, args, kwargs)
         took = _perf() - t0
