@@ -580,7 +580,7 @@ def _result(
         None,
         reason,
         (),
-        items,
+        items=items,
     )
 
 

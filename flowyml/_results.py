@@ -203,6 +203,11 @@ class StepResult:
     cache_key: str | None = None
     skip_reason: str | None = None
     fallback_reasons: tuple[str, ...] = ()
+    cache_reason: str | None = None
+    """Why the step ran or was served from the cache: ``"cache hit"``, ``"first run of this
+    step"``, ``"input 'data' changed"``, ``"code of helper 'clean' changed"``, ``"caching is off
+    for this run"``, ``"ran uncached: parameter 'model' cannot be identified"``... None for a
+    step that never reached the cache (skipped, blocked)."""
     items: ItemResults | None = None
     """A mapped step's per-item results, in input order; None for any other step."""
 
@@ -287,6 +292,7 @@ def finished(
     cache_key: str | None = None,
     skip_reason: str | None = None,
     fallback_reasons: tuple[str, ...] = (),
+    cache_reason: str | None = None,
     items: ItemResults | None = None,
 ) -> StepResult:
     """A frozen :class:`StepResult`, built the fast way; the same as calling the class."""
@@ -304,6 +310,7 @@ def finished(
         cache_key,
         skip_reason,
         fallback_reasons,
+        cache_reason,
         items,
     )
     res.__class__ = StepResult
