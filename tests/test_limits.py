@@ -172,7 +172,7 @@ async def test_rate_waits_on_the_loop_in_real_time() -> None:
         await limit.acquire()
     task.cancel()
     assert time.monotonic() - t0 >= 2 / 20 - 0.005  # two waits of 1/20 s each
-    assert ticks >= 3  # the loop kept running while the limiter waited
+    assert ticks >= 2  # the loop kept running while the limiter waited
 
 
 def test_limit_is_public() -> None:

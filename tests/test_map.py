@@ -430,17 +430,26 @@ class TestLimits:
         assert within_one_token(starts, 50.0)
         assert max(starts) == pytest.approx(119 / 50)
 
+    @pytest.mark.slow
     def test_an_item_timeout_starts_once_it_holds_its_slot(self) -> None:
-        """Items queue behind a slow holder of a shared slot, yet none times out waiting."""
+        """A step holds the one shared slot for 0.8 s; items with a 0.5 s timeout wait for it, and none times out."""
         slot = Limit(concurrency=1)
 
-        @step(inputs=["xs"], outputs=["ys"], map_over="xs", limit=slot, timeout=0.15)
+        @step(outputs=["done"], limit=slot)
+        async def hog() -> bool:
+            await asyncio.sleep(0.8)
+            return True
+
+        @step(inputs=["xs"], outputs=["ys"], map_over="xs", limit=slot, timeout=0.5)
         async def quick(x: int) -> int:
-            await asyncio.sleep(0.03)
+            await asyncio.sleep(0.01)
             return x
 
-        result = pipeline(source("xs", list(range(8))), quick).run()  # the last waits ~0.21 s
+        result = pipeline(source("xs", list(range(5))), hog, quick).run()
         assert result.success, result.summary()
+        assert result["ys"] == list(range(5))
+        items = result.step_results["quick"].items
+        assert items is not None and all(i.status is StepStatus.SUCCEEDED for i in items)
 
     def test_breaker_open_items_are_retried_after_recovery(self) -> None:
         calls = 0
