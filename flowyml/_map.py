@@ -566,6 +566,9 @@ def _result(
     took = _perf() - t0
     attempts = 1
     items = mapped.results if mapped is not None else None
+    why = None
+    if mapped is not None and mapped.caching and mapped.base_key is not None:
+        why = f"{mapped.cached} of {mapped.launched} items from the cache"
     return finished(
         node.name,
         status,
@@ -580,6 +583,7 @@ def _result(
         None,
         reason,
         (),
+        cache_reason=why,
         items=items,
     )
 

@@ -512,6 +512,7 @@ class TestItemsInTheStore:
         assert items is not None
         assert [i.index for i in items if i.status is StepStatus.SUCCEEDED] == [3, 7]
         assert sum(1 for i in items if i.status is StepStatus.CACHED) == 8
+        assert second.step_results["square"].cache_reason == "8 of 10 items from the cache"
         assert all(i.cache_key for i in items)
         CALLS.clear()
         third = p.run(context={})
