@@ -198,8 +198,8 @@ class UnitRunner:
                     state.apply(node, outputs)
                 else:
                     request = self._requests[node.id] if self._requests else ()
-                    if step.retry is not None:
-                        retry = RetryRun(step.retry)
+                    if step.retry_policy is not None:
+                        retry = RetryRun(step.retry_policy)
                     if request or self._limit is not None:
                         async with self._held(request):
                             started = True
@@ -387,7 +387,7 @@ class UnitRunner:
             output_names=node.output_names,
             output_slots=node.output_slots,
             conditions=node.step.conditions,
-            retry=node.step.retry,
+            retry=node.step.retry_policy,
         )
 
     # ------------------------------------------------------------------ fates

@@ -241,7 +241,7 @@ def build_plan(
         chains=find_chains(nodes, order, {i for g in gates for i in (*g.then_ids, *g.else_ids)}),
         requests=tuple(requests_for(n.name, n.step.resources, capacity) for n in nodes) if capacity else (),
         direct=tuple(
-            s.is_async and s.retry is None and s.timeout is None and not s.uses_fallback for s in steps
+            s.is_async and s.retry_policy is None and s.timeout is None and not s.uses_fallback for s in steps
         ),
         shapes=tuple(StepShape(n.name, n.output_names, n.lineage_inputs) for n in nodes),
     )
@@ -304,12 +304,14 @@ def _bind(
     var_pos = next((p for p in params if p.kind is kinds.VAR_POSITIONAL), None)
     var_kw = next((p for p in params if p.kind is kinds.VAR_KEYWORD), None)
 
-    def wired(source_name: str, parameter: str, default: Any) -> Source:
+    def wired(source_name: str, parameter: str, default: Any, *, implicit: bool = False) -> Source:
         p = producer.get(source_name)
         if p is not None and p != index:
             return Source(SLOT, slot=slot_of[source_name], name=source_name, parameter=parameter)
-        if p == index:
+        if p == index and not implicit:
             raise CycleError([name, name])
+        # A parameter named like the step's own output reads the context: a step is never its
+        # own implicit input (``@step(outputs=["data"]) def clean(data)`` cleans the given data).
         return Source(CONTEXT, name=source_name, default=default, parameter=parameter)
 
     bound: dict[str, Source] = {}
@@ -339,7 +341,7 @@ def _bind(
 
     for p in named:
         if p.name not in bound:
-            bound[p.name] = wired(p.name, p.name, _default(p))
+            bound[p.name] = wired(p.name, p.name, _default(p), implicit=True)
 
     positional = tuple(bound[p.name] for p in named if p.kind is not kinds.KEYWORD_ONLY)
     keyword = tuple((p.name, bound[p.name]) for p in named if p.kind is kinds.KEYWORD_ONLY)

@@ -162,7 +162,8 @@ class TestAnatomy:
         result = p.run()
         assert result.success
         assert result["trained_model"].lr == 0.05
-        assert train_model.retry is not None and train_model.retry.max_attempts == 4
+        assert train_model.retry == 3
+        assert train_model.retry_policy is not None and train_model.retry_policy.max_attempts == 4
         assert train_model.timeout == 3600
 
 
