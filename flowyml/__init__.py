@@ -7,7 +7,7 @@ This module only re-exports. Data flows define -> plan -> run -> record (docs/ar
 - plan: ``_graph``, ``_resources``         bind parameters, wire edges, reject bad graphs (pure)
 - run: ``_scheduler`` (counters), ``_state``, ``_attempt`` (one unit's layers), ``_gates``,
   ``_groups``, ``_remote``
-- record: ``_cache``                       cache look-ups and lineage records around each step
+- record: ``_cache``, ``_cachestore``      cache look-ups and lineage records around each step
 - foundation: ``_errors``, ``_results``, ``_executors``, ``_hashing``, ``_store``
 - ``_pipeline``                            ``Pipeline``: plan once, run many times
 """
@@ -28,6 +28,7 @@ from ._errors import (
 )
 from ._executors._base import Executor
 from ._executors._dask import DaskExecutor
+from ._executors._local import LocalExecutor
 from ._fallback import FallbackHandler, on_failure
 from ._parallel import parallel_map
 from ._pipeline import Pipeline
@@ -44,6 +45,10 @@ def __getattr__(name: str) -> object:
         from ._store import Store
 
         return Store
+    if name == "CacheStore":
+        from ._cachestore import CacheStore
+
+        return CacheStore
     raise AttributeError(f"module 'flowyml' has no attribute {name!r}")
 
 
@@ -51,6 +56,7 @@ __all__ = (
     "Asset",
     "AssetMetadata",
     "CachePolicy",
+    "CacheStore",
     "CircuitBreaker",
     "CircuitOpenError",
     "CircuitState",
@@ -69,6 +75,7 @@ __all__ = (
     "FeatureSet",
     "FlowymlError",
     "If",
+    "LocalExecutor",
     "Metrics",
     "MissingInputError",
     "Model",

@@ -10,6 +10,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._attempt import UnitRunner
@@ -28,6 +29,7 @@ from ._step import Step, step
 
 if TYPE_CHECKING:
     from ._cache import StoreHooks
+    from ._cachestore import CacheStore
     from ._store import Store
 
 __all__ = ("Pipeline",)
@@ -89,6 +91,29 @@ class Pipeline:
     @property
     def steps(self) -> tuple[Step, ...]:
         return tuple(self._steps)
+
+    @property
+    def cache_store(self) -> CacheStore | None:
+        """The cache of this pipeline's store, read and written by key; None when caching is off."""
+        if not self.enable_cache:
+            return None
+        from ._cachestore import CacheStore
+
+        return CacheStore(self.cache_dir)
+
+    @property
+    def runs_dir(self) -> Path:
+        """A folder for files about this pipeline's runs (reports, plots), inside its store.
+
+        Created on first access. The runs themselves are recorded in the store's database
+        (``flowyml runs``), not here.
+        """
+        from ._store import resolve_root
+        from ._store._artifacts import make_private_dir
+
+        path = resolve_root(self.cache_dir) / "runs"
+        make_private_dir(path)
+        return path
 
     def add_step(self, step_: Step | Callable[..., Any]) -> Pipeline:
         """Add a step (a plain function is wrapped with ``@step``); returns the pipeline to chain calls."""

@@ -31,7 +31,7 @@ STAGES = {
     ),
     "plan": ("_graph", "_resources"),
     "run": ("_scheduler", "_state", "_attempt", "_gates", "_groups", "_remote"),
-    "record": ("_cache",),
+    "record": ("_cache", "_cachestore"),
 }
 ORDER = ("define", "plan", "run", "record")
 # The modules that tie the stages together, and the public faces; nothing imports them.
