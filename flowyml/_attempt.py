@@ -41,6 +41,7 @@ from ._resources import Request, ResourcePool
 from ._results import StepResult, StepStatus, _Builder, finished
 from ._retry import RetryRun
 from ._state import RunState
+from ._typed import produce, receive
 
 __all__ = ("Lookup", "RunHooks", "UnitRunner")
 
@@ -115,6 +116,10 @@ class UnitRunner:
         ]
         if self._requests or self._limit is not None or self.remote is not None:
             self._bare = [False] * len(plan.nodes)
+        self._typing = plan.typing
+        for i, t in enumerate(self._typing):
+            if t is not None:
+                self._bare[i] = False
 
     # ------------------------------------------------------------------ one node
 
@@ -182,11 +187,15 @@ class UnitRunner:
         started = False
         start: float | None = _now()
         t0 = _perf()
+        typed = self._typing[node.id] if self._typing else None
+        parents: list[Any] = []
         try:
             if self.remote is not None:
                 keep_remote, key_args, key_kwargs = await self.remote.localize(
                     node, self._executors[node.id], args, kwargs, state.values, cached
                 )
+            if typed is not None and not keep_remote:
+                args, kwargs, parents = receive(node.name, typed, args, kwargs)
             if step.conditions and not conditions_hold(step.conditions, args, kwargs):
                 status, reason = StepStatus.SKIPPED, "its condition was false"
             else:
@@ -211,6 +220,8 @@ class UnitRunner:
                     else:
                         started = True
                         ret, fallbacks = await self._attempts(node, args, kwargs, retry, keep_remote)
+                    if typed is not None and typed.wraps and not keep_remote:
+                        ret = produce(node.name, node.output_names, typed, ret, parents)
                     outputs = state.put(node, ret)
                     if keep_remote and cached:
                         outputs = await self.remote.copy_for_cache(node, outputs)  # type: ignore[union-attr]
@@ -388,6 +399,7 @@ class UnitRunner:
             output_slots=node.output_slots,
             conditions=node.step.conditions,
             retry=node.step.retry_policy,
+            typing=self._typing[node.id] if self._typing else None,
         )
 
     # ------------------------------------------------------------------ fates

@@ -52,6 +52,9 @@ class Pipeline:
         lineage: False stops recording runs and steps in the store (the cache still works).
         resources: capacity steps draw from, e.g. ``{"gpu": 1, "memory": "16Gi"}``; a step's
             ``resources=`` of a declared kind is held while it runs. Undeclared kinds are not limited.
+        validate_types: False stops checking arguments against parameter annotations (at plan
+            time across edges, and when a step receives them). Assets are still unwrapped for
+            parameters annotated with their data's type, and returns still routed by annotation.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class Pipeline:
         debug: bool = False,
         resources: Mapping[str, Any] | None = None,
         lineage: bool = True,
+        validate_types: bool = True,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"Pipeline name must be a non-empty string, got {name!r}")
@@ -74,6 +78,7 @@ class Pipeline:
         self.context = context if isinstance(context, Context) else Context(dict(context or {}))
         self.enable_cache = bool(enable_cache)
         self.lineage = bool(lineage)
+        self.validate_types = bool(validate_types)
         self.cache_dir = cache_dir
         self.max_concurrency = _positive("max_concurrency", max_concurrency)
         self.max_threads = _positive("max_threads", max_threads) or DEFAULT_MAX_THREADS
@@ -149,10 +154,14 @@ class Pipeline:
         """The validated DAG, built on first use and reused until a step is added.
 
         Raises:
-            GraphError: a cycle, a missing input or a duplicate output, before anything runs.
+            GraphError: a cycle, a missing input, a duplicate output, or (``validate_types``) a
+                producer whose return annotation can never fit its consumer's parameter
+                (:class:`~flowyml.errors.InputTypeMismatchError`), before anything runs.
         """
         if self._plan is None:
-            self._plan = build_plan(self._steps, self._flows, capacity=self.capacity)
+            self._plan = build_plan(
+                self._steps, self._flows, capacity=self.capacity, validate_types=self.validate_types
+            )
         return self._plan
 
     def run(

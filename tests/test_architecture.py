@@ -29,8 +29,8 @@ STAGES = {
         "_assets",
         "_parallel",
     ),
-    "plan": ("_graph", "_resources"),
-    "run": ("_scheduler", "_state", "_attempt", "_gates", "_groups", "_remote"),
+    "plan": ("_graph", "_resources", "_types"),
+    "run": ("_scheduler", "_state", "_attempt", "_gates", "_groups", "_remote", "_typed"),
     "record": ("_cache", "_cachestore"),
 }
 ORDER = ("define", "plan", "run", "record")
