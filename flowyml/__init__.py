@@ -8,13 +8,14 @@ This module only re-exports. Data flows define -> plan -> run -> record (docs/ar
 - run: ``_scheduler`` (counters), ``_state``, ``_attempt`` (one unit's layers), ``_gates``,
   ``_groups``, ``_remote``
 - record: ``_cache``, ``_cachestore``      cache look-ups and lineage records around each step
-- foundation: ``_errors``, ``_results``, ``_executors``, ``_hashing``, ``_store``
+- foundation: ``_errors``, ``_results``, ``_executors``, ``_hashing``, ``_store``, ``_catalog``
 - ``_pipeline``                            ``Pipeline``: plan once, run many times
 """
 
 from . import errors as errors
 from ._assets import Asset, AssetMetadata, Dataset, FeatureSet, Metrics, Model
 from ._breaker import CircuitBreaker, CircuitState, CircuitStats
+from ._catalog import AssetEntry, AssetRouter, LocalRouter
 from ._conditions import ControlContext, If, unless, when
 from ._context import Context, context
 from ._errors import (
@@ -54,7 +55,9 @@ def __getattr__(name: str) -> object:
 
 __all__ = (
     "Asset",
+    "AssetEntry",
     "AssetMetadata",
+    "AssetRouter",
     "CachePolicy",
     "CacheStore",
     "CircuitBreaker",
@@ -76,6 +79,7 @@ __all__ = (
     "FlowymlError",
     "If",
     "LocalExecutor",
+    "LocalRouter",
     "Metrics",
     "MissingInputError",
     "Model",

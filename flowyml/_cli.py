@@ -6,6 +6,7 @@
     flowyml [--dir DIR] cache clear [--step NAME] drop cache entries (lineage stays)
     flowyml [--dir DIR] cache verify              integrity check + re-hash every artifact
     flowyml [--dir DIR] lineage OUTPUT [--run ID] which step runs an output came from
+    flowyml [--dir DIR] assets [show NAME]        the asset catalogue (see flowyml._cli_assets)
 
 Exit codes: 0 success; 1 the thing asked for does not exist or a problem was found; 2 usage error.
 Without a store, listing commands say so and exit 0; commands about one run, output or step, and
@@ -28,6 +29,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from flowyml import _cli_assets
 from flowyml._errors import StoreError
 from flowyml._store import LineageNode, RunRecord, StepRecord, Store, resolve_root
 from flowyml._store._db import DB_NAME
@@ -315,6 +317,7 @@ def _parser() -> argparse.ArgumentParser:
     lineage.add_argument("output", metavar="OUTPUT", help="an output name")
     lineage.add_argument("--run", metavar="RUN_ID", default=None, help="that run (default: the latest)")
     lineage.set_defaults(handler=_lineage, name="lineage")
+    _cli_assets.add_commands(commands, common)
     return parser
 
 
@@ -331,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors (2) and --help (0)
         return exc.code if isinstance(exc.code, int) else 2
     root = resolve_root(getattr(args, "dir", None))
+    if getattr(args, "assets", False):
+        return _cli_assets.run(root, args)
     name: str = args.name
     if name == "cache clear" and args.step is not None:
         name = "cache clear --step"

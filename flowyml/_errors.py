@@ -22,6 +22,7 @@ plain Python keeps working::
     ├── CircuitOpenError(RuntimeError)        a circuit breaker refused the call
     ├── UnhashableInputError(TypeError)       a value has no deterministic cache key
     ├── AssetError(TypeError)                 an asset was given what it cannot hold (a metric that is not a number)
+    ├── AssetNotFoundError(LookupError)       no asset of that name (and version) in the catalogue
     ├── StoreError(RuntimeError)              the cache and lineage store cannot be used
     └── EventLoopError(RuntimeError)          ``run()`` was called inside a running loop
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 __all__ = (
     "AssetError",
+    "AssetNotFoundError",
     "CacheCorruptionWarning",
     "CircuitOpenError",
     "ConfigError",
@@ -229,6 +231,10 @@ class UnhashableInputError(FlowymlError, TypeError):
 class AssetError(FlowymlError, TypeError):
     """An asset was built from something it cannot hold: a metric that is not a number, a parent
     that is not an asset, tags that are not a mapping. The message names the value and the fix."""
+
+
+class AssetNotFoundError(FlowymlError, LookupError):
+    """The asset catalogue has no asset of that name, or not that version of it."""
 
 
 class StoreError(FlowymlError, RuntimeError):

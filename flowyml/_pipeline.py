@@ -8,15 +8,18 @@ import reprlib
 import sys
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._assets import Asset
 from ._attempt import UnitRunner
+from ._catalog import AssetRouter
 from ._conditions import If
 from ._context import Context
-from ._errors import ConfigError, EventLoopError
+from ._errors import ConfigError, EventLoopError, FlowymlWarning, StoreError
 from ._executors._base import Executor
 from ._executors._local import AsyncExecutor, ThreadExecutor
 from ._gates import NOT_CHOSEN
@@ -55,6 +58,10 @@ class Pipeline:
         validate_types: False stops checking arguments against parameter annotations (at plan
             time across edges, and when a step receives them). Assets are still unwrapped for
             parameters annotated with their data's type, and returns still routed by annotation.
+        routers: where asset outputs' artifacts go: the first router whose ``accepts(asset)``
+            is true saves it, the rest stay in the store (:class:`~flowyml.LocalRouter`).
+            Every asset output is registered in the store's asset catalogue either way
+            (``flowyml assets``, ``Model.load(name)``), unless ``lineage`` is False.
     """
 
     def __init__(
@@ -71,6 +78,7 @@ class Pipeline:
         resources: Mapping[str, Any] | None = None,
         lineage: bool = True,
         validate_types: bool = True,
+        routers: Iterable[AssetRouter] = (),
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"Pipeline name must be a non-empty string, got {name!r}")
@@ -79,6 +87,12 @@ class Pipeline:
         self.enable_cache = bool(enable_cache)
         self.lineage = bool(lineage)
         self.validate_types = bool(validate_types)
+        self.routers = tuple(routers)
+        for router in self.routers:
+            if not isinstance(router, AssetRouter):
+                raise ConfigError(
+                    f"Pipeline routers= takes AssetRouter objects (subclass flowyml.AssetRouter), got {router!r}"
+                )
         self.cache_dir = cache_dir
         self.max_concurrency = _positive("max_concurrency", max_concurrency)
         self.max_threads = _positive("max_threads", max_threads) or DEFAULT_MAX_THREADS
@@ -308,6 +322,26 @@ class Pipeline:
                 await store.aclose()
             finally:
                 hooks.release()
+        if self.lineage:
+            await self._register_assets(store, run, run_id)
+
+    async def _register_assets(self, store: Store, run: RunState, run_id: str) -> None:
+        """Register every asset output of the run in the store's catalogue, off the loop."""
+        from ._catalog import Produced, register
+
+        produced = [
+            Produced(value, run_id, self.name, res.step_name, name)
+            for res in run.results
+            if res is not None and res.status is StepStatus.SUCCEEDED
+            for name, value in res.outputs.items()
+            if isinstance(value, Asset)
+        ]
+        if not produced:
+            return
+        try:
+            await asyncio.to_thread(register, store.root, produced, self.routers)
+        except StoreError as exc:
+            warnings.warn(FlowymlWarning(f"pipeline {self.name!r} run {run_id}: {exc}"), stacklevel=2)
 
     def _resource_pool(self) -> ResourcePool:
         """The capacity shared by every run of this pipeline on the running event loop."""

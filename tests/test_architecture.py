@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "flowyml"
 
 # Libraries every stage may use; they import no stage module.
-FOUNDATION = ("_errors", "_results", "_hashing", "_store", "_executors")
+FOUNDATION = ("_errors", "_results", "_hashing", "_store", "_executors", "_catalog", "_cli_assets")
 STAGES = {
     "define": (
         "_step",
