@@ -15,7 +15,7 @@ This module only re-exports. Data flows define -> plan -> run -> record (docs/ar
 from . import errors as errors
 from ._assets import Asset, AssetMetadata, Dataset, FeatureSet, Metrics, Model
 from ._breaker import CircuitBreaker, CircuitState, CircuitStats
-from ._catalog import AssetEntry, AssetRouter, LocalRouter
+from ._catalog import AssetEntry, AssetRouter, LocalRouter, catalog
 from ._conditions import ControlContext, If, unless, when
 from ._context import Context, context
 from ._errors import (
@@ -91,6 +91,7 @@ __all__ = (
     "StepStatus",
     "StepTimeoutError",
     "Store",
+    "catalog",
     "context",
     "on_failure",
     "parallel_map",

@@ -33,6 +33,7 @@ __all__ = (
     "AssetRouter",
     "Produced",
     "LocalRouter",
+    "catalog",
     "children_of",
     "entries",
     "find",
@@ -324,6 +325,12 @@ def entries(
     if name is None:
         return _query(cache_dir, "ORDER BY name, version", ())
     return _query(cache_dir, "WHERE name = ? ORDER BY version", (name,))
+
+
+def catalog(name: str | None = None, *, cache_dir: str | os.PathLike[str] | None = None) -> list[AssetEntry]:
+    """The store's asset catalogue: every registered asset (or every version of ``name``),
+    by name then version. What ``flowyml assets`` prints; empty without a store."""
+    return entries(cache_dir, name)
 
 
 def find(
