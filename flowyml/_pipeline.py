@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._assets import Asset
+from ._assets import Asset, derive, input_assets
 from ._attempt import UnitRunner
 from ._catalog import AssetRouter
 from ._conditions import If
@@ -329,13 +329,23 @@ class Pipeline:
         """Register every asset output of the run in the store's catalogue, off the loop."""
         from ._catalog import Produced, register
 
-        produced = [
-            Produced(value, run_id, self.name, res.step_name, name)
-            for res in run.results
-            if res is not None and res.status is StepStatus.SUCCEEDED
-            for name, value in res.outputs.items()
-            if isinstance(value, Asset)
-        ]
+        typing = run.plan.typing
+        produced: list[Produced] = []
+        for node, res in zip(run.plan.nodes, run.results, strict=True):
+            if res is None or res.status is not StepStatus.SUCCEEDED:
+                continue
+            made = [(name, v) for name, v in res.outputs.items() if isinstance(v, Asset)]
+            if not made:
+                continue
+            routed = typing[node.id] if typing else None
+            if routed is None or not routed.wraps:
+                # Not routed by annotation, so not linked while running: its parents are the
+                # assets among its inputs all the same.
+                args, kwargs = run.arguments(node)
+                inputs = input_assets([*args, *kwargs.values()])
+                for _, asset in made:
+                    derive(asset, inputs)
+            produced += [Produced(asset, run_id, self.name, res.step_name, name) for name, asset in made]
         if not produced:
             return
         try:

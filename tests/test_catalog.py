@@ -183,3 +183,21 @@ class TestTable:
         assert entries(tmp_path) == [] and find(tmp_path, "x") is None
         Pipeline("p", cache_dir=tmp_path).add_step(step(lambda: 1)).run()
         assert entries(tmp_path) == []
+
+
+class TestUnannotatedSteps:
+    def test_an_asset_returned_without_annotation_is_registered_with_its_parents(
+        self, tmp_path: Path
+    ) -> None:
+        @step(outputs=["raw"])
+        def make():  # type: ignore[no-untyped-def]
+            return Dataset([1, 2], name="raw")
+
+        @step(outputs=["fitted"])
+        def fit(raw):  # type: ignore[no-untyped-def]
+            return Model(sum(raw.data), name="fitted")
+
+        result = Pipeline("p", cache_dir=tmp_path).add_step(make).add_step(fit).run()
+        assert result["fitted"].parents == [result["raw"]]
+        entry = find(tmp_path, "fitted")
+        assert entry is not None and [p.name for p in parents_of(tmp_path, entry)] == ["raw"]
