@@ -12,6 +12,8 @@ This module only re-exports. Data flows define -> plan -> run -> record (docs/ar
 - ``_pipeline``                            ``Pipeline``: plan once, run many times
 """
 
+import typing as _typing
+
 from . import errors as errors
 from ._assets import Asset, AssetMetadata, Dataset, FeatureSet, Metrics, Model
 from ._breaker import CircuitBreaker, CircuitState, CircuitStats
@@ -33,11 +35,15 @@ from ._executors._local import LocalExecutor
 from ._fallback import FallbackHandler, on_failure
 from ._parallel import parallel_map
 from ._pipeline import Pipeline
-from ._results import ExecutionResult, PipelineResult, StepResult, StepStatus
+from ._report import PipelineResult
+from ._results import ExecutionResult, StepResult, StepStatus
 from ._retry import ExponentialBackoff, RetryConfig, retry
 from ._step import CachePolicy, Step, step
 
 __version__ = "0.1.0"
+
+if _typing.TYPE_CHECKING:
+    from ._store import Store, close_stores, open_store
 
 
 def __getattr__(name: str) -> object:
@@ -50,6 +56,11 @@ def __getattr__(name: str) -> object:
         from ._cachestore import CacheStore
 
         return CacheStore
+    if name in ("close_stores", "open_store"):
+        from . import _store
+
+        found: object = getattr(_store, name)
+        return found
     raise AttributeError(f"module 'flowyml' has no attribute {name!r}")
 
 
@@ -92,8 +103,10 @@ __all__ = (
     "StepTimeoutError",
     "Store",
     "catalog",
+    "close_stores",
     "context",
     "on_failure",
+    "open_store",
     "parallel_map",
     "retry",
     "step",

@@ -56,6 +56,7 @@ __all__ = (
     "StepError",
     "StepTimeoutError",
     "StoreError",
+    "StoreWarning",
     "UncachedStepWarning",
     "UnhashableInputError",
     "WorkerCrashedError",
@@ -251,6 +252,13 @@ class FlowymlWarning(UserWarning):
 
 class CacheCorruptionWarning(FlowymlWarning):
     """A cache entry could not be read back intact; it was set aside and the step rerun."""
+
+
+class StoreWarning(FlowymlWarning):
+    """The store could not do all it should, and the run went on: nothing new recorded, writes lost.
+
+    A run whose writes failed warns once and lists them on ``PipelineResult.store_errors``.
+    """
 
 
 class UncachedStepWarning(FlowymlWarning):

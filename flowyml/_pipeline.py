@@ -10,7 +10,7 @@ import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,13 +19,15 @@ from ._attempt import UnitRunner
 from ._catalog import AssetRouter
 from ._conditions import If
 from ._context import Context
-from ._errors import ConfigError, EventLoopError, FlowymlWarning, StoreError
+from ._errors import ConfigError, EventLoopError, StoreError, StoreWarning
 from ._executors._base import Executor
 from ._executors._local import AsyncExecutor, ThreadExecutor
 from ._gates import NOT_CHOSEN
 from ._graph import Node, Plan, build_plan
+from ._mermaid import to_mermaid
+from ._report import PipelineResult
 from ._resources import ResourcePool, parse_capacity
-from ._results import PipelineResult, StepResult, StepStatus
+from ._results import StepResult, StepStatus
 from ._scheduler import Run
 from ._state import RunState
 from ._step import Step, step
@@ -106,6 +108,9 @@ class Pipeline:
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResourcePool] = (
             weakref.WeakKeyDictionary()
         )
+        self._threads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ThreadExecutor] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def steps(self) -> tuple[Step, ...]:
@@ -178,6 +183,10 @@ class Pipeline:
             )
         return self._plan
 
+    def to_mermaid(self) -> str:
+        """The pipeline's DAG as Mermaid flowchart text (see ``flowyml._mermaid``)."""
+        return to_mermaid(self.plan(), params=self.context.to_dict())
+
     def run(
         self,
         context: Context | Mapping[str, Any] | None = None,
@@ -243,7 +252,8 @@ class Pipeline:
         assigned = executors.assign(plan)
         remote = any(ex.supports_remote for ex in set(assigned))
         start = time.time()
-        store, hooks = await self._open_store(plan, run_id, start)
+        store, hooks, mark = await self._open_store(plan, run_id, start)
+        store_errors: list[StoreError] = []
         run_state = RunState(plan, params)
         state = "cancelled"
         try:
@@ -264,8 +274,10 @@ class Pipeline:
                 await executors.aclose(close_given=_close_all)
             finally:
                 if store is not None and hooks is not None:
-                    await _finish_even_if_cancelled(
-                        self._close_store(store, hooks, run_state, run_id, start, state)
+                    # Awaited in this task: cancelled meanwhile, the run's records are queued already
+                    # and the shared store's writer commits them anyway.
+                    await self._close_store(
+                        store, hooks, run_state, run_id, start, state, mark, store_errors, wait=_close_all
                     )
         results = {
             r.step_name: r for r in run_state.results if r is not None and r.skip_reason is not NOT_CHOSEN
@@ -279,33 +291,51 @@ class Pipeline:
             start_time=start,
             end_time=time.time(),
             producers={out: n.name for n in plan.nodes for out in n.output_names},
+            plan=plan,
+            params=params,
+            store_errors=_report_store_errors(self.name, store_errors),
         )
 
     async def _open_store(
         self, plan: Plan, run_id: str, start: float
-    ) -> tuple[Store | None, StoreHooks | None]:
+    ) -> tuple[Store | None, StoreHooks | None, int]:
         if not (self.enable_cache or self.lineage):
-            return None, None
+            return None, None, 0
         from ._cache import StoreHooks
-        from ._store import RunRecord, Store
+        from ._store import RunRecord, shared_store
 
-        store = await Store.open(self.cache_dir)
-        try:
-            hooks = StoreHooks(store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage)
-            hooks.check_fingerprints()
-            if self.enable_cache:
-                await store.preload(n.name for n in plan.nodes)
-            if self.lineage:
-                store.record_run(RunRecord(run_id, self.name, "running", start))
-        except BaseException:
-            await store.aclose()
-            raise
-        return store, hooks
+        store = await shared_store(self.cache_dir)  # one per process and directory, kept open
+        # One loop turn between the engine's setup and the store's: 200 runs started together
+        # otherwise do both in one turn (~6 ms here), and every other task waits for all of it.
+        await asyncio.sleep(0)
+        mark = store.error_mark()
+        hooks = StoreHooks(store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage)
+        hooks.check_fingerprints()
+        if self.enable_cache:
+            await store.preload(n.name for n in plan.nodes if n.step.cache is not False)
+        if self.lineage:
+            store.record_run(RunRecord(run_id, self.name, "running", start))
+        return store, hooks, mark
 
     async def _close_store(
-        self, store: Store, hooks: StoreHooks, run: RunState, run_id: str, start: float, state: str
+        self,
+        store: Store,
+        hooks: StoreHooks,
+        run: RunState,
+        run_id: str,
+        start: float,
+        state: str,
+        mark: int,
+        errors: list[StoreError],
+        *,
+        wait: bool,
     ) -> None:
-        """Record how the run ended and wait for every queued write to commit."""
+        """Record how the run ended; what could not be written goes in ``errors``.
+
+        ``run()`` (``wait``) returns once every record is committed; ``arun()`` once its cache
+        entries are, and leaves its lineage to the shared writer, which commits it within 20 ms
+        with the next runs' records (and at the latest when the store closes).
+        """
         from ._store import RunRecord
 
         try:
@@ -317,16 +347,21 @@ class Pipeline:
                 end = time.time()
                 saved = sum(r.time_saved_seconds for r in results if r is not None)
                 store.record_run(RunRecord(run_id, self.name, state, start, end, end - start, saved))
+        except StoreError as exc:  # the store was closed under the run: its values still return
+            errors.append(exc)
         finally:
             try:
-                await store.aclose()
+                errors += await store.settle(mark, wait=wait)
             finally:
                 hooks.release()
         if self.lineage:
-            await self._register_assets(store, run, run_id)
+            errors += await self._register_assets(store, run, run_id)
 
-    async def _register_assets(self, store: Store, run: RunState, run_id: str) -> None:
-        """Register every asset output of the run in the store's catalogue, off the loop."""
+    async def _register_assets(self, store: Store, run: RunState, run_id: str) -> list[StoreError]:
+        """Register every asset output of the run in the store's catalogue, off the loop.
+
+        Returns what failed (a router that could not save an asset), for ``result.store_errors``.
+        """
         from ._catalog import Produced, register
 
         typing = run.plan.typing
@@ -347,11 +382,23 @@ class Pipeline:
                     derive(asset, inputs)
             produced += [Produced(asset, run_id, self.name, res.step_name, name) for name, asset in made]
         if not produced:
-            return
+            return []
         try:
             await asyncio.to_thread(register, store.root, produced, self.routers)
         except StoreError as exc:
-            warnings.warn(FlowymlWarning(f"pipeline {self.name!r} run {run_id}: {exc}"), stacklevel=2)
+            return [exc]
+        return []
+
+    def _thread_executor(self) -> ThreadExecutor:
+        """The threads of every run of this pipeline on the running loop: ``max_threads`` in all.
+
+        Per run, 200 concurrent runs of a one-step pipeline started 200 threads.
+        """
+        loop = asyncio.get_running_loop()
+        found = self._threads.get(loop)
+        if found is None or found.max_threads != self.max_threads:
+            found = self._threads[loop] = ThreadExecutor(self.max_threads)
+        return found
 
     def _resource_pool(self) -> ResourcePool:
         """The capacity shared by every run of this pipeline on the running event loop."""
@@ -406,12 +453,12 @@ class _Executors:
         if s.is_async:
             return self._async
         if self._thread is None:
-            self._thread = ThreadExecutor(self._pipeline.max_threads)
+            self._thread = self._pipeline._thread_executor()
         return self._thread
 
     async def aclose(self, *, close_given: bool) -> None:
         """Close the executors this run made, and the ones it was given when ``close_given``."""
-        owned = [ex for ex in (self._thread, self._process) if ex is not None]
+        owned = [ex for ex in (self._process,) if ex is not None]  # the thread executor is shared
         for ex in owned + (list(self._given.values()) if close_given else []):
             await ex.aclose()
 
@@ -434,17 +481,18 @@ def _refuse_worker_import(name: str) -> None:
         )
 
 
-async def _finish_even_if_cancelled(closing: Coroutine[Any, Any, None]) -> None:
-    """Await ``closing`` to the end even if this task is cancelled meanwhile, then re-raise."""
-    task = asyncio.ensure_future(closing)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError as cancelled:
-        try:
-            await task
-        except Exception as exc:  # the cancellation matters more; keep the close error visible
-            cancelled.add_note(f"flowyml: closing the run's store also failed: {exc!r}")
-        raise
+def _report_store_errors(name: str, errors: list[StoreError]) -> tuple[StoreError, ...]:
+    """Warn once for a run whose writes to the store failed; the errors for ``result.store_errors``."""
+    if errors:
+        warnings.warn(
+            StoreWarning(
+                f"pipeline {name!r}: {len(errors)} write(s) to the flowyml store failed; the run's values "
+                f"are all here, but what failed is not cached or recorded (see result.store_errors). "
+                f"First: {errors[0]}"
+            ),
+            stacklevel=3,
+        )
+    return tuple(errors)
 
 
 def _state(results: Iterable[StepResult]) -> str:

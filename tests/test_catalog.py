@@ -157,6 +157,7 @@ class TestRouters:
         with pytest.warns(FlowymlWarning, match="router Broken could not save asset 'clf'.*registry is down"):
             result = _pipeline(tmp_path, routers=[Broken()]).run({"rows": 1})
         assert result.success
+        assert [type(e) for e in result.store_errors] == [StoreError]
 
     def test_routers_must_be_routers(self) -> None:
         with pytest.raises(ConfigError, match="AssetRouter"):
