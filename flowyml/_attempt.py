@@ -107,7 +107,8 @@ class UnitRunner:
         self._resources = resources
         self._requests = plan.requests if resources is not None else ()
         self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-        self.remote = RemoteValues(keep_outputs=not plan.gates) if remote else None
+        typed = frozenset(i for i, t in enumerate(plan.typing) if t is not None and t.wraps)
+        self.remote = RemoteValues(keep_outputs=not plan.gates, local=typed) if remote else None
         caching = hooks is not None and hooks.caching
         # Nodes whose every layer but the call and the record is a no-op in this run.
         self._bare = [
@@ -194,8 +195,9 @@ class UnitRunner:
                 keep_remote, key_args, key_kwargs = await self.remote.localize(
                     node, self._executors[node.id], args, kwargs, state.values, cached
                 )
-            if typed is not None and not keep_remote:
-                args, kwargs, parents = receive(node.name, typed, args, kwargs)
+            if typed is not None:
+                remote = self._executors[node.id].is_remote if self.remote is not None else None
+                args, kwargs, parents = receive(node.name, typed, args, kwargs, remote)
             if step.conditions and not conditions_hold(step.conditions, args, kwargs):
                 status, reason = StepStatus.SKIPPED, "its condition was false"
             else:
@@ -220,7 +222,7 @@ class UnitRunner:
                     else:
                         started = True
                         ret, fallbacks = await self._attempts(node, args, kwargs, retry, keep_remote)
-                    if typed is not None and typed.wraps and not keep_remote:
+                    if typed is not None and typed.wraps:
                         ret = produce(node.name, node.output_names, typed, ret, parents)
                     outputs = state.put(node, ret)
                     if keep_remote and cached:

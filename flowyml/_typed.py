@@ -7,7 +7,7 @@ Applied by :class:`~flowyml._attempt.UnitRunner` (and by a group chain's worker,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._assets import Asset, Metrics, input_assets, wrap_output
@@ -19,12 +19,18 @@ __all__ = ("produce", "receive")
 
 
 def receive(
-    step_name: str, typing: Typing, args: list[Any], kwargs: dict[str, Any]
+    step_name: str,
+    typing: Typing,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    is_remote: Callable[[Any], bool] | None = None,
 ) -> tuple[list[Any], dict[str, Any], list[Asset]]:
     """The arguments the body gets, and the assets among the given ones (parents of what it returns).
 
     An asset given to a parameter annotated with the type of its data (``Dataset`` to
-    ``data: pd.DataFrame``) becomes its ``.data``; a value its parameter rejects raises.
+    ``data: pd.DataFrame``) becomes its ``.data``; a value its parameter rejects raises. A
+    value that stays on a cluster between steps (``is_remote``) is not fetched to be checked:
+    its edge was checked when the plan was made.
 
     Raises:
         InputTypeError: with ``typing.strict``, an argument matches neither its annotation nor,
@@ -35,6 +41,8 @@ def receive(
     for check in typing.checks:
         value = args[check.index] if check.index >= 0 else kwargs[check.key]
         if value is check.default or isinstance(value, check.classes):
+            continue
+        if is_remote is not None and is_remote(value):
             continue
         if isinstance(value, Asset):
             data = dict(value.data) if isinstance(value, Metrics) else value.data
