@@ -215,7 +215,7 @@ def build_plan(
             continue
         positional, var_pos, keyword = bindings[i]
         if validate_types:
-            for src in (*positional, *keyword_sources(keyword)):
+            for src in (*positional, *(kw for _, kw in keyword)):
                 if src.kind == SLOT and src.parameter in t.params:
                     p = producer[slot_names[src.slot]]
                     produced = types[p]
@@ -283,10 +283,6 @@ def build_plan(
         shapes=tuple(StepShape(n.name, n.output_names, n.lineage_inputs) for n in nodes),
         typing=tuple(typing) if any(typing) else (),
     )
-
-
-def keyword_sources(keyword: Sequence[tuple[str, Source]]) -> list[Source]:
-    return [src for _, src in keyword]
 
 
 def _annotated(s: Step) -> bool:
