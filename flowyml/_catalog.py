@@ -193,10 +193,12 @@ def register(
 
     An asset already in the catalogue (same ``asset_id``: a step served from the cache hands
     back the asset it made before) is not registered again. The artifact is saved by the
-    first of ``routers`` that accepts it, else by :class:`LocalRouter`.
+    first of ``routers`` that accepts it, else by :class:`LocalRouter`. The rows of one call
+    are committed in one transaction, so concurrent runs never get the same version.
 
     Raises:
-        StoreError: the store does not exist, or a router failed (the entries before it stay).
+        StoreError: the store does not exist or cannot be written, or a router failed (the
+            other assets are registered all the same; the error names the first failure).
     """
     root = resolve_root(cache_dir)
     items = list(produced)
@@ -204,55 +206,76 @@ def register(
         return []
     conn = _connect(root, write=True)
     assert conn is not None
-    made: list[AssetEntry] = []
     local = LocalRouter()
+    failed: StoreError | None = None
     try:
         conn.executescript(_SCHEMA)
+        ids = json.dumps(sorted({item.asset.asset_id for item in items}))
+        known = {
+            row[0]
+            for row in conn.execute(
+                "SELECT asset_id FROM asset_catalog WHERE asset_id IN (SELECT value FROM json_each(?))",
+                (ids,),
+            )
+        }
+        saved: list[tuple[Produced, str]] = []
         for item in items:
             asset = item.asset
-            meta = asset.metadata.to_dict()
-            if conn.execute("SELECT 1 FROM asset_catalog WHERE asset_id = ?", (asset.asset_id,)).fetchone():
+            if asset.asset_id in known:
                 continue
+            known.add(asset.asset_id)
             router = next((r for r in routers if r.accepts(asset)), local)
             try:
-                location = router.save(asset, item, root)
+                saved.append((item, router.save(asset, item, root)))
             except Exception as exc:
-                raise StoreError(
+                failed = failed or StoreError(
                     f"router {type(router).__name__} could not save asset {asset.name!r} "
                     f"(step {item.step_name!r}): {exc!r}"
-                ) from exc
-            name = asset.name or item.output_name
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute(
-                    "SELECT COALESCE(MAX(version), 0) + 1 FROM asset_catalog WHERE name = ?", (name,)
-                ).fetchone()
-                entry = AssetEntry(
-                    name=name,
-                    version=int(row[0]),
-                    asset_id=asset.asset_id,
-                    asset_type=type(asset).__name__,
-                    run_id=item.run_id,
-                    pipeline=item.pipeline,
-                    step_name=item.step_name,
-                    output_name=item.output_name,
-                    created_at=time.time(),
-                    metadata=meta,
-                    parent_ids=tuple(meta.get("parent_ids", ())),
-                    location=location,
                 )
-                conn.execute(
-                    f"INSERT INTO asset_catalog ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", _row(entry)
+        made: list[AssetEntry] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            latest: dict[str, int] = {}
+            for item, location in saved:
+                asset = item.asset
+                name = asset.name or item.output_name
+                if name not in latest:
+                    row = conn.execute(
+                        "SELECT COALESCE(MAX(version), 0) FROM asset_catalog WHERE name = ?", (name,)
+                    ).fetchone()
+                    latest[name] = int(row[0])
+                latest[name] += 1
+                meta = asset.metadata.to_dict()
+                made.append(
+                    AssetEntry(
+                        name=name,
+                        version=latest[name],
+                        asset_id=asset.asset_id,
+                        asset_type=type(asset).__name__,
+                        run_id=item.run_id,
+                        pipeline=item.pipeline,
+                        step_name=item.step_name,
+                        output_name=item.output_name,
+                        created_at=time.time(),
+                        metadata=meta,
+                        parent_ids=tuple(meta.get("parent_ids", ())),
+                        location=location,
+                    )
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            made.append(entry)
+            conn.executemany(
+                f"INSERT INTO asset_catalog ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                [_row(e) for e in made],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
     except sqlite3.Error as exc:
         raise StoreError(f"cannot register assets in the store at {root}: {exc}") from exc
     finally:
         conn.close()
+    if failed is not None:
+        raise failed
     return made
 
 

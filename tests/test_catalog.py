@@ -158,6 +158,7 @@ class TestRouters:
             result = _pipeline(tmp_path, routers=[Broken()]).run({"rows": 1})
         assert result.success
         assert [type(e) for e in result.store_errors] == [StoreError]
+        assert sorted(e.name for e in entries(tmp_path)) == ["features", "raw", "scores"]  # the rest
 
     def test_routers_must_be_routers(self) -> None:
         with pytest.raises(ConfigError, match="AssetRouter"):
