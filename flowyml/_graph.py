@@ -175,7 +175,7 @@ def build_plan(
     from ._store import StepShape  # the store's lineage format; imported only when planning
 
     names = assign_names(steps)
-    outputs_of = [s.outputs or (names[i],) for i, s in enumerate(steps)]
+    outputs_of = [tuple(s.outputs) or (names[i],) for i, s in enumerate(steps)]
 
     producer: dict[str, int] = {}
     slot_of: dict[str, int] = {}
