@@ -7,8 +7,8 @@ This module only re-exports. Data flows define -> plan -> run -> record (docs/ar
 - plan: ``_graph``, ``_resources``         bind parameters, wire edges, reject bad graphs (pure)
 - run: ``_scheduler`` (counters), ``_state``, ``_attempt`` (one unit's layers), ``_gates``,
   ``_map`` (mapped steps, stream sources), ``_groups``, ``_remote``
-- record: ``_cache``                       cache look-ups and lineage records around each step
-- foundation: ``_errors``, ``_results``, ``_executors``, ``_hashing``, ``_store``
+- record: ``_cache``, ``_cachestore``      cache look-ups and lineage records around each step
+- foundation: ``_errors``, ``_results``, ``_executors``, ``_hashing``, ``_store``, ``_catalog``
 - ``_pipeline``                            ``Pipeline``: plan once, run many times
 """
 
@@ -17,6 +17,7 @@ import typing as _typing
 from . import errors as errors
 from ._assets import Asset, AssetMetadata, Dataset, FeatureSet, Metrics, Model
 from ._breaker import CircuitBreaker, CircuitState, CircuitStats
+from ._catalog import AssetEntry, AssetRouter, LocalRouter, catalog
 from ._conditions import ControlContext, If, unless, when
 from ._context import Context, context
 from ._errors import (
@@ -30,6 +31,7 @@ from ._errors import (
 )
 from ._executors._base import Executor
 from ._executors._dask import DaskExecutor
+from ._executors._local import LocalExecutor
 from ._fallback import FallbackHandler, on_failure
 from ._limits import Limit
 from ._parallel import parallel_map
@@ -51,6 +53,10 @@ def __getattr__(name: str) -> object:
         from ._store import Store
 
         return Store
+    if name == "CacheStore":
+        from ._cachestore import CacheStore
+
+        return CacheStore
     if name in ("close_stores", "open_store"):
         from . import _store
 
@@ -61,8 +67,11 @@ def __getattr__(name: str) -> object:
 
 __all__ = (
     "Asset",
+    "AssetEntry",
     "AssetMetadata",
+    "AssetRouter",
     "CachePolicy",
+    "CacheStore",
     "CircuitBreaker",
     "CircuitOpenError",
     "CircuitState",
@@ -84,6 +93,8 @@ __all__ = (
     "ItemFailed",
     "ItemResult",
     "Limit",
+    "LocalExecutor",
+    "LocalRouter",
     "Metrics",
     "MissingInputError",
     "Model",
@@ -95,6 +106,7 @@ __all__ = (
     "StepStatus",
     "StepTimeoutError",
     "Store",
+    "catalog",
     "close_stores",
     "context",
     "on_failure",

@@ -234,7 +234,7 @@ class _Mapped:
         self.direct = (
             step.is_async
             and self.executor.name == "async"
-            and step.retry is None
+            and step.retry_policy is None
             and step.timeout is None
             and not step.uses_fallback
             and not self.limits
@@ -419,8 +419,8 @@ class _Mapped:
                         status, attempts = StepStatus.SUCCEEDED, 1
                     else:
                         step = node.step
-                        if step.retry is not None:
-                            retry = RetryRun(step.retry)
+                        if step.retry_policy is not None:
+                            retry = RetryRun(step.retry_policy)
                         value = await self._attempts(args, kwargs, retry)
                         status, attempts = StepStatus.SUCCEEDED, retry.attempt if retry is not None else 1
                 except asyncio.CancelledError:

@@ -83,6 +83,7 @@ class Step:
         "rate_limit",
         "resources",
         "retry",
+        "retry_policy",
         "signature",
         "stream",
         "tags",
@@ -94,10 +95,13 @@ class Step:
     body: Callable[..., Any]
     name: str
     explicit_name: bool
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
+    inputs: Names
+    outputs: Names
     cache: CacheOption
-    retry: RetryConfig | None
+    retry: Any
+    """The retry option as written: ``3``, a ``RetryConfig``, ``retry(...)`` (or the lifted ``@retry``)."""
+    retry_policy: RetryConfig | None
+    """What the engine runs: ``retry`` as a :class:`~flowyml.RetryConfig`, None for no retries."""
     timeout: float | None
     resources: dict[str, Any]
     tags: dict[str, str]
@@ -174,7 +178,8 @@ class Step:
         set_(self, "inputs", _names(inputs, "inputs", label))
         set_(self, "outputs", _names(outputs, "outputs", label))
         set_(self, "cache", _check_cache(cache, label))
-        set_(self, "retry", lifted_retry or as_retry_config(retry, option=f"step {label!r}: retry"))
+        set_(self, "retry", lifted_retry or retry)
+        set_(self, "retry_policy", lifted_retry or as_retry_config(retry, option=f"step {label!r}: retry"))
         set_(self, "timeout", _check_timeout(timeout, label))
         set_(self, "resources", _check_resources(resources, label))
         set_(self, "tags", _check_tags(tags, label))
@@ -388,9 +393,29 @@ def _check_name(name: str | None, label: str) -> str:
     return name
 
 
-def _names(value: Iterable[str] | str | None, option: str, label: str) -> tuple[str, ...]:
+class Names(tuple[str, ...]):
+    """A step's declared inputs or outputs: a tuple that also equals the list the user wrote.
+
+    ``step.inputs == ["data"]`` holds as in FlowyML, and the names cannot change after the
+    step (and the plans built from it) exist.
+    """
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, list):
+            return list(self) == other
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = tuple.__hash__
+
+
+def _names(value: Iterable[str] | str | None, option: str, label: str) -> Names:
     if value is None:
-        return ()
+        return Names()
     items = (value,) if isinstance(value, str) else tuple(value)
     for item in items:
         if not isinstance(item, str) or not item:
@@ -402,7 +427,7 @@ def _names(value: Iterable[str] | str | None, option: str, label: str) -> tuple[
         if item in seen:
             raise ConfigError(f"step {label!r}: {option}= lists {item!r} twice")
         seen.add(item)
-    return items
+    return Names(items)
 
 
 def _check_cache(cache: Any, label: str) -> CacheOption:
@@ -571,7 +596,7 @@ def _check_stream(s: Step) -> Literal["sync", "async"] | None:
         problem = "cannot also have map_over=; map its consumer instead"
     elif len(s.outputs) > 1:
         problem = f"yields one stream, so it declares at most one output, not {list(s.outputs)}"
-    elif s.retry is not None:
+    elif s.retry_policy is not None:
         problem = "cannot be retried (its items may already be in use downstream); retry its consumer"
     elif s.execution_group is not None:
         problem = "cannot be part of an execution_group"

@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "flowyml"
 
 # Libraries every stage may use; they import no stage module.
-FOUNDATION = ("_errors", "_results", "_hashing", "_store", "_executors")
+FOUNDATION = ("_errors", "_results", "_hashing", "_store", "_executors", "_catalog", "_cli_assets")
 STAGES = {
     "define": (
         "_step",
@@ -30,9 +30,9 @@ STAGES = {
         "_parallel",
         "_limits",
     ),
-    "plan": ("_graph", "_resources"),
-    "run": ("_scheduler", "_state", "_attempt", "_map", "_gates", "_groups", "_remote"),
-    "record": ("_cache",),
+    "plan": ("_graph", "_resources", "_types"),
+    "run": ("_scheduler", "_state", "_attempt", "_map", "_gates", "_groups", "_remote", "_typed"),
+    "record": ("_cache", "_cachestore"),
     "present": ("_mermaid", "_report"),
 }
 ORDER = ("define", "plan", "run", "record", "present")

@@ -669,4 +669,4 @@ def test_a_decorator_above_a_mapped_step_keeps_its_mapping() -> None:
 
     assert isinstance(fetch, Step)
     assert (fetch.map_over, fetch.concurrency, fetch.rate_limit, fetch.limit) == (("xs",), 2, "5/s", shared)
-    assert (fetch.max_pending, fetch.map_errors, fetch.retry is not None) == (7, "collect", True)
+    assert (fetch.max_pending, fetch.map_errors, fetch.retry_policy is not None) == (7, "collect", True)
