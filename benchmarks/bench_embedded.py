@@ -117,9 +117,9 @@ class _GcElsewhere:
         if thread == self._loop_thread:
             return
         if phase == "start":
-            self._began[thread] = time.perf_counter()
+            self._began[thread] = time.thread_time()  # the collecting thread's own CPU time
         elif thread in self._began:
-            self.seconds += time.perf_counter() - self._began.pop(thread)
+            self.seconds += time.thread_time() - self._began.pop(thread)
 
 
 class ThreadPeak:

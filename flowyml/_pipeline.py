@@ -334,7 +334,7 @@ class Pipeline:
 
 
 class _Starts:
-    """Runs started together take turns: each iteration of the event loop starts runs for ~1 ms at most.
+    """Runs started together take turns: each iteration of the event loop starts runs for ~0.5 ms at most.
 
     asyncio runs every callback that is ready when an iteration begins before it looks at its
     timers and sockets again. 200 ``arun()`` started by one ``gather`` did all their setup (plan
@@ -345,7 +345,7 @@ class _Starts:
     iteration lets about as many queued runs try as started in the one before, in order.
     """
 
-    BUDGET = 0.001
+    BUDGET = 0.0005
     __slots__ = ("_admitted", "_began", "_waiting")
 
     def __init__(self) -> None:
@@ -466,7 +466,7 @@ def _freeze_heap() -> None:
     flight make CPython start one every few hundred runs: ~10 ms of a held loop (the GIL) on a
     shared 2-core machine for a small heap, proportionally more for an application's. Collected
     once and frozen (``gc.freeze``), it is skipped by later collections, which then walk only the
-    objects made since (~1 ms here). Left alone when the application manages collection itself
+    objects made since (~2-3 ms here). Left alone when the application manages collection itself
     (collection disabled, or a heap it froze already). ``gc.unfreeze()`` undoes it.
     """
     global _heap_frozen
