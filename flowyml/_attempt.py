@@ -14,6 +14,7 @@ from ._errors import StepTimeoutError
 from ._executors._base import Executor
 from ._fallback import watch_fallbacks
 from ._graph import Node
+from ._otel import Tracing
 from ._results import StepResult
 from ._retry import RetryRun, _asleep
 
@@ -28,8 +29,14 @@ async def run_attempts(
     res: StepResult,
     *,
     keep_remote: bool = False,
+    on_retry: Callable[[str, int, float, BaseException], None] | None = None,
+    tracing: Tracing | None = None,
 ) -> Any:
-    """Call the step's body until it succeeds or its retry policy gives up; record attempts on ``res``."""
+    """Call the step's body until it succeeds or its retry policy gives up; record attempts on ``res``.
+
+    ``on_retry(step, attempt, delay, error)`` hears of each failed attempt that will be retried;
+    with ``tracing``, each attempt is a span that is current wherever the body runs.
+    """
     step = node.step
     retry = RetryRun(step.retry) if step.retry is not None else None
     extra = {"keep_remote": True} if keep_remote else {}
@@ -39,9 +46,16 @@ async def run_attempts(
     while True:
         res.attempts = retry.attempt if retry is not None else 1
         try:
-            ret = await executor.run(
-                body, tuple(args), kwargs, timeout=step.timeout, step_name=node.name, **extra
-            )
+            if tracing is None:
+                ret = await executor.run(
+                    body, tuple(args), kwargs, timeout=step.timeout, step_name=node.name, **extra
+                )
+            else:
+                carry = not executor.shares_context and not step.is_async
+                with tracing.attempt(node.name, res.attempts, executor.name, body, carry=carry) as fn:
+                    ret = await executor.run(
+                        fn, tuple(args), kwargs, timeout=step.timeout, step_name=node.name, **extra
+                    )
             if step.uses_fallback:
                 ret, used = ret
                 res.fallback_reasons = tuple(used)
@@ -53,6 +67,8 @@ async def run_attempts(
             delay = retry.failed(exc) if retry is not None else None
             if delay is None:
                 raise
+            if on_retry is not None:
+                on_retry(node.name, res.attempts, delay, exc)
             await _asleep(delay)
 
 

@@ -8,19 +8,26 @@ import sys
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from . import _log
 from ._conditions import NOT_CHOSEN, If
 from ._context import Context
+from ._dispatch import Channel
 from ._errors import ConfigError, EventLoopError
 from ._executors._base import Executor
 from ._executors._local import AsyncExecutor, ThreadExecutor
 from ._graph import Node, Plan, build_plan
+from ._otel import tracing_for
+from ._progress import Progress, progress_wanted
 from ._resources import Request, ResourcePool, parse_capacity, requests_for
 from ._results import PipelineResult, StepResult, StepStatus
 from ._scheduler import Run, describe_inputs
 from ._step import Step, step
+from ._watch import Watch
+from .events import Event, Listener
 
 if TYPE_CHECKING:
     from ._cache import StoreHooks
@@ -137,6 +144,8 @@ class Pipeline:
         debug: bool | None = None,
         run_id: str | None = None,
         executor: Executor | None = None,
+        on_event: Listener | None = None,
+        progress: bool | None = None,
     ) -> PipelineResult:
         """Run the pipeline to completion and return its result; a failing step does not raise.
 
@@ -146,6 +155,12 @@ class Pipeline:
         ``executor`` (e.g. ``DaskExecutor(...)``) runs every step that does not name its own.
         Executor objects used by the run are closed when ``run()`` returns, since its event
         loop ends with it; ``arun()`` leaves them open for the caller to close.
+
+        ``on_event`` hears each event of the run (see :mod:`flowyml.events`): a plain function
+        is called on the event loop and must be quick; a coroutine function is awaited in a
+        background task, in order, never delaying a step. Whatever it was not made to drop is
+        delivered before this returns. ``progress=True`` (default: ``FLOWYML_PROGRESS=1``)
+        shows a live display on stderr.
 
         Raises:
             EventLoopError: called inside a running event loop; use ``await pipeline.arun()``.
@@ -162,7 +177,14 @@ class Pipeline:
             )
         return asyncio.run(
             self.arun(
-                context, fail_fast=fail_fast, debug=debug, run_id=run_id, executor=executor, _close_all=True
+                context,
+                fail_fast=fail_fast,
+                debug=debug,
+                run_id=run_id,
+                executor=executor,
+                on_event=on_event,
+                progress=progress,
+                _close_all=True,
             )
         )
 
@@ -174,7 +196,10 @@ class Pipeline:
         debug: bool | None = None,
         run_id: str | None = None,
         executor: Executor | None = None,
+        on_event: Listener | None = None,
+        progress: bool | None = None,
         _close_all: bool = False,
+        _channels: Sequence[Channel] = (),
     ) -> PipelineResult:
         """Run the pipeline inside the caller's event loop; same contract as :meth:`run`.
 
@@ -190,14 +215,37 @@ class Pipeline:
             raise ConfigError(
                 f"run(executor=...) needs an executor object such as DaskExecutor(...), got {executor!r}"
             )
+        listeners = _listeners(on_event)
+        show = progress_wanted(progress)
         executors = _Executors(self, executor)
         assigned = executors.assign(plan)
         remote = any(ex.supports_remote for ex in set(assigned))
         start = time.time()
-        store, hooks = await self._open_store(plan, run_id, start)
+        tracing = tracing_for(self.name, run_id)
+        watch = (
+            Watch(
+                run_id=run_id,
+                pipeline=self.name,
+                listeners=listeners,
+                channels=_channels,
+                progress=Progress(self.name) if show else None,
+                tracing=tracing,
+            )
+            if Watch.wanted(listeners, _channels, show or None, tracing)
+            else None
+        )
         run: Run | None = None
         state = "cancelled"
         try:
+            store, hooks = await self._open_store(plan, run_id, start)
+        except BaseException as exc:
+            if watch is not None:
+                await watch.run_cancelled(None, exc)
+            raise
+        try:
+            _log.run_started(run_id, self.name, len(plan.nodes))
+            if watch is not None:
+                await watch.run_started(len(plan.nodes))
             run = Run(
                 plan,
                 params=params,
@@ -209,11 +257,18 @@ class Pipeline:
                 resources=self._resource_pool() if self.capacity else None,
                 requests=self._requests if self.capacity else (),
                 remote=remote,
+                run_id=run_id,
+                watch=watch,
             )
             await run.execute()
             if remote:
                 await run.localize_outputs()
             state = _state(r for r in run.results if r is not None)
+        except BaseException as exc:
+            if watch is not None:
+                partial = self._result(plan, run, run_id, "cancelled", start) if run is not None else None
+                await _finish_even_if_cancelled(watch.run_cancelled(partial, exc))
+            raise
         finally:
             try:
                 await executors.aclose(close_given=_close_all)
@@ -222,6 +277,43 @@ class Pipeline:
                     await _finish_even_if_cancelled(
                         self._close_store(store, hooks, run, run_id, start, state)
                     )
+        result = self._result(plan, run, run_id, state, start)
+        _log.run_finished(result)
+        if watch is not None:
+            await watch.run_finished(result)
+        return result
+
+    def stream(
+        self,
+        context: Context | Mapping[str, Any] | None = None,
+        *,
+        fail_fast: bool = True,
+        run_id: str | None = None,
+        executor: Executor | None = None,
+        progress: bool | None = None,
+    ) -> EventStream:
+        """Run the pipeline in the background and iterate its events: ``async with`` it.
+
+        ::
+
+            async with pipeline.stream(context={"lr": 0.1}) as events:
+                async for event in events:
+                    await websocket.send_json(describe(event))
+
+        The iteration ends after :class:`~flowyml.events.RunFinished`, always the last event
+        (its ``result`` is the run's :class:`PipelineResult`). Leaving the block early stops
+        the run: running steps are cancelled, as when an ``arun()`` task is. If the run
+        cannot start, entering the block raises (a bad graph or context); an error that ends
+        it later is raised by the iteration. Events the consumer is too slow for are coalesced
+        or dropped beyond a bound, and counted in ``RunFinished.dropped``.
+        """
+        return EventStream(
+            self,
+            context,
+            {"fail_fast": fail_fast, "run_id": run_id, "executor": executor, "progress": progress},
+        )
+
+    def _result(self, plan: Plan, run: Run, run_id: str, state: str, start: float) -> PipelineResult:
         results = {r.step_name: r for r in run.results if r is not None and r.skip_reason is not NOT_CHOSEN}
         return PipelineResult(
             run_id=run_id,
@@ -286,6 +378,76 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, steps={[s.name for s in self._steps]})"
+
+
+class EventStream:
+    """What :meth:`Pipeline.stream` returns: an async context manager around a running run.
+
+    Entering it checks the pipeline and the context and starts the run as a task; the object it
+    gives is an async iterator over the run's events. Leaving it cancels the run if it is still
+    going and waits until it has stopped.
+    """
+
+    def __init__(
+        self, pipeline: Pipeline, context: Context | Mapping[str, Any] | None, options: dict[str, Any]
+    ) -> None:
+        self._pipeline = pipeline
+        self._context = context
+        self._options = options
+        self._channel = Channel()
+        self._task: asyncio.Task[PipelineResult] | None = None
+        self._over = False
+
+    async def __aenter__(self) -> AsyncIterator[Event]:
+        if self._task is not None:
+            raise ConfigError(
+                f"a stream of pipeline {self._pipeline.name!r} can be entered once; call stream() again"
+            )
+        pipeline = self._pipeline
+        pipeline.plan().check_context(
+            {**pipeline.context.to_dict(), **(dict(self._context) if self._context else {})}
+        )
+        self._task = asyncio.get_running_loop().create_task(
+            pipeline.arun(self._context, _channels=(self._channel,), **self._options),
+            name=f"flowyml-stream-{pipeline.name}",
+        )
+        self._task.add_done_callback(self._ended)
+        return self._events()
+
+    def _ended(self, task: asyncio.Task[PipelineResult]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._channel.fail(task.exception())  # type: ignore[arg-type]
+
+    async def _events(self) -> AsyncIterator[Event]:
+        from .events import RunFinished
+
+        while not self._over:
+            event = await self._channel.get()
+            if isinstance(event, RunFinished):
+                self._over = True
+            yield event
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        task = self._task
+        assert task is not None
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+        if kind is None and not task.cancelled() and task.exception() is not None and not self._over:
+            raise task.exception()  # type: ignore[misc]
+
+
+def _listeners(on_event: Listener | None) -> list[Listener]:
+    """``on_event=`` as a list of listeners, or a ConfigError saying what it must be."""
+    if on_event is None:
+        return []
+    if not callable(on_event):
+        raise ConfigError(
+            f"run(on_event=...) needs a function taking one event (plain or async def), got {on_event!r}"
+        )
+    return [on_event]
 
 
 class _Executors:

@@ -34,9 +34,11 @@ from ._errors import StepError, StepTimeoutError
 from ._executors._base import Executor
 from ._graph import CONTEXT, MISSING, SLOT, Gate, Node, Plan, Source
 from ._groups import Member, Outcome, run_chain
+from ._log import step_failed, step_retrying
 from ._remote import RemoteValues
 from ._resources import Request, ResourcePool
 from ._results import StepResult, StepStatus, split_outputs
+from ._watch import Watch
 
 __all__ = ("Run",)
 
@@ -64,8 +66,13 @@ class Run:
         resources: ResourcePool | None = None,
         requests: Sequence[Request] = (),
         remote: bool = False,
+        run_id: str = "",
+        watch: Watch | None = None,
     ) -> None:
         self.plan = plan
+        self.run_id = run_id
+        self.watch = watch
+        self._tracing = tracing = watch.tracing if watch is not None else None
         self.params = params
         self.fail_fast = fail_fast
         self.values: list[Any] = [MISSING] * len(plan.slot_names)
@@ -82,6 +89,7 @@ class Run:
             and n.step.retry is None
             and n.step.timeout is None
             and not n.step.uses_fallback
+            and tracing is None
             for n, ex in zip(plan.nodes, self._executors, strict=True)
         ]
         self._gate_errors: dict[int, BaseException] = {}
@@ -113,9 +121,14 @@ class Run:
                 if self.stopped_by
                 else "the run stopped"
             )
+            watch = self.watch
             for node in self.plan.nodes:
                 if self.results[node.id] is None:
-                    self.results[node.id] = StepResult(node.name, StepStatus.SKIPPED, skip_reason=reason)
+                    res = self.results[node.id] = StepResult(
+                        node.name, StepStatus.SKIPPED, skip_reason=reason
+                    )
+                    if watch is not None:
+                        watch.finished(res)
 
     async def _drive(self, node: Node | None) -> None:
         chains = self.plan.chains
@@ -171,8 +184,11 @@ class Run:
             return [(head, await self._run_node(head))], False
         args, kwargs = self._arguments(head)
         hooks = self.hooks
+        watch = self.watch
         results = [StepResult(n.name) for n in chain]
         self.results[head.id] = results[0]
+        if watch is not None:
+            watch.started(head.name)
         if hooks is not None and hooks.caching:
             hit = False
             head_res = results[0]
@@ -186,6 +202,10 @@ class Run:
                 head_res.duration_seconds = _perf() - t0
                 head_res.end_time = head_res.start_time + head_res.duration_seconds
                 hooks.after(head, head_res, args, kwargs, self.values)
+                if watch is not None:
+                    watch.finished(head_res)
+                if head_res.status in _BAD:
+                    step_failed(self.run_id, head_res)
                 return [(head, head_res.status in _OK)], False
             head_res.start_time = None
         for n, r in zip(chain, results, strict=True):
@@ -213,6 +233,8 @@ class Run:
                     )
                 if hooks is not None:
                     hooks.after(n, r, args, kwargs, self.values)
+                if watch is not None:
+                    watch.finished(r)
             raise
         except Exception as exc:
             reason = f"upstream step {head.name!r} did not produce its outputs"
@@ -236,6 +258,12 @@ class Run:
                     with contextlib.suppress(Exception):  # a key that cannot be made: just not cached
                         hooks.prepare(n, r, a, kw)
                 hooks.after(n, r, a, kw, self.values)
+            if watch is not None:
+                if n is not head and r.status is not StepStatus.SKIPPED:
+                    watch.started(n.name)  # members run inside one call: known to have begun only now
+                watch.finished(r)
+            if r.status in _BAD:
+                step_failed(self.run_id, r)
             ok = r.status in _OK
             if not ok and r.status is not StepStatus.SKIPPED and self._on_failure is not None:
                 self._on_failure(n, r, [*a, *kw.values()])
@@ -275,6 +303,12 @@ class Run:
             conditions=node.step.conditions,
             retry=node.step.retry,
         )
+
+    def _retrying(self, step: str, attempt: int, delay: float, error: BaseException) -> None:
+        """Attempt ``attempt`` of ``step`` failed and will be retried in ``delay`` seconds."""
+        step_retrying(self.run_id, step, attempt, delay, error)
+        if self.watch is not None:
+            self.watch.retrying(step, attempt, delay, error)
 
     @staticmethod
     def _fail(res: StepResult, exc: BaseException) -> None:
@@ -319,6 +353,9 @@ class Run:
                     if self.results[i] is None:
                         res = self.results[i] = StepResult(self.plan.nodes[i].name)
                         self._fail(res, error)
+                        step_failed(self.run_id, res)
+                        if self.watch is not None:
+                            self.watch.finished(res)
 
     def _release(self, i: int) -> None:
         self.remaining[i] -= 1
@@ -352,9 +389,12 @@ class Run:
             failed = self._gate_errors.get(node.id) if self._gate_errors else None
             if failed is not None:
                 self._fail(res, failed)
+                step_failed(self.run_id, res)
             else:
                 res.status = StepStatus.SKIPPED
                 res.skip_reason = blocked
+            if self.watch is not None:
+                self.watch.finished(res)
             return False
         args, kwargs = self._arguments(node)
         step = node.step
@@ -365,6 +405,7 @@ class Run:
         key_args, key_kwargs = args, kwargs
         request = self._requests[node.id] if self._requests else ()
         limit = self._limit
+        watch = self.watch
         started = False
         res.start_time = _now()
         t0 = _perf()
@@ -376,26 +417,45 @@ class Run:
             if step.conditions and not conditions_hold(step.conditions, args, kwargs):
                 res.status = StepStatus.SKIPPED
                 res.skip_reason = "its condition was false"
-            elif cached and await hooks.before(node, res, key_args, key_kwargs, self.values):  # type: ignore[union-attr]
-                pass
             else:
-                if request or limit is not None:
-                    async with self._held(request, limit):
+                if watch is not None:
+                    watch.started(node.name)
+                if not (cached and await hooks.before(node, res, key_args, key_kwargs, self.values)):  # type: ignore[union-attr]
+                    if request or limit is not None:
+                        async with self._held(request, limit):
+                            started = True
+                            res.start_time = _now()
+                            t0 = _perf()
+                            ret = await run_attempts(
+                                node,
+                                executor,
+                                args,
+                                kwargs,
+                                res,
+                                keep_remote=keep_remote,
+                                on_retry=self._retrying,
+                                tracing=self._tracing,
+                            )
+                    elif self._fast[node.id]:
                         started = True
-                        res.start_time = _now()
-                        t0 = _perf()
-                        ret = await run_attempts(node, executor, args, kwargs, res, keep_remote=keep_remote)
-                elif self._fast[node.id]:
-                    started = True
-                    res.attempts = 1
-                    ret = await step.body(*args, **kwargs)
-                else:
-                    started = True
-                    ret = await run_attempts(node, executor, args, kwargs, res, keep_remote=keep_remote)
-                res.outputs = self._store(node, ret)
-                if keep_remote and cached:
-                    await self._remote.keep_copy(node, res)  # type: ignore[union-attr]
-                res.status = StepStatus.SUCCEEDED
+                        res.attempts = 1
+                        ret = await step.body(*args, **kwargs)
+                    else:
+                        started = True
+                        ret = await run_attempts(
+                            node,
+                            executor,
+                            args,
+                            kwargs,
+                            res,
+                            keep_remote=keep_remote,
+                            on_retry=self._retrying,
+                            tracing=self._tracing,
+                        )
+                    res.outputs = self._store(node, ret)
+                    if keep_remote and cached:
+                        await self._remote.keep_copy(node, res)  # type: ignore[union-attr]
+                    res.status = StepStatus.SUCCEEDED
         except asyncio.CancelledError:
             if started:
                 res.status = StepStatus.CANCELLED
@@ -412,8 +472,12 @@ class Run:
                 res.end_time = res.start_time + res.duration_seconds
             if hooks is not None:
                 hooks.after(node, res, key_args, key_kwargs, self.values)
+            if watch is not None:
+                watch.finished(res)
         if res.status in _OK:
             return True
+        if res.status in _BAD:
+            step_failed(self.run_id, res)
         if self._on_failure is not None and res.status is not StepStatus.SKIPPED:
             self._on_failure(node, res, [*args, *kwargs.values()])
         return False
@@ -476,6 +540,7 @@ def _largest(requests: Iterable[Request]) -> Request:
 
 
 _QUIET = frozenset({StepStatus.SKIPPED})
+_BAD = frozenset({StepStatus.FAILED, StepStatus.TIMED_OUT})
 _OK = frozenset({StepStatus.SUCCEEDED, StepStatus.CACHED})
 
 

@@ -1,0 +1,95 @@
+"""The ``flowyml`` loggers and what a run writes to them.
+
+The library installs no handler but a :class:`logging.NullHandler` on ``flowyml``: where records
+go is the application's choice. Children per concern:
+
+- ``flowyml.run``       INFO run start and a one-line summary; INFO each retry; WARNING each
+                        failed or timed-out step with its error; DEBUG each step start and finish.
+- ``flowyml.events``    ERROR a listener that raised and was detached.
+- ``flowyml.executor``  WARNING a thread that finished after its step was abandoned.
+- ``flowyml.store``     the cache and lineage store.
+
+Every record about a run carries ``run_id`` and ``step`` (None for run-level records) as
+``extra`` fields, so a handler or formatter can filter or show them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from ._results import StepStatus
+
+if TYPE_CHECKING:
+    from ._results import PipelineResult, StepResult
+
+__all__ = ("run_finished", "run_log", "run_started", "step_failed", "step_retrying", "summary_line")
+
+logging.getLogger("flowyml").addHandler(logging.NullHandler())
+run_log = logging.getLogger("flowyml.run")
+
+
+def run_started(run_id: str, pipeline: str, steps: int) -> None:
+    if run_log.isEnabledFor(logging.INFO):
+        run_log.info(
+            "run %s of %r started: %d steps", run_id, pipeline, steps, extra={"run_id": run_id, "step": None}
+        )
+
+
+def run_finished(result: PipelineResult) -> None:
+    if run_log.isEnabledFor(logging.INFO):
+        run_log.info(summary_line(result), extra={"run_id": result.run_id, "step": None})
+
+
+def step_retrying(run_id: str, step: str, attempt: int, delay: float, error: BaseException) -> None:
+    if run_log.isEnabledFor(logging.INFO):
+        run_log.info(
+            "step %r attempt %d failed with %s: %s; retrying in %.3gs",
+            step,
+            attempt,
+            type(error).__name__,
+            error,
+            delay,
+            extra={"run_id": run_id, "step": step},
+        )
+
+
+def step_failed(run_id: str, res: StepResult) -> None:
+    """WARNING for a step that failed or timed out; call once, when its fate is decided."""
+    if run_log.isEnabledFor(logging.WARNING):
+        error = res.error
+        what = f"{type(error).__name__}: {error}" if error is not None else "no error recorded"
+        attempts = f" after {res.attempts} attempts" if res.attempts > 1 else ""
+        run_log.warning(
+            "step %r %s%s: %s",
+            res.step_name,
+            "timed out" if res.status is StepStatus.TIMED_OUT else "failed",
+            attempts,
+            what,
+            extra={"run_id": run_id, "step": res.step_name},
+        )
+
+
+def summary_line(result: PipelineResult) -> str:
+    """``run 3f2a… of 'train' completed in 4.20s: 10 succeeded, 2 cached (saved 31.0s), 1 skipped``."""
+    counts = Counter(r.status for r in result.step_results.values())
+    parts = [f"{counts[s]} {s.value.replace('_', ' ')}" for s in _ORDER if counts[s]]
+    saved = result.time_saved_seconds
+    if saved > 0:
+        parts.append(f"cache saved {saved:.2f}s")
+    return (
+        f"run {result.run_id} of {result.pipeline_name!r} {result.state} in "
+        f"{result.duration_seconds:.2f}s: {', '.join(parts) or 'no steps'}"
+    )
+
+
+_ORDER = (
+    StepStatus.SUCCEEDED,
+    StepStatus.CACHED,
+    StepStatus.FAILED,
+    StepStatus.TIMED_OUT,
+    StepStatus.CANCELLED,
+    StepStatus.SKIPPED,
+    StepStatus.PENDING,
+)

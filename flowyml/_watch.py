@@ -1,0 +1,153 @@
+"""Everything that watches one run, behind the few calls the engine makes.
+
+The engine holds a :class:`Watch` only when something watches: a listener, a stream, the
+progress display, an OpenTelemetry provider, or ``flowyml.run`` enabled for DEBUG. Otherwise
+it holds None and each of its call sites costs a None check. The records that every run
+writes whether watched or not (INFO start and summary, INFO retries, WARNING failures) are
+made by :mod:`flowyml._log` where those rare things happen, not here.
+
+Engine calls, all on the event loop:
+
+- :meth:`started` when a step begins (its cache look-up or its first attempt);
+- :meth:`retrying` after a failed attempt that will be retried;
+- :meth:`finished` exactly once per step, when its fate is decided (skipped ones included);
+- ``tracing.attempt(...)`` around each call of a step's body, when :attr:`tracing` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ._dispatch import Channel, Dispatcher
+from ._log import run_log
+from ._otel import Tracing
+from ._results import StepStatus
+from .events import Listener, RunFinished, RunStarted, StepFinished, StepRetrying, StepStarted
+
+if TYPE_CHECKING:
+    from ._progress import Progress
+    from ._results import PipelineResult, StepResult
+
+__all__ = ("Watch",)
+
+_monotonic = time.monotonic
+_new = object.__new__
+_set = object.__setattr__
+
+
+class Watch:
+    """The listeners, display, traces and DEBUG records of one run."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        pipeline: str,
+        listeners: Sequence[Listener] = (),
+        channels: Sequence[Channel] = (),
+        progress: Progress | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.pipeline = pipeline
+        self.tracing = tracing
+        self.progress = progress
+        sinks = [*listeners, *([progress] if progress is not None else [])]
+        self._dispatcher = Dispatcher(sinks, channels, run_id=run_id) if sinks or channels else None
+        self._emit = self._dispatcher.emit if self._dispatcher is not None else None
+        self._debug = run_log.isEnabledFor(logging.DEBUG)
+
+    @staticmethod
+    def wanted(
+        listeners: Sequence[Listener], channels: Sequence[Channel], progress: object, tracing: object
+    ) -> bool:
+        """True when a run with these watchers needs a Watch at all."""
+        return bool(
+            listeners or channels or progress is not None or tracing is not None
+        ) or run_log.isEnabledFor(logging.DEBUG)
+
+    async def run_started(self, steps: int) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.start()
+        if self.progress is not None:
+            await self.progress.start()
+        if self._emit is not None:
+            self._emit(RunStarted(self.run_id, self.pipeline, _monotonic(), steps))
+
+    def started(self, step: str) -> None:
+        emit = self._emit
+        if emit is not None:
+            event = _new(StepStarted)
+            _set(event, "run_id", self.run_id)
+            _set(event, "pipeline", self.pipeline)
+            _set(event, "time", _monotonic())
+            _set(event, "step", step)
+            emit(event)
+        if self._debug:
+            run_log.debug("step %r started", step, extra={"run_id": self.run_id, "step": step})
+
+    def finished(self, res: StepResult, cache_reason: str | None = None) -> None:
+        emit = self._emit
+        status = res.status
+        if emit is not None:
+            event = _new(StepFinished)
+            _set(event, "run_id", self.run_id)
+            _set(event, "pipeline", self.pipeline)
+            _set(event, "time", _monotonic())
+            _set(event, "step", res.step_name)
+            _set(event, "status", status)
+            _set(event, "duration", res.duration_seconds)
+            _set(event, "cached", status is StepStatus.CACHED)
+            _set(event, "attempts", res.attempts)
+            _set(event, "cache_reason", cache_reason)
+            emit(event)
+        if self.tracing is not None and status is StepStatus.CACHED:
+            self.tracing.cached(res)
+        if self._debug:
+            run_log.debug(
+                "step %r %s in %.3fs",
+                res.step_name,
+                status.value,
+                res.duration_seconds,
+                extra={"run_id": self.run_id, "step": res.step_name},
+            )
+
+    def retrying(self, step: str, attempt: int, delay: float, error: BaseException) -> None:
+        if self._emit is not None:
+            self._emit(StepRetrying(self.run_id, self.pipeline, _monotonic(), step, attempt, delay, error))
+        if self.tracing is not None:
+            self.tracing.retrying(step, attempt, delay, error)
+
+    async def run_finished(self, result: PipelineResult) -> None:
+        """Deliver :class:`RunFinished` last, wait for the listeners, end the display and the trace."""
+        try:
+            if self.tracing is not None:
+                self.tracing.finish(result.state)
+            if self._dispatcher is not None:
+                dropped = self._dispatcher.dropped
+                await self._dispatcher.finish(
+                    RunFinished(self.run_id, self.pipeline, _monotonic(), result, dropped)
+                )
+        finally:
+            if self.progress is not None:
+                await self.progress.stop(result)
+
+    async def run_cancelled(self, result: PipelineResult | None, error: BaseException) -> None:
+        """The run ended by cancellation or an engine error: tell the plain listeners, stop the rest."""
+        try:
+            if self.tracing is not None:
+                self.tracing.finish(result.state if result is not None else "cancelled", error)
+            if self._dispatcher is not None:
+                if result is not None:
+                    self._dispatcher.emit(
+                        RunFinished(
+                            self.run_id, self.pipeline, _monotonic(), result, self._dispatcher.dropped
+                        )
+                    )
+                self._dispatcher.cancel()
+        finally:
+            if self.progress is not None:
+                await self.progress.stop(result)

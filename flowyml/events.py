@@ -1,0 +1,129 @@
+"""What a run reports while it runs: typed events for listeners, streams and progress displays.
+
+Pass a listener to :meth:`Pipeline.run` / :meth:`Pipeline.arun` (``on_event=fn``), or iterate
+:meth:`Pipeline.stream`. Every event is a frozen value carrying the run's ``run_id``, the
+pipeline's name and ``time``, a :func:`time.monotonic` reading taken when it happened; step
+events also carry ``step``. In one run, the order is:
+
+- :class:`RunStarted` first;
+- per step: :class:`StepStarted` when it begins (a cache look-up counts as beginning; a step
+  skipped by a condition or an upstream failure never begins), :class:`StepRetrying` after each
+  failed attempt that will be retried, and exactly one :class:`StepFinished`, skipped and cached
+  steps included;
+- :class:`ItemsProgress` for steps that map over items, as items complete;
+- :class:`RunFinished` last, always.
+
+A plain-function listener is called on the event loop and must be quick. A coroutine-function
+listener is awaited in order in one background task and never delays a step; when it falls
+behind, events wait in a bounded queue, and beyond the bound they are coalesced (a step's
+start is dropped when its finish arrives, an item count replaced by a newer one) or dropped:
+:attr:`RunFinished.dropped` says how many it lost. A listener that raises is logged once on
+the ``flowyml.events`` logger and detached; the run goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
+
+from ._results import StepStatus
+
+if TYPE_CHECKING:
+    from ._results import PipelineResult
+
+__all__ = (
+    "Event",
+    "ItemsProgress",
+    "Listener",
+    "RunFinished",
+    "RunStarted",
+    "StepFinished",
+    "StepRetrying",
+    "StepStarted",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RunStarted:
+    """The run has begun: its plan is valid and its steps are about to start."""
+
+    run_id: str
+    pipeline: str
+    time: float
+    steps: int
+    """How many steps the run will report a :class:`StepFinished` for, at most."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepStarted:
+    """A step began: its cache look-up or its first attempt is starting."""
+
+    run_id: str
+    pipeline: str
+    time: float
+    step: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepRetrying:
+    """Attempt number ``attempt`` of ``step`` failed with ``error``; the next starts in ``delay`` s."""
+
+    run_id: str
+    pipeline: str
+    time: float
+    step: str
+    attempt: int
+    delay: float
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class StepFinished:
+    """A step's fate is decided: ``status`` is final, as in the run's :class:`StepResult`.
+
+    ``duration`` is the step's own time in seconds (0 for a step that never began); ``cached``
+    is true when its outputs came from the cache; ``attempts`` counts calls of its body (0 when cached or skipped); ``cache_reason`` says why
+    the cache was or was not used, when the cache knows.
+    """
+
+    run_id: str
+    pipeline: str
+    time: float
+    step: str
+    status: StepStatus
+    duration: float
+    cached: bool
+    attempts: int
+    cache_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ItemsProgress:
+    """A step mapping over items has ``done`` of ``total`` items finished, ``failed`` of them failing."""
+
+    run_id: str
+    pipeline: str
+    time: float
+    step: str
+    done: int
+    failed: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunFinished:
+    """The run is over; always the last event. ``dropped`` counts events a slow listener lost."""
+
+    run_id: str
+    pipeline: str
+    time: float
+    result: PipelineResult
+    dropped: int = 0
+
+
+Event: TypeAlias = RunStarted | StepStarted | StepRetrying | StepFinished | ItemsProgress | RunFinished
+"""Any event of a run."""
+
+Listener: TypeAlias = Callable[[Event], None] | Callable[[Event], Awaitable[None]]
+"""What ``on_event=`` accepts: a plain function called on the loop, or a coroutine function."""
