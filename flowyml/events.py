@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, TypeAlias
 from ._results import StepStatus
 
 if TYPE_CHECKING:
-    from ._results import PipelineResult
+    from ._results import PipelineResult, StepResult
 
 __all__ = (
     "Event",
@@ -80,22 +80,41 @@ class StepRetrying:
 
 @dataclass(frozen=True, slots=True)
 class StepFinished:
-    """A step's fate is decided: ``status`` is final, as in the run's :class:`StepResult`.
+    """A step's fate is decided: ``result`` is its final :class:`~flowyml.StepResult`.
 
-    ``duration`` is the step's own time in seconds (0 for a step that never began); ``cached``
-    is true when its outputs came from the cache; ``attempts`` counts calls of its body (0 when cached or skipped); ``cache_reason`` says why
-    the cache was or was not used, when the cache knows.
+    ``status``, ``duration`` (the step's own seconds, 0 for one that never began), ``cached``,
+    ``attempts`` (calls of its body, 0 when cached or skipped) and ``error`` read the result;
+    ``cache_reason`` says why the cache was or was not used, when the cache knows.
     """
 
     run_id: str
     pipeline: str
     time: float
     step: str
-    status: StepStatus
-    duration: float
-    cached: bool
-    attempts: int
+    result: StepResult
     cache_reason: str | None = None
+
+    @property
+    def status(self) -> StepStatus:
+        return self.result.status
+
+    @property
+    def duration(self) -> float:
+        return self.result.duration_seconds
+
+    @property
+    def cached(self) -> bool:
+        """True when the outputs came from the cache."""
+        return self.result.status is StepStatus.CACHED
+
+    @property
+    def attempts(self) -> int:
+        return self.result.attempts
+
+    @property
+    def error(self) -> BaseException | None:
+        """What the step raised, for a failed or timed-out step."""
+        return self.result.error
 
 
 @dataclass(frozen=True, slots=True)

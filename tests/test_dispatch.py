@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from flowyml import PipelineResult, StepStatus
+from flowyml import PipelineResult, StepResult, StepStatus
 from flowyml._dispatch import Channel, Dispatcher
 from flowyml.events import (
     Event,
@@ -24,7 +24,7 @@ def _started(step: str) -> StepStarted:
 
 
 def _finished(step: str) -> StepFinished:
-    return StepFinished("r", "p", 0.0, step, StepStatus.SUCCEEDED, 0.0, False, 1)
+    return StepFinished("r", "p", 0.0, step, StepResult(step, StepStatus.SUCCEEDED))
 
 
 def _items(step: str, done: int) -> ItemsProgress:
@@ -79,12 +79,13 @@ class TestChannel:
     async def test_item_counts_coalesce_and_minor_events_drop_at_the_bound(self) -> None:
         """A newer item count replaces the queued one; a start with no room is dropped."""
         channel = Channel(bound=2)
-        channel.put(_finished("a"))
+        done = _finished("a")
+        channel.put(done)
         channel.put(_items("m", 1))
         channel.put(_items("m", 2))
         channel.put(_started("b"))
         got = await _drain(channel)
-        assert got == [_finished("a"), _items("m", 2)]
+        assert got == [done, _items("m", 2)]
         assert channel.dropped == 2
 
     async def test_finishes_drop_only_when_nothing_else_can_give_way(self) -> None:
