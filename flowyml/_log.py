@@ -7,7 +7,8 @@ go is the application's choice. Children per concern:
                         failed or timed-out step with its error; DEBUG each step start and finish.
 - ``flowyml.events``    ERROR a listener that raised and was detached.
 - ``flowyml.executor``  WARNING a thread that finished after its step was abandoned.
-- ``flowyml.store``     the cache and lineage store.
+- ``flowyml.store``     reserved for the cache and lineage store, which reports its problems
+                        as warnings (``UncachedStepWarning``) today.
 
 Every record about a run carries ``run_id`` and ``step`` (None for run-level records) as
 ``extra`` fields, so a handler or formatter can filter or show them.

@@ -284,6 +284,31 @@ class TestListeners:
         assert ran == []
 
 
+class TestCancellation:
+    async def test_a_cancelled_run_still_tells_a_plain_listener_how_it_ended(self, tmp_path: Path) -> None:
+        """Cancelling arun(): every step gets its StepFinished and RunFinished (state cancelled) comes last."""
+        entered = asyncio.Event()
+
+        async def hangs() -> int:
+            entered.set()
+            await asyncio.Event().wait()
+            return 1
+
+        p = Pipeline("cancelled", enable_cache=False, lineage=False)
+        p.add_step(step(outputs=["a"])(hangs))
+        p.add_step(step(inputs=["a"], outputs=["b"])(lambda a: a))
+        events: list[Event] = []
+        task = asyncio.ensure_future(p.arun(on_event=events.append))
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        last = events[-1]
+        assert isinstance(last, RunFinished) and last.result.state == "cancelled"
+        finished = {e.step: e.status for e in events if isinstance(e, StepFinished)}
+        assert finished == {"hangs": StepStatus.CANCELLED, "<lambda>": StepStatus.SKIPPED}
+
+
 class TestStream:
     async def test_stream_yields_every_event_and_ends_with_run_finished(self, tmp_path: Path) -> None:
         """Iterating a stream gives the run's events; RunFinished is last and holds the result."""

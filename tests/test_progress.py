@@ -112,6 +112,28 @@ def test_terminal_display_shows_counts_and_is_cleared_at_the_end(tmp_path: Path,
     assert re.fullmatch(r"run \w+ of 'shown' completed in [\d.]+s: 6 succeeded", final), final
 
 
+class TestLines:
+    def test_counts_rate_eta_longest_running_and_items(self) -> None:
+        """What the display says, from the events it was given, at a given moment."""
+        from flowyml import StepResult, StepStatus
+        from flowyml._progress import Progress
+        from flowyml.events import ItemsProgress, RunStarted, StepFinished, StepStarted
+
+        progress = Progress("p")
+        progress(RunStarted("r", "p", 100.0, 10))
+        for name, at in (("a", 100.0), ("b", 101.0), ("c", 102.0), ("d", 103.0), ("e", 104.0)):
+            progress(StepStarted("r", "p", at, name))
+        progress(StepFinished("r", "p", 104.0, "a", StepResult("a", StepStatus.CACHED)))
+        progress(StepFinished("r", "p", 104.5, "e", StepResult("e", StepStatus.FAILED)))
+        progress(ItemsProgress("r", "p", 104.6, "b", done=40, failed=2, total=100))
+        lines = progress.lines(now=105.0)
+        assert lines[0] == (
+            "p: 2/10 done, 3 running, 1 cached, 1 failed | 0.4 steps/s | 0:05 elapsed, ~0:20 left"
+        )
+        assert lines[1] == "  running: b 4.0s, c 3.0s, d 2.0s"
+        assert lines[2] == "  items: b 40/100 (2 failed)"
+
+
 class TestPlainLines:
     def _pipeline(self) -> Pipeline:
         p = Pipeline("plain", enable_cache=False, lineage=False)
