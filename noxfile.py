@@ -31,8 +31,8 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def examples(session: nox.Session) -> None:
-    """Run every script in examples/."""
-    session.install("-e", ".[dask]")
+    """Run every script in examples/ (the web example checks itself with httpx)."""
+    session.install("-e", ".[dask,web]", "httpx")
     for script in sorted(__import__("pathlib").Path("examples").glob("*.py")):
         session.run("python", str(script))
 

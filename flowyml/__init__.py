@@ -1,18 +1,21 @@
 """flowyml: plain Python functions as pipeline steps, run on an asyncio engine.
 
-This module only re-exports. The layers, from the bottom up:
+This module only re-exports. Data flows define -> plan -> run -> record (docs/architecture.md):
 
-- ``_errors``                  the error tree (public as ``flowyml.errors``)
-- ``_step``, ``_context``      describing work: ``@step``, ``context()``
-- ``_graph``                   planning: bind parameters, wire edges, reject bad graphs (pure)
-- ``_scheduler``, ``_attempt`` running: start each step when its inputs exist; retries and timeouts
-- ``_executors``               where bodies run: the loop, threads, processes, Dask
-- ``_retry``, ``_breaker``, ``_fallback``, ``_conditions``, ``_parallel``   resilience and control flow
-- ``_hashing``, ``_store``     cache keys, the SQLite cache and lineage store
-- ``_pipeline``                ``Pipeline``: plan once, run many times
+- define: ``_step``, ``_retry``, ``_fallback``, ``_breaker``, ``_conditions``, ``_context``,
+  ``_assets``, ``_parallel``, ``_layers``   describing work: ``@step`` and its layers
+- plan: ``_graph``, ``_resources``         bind parameters, wire edges, reject bad graphs (pure)
+- run: ``_scheduler`` (counters), ``_state``, ``_attempt`` (one unit's layers), ``_gates``,
+  ``_groups``, ``_remote``
+- record: ``_cache``                       cache look-ups and lineage records around each step
+- foundation: ``_errors``, ``_results``, ``_executors``, ``_hashing``, ``_store``
+- ``_pipeline``                            ``Pipeline``: plan once, run many times
 """
 
-from ._assets import Asset, Dataset, Metrics, Model
+import typing as _typing
+
+from . import errors as errors
+from ._assets import Asset, AssetMetadata, Dataset, FeatureSet, Metrics, Model
 from ._breaker import CircuitBreaker, CircuitState, CircuitStats
 from ._conditions import ControlContext, If, unless, when
 from ._context import Context, context
@@ -30,11 +33,15 @@ from ._executors._dask import DaskExecutor
 from ._fallback import FallbackHandler, on_failure
 from ._parallel import parallel_map
 from ._pipeline import Pipeline
-from ._results import ExecutionResult, PipelineResult, StepResult, StepStatus
+from ._report import PipelineResult
+from ._results import ExecutionResult, StepResult, StepStatus
 from ._retry import ExponentialBackoff, RetryConfig, retry
 from ._step import CachePolicy, Step, step
 
 __version__ = "0.1.0"
+
+if _typing.TYPE_CHECKING:
+    from ._store import Store, close_stores, open_store
 
 
 def __getattr__(name: str) -> object:
@@ -43,11 +50,17 @@ def __getattr__(name: str) -> object:
         from ._store import Store
 
         return Store
+    if name in ("close_stores", "open_store"):
+        from . import _store
+
+        found: object = getattr(_store, name)
+        return found
     raise AttributeError(f"module 'flowyml' has no attribute {name!r}")
 
 
 __all__ = (
     "Asset",
+    "AssetMetadata",
     "CachePolicy",
     "CircuitBreaker",
     "CircuitOpenError",
@@ -64,6 +77,7 @@ __all__ = (
     "Executor",
     "ExponentialBackoff",
     "FallbackHandler",
+    "FeatureSet",
     "FlowymlError",
     "If",
     "Metrics",
@@ -77,8 +91,10 @@ __all__ = (
     "StepStatus",
     "StepTimeoutError",
     "Store",
+    "close_stores",
     "context",
     "on_failure",
+    "open_store",
     "parallel_map",
     "retry",
     "step",

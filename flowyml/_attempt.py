@@ -1,80 +1,528 @@
-"""One step's attempts: retry with backoff around a timed call on the step's executor.
+"""One unit's run, through its layers, to one frozen result: the only place a step's fate is decided.
 
-The order of layers is fixed: the scheduler checks conditions and the cache first; here each
-attempt gets its own timeout, a failure is retried as the step's policy allows, and a timed-out
-attempt counts as a failure for any circuit breaker wrapped around the step's function.
+A *unit* is what the scheduler starts when its inputs exist: one node, or an execution group's
+chain, run as one call in one worker (:mod:`flowyml._groups`). For a node the layers are, in
+this order::
+
+    blocked -> condition -> cache -> hold (resources, concurrency) -> retry -> timeout -> executor -> record
+
+- *blocked*: an upstream step produced nothing, or its ``If`` branch was not chosen: skipped.
+- *condition*: ``@when`` / ``@unless`` / ``condition=`` over the arguments; false: skipped.
+- *cache*: :meth:`RunHooks.lookup` returns a :class:`Lookup`; a hit's outputs are applied to the
+  state here, and the step does not run.
+- *hold*: the step's resource request and a concurrency slot, held while it runs.
+- *retry*: :class:`~flowyml._retry.RetryRun`, the one retry loop.
+- *timeout*: each attempt's own, enforced by the executor.
+- *executor*: where the body runs (loop, thread, process, cluster).
+- *record*: :meth:`UnitRunner.settle` stores the :class:`~flowyml.StepResult`, calls
+  :meth:`RunHooks.after` and the failure callback. Every result of a unit that got past its
+  blocked check passes there, so a per-step event, log line or span belongs in ``settle``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+import asyncio
+import contextlib
+import inspect
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from ._conditions import conditions_hold
 from ._errors import StepTimeoutError
 from ._executors._base import Executor
 from ._fallback import watch_fallbacks
-from ._graph import Node
+from ._graph import SLOT, Node, Source
+from ._groups import Member, Outcome, coroutine_returned, run_chain
+from ._log import step_failed, step_retrying
 from ._otel import Tracing
-from ._results import StepResult
-from ._retry import RetryRun, _asleep
+from ._remote import RemoteValues
+from ._resources import Request, ResourcePool
+from ._results import StepResult, StepStatus, _Builder, finished
+from ._retry import RetryRun
+from ._state import RunState
 
-__all__ = ("run_attempts",)
+__all__ = ("Lookup", "RunHooks", "UnitRunner")
+
+_perf = time.perf_counter
+_now = time.time
+_OK = frozenset({StepStatus.SUCCEEDED, StepStatus.CACHED})
+_BAD = frozenset({StepStatus.FAILED, StepStatus.TIMED_OUT})
+_NOT_STARTED = "the run stopped before the step could start"
+
+FailureCallback = Callable[[Node, StepResult, list[Any]], None]
 
 
-async def run_attempts(
-    node: Node,
-    executor: Executor,
-    args: list[Any],
-    kwargs: dict[str, Any],
-    res: StepResult,
-    *,
-    keep_remote: bool = False,
-    on_retry: Callable[[str, int, float, BaseException], None] | None = None,
-    tracing: Tracing | None = None,
-) -> Any:
-    """Call the step's body until it succeeds or its retry policy gives up; record attempts on ``res``.
+class Watcher(Protocol):
+    """What the runner tells whoever watches the run (:class:`flowyml._watch.Watch`)."""
 
-    ``on_retry(step, attempt, delay, error)`` hears of each failed attempt that will be retried;
-    with ``tracing``, each attempt is a span that is current wherever the body runs.
+    tracing: Tracing | None
+
+    def started(self, step: str) -> None: ...
+
+    def finished(self, res: StepResult, cache_reason: str | None = None) -> None: ...
+
+    def retrying(self, step: str, attempt: int, delay: float, error: BaseException) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What a cache look-up decided: the step's key and, on a hit, its outputs."""
+
+    key: str | None
+    outputs: dict[str, Any] | None = None
+    saved_seconds: float = 0.0
+    """How long the step took when its cached outputs were made."""
+
+
+class RunHooks:
+    """What the cache and the lineage recorder do around each step; they decide, the runner applies.
+
+    ``lookup`` is only called when :attr:`caching` is true; it returns ``None`` when the step
+    cannot be cached this time, and may raise (that fails the step). ``after`` sees every
+    result that got past its blocked check, whatever its fate, and must not raise.
     """
-    step = node.step
-    retry = RetryRun(step.retry) if step.retry is not None else None
-    extra = {"keep_remote": True} if keep_remote else {}
-    body = step.body
-    if step.uses_fallback:
-        body = watch_fallbacks(body)
-    while True:
-        res.attempts = retry.attempt if retry is not None else 1
+
+    caching: bool = False
+
+    async def lookup(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Lookup | None:
+        return None
+
+    def key(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> str | None:
+        """Make the step's cache key without a look-up (a step that ran inside a group chain)."""
+        return None
+
+    def after(self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any]) -> None:
+        return None
+
+
+class UnitRunner:
+    """Runs units of one run against its :class:`RunState`; the scheduler only counts."""
+
+    def __init__(
+        self,
+        state: RunState,
+        executors: Sequence[Executor],
+        *,
+        hooks: RunHooks | None = None,
+        resources: ResourcePool | None = None,
+        max_concurrency: int | None = None,
+        remote: bool = False,
+        on_failure: FailureCallback | None = None,
+        run_id: str = "",
+        watch: Watcher | None = None,
+    ) -> None:
+        plan = state.plan
+        self.state = state
+        self.hooks = hooks
+        self.on_failure = on_failure
+        self.run_id = run_id
+        self.watch = watch
+        self._tracing = watch.tracing if watch is not None else None
+        self._executors = executors
+        # A traced run calls every body through its executor: each attempt is a span there.
+        self._direct = [
+            d and ex.name == "async" and self._tracing is None
+            for d, ex in zip(plan.direct, executors, strict=True)
+        ]
+        self._resources = resources
+        self._requests = plan.requests if resources is not None else ()
+        self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        self.remote = RemoteValues(keep_outputs=not plan.gates) if remote else None
+        caching = hooks is not None and hooks.caching
+        # Nodes whose every layer but the call and the record is a no-op in this run.
+        self._bare = [
+            direct and not n.step.conditions and not (caching and n.step.cache is not False)
+            for direct, n in zip(self._direct, plan.nodes, strict=True)
+        ]
+        if self._requests or self._limit is not None or self.remote is not None:
+            self._bare = [False] * len(plan.nodes)
+
+    # ------------------------------------------------------------------ one node
+
+    def node(self, node: Node) -> Coroutine[Any, Any, bool]:
+        """Run one node through its layers and record its fate; True when its outputs exist.
+
+        A plain method handing back one of two coroutines, so a step with nothing around its
+        call pays for no layer it does not have, nor for an extra coroutine.
+        """
+        return self._bare_node(node) if self._bare[node.id] else self._layered_node(node)
+
+    async def _bare_node(self, node: Node) -> bool:
+        """A step with nothing around its call: awaited here, then recorded (the per-step hot path)."""
+        state = self.state
+        if state.blocked[node.id] is not None:
+            return self._blocked(node)
+        args, kwargs = state.arguments(node)
+        watch = self.watch
+        if watch is not None:
+            watch.started(node.name)
+        began = _now()
+        t0 = _perf()
         try:
-            if tracing is None:
-                ret = await executor.run(
-                    body, tuple(args), kwargs, timeout=step.timeout, step_name=node.name, **extra
-                )
+            ret = await node.step.body(*args, **kwargs)
+            if len(node.output_slots) == 1:
+                state.values[node.output_slots[0]] = ret
+                produced = {node.output_names[0]: ret}
             else:
-                carry = not executor.shares_context and not step.is_async
-                with tracing.attempt(node.name, res.attempts, executor.name, body, carry=carry) as fn:
-                    ret = await executor.run(
-                        fn, tuple(args), kwargs, timeout=step.timeout, step_name=node.name, **extra
-                    )
-            if step.uses_fallback:
-                ret, used = ret
-                res.fallback_reasons = tuple(used)
-            return ret
+                produced = state.put(node, ret)
+        except asyncio.CancelledError:
+            res = self._result(
+                node, StepStatus.CANCELLED, {}, None, None, True, began, t0, 0.0, None, None, ()
+            )
+            state.results[node.id] = res
+            if self.hooks is not None:
+                self.hooks.after(node, res, args, kwargs)
+            if watch is not None:
+                watch.finished(res)
+            raise
         except Exception as exc:
-            if isinstance(exc, StepTimeoutError):
-                for breaker in _breakers(step.body):
+            res = self._result(node, StepStatus.FAILED, {}, exc, None, True, began, t0, 0.0, None, None, ())
+            return self.settle(node, res, args, kwargs, args, kwargs)
+        took = _perf() - t0
+        res = _Builder(node.name, StepStatus.SUCCEEDED, produced, None, None, 1, began, began + took, took)
+        res.__class__ = StepResult
+        state.results[node.id] = res
+        if self.hooks is not None:
+            self.hooks.after(node, res, args, kwargs)
+        if watch is not None:
+            watch.finished(res)
+        return True
+
+    async def _layered_node(self, node: Node) -> bool:
+        """A step with layers: blocked -> condition -> cache -> hold -> retry -> timeout -> executor -> record."""
+        state = self.state
+        if state.blocked[node.id] is not None:
+            return self._blocked(node)
+        args, kwargs = state.arguments(node)
+        step = node.step
+        hooks = self.hooks
+        cached = hooks is not None and hooks.caching and step.cache is not False
+        key_args, key_kwargs = args, kwargs
+        keep_remote = False
+        status = StepStatus.FAILED
+        outputs: dict[str, Any] = {}
+        error: BaseException | None = None
+        key: str | None = None
+        saved = 0.0
+        reason: str | None = None
+        fallbacks: tuple[str, ...] = ()
+        retry: RetryRun | None = None
+        started = False
+        start: float | None = _now()
+        t0 = _perf()
+        try:
+            if self.remote is not None:
+                keep_remote, key_args, key_kwargs = await self.remote.localize(
+                    node, self._executors[node.id], args, kwargs, state.values, cached
+                )
+            if step.conditions and not conditions_hold(step.conditions, args, kwargs):
+                status, reason = StepStatus.SKIPPED, "its condition was false"
+            else:
+                if self.watch is not None:
+                    self.watch.started(node.name)
+                found = await hooks.lookup(node, key_args, key_kwargs) if cached else None  # type: ignore[union-attr]
+                if found is not None:
+                    key = found.key
+                if found is not None and found.outputs is not None:
+                    outputs, saved, status = found.outputs, found.saved_seconds, StepStatus.CACHED
+                    state.apply(node, outputs)
+                else:
+                    request = self._requests[node.id] if self._requests else ()
+                    if step.retry is not None:
+                        retry = RetryRun(step.retry, on_retry=self._retrying(node.name))
+                    if request or self._limit is not None:
+                        async with self._held(request):
+                            started = True
+                            start, t0 = _now(), _perf()
+                            ret, fallbacks = await self._attempts(node, args, kwargs, retry, keep_remote)
+                    elif self._direct[node.id]:
+                        started = True
+                        ret = await step.body(*args, **kwargs)  # nothing to wrap: no executor hop
+                    else:
+                        started = True
+                        ret, fallbacks = await self._attempts(node, args, kwargs, retry, keep_remote)
+                    outputs = state.put(node, ret)
+                    if keep_remote and cached:
+                        outputs = await self.remote.copy_for_cache(node, outputs)  # type: ignore[union-attr]
+                    status = StepStatus.SUCCEEDED
+        except asyncio.CancelledError:
+            if started:
+                status = StepStatus.CANCELLED
+            else:
+                status, reason, start = StepStatus.SKIPPED, _NOT_STARTED, None
+            res = self._result(node, status, outputs, None, retry, started, start, t0, saved, key, reason, ())
+            state.results[node.id] = res
+            if hooks is not None:
+                hooks.after(node, res, key_args, key_kwargs)
+            if self.watch is not None:
+                self.watch.finished(res)
+            raise
+        except Exception as exc:
+            error = exc
+            status = StepStatus.TIMED_OUT if isinstance(exc, StepTimeoutError) else StepStatus.FAILED
+        res = self._result(
+            node, status, outputs, error, retry, started, start, t0, saved, key, reason, fallbacks
+        )
+        return self.settle(node, res, args, kwargs, key_args, key_kwargs)
+
+    @staticmethod
+    def _result(
+        node: Node,
+        status: StepStatus,
+        outputs: dict[str, Any],
+        error: BaseException | None,
+        retry: RetryRun | None,
+        started: bool,
+        start: float | None,
+        t0: float,
+        saved: float,
+        key: str | None,
+        reason: str | None,
+        fallbacks: tuple[str, ...],
+    ) -> StepResult:
+        duration = _perf() - t0 if start is not None else 0.0
+        return finished(
+            node.name,
+            status,
+            outputs if error is None else {},
+            error,
+            None if error is None else "".join(traceback.format_exception(error)),
+            (retry.attempt if retry is not None else 1) if started else 0,
+            start,
+            None if start is None else start + duration,
+            duration,
+            saved,
+            key,
+            reason,
+            fallbacks,
+        )
+
+    async def _attempts(
+        self, node: Node, args: list[Any], kwargs: dict[str, Any], retry: RetryRun | None, keep_remote: bool
+    ) -> tuple[Any, tuple[str, ...]]:
+        """Call the body on its executor, each attempt with its own timeout, retrying through ``retry``.
+
+        Returns the value and the reasons a fallback stood in for the body (empty when none did).
+        """
+        step = node.step
+        executor = self._executors[node.id]
+        extra = {"keep_remote": True} if keep_remote else {}
+        body = watch_fallbacks(step.body) if step.uses_fallback else step.body
+        positional = tuple(args)
+
+        tracing = self._tracing
+        carry = not executor.shares_context and not step.is_async
+
+        async def attempt() -> Any:
+            try:
+                if tracing is None:
+                    ret = await executor.run(
+                        body, positional, kwargs, timeout=step.timeout, step_name=node.name, **extra
+                    )
+                else:
+                    number = retry.attempt if retry is not None else 1
+                    with tracing.attempt(node.name, number, executor.name, body, carry=carry) as fn:
+                        ret = await executor.run(
+                            fn, positional, kwargs, timeout=step.timeout, step_name=node.name, **extra
+                        )
+            except StepTimeoutError as exc:
+                for breaker in step.breakers:
                     breaker.record_failure(exc)
-            delay = retry.failed(exc) if retry is not None else None
-            if delay is None:
                 raise
-            if on_retry is not None:
-                on_retry(node.name, res.attempts, delay, exc)
-            await _asleep(delay)
+            if not step.is_async and inspect.iscoroutine(ret if not step.uses_fallback else ret[0]):
+                raise coroutine_returned(node.name, ret if not step.uses_fallback else ret[0])
+            return ret
+
+        ret = await attempt() if retry is None else await retry.acall(attempt, (), {})
+        if step.uses_fallback:
+            value, used = ret
+            return value, tuple(used)
+        return ret, ()
+
+    # ------------------------------------------------------------------ a group chain
+
+    async def chain(self, nodes: Sequence[Node]) -> tuple[list[tuple[Node, bool]], bool]:
+        """Run an execution group's chain as one call in one worker; see :mod:`flowyml._groups`.
+
+        Returns each member's fate and whether the chain ran as one unit. When it did not (the
+        head is blocked or served from the cache, the look-up failed, or values are remote),
+        only the head has run, and the other members follow as ordinary steps.
+        """
+        head = nodes[0]
+        state = self.state
+        if state.blocked[head.id] is not None or self.remote is not None:
+            return [(head, await self.node(head))], False
+        hooks = self.hooks
+        watch = self.watch
+        args, kwargs = state.arguments(head)
+        head_key: str | None = None
+        if watch is not None:
+            watch.started(head.name)
+        if hooks is not None and hooks.caching and head.step.cache is not False:
+            start, t0 = _now(), _perf()
+            try:
+                found = await hooks.lookup(head, args, kwargs)
+            except Exception as exc:
+                res = self._result(
+                    head, StepStatus.FAILED, {}, exc, None, False, start, t0, 0.0, None, None, ()
+                )
+                return [(head, self.settle(head, res, args, kwargs, args, kwargs))], False
+            if found is not None and found.outputs is not None:
+                state.apply(head, found.outputs)
+                took = _perf() - t0
+                res = finished(head.name, StepStatus.CACHED, found.outputs, None, None, 0, start, start + took,
+                               took, found.saved_seconds, found.key)  # fmt: skip
+                return [(head, self.settle(head, res, args, kwargs, args, kwargs))], False
+            head_key = found.key if found is not None else None
+        members = [self._member(n, nodes) for n in nodes]
+        executor = self._executors[head.id]
+        request = _largest(self._requests[n.id] for n in nodes) if self._requests else ()
+        started = _now()
+        t0 = _perf()
+        running = False
+        try:
+            async with self._held(request):
+                running = True
+                started, t0 = _now(), _perf()
+                outcomes = await executor.run(run_chain, (members,), {}, timeout=None, step_name=head.name)
+        except asyncio.CancelledError:
+            for n in nodes:
+                if running:
+                    res = finished(n.name, StepStatus.CANCELLED, {}, start_time=started)
+                else:
+                    res = finished(n.name, StepStatus.SKIPPED, {}, skip_reason=_NOT_STARTED)
+                state.results[n.id] = res
+                if hooks is not None:
+                    hooks.after(n, res, args, kwargs)
+                if watch is not None:
+                    watch.finished(res)
+            raise
+        except Exception as exc:
+            reason = f"upstream step {head.name!r} did not produce its outputs"
+            status = StepStatus.TIMED_OUT if isinstance(exc, StepTimeoutError) else StepStatus.FAILED
+            failed = Outcome(
+                status, {}, exc, "".join(traceback.format_exception(exc)), 0, started, _perf() - t0
+            )
+            outcomes = [failed] + [Outcome(StepStatus.SKIPPED, {}, skip_reason=reason)] * (len(nodes) - 1)
+        done: list[tuple[Node, bool]] = []
+        for n, o in zip(nodes, outcomes, strict=True):
+            if o.outputs:
+                state.apply(n, o.outputs)
+            a, kw = state.arguments(n)
+            key = head_key if n is head else None
+            if hooks is not None and n is not head and o.status is StepStatus.SUCCEEDED:
+                with contextlib.suppress(Exception):  # a key that cannot be made: just not cached
+                    key = hooks.key(n, a, kw)
+            start = o.start_time or started
+            if watch is not None and n is not head and o.status is not StepStatus.SKIPPED:
+                watch.started(n.name)  # members run inside one call: known to have begun only now
+            res = finished(n.name, o.status, o.outputs, o.error, o.traceback, o.attempts, start,
+                           start + o.duration_seconds, o.duration_seconds, 0.0, key, o.skip_reason)  # fmt: skip
+            done.append((n, self.settle(n, res, a, kw, a, kw)))
+        return done, True
+
+    def _member(self, node: Node, chain: Sequence[Node]) -> Member:
+        inside = {slot for n in chain for slot in n.output_slots}
+        resolve = self.state.resolve
+
+        def arg(src: Source) -> tuple[str, Any]:
+            return ("s", src.slot) if src.kind == SLOT and src.slot in inside else ("v", resolve(src))
+
+        return Member(
+            name=node.name,
+            body=node.step.body,
+            positional=tuple(arg(s) for s in (*node.positional, *node.var_positional)),
+            keyword=tuple((k, arg(s)) for k, s in node.keyword),
+            output_names=node.output_names,
+            output_slots=node.output_slots,
+            conditions=node.step.conditions,
+            retry=node.step.retry,
+        )
+
+    # ------------------------------------------------------------------ fates
+
+    def settle(
+        self,
+        node: Node,
+        res: StepResult,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        key_args: list[Any],
+        key_kwargs: dict[str, Any],
+    ) -> bool:
+        """Record a finished unit's result: the one place every started step's fate passes."""
+        self.state.results[node.id] = res
+        if self.hooks is not None:
+            self.hooks.after(node, res, key_args, key_kwargs)
+        if self.watch is not None:
+            self.watch.finished(res)
+        status = res.status
+        if status in _OK:
+            return True
+        if status in _BAD:
+            step_failed(self.run_id, res)
+        if self.on_failure is not None and status is not StepStatus.SKIPPED:
+            self.on_failure(node, res, [*args, *kwargs.values()])
+        return False
+
+    def _blocked(self, node: Node) -> bool:
+        """A node that cannot run: skipped with its mark, or failed with its If's error."""
+        state = self.state
+        failed = state.gate_errors.get(node.id) if state.gate_errors else None
+        if failed is not None:
+            tb = "".join(traceback.format_exception(failed))
+            res = state.results[node.id] = finished(node.name, StepStatus.FAILED, {}, failed, tb)
+            step_failed(self.run_id, res)
+        else:
+            res = state.results[node.id] = finished(
+                node.name, StepStatus.SKIPPED, {}, skip_reason=state.blocked[node.id]
+            )
+        if self.watch is not None:
+            self.watch.finished(res)
+        return False
+
+    def _retrying(self, step: str) -> Callable[[int, float, BaseException], None]:
+        """What :class:`RetryRun` calls after a failed attempt of ``step`` that will be retried."""
+        run_id, watch = self.run_id, self.watch
+
+        def retrying(attempt: int, delay: float, error: BaseException) -> None:
+            step_retrying(run_id, step, attempt, delay, error)
+            if watch is not None:
+                watch.retrying(step, attempt, delay, error)
+
+        return retrying
+
+    @contextlib.asynccontextmanager
+    async def _held(self, request: Request) -> AsyncIterator[None]:
+        """Hold the step's resources and a concurrency slot; release exactly what was acquired."""
+        limit = self._limit
+        if request:
+            await self._resources.acquire(request)  # type: ignore[union-attr]
+        try:
+            if limit is not None:
+                await limit.acquire()
+            try:
+                yield
+            finally:
+                if limit is not None:
+                    limit.release()
+        finally:
+            if request:
+                self._resources.release(request)  # type: ignore[union-attr]
+
+    async def localize_outputs(self) -> None:
+        """Fetch every remote output to the driver; call before the executors close."""
+        if self.remote is not None:
+            await self.remote.localize_outputs(self.state)
 
 
-def _breakers(func: Callable[..., Any]) -> Iterator[Any]:
-    while func is not None:
-        breaker = getattr(func, "__flowyml_breaker__", None)
-        if breaker is not None:
-            yield breaker
-        func = getattr(func, "__wrapped__", None)  # type: ignore[assignment]
+def _largest(requests: Iterable[Request]) -> Request:
+    """What a chain holds: the largest amount of each kind any member needs (they run one by one)."""
+    most: dict[str, float] = {}
+    for request in requests:
+        for kind, amount in request:
+            most[kind] = max(most.get(kind, 0.0), amount)
+    return tuple(sorted(most.items()))

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Final, ParamSpec, TypeVar, cast
 
 from flowyml._errors import CircuitOpenError, ConfigError
-from flowyml._layers import layer
+from flowyml._layers import layer, over_step
 from flowyml._retry import ExceptionTypes, exception_types
 
 P = ParamSpec("P")
@@ -208,6 +208,9 @@ class CircuitBreaker:
         """Decorate a sync or async function; the wrapper carries ``__flowyml_breaker__ = self``."""
         if not callable(func):
             raise ConfigError(f"CircuitBreaker decorates a function, got {func!r}")
+        stepped = over_step(func, self)
+        if stepped is not None:
+            return cast(Callable[P, R], stepped)
         afunc = cast(Callable[..., Awaitable[Any]], func)
         return layer(
             func, lambda a, k: self._call(func, a, k), lambda a, k: self._acall(afunc, a, k), breaker=self

@@ -1,13 +1,14 @@
 """The cache and lineage layer of a run: keys, look-ups, single-flight, and records.
 
-It plugs into the scheduler as :class:`~flowyml._scheduler.RunHooks`. Before a step runs, its
+It plugs into the unit runner as :class:`~flowyml._attempt.RunHooks`. Before a step runs, its
 key is made from what the step really receives (``_hashing`` is the only place keys are made),
 the store is asked (from memory when the run preloaded it), and a run that needs a key another
-run in this process is computing waits for that value instead of computing it again. After a
+run in this process is computing waits for that value instead of computing it again. The
+look-up returns what it found (:class:`~flowyml._attempt.Lookup`); the runner applies it. After a
 step, successful outputs are put in the store and every fate is recorded; both only enqueue —
 the store's single writer commits them off the hot path. Recording a step that did not fail
 appends four items to a list (``Store.record_fate``) and the writer builds its record; what never
-changes between runs of a plan (names, inputs) is encoded once per node (``StepShape``).
+changes between runs of a plan (names, inputs) is encoded once per node, in the plan.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ._attempt import Lookup, RunHooks
 from ._errors import UncachedStepWarning, UnhashableInputError
 from ._graph import Node, Plan
 from ._hashing import cache_key, fingerprint_function, hash_value
 from ._results import StepResult, StepStatus
-from ._scheduler import RunHooks
 from ._step import CachePolicy
-from ._store import StepRecord, StepShape, Store
+from ._store import StepRecord, Store
 
 __all__ = ("StoreHooks",)
 
@@ -36,22 +37,6 @@ _inflight: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, dict[tuple[Path, str], asyncio.Future[_Outcome]]
 ]
 _inflight = weakref.WeakKeyDictionary()
-
-#: The lineage shapes of the nodes of the last few plans run, by ``id(plan)`` (a plan is frozen and
-#: reused until its pipeline changes; it is kept here so that its id cannot be reused meanwhile).
-_shapes: dict[int, tuple[Plan, list[StepShape | None]]] = {}
-_MAX_PLANS = 8
-
-
-def _shapes_of(plan: Plan) -> list[StepShape | None]:
-    found = _shapes.get(id(plan))
-    if found is not None and found[0] is plan:
-        return found[1]
-    if len(_shapes) >= _MAX_PLANS:
-        del _shapes[next(iter(_shapes))]
-    shapes: list[StepShape | None] = [None] * len(plan.nodes)
-    _shapes[id(plan)] = (plan, shapes)
-    return shapes
 
 
 class StoreHooks(RunHooks):
@@ -72,22 +57,19 @@ class StoreHooks(RunHooks):
         self._hashing: dict[int, asyncio.Future[str]] = {}
         self._hash_pool: ThreadPoolExecutor | None = None
         self._inflight = _inflight.setdefault(asyncio.get_running_loop(), {})
-        self._shapes = _shapes_of(plan) if recording else []
+        self._shapes = plan.shapes
         self._fingerprints: dict[int, tuple[Callable[..., Any], str]] = {}
         self._record_fate = store.record_fate
 
-    async def before(
-        self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any], values: list[Any]
-    ) -> bool:
+    async def lookup(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Lookup | None:
         step = node.step
         if not self.caching or step.cache is False or node.id in self._uncacheable:
-            return False
+            return None
         if not callable(step.cache):
             await self._hash_large_inputs(node, args, kwargs)
         key = self._key(node, args, kwargs)
         if key is None:
-            return False
-        res.cache_key = key
+            return None
         self._keys[node.id] = key
         store = self.store
         flight = (store.root, key)
@@ -96,38 +78,27 @@ class StoreHooks(RunHooks):
             if entry is not None:
                 outputs = await store.load(entry)
                 if outputs is not None:
-                    self._hit(node, res, outputs, entry.duration_seconds, values)
                     if self.recording:
                         self._hit_hashes[node.id] = {o.name: o.artifact_hash for o in entry.outputs}
-                    return True
+                    return Lookup(key, outputs, entry.duration_seconds)
             pending = self._inflight.get(flight)
             if pending is None:
                 claim: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
                 self._inflight[flight] = self._claims[node.id] = claim
-                return False
+                return Lookup(key)
             outcome = await asyncio.shield(pending)
             if outcome is not None:
                 # A fresh, hash-checked copy of what the other run cached: never its live objects.
                 shared = await outcome.lookup(key, query=False)
                 outputs = await store.load(shared) if shared is not None else None
                 if shared is not None and outputs is not None:
-                    self._hit(node, res, outputs, shared.duration_seconds, values)
                     if self.recording:
                         self._hit_hashes[node.id] = {o.name: o.artifact_hash for o in shared.outputs}
-                    return True
+                    return Lookup(key, outputs, shared.duration_seconds)
             if self._inflight.get(flight) is pending:
                 claim = asyncio.get_running_loop().create_future()
                 self._inflight[flight] = self._claims[node.id] = claim
-                return False
-
-    def _hit(
-        self, node: Node, res: StepResult, outputs: dict[str, Any], saved: float, values: list[Any]
-    ) -> None:
-        for slot, name in zip(node.output_slots, node.output_names, strict=True):
-            values[slot] = outputs[name]
-        res.outputs = outputs
-        res.status = StepStatus.CACHED
-        res.time_saved_seconds = saved
+                return Lookup(key)
 
     def _fingerprint(self, func: Callable[..., Any]) -> str:
         """The code fingerprint of ``func``, made once per run (steps often share a function).
@@ -237,26 +208,21 @@ class StoreHooks(RunHooks):
                     )
                 self._digests[slot] = await asyncio.shield(hashing)
 
-    def prepare(self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any]) -> None:
+    def key(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> str | None:
         """Make the step's key without looking it up, so that :meth:`after` can cache its outputs."""
-        if self.caching and node.step.cache is not False:
-            key = self._key(node, args, kwargs)
-            if key is not None:
-                self._keys[node.id] = res.cache_key = key
+        if not self.caching or node.step.cache is False:
+            return None
+        key = self._key(node, args, kwargs)
+        if key is not None:
+            self._keys[node.id] = key
+        return key
 
-    def after(
-        self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any], values: list[Any]
-    ) -> None:
+    def after(self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any]) -> None:
         hashes = self._cache_after(node, res) if self.caching else None
         if self.recording:
             if res.error is None:
                 # The hot path: four items appended; the writer builds the record when it commits.
-                shape = self._shapes[node.id]
-                if shape is None:
-                    shape = self._shapes[node.id] = StepShape(
-                        node.name, node.output_names, node.lineage_inputs
-                    )
-                self._record_fate(self.run_id, res, hashes, shape)
+                self._record_fate(self.run_id, res, hashes, self._shapes[node.id])
             else:
                 self.store.record_step(self.record(node, res, hashes))
 
@@ -322,7 +288,7 @@ class StoreHooks(RunHooks):
             error_message=None if err is None else str(err),
             traceback=res.traceback,
             outputs={n: (hashes or {}).get(n) for n in res.outputs} if res.outputs else {},
-            inputs=node.lineage_inputs or {},
+            inputs=dict(node.lineage_inputs),
         )
 
 

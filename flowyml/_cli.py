@@ -5,14 +5,23 @@
     flowyml [--dir DIR] cache stats               entries, bytes, hits, time saved
     flowyml [--dir DIR] cache clear [--step NAME] drop cache entries (lineage stays)
     flowyml [--dir DIR] cache verify              integrity check + re-hash every artifact
+    flowyml [--dir DIR] cache gc                  remove artifact files no entry names (crash leftovers)
     flowyml [--dir DIR] lineage OUTPUT [--run ID] which step runs an output came from
+    flowyml run | dag | report ...                see ``_cli_run``
 
 Exit codes: 0 success; 1 the thing asked for does not exist or a problem was found; 2 usage error.
 Without a store, listing commands say so and exit 0; commands about one run, output or step, and
 ``cache verify`` (there is nothing it could vouch for), exit 1.
 
 Stores are opened with ``create=False``: nothing is created, cleaned or migrated, and reading
-never waits for a pipeline that holds the store's write lock (WAL readers need no lock).
+never waits for a pipeline that holds the store's write lock (WAL readers need no lock). A store
+that is not yours or that others can write is refused, as a run refuses it; one you may only read
+(0o500 / 0o400) is read.
+
+Everything printed that comes from the store (step, output, pipeline names, messages) goes through
+:func:`_safe`: control characters, escape sequences, NUL and newlines are shown escaped, never
+sent to the terminal. A damaged row is reported (which table, which row) and skipped; the command
+goes on with the rest and exits 1.
 """
 
 from __future__ import annotations
@@ -22,26 +31,55 @@ __all__ = ("main",)
 import argparse
 import asyncio
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from flowyml import _cli_run
 from flowyml._errors import StoreError
 from flowyml._store import LineageNode, RunRecord, StepRecord, Store, resolve_root
 from flowyml._store._db import DB_NAME
 
 
+def _safe(value: object) -> str:
+    """``value`` as text with every non-printable character escaped (``\\x1b``, ``\\n``, ``\\x00``)."""
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        else:
+            code = ord(ch)
+            out.append(
+                f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+            )
+    return "".join(out)
+
+
 def _fmt_time(epoch: float | None) -> str:
     if epoch is None:
         return "-"
+    if not isinstance(epoch, int | float):
+        return "?"  # a damaged value: shown as unknown, never a traceback
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
 def _fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
+    if not isinstance(seconds, int | float) or seconds != seconds:
+        return "?"
     if seconds < 1.0:
         return f"{seconds * 1000:.1f}ms"
     if seconds < 60.0:
@@ -56,6 +94,8 @@ def _fmt_duration(seconds: float | None) -> str:
 def _fmt_bytes(count: int | None) -> str:
     if count is None:
         return "-"
+    if not isinstance(count, int | float):
+        return "?"
     size = float(count)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -65,6 +105,7 @@ def _fmt_bytes(count: int | None) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    rows = [[_safe(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
@@ -74,7 +115,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _err(message: str) -> None:
-    print(f"flowyml: {message}", file=sys.stderr)
+    print(f"flowyml: {_safe(message)}", file=sys.stderr)
 
 
 # -- commands --------------------------------------------------------------------------------------
@@ -126,13 +167,13 @@ async def _runs_show(store: Store, args: argparse.Namespace) -> int:
         return 1
     run, steps = detail.run, detail.steps
     hits = sum(1 for s in steps if s.cached)
-    print(f"Run {run.run_id}  pipeline {run.pipeline_name!r}  status {run.status}")
+    print(f"Run {_safe(run.run_id)}  pipeline {_safe(repr(run.pipeline_name))}  status {_safe(run.status)}")
     print(
         f"started {_fmt_time(run.started_at)}  duration {_fmt_duration(run.duration_seconds)}  "
         f"cache hits {hits}/{len(steps)}  time saved {_fmt_duration(run.time_saved_seconds or _saved(steps))}"
     )
     if run.error_message:
-        print(f"error: {run.error_message}")
+        print(f"error: {_safe(run.error_message)}")
     if not steps:
         print("No steps recorded.")
         return 0
@@ -151,7 +192,9 @@ async def _runs_show(store: Store, args: argparse.Namespace) -> int:
     print(_table(("STEP", "STATUS", "ATTEMPTS", "DURATION", "CACHED", "TIME SAVED"), rows))
     failures = [s for s in steps if s.error_type or s.error_message]
     for s in failures:
-        print(f"\n{s.step_name}: {s.error_type or 'error'}: {s.error_message or ''}".rstrip())
+        print(
+            f"\n{_safe(s.step_name)}: {_safe(s.error_type or 'error')}: {_safe(s.error_message or '')}".rstrip()
+        )
     return 0
 
 
@@ -161,7 +204,7 @@ def _saved(steps: Sequence[StepRecord]) -> float:
 
 async def _cache_stats(store: Store, args: argparse.Namespace) -> int:
     stats = await store.cache_stats()
-    print(f"store:       {store.root}")
+    print(f"store:       {_safe(store.root)}")
     print(f"entries:     {stats.entries}")
     print(
         f"size:        {_fmt_bytes(stats.bytes)} ({stats.artifacts} artifacts; "
@@ -193,7 +236,15 @@ async def _cache_clear(store: Store, args: argparse.Namespace) -> int:
         _err(f"no cache entries of step {args.step!r} in {store.root}. {listing}")
         return 1
     what = f"of step {args.step!r} " if args.step else ""
-    print(f"Removed {removed} cache {'entry' if removed == 1 else 'entries'} {what}from {store.root}.")
+    print(
+        f"Removed {removed} cache {'entry' if removed == 1 else 'entries'} {_safe(what)}from {_safe(store.root)}."
+    )
+    return 0
+
+
+async def _cache_gc(store: Store, args: argparse.Namespace) -> int:
+    removed, freed = await store.gc()
+    print(f"Removed {removed} leftover file(s) ({_fmt_bytes(freed)}) from {_safe(store.root)}.")
     return 0
 
 
@@ -207,8 +258,14 @@ async def _cache_verify(store: Store, args: argparse.Namespace) -> int:
     for p in report.problems:
         if p.kind == "integrity":
             continue
+        if p.kind == "orphan":
+            print(f"ORPHAN  {_safe(p.path)}: {_safe(p.detail)}")
+            continue
         where = p.path or "inline"
-        print(f"BAD  step {p.step_name!r} output {p.output_name!r} key {p.key}: {p.detail} ({where})")
+        print(
+            f"BAD  step {_safe(repr(p.step_name))} output {_safe(repr(p.output_name))} key {_safe(p.key)}: "
+            f"{_safe(p.detail)} ({_safe(where)})"
+        )
     _err(
         f"{len(report.problems)} problem(s) found. Bad entries are set aside and recomputed when next needed."
     )
@@ -224,7 +281,9 @@ def _lineage_lines(label: str, node: LineageNode, prefix: str, last: bool, root:
     artifact = ""
     if node.artifact_hash:
         artifact = f"  [{node.type_name or '?'}, {_fmt_bytes(node.size)}, {node.artifact_hash[:12]}]"
-    text = f"{label} <- {node.step_name} ({node.status}, {_fmt_duration(node.duration_seconds)}{origin}){artifact}"
+    text = _safe(
+        f"{label} <- {node.step_name} ({node.status}, {_fmt_duration(node.duration_seconds)}{origin}){artifact}"
+    )
     if root:
         lines = [text]
         child_prefix = ""
@@ -248,7 +307,7 @@ async def _lineage(store: Store, args: argparse.Namespace) -> int:
         where = f"run {run_id}" if run_id else "any recorded run"
         _err(f"no output {args.output!r} in {where}.")
         return 1
-    print(f"Lineage of {lineage.output_name!r} in run {lineage.run_id}:")
+    print(f"Lineage of {_safe(repr(lineage.output_name))} in run {_safe(lineage.run_id)}:")
     print("\n".join(_lineage_lines(lineage.output_name, lineage.root, "", True, True)))
     return 0
 
@@ -265,7 +324,9 @@ _NO_STORE: dict[str, tuple[str, int, bool]] = {
     "cache clear": ("No flowyml store at {root}: nothing to clear.", 0, False),
     "cache clear --step": ("no flowyml store at {root}, so no cache entries of step {arg!r}.", 1, True),
     "cache verify": ("no flowyml store at {root}: nothing to verify.", 1, True),
+    "cache gc": ("No flowyml store at {root}: nothing to collect.", 0, False),
     "lineage": ("no flowyml store at {root}, so no output {arg!r}.", 1, True),
+    **_cli_run.NO_STORE,
 }
 
 
@@ -302,7 +363,7 @@ def _parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=_runs_show, name="runs show")
 
     cache = commands.add_parser("cache", parents=[common], help="cache statistics, clearing, verification")
-    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="{stats,clear,verify}")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="{stats,clear,verify,gc}")
     stats = cache_sub.add_parser("stats", parents=[common], help="entries, bytes, hits, time saved")
     stats.set_defaults(handler=_cache_stats, name="cache stats")
     clear = cache_sub.add_parser("clear", parents=[common], help="remove cache entries")
@@ -310,17 +371,27 @@ def _parser() -> argparse.ArgumentParser:
     clear.set_defaults(handler=_cache_clear, name="cache clear")
     verify = cache_sub.add_parser("verify", parents=[common], help="integrity check and artifact re-hash")
     verify.set_defaults(handler=_cache_verify, name="cache verify")
+    gc = cache_sub.add_parser("gc", parents=[common], help="remove files left by crashes")
+    gc.set_defaults(handler=_cache_gc, name="cache gc")
 
     lineage = commands.add_parser("lineage", parents=[common], help="where an output came from")
     lineage.add_argument("output", metavar="OUTPUT", help="an output name")
     lineage.add_argument("--run", metavar="RUN_ID", default=None, help="that run (default: the latest)")
     lineage.set_defaults(handler=_lineage, name="lineage")
+    _cli_run.register(parser, commands, common, runs, show)  # run, dag, report, --version, runs filters
     return parser
 
 
 async def _dispatch(handler: _Command, root: Path, args: argparse.Namespace) -> int:
     async with await Store.open(root, create=False) as store:
-        return await handler(store, args)
+        try:
+            code = await handler(store, args)
+        except sqlite3.DatabaseError as exc:
+            _err(f"the store database {root / DB_NAME} is damaged ({exc}); `flowyml cache verify` checks it")
+            code = 1
+        for note in store.damaged:
+            _err(f"damaged row skipped: {note}")
+        return 1 if store.damaged else code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -330,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors (2) and --help (0)
         return exc.code if isinstance(exc.code, int) else 2
+    direct = _cli_run.direct_command(args)
+    if direct is not None:  # run, dag: no store needed up front
+        return direct(args)
     root = resolve_root(getattr(args, "dir", None))
     name: str = args.name
     if name == "cache clear" and args.step is not None:
@@ -347,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_dispatch(args.handler, root, args))
     except StoreError as exc:
         _err(str(exc))
+        return 1
+    except sqlite3.Error as exc:
+        _err(f"cannot read the flowyml store at {root}: {exc}")
         return 1
     except KeyboardInterrupt:
         return 130

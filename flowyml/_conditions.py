@@ -1,28 +1,29 @@
-"""Conditional steps: ``@when(pred)`` / ``@unless(pred)`` under ``@step``, and ``If`` branches."""
+"""Conditional steps, as defined: ``@when(pred)`` / ``@unless(pred)``, and ``If`` branches.
+
+Define time only. What an ``If`` condition receives is described here (:class:`ControlContext`,
+:class:`StepView`); deciding a gate while a run goes on is :mod:`flowyml._gates`.
+"""
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from ._assets import Asset, Metrics
 from ._errors import ConfigError
-from ._layers import layer
+from ._layers import layer, over_step
 from ._results import StepStatus
 
 if TYPE_CHECKING:
-    from ._scheduler import Run
     from ._step import Step
 
-__all__ = ("NOT_CHOSEN", "ControlContext", "If", "NotReady", "conditions_hold", "unless", "when")
+__all__ = ("ControlContext", "If", "StepView", "conditions_hold", "unless", "when")
 
 P = ParamSpec("P")
 R = TypeVar("R")
 Conditions = tuple[tuple[Callable[..., Any], bool], ...]
-
-NOT_CHOSEN: Final = "its branch of an If was not chosen"
 
 
 def when(predicate: Callable[..., Any]) -> Callable[[Callable[P, R]], Callable[P, R | None]]:
@@ -53,6 +54,9 @@ def _conditional(
     conditions = ((predicate, negate),)
 
     def decorate(func: Callable[P, R]) -> Callable[P, R | None]:
+        stepped = over_step(func, decorate)
+        if stepped is not None:
+            return cast(Callable[P, R | None], stepped)
         afunc = cast(Callable[..., Awaitable[Any]], func)
 
         def call(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
@@ -143,13 +147,6 @@ class If:
         return self.name
 
 
-class NotReady(Exception):
-    """Raised inside an ``If`` condition that reads a step which has not finished yet."""
-
-    def __init__(self, node_id: int) -> None:
-        self.node_id = node_id
-
-
 class StepView:
     """What an ``If`` condition sees of one finished step."""
 
@@ -171,31 +168,11 @@ class StepView:
         self.outputs = unwrapped
 
 
-class _Steps(Mapping[str, StepView]):
-    def __init__(self, run: Run) -> None:
-        self._run = run
-
-    def __getitem__(self, name: str) -> StepView:
-        node = self._run.plan.by_name.get(name)
-        if node is None:
-            raise KeyError(f"no step named {name!r}; steps: {sorted(self._run.plan.by_name)}")
-        res = self._run.results[node.id]
-        if res is None or res.status is StepStatus.PENDING:
-            raise NotReady(node.id)
-        return StepView(res.status, res.outputs)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._run.plan.by_name)
-
-    def __len__(self) -> int:
-        return len(self._run.plan.by_name)
-
-
 class ControlContext:
     """The view an ``If`` condition gets: finished steps by name, and the run's parameters."""
 
     __slots__ = ("params", "steps")
 
-    def __init__(self, run: Run) -> None:
-        self.steps: Mapping[str, StepView] = _Steps(run)
-        self.params: Mapping[str, Any] = run.params
+    def __init__(self, steps: Mapping[str, StepView], params: Mapping[str, Any]) -> None:
+        self.steps = steps
+        self.params = params

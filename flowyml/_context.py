@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping
 from typing import Any
 
 __all__ = ("Context", "context")
@@ -75,6 +75,24 @@ class Context(Mapping[str, Any]):
         """The parameters of ``func`` this context can fill, by name."""
         names = inspect.signature(func).parameters
         return {name: self._params[name] for name in names if name in self._params}
+
+    def validate_for_step(self, func: Callable[..., Any], exclude: Iterable[str] = ()) -> list[str]:
+        """The parameters of ``func`` that need a value and that this context does not hold.
+
+        A parameter needs a value when it has no default and is not ``*args``/``**kwargs``.
+        ``exclude`` names parameters filled elsewhere (by upstream outputs), which are not
+        reported. The result keeps the signature's order; an empty list means ``func`` can run
+        on this context alone.
+        """
+        skip = set(exclude)
+        return [
+            name
+            for name, p in inspect.signature(func).parameters.items()
+            if p.default is inspect.Parameter.empty
+            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            and name not in self._params
+            and name not in skip
+        ]
 
 
 def context(**params: Any) -> Context:

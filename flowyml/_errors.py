@@ -19,6 +19,7 @@ plain Python keeps working::
     │   └── SerializationError(TypeError)     an argument or result cannot be pickled
     ├── CircuitOpenError(RuntimeError)        a circuit breaker refused the call
     ├── UnhashableInputError(TypeError)       a value has no deterministic cache key
+    ├── AssetError(TypeError)                 an asset was given what it cannot hold (a metric that is not a number)
     ├── StoreError(RuntimeError)              the cache and lineage store cannot be used
     └── EventLoopError(RuntimeError)          ``run()`` was called inside a running loop
 
@@ -30,6 +31,7 @@ Cancellation is never wrapped in any of these: it stays ``asyncio.CancelledError
 from __future__ import annotations
 
 __all__ = (
+    "AssetError",
     "CacheCorruptionWarning",
     "CircuitOpenError",
     "ConfigError",
@@ -48,6 +50,7 @@ __all__ = (
     "StepError",
     "StepTimeoutError",
     "StoreError",
+    "StoreWarning",
     "UncachedStepWarning",
     "UnhashableInputError",
     "WorkerCrashedError",
@@ -185,6 +188,11 @@ class UnhashableInputError(FlowymlError, TypeError):
         super().__init__(message)
 
 
+class AssetError(FlowymlError, TypeError):
+    """An asset was built from something it cannot hold: a metric that is not a number, a parent
+    that is not an asset, tags that are not a mapping. The message names the value and the fix."""
+
+
 class StoreError(FlowymlError, RuntimeError):
     """The cache and lineage store cannot be opened or used."""
 
@@ -199,6 +207,13 @@ class FlowymlWarning(UserWarning):
 
 class CacheCorruptionWarning(FlowymlWarning):
     """A cache entry could not be read back intact; it was set aside and the step rerun."""
+
+
+class StoreWarning(FlowymlWarning):
+    """The store could not do all it should, and the run went on: nothing new recorded, writes lost.
+
+    A run whose writes failed warns once and lists them on ``PipelineResult.store_errors``.
+    """
 
 
 class UncachedStepWarning(FlowymlWarning):

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ParamSpec, TypeVar, cast
 
 from flowyml._errors import ConfigError
-from flowyml._layers import is_async_callable, layer
+from flowyml._layers import is_async_callable, layer, over_step
 from flowyml._retry import ExceptionTypes, exception_types
 
 P = ParamSpec("P")
@@ -76,6 +76,9 @@ class FallbackHandler:
 
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
         """Decorate a sync or async function; the wrapper carries ``__flowyml_fallback__ = self``."""
+        stepped = over_step(func, self)
+        if stepped is not None:
+            return cast(Callable[P, R], stepped)
         self._check(func)
         afunc = cast(Callable[..., Awaitable[Any]], func)
         return layer(

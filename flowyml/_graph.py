@@ -2,7 +2,10 @@
 
 A :class:`Plan` is what the scheduler runs: integer node ids, integer output slots, dependents
 lists and remaining-input counters, with every parameter already bound to where its value
-comes from (an upstream output slot, a context name, or a default).
+comes from (an upstream output slot, a context name, or a default). Everything later stages
+derive from the steps is computed here, once per pipeline shape: resource requests, lineage
+shapes, which steps may be awaited directly on the loop, and the execution-group chains.
+Nothing in a plan changes after :func:`build_plan` returns.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ._errors import ConfigError, CycleError, DuplicateOutputError, DuplicateStepError, MissingInputError
+from ._resources import Request, requests_for
 from ._step import Step
 
 if TYPE_CHECKING:
     from ._conditions import If
+    from ._store import StepShape
 
 __all__ = ("MISSING", "Gate", "Node", "Plan", "Source", "build_plan")
 
@@ -47,7 +52,7 @@ class Source:
     parameter: str = ""
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(frozen=True, slots=True, eq=False)
 class Node:
     """One step in a plan, with its arguments bound and its edges counted."""
 
@@ -61,8 +66,10 @@ class Node:
     keyword: tuple[tuple[str, Source], ...]
     deps: tuple[int, ...]
     dependents: tuple[int, ...] = ()
-    lineage_inputs: dict[str, tuple[str, str]] | None = None
+    lineage_inputs: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    """``(producer step, output name)`` of each parameter another step fills, for lineage."""
     identity: str = ""
+    """Module, qualified name, step name and outputs: what a cache key says the step is."""
     labels: tuple[tuple[str, int], ...] = ()
     """Every argument as ``(parameter label, output slot)``; the slot is -1 for context values."""
 
@@ -95,6 +102,14 @@ class Plan:
     context_needs: tuple[tuple[Node, Source], ...]
     gates: tuple[Gate, ...] = ()
     chains: Mapping[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    """Execution-group chains (two or more nodes run as one unit), by head node id."""
+    requests: tuple[Request, ...] = ()
+    """What each node holds from the pipeline's capacity while it runs; empty without capacity."""
+    direct: tuple[bool, ...] = ()
+    """Per node: an ``async def`` step without retry, timeout or fallback, which the run may
+    await on the loop itself when its executor is the loop's."""
+    shapes: tuple[StepShape, ...] = ()
+    """Per node: its lineage record's unchanging part (name, outputs, inputs), encoded once."""
 
     def check_context(self, available: Mapping[str, Any]) -> None:
         """Raise :class:`MissingInputError` for a context-bound parameter nobody can fill."""
@@ -135,12 +150,17 @@ def assign_names(steps: Sequence[Step]) -> list[str]:
     return names
 
 
-def build_plan(steps: Sequence[Step], flows: Sequence[If] = ()) -> Plan:
-    """Resolve every parameter, wire the edges and reject what cannot run.
+def build_plan(
+    steps: Sequence[Step], flows: Sequence[If] = (), *, capacity: Mapping[str, float] | None = None
+) -> Plan:
+    """Resolve every parameter, wire the edges, derive what the run needs and reject what cannot run.
 
     Raises:
         DuplicateStepError, DuplicateOutputError, CycleError, ConfigError: the graph is invalid.
+        ResourceError: a step asks for more of a declared resource than ``capacity`` holds.
     """
+    from ._store import StepShape  # the store's lineage format; imported only when planning
+
     names = assign_names(steps)
     outputs_of = [s.outputs or (names[i],) for i, s in enumerate(steps)]
 
@@ -155,18 +175,27 @@ def build_plan(steps: Sequence[Step], flows: Sequence[If] = ()) -> Plan:
             slot_of[out] = len(slot_names)
             slot_names.append(out)
 
-    nodes: list[Node] = []
+    bindings = [_bind(s, names[i], i, producer, slot_of) for i, s in enumerate(steps)]
+    deps_of: list[tuple[int, ...]] = []
     context_needs: list[tuple[int, Source]] = []
-    for i, s in enumerate(steps):
-        positional, var_pos, keyword = _bind(s, names[i], i, producer, slot_of)
+    dependents: list[list[int]] = [[] for _ in steps]
+    for i, (positional, var_pos, keyword) in enumerate(bindings):
         deps: list[int] = []
         for src in (*positional, *var_pos, *(k[1] for k in keyword)):
             if src.kind == SLOT:
                 p = producer[slot_names[src.slot]]
                 if p not in deps:
                     deps.append(p)
+                    dependents[p].append(i)
             elif src.kind == CONTEXT and src.default is MISSING:
                 context_needs.append((i, src))
+        deps_of.append(tuple(deps))
+
+    nodes: list[Node] = []
+    for i, s in enumerate(steps):
+        positional, var_pos, keyword = bindings[i]
+        sources = [(src.parameter, src) for src in (*positional, *var_pos)] + list(keyword)
+        body = s.body
         nodes.append(
             Node(
                 id=i,
@@ -177,28 +206,20 @@ def build_plan(steps: Sequence[Step], flows: Sequence[If] = ()) -> Plan:
                 positional=positional,
                 var_positional=var_pos,
                 keyword=keyword,
-                deps=tuple(deps),
+                deps=deps_of[i],
+                dependents=tuple(dependents[i]),
+                lineage_inputs={
+                    label: (names[producer[slot_names[src.slot]]], slot_names[src.slot])
+                    for label, src in sources
+                    if src.kind == SLOT
+                },
+                identity=(
+                    f"{getattr(body, '__module__', '?')}.{getattr(body, '__qualname__', '?')}|{names[i]}"
+                    f"|{','.join(outputs_of[i])}"
+                ),
+                labels=tuple((label, src.slot if src.kind == SLOT else -1) for label, src in sources),
             )
         )
-
-    for n in nodes:
-        body = n.step.body
-        n.identity = (
-            f"{getattr(body, '__module__', '?')}.{getattr(body, '__qualname__', '?')}|{n.name}"
-            f"|{','.join(n.output_names)}"
-        )
-        n.labels = tuple((label, src.slot if src.kind == SLOT else -1) for label, src in n.sources())
-        n.lineage_inputs = {
-            label: (names[producer[slot_names[src.slot]]], slot_names[src.slot])
-            for label, src in n.sources()
-            if src.kind == SLOT
-        }
-    dependents: list[list[int]] = [[] for _ in nodes]
-    for n in nodes:
-        for d in n.deps:
-            dependents[d].append(n.id)
-    for n in nodes:
-        n.dependents = tuple(dependents[n.id])
     order = _check_acyclic(nodes)
     index = {id(s): i for i, s in enumerate(steps)}
     gates = tuple(
@@ -218,6 +239,11 @@ def build_plan(steps: Sequence[Step], flows: Sequence[If] = ()) -> Plan:
         context_needs=tuple((nodes[i], src) for i, src in context_needs),
         gates=gates,
         chains=find_chains(nodes, order, {i for g in gates for i in (*g.then_ids, *g.else_ids)}),
+        requests=tuple(requests_for(n.name, n.step.resources, capacity) for n in nodes) if capacity else (),
+        direct=tuple(
+            s.is_async and s.retry is None and s.timeout is None and not s.uses_fallback for s in steps
+        ),
+        shapes=tuple(StepShape(n.name, n.output_names, n.lineage_inputs) for n in nodes),
     )
 
 
@@ -262,7 +288,12 @@ def _groupable(s: Step) -> bool:
 def _bind(
     s: Step, name: str, index: int, producer: Mapping[str, int], slot_of: Mapping[str, int]
 ) -> tuple[tuple[Source, ...], tuple[Source, ...], tuple[tuple[str, Source], ...]]:
-    """Bind each parameter of ``s`` to its source, following DESIGN.md §3 in order."""
+    """Bind each parameter of ``s`` to its source.
+
+    Declared inputs go to the parameters of the same name, the rest in order to the free
+    positional parameters, then to ``*args``, then to ``**kwargs``; every parameter left is
+    filled from the context by its own name, else from its default.
+    """
     params = list(s.signature.parameters.values())
     kinds = inspect.Parameter
     named = [

@@ -8,9 +8,11 @@ outcome, so each is still recorded, cached and reported on its own.
 
 What changes inside a group, and why:
 
-- a member's ``timeout`` cannot be enforced on its own in a thread or process shared with the
-  other members: the whole chain gets the sum of its members' timeouts (none if any has none);
-- retries happen inside the worker, with the same policy and back-off (a blocking sleep there);
+- a step with a ``timeout`` is never grouped (the plan leaves it out of chains): its limit could
+  not be enforced on its own in a worker shared with the other members;
+- retries happen inside the worker through :class:`~flowyml._retry.RetryRun`, with the same
+  policy, clock and back-off as anywhere else (a blocking sleep there), and a failure carries
+  ``.attempts``;
 - the cache is consulted for the first member only; if it hits, the others run one by one as
   ordinary steps, each with its own cache look-up.
 
@@ -19,6 +21,7 @@ Async steps are never grouped: they already run back to back on the loop without
 
 from __future__ import annotations
 
+import inspect
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -26,10 +29,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._conditions import conditions_hold
+from ._errors import StepError
 from ._results import StepStatus, split_outputs
-from ._retry import RetryConfig, _sleep
+from ._retry import RetryConfig, RetryRun
 
-__all__ = ("Member", "Outcome", "run_chain")
+__all__ = ("Member", "Outcome", "coroutine_returned", "run_chain")
 
 # An argument: ("v", value) known before the chain starts, or ("s", slot) made inside it.
 Arg = tuple[str, Any]
@@ -89,30 +93,44 @@ def run_chain(members: Sequence[Member]) -> list[Outcome]:
 def _attempts(m: Member, args: list[Any], kwargs: dict[str, Any], local: dict[int, Any]) -> Outcome:
     start = time.time()
     t0 = time.perf_counter()
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            outputs = split_outputs(m.name, m.output_names, m.body(*args, **kwargs))
-        except Exception as exc:
-            if m.retry is not None and m.retry.should_retry(exc, attempt, time.perf_counter() - t0):
-                _sleep(m.retry.delay(attempt))
-                continue
-            return Outcome(
-                StepStatus.FAILED,
-                {},
-                error=exc,
-                traceback="".join(traceback.format_exception(exc)),
-                attempts=attempt,
-                start_time=start,
-                duration_seconds=time.perf_counter() - t0,
-            )
-        for slot, name in zip(m.output_slots, m.output_names, strict=True):
-            local[slot] = outputs[name]
+    retry = RetryRun(m.retry) if m.retry is not None else None
+
+    def attempt() -> dict[str, Any]:
+        ret = m.body(*args, **kwargs)
+        if inspect.iscoroutine(ret):
+            raise coroutine_returned(m.name, ret)
+        return split_outputs(m.name, m.output_names, ret)
+
+    try:
+        outputs = attempt() if retry is None else retry.call(attempt, (), {})
+    except Exception as exc:
         return Outcome(
-            StepStatus.SUCCEEDED,
-            outputs,
-            attempts=attempt,
+            StepStatus.FAILED,
+            {},
+            error=exc,
+            traceback="".join(traceback.format_exception(exc)),
+            attempts=1 if retry is None else retry.attempt,
             start_time=start,
             duration_seconds=time.perf_counter() - t0,
         )
+    for slot, name in zip(m.output_slots, m.output_names, strict=True):
+        local[slot] = outputs[name]
+    return Outcome(
+        StepStatus.SUCCEEDED,
+        outputs,
+        attempts=1 if retry is None else retry.attempt,
+        start_time=start,
+        duration_seconds=time.perf_counter() - t0,
+    )
+
+
+def coroutine_returned(step_name: str, value: Any) -> StepError:
+    """The error for a plain function that returned a coroutine: it was never awaited."""
+    close = getattr(value, "close", None)
+    if close is not None:
+        close()  # no "never awaited" warning on top of the error
+    return StepError(
+        f"step {step_name!r} is a plain function that returned a coroutine, which flowyml will not "
+        "await; declare it with `async def` so it runs on the event loop",
+        step_name=step_name,
+    )

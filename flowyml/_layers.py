@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ParamSpec, TypeVar, cast
 
-__all__ = ("is_async_callable", "layer", "own_markers")
+__all__ = ("is_async_callable", "layer", "over_step", "own_markers")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -46,6 +46,17 @@ def layer(
         wrapper = sync_wrapper
     own_markers(wrapper, **markers)
     return cast(Callable[P, R], wrapper)
+
+
+def over_step(func: Any, decorate: Callable[[Callable[..., Any]], Any]) -> Any | None:
+    """For a decorator written above ``@step``: the same step with the layer put under it.
+
+    ``@retry(...)`` over ``@step(...)`` then means what ``@step(...)`` over ``@retry(...)``
+    means, and keeps the step's outputs, timeout and cache. Returns ``None`` when ``func`` is
+    not a step, and the decorator wraps it as usual.
+    """
+    rewrap = getattr(func, "__flowyml_rewrap__", None)
+    return None if rewrap is None else rewrap(decorate)
 
 
 def own_markers(wrapper: Callable[..., Any], **markers: object) -> None:

@@ -17,15 +17,14 @@ Every record about a run carries ``run_id`` and ``step`` (None for run-level rec
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from typing import TYPE_CHECKING
 
 from ._results import StepStatus
 
 if TYPE_CHECKING:
-    from ._results import PipelineResult, StepResult
+    from ._results import StepResult
 
-__all__ = ("run_finished", "run_log", "run_started", "step_failed", "step_retrying", "summary_line")
+__all__ = ("run_finished", "run_log", "run_started", "step_failed", "step_retrying")
 
 logging.getLogger("flowyml").addHandler(logging.NullHandler())
 run_log = logging.getLogger("flowyml.run")
@@ -38,9 +37,10 @@ def run_started(run_id: str, pipeline: str, steps: int) -> None:
         )
 
 
-def run_finished(result: PipelineResult) -> None:
+def run_finished(run_id: str, summary: str) -> None:
+    """INFO the run's one-line summary (see :func:`flowyml._progress.summary_line`)."""
     if run_log.isEnabledFor(logging.INFO):
-        run_log.info(summary_line(result), extra={"run_id": result.run_id, "step": None})
+        run_log.info("%s", summary, extra={"run_id": run_id, "step": None})
 
 
 def step_retrying(run_id: str, step: str, attempt: int, delay: float, error: BaseException) -> None:
@@ -70,27 +70,3 @@ def step_failed(run_id: str, res: StepResult) -> None:
             what,
             extra={"run_id": run_id, "step": res.step_name},
         )
-
-
-def summary_line(result: PipelineResult) -> str:
-    """``run 3f2a… of 'train' completed in 4.20s: 10 succeeded, 2 cached (saved 31.0s), 1 skipped``."""
-    counts = Counter(r.status for r in result.step_results.values())
-    parts = [f"{counts[s]} {s.value.replace('_', ' ')}" for s in _ORDER if counts[s]]
-    saved = result.time_saved_seconds
-    if saved > 0:
-        parts.append(f"cache saved {saved:.2f}s")
-    return (
-        f"run {result.run_id} of {result.pipeline_name!r} {result.state} in "
-        f"{result.duration_seconds:.2f}s: {', '.join(parts) or 'no steps'}"
-    )
-
-
-_ORDER = (
-    StepStatus.SUCCEEDED,
-    StepStatus.CACHED,
-    StepStatus.FAILED,
-    StepStatus.TIMED_OUT,
-    StepStatus.CANCELLED,
-    StepStatus.SKIPPED,
-    StepStatus.PENDING,
-)

@@ -4,27 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import os
+import reprlib
 import sys
 import time
 import uuid
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _log
-from ._conditions import NOT_CHOSEN, If
+from ._attempt import UnitRunner
+from ._conditions import If
 from ._context import Context
 from ._dispatch import Channel
-from ._errors import ConfigError, EventLoopError
+from ._errors import ConfigError, EventLoopError, StoreError, StoreWarning
 from ._executors._base import Executor
 from ._executors._local import AsyncExecutor, ThreadExecutor
+from ._gates import NOT_CHOSEN
 from ._graph import Node, Plan, build_plan
+from ._mermaid import to_mermaid
 from ._otel import tracing_for
-from ._progress import Progress, progress_wanted
-from ._resources import Request, ResourcePool, parse_capacity, requests_for
-from ._results import PipelineResult, StepResult, StepStatus
-from ._scheduler import Run, describe_inputs
+from ._progress import Progress, progress_wanted, summary_line
+from ._report import PipelineResult
+from ._resources import ResourcePool, parse_capacity
+from ._results import StepResult, StepStatus
+from ._scheduler import Run
+from ._state import RunState
 from ._step import Step, step
 from ._watch import Watch
 from .events import Event, Listener
@@ -85,8 +92,10 @@ class Pipeline:
         self._step_ids: set[int] = set()
         self._flows: list[If] = []
         self._plan: Plan | None = None
-        self._requests: list[Request] = []
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResourcePool] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._threads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ThreadExecutor] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -131,10 +140,12 @@ class Pipeline:
             GraphError: a cycle, a missing input or a duplicate output, before anything runs.
         """
         if self._plan is None:
-            plan = build_plan(self._steps, self._flows)
-            self._requests = [requests_for(n.name, n.step.resources, self.capacity) for n in plan.nodes]
-            self._plan = plan
+            self._plan = build_plan(self._steps, self._flows, capacity=self.capacity)
         return self._plan
+
+    def to_mermaid(self) -> str:
+        """The pipeline's DAG as Mermaid flowchart text (see ``flowyml._mermaid``)."""
+        return to_mermaid(self.plan(), params=self.context.to_dict())
 
     def run(
         self,
@@ -234,39 +245,40 @@ class Pipeline:
             if Watch.wanted(listeners, _channels, show or None, tracing)
             else None
         )
-        run: Run | None = None
-        state = "cancelled"
         try:
-            store, hooks = await self._open_store(plan, run_id, start)
+            store, hooks, mark = await self._open_store(plan, run_id, start)
         except BaseException as exc:
             if watch is not None:
                 await watch.run_cancelled(None, exc)
             raise
+        store_errors: list[StoreError] = []
+        run_state = RunState(plan, params)
+        state = "cancelled"
         try:
             _log.run_started(run_id, self.name, len(plan.nodes))
             if watch is not None:
                 await watch.run_started(len(plan.nodes))
-            run = Run(
-                plan,
-                params=params,
-                executors=assigned,
-                fail_fast=fail_fast,
-                max_concurrency=1 if debug else self.max_concurrency,
-                on_failure=_debug_report if debug else None,
+            runner = UnitRunner(
+                run_state,
+                assigned,
                 hooks=hooks,
                 resources=self._resource_pool() if self.capacity else None,
-                requests=self._requests if self.capacity else (),
+                max_concurrency=1 if debug else self.max_concurrency,
                 remote=remote,
+                on_failure=_debug_report if debug else None,
                 run_id=run_id,
                 watch=watch,
             )
-            await run.execute()
-            if remote:
-                await run.localize_outputs()
-            state = _state(r for r in run.results if r is not None)
+            try:
+                await Run(run_state, runner, fail_fast=fail_fast).execute()
+            finally:
+                if watch is not None:
+                    watch.unannounced(run_state.results)
+            await runner.localize_outputs()
+            state = _state(r for r in run_state.results if r is not None)
         except BaseException as exc:
             if watch is not None:
-                partial = self._result(plan, run, run_id, "cancelled", start) if run is not None else None
+                partial = self._result(plan, run_state, run_id, "cancelled", start, params, ())
                 await _finish_even_if_cancelled(watch.run_cancelled(partial, exc))
             raise
         finally:
@@ -274,14 +286,45 @@ class Pipeline:
                 await executors.aclose(close_given=_close_all)
             finally:
                 if store is not None and hooks is not None:
-                    await _finish_even_if_cancelled(
-                        self._close_store(store, hooks, run, run_id, start, state)
+                    # Awaited in this task: cancelled meanwhile, the run's records are queued already
+                    # and the shared store's writer commits them anyway.
+                    await self._close_store(
+                        store, hooks, run_state, run_id, start, state, mark, store_errors, wait=_close_all
                     )
-        result = self._result(plan, run, run_id, state, start)
-        _log.run_finished(result)
+        result = self._result(
+            plan, run_state, run_id, state, start, params, _report_store_errors(self.name, store_errors)
+        )
+        _log.run_finished(run_id, summary_line(result))
         if watch is not None:
             await watch.run_finished(result)
         return result
+
+    def _result(
+        self,
+        plan: Plan,
+        run_state: RunState,
+        run_id: str,
+        state: str,
+        start: float,
+        params: dict[str, Any],
+        store_errors: tuple[StoreError, ...],
+    ) -> PipelineResult:
+        results = {
+            r.step_name: r for r in run_state.results if r is not None and r.skip_reason is not NOT_CHOSEN
+        }
+        return PipelineResult(
+            run_id=run_id,
+            pipeline_name=self.name,
+            state=state,
+            outputs=run_state.outputs(),
+            step_results=results,
+            start_time=start,
+            end_time=time.time(),
+            producers={out: n.name for n in plan.nodes for out in n.output_names},
+            plan=plan,
+            params=params,
+            store_errors=store_errors,
+        )
 
     def stream(
         self,
@@ -313,60 +356,75 @@ class Pipeline:
             {"fail_fast": fail_fast, "run_id": run_id, "executor": executor, "progress": progress},
         )
 
-    def _result(self, plan: Plan, run: Run, run_id: str, state: str, start: float) -> PipelineResult:
-        results = {r.step_name: r for r in run.results if r is not None and r.skip_reason is not NOT_CHOSEN}
-        return PipelineResult(
-            run_id=run_id,
-            pipeline_name=self.name,
-            state=state,
-            outputs=run.outputs(),
-            step_results=results,
-            start_time=start,
-            end_time=time.time(),
-            producers={out: n.name for n in plan.nodes for out in n.output_names},
-        )
-
     async def _open_store(
         self, plan: Plan, run_id: str, start: float
-    ) -> tuple[Store | None, StoreHooks | None]:
+    ) -> tuple[Store | None, StoreHooks | None, int]:
         if not (self.enable_cache or self.lineage):
-            return None, None
+            return None, None, 0
         from ._cache import StoreHooks
-        from ._store import RunRecord, Store
+        from ._store import RunRecord, shared_store
 
-        store = await Store.open(self.cache_dir)
-        try:
-            hooks = StoreHooks(store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage)
-            hooks.check_fingerprints()
-            if self.enable_cache:
-                await store.preload(n.name for n in plan.nodes)
-            if self.lineage:
-                store.record_run(RunRecord(run_id, self.name, "running", start))
-        except BaseException:
-            await store.aclose()
-            raise
-        return store, hooks
+        store = await shared_store(self.cache_dir)  # one per process and directory, kept open
+        # One loop turn between the engine's setup and the store's: 200 runs started together
+        # otherwise do both in one turn (~6 ms here), and every other task waits for all of it.
+        await asyncio.sleep(0)
+        mark = store.error_mark()
+        hooks = StoreHooks(store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage)
+        hooks.check_fingerprints()
+        if self.enable_cache:
+            await store.preload(n.name for n in plan.nodes if n.step.cache is not False)
+        if self.lineage:
+            store.record_run(RunRecord(run_id, self.name, "running", start))
+        return store, hooks, mark
 
     async def _close_store(
-        self, store: Store, hooks: StoreHooks, run: Run | None, run_id: str, start: float, state: str
+        self,
+        store: Store,
+        hooks: StoreHooks,
+        run: RunState,
+        run_id: str,
+        start: float,
+        state: str,
+        mark: int,
+        errors: list[StoreError],
+        *,
+        wait: bool,
     ) -> None:
-        """Record how the run ended and wait for every queued write to commit."""
+        """Record how the run ended; what could not be written goes in ``errors``.
+
+        ``run()`` (``wait``) returns once every record is committed; ``arun()`` once its cache
+        entries are, and leaves its lineage to the shared writer, which commits it within 20 ms
+        with the next runs' records (and at the latest when the store closes).
+        """
         from ._store import RunRecord
 
         try:
             if self.lineage:
-                results = run.results if run is not None else []
+                results = run.results
                 for node, res in zip(hooks.plan.nodes, results, strict=False):
                     if res is not None and res.start_time is None and res.skip_reason is not NOT_CHOSEN:
                         store.record_step(hooks.record(node, res))  # never started: skipped
                 end = time.time()
                 saved = sum(r.time_saved_seconds for r in results if r is not None)
                 store.record_run(RunRecord(run_id, self.name, state, start, end, end - start, saved))
+        except StoreError as exc:  # the store was closed under the run: its values still return
+            errors.append(exc)
         finally:
             try:
-                await store.aclose()
+                errors += await store.settle(mark, wait=wait)
             finally:
                 hooks.release()
+
+    def _thread_executor(self) -> ThreadExecutor:
+        """The threads of every run of this pipeline on the running loop: ``max_threads`` in all.
+
+        Per run, 200 concurrent runs of a one-step pipeline started 200 threads.
+        """
+        loop = asyncio.get_running_loop()
+        found = self._threads.get(loop)
+        if found is None or found.max_threads != self.max_threads:
+            found = self._threads[loop] = ThreadExecutor(self.max_threads)
+        return found
 
     def _resource_pool(self) -> ResourcePool:
         """The capacity shared by every run of this pipeline on the running event loop."""
@@ -491,12 +549,12 @@ class _Executors:
         if s.is_async:
             return self._async
         if self._thread is None:
-            self._thread = ThreadExecutor(self._pipeline.max_threads)
+            self._thread = self._pipeline._thread_executor()
         return self._thread
 
     async def aclose(self, *, close_given: bool) -> None:
         """Close the executors this run made, and the ones it was given when ``close_given``."""
-        owned = [ex for ex in (self._thread, self._process) if ex is not None]
+        owned = [ex for ex in (self._process,) if ex is not None]  # the thread executor is shared
         for ex in owned + (list(self._given.values()) if close_given else []):
             await ex.aclose()
 
@@ -519,17 +577,18 @@ def _refuse_worker_import(name: str) -> None:
         )
 
 
-async def _finish_even_if_cancelled(closing: Coroutine[Any, Any, None]) -> None:
-    """Await ``closing`` to the end even if this task is cancelled meanwhile, then re-raise."""
-    task = asyncio.ensure_future(closing)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError as cancelled:
-        try:
-            await task
-        except Exception as exc:  # the cancellation matters more; keep the close error visible
-            cancelled.add_note(f"flowyml: closing the run's store also failed: {exc!r}")
-        raise
+def _report_store_errors(name: str, errors: list[StoreError]) -> tuple[StoreError, ...]:
+    """Warn once for a run whose writes to the store failed; the errors for ``result.store_errors``."""
+    if errors:
+        warnings.warn(
+            StoreWarning(
+                f"pipeline {name!r}: {len(errors)} write(s) to the flowyml store failed; the run's values "
+                f"are all here, but what failed is not cached or recorded (see result.store_errors). "
+                f"First: {errors[0]}"
+            ),
+            stacklevel=3,
+        )
+    return tuple(errors)
 
 
 def _state(results: Iterable[StepResult]) -> str:
@@ -559,3 +618,29 @@ def _debug_report(node: Node, res: StepResult, inputs: list[Any]) -> None:
         import pdb
 
         pdb.post_mortem(res.error.__traceback__)
+
+
+def describe_inputs(node: Node, values: list[Any]) -> str:
+    """Each argument of a step by parameter: type, size and a short repr, for the debug report."""
+    lines = []
+    for (label, _), v in zip(node.labels, values, strict=False):
+        try:
+            size = f"len={len(v)}"
+        except TypeError:
+            size = f"{sys.getsizeof(v)} bytes"
+        text = reprlib.repr(v)
+        lines.append(f"    {label} = {type(v).__name__}({size}) {text}")
+    return "\n".join(lines) or "    no inputs"
+
+
+async def _finish_even_if_cancelled(closing: Coroutine[Any, Any, None]) -> None:
+    """Await ``closing`` to the end even if this task is cancelled meanwhile, then re-raise."""
+    task = asyncio.ensure_future(closing)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError as cancelled:
+        try:
+            await task
+        except Exception as exc:  # the cancellation matters more; keep the close error visible
+            cancelled.add_note(f"flowyml: finishing the run's watchers also failed: {exc!r}")
+        raise

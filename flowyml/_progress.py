@@ -25,13 +25,14 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from typing import Any, Final, Protocol, TextIO
 
-from ._log import summary_line
-from ._results import PipelineResult, StepStatus
+from ._report import PipelineResult
+from ._results import StepStatus
 from .events import Event, ItemsProgress, RunStarted, StepFinished, StepStarted
 
-__all__ = ("PLAIN_INTERVAL", "Progress", "progress_wanted")
+__all__ = ("PLAIN_INTERVAL", "Progress", "progress_wanted", "summary_line")
 
 REDRAW_INTERVAL: Final = 0.1
 """Seconds between redraws of a terminal display: at most 10 a second."""
@@ -41,6 +42,33 @@ PLAIN_INTERVAL: Final = 5.0
 
 _LONGEST: Final = 3
 _FAILED = frozenset({StepStatus.FAILED, StepStatus.TIMED_OUT})
+
+
+def summary_line(result: PipelineResult) -> str:
+    """``run 3f2a… of 'train' completed in 4.20s: 10 succeeded, 2 cached, cache saved 31.00s``.
+
+    The line the display leaves behind, and the INFO record that ends every run.
+    """
+    counts = Counter(r.status for r in result.step_results.values())
+    parts = [f"{counts[s]} {s.value.replace('_', ' ')}" for s in _ORDER if counts[s]]
+    saved = result.time_saved_seconds
+    if saved > 0:
+        parts.append(f"cache saved {saved:.2f}s")
+    return (
+        f"run {result.run_id} of {result.pipeline_name!r} {result.state} in "
+        f"{result.duration_seconds:.2f}s: {', '.join(parts) or 'no steps'}"
+    )
+
+
+_ORDER = (
+    StepStatus.SUCCEEDED,
+    StepStatus.CACHED,
+    StepStatus.FAILED,
+    StepStatus.TIMED_OUT,
+    StepStatus.CANCELLED,
+    StepStatus.SKIPPED,
+    StepStatus.PENDING,
+)
 
 
 def progress_wanted(progress: bool | None) -> bool:

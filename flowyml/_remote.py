@@ -11,11 +11,15 @@ kept remote in a pipeline with ``If`` branches, whose conditions read values syn
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 from ._executors._base import Executor
 from ._graph import MISSING, SLOT, Node
-from ._results import StepResult, StepStatus
+from ._results import StepStatus
+
+if TYPE_CHECKING:
+    from ._state import RunState
 
 __all__ = ("RemoteValues",)
 
@@ -69,19 +73,23 @@ class RemoteValues:
             self.producer[node.output_slots[0]] = executor
         return keep, key_args, key_kwargs
 
-    async def keep_copy(self, node: Node, res: StepResult) -> None:
-        """Fetch a remote output once so the driver-side cache can store it; the handle stays."""
-        name = node.output_names[0]
-        res.outputs = {name: await self.fetch(node.output_slots[0], res.outputs[name], node.name)}
+    async def copy_for_cache(self, node: Node, outputs: dict[str, Any]) -> dict[str, Any]:
+        """The step's outputs with its remote output fetched once, for the driver-side cache.
 
-    async def localize_outputs(
-        self, values: list[Any], nodes: tuple[Node, ...], results: list[StepResult | None]
-    ) -> None:
+        The handle stays in the output's slot for the step's consumers.
+        """
+        name = node.output_names[0]
+        return {name: await self.fetch(node.output_slots[0], outputs[name], node.name)}
+
+    async def localize_outputs(self, state: RunState) -> None:
         """Fetch every remote output of a successful step to the driver, before the executors close.
 
-        A value that cannot be brought back fails its step with that error.
+        The one place a result is rebuilt after its step ended: a remote step's result held
+        handles, and now holds the values (or, if one cannot be brought back, fails with that
+        error). Nothing else reads the results before this is done.
         """
-        for node in nodes:
+        values, results = state.values, state.results
+        for node in state.plan.nodes:
             slots = [s for s in node.output_slots if s in self.producer]
             res = results[node.id]
             if not slots or res is None:
@@ -94,11 +102,12 @@ class RemoteValues:
                 for slot in slots:
                     values[slot] = await self.fetch(slot, values[slot], node.name)
             except Exception as exc:
-                res.status, res.error, res.outputs = StepStatus.FAILED, exc, {}
+                results[node.id] = dataclasses.replace(res, status=StepStatus.FAILED, error=exc, outputs={})
                 for slot in slots:
                     values[slot] = MISSING
                 continue
-            res.outputs = {n: values[s] for n, s in zip(node.output_names, node.output_slots, strict=True)}
+            outputs = {n: values[s] for n, s in zip(node.output_names, node.output_slots, strict=True)}
+            results[node.id] = dataclasses.replace(res, outputs=outputs)
 
 
 def _put(node: Node, i: int, args: list[Any], kwargs: dict[str, Any], value: Any) -> None:

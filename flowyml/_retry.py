@@ -6,8 +6,8 @@ in one place:
 - :meth:`ExponentialBackoff.delay` -- the wait after a failed attempt; arithmetic only.
 - :class:`RetryConfig` -- the whole policy as a value; :meth:`RetryConfig.should_retry` and
   :meth:`RetryConfig.stop_reason` are pure functions of (exception, attempt, elapsed).
-- :class:`RetryRun` -- the bookkeeping of one call (attempt number, start time). The sync and
-  async wrappers of :func:`retry` share it, and so can the engine's own attempt loop.
+- :class:`RetryRun` -- one call's bookkeeping (attempt number, start time) and flowyml's only
+  retry loop, used by :func:`retry`, the engine's attempts and execution groups alike.
 - :func:`_sleep`, :func:`_asleep`, :func:`_now` -- the only places flowyml waits between
   attempts and reads the time for ``max_time``. :func:`flowyml.testing.no_sleep` turns the
   waits into instant, recorded ones on a clock that still advances, so tests never sleep.
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
 from flowyml._errors import CircuitOpenError, ConfigError
-from flowyml._layers import layer
+from flowyml._layers import layer, over_step
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -285,22 +285,18 @@ async def _asleep(seconds: float) -> None:
 
 
 class RetryRun:
-    """The state of one call under a :class:`RetryConfig`: the attempt number and the start time.
+    """One call under a :class:`RetryConfig`: the attempt number, the start time, and the loop.
 
-    Usage, shared by both wrappers of :func:`retry` and meant for the engine's attempt loop::
-
-        run = RetryRun(config)
-        while True:
-            try:
-                return attempt()
-            except Exception as exc:
-                delay = run.failed(exc)
-                if delay is None:
-                    raise          # exc now carries .attempts and a note
-            await _asleep(delay)
+    This is flowyml's only retry loop. The decorator :func:`retry` (sync and async), a step's
+    attempts on the event loop (:mod:`flowyml._attempt`) and the members of an execution group
+    in their worker (:mod:`flowyml._groups`) all call :meth:`call` or :meth:`acall`, so every
+    retry reads the same clock (:func:`_now`, advanced by ``no_sleep()``), waits through
+    :func:`_sleep` / :func:`_asleep`, and leaves ``.attempts`` and a note on the exception it
+    gives up on. :meth:`failed` is where the decision to retry is taken; ``on_retry(attempt,
+    delay, error)``, when given, hears of each failed attempt that will be retried, before the wait.
     """
 
-    __slots__ = ("_clock", "_rand", "attempt", "config", "started")
+    __slots__ = ("_clock", "_on_retry", "_rand", "attempt", "config", "started")
 
     def __init__(
         self,
@@ -308,9 +304,11 @@ class RetryRun:
         *,
         clock: Callable[[], float] = _now,
         rand: Callable[[], float] = random.random,
+        on_retry: Callable[[int, float, BaseException], None] | None = None,
     ) -> None:
         self.config = config
         self.attempt = 1
+        self._on_retry = on_retry
         self._clock = clock
         self._rand = rand
         self.started = clock()
@@ -325,6 +323,8 @@ class RetryRun:
         reason = self.config.stop_reason(exc, self.attempt, self._clock() - self.started)
         if reason is None:
             delay = self.config.delay(self.attempt, self._rand)
+            if self._on_retry is not None:
+                self._on_retry(self.attempt, delay, exc)
             self.attempt += 1
             return delay
         if isinstance(exc, Exception):
@@ -336,6 +336,30 @@ class RetryRun:
                 with contextlib.suppress(AttributeError, TypeError):
                     exc.add_note(f"flowyml retry: gave up after {self.attempt} attempts ({reason})")
         return None
+
+    def call(self, func: Callable[..., R], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> R:
+        """Call ``func`` until it returns or the policy gives up; waits block this thread."""
+        while True:
+            try:
+                return func(*args, **kwargs)
+            except Exception as exc:
+                delay = self.failed(exc)
+                if delay is None:
+                    raise
+            _sleep(delay)
+
+    async def acall(
+        self, func: Callable[..., Awaitable[R]], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> R:
+        """Await ``func`` until it returns or the policy gives up; waits let the loop run."""
+        while True:
+            try:
+                return await func(*args, **kwargs)
+            except Exception as exc:
+                delay = self.failed(exc)
+                if delay is None:
+                    raise
+            await _asleep(delay)
 
 
 # --------------------------------------------------------------------------- decorator
@@ -361,30 +385,17 @@ class Retry:
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
         if not callable(func):
             raise ConfigError(f"retry(...) decorates a function, got {func!r}")
+        stepped = over_step(func, self)
+        if stepped is not None:
+            return cast(Callable[P, R], stepped)
         config = self.config
         afunc = cast(Callable[..., Awaitable[Any]], func)
 
         def call(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
-            run = RetryRun(config)
-            while True:
-                try:
-                    return func(*args, **kwargs)
-                except Exception as exc:
-                    delay = run.failed(exc)
-                    if delay is None:
-                        raise
-                _sleep(delay)
+            return RetryRun(config).call(func, args, kwargs)
 
         async def acall(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
-            run = RetryRun(config)
-            while True:
-                try:
-                    return await afunc(*args, **kwargs)
-                except Exception as exc:
-                    delay = run.failed(exc)
-                    if delay is None:
-                        raise
-                await _asleep(delay)
+            return await RetryRun(config).acall(afunc, args, kwargs)
 
         return layer(func, call, acall, retry=config)
 

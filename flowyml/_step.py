@@ -57,6 +57,7 @@ class Step:
     __slots__ = (
         "__dict__",
         "body",
+        "breakers",
         "cache",
         "condition",
         "conditions",
@@ -67,6 +68,7 @@ class Step:
         "inputs",
         "is_async",
         "name",
+        "options",
         "outputs",
         "resources",
         "retry",
@@ -94,6 +96,8 @@ class Step:
     is_async: bool
     signature: inspect.Signature
     uses_fallback: bool
+    breakers: tuple[Any, ...]
+    options: dict[str, Any]
 
     def __init__(
         self,
@@ -115,8 +119,10 @@ class Step:
             raise ConfigError(f"@step needs a function, got {type(func).__name__}: {func!r}")
         if isinstance(func, Step):
             func = func.func
+        inputs, outputs = _as_tuple(inputs), _as_tuple(outputs)
         body, lifted_retry, conditions = _unwrap_layers(func)
         label = name or getattr(body, "__name__", None) or type(body).__name__
+        _refuse_generators(body, label)
         if lifted_retry is not None and retry not in (0, None):
             raise ConfigError(f"step {label!r} has both @retry(...) and retry={retry!r}; keep one of them")
         if condition is not None:
@@ -129,6 +135,11 @@ class Step:
         set_ = object.__setattr__
         set_(self, "func", func)
         set_(self, "body", body)
+        set_(self, "options", {
+            "name": name, "inputs": inputs, "outputs": outputs, "cache": cache,
+            "retry": retry, "timeout": timeout, "resources": resources, "tags": tags,
+            "condition": condition, "execution_group": execution_group, "executor": executor,
+        })  # fmt: skip
         set_(self, "name", _check_name(name, label))
         set_(self, "explicit_name", name is not None)
         set_(self, "inputs", _names(inputs, "inputs", label))
@@ -142,7 +153,8 @@ class Step:
         set_(self, "conditions", conditions)
         set_(self, "execution_group", _check_group(execution_group, label))
         set_(self, "is_async", is_async_callable(body))
-        set_(self, "uses_fallback", _has_layer(body, "__flowyml_fallback__"))
+        set_(self, "uses_fallback", bool(_layers_of(body, "__flowyml_fallback__")))
+        set_(self, "breakers", _layers_of(body, "__flowyml_breaker__"))
         set_(self, "executor", _check_executor(executor, label, self.is_async))
         try:
             set_(self, "signature", inspect.signature(body))
@@ -152,6 +164,10 @@ class Step:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)
+
+    def __flowyml_rewrap__(self, decorate: Callable[[Callable[..., Any]], Any]) -> Step:
+        """This step with ``decorate`` applied to its function: a decorator written above ``@step``."""
+        return Step(decorate(self.func), **self.options)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in Step.__slots__:
@@ -239,6 +255,23 @@ _OPTIONS: Final = frozenset(
 )
 
 
+def _as_tuple(value: Any) -> Any:
+    """A one-shot iterable of names as a tuple, so the options can build the step again."""
+    return value if value is None or isinstance(value, str) else tuple(value)
+
+
+def _refuse_generators(body: Callable[..., Any], label: str) -> None:
+    """Generator steps have no meaning yet (streaming sources will give them one): refuse them."""
+    inner = inspect.unwrap(body) if callable(body) else body
+    for func in (body, inner):
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            kind = "an async generator" if inspect.isasyncgenfunction(func) else "a generator"
+            raise ConfigError(
+                f"step {label!r} is {kind} function (it uses `yield`); flowyml does not run generator "
+                "steps: return a list of the items instead (or use parallel_map inside the step)"
+            )
+
+
 def _unwrap_layers(
     func: Callable[..., Any],
 ) -> tuple[Callable[..., Any], RetryConfig | None, tuple[tuple[Predicate, bool], ...]]:
@@ -265,12 +298,19 @@ def _unwrap_layers(
     return func, retry, tuple(conditions)
 
 
-def _has_layer(func: Any, marker: str) -> bool:
+def _layers_of(func: Any, marker: str) -> tuple[Any, ...]:
+    """What each decorator layer of ``func`` marked with ``marker`` holds, outermost first.
+
+    Read once here, so no later stage walks ``__wrapped__``: a step's circuit breakers (a timed
+    out attempt counts as their failure) and whether it has a fallback.
+    """
+    found = []
     while func is not None:
-        if getattr(func, marker, None) is not None:
-            return True
+        value = getattr(func, marker, None)
+        if value is not None:
+            found.append(value)
         func = getattr(func, "__wrapped__", None)
-    return False
+    return tuple(found)
 
 
 def _check_name(name: str | None, label: str) -> str:

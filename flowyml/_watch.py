@@ -10,7 +10,8 @@ Engine calls, all on the event loop:
 
 - :meth:`started` when a step begins (its cache look-up or its first attempt);
 - :meth:`retrying` after a failed attempt that will be retried;
-- :meth:`finished` exactly once per step, when its fate is decided (skipped ones included);
+- :meth:`finished` exactly once per step, when its fate is decided (skipped ones included),
+  and :meth:`unannounced` once the scheduler is done, for the fates it decided itself;
 - ``tracing.attempt(...)`` around each call of a step's body, when :attr:`tracing` is set.
 """
 
@@ -22,17 +23,19 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._dispatch import Channel, Dispatcher
-from ._log import run_log
+from ._log import run_log, step_failed
 from ._otel import Tracing
 from ._results import StepStatus
 from .events import Listener, RunFinished, RunStarted, StepFinished, StepRetrying, StepStarted
 
 if TYPE_CHECKING:
     from ._progress import Progress
-    from ._results import PipelineResult, StepResult
+    from ._report import PipelineResult
+    from ._results import StepResult
 
 __all__ = ("Watch",)
 
+_BAD = frozenset({StepStatus.FAILED, StepStatus.TIMED_OUT})
 _monotonic = time.monotonic
 _new = object.__new__
 
@@ -74,6 +77,7 @@ class Watch:
         self._dispatcher = Dispatcher(sinks, channels, run_id=run_id) if sinks or channels else None
         self._emit = self._dispatcher.fast_emit() if self._dispatcher is not None else None
         self._debug = run_log.isEnabledFor(logging.DEBUG)
+        self._announced: set[str] = set()
 
     @staticmethod
     def wanted(
@@ -105,6 +109,7 @@ class Watch:
             run_log.debug("step %r started", step, extra={"run_id": self.run_id, "step": step})
 
     def finished(self, res: StepResult, cache_reason: str | None = None) -> None:
+        self._announced.add(res.step_name)
         emit = self._emit
         if emit is not None:
             event = _new(StepFinished)
@@ -125,6 +130,14 @@ class Watch:
                 res.duration_seconds,
                 extra={"run_id": self.run_id, "step": res.step_name},
             )
+
+    def unannounced(self, results: Sequence[StepResult | None]) -> None:
+        """Announce the fates the scheduler decided itself (steps a stopped run never reached)."""
+        for res in results:
+            if res is not None and res.step_name not in self._announced:
+                if res.status in _BAD:
+                    step_failed(self.run_id, res)
+                self.finished(res)
 
     def retrying(self, step: str, attempt: int, delay: float, error: BaseException) -> None:
         if self._emit is not None:

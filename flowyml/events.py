@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, TypeAlias
 from ._results import StepStatus
 
 if TYPE_CHECKING:
-    from ._results import PipelineResult, StepResult
+    from ._report import PipelineResult
+    from ._results import StepResult
 
 __all__ = (
     "Event",

@@ -1,16 +1,89 @@
-"""Helpers for testing code that uses flowyml: no real waiting between retries, a throwaway store."""
+"""Helpers for testing code that uses flowyml: no real waiting between retries, a throwaway
+store, and an executor that runs steps right here and remembers every call."""
 
 from __future__ import annotations
 
-__all__ = ("no_sleep", "temporary_store")
+__all__ = ("Call", "InMemoryExecutor", "no_sleep", "temporary_store")
 
+import asyncio
 import contextlib
+import inspect
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from flowyml import _retry
+from flowyml._errors import StepTimeoutError
+from flowyml._executors._base import Executor
+from flowyml._layers import is_async_callable
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One call an :class:`InMemoryExecutor` was given."""
+
+    step_name: str
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+
+
+class InMemoryExecutor(Executor):
+    """An executor double: runs every call on the event loop's thread and records it.
+
+    ``pipeline.run(executor=InMemoryExecutor())`` sends every step that names no executor of its
+    own here (async and plain functions alike), so a test can see which steps were called, with
+    which arguments, in which order, and how many ran at once, without threads or processes.
+    A plain function blocks the loop while it runs, so its ``timeout`` is checked when it
+    returns; an ``async def`` one is cancelled when its ``timeout`` expires.
+    """
+
+    name: ClassVar[str] = "memory"
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.running = 0
+        self.peak = 0
+        """The most calls that were in flight at once."""
+        self.closed = False
+
+    @property
+    def steps(self) -> list[str]:
+        """The step names of every call, in the order the calls started."""
+        return [c.step_name for c in self.calls]
+
+    async def run(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        timeout: float | None,
+        step_name: str,
+    ) -> Any:
+        self.calls.append(Call(step_name, args, dict(kwargs)))
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            ret = fn(*args, **kwargs)
+            if inspect.isawaitable(ret) and is_async_callable(fn):
+                try:
+                    async with asyncio.timeout(timeout):
+                        ret = await ret
+                except TimeoutError:
+                    raise StepTimeoutError(step_name, timeout or 0.0, executor=self.name) from None
+            elif timeout is not None and loop.time() - started > timeout:
+                raise StepTimeoutError(step_name, timeout, executor=self.name)
+            return ret
+        finally:
+            self.running -= 1
+
+    async def aclose(self) -> None:
+        self.closed = True
 
 
 @contextlib.contextmanager

@@ -560,3 +560,21 @@ class BreakerMachine(RuleBasedStateMachine):
 
 TestBreakerStateMachine = BreakerMachine.TestCase
 TestBreakerStateMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+
+
+class TestCallWithCoroutines:
+    """breaker.call with a function that returns a coroutine."""
+
+    async def test_breaker_call_settles_a_returned_coroutine(self) -> None:
+        """breaker.call(lambda: coro()) counts the coroutine's failure, not an instant success."""
+        from flowyml import CircuitBreaker
+
+        breaker = CircuitBreaker(failure_threshold=2, recovery_timeout=60)
+
+        async def flaky() -> None:
+            raise ConnectionError("down")
+
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                await breaker.call(lambda: flaky())
+        assert breaker.state == "open"

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -577,3 +578,121 @@ def test_unidentifiable_global_is_refused_before_any_step_runs() -> None:
     assert info.value.step_name == "scaled"
     assert "<global>.SERVICE.guard" in str(info.value)
     assert "cache=False" in str(info.value)
+
+
+class TestOutputsInTheKey:
+    def test_swapping_output_names_is_a_miss(self) -> None:
+        """Changing a step's outputs= changes its key: no stale or crashing hit."""
+
+        def build(names: list[str]) -> Pipeline:
+            @step(name="split", outputs=names)
+            def split() -> tuple[list[int], list[int]]:
+                return [1, 2, 3], [9]
+
+            return Pipeline("outputs").add_step(split)
+
+        build(["train", "test"]).run()
+        swapped = build(["test", "train"]).run()
+        assert not swapped.step_results["split"].cached
+        assert swapped["test"] == [1, 2, 3]
+        renamed = build(["train", "holdout"]).run()
+        assert renamed.success and renamed["holdout"] == [9]
+
+
+class TestKeysAndFingerprints:
+    """What goes into a key, and fingerprints made before any step runs."""
+
+    def test_asset_metadata_is_part_of_the_key(self) -> None:
+        """Two datasets differing only in metadata never share a cache entry."""
+        from flowyml import Dataset
+
+        @step(outputs=["label"])
+        def label_of(ds: Dataset) -> str:
+            return str(ds.metadata["label"])
+
+        p = Pipeline("meta").add_step(label_of)
+        assert p.run(context={"ds": Dataset([1, 2], metadata={"label": "y"})})["label"] == "y"
+        assert p.run(context={"ds": Dataset([1, 2], metadata={"label": "target"})})["label"] == "target"
+
+    async def test_single_flight_hands_out_copies(self) -> None:
+        """Runs that share a computed key get equal values, never the same live object."""
+
+        @step(outputs=["rows"])
+        async def rows() -> list[int]:
+            await asyncio.sleep(0.02)
+            return [1, 2, 3]
+
+        p = Pipeline("copies").add_step(rows)
+        a, b = await asyncio.gather(p.arun(), p.arun())
+        assert a["rows"] == b["rows"]
+        assert a["rows"] is not b["rows"]
+
+    def test_fingerprint_error_is_raised_before_any_step_runs(self) -> None:
+        """An unhashable closure value is reported up front, naming the step and the fixes."""
+        from flowyml.errors import UnhashableInputError
+
+        lock = threading.Lock()
+        ran: list[str] = []
+
+        @step(outputs=["first"], cache=False)
+        def first() -> int:
+            ran.append("first")
+            return 1
+
+        @step(outputs=["x"])
+        def uses_lock(first: int) -> int:
+            with lock:
+                return first
+
+        with pytest.raises(UnhashableInputError) as info:
+            Pipeline("fp").add_step(first).add_step(uses_lock).run()
+        assert ran == []
+        assert info.value.step_name == "uses_lock"
+        assert "input_hash" in str(info.value) and "..." not in str(info.value)
+
+    def test_fingerprint_warn_policy_runs_uncached(self) -> None:
+        """With on_unhashable='warn' the same step runs, uncached, after a warning."""
+        from flowyml import CachePolicy
+        from flowyml.errors import UncachedStepWarning
+
+        lock = threading.Lock()
+
+        @step(outputs=["x"], cache=CachePolicy("code_hash", on_unhashable="warn"))
+        def uses_lock() -> int:
+            with lock:
+                return 1
+
+        with pytest.warns(UncachedStepWarning, match="uses_lock"):
+            result = Pipeline("fpw").add_step(uses_lock).run()
+        assert result["x"] == 1
+
+
+class TestHooksDecide:
+    """The cache hooks return what they found; they never write into a run's state."""
+
+    async def test_lookup_returns_the_hit_and_leaves_values_alone(self, tmp_path: Path) -> None:
+        from flowyml._cache import StoreHooks
+        from flowyml._graph import MISSING
+        from flowyml._results import finished
+        from flowyml._state import RunState
+
+        @step(outputs=["x"])
+        def make(n: int) -> int:
+            return n * 10
+
+        p = Pipeline("decide", context=context(n=4), cache_dir=tmp_path).add_step(make)
+        await p.arun()
+        plan = p.plan()
+        state = RunState(plan, {"n": 4})
+        async with await Store.open(tmp_path) as store:
+            hooks = StoreHooks(store, plan, run_id="r", caching=True, recording=False)
+            await store.preload(["make"])
+            node = plan.by_name["make"]
+            found = await hooks.lookup(node, *state.arguments(node))
+            assert found is not None and found.outputs == {"x": 40} and found.key
+            assert state.values == [MISSING]  # the runner applies a hit, not the hook
+            miss = await hooks.lookup(node, [5], {})
+            assert miss is not None and miss.outputs is None and miss.key != found.key
+            failed = finished("make", StepStatus.FAILED, {}, ValueError("no"))
+            hooks.after(node, failed, [5], {})  # settles the claim the miss took
+            hooks.release()

@@ -31,7 +31,7 @@ async def populate(root: Path) -> None:
         assert big is not None
         load_out: dict[str, str | None] = {**hashes}
         big_out: dict[str, str | None] = {**big}
-        store.record_run(RunRecord("run-aaa1", "train", "succeeded", 100.0, 103.0, 3.0))
+        store.record_run(RunRecord("run-aaa1", "train", "completed", 100.0, 103.0, 3.0))
         store.record_step(StepRecord("run-aaa1", "load", "succeeded", 1, 100.0, 101.5, 1.5, outputs=load_out))
         store.record_step(StepRecord("run-aaa1", "embed", "succeeded", 1, 100.0, 101.0, 1.0, outputs=big_out))
         store.record_step(
@@ -99,7 +99,7 @@ class TestRuns:
         out = capsys.readouterr().out
         assert out.index("run-bbb2") < out.index("run-aaa1")
         assert "failed" in out
-        assert "succeeded" in out
+        assert "completed" in out
 
     def test_dir_after_the_command(self, store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
         """--dir is accepted after the command too."""

@@ -6,7 +6,16 @@ import asyncio
 
 import pytest
 
-from flowyml import If, Metrics, Pipeline, StepStatus, context, step, unless, when
+from flowyml import (
+    If,
+    Metrics,
+    Pipeline,
+    StepStatus,
+    context,
+    step,
+    unless,
+    when,
+)
 from flowyml.errors import ConfigError
 
 
@@ -207,3 +216,77 @@ class TestIf:
 
         with pytest.raises(ConfigError, match="async"):
             when(pred)
+
+
+class TestUnchosenBranch:
+    """What follows a branch that did not run."""
+
+    def test_consumer_of_an_unchosen_branch_is_reported_skipped(self) -> None:
+        """A step after the branch that did not run shows as skipped, with the reason."""
+        from flowyml import If
+
+        @step(outputs=["acc"])
+        def ev() -> float:
+            return 0.5
+
+        @step(outputs=["d"])
+        def dep() -> str:
+            return "deployed"
+
+        @step(outputs=["r"])
+        def ret() -> str:
+            return "retrained"
+
+        @step(outputs=["note"])
+        def after(d: str) -> str:
+            return d
+
+        p = Pipeline("ifc").add_step(ev)
+        p.add_control_flow(
+            If(condition=lambda ctx: ctx.steps["ev"].outputs["acc"] > 0.9, then_step=dep, else_step=ret)
+        )
+        p.add_step(after)
+        result = p.run()
+        assert result.success
+        assert "dep" not in result.step_results
+        assert result.step_results["after"].status is StepStatus.SKIPPED
+        assert "'dep'" in (result.step_results["after"].skip_reason or "")
+
+
+class TestGates:
+    async def test_cancelled_run_skips_undecided_branches(self) -> None:
+        """Cancelling a run while an If waits reports its branches skipped, not failed."""
+        started = asyncio.Event()
+
+        @step(outputs=["m"], cache=False)
+        async def evaluate() -> float:
+            started.set()
+            await asyncio.sleep(30)
+            return 1.0
+
+        @step(outputs=["d"])
+        def deploy() -> str:
+            return "d"
+
+        p = Pipeline("cancel-if", lineage=False).add_step(evaluate)
+        p.add_control_flow(If(lambda ctx: ctx.steps["evaluate"].outputs["m"] > 0, then_step=deploy))
+        from flowyml._scheduler import Run
+
+        seen: list[Run] = []
+        original = Run.execute
+
+        async def spy(self: Run) -> None:
+            seen.append(self)
+            await original(self)
+
+        Run.execute = spy  # type: ignore[method-assign]
+        try:
+            task = asyncio.create_task(p.arun())
+            await started.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            Run.execute = original  # type: ignore[method-assign]
+        deploy_result = seen[0].results[seen[0].plan.by_name["deploy"].id]
+        assert deploy_result is not None and deploy_result.status is StepStatus.SKIPPED

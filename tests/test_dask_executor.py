@@ -15,11 +15,14 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import psutil
 import pytest
 
+from flowyml import If, Pipeline, StepStatus, on_failure, step
+from flowyml._store import Store
 from flowyml.errors import ConfigError, EventLoopError, SerializationError, StepTimeoutError
 
 distributed = pytest.importorskip("distributed")
@@ -443,3 +446,107 @@ class TestPipeline:
         assert p.run(executor=dask)["v"] == 41
         assert dask.client is None
         assert p.run(executor=dask)["v"] == 41
+
+
+@pytest.mark.dask
+class TestDaskCaching:
+    async def test_consumer_reruns_when_its_remote_input_changes(self, cluster: Any, tmp_path: Path) -> None:
+        """A cached Dask consumer's key follows its input's value, not the producer's key."""
+        data = tmp_path / "data.txt"
+        data.write_text("abc")
+        dask = DaskExecutor(cluster.scheduler_address)
+
+        @step(outputs=["raw"], executor=dask)
+        def load(path: str) -> str:
+            with open(path) as f:
+                return f.read()
+
+        @step(outputs=["n"], executor=dask)
+        def count(raw: str) -> int:
+            return len(raw)
+
+        p = Pipeline("stale", context={"path": str(data)}).add_step(load).add_step(count)
+        try:
+            assert (await p.arun())["n"] == 3
+            data.write_text("abcdefgh")
+            async with await Store.open() as store:
+                await store.clear_cache("load")
+            second = await p.arun()
+        finally:
+            await dask.aclose()
+        assert second["n"] == 8
+        assert not second.step_results["count"].cached
+
+    async def test_callable_key_sees_real_values(self, cluster: Any) -> None:
+        """A cache= function of a Dask step receives the input's value, not a stand-in."""
+        dask = DaskExecutor(cluster.scheduler_address)
+
+        @step(outputs=["word"], executor=dask)
+        def word() -> str:
+            return "Hello"
+
+        @step(outputs=["shout"], executor=dask, cache=lambda word: word.upper())
+        def shout(word: str) -> str:
+            return word.upper() + "!"
+
+        try:
+            result = await Pipeline("keyfn").add_step(word).add_step(shout).arun()
+        finally:
+            await dask.aclose()
+        assert result["shout"] == "HELLO!", result.summary()
+
+    async def test_async_step_with_fallback_runs_on_dask(self, cluster: Any) -> None:
+        """An async Dask step under @on_failure returns its fallback instead of failing."""
+        dask = DaskExecutor(cluster.scheduler_address)
+
+        @step(outputs=["v"], executor=dask)
+        @on_failure(lambda: -1)
+        async def flaky() -> int:
+            raise ConnectionError("down")
+
+        try:
+            result = await Pipeline("afb", enable_cache=False).add_step(flaky).arun()
+        finally:
+            await dask.aclose()
+        assert result["v"] == -1, result.summary()
+
+    async def test_if_condition_reads_values_not_futures(self, cluster: Any) -> None:
+        """An If reading an uncached Dask step's output compares values."""
+        dask = DaskExecutor(cluster.scheduler_address)
+
+        @step(outputs=["score"], executor=dask)
+        def score() -> float:
+            return 0.5
+
+        @step(outputs=["done"])
+        def retrain() -> str:
+            return "retrain"
+
+        @step(outputs=["shipped"])
+        def ship() -> str:
+            return "ship"
+
+        p = Pipeline("dask-if", enable_cache=False).add_step(score)
+        p.add_control_flow(
+            If(lambda ctx: ctx.steps["score"].outputs["score"] > 0.9, then_step=ship, else_step=retrain)
+        )
+        try:
+            result = await p.arun()
+        finally:
+            await dask.aclose()
+        assert result["done"] == "retrain", result.summary()
+
+    async def test_output_that_cannot_come_back_fails_its_step(self, cluster: Any) -> None:
+        """A Dask result that cannot be sent to the driver fails its step; run() does not raise."""
+        dask = DaskExecutor(cluster.scheduler_address)
+
+        @step(outputs=["lock"], executor=dask, cache=False)
+        def make_lock() -> Any:
+            return threading.Lock()
+
+        try:
+            result = await Pipeline("nolock").add_step(make_lock).arun()
+        finally:
+            await dask.aclose()
+        assert not result.success
+        assert result.step_results["make_lock"].status is StepStatus.FAILED

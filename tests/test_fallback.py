@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from flowyml import Pipeline, step
 from flowyml._breaker import CircuitBreaker, CircuitState
 from flowyml._errors import CircuitOpenError, ConfigError
 from flowyml._fallback import FallbackHandler, on_failure
@@ -251,3 +252,46 @@ class TestSeedStack:
         assert calls == 3
         assert len(delays) == 3
         assert info.value.attempts == 4  # type: ignore[attr-defined]
+
+
+class TestFallbacksAreNotCached:
+    def test_fallback_value_is_passed_on_but_not_cached(self, no_sleep: list[float]) -> None:
+        """A fallback stands in for one run only: the next run calls the function again."""
+        api_up = {"value": False}
+
+        @step(outputs=["data"])
+        @retry(max_attempts=2)
+        @on_failure(lambda: {"status": "unavailable"})
+        def fetch() -> dict[str, str]:
+            if not api_up["value"]:
+                raise ConnectionError("down")
+            return {"status": "ok"}
+
+        p = Pipeline("fallback").add_step(fetch)
+        first = p.run()
+        assert first["data"] == {"status": "unavailable"}
+        assert first.step_results["fetch"].used_fallback
+        api_up["value"] = True
+        second = p.run()
+        assert second["data"] == {"status": "ok"}
+        assert not second.step_results["fetch"].cached
+
+
+def _fallback_value() -> int:
+    return -1
+
+
+@on_failure(_fallback_value)
+def _always_down() -> int:
+    raise ConnectionError("down")
+
+
+class TestProcessFallback:
+    """A fallback wrapped around a process step."""
+
+    def test_process_step_with_fallback(self) -> None:
+        """A process step under @on_failure ships to its worker and returns the fallback."""
+        s = step(name="down", outputs=["v"], executor="process")(_always_down)
+        result = Pipeline("pfb").add_step(s).run()
+        assert result["v"] == -1, result.summary()
+        assert result.step_results["down"].used_fallback

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from flowyml import Pipeline, step
 from flowyml._errors import UnhashableInputError
 from flowyml._hashing import cache_key, content_identity, fingerprint_function, hash_value
 
@@ -1151,3 +1152,24 @@ def test_a_written_small_int_does_not_hide_an_equal_constant(
     assert fingerprint_function(module.step) == before
     module.LIMIT = 1
     assert fingerprint_function(module.step) != before
+
+
+class _Grumpy:
+    def __flowyml_hash__(self) -> object:
+        raise ValueError("no hash for you")
+
+
+GRUMPY_GLOBAL = _Grumpy()
+
+
+class TestGlobalsInPipelines:
+    """Globals a step reads, in a real run."""
+
+    def test_global_whose_hash_raises_is_environment(self) -> None:
+        """A global the step reads whose __flowyml_hash__ raises is skipped, not a step failure."""
+
+        @step(outputs=["x"])
+        def reads_global() -> str:
+            return type(GRUMPY_GLOBAL).__name__
+
+        assert Pipeline("grumpy").add_step(reads_global).run()["x"] == "_Grumpy"

@@ -238,3 +238,28 @@ class TestValidation:
         """backend must be 'thread' or 'process'."""
         with pytest.raises(ConfigError, match="'thread' or 'process'"):
             parallel_map(str, [1], backend="dask")  # type: ignore[call-overload]
+
+
+class TestAsyncCallables:
+    """What parallel_map awaits and what it refuses."""
+
+    async def test_parallel_map_runs_an_async_callable_object(self) -> None:
+        """An object with an async __call__ is awaited, not returned as coroutines."""
+        from flowyml import parallel_map
+
+        class Double:
+            async def __call__(self, x: int) -> int:
+                await asyncio.sleep(0)
+                return 2 * x
+
+        assert await parallel_map(Double(), [1, 2, 3], num_workers=2) == [2, 4, 6]
+
+    def test_parallel_map_refuses_a_function_returning_coroutines(self) -> None:
+        """A plain function that returns coroutines is a ConfigError, not a list of coroutines."""
+        from flowyml import parallel_map
+
+        async def f(x: int) -> int:
+            return x
+
+        with pytest.raises(ConfigError, match="async def"):
+            parallel_map(lambda x: f(x), [1, 2])

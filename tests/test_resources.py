@@ -131,3 +131,23 @@ class TestLabels:
         )
         with pytest.raises(ResourceError, match="8Gi"):
             p.run()
+
+
+class TestSharedCapacity:
+    async def test_concurrent_runs_of_one_pipeline_share_its_capacity(self) -> None:
+        """Two concurrent runs of one pipeline never hold its single GPU at the same time."""
+        holders = 0
+        peak = 0
+
+        @step(outputs=["x"], resources={"gpu": 1}, cache=False)
+        async def use_gpu() -> int:
+            nonlocal holders, peak
+            holders += 1
+            peak = max(peak, holders)
+            await asyncio.sleep(0.02)
+            holders -= 1
+            return 1
+
+        p = Pipeline("gpu", resources={"gpu": 1}).add_step(use_gpu)
+        await asyncio.gather(p.arun(), p.arun(), p.arun())
+        assert peak == 1

@@ -1,15 +1,137 @@
-"""The engine: concurrency, ordering, failures, cancellation, timeouts and retries in real runs."""
+"""The scheduler: counting over units (with a fake unit runner), then the engine in real runs:
+concurrency, ordering, failures, cancellation, timeouts and retries."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-from flowyml import Pipeline, StepStatus, step
+from flowyml import If, Pipeline, StepStatus, step
+from flowyml._gates import NOT_CHOSEN
+from flowyml._graph import Node, Plan, build_plan
+from flowyml._results import finished
+from flowyml._scheduler import Run
+from flowyml._state import RunState
 from flowyml.errors import EventLoopError, OutputError, StepTimeoutError
+
+
+class FakeRunner:
+    """A unit runner with no executor, cache or timing: each node "produces" its own name.
+
+    It keeps the runner's contract with the scheduler (a blocked node is recorded as skipped, a
+    failing one as failed) and records which units it was asked to run, in order, so the
+    scheduler's counting can be checked on its own.
+    """
+
+    def __init__(self, state: RunState, fail: Sequence[str] = (), ungrouped: bool = False) -> None:
+        self.state = state
+        self.fail = set(fail)
+        self.ungrouped = ungrouped
+        self.started: list[str] = []
+        self.chains: list[list[str]] = []
+
+    async def node(self, node: Node) -> bool:
+        state = self.state
+        if state.blocked[node.id] is not None:
+            state.results[node.id] = finished(
+                node.name, StepStatus.SKIPPED, {}, skip_reason=state.blocked[node.id]
+            )
+            return False
+        self.started.append(node.name)
+        for d in node.deps:  # every input exists when a node starts
+            assert state.results[d] is not None and state.results[d].success  # type: ignore[union-attr]
+        await asyncio.sleep(0)
+        if node.name in self.fail:
+            state.results[node.id] = finished(node.name, StepStatus.FAILED, {}, ValueError(node.name))
+            return False
+        outputs = state.put(node, node.name) if len(node.output_slots) == 1 else {}
+        state.results[node.id] = finished(node.name, StepStatus.SUCCEEDED, outputs)
+        return True
+
+    async def chain(self, nodes: Sequence[Node]) -> tuple[list[tuple[Node, bool]], bool]:
+        self.chains.append([n.name for n in nodes])
+        if self.ungrouped:
+            return [(nodes[0], await self.node(nodes[0]))], False
+        return [(n, await self.node(n)) for n in nodes], True
+
+
+def _steps(spec: dict[str, list[str]], **options: Any) -> list[Any]:
+    """Steps named by ``spec``'s keys, each reading the outputs of the steps listed for it."""
+
+    def make(name: str, deps: list[str]) -> Any:
+        def body(*_: Any) -> str:
+            return name
+
+        return step(name=name, inputs=deps, outputs=[name], **options)(body)
+
+    return [make(name, deps) for name, deps in spec.items()]
+
+
+async def _drive(plan: Plan, *, fail_fast: bool = True, **runner: Any) -> tuple[Run, FakeRunner]:
+    state = RunState(plan, {})
+    fake = FakeRunner(state, **runner)
+    run = Run(state, fake, fail_fast=fail_fast)
+    await run.execute()
+    return run, fake
+
+
+DIAMOND = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}
+
+
+class TestRunCounts:
+    """``Run`` driven with a fake unit runner: the counting core on its own."""
+
+    async def test_each_node_starts_once_after_its_inputs(self) -> None:
+        run, fake = await _drive(build_plan(_steps(DIAMOND)))
+        assert sorted(fake.started) == ["a", "b", "c", "d"]
+        assert fake.started[0] == "a" and fake.started[-1] == "d"
+        assert all(r is not None and r.status is StepStatus.SUCCEEDED for r in run.results)
+        assert run.state.outputs() == {"a": "a", "b": "b", "c": "c", "d": "d"}
+
+    async def test_fail_fast_stops_and_marks_the_rest_skipped(self) -> None:
+        spec = {"a": [], "b": ["a"], "c": ["b"], "other": []}
+        run, fake = await _drive(build_plan(_steps(spec)), fail=["a"])
+        assert run.stopped_by == "a"
+        assert "c" not in fake.started
+        c = run.results[run.plan.by_name["c"].id]
+        assert c is not None and c.status is StepStatus.SKIPPED
+        assert c.skip_reason == "the run stopped after step 'a' failed"
+
+    async def test_without_fail_fast_dependents_are_blocked_and_others_finish(self) -> None:
+        spec = {"a": [], "b": ["a"], "c": ["b"], "other": []}
+        run, fake = await _drive(build_plan(_steps(spec)), fail_fast=False, fail=["a"])
+        assert sorted(fake.started) == ["a", "other"]
+        by = {r.step_name: r for r in run.results if r is not None}
+        assert by["other"].status is StepStatus.SUCCEEDED
+        assert by["b"].skip_reason == "upstream step 'a' did not produce its outputs"
+        assert by["c"].skip_reason == "upstream step 'a' did not produce its outputs"  # passed on
+
+    async def test_a_chain_is_one_unit(self) -> None:
+        plan = build_plan(_steps({"a": [], "b": ["a"], "c": ["b"], "after": ["c"]}, execution_group="g"))
+        assert plan.chains  # a, b, c, after form one chain
+        _, fake = await _drive(plan)
+        assert fake.chains == [["a", "b", "c", "after"]]
+        assert fake.started == ["a", "b", "c", "after"]
+
+    async def test_a_chain_that_did_not_run_whole_continues_node_by_node(self) -> None:
+        plan = build_plan(_steps({"a": [], "b": ["a"], "c": ["b"]}, execution_group="g"))
+        run, fake = await _drive(plan, ungrouped=True)
+        assert fake.chains == [["a", "b", "c"]]
+        assert fake.started == ["a", "b", "c"]
+        assert all(r is not None and r.success for r in run.results)
+
+    async def test_a_gate_releases_one_branch_and_blocks_the_other(self) -> None:
+        ev, then_, else_ = _steps({"ev": [], "then": [], "else": []})
+        gate = If(lambda ctx: ctx.steps["ev"].outputs["ev"] == "ev", then_step=then_, else_step=else_)
+        run, fake = await _drive(build_plan([ev, then_, else_], [gate]))
+        assert sorted(fake.started) == ["ev", "then"]
+        not_chosen = run.results[run.plan.by_name["else"].id]
+        assert not_chosen is not None and not_chosen.skip_reason is NOT_CHOSEN
 
 
 class InFlight:
@@ -459,7 +581,6 @@ class TestDebug:
 
 
 def _crash() -> None:
-    import os
 
     os._exit(7)
 
@@ -467,7 +588,6 @@ def _crash() -> None:
 class TestProcessSteps:
     def test_process_step_runs_in_another_pid(self) -> None:
         """executor="process" runs the function in a worker process, closures included."""
-        import os
 
         offset = 5
 
@@ -481,7 +601,6 @@ class TestProcessSteps:
 
     def test_crashed_worker_fails_only_its_step(self) -> None:
         """A worker that dies fails its own step with WorkerCrashedError; the next process step runs."""
-        import os
 
         from flowyml.errors import WorkerCrashedError
 
@@ -500,3 +619,32 @@ class TestProcessSteps:
         err = result.step_results["crash"].error
         assert isinstance(err, WorkerCrashedError) and err.exit_code == 7
         assert result["pid"] != os.getpid()
+
+
+class TestFailFastQueue:
+    def test_steps_waiting_for_a_slot_are_skipped_not_cancelled(self) -> None:
+        """With fail_fast, steps still queued on max_concurrency never started: they are skipped."""
+
+        @step(outputs=["boom"])
+        async def boom() -> None:
+            raise RuntimeError("x")
+
+        def waiter(i: int) -> Any:
+            @step(name=f"w{i}", outputs=[f"w{i}"])
+            async def w() -> None:
+                await asyncio.sleep(30)
+
+            return w
+
+        p = Pipeline("queue", enable_cache=False, max_concurrency=1).add_step(boom)
+        for i in range(3):
+            p.add_step(waiter(i))
+        result = p.run()
+        statuses = {n: r.status for n, r in result.step_results.items()}
+        assert statuses["boom"] is StepStatus.FAILED
+        waiting = [r for n, r in result.step_results.items() if n != "boom"]
+        never_started = [r for r in waiting if r.status is StepStatus.SKIPPED]
+        running = [r for r in waiting if r.status is StepStatus.CANCELLED]
+        assert len(never_started) >= 2 and len(running) <= 1  # one slot: at most one got to run
+        assert all(r.start_time is None for r in never_started)
+        assert all(r.start_time is not None for r in running)

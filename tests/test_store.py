@@ -471,7 +471,7 @@ class TestLifecycle:
         """A batch being committed when the writer is cancelled commits whole before the store closes."""
         for i in range(500):
             put(store, key=f"k{i}", out=i)
-        while store._inflight is None:
+        while not store._held:  # the writer has taken the batch and is committing it
             await asyncio.sleep(0)
         store._writer.cancel()
         await store.aclose()
@@ -584,9 +584,9 @@ class TestRecords:
     async def test_run_is_upserted(self, store: Store) -> None:
         """Recording a run at start and at end leaves one row with the final state."""
         store.record_run(run_record())
-        store.record_run(run_record(status="succeeded", ended_at=103.0, duration_seconds=3.0))
+        store.record_run(run_record(status="completed", ended_at=103.0, duration_seconds=3.0))
         await store.flush()
-        assert await store.runs() == [run_record(status="succeeded", ended_at=103.0, duration_seconds=3.0)]
+        assert await store.runs() == [run_record(status="completed", ended_at=103.0, duration_seconds=3.0)]
 
     async def test_runs_newest_first_with_limit(self, store: Store) -> None:
         """runs() lists the newest runs first, at most ``limit``."""

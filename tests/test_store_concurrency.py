@@ -41,7 +41,7 @@ async def main():
                                          cache_key=f"key-{i}", outputs=hashes, inputs=inputs))
             if i % 7 == 0:
                 await store.flush()
-        store.record_run(RunRecord(run_id, "fifty", "succeeded", time.time(), time.time(), 0.1))
+        store.record_run(RunRecord(run_id, "fifty", "completed", time.time(), time.time(), 0.1))
 
 ENTRIES = int(sys.argv[4])
 asyncio.run(main())
@@ -94,7 +94,7 @@ async def test_eight_processes_share_one_store(tmp_path: Path) -> None:
             assert await store.load(entry) == {"out": expected(i)}
         runs = await store.runs(limit=100)
         assert sorted(r.run_id for r in runs) == sorted(f"run-{n}" for n in range(PROCESSES))
-        assert {r.status for r in runs} == {"succeeded"}
+        assert {r.status for r in runs} == {"completed"}
         for run in runs:
             detail = await store.get_run(run.run_id)
             assert detail is not None

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 import flowyml
-from flowyml import Pipeline, step
+from flowyml import Pipeline, close_stores, step
 from flowyml._errors import CacheCorruptionWarning
 from flowyml._store import INLINE_LIMIT, Store
 from flowyml._store._db import DB_NAME
@@ -239,7 +239,10 @@ async def test_sigkilled_runs_never_corrupt_and_committed_steps_are_reused(
 
 @pytest.mark.slow
 async def test_cancelled_run_leaves_the_store_consistent_and_closed(tmp_path: Path) -> None:
-    """Cancelling arun() mid-run closes the store (no thread left); a rerun reuses what committed."""
+    """Cancelling arun() mid-run leaves what committed consistent; close_stores() joins every thread.
+
+    The store stays open after the run (it is shared by every run on this loop) until close_stores().
+    """
     root = tmp_path / "store"
     steps = 20
 
@@ -268,6 +271,7 @@ async def test_cancelled_run_leaves_the_store_consistent_and_closed(tmp_path: Pa
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    await close_stores()
     assert set(threading.enumerate()) <= before  # the store's connection and file threads joined
 
     assert integrity(root) == [("ok",)]
@@ -285,4 +289,5 @@ async def test_cancelled_run_leaves_the_store_consistent_and_closed(tmp_path: Pa
     result = await pipeline.arun()
     assert result.success
     assert {name for name, r in result.step_results.items() if r.cached} == committed
+    await close_stores()
     assert set(threading.enumerate()) <= before

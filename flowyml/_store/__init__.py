@@ -2,7 +2,9 @@
 
 Layers, bottom up: ``_records`` (frozen values handed out), ``_packed`` (lineage rows packed per
 writer batch), ``_db`` (schema, connection, lock retries), ``_artifacts`` (content-addressed
-files), ``_api`` (the :class:`Store` the engine and the CLI use). This package only re-exports.
+files), ``_api`` (the :class:`Store` the engine and the CLI use), ``_safety`` (what is checked before a
+directory, file or row is trusted), ``_registry`` (one shared store per process and directory).
+This package only re-exports.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 __all__ = (
     "INLINE_LIMIT",
     "PRELOAD_PER_STEP",
+    "RUN_STATES",
     "STATUSES",
+    "STEP_STATES",
     "CacheEntry",
     "CacheStats",
     "CachedOutput",
@@ -25,12 +29,17 @@ __all__ = (
     "Store",
     "VerifyProblem",
     "VerifyReport",
+    "close_stores",
+    "open_store",
     "resolve_root",
+    "shared_store",
 )
 
 from ._api import INLINE_LIMIT, PRELOAD_PER_STEP, StepFate, StepShape, Store, resolve_root
 from ._records import (
+    RUN_STATES,
     STATUSES,
+    STEP_STATES,
     CachedOutput,
     CacheEntry,
     CacheStats,
@@ -43,3 +52,4 @@ from ._records import (
     VerifyProblem,
     VerifyReport,
 )
+from ._registry import close_stores, open_store, shared_store

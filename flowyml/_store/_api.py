@@ -1,14 +1,16 @@
 """The store: a cache index and lineage record in SQLite, written by one background task.
 
-How a write travels: ``put`` / ``record_run`` are plain (non-async) calls that do the caller-side
-work at once (pickling, so later mutation cannot change what is cached) and put a job on an
-:class:`asyncio.Queue`. Step records are not queued one by one: ``record_step`` and the engine's
-``record_fate`` append to a list (the first append of a batch queues a wake-up), and the writer
-takes the whole list with each batch. One writer task per store drains whatever is queued, writes
+How a write travels: ``put`` is a plain (non-async) call that does the caller-side work at once
+(pickling, so later mutation cannot change what is cached) and puts a job on an
+:class:`asyncio.Queue`. Runs and step records are not queued one by one: ``record_run``,
+``record_step`` and the engine's ``record_fate`` add to a list (the first of a batch queues a
+wake-up), and the writer takes the whole list with each batch. One writer task per store drains
+whatever is queued (lineage alone may wait up to 20 ms for more, see ``_LINGER_SECONDS``), writes
 the artifact files of the batch, fsyncs them, then builds every index and lineage row of the batch
 and commits them in ONE ``BEGIN IMMEDIATE`` transaction, in ONE call on the connection's thread.
-The commit runs in a task the writer awaits through :func:`asyncio.shield`, so cancelling anything
-never leaves a transaction half-applied, and :meth:`Store.aclose` drains the queue before closing.
+A transaction commits whole or not at all; a writer cancelled mid-batch (its loop shutting down)
+processes the batch again and every queued job, then closes. :meth:`Store.aclose` drains the queue
+before closing. A run waits for its own records with :meth:`Store.settle`.
 
 Why so: the per-step cost of recording is paid on the event loop, so the hot path only appends a
 tuple; building a frozen record, queueing it and awaiting ~10 thread hops per batch cost ~20 us a
@@ -33,9 +35,11 @@ import contextlib
 import json
 import os
 import pickle
+import socket
 import sqlite3
 import time
 import warnings
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,12 +50,13 @@ import aiosqlite
 import cloudpickle
 import xxhash
 
-from flowyml._errors import CacheCorruptionWarning, StoreError, UncachedStepWarning
+from flowyml._errors import CacheCorruptionWarning, StoreError, StoreWarning, UncachedStepWarning
 
 from . import _db, _packed
-from ._artifacts import ArtifactFiles, make_private_dir
+from ._artifacts import ORPHAN_GRACE_SECONDS, ArtifactFiles, BadHashError, make_private_dir
 from ._packed import StepFate, StepShape
 from ._records import (
+    RUN_STATES,
     CachedOutput,
     CacheEntry,
     CacheStats,
@@ -64,6 +69,7 @@ from ._records import (
     VerifyProblem,
     VerifyReport,
 )
+from ._safety import is_hash
 
 #: Pickled values up to this many bytes live inline in SQLite; larger ones are artifact files.
 INLINE_LIMIT: Final = 64 * 1024
@@ -74,7 +80,17 @@ PRELOAD_PER_STEP: Final = 2
 _MAX_BATCH: Final = 10_000
 #: At most this many step runs go in one packed ``step_records`` row.
 _MAX_PART: Final = 10_000
+#: How long the writer holds lineage records nobody waits for yet (a run's "running" row, step
+#: records) before committing them, so that they go in the same transaction as what comes next --
+#: typically the run's end, which it waits for: one commit per short run instead of two. Cache
+#: entries, a flush, a close or a call commit at once (a crash must lose as little as possible).
+_LINGER_SECONDS: Final = 0.02
+#: The writer wakes at most this many runs waiting for a commit per loop iteration.
+_WAKE_CHUNK: Final = 16
 _HOME_ENV: Final = "FLOWYML_HOME"
+#: The write errors a store remembers for runs to report (older ones are only counted).
+_ERROR_LOG: Final = 100
+_HOST: Final = socket.gethostname()
 
 _hexdigest = xxhash.xxh3_128_hexdigest
 
@@ -157,7 +173,7 @@ def _type_name(value: object) -> str:
 
 _ENTRY_QUERY = """
 SELECT e.key, e.step_name, e.run_id, e.duration_seconds, e.created_at,
-       o.output_name, o.artifact_hash, o.size, o.type_name, o.inline
+       o.output_name, o.artifact_hash, o.size, o.type_name, o.inline, e.outputs
 FROM cache_entries AS e LEFT JOIN cache_outputs AS o ON o.key = e.key
 WHERE {where}
 ORDER BY e.key, o.position
@@ -173,44 +189,138 @@ _RECENT_KEYS = """e.key IN (
 )"""
 
 
-def _entries_from_rows(rows: Iterable[sqlite3.Row | tuple[Any, ...]]) -> dict[str, CacheEntry]:
+def _entries_from_rows(
+    rows: Iterable[sqlite3.Row | tuple[Any, ...]],
+) -> tuple[dict[str, CacheEntry], dict[str, tuple[str, float, str]]]:
+    """The entries of these joined rows, and the broken ones: ``{key: (step, created_at, why)}``.
+
+    An entry is broken when it has fewer output rows than it was written with (a dropped table,
+    a damaged page) or a row of the wrong types: it is a miss, dropped and recomputed.
+    """
     grouped: dict[str, tuple[tuple[Any, ...], list[CachedOutput]]] = {}
+    broken: dict[str, tuple[str, float, str]] = {}
     for row in rows:
         key = row[0]
         head_outputs = grouped.get(key)
         if head_outputs is None:
-            head_outputs = grouped[key] = (tuple(row[:5]), [])
+            head_outputs = grouped[key] = ((*row[:5], row[10]), [])
         if row[5] is not None:
-            inline = None if row[9] is None else bytes(row[9])
+            inline = row[9]
+            if not (
+                isinstance(row[5], str)
+                and isinstance(row[6], str)
+                and isinstance(row[7], int)
+                and isinstance(row[8], str)
+                and (inline is None or isinstance(inline, bytes))
+            ):
+                broken[key] = (str(row[1]), row[4], f"output row {row[5]!r} has values of the wrong type")
+                continue
             head_outputs[1].append(CachedOutput(row[5], row[6], row[7], row[8], inline))
-    return {
-        key: CacheEntry(
+    entries = {}
+    for key, (head, outputs) in grouped.items():
+        expected = head[5]
+        if key in broken:
+            continue
+        if not (isinstance(head[3], float | int) and isinstance(head[4], float | int)):
+            broken[key] = (str(head[1]), head[4], "its row has values of the wrong type")
+            continue
+        if expected is not None and expected != len(outputs):
+            broken[key] = (
+                str(head[1]),
+                head[4],
+                f"{expected - len(outputs)} of its {expected} output rows are missing",
+            )
+            continue
+        entries[key] = CacheEntry(
             key=key,
             step_name=head[1],
             run_id=head[2],
-            duration_seconds=head[3],
+            duration_seconds=float(head[3]),
             created_at=head[4],
             outputs=tuple(outputs),
         )
-        for key, (head, outputs) in grouped.items()
-    }
+    return entries, broken
+
+
+def _check_part(run_id: str, packed: object, times: object) -> None:
+    """Decode one packed ``step_records`` row alone and check its shape.
+
+    Raises:
+        ValueError, TypeError: the row is damaged (bad JSON, short blob, wrong types).
+    """
+    if not isinstance(packed, str) or not isinstance(times, bytes):
+        raise TypeError("its columns hold values of the wrong type")
+    if len(times) % 24:
+        raise ValueError(f"its times blob has {len(times)} bytes, not a multiple of 24")
+    rows = json.loads(packed)
+    if not isinstance(rows, list) or len(times) != 24 * len(rows):
+        raise ValueError("its steps and times do not match")
+    for record in _packed.decode(run_id, [(packed, times)]):
+        if not (isinstance(record.step_name, str) and isinstance(record.status, str)):
+            raise TypeError("a step name or status is not text")
+        outputs = record.outputs
+        if not isinstance(outputs, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in outputs.items()
+        ):
+            raise TypeError("outputs are not a mapping of names to hashes")
+        if not isinstance(record.attempts, int):
+            raise TypeError("attempts is not a number")
 
 
 _RUN_COLUMNS = (
     "run_id, pipeline_name, status, started_at, ended_at, duration_seconds, time_saved_seconds, error_message"
 )
+_RUN_READ = _RUN_COLUMNS + ", pid, host"
+
+_RUN_TYPES: Final[tuple[Any, ...]] = (
+    str,
+    str,
+    str,
+    float,
+    (float, type(None)),
+    (float, type(None)),
+    float,
+    (str, type(None)),
+)
+
+
+def _process_gone(pid: object, host: object) -> bool:
+    """True when the process ``pid`` on ``host`` is known not to be running (only on this host)."""
+    if not isinstance(pid, int) or host != _HOST or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _run_from_row(row: Sequence[Any]) -> RunRecord:
-    return RunRecord(*row)
+    """A run from its row; a run still ``running`` whose process is gone is ``interrupted``.
+
+    Raises:
+        ValueError: the row is damaged (a value of the wrong type).
+    """
+    values = list(row[:8])
+    for i in (3, 4, 5, 6):
+        if isinstance(values[i], int) and not isinstance(values[i], bool):
+            values[i] = float(values[i])
+    for value, kind in zip(values, _RUN_TYPES, strict=True):
+        if not isinstance(value, kind):
+            raise ValueError(f"run {values[0]!r}: {value!r} is not of the type its column holds")
+    if values[2] == "running" and len(row) > 8 and _process_gone(row[8], row[9]):
+        values[2] = "interrupted"
+    return RunRecord(*values)
 
 
 _UPSERT_RUN = (
-    f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    f"INSERT INTO runs ({_RUN_READ}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (run_id) DO UPDATE SET pipeline_name = excluded.pipeline_name, "
     "status = excluded.status, started_at = excluded.started_at, ended_at = excluded.ended_at, "
     "duration_seconds = excluded.duration_seconds, time_saved_seconds = excluded.time_saved_seconds, "
-    "error_message = excluded.error_message"
+    "error_message = excluded.error_message, pid = excluded.pid, host = excluded.host"
 )
 
 
@@ -229,7 +339,9 @@ class _BatchRows:
         output_rows: list[tuple[Any, ...]] = []
         for put in batch.puts:
             e = put.entry
-            entry_rows.append((e.key, e.step_name, e.run_id, e.duration_seconds, e.created_at))
+            entry_rows.append(
+                (e.key, e.step_name, e.run_id, e.duration_seconds, e.created_at, len(e.outputs))
+            )
             for position, out in enumerate(e.outputs):
                 inline = out.inline if out.size <= INLINE_LIMIT else None
                 output_rows.append(
@@ -266,8 +378,8 @@ class _BatchRows:
             ),
             ("DELETE FROM cache_outputs WHERE key = ?", [(row[0],) for row in entry_rows]),
             (
-                "INSERT OR REPLACE INTO cache_entries (key, step_name, run_id, duration_seconds, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO cache_entries "
+                "(key, step_name, run_id, duration_seconds, created_at, outputs) VALUES (?, ?, ?, ?, ?, ?)",
                 entry_rows,
             ),
             (
@@ -309,24 +421,47 @@ def _run_row(r: RunRecord) -> tuple[Any, ...]:
         r.duration_seconds,
         r.time_saved_seconds,
         r.error_message,
+        os.getpid(),
+        _HOST,
     )
 
 
 class Store:
     """The cache and lineage store of one directory. Create it with ``await Store.open(root)``.
 
-    One store object belongs to one event loop. Writes are queued and committed in the background;
-    call :meth:`flush` to wait for them and :meth:`aclose` (or ``async with``) to finish.
+    One store object belongs to one event loop and one process. Writes are queued and committed in
+    the background; call :meth:`flush` to wait for them and :meth:`aclose` (or ``async with``) to
+    finish. Pipelines share one store per directory (see ``_registry``).
+
+    ``read_only`` is True for a store this process may not write (a directory 0o500 with files
+    0o400): look-ups and loads work, every write is left out.
     """
 
     root: Path
+    read_only: bool
 
-    def __init__(self, root: Path, conn: aiosqlite.Connection, files: ArtifactFiles) -> None:
+    def __init__(
+        self, root: Path, conn: aiosqlite.Connection, files: ArtifactFiles, *, read_only: bool = False
+    ) -> None:
         """Private: use :meth:`open`."""
         self.root = root
+        self._db_path = root / _db.DB_NAME
+        self.read_only = read_only
+        self.pid = os.getpid()
         self._conn = conn
         self._files = files
+        self._error_log: deque[tuple[int, StoreError]] = deque(maxlen=_ERROR_LOG)
+        self._error_count = 0
+        #: Rows found damaged while reading (for the command line to report), cleared by the reader.
+        self.damaged: list[str] = []
+        #: Write transactions committed so far (batches; each holds the records of every run queued).
+        self.commits = 0
+        self._release_task: asyncio.Task[None] | None = None
+        #: Called once with the store when it has closed (the registry forgets it then).
+        self.on_release: Callable[[Store], None] | None = None
         self._memory: dict[str, CacheEntry] = {}
+        self._unsaved: set[str] = set()  # keys put and not yet committed
+        self._data_version: int | None = None
         # Entries found corrupt whose index rows are not deleted yet: never serve them again.
         self._dropped: dict[str, float] = {}
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
@@ -336,7 +471,11 @@ class Store:
         self._released = False  # connection closed and threads joined (or being)
         self._errors: list[BaseException] = []
         self._steps: _Pending = []
-        self._inflight: asyncio.Future[bool] | None = None
+        self._held: list[_Job] = []  # jobs the writer took and has not handed to _process yet
+        # Runs recorded and not yet taken by the writer (the latest record of each), and whether a
+        # wake-up is queued for them and the steps: one per batch, not one per record.
+        self._runs: dict[str, RunRecord] = {}
+        self._awake = False
         self._writer = asyncio.get_running_loop().create_task(self._run_writer(), name="flowyml-store-writer")
         self._writer.add_done_callback(self._on_writer_done)
 
@@ -356,23 +495,36 @@ class Store:
                 ``_db.LOCK_DEADLINE_SECONDS``, or it cannot be used.
         """
         path = resolve_root(root)
+        from ._registry import settle_shared
+
+        await settle_shared(path)  # what this process's runs recorded is there for this reader
         files = ArtifactFiles(path)
+        _db.check_files(path)  # before anything is created, read or cleaned
         if not create:
             # Touches nothing: no folder made, no temporary file cleaned, no schema written.
             if not (path / _db.DB_NAME).is_file():
                 raise StoreError(f"no flowyml store at {path}")
-        else:
+        elif not path.is_dir() or _db.writable(path):
             try:
                 if not path.is_dir():
                     make_private_dir(path)
                 files.prepare()
+                _db.check_files(path)  # what prepare made, or found made meanwhile
             except OSError as exc:
                 raise StoreError(f"cannot create the flowyml store at {path}: {exc}") from exc
         try:
-            conn = await _db.connect(path, create=create)
+            conn, read_only = await _db.connect(path, create=create)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the flowyml store at {path}: {exc}") from exc
-        return cls(path, conn, files)
+        if read_only and create:
+            warnings.warn(
+                StoreWarning(
+                    f"the flowyml store at {path} is read-only for you: cache hits are served from it, "
+                    "but nothing new is cached or recorded."
+                ),
+                stacklevel=2,
+            )
+        return cls(path, conn, files, read_only=read_only)
 
     async def __aenter__(self) -> Self:
         return self
@@ -394,9 +546,14 @@ class Store:
             StoreError: some queued writes could not be committed (they are lost).
         """
         if self._released:
+            task = self._release_task
+            if task is not None and not task.done():
+                await asyncio.wait([task])
             return
         self._released = True
         self._closed = True
+        if self.pid != os.getpid():
+            return  # a forked child: the connection is the parent's; never touch it
         if not self._writer.done():
             self._queue.put_nowait(_Stop())
             try:
@@ -409,8 +566,28 @@ class Store:
         await self._release()
         self._raise_errors()
 
+    def abandon(self) -> None:
+        """Stop the store without its event loop (at interpreter exit, the loop gone): close the files.
+
+        Queued writes are lost (runs wait for theirs, so only records of runs that never returned
+        are); the database stays consistent (WAL).
+        """
+        if self._released or self.pid != os.getpid():
+            return
+        self._released = self._closed = True
+        with contextlib.suppress(Exception):
+            raw = self._conn._conn
+            raw.close()
+        self._files.shutdown()
+        self._released_hook()
+
+    def _released_hook(self) -> None:
+        hook, self.on_release = self.on_release, None
+        if hook is not None:
+            hook(self)
+
     async def _release(self) -> None:
-        for task in (self._inflight, self._fetcher):
+        for task in (self._fetcher,):
             if task is not None:
                 with contextlib.suppress(BaseException):
                     await task
@@ -418,10 +595,7 @@ class Store:
             await _db.close(self._conn)
         finally:
             self._files.shutdown()
-
-    @property
-    def _db_path(self) -> Path:
-        return self.root / _db.DB_NAME
+            self._released_hook()
 
     def _raise_errors(self) -> None:
         if self._errors:
@@ -436,6 +610,47 @@ class Store:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"the flowyml store at {self.root} is closed")
+        if self.pid != os.getpid():
+            self._closed = True
+            raise StoreError(
+                f"the flowyml store at {self.root} was opened by process {self.pid}; a forked process "
+                "opens its own (a run there does so by itself)"
+            )
+
+    def _log_error(self, exc: BaseException) -> None:
+        """Remember a write or read failure for :meth:`flush` / :meth:`aclose` and for :meth:`settle`."""
+        self._errors.append(exc)
+        self._error_count += 1
+        error = exc if isinstance(exc, StoreError) else StoreError(f"{self.root}: {exc!r}")
+        if error is not exc:
+            error.__cause__ = exc
+        self._error_log.append((self._error_count, error))
+
+    def error_mark(self) -> int:
+        """A mark for :meth:`settle`: errors logged after it are the ones a run reports."""
+        return self._error_count
+
+    async def settle(self, mark: int, *, wait: bool = True) -> tuple[StoreError, ...]:
+        """Wait for what is queued to commit; the write errors logged since ``mark``.
+
+        This is how a run ends with a shared store: it reports what could not be written instead
+        of raising, so a run's results are never lost to the store. It waits for the commit
+        (made with the records of every other run queued meanwhile, in one transaction) when
+        ``wait`` is True or cache entries are waiting to be written (a put that fails is reported
+        on the run that made it). Otherwise -- lineage only -- it returns at once and the writer
+        commits the records within ``_LINGER_SECONDS``, together with the next runs': waiting
+        for a commit per run cost a short run several times its own time. Errors reported here
+        are not raised again by :meth:`flush` or :meth:`aclose`.
+        """
+        if (wait or self._unsaved) and not self._closed and self.pid == os.getpid():
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._queue.put_nowait(_Flush(future))
+            with contextlib.suppress(StoreError):
+                await future
+        found = tuple(error for count, error in self._error_log if count > mark)
+        reported = {id(error.__cause__) for error in found} | {id(error) for error in found}
+        self._errors[:] = [exc for exc in self._errors if id(exc) not in reported]
+        return found
 
     # -- the hot path: look-ups, loads, puts ---------------------------------------------------------
 
@@ -449,12 +664,47 @@ class Store:
         names = sorted(set(step_names))
         if not names or per_step < 1:
             return
-        rows = await self._conn.execute_fetchall(
-            _ENTRY_QUERY.format(where=_RECENT_KEYS), (json.dumps(names), per_step)
-        )
-        for key, entry in _entries_from_rows(rows).items():
+        query = _ENTRY_QUERY.format(where=_RECENT_KEYS)
+        params = (json.dumps(names), per_step)
+
+        def read(db: sqlite3.Connection) -> tuple[int, list[Any]]:
+            return db.execute("PRAGMA data_version").fetchone()[0], db.execute(query, params).fetchall()
+
+        try:
+            version, rows = await _db.on_thread(self._conn, read)
+        except sqlite3.DatabaseError as exc:
+            # Damaged pages or the like: no preloaded hits, each look-up asks (and may miss).
+            self._log_error(
+                StoreError(f"reading the cache index of the flowyml store at {self.root} failed: {exc}")
+            )
+            return
+        if self._data_version is not None and version != self._data_version:
+            # Another connection committed (``flowyml cache clear``, another process): what this
+            # long-lived store remembers may be gone from the index, so only unsaved entries stay.
+            self._memory = {k: e for k, e in self._memory.items() if k in self._unsaved}
+        self._data_version = version
+        entries, broken = _entries_from_rows(rows)
+        self._drop_broken(broken)
+        for key, entry in entries.items():
             if self._dropped.get(key) != entry.created_at:
                 self._memory.setdefault(key, entry)
+
+    def _drop_broken(self, broken: Mapping[str, tuple[str, float, str]]) -> None:
+        """Entries with missing or damaged output rows: a miss, dropped so the step runs again."""
+        for key, (step_name, created_at, why) in broken.items():
+            if self._dropped.get(key) == created_at:
+                continue
+            self._memory.pop(key, None)
+            if not self._closed and not self.read_only:
+                self._dropped[key] = created_at
+                self._queue.put_nowait(_Drop(key, created_at))
+            warnings.warn(
+                CacheCorruptionWarning(
+                    f"cache entry {key} of step {step_name!r} in the flowyml store at {self.root}: {why}; "
+                    "the entry was dropped and the step will run again."
+                ),
+                stacklevel=4,
+            )
 
     async def lookup(self, key: str, *, query: bool = True) -> CacheEntry | None:
         """The cache entry of ``key``, or None.
@@ -484,12 +734,19 @@ class Store:
                         _ENTRY_QUERY.format(where="e.key IN (SELECT value FROM json_each(?))"),
                         (json.dumps(list(batch)),),
                     )
-                    found = _entries_from_rows(rows)
+                    found, broken = _entries_from_rows(rows)
+                except sqlite3.DatabaseError as exc:
+                    # A look-up that cannot be answered is a miss: the step runs, the run goes on.
+                    self._log_error(
+                        StoreError(f"a cache look-up in the flowyml store at {self.root} failed: {exc}")
+                    )
+                    found, broken = {}, {}
                 except BaseException as exc:
                     for future in batch.values():
                         if not future.done():
                             future.set_exception(StoreError(f"cache look-up failed: {exc!r}"))
                     raise
+                self._drop_broken(broken)
                 for key, future in batch.items():
                     entry = self._memory.get(key) or found.get(key)
                     if entry is not None and self._dropped.get(key) == entry.created_at:
@@ -516,7 +773,16 @@ class Store:
         for out in entry.outputs:
             data = out.inline
             if data is None:
-                data = await self._files.read(out.artifact_hash)
+                try:
+                    data = await self._files.read(out.artifact_hash)
+                except BadHashError:
+                    self._report_corrupt(
+                        entry, out, "is not a valid artifact hash (a corrupt row)", quarantine=False
+                    )
+                    return None
+                except OSError as exc:
+                    self._report_corrupt(entry, out, f"cannot be read ({exc})", quarantine=False)
+                    return None
                 if data is None:
                     self._report_corrupt(entry, out, "is missing", quarantine=False)
                     return None
@@ -533,9 +799,11 @@ class Store:
     def _report_corrupt(
         self, entry: CacheEntry, out: CachedOutput, problem: str, *, quarantine: bool
     ) -> None:
-        if out.inline is None:
+        if out.inline is None and not is_hash(out.artifact_hash):
+            where = f"index row naming {out.artifact_hash!r}"
+        elif out.inline is None:
             where = f"artifact file {self._files.path(out.artifact_hash)}"
-            if quarantine:
+            if quarantine and not self.read_only:
                 moved = self._files.quarantine(out.artifact_hash)
                 if moved is not None:
                     where += f" (moved to {moved})"
@@ -543,7 +811,7 @@ class Store:
             where = f"inline artifact {out.artifact_hash}"
         if self._memory.get(entry.key) is entry:
             del self._memory[entry.key]
-        if not self._closed:
+        if not self._closed and not self.read_only:
             self._dropped[entry.key] = entry.created_at
             self._queue.put_nowait(_Drop(entry.key, entry.created_at))
         warnings.warn(
@@ -568,6 +836,8 @@ class Store:
             StoreError: the store is closed.
         """
         self._check_open()
+        if self.read_only:
+            return None
         cached: list[CachedOutput] = []
         for name, value in outputs.items():
             try:
@@ -584,18 +854,32 @@ class Store:
             cached.append(CachedOutput(name, _hexdigest(data), len(data), _type_name(value), data))
         entry = CacheEntry(key, step_name, float(duration), time.time(), tuple(cached), run_id)
         self._memory[key] = entry
+        self._unsaved.add(key)
         self._queue.put_nowait(_Put(entry))
         return {out.name: out.artifact_hash for out in cached}
 
     def record_run(self, run: RunRecord) -> None:
-        """Queue an insert-or-update of a run (at its start with status "running", and at its end)."""
+        """Queue an insert-or-update of a run (at its start with status "running", and at its end).
+
+        Raises:
+            ValueError: ``run.status`` is not one of :data:`RUN_STATES`.
+        """
         self._check_open()
-        self._queue.put_nowait(run)
+        if run.status not in RUN_STATES:
+            raise ValueError(f"run status {run.status!r} is not one of {sorted(RUN_STATES)}")
+        if not self.read_only:
+            if not self._awake:
+                self._awake = True
+                self._queue.put_nowait(_WAKE)
+            self._runs[run.run_id] = run
 
     def record_step(self, step: StepRecord) -> None:
         """Queue an insert-or-update of a step run, with the artifacts it produced and consumed."""
         self._check_open()
-        if not self._steps:
+        if self.read_only:
+            return
+        if not self._awake:
+            self._awake = True
             self._queue.put_nowait(_WAKE)
         self._steps += (None, step, None, None)
 
@@ -614,10 +898,12 @@ class Store:
         names to artifact hashes when the outputs are cached; ``shape`` names the step, its
         outputs and the ``(producer step, output name)`` of each parameter another step fills.
         """
-        if self._closed:
+        if self._closed or self.read_only:
             self._check_open()
+            return
         steps = self._steps
-        if not steps:
+        if not self._awake:
+            self._awake = True
             self._queue.put_nowait(_WAKE)
         steps += (run_id, fate, hashes, shape)
 
@@ -635,19 +921,53 @@ class Store:
 
     # -- the writer --------------------------------------------------------------------------------
 
+    def _drain_into(self, jobs: list[_Job]) -> bool:
+        """Move what is queued into ``jobs`` (up to the batch limit); True if it must commit now."""
+        urgent = False
+        while len(jobs) < _MAX_BATCH:
+            try:
+                job = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            jobs.append(job)
+            urgent = urgent or not isinstance(job, RunRecord | _Wake)
+        return urgent or len(jobs) >= _MAX_BATCH
+
     async def _run_writer(self) -> None:
         stop = False
-        while not stop:
-            jobs = [await self._queue.get()]
-            while len(jobs) < _MAX_BATCH:
+        try:
+            while not stop:
+                self._held = jobs = [await self._queue.get()]
+                urgent = self._drain_into(jobs) or not isinstance(jobs[0], RunRecord | _Wake)
+                if not urgent:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_LINGER_SECONDS):
+                            while not urgent:
+                                jobs.append(await self._queue.get())
+                                urgent = self._drain_into(jobs) or not isinstance(jobs[-1], RunRecord | _Wake)
+                # In this task, not a task of its own (a loop turn per batch): cancelled meanwhile,
+                # the batch stays held and is processed again below. That is safe: a transaction
+                # commits whole or not at all, and every row is an upsert or, for packed step
+                # records, read back with the last record of a step winning.
+                stop = await self._process(jobs)
+                self._held = []
+        except asyncio.CancelledError:
+            if self._released:
+                raise
+            # The loop is shutting down (the end of ``asyncio.run``) with the store still open: a
+            # shared store is closed this way. Commit what is queued, close, then end as cancelled.
+            self._released = self._closed = True
+            jobs, self._held = self._held, []
+            while True:
                 try:
                     jobs.append(self._queue.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            # Shielded: cancelling the writer (say, at loop shutdown) lets this batch commit first;
-            # _release waits for it before closing the connection.
-            self._inflight = asyncio.ensure_future(self._process(jobs))
-            stop = await asyncio.shield(self._inflight)
+            with contextlib.suppress(BaseException):
+                await self._process(jobs)
+            self._release_task = asyncio.ensure_future(self._release())
+            await asyncio.wait([self._release_task])
+            raise
 
     def _on_writer_done(self, task: asyncio.Task[None]) -> None:
         """If the writer ended early (the loop cancelled it), fail whoever still waits on it."""
@@ -676,6 +996,8 @@ class Store:
             elif isinstance(job, _Flush):
                 flushes.append(job.future)
             elif isinstance(job, _Call):
+                if job.future.done():
+                    continue  # done before the writer was interrupted (see _run_writer)
                 await self._commit_safely(self._take_steps(batch))
                 batch = _Batch()
                 try:
@@ -685,15 +1007,23 @@ class Store:
             elif isinstance(job, _Stop):
                 stop = True
         await self._commit_safely(self._take_steps(batch))
-        for future in flushes:
+        for i, future in enumerate(flushes):
             if not future.done():
                 future.set_result(None)
+            if i % _WAKE_CHUNK == _WAKE_CHUNK - 1 and i + 1 < len(flushes):
+                # Each woken run finishes its run on the loop; 200 of them in one loop iteration
+                # kept every other task waiting ~10 ms. A few at a time, with a yield in between.
+                await asyncio.sleep(0)
         return stop
 
     def _take_steps(self, batch: _Batch) -> _Batch:
-        """Move every step recorded so far into ``batch`` (they commit with the jobs queued before)."""
+        """Move every run and step recorded so far into ``batch`` (they commit with the jobs queued before)."""
+        self._awake = False
         if self._steps:
             batch.steps, self._steps = self._steps, []
+        if self._runs:
+            batch.runs.update(self._runs)
+            self._runs = {}
         return batch
 
     async def _commit_safely(self, batch: _Batch) -> None:
@@ -703,7 +1033,17 @@ class Store:
             await self._commit(batch)
         except Exception as exc:
             # The values stay served from memory (they are right); only their persistence is lost.
-            self._errors.append(exc)
+            what = []
+            if batch.puts:
+                what.append(f"{len(batch.puts)} cache entries")
+            if batch.runs or batch.steps:
+                what.append("lineage records")
+            error = StoreError(
+                f"writing to the flowyml store at {self.root} failed, so {' and '.join(what) or 'a batch'} "
+                f"were not stored: {exc}"
+            )
+            error.__cause__ = exc
+            self._log_error(error)
 
     async def _commit(self, batch: _Batch) -> None:
         # 1. Artifact files first, durably: an index row may only name a file that is in place.
@@ -717,7 +1057,12 @@ class Store:
                         wrote = True
                         await self._files.write(out.artifact_hash, out.inline)
             except OSError as exc:
-                self._errors.append(exc)
+                error = StoreError(
+                    f"the output of step {put.entry.step_name!r} could not be written to the flowyml "
+                    f"store at {self.root}, so it is not cached: {exc}"
+                )
+                error.__cause__ = exc
+                self._log_error(error)
             else:
                 written.append(put)
         batch.puts = written
@@ -728,9 +1073,12 @@ class Store:
         #    A locked database rolls back and the whole call is retried.
         rows = _BatchRows(batch)
         await _db.retry_locked(lambda: _db.on_thread(self._conn, rows.commit), where=self._db_path)
+        self.commits += 1
         for drop in batch.drops:
             if self._dropped.get(drop.key) == drop.created_at:
                 del self._dropped[drop.key]
+        for put in batch.puts:
+            self._unsaved.discard(put.entry.key)
         # 3. Committed: large values are now read from their files, so stop holding their bytes.
         for put in batch.puts:
             e = put.entry
@@ -767,9 +1115,17 @@ class Store:
         """The most recent runs, newest first."""
         self._check_open()
         rows = await self._conn.execute_fetchall(
-            f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY started_at DESC LIMIT ?", (limit,)
+            f"SELECT {_RUN_READ} FROM runs ORDER BY started_at DESC LIMIT ?", (limit,)
         )
-        return [_run_from_row(row) for row in rows]
+        return [run for run in map(self._run_or_none, rows) if run is not None]
+
+    def _run_or_none(self, row: Sequence[Any]) -> RunRecord | None:
+        """The run of ``row``, or None (noted in :attr:`damaged`) when the row is damaged."""
+        try:
+            return _run_from_row(row)
+        except (ValueError, TypeError, IndexError) as exc:
+            self.damaged.append(f"table runs, run_id {row[0]!r}: {exc}")
+            return None
 
     async def match_run_ids(self, prefix: str, limit: int = 10) -> list[str]:
         """Run ids equal to ``prefix`` (alone, if there is one) or starting with it."""
@@ -790,17 +1146,27 @@ class Store:
         if len(matches) != 1:
             return None
         rows = await self._conn.execute_fetchall(
-            f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (matches[0],)
+            f"SELECT {_RUN_READ} FROM runs WHERE run_id = ?", (matches[0],)
         )
-        run = _run_from_row(next(iter(rows)))
+        run = self._run_or_none(next(iter(rows)))
+        if run is None:
+            return None
         return RunDetail(run, tuple(await self._steps_of(run.run_id)))
 
     async def _steps_of(self, run_id: str) -> list[StepRecord]:
         """The step runs of ``run_id`` in the order they started, unstarted (skipped) ones last."""
         rows = await self._conn.execute_fetchall(
-            "SELECT steps, times FROM step_records WHERE run_id = ? ORDER BY id", (run_id,)
+            "SELECT id, steps, times FROM step_records WHERE run_id = ? ORDER BY id", (run_id,)
         )
-        steps = _packed.decode(run_id, [(row[0], row[1]) for row in rows])
+        good: list[tuple[str, bytes]] = []
+        for row_id, packed, times in rows:
+            try:
+                _check_part(run_id, packed, times)
+            except Exception as exc:  # any damage: reported, the other rows still read
+                self.damaged.append(f"table step_records, id {row_id} (run {run_id!r}): {exc}")
+            else:
+                good.append((packed, times))
+        steps = _packed.decode(run_id, good)
         order = {s.step_name: i for i, s in enumerate(steps)}
         return sorted(steps, key=lambda s: (s.started_at is None, s.started_at or 0.0, order[s.step_name]))
 
@@ -837,14 +1203,16 @@ class Store:
         else:
             return None
         hashes = sorted({h for s in steps.values() for h in s.outputs.values() if h is not None})
-        artifacts = {
-            row[0]: (row[1], row[2], row[3])
-            for row in await conn.execute_fetchall(
-                "SELECT hash, type_name, size, producer_run_id FROM artifacts "
-                "WHERE hash IN (SELECT value FROM json_each(?))",
-                (json.dumps(hashes),),
-            )
-        }
+        artifacts: dict[str, tuple[str | None, int | None, str | None]] = {}
+        for row in await conn.execute_fetchall(
+            "SELECT hash, type_name, size, producer_run_id FROM artifacts "
+            "WHERE hash IN (SELECT value FROM json_each(?))",
+            (json.dumps(hashes),),
+        ):
+            if isinstance(row[1], str) and isinstance(row[2], int) and isinstance(row[3], str | None):
+                artifacts[row[0]] = (row[1], row[2], row[3])
+            else:
+                self.damaged.append(f"table artifacts, hash {row[0]!r}: values of the wrong type")
 
         def node(step_name: str, output: str, seen: frozenset[str]) -> LineageNode:
             step = steps.get(step_name)
@@ -901,11 +1269,17 @@ class Store:
             "LEFT JOIN cache_outputs AS o ON o.key = e.key GROUP BY e.step_name"
         ):
             per_step[name] = [count, size, 0, 0.0]
+        for (row_id,) in await conn.execute_fetchall(
+            "SELECT id FROM step_records WHERE hits IS NOT NULL AND "
+            "(NOT json_valid(hits) OR json_type(hits) != 'object')"
+        ):
+            self.damaged.append(f"table step_records, id {row_id}: its cache hits are not a JSON object")
         for name, hits, saved in await conn.execute_fetchall(
             "SELECT h.key, SUM(json_extract(h.value, '$[0]')), SUM(json_extract(h.value, '$[1]')) "
-            "FROM step_records AS p, json_each(p.hits) AS h WHERE p.hits IS NOT NULL GROUP BY h.key"
+            "FROM step_records AS p, json_each(p.hits) AS h WHERE p.hits IS NOT NULL AND json_valid(p.hits) "
+            "AND json_type(p.hits) = 'object' AND json_type(h.value) = 'array' GROUP BY h.key"
         ):
-            per_step.setdefault(name, [0, 0, 0, 0.0])[2:] = [hits, saved]
+            per_step.setdefault(str(name), [0, 0, 0, 0.0])[2:] = [hits or 0, saved or 0.0]
         steps = tuple(StepCacheStats(name, *values) for name, values in sorted(per_step.items()))
         return CacheStats(
             entries=entries,
@@ -928,6 +1302,7 @@ class Store:
 
         Artifact files no longer named by any entry are deleted. Lineage records stay.
         """
+        self._refuse_read_only("clear its cache")
         where = "" if step_name is None else " WHERE step_name = ?"
         params: tuple[str, ...] = () if step_name is None else (step_name,)
 
@@ -970,7 +1345,51 @@ class Store:
             for key in [k for k, e in self._memory.items() if e.step_name == step_name]:
                 del self._memory[key]
         self._files.remove(unused)
+        await self.gc()
         return int(removed)
+
+    def _refuse_read_only(self, what: str) -> None:
+        self._check_open()
+        if self.read_only:
+            raise StoreError(
+                f"cannot {what}: the flowyml store at {self.root} is read-only for you (its directory or "
+                "database is not writable); reading it works"
+            )
+
+    async def _named_hashes(self) -> set[str]:
+        rows = await self._conn.execute_fetchall("SELECT DISTINCT artifact_hash FROM cache_outputs")
+        return {row[0] for row in rows if isinstance(row[0], str)}
+
+    async def gc(self, *, grace: float = ORPHAN_GRACE_SECONDS) -> tuple[int, int]:
+        """Remove artifact files no index row names (older than ``grace`` s) and stale temporary files.
+
+        Orphans are what a crash between an artifact's rename and its row's commit leaves. Only files
+        named like a hash are considered; a younger orphan may be another process's write in flight.
+        Returns ``(files removed, bytes freed)``.
+        """
+        self._refuse_read_only("collect its garbage")
+
+        async def collect(conn: aiosqlite.Connection) -> tuple[int, int]:
+            named = await self._named_hashes()
+            files = self._files
+            loop = asyncio.get_running_loop()
+
+            def sweep() -> tuple[int, int]:
+                count = freed = 0
+                for path in files.orphans(named, grace=grace):
+                    try:
+                        size = path.stat().st_size
+                        path.unlink()
+                    except FileNotFoundError:
+                        continue
+                    count += 1
+                    freed += size
+                return count + files.clean_tmp(), freed
+
+            return await loop.run_in_executor(files.executor, sweep)
+
+        result: tuple[int, int] = await self._call(collect)
+        return result
 
     async def verify(self) -> VerifyReport:
         """Run SQLite's integrity check and re-hash every artifact; read-only.
@@ -998,8 +1417,22 @@ class Store:
             for key, step, name, digest, size, inline in rows:
                 path: str | None = None
                 kind: str | None
+                if not is_hash(digest):
+                    problems.append(
+                        VerifyProblem(
+                            "row",
+                            f"index row names artifact {digest!r}, which is not a hash: a corrupt row, "
+                            "never followed",
+                            key,
+                            step,
+                            name,
+                            None,
+                            None,
+                        )
+                    )
+                    continue
                 if inline is not None:
-                    blob = bytes(inline)
+                    blob = bytes(inline) if isinstance(inline, bytes | bytearray | memoryview) else b""
                     kind = None if len(blob) == size and _hexdigest(blob) == digest else "hash"
                 else:
                     path = str(files.path(digest))
@@ -1023,8 +1456,18 @@ class Store:
                         "hash": "artifact does not match its hash",
                     }[kind]
                     problems.append(VerifyProblem(kind, detail, key, step, name, digest, path))
+            for orphan in files.orphans(named):
+                problems.append(
+                    VerifyProblem(
+                        "orphan",
+                        "artifact file named by no index row (left by a crash); `flowyml cache gc` removes it",
+                        artifact_hash=orphan.name,
+                        path=str(orphan),
+                    )
+                )
             return len({r[3] for r in rows}), problems
 
+        named = {r[3] for r in rows if isinstance(r[3], str)}
         checked, problems = await asyncio.get_running_loop().run_in_executor(files.executor, check)
         if integrity != "ok":
             problems.insert(0, VerifyProblem("integrity", integrity))

@@ -8,7 +8,7 @@ shuts down on close, so no thread outlives it.
 
 from __future__ import annotations
 
-__all__ = ("ArtifactFiles", "make_private_dir")
+__all__ = ("ORPHAN_GRACE_SECONDS", "ArtifactFiles", "BadHashError", "make_private_dir")
 
 import asyncio
 import contextlib
@@ -21,14 +21,47 @@ from pathlib import Path
 import aiofiles
 import aiofiles.os
 
+from ._safety import is_hash
+
 _TMP_DIR = ".tmp"  # inside artifacts/, so a rename into place stays on one filesystem
 _STALE_TMP_SECONDS = 3600.0
+#: An artifact file without an index row is an orphan once it is this old: younger ones may belong
+#: to a writer in another process that has renamed the file but not yet committed its row.
+ORPHAN_GRACE_SECONDS = 600.0
+
+
+class BadHashError(ValueError):
+    """An index row names an artifact by something that is not a hash: a corrupt row, never a path."""
 
 
 def make_private_dir(path: Path) -> None:
-    """Create ``path`` (and parents) if needed and make it owner-only (0o700), whatever the umask."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create ``path`` (and parents) owner-only (0o700) whatever the umask; an existing one is left as is.
+
+    Never chmod an existing directory: that would loosen a mode someone chose (0o500), and a mode
+    that is too open is refused by the store's checks rather than silently kept.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=False)
+    except FileExistsError:
+        return
     os.chmod(path, 0o700)
+
+
+def _writer_gone(name: str) -> bool:
+    """True when the temporary file ``<hash>-<pid>-<token>`` belongs to a process that is not running."""
+    parts = name.split("-")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _private_opener(path: str, flags: int) -> int:
@@ -58,19 +91,51 @@ class ArtifactFiles:
         self._made = False  # the folders exist (prepare ran, or a write made them)
 
     def prepare(self) -> None:
-        """Create the folders and remove temporary files that a crashed writer left long ago.
+        """Create the folders and remove temporary files of writers that are gone.
 
+        A temporary file's name carries its writer's process id: it is removed when that process
+        is not running (on this machine) or when it is older than an hour whoever made it.
         Temporary files live in their own folder, so this never lists the artifacts themselves
         (a store may hold many thousands).
         """
         self._make()
+        self.clean_tmp()
+
+    def clean_tmp(self) -> int:
+        """Remove the temporary files of writers that are gone; returns how many were removed."""
         cutoff = time.time() - _STALE_TMP_SECONDS
-        for entry in os.scandir(self.tmp_dir):
+        removed = 0
+        try:
+            entries = list(os.scandir(self.tmp_dir))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
             try:
-                if entry.stat().st_mtime < cutoff:
+                if _writer_gone(entry.name) or entry.stat(follow_symlinks=False).st_mtime < cutoff:
                     os.unlink(entry.path)
+                    removed += 1
             except FileNotFoundError:
                 pass
+        return removed
+
+    def orphans(self, named: set[str], *, grace: float = ORPHAN_GRACE_SECONDS) -> list[Path]:
+        """Artifact files no index row names, older than ``grace`` seconds; only hash-named files."""
+        cutoff = time.time() - grace
+        found = []
+        try:
+            entries = list(os.scandir(self.dir))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if not is_hash(entry.name) or entry.name in named:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if entry.is_file(follow_symlinks=False) and st.st_mtime < cutoff:
+                found.append(Path(entry.path))
+        return found
 
     def _make(self) -> None:
         make_private_dir(self.dir)
@@ -92,7 +157,13 @@ class ArtifactFiles:
             self._executor = None
 
     def path(self, artifact_hash: str) -> Path:
-        """Where the artifact with this hash lives."""
+        """Where the artifact with this hash lives.
+
+        Raises:
+            BadHashError: ``artifact_hash`` is not exactly a hash (a corrupt or crafted row).
+        """
+        if not is_hash(artifact_hash):
+            raise BadHashError(f"{artifact_hash!r} is not an artifact hash")
         return self.dir / artifact_hash
 
     async def write(self, artifact_hash: str, data: bytes) -> None:
@@ -145,6 +216,8 @@ class ArtifactFiles:
 
     def quarantine(self, artifact_hash: str) -> Path | None:
         """Move a bad artifact file aside; returns where it went, or None when it was already gone."""
+        if not is_hash(artifact_hash):
+            return None  # a corrupt row names no file of ours
         target = self.quarantine_dir / f"{artifact_hash}.{time.time_ns()}"
         if not self._made:  # a store opened with create=False made no folders
             self._make()
@@ -158,6 +231,8 @@ class ArtifactFiles:
         """Delete the artifact files of ``hashes``; returns how many existed."""
         removed = 0
         for artifact_hash in hashes:
+            if not is_hash(artifact_hash):
+                continue  # a corrupt row: never followed
             try:
                 os.unlink(self.path(artifact_hash))
                 removed += 1

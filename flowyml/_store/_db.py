@@ -37,15 +37,18 @@ __all__ = (
     "LOCK_DEADLINE_SECONDS",
     "SCHEMA_VERSION",
     "busy_timeout_ms",
+    "check_files",
     "close",
     "connect",
     "is_locked_error",
     "on_thread",
     "retry_locked",
     "retry_locked_sync",
+    "writable",
 )
 
 import asyncio
+import contextlib
 import os
 import random
 import re
@@ -62,9 +65,10 @@ from flowyml._errors import StoreError
 
 from . import _packed
 from ._records import StepRecord
+from ._safety import check_private
 
 DB_NAME = "flowyml.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: How long SQLite itself waits for a lock before a statement fails with "database is locked".
 BUSY_TIMEOUT_MS = 30_000
 #: How long, in all, a write waits for another process to release the store's write lock before
@@ -86,7 +90,9 @@ CREATE TABLE IF NOT EXISTS runs (
     ended_at           REAL,
     duration_seconds   REAL,
     time_saved_seconds REAL NOT NULL DEFAULT 0,
-    error_message      TEXT
+    error_message      TEXT,
+    pid                INTEGER,
+    host               TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at);
 CREATE TABLE IF NOT EXISTS step_records (
@@ -111,7 +117,8 @@ CREATE TABLE IF NOT EXISTS cache_entries (
     step_name        TEXT NOT NULL,
     run_id           TEXT,
     duration_seconds REAL NOT NULL,
-    created_at       REAL NOT NULL
+    created_at       REAL NOT NULL,
+    outputs          INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS cache_entries_step ON cache_entries (step_name);
 CREATE TABLE IF NOT EXISTS cache_outputs (
@@ -126,6 +133,15 @@ CREATE TABLE IF NOT EXISTS cache_outputs (
 );
 CREATE INDEX IF NOT EXISTS cache_outputs_hash ON cache_outputs (artifact_hash);
 """
+
+#: Columns added after a table was first made: (table, column, type). Schema 3 added the writer's
+#: process of a run (to show a run whose process is gone as interrupted) and the number of outputs
+#: of a cache entry (an entry missing output rows is a miss, not a KeyError).
+_ADDED_COLUMNS = (
+    ("runs", "pid", "INTEGER"),
+    ("runs", "host", "TEXT"),
+    ("cache_entries", "outputs", "INTEGER"),
+)
 
 #: Every table and index of the schema: a store lacking one needs the schema transaction.
 _SCHEMA_OBJECTS = frozenset(re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", _SCHEMA))
@@ -193,8 +209,11 @@ async def retry_locked(
 
 
 def _touch_private(path: Path) -> None:
-    """Create ``path`` if needed and make it readable and writable by its owner only."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    """Create ``path`` owner-only (0o600, whatever the umask) unless it exists; an existing one keeps its mode."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return
     try:
         os.fchmod(fd, 0o600)
     finally:
@@ -293,6 +312,10 @@ def _ensure_schema(db: sqlite3.Connection) -> str | None:
             return str(found)
         if found is not None and found < 2:
             _migrate_v1(db)
+        for table, column, kind in _ADDED_COLUMNS:
+            have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         db.execute(
             "INSERT INTO meta (name, value) VALUES ('schema_version', ?) "
             "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
@@ -355,29 +378,69 @@ def retry_locked_sync(operation: Callable[[], _T], *, max_wait: float = 2.0, whe
         delay = min(delay * 2, max_wait)
 
 
-async def connect(root: Path, *, create: bool = True) -> aiosqlite.Connection:
-    """Open the store's database and bring its schema up to date.
+def check_files(root: Path) -> None:
+    """Refuse a store whose directory, database or artifact folders others could have written.
+
+    Raises:
+        StoreError: see :func:`_safety.check_private`.
+    """
+    check_private(root, "directory", directory=True)
+    db_path = root / DB_NAME
+    check_private(db_path, "database", directory=False)
+    for suffix in ("-wal", "-shm"):
+        check_private(db_path.with_name(DB_NAME + suffix), "database", directory=False)
+    for folder in ("artifacts", "artifacts/.tmp", "quarantine"):
+        check_private(root / folder, "folder", directory=True)
+
+
+def writable(root: Path) -> bool:
+    """True when this process may write the store's directory and database."""
+    db_path = root / DB_NAME
+    return os.access(root, os.W_OK) and (not db_path.exists() or os.access(db_path, os.W_OK))
+
+
+async def _open(target: str, *, uri: bool) -> aiosqlite.Connection:
+    pending = aiosqlite.connect(target, uri=uri, isolation_level=None, check_same_thread=False)
+    # A daemon thread: a store nobody closed must not keep the interpreter from exiting (the
+    # registry closes stores at exit; WAL keeps the database consistent if it cannot).
+    pending._thread.daemon = True
+    return await pending
+
+
+async def connect(root: Path, *, create: bool = True) -> tuple[aiosqlite.Connection, bool]:
+    """Open the store's database and bring its schema up to date; returns it and whether it is read-only.
 
     With ``create`` False the database must exist and be up to date: opening writes nothing and
-    never waits for the write lock (reads need none in WAL mode).
+    never waits for the write lock (reads need none in WAL mode). A store this process may not
+    write (a directory 0o500, files 0o400) is opened read-only, with ``create`` or without: if
+    SQLite cannot set up its shared-memory file there, the database is read as immutable.
 
     Raises:
         StoreError: the database cannot be opened, was made by a newer flowyml, or (``create``
-            False) is not up to date.
+            False, or read-only) is not up to date.
     """
     db_path = root / DB_NAME
-    if create:
+    read_only = db_path.exists() and not writable(root)
+    if read_only:
+        base = f"file:{quote(str(db_path))}?mode=ro"
+        try:
+            conn = await _open(base, uri=True)
+            await on_thread(conn, lambda db: _prepare(db, db_path, False))
+        except sqlite3.OperationalError:
+            with contextlib.suppress(UnboundLocalError):
+                await close(conn)
+            conn = await _open(base + "&immutable=1", uri=True)
+    elif create:
         try:
             _touch_private(db_path)
         except OSError as exc:
             raise StoreError(f"cannot create the flowyml store database {db_path}: {exc}") from exc
-        conn = await aiosqlite.connect(db_path, isolation_level=None, check_same_thread=False)
+        conn = await _open(str(db_path), uri=False)
     else:
         # mode=rw: an existing database only; a file removed meanwhile is an error, not a new store.
-        uri = f"file:{quote(str(db_path))}?mode=rw"
-        conn = await aiosqlite.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn = await _open(f"file:{quote(str(db_path))}?mode=rw", uri=True)
     try:
-        newer = await on_thread(conn, lambda db: _prepare(db, db_path, create))
+        newer = await on_thread(conn, lambda db: _prepare(db, db_path, create and not read_only))
         if newer is not None:
             raise StoreError(
                 f"the flowyml store at {root} has schema version {newer}, newer than this flowyml "
@@ -386,7 +449,7 @@ async def connect(root: Path, *, create: bool = True) -> aiosqlite.Connection:
     except BaseException:
         await close(conn)
         raise
-    return conn
+    return conn, read_only
 
 
 async def close(conn: aiosqlite.Connection) -> None:

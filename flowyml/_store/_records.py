@@ -7,7 +7,9 @@ touching the database again, and so that a record read back equals the record wr
 from __future__ import annotations
 
 __all__ = (
+    "RUN_STATES",
     "STATUSES",
+    "STEP_STATES",
     "CacheEntry",
     "CacheStats",
     "CachedOutput",
@@ -23,13 +25,21 @@ __all__ = (
 
 from dataclasses import dataclass, field
 
+#: Every state a run can have: what ``PipelineResult.state`` says, plus ``running`` while it runs
+#: and ``interrupted`` (shown, never written) for a run still ``running`` whose process is gone.
+RUN_STATES = frozenset({"running", "completed", "failed", "cancelled", "interrupted"})
+#: Every status a step run can have (the values of :class:`flowyml.StepStatus` once it ended).
+STEP_STATES = frozenset({"succeeded", "cached", "failed", "timed_out", "cancelled", "skipped"})
 #: Every status a run or a step run can have.
-STATUSES = frozenset({"succeeded", "failed", "timed_out", "cancelled", "skipped", "cached", "running"})
+STATUSES = RUN_STATES | STEP_STATES
 
 
 @dataclass(frozen=True, slots=True)
 class RunRecord:
-    """One pipeline run. Recorded at its start (status ``"running"``) and again at its end."""
+    """One pipeline run. Recorded at its start (status ``"running"``) and again at its end.
+
+    ``status`` is one of :data:`RUN_STATES`.
+    """
 
     run_id: str
     pipeline_name: str
@@ -132,7 +142,7 @@ class CacheStats:
 
 @dataclass(frozen=True, slots=True)
 class VerifyProblem:
-    """One thing ``verify`` found wrong: ``kind`` is ``"integrity"``, ``"missing"``, ``"hash"`` or ``"size"``."""
+    """One thing ``verify`` found: ``kind`` is ``"integrity"``, ``"missing"``, ``"hash"``, ``"size"``, ``"row"`` or ``"orphan"``."""
 
     kind: str
     detail: str

@@ -1,0 +1,7 @@
+"""``python -m flowyml``: the ``flowyml`` command."""
+
+import sys
+
+from flowyml._cli import main
+
+sys.exit(main())

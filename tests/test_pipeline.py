@@ -1,0 +1,139 @@
+"""``Pipeline``: planning once, running with given executors, refusing what cannot run up front."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowyml import Pipeline, StepStatus, step
+from flowyml.errors import ConfigError
+from flowyml.testing import InMemoryExecutor
+
+
+class TestCleanup:
+    def test_bad_executor_is_rejected_before_the_store_opens(self) -> None:
+        """run(executor="process") is a ConfigError and leaves no store thread behind."""
+        before = threading.active_count()
+        with pytest.raises(ConfigError, match="executor"):
+            Pipeline("bad").add_step(step(lambda: 1)).run(executor="process")  # type: ignore[arg-type]
+        assert threading.active_count() == before
+
+
+class TestWorkerImport:
+    """A script started again by a process worker."""
+
+    @pytest.mark.slow
+    def test_script_without_main_guard_gets_a_clear_error(self, tmp_path: Any) -> None:
+        """A process step in a script without a __main__ guard: the worker refuses, no phantom run."""
+        import subprocess
+        import sys
+
+        script = tmp_path / "noguard.py"
+        script.write_text(
+            "from flowyml import Pipeline, step\n"
+            "@step(outputs=['x'], executor='process')\n"
+            "def work():\n    return 1\n"
+            "result = Pipeline('noguard').add_step(work).run()\n"
+            "print('STATE', result.state)\n"
+        )
+        env = {**__import__("os").environ, "FLOWYML_HOME": str(tmp_path / ".flowyml")}
+        proc = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+        )
+        assert "STATE failed" in proc.stdout
+        assert "__main__" in proc.stderr
+        runs = subprocess.run(
+            [sys.executable, "-m", "flowyml._cli", "--dir", str(tmp_path / ".flowyml"), "runs"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert runs.stdout.count("noguard") == 1
+
+
+@pytest.mark.slow
+def test_guarded_script_runs_pipelines_in_spawned_workers(tmp_path: Path) -> None:
+    """A guarded script's function that runs a pipeline inside a spawn worker is not refused."""
+    script = tmp_path / "spawned.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import multiprocessing
+            from flowyml import Pipeline, step
+
+            def job(_):
+                p = Pipeline("inner", lineage=False, enable_cache=False)
+                p.add_step(step(outputs=["x"], name="x")(lambda: 41))
+                return p.run()["x"] + 1
+
+            if __name__ == "__main__":
+                with multiprocessing.get_context("spawn").Pool(1) as pool:
+                    print("RESULT", pool.map(job, [0]))
+            """
+        )
+    )
+    env = {**os.environ, "FLOWYML_HOME": str(tmp_path / ".flowyml")}
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
+    assert "RESULT [42]" in proc.stdout, proc.stderr
+
+
+class TestWithAnInMemoryExecutor:
+    """``flowyml.testing.InMemoryExecutor`` as the run's executor: every call seen, in order."""
+
+    def _pipeline(self) -> Pipeline:
+        @step(outputs=["a"])
+        def first() -> int:
+            return 1
+
+        @step(outputs=["b"])
+        async def second(a: int) -> int:
+            return a + 1
+
+        return Pipeline("mem", enable_cache=False, lineage=False).add_step(first).add_step(second)
+
+    def test_every_step_goes_to_the_given_executor(self) -> None:
+        executor = InMemoryExecutor()
+        result = self._pipeline().run(executor=executor)
+        assert result["b"] == 2
+        assert executor.steps == ["first", "second"]
+        assert executor.calls[1].args == (1,)
+        assert executor.closed  # run() closes what it was given: its loop ends with it
+
+    async def test_arun_leaves_the_executor_open(self) -> None:
+        executor = InMemoryExecutor()
+        await self._pipeline().arun(executor=executor)
+        assert not executor.closed and executor.peak == 1
+
+    def test_a_timeout_is_enforced(self) -> None:
+        @step(outputs=["x"], timeout=0.05)
+        async def slow() -> int:
+            await asyncio.sleep(5)
+            return 1
+
+        executor = InMemoryExecutor()
+        result = Pipeline("slow", enable_cache=False, lineage=False).add_step(slow).run(executor=executor)
+        assert result.step_results["slow"].status is StepStatus.TIMED_OUT
+
+
+class TestPlan:
+    def test_the_plan_is_built_once_and_holds_what_runs_need(self) -> None:
+        @step(outputs=["x"], resources={"gpu": 1})
+        async def train() -> int:
+            return 1
+
+        p = Pipeline("plan", resources={"gpu": 2}).add_step(train)
+        plan = p.plan()
+        assert p.plan() is plan
+        assert plan.requests == ((("gpu", 1.0),),)
+        assert plan.direct == (True,)
+        assert plan.shapes[0].name == "train"

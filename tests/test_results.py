@@ -1,0 +1,67 @@
+"""What a run reports: StepResult and PipelineResult, built once and frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from flowyml import Pipeline, PipelineResult, StepResult, StepStatus, context, step
+from flowyml._results import finished
+
+
+class TestMissingOutputs:
+    def test_missing_output_names_its_step_and_why(self) -> None:
+        """result[name] for an output a failed step never produced says which step and why."""
+
+        @step(outputs=["inv"])
+        def invert(x: float) -> float:
+            return 1 / x
+
+        result = Pipeline("inv", context=context(x=0)).add_step(invert).run()
+        with pytest.raises(KeyError, match=r"'invert' failed \(ZeroDivisionError"):
+            result["inv"]
+
+
+class TestFrozen:
+    def test_step_result_cannot_be_changed(self) -> None:
+        res = StepResult("s", StepStatus.SUCCEEDED, {"x": 1})
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            res.status = StepStatus.FAILED  # type: ignore[misc]
+
+    def test_the_engine_build_is_the_same_frozen_class(self) -> None:
+        """``finished`` (the engine's fast build) gives what the constructor gives."""
+        fast = finished("s", StepStatus.SUCCEEDED, {"x": 1}, attempts=2, start_time=1.0, end_time=3.0)
+        slow = StepResult("s", StepStatus.SUCCEEDED, {"x": 1}, attempts=2, start_time=1.0, end_time=3.0)
+        assert type(fast) is StepResult
+        assert dataclasses.asdict(fast) == dataclasses.asdict(slow)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            fast.attempts = 3  # type: ignore[misc]
+
+    def test_results_of_a_run_are_frozen(self) -> None:
+        @step(outputs=["x"])
+        def one() -> int:
+            return 1
+
+        result = Pipeline("frozen", enable_cache=False, lineage=False).add_step(one).run()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            result.state = "failed"  # type: ignore[misc]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            result.step_results["one"].outputs = {}  # type: ignore[misc]
+
+
+class TestReading:
+    def test_properties_follow_the_status(self) -> None:
+        ok = StepResult("a", StepStatus.CACHED, {"x": 1}, attempts=0)
+        assert ok.success and ok.cached and not ok.skipped and ok.output == 1
+        retried = StepResult("b", StepStatus.FAILED, attempts=3, error=ValueError("no"))
+        assert not retried.success and retried.retries == 2
+        assert "error=ValueError" in repr(retried)
+
+    def test_pipeline_result_reads_outputs_then_steps(self) -> None:
+        steps = {"make": StepResult("make", StepStatus.SUCCEEDED, {"x": 1})}
+        result = PipelineResult("r", "p", "completed", {"x": 1}, steps, 0.0, 2.0, {"x": "make"})
+        assert result["x"] == 1 and result["make"] is steps["make"]
+        assert result.success and result.duration_seconds == 2.0
+        with pytest.raises(KeyError, match="neither an output nor a step"):
+            result["nothing"]

@@ -1,0 +1,169 @@
+"""``@step`` and :class:`Step`: what decoration accepts, refuses, and how it composes with the layers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from flowyml import CircuitBreaker, Pipeline, StepStatus, on_failure, retry, step, unless, when
+from flowyml.errors import ConfigError, StepError
+from flowyml.testing import no_sleep
+
+
+def _fallback() -> int:
+    return -1
+
+
+LAYERS: list[Any] = [
+    pytest.param(lambda: retry(max_attempts=3, initial=0.01), id="retry"),
+    pytest.param(lambda: on_failure(_fallback), id="on_failure"),
+    pytest.param(lambda: when(lambda: True), id="when"),
+    pytest.param(lambda: unless(lambda: False), id="unless"),
+    pytest.param(lambda: CircuitBreaker(failure_threshold=5), id="breaker"),
+]
+
+
+class TestDecoratorOrder:
+    """A layer above ``@step`` gives the same step as the layer below it."""
+
+    @pytest.mark.parametrize("make", LAYERS)
+    def test_either_order_gives_the_same_step(self, make: Callable[[], Any]) -> None:
+        def load() -> int:
+            return 1
+
+        options: dict[str, Any] = {"outputs": ["data"], "timeout": 5.0, "cache": "input_hash", "tags": ["t"]}
+        below = step(**options)(make()(load))
+        above = make()(step(**options)(load))
+        for attribute in (
+            "name",
+            "outputs",
+            "timeout",
+            "cache",
+            "tags",
+            "inputs",
+            "uses_fallback",
+            "is_async",
+        ):
+            assert getattr(above, attribute) == getattr(below, attribute), attribute
+        assert (above.retry is None) == (below.retry is None)
+        assert len(above.conditions) == len(below.conditions)
+        assert len(above.breakers) == len(below.breakers)
+
+    @pytest.mark.parametrize("make", LAYERS)
+    def test_consumer_finds_the_output_of_a_step_decorated_above(self, make: Callable[[], Any]) -> None:
+        """Before, the layer dropped the step's outputs and the consumer's input had no producer."""
+
+        @make()
+        @step(outputs=["data"])
+        def load() -> int:
+            return 20
+
+        @step(inputs=["data"], outputs=["doubled"])
+        def double(data: int) -> int:
+            return data * 2
+
+        result = Pipeline("order", enable_cache=False, lineage=False).add_step(load).add_step(double).run()
+        assert result["doubled"] == 40, result.summary()
+
+    def test_retry_above_step_is_run_by_the_engine(self) -> None:
+        calls: list[int] = []
+
+        @retry(max_attempts=3)
+        @step(outputs=["x"])
+        def flaky() -> int:
+            calls.append(1)
+            if len(calls) < 3:
+                raise OSError("not yet")
+            return 7
+
+        with no_sleep():
+            result = Pipeline("r", enable_cache=False, lineage=False).add_step(flaky).run()
+        assert result["x"] == 7
+        assert result.step_results["flaky"].attempts == 3
+
+    def test_retry_above_and_retry_option_is_a_config_error(self) -> None:
+        with pytest.raises(ConfigError, match=r"both @retry\(...\) and retry=2"):
+
+            @retry(max_attempts=3)
+            @step(outputs=["x"], retry=2)
+            def twice() -> int:
+                return 1
+
+
+class TestRefusedFunctions:
+    def test_generator_function_is_a_config_error(self) -> None:
+        def items() -> Iterator[int]:
+            yield 1
+
+        with pytest.raises(ConfigError, match=r"'items' is a generator function.*return a list"):
+            step(outputs=["x"])(items)
+
+    def test_async_generator_function_is_a_config_error(self) -> None:
+        async def items() -> AsyncIterator[int]:
+            yield 1
+
+        with pytest.raises(ConfigError, match="'items' is an async generator function"):
+            step(outputs=["x"])(items)
+
+    def test_generator_under_a_layer_is_refused_too(self) -> None:
+        def items() -> Iterator[int]:
+            yield 1
+
+        with pytest.raises(ConfigError, match="generator function"):
+            step(outputs=["x"])(retry(max_attempts=2)(items))
+
+    @pytest.mark.parametrize("group", [None, "g"])
+    def test_plain_function_returning_a_coroutine_fails_the_step(self, group: str | None) -> None:
+        """The coroutine is not stored as the output: the step fails and says to use async def."""
+
+        async def work() -> int:
+            await asyncio.sleep(0)
+            return 1
+
+        @step(outputs=["a"], execution_group=group)
+        def first() -> int:
+            return 1
+
+        @step(outputs=["x"], execution_group=group)
+        def lazy(a: int) -> Any:
+            return work()
+
+        result = Pipeline("coro", enable_cache=False, lineage=False).add_step(first).add_step(lazy).run()
+        res = result.step_results["lazy"]
+        assert res.status is StepStatus.FAILED
+        assert isinstance(res.error, StepError)
+        assert "async def" in str(res.error) and "'lazy'" in str(res.error)
+
+
+class TestStepObject:
+    def test_step_is_frozen(self) -> None:
+        @step(outputs=["x"])
+        def one() -> int:
+            return 1
+
+        with pytest.raises(AttributeError, match="frozen"):
+            one.timeout = 3  # type: ignore[misc]
+
+    def test_step_stays_callable_like_its_function(self) -> None:
+        @step(outputs=["x"])
+        def add(a: int, b: int = 2) -> int:
+            return a + b
+
+        assert add(1) == 3
+        assert add.__name__ == "add"
+
+    def test_unknown_option_names_the_valid_ones(self) -> None:
+        with pytest.raises(ConfigError, match=r"unknown option\(s\) \['output'\]"):
+            step(output=["x"])  # type: ignore[call-overload]
+
+    def test_generator_of_names_is_read_once(self) -> None:
+        """``inputs=`` given as a one-shot iterable keeps every name (the step can be rebuilt)."""
+
+        def use(a: int, b: int) -> int:
+            return a + b
+
+        s = retry(max_attempts=2)(step(inputs=(n for n in ["a", "b"]), outputs=["c"])(use))
+        assert s.inputs == ("a", "b")
