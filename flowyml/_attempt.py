@@ -387,7 +387,14 @@ class UnitRunner:
             async with self._held(request):
                 running = True
                 started, t0 = _now(), _perf()
-                outcomes = await executor.run(run_chain, (members,), {}, timeout=None, step_name=head.name)
+                if self._tracing is None:
+                    outcomes = await executor.run(
+                        run_chain, (members,), {}, timeout=None, step_name=head.name
+                    )
+                else:  # one span for the whole chain, named after its head
+                    carry = not executor.shares_context
+                    with self._tracing.attempt(head.name, 1, executor.name, run_chain, carry=carry) as fn:
+                        outcomes = await executor.run(fn, (members,), {}, timeout=None, step_name=head.name)
         except asyncio.CancelledError:
             for n in nodes:
                 if running:

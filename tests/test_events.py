@@ -133,6 +133,17 @@ class TestSequence:
         assert sorted(names) == ["down0", "down1", "down2", "first"]
         assert isinstance(events[-1], RunFinished)
 
+    def test_grouped_steps_each_start_and_finish(self, tmp_path: Path) -> None:
+        """Members of an execution group run as one call, yet each gets its own start and finish."""
+        p = Pipeline("grouped", cache_dir=tmp_path)
+        p.add_step(step(name="head", outputs=["a"], execution_group="g")(lambda: 1))
+        p.add_step(step(name="tail", inputs=["a"], outputs=["b"], execution_group="g")(lambda a: a + 1))
+        events: list[Event] = []
+        p.run(on_event=events.append)
+        assert _kinds(events, "head") == _kinds(events, "tail") == ["StepStarted", "StepFinished"]
+        finished = [e for e in events if isinstance(e, StepFinished)]
+        assert [e.status for e in finished] == [StepStatus.SUCCEEDED, StepStatus.SUCCEEDED]
+
 
 class TestListeners:
     def test_async_listener_sees_what_a_sync_one_sees(self, tmp_path: Path) -> None:

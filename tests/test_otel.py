@@ -161,6 +161,20 @@ class TestSpans:
         assert step_span.attributes["flowyml.executor"] == "process"  # type: ignore[index]
         assert (trace_id, parent_id) == (step_span.context.trace_id, step_span.context.span_id)
 
+    def test_a_grouped_chain_is_one_span_named_after_its_head(
+        self, tmp_path: Path, spans: InMemorySpanExporter
+    ) -> None:
+        """An execution group runs as one call: one attempt span, for its head, under the run."""
+        p = Pipeline("grouped", cache_dir=tmp_path)
+        p.add_step(step(name="head", outputs=["a"], execution_group="g")(lambda: 1))
+        p.add_step(step(name="tail", inputs=["a"], outputs=["b"], execution_group="g")(lambda a: a + 1))
+        assert p.run()["b"] == 2
+        found = _by_name(spans)
+        (run_span,) = found["flowyml.run grouped"]
+        (chain_span,) = found["flowyml.step head"]
+        assert "flowyml.step tail" not in found
+        assert chain_span.parent is not None and chain_span.parent.span_id == run_span.context.span_id
+
     async def test_arun_traces_inside_the_callers_loop(
         self, tmp_path: Path, spans: InMemorySpanExporter
     ) -> None:
