@@ -135,6 +135,8 @@ class Progress:
 
     async def start(self) -> None:
         stream = self._stream if self._stream is not None else sys.stderr
+        if stream is None:  # no stderr at all (pythonw, some services): nothing to draw on
+            return
         self._stream = stream
         terminal = _is_terminal(stream)
         if terminal:
