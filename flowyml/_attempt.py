@@ -122,11 +122,9 @@ class UnitRunner:
         self.watch = watch
         self._tracing = watch.tracing if watch is not None else None
         self._executors = executors
-        # A traced run calls every body through its executor: each attempt is a span there.
-        self._direct = [
-            d and ex.name == "async" and self._tracing is None
-            for d, ex in zip(plan.direct, executors, strict=True)
-        ]
+        self._direct = [d and ex.name == "async" for d, ex in zip(plan.direct, executors, strict=True)]
+        if self._tracing is not None:  # every body through its executor: each attempt is a span there
+            self._direct = [False] * len(plan.nodes)
         self._resources = resources
         self._requests = plan.requests if resources is not None else ()
         self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None

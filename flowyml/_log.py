@@ -17,6 +17,7 @@ Every record about a run carries ``run_id`` and ``step`` (None for run-level rec
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ._results import StepStatus
@@ -37,10 +38,10 @@ def run_started(run_id: str, pipeline: str, steps: int) -> None:
         )
 
 
-def run_finished(run_id: str, summary: str) -> None:
-    """INFO the run's one-line summary (see :func:`flowyml._progress.summary_line`)."""
+def run_finished(run_id: str, summary: Callable[[], str]) -> None:
+    """INFO the run's one-line summary, made by ``summary()`` only when the record is wanted."""
     if run_log.isEnabledFor(logging.INFO):
-        run_log.info("%s", summary, extra={"run_id": run_id, "step": None})
+        run_log.info("%s", summary(), extra={"run_id": run_id, "step": None})
 
 
 def step_retrying(run_id: str, step: str, attempt: int, delay: float, error: BaseException) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import reprlib
 import sys
@@ -18,7 +19,6 @@ from . import _log
 from ._attempt import UnitRunner
 from ._conditions import If
 from ._context import Context
-from ._dispatch import Channel
 from ._errors import ConfigError, EventLoopError, StoreError, StoreWarning
 from ._executors._base import Executor
 from ._executors._local import AsyncExecutor, ThreadExecutor
@@ -26,19 +26,19 @@ from ._gates import NOT_CHOSEN
 from ._graph import Node, Plan, build_plan
 from ._mermaid import to_mermaid
 from ._otel import tracing_for
-from ._progress import Progress, progress_wanted, summary_line
 from ._report import PipelineResult
 from ._resources import ResourcePool, parse_capacity
 from ._results import StepResult, StepStatus
 from ._scheduler import Run
 from ._state import RunState
 from ._step import Step, step
-from ._watch import Watch
-from .events import Event, Listener
 
 if TYPE_CHECKING:
     from ._cache import StoreHooks
+    from ._dispatch import Channel
     from ._store import Store
+    from ._watch import Watch
+    from .events import Event, Listener
 
 __all__ = ("Pipeline",)
 
@@ -227,24 +227,11 @@ class Pipeline:
                 f"run(executor=...) needs an executor object such as DaskExecutor(...), got {executor!r}"
             )
         listeners = _listeners(on_event)
-        show = progress_wanted(progress)
         executors = _Executors(self, executor)
         assigned = executors.assign(plan)
         remote = any(ex.supports_remote for ex in set(assigned))
         start = time.time()
-        tracing = tracing_for(self.name, run_id)
-        watch = (
-            Watch(
-                run_id=run_id,
-                pipeline=self.name,
-                listeners=listeners,
-                channels=_channels,
-                progress=Progress(self.name) if show else None,
-                tracing=tracing,
-            )
-            if Watch.wanted(listeners, _channels, show or None, tracing)
-            else None
-        )
+        watch = _watch_for(self.name, run_id, listeners, _channels, progress)
         try:
             store, hooks, mark = await self._open_store(plan, run_id, start)
         except BaseException as exc:
@@ -294,7 +281,7 @@ class Pipeline:
         result = self._result(
             plan, run_state, run_id, state, start, params, _report_store_errors(self.name, store_errors)
         )
-        _log.run_finished(run_id, summary_line(result))
+        _log.run_finished(run_id, lambda: _summary_line(result))
         if watch is not None:
             await watch.run_finished(result)
         return result
@@ -452,6 +439,8 @@ class EventStream:
         self._pipeline = pipeline
         self._context = context
         self._options = options
+        from ._dispatch import Channel
+
         self._channel = Channel()
         self._task: asyncio.Task[PipelineResult] | None = None
         self._over = False
@@ -495,6 +484,37 @@ class EventStream:
             await asyncio.wait({task})
         if kind is None and not task.cancelled() and task.exception() is not None and not self._over:
             raise task.exception()  # type: ignore[misc]
+
+
+def _watch_for(
+    pipeline: str, run_id: str, listeners: list[Listener], channels: Sequence[Channel], progress: bool | None
+) -> Watch | None:
+    """What watches this run, or None when nothing does (then nothing of it is even imported)."""
+    tracing = tracing_for(pipeline, run_id)
+    show = False
+    if progress or (progress is None and os.environ.get("FLOWYML_PROGRESS")):
+        from ._progress import progress_wanted
+
+        show = progress_wanted(progress)
+    if not (listeners or channels or show or tracing is not None or _log.run_log.isEnabledFor(logging.DEBUG)):
+        return None
+    from ._progress import Progress
+    from ._watch import Watch
+
+    return Watch(
+        run_id=run_id,
+        pipeline=pipeline,
+        listeners=listeners,
+        channels=channels,
+        progress=Progress(pipeline) if show else None,
+        tracing=tracing,
+    )
+
+
+def _summary_line(result: PipelineResult) -> str:
+    from ._progress import summary_line
+
+    return summary_line(result)
 
 
 def _listeners(on_event: Listener | None) -> list[Listener]:

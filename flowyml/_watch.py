@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._dispatch import Channel, Dispatcher
@@ -59,6 +59,11 @@ _F_RUN, _F_PIPE, _F_TIME, _F_STEP, _F_RESULT, _F_REASON = _setters(
 class Watch:
     """The listeners, display, traces and DEBUG records of one run."""
 
+    started: Callable[[str], None]
+    """A step began (its cache look-up or its first attempt)."""
+    finished: Callable[..., None]
+    """``finished(res, cache_reason=None)``: a step's fate is decided; exactly once per step."""
+
     def __init__(
         self,
         *,
@@ -77,16 +82,8 @@ class Watch:
         self._dispatcher = Dispatcher(sinks, channels, run_id=run_id) if sinks or channels else None
         self._emit = self._dispatcher.fast_emit() if self._dispatcher is not None else None
         self._debug = run_log.isEnabledFor(logging.DEBUG)
-        self._announced: set[str] = set()
-
-    @staticmethod
-    def wanted(
-        listeners: Sequence[Listener], channels: Sequence[Channel], progress: object, tracing: object
-    ) -> bool:
-        """True when a run with these watchers needs a Watch at all."""
-        return bool(
-            listeners or channels or progress is not None or tracing is not None
-        ) or run_log.isEnabledFor(logging.DEBUG)
+        self._seen: list[StepResult] = []
+        self.started, self.finished = self._announcers()
 
     async def run_started(self, steps: int) -> None:
         if self._dispatcher is not None:
@@ -96,45 +93,53 @@ class Watch:
         if self._emit is not None:
             self._emit(RunStarted(self.run_id, self.pipeline, _monotonic(), steps))
 
-    def started(self, step: str) -> None:
-        emit = self._emit
-        if emit is not None:
-            event = _new(StepStarted)
-            _S_RUN(event, self.run_id)
-            _S_PIPE(event, self.pipeline)
-            _S_TIME(event, _monotonic())
-            _S_STEP(event, step)
-            emit(event)
-        if self._debug:
-            run_log.debug("step %r started", step, extra={"run_id": self.run_id, "step": step})
+    def _announcers(self) -> tuple[Callable[[str], None], Callable[..., None]]:
+        """``started`` and ``finished``, as closures over what they use (the two per-step calls)."""
+        emit, run_id, pipeline = self._emit, self.run_id, self.pipeline
+        tracing, debug, seen = self.tracing, self._debug, self._seen.append
 
-    def finished(self, res: StepResult, cache_reason: str | None = None) -> None:
-        self._announced.add(res.step_name)
-        emit = self._emit
-        if emit is not None:
-            event = _new(StepFinished)
-            _F_RUN(event, self.run_id)
-            _F_PIPE(event, self.pipeline)
-            _F_TIME(event, _monotonic())
-            _F_STEP(event, res.step_name)
-            _F_RESULT(event, res)
-            _F_REASON(event, cache_reason)
-            emit(event)
-        if self.tracing is not None and res.status is StepStatus.CACHED:
-            self.tracing.cached(res)
-        if self._debug:
-            run_log.debug(
-                "step %r %s in %.3fs",
-                res.step_name,
-                res.status.value,
-                res.duration_seconds,
-                extra={"run_id": self.run_id, "step": res.step_name},
-            )
+        def started(step: str) -> None:
+            if emit is not None:
+                event = _new(StepStarted)
+                _S_RUN(event, run_id)
+                _S_PIPE(event, pipeline)
+                _S_TIME(event, _monotonic())
+                _S_STEP(event, step)
+                emit(event)
+            if debug:
+                run_log.debug("step %r started", step, extra={"run_id": run_id, "step": step})
+
+        def finished(res: StepResult, cache_reason: str | None = None) -> None:
+            seen(res)
+            if emit is not None:
+                event = _new(StepFinished)
+                _F_RUN(event, run_id)
+                _F_PIPE(event, pipeline)
+                _F_TIME(event, _monotonic())
+                _F_STEP(event, res.step_name)
+                _F_RESULT(event, res)
+                _F_REASON(event, cache_reason)
+                emit(event)
+            if tracing is not None and res.status is StepStatus.CACHED:
+                tracing.cached(res)
+            if debug:
+                run_log.debug(
+                    "step %r %s in %.3fs",
+                    res.step_name,
+                    res.status.value,
+                    res.duration_seconds,
+                    extra={"run_id": run_id, "step": res.step_name},
+                )
+
+        return started, finished
 
     def unannounced(self, results: Sequence[StepResult | None]) -> None:
         """Announce the fates the scheduler decided itself (steps a stopped run never reached)."""
+        if len(self._seen) == sum(r is not None for r in results):
+            return
+        seen = {id(r) for r in self._seen}
         for res in results:
-            if res is not None and res.step_name not in self._announced:
+            if res is not None and id(res) not in seen:
                 if res.status in _BAD:
                     step_failed(self.run_id, res)
                 self.finished(res)
