@@ -44,7 +44,11 @@ from ._results import StepResult, StepStatus, _Builder, finished
 from ._retry import RetryRun
 from ._state import RunState
 
-__all__ = ("Lookup", "RunHooks", "UnitRunner")
+__all__ = ("CACHE_HIT", "CACHE_OFF_FOR_RUN", "CACHE_OFF_FOR_STEP", "Lookup", "RunHooks", "UnitRunner")
+
+CACHE_HIT = "cache hit"
+CACHE_OFF_FOR_RUN = "caching is off for this run"
+CACHE_OFF_FOR_STEP = "caching is off for this step (cache=False)"
 
 _perf = time.perf_counter
 _now = time.time
@@ -75,6 +79,8 @@ class Lookup:
     outputs: dict[str, Any] | None = None
     saved_seconds: float = 0.0
     """How long the step took when its cached outputs were made."""
+    reason: str | None = None
+    """The step's ``cache_reason``: a hit, a first run, what changed, or why it ran uncached."""
 
 
 class RunHooks:
@@ -96,6 +102,14 @@ class RunHooks:
 
     def after(self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any]) -> None:
         return None
+
+    def why(self, node: Node) -> str | None:
+        """The ``cache_reason`` decided by the last :meth:`key` of ``node``."""
+        return None
+
+    async def ready(self) -> None:
+        """Prepare what :meth:`key` needs that takes a wait (called before a chain runs)."""
+        return
 
 
 class UnitRunner:
@@ -130,6 +144,9 @@ class UnitRunner:
         self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self.remote = RemoteValues(keep_outputs=not plan.gates) if remote else None
         caching = hooks is not None and hooks.caching
+        # The cache_reason of a step that is not looked up: caching off for the run, or the step.
+        off = CACHE_OFF_FOR_STEP if caching else CACHE_OFF_FOR_RUN
+        self._why = [None if caching and n.step.cache is not False else off for n in plan.nodes]
         # Nodes whose every layer but the call and the record is a no-op in this run.
         self._bare = [
             direct and not n.step.conditions and not (caching and n.step.cache is not False)
@@ -167,8 +184,9 @@ class UnitRunner:
             else:
                 produced = state.put(node, ret)
         except asyncio.CancelledError:
+            why = self._why[node.id]
             res = self._result(
-                node, StepStatus.CANCELLED, {}, None, None, True, began, t0, 0.0, None, None, ()
+                node, StepStatus.CANCELLED, {}, None, None, True, began, t0, 0.0, None, None, (), why
             )
             state.results[node.id] = res
             if self.hooks is not None:
@@ -177,10 +195,14 @@ class UnitRunner:
                 watch.finished(res)
             raise
         except Exception as exc:
-            res = self._result(node, StepStatus.FAILED, {}, exc, None, True, began, t0, 0.0, None, None, ())
+            why = self._why[node.id]
+            res = self._result(
+                node, StepStatus.FAILED, {}, exc, None, True, began, t0, 0.0, None, None, (), why
+            )
             return self.settle(node, res, args, kwargs, args, kwargs)
         took = _perf() - t0
         res = _Builder(node.name, StepStatus.SUCCEEDED, produced, None, None, 1, began, began + took, took)
+        res.cache_reason = self._why[node.id]
         res.__class__ = StepResult
         state.results[node.id] = res
         if self.hooks is not None:
@@ -204,6 +226,7 @@ class UnitRunner:
         outputs: dict[str, Any] = {}
         error: BaseException | None = None
         key: str | None = None
+        why = self._why[node.id]
         saved = 0.0
         reason: str | None = None
         fallbacks: tuple[str, ...] = ()
@@ -223,7 +246,7 @@ class UnitRunner:
                     self.watch.started(node.name)
                 found = await hooks.lookup(node, key_args, key_kwargs) if cached else None  # type: ignore[union-attr]
                 if found is not None:
-                    key = found.key
+                    key, why = found.key, found.reason
                 if found is not None and found.outputs is not None:
                     outputs, saved, status = found.outputs, found.saved_seconds, StepStatus.CACHED
                     state.apply(node, outputs)
@@ -251,7 +274,9 @@ class UnitRunner:
                 status = StepStatus.CANCELLED
             else:
                 status, reason, start = StepStatus.SKIPPED, _NOT_STARTED, None
-            res = self._result(node, status, outputs, None, retry, started, start, t0, saved, key, reason, ())
+            res = self._result(
+                node, status, outputs, None, retry, started, start, t0, saved, key, reason, (), why
+            )
             state.results[node.id] = res
             if hooks is not None:
                 hooks.after(node, res, key_args, key_kwargs)
@@ -262,7 +287,7 @@ class UnitRunner:
             error = exc
             status = StepStatus.TIMED_OUT if isinstance(exc, StepTimeoutError) else StepStatus.FAILED
         res = self._result(
-            node, status, outputs, error, retry, started, start, t0, saved, key, reason, fallbacks
+            node, status, outputs, error, retry, started, start, t0, saved, key, reason, fallbacks, why
         )
         return self.settle(node, res, args, kwargs, key_args, key_kwargs)
 
@@ -280,6 +305,7 @@ class UnitRunner:
         key: str | None,
         reason: str | None,
         fallbacks: tuple[str, ...],
+        why: str | None = None,
     ) -> StepResult:
         duration = _perf() - t0 if start is not None else 0.0
         return finished(
@@ -296,6 +322,7 @@ class UnitRunner:
             key,
             reason,
             fallbacks,
+            why,
         )
 
     async def _attempts(
@@ -372,9 +399,14 @@ class UnitRunner:
                 state.apply(head, found.outputs)
                 took = _perf() - t0
                 res = finished(head.name, StepStatus.CACHED, found.outputs, None, None, 0, start, start + took,
-                               took, found.saved_seconds, found.key)  # fmt: skip
+                               took, found.saved_seconds, found.key, cache_reason=found.reason)  # fmt: skip
                 return [(head, self.settle(head, res, args, kwargs, args, kwargs))], False
             head_key = found.key if found is not None else None
+            head_why = found.reason if found is not None else None
+        else:
+            head_why = self._why[head.id]
+        if hooks is not None:
+            await hooks.ready()
         members = [self._member(n, nodes) for n in nodes]
         executor = self._executors[head.id]
         request = _largest(self._requests[n.id] for n in nodes) if self._requests else ()
@@ -418,14 +450,17 @@ class UnitRunner:
                 state.apply(n, o.outputs)
             a, kw = state.arguments(n)
             key = head_key if n is head else None
+            why = head_why if n is head else self._why[n.id]
             if hooks is not None and n is not head and o.status is StepStatus.SUCCEEDED:
                 with contextlib.suppress(Exception):  # a key that cannot be made: just not cached
                     key = hooks.key(n, a, kw)
+                    why = hooks.why(n) or why
             start = o.start_time or started
             if watch is not None and n is not head and o.status is not StepStatus.SKIPPED:
                 watch.started(n.name)  # members run inside one call: known to have begun only now
             res = finished(n.name, o.status, o.outputs, o.error, o.traceback, o.attempts, start,
-                           start + o.duration_seconds, o.duration_seconds, 0.0, key, o.skip_reason)  # fmt: skip
+                           start + o.duration_seconds, o.duration_seconds, 0.0, key, o.skip_reason,
+                           cache_reason=why)  # fmt: skip
             done.append((n, self.settle(n, res, a, kw, a, kw)))
         return done, True
 

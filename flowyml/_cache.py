@@ -4,7 +4,21 @@ It plugs into the unit runner as :class:`~flowyml._attempt.RunHooks`. Before a s
 key is made from what the step really receives (``_hashing`` is the only place keys are made),
 the store is asked (from memory when the run preloaded it), and a run that needs a key another
 run in this process is computing waits for that value instead of computing it again. The
-look-up returns what it found (:class:`~flowyml._attempt.Lookup`); the runner applies it. After a
+look-up returns what it found (:class:`~flowyml._attempt.Lookup`) and why the step runs or not
+(its ``cache_reason``); the runner applies it.
+
+Keys are chained through producers: an input another step produced is identified by what
+produced it -- the artifact hash of the cached (or served) output, else the producer's key and
+the output's name -- never by hashing the value again. Only a value whose producer has no key
+(``cache=False``, a fallback value, a step that ran uncached) is identified by its content
+(:func:`~flowyml._hashing.content_identity`), once per run however many steps read it. A value
+that can be identified in no way makes its consumer run uncached, with one warning; a key is
+never made from the remaining parts.
+
+Beside each key that missed, its components (the digest of each input, parameter, the step's
+code and each helper, closure value and global it reads) are queued to the store's writer, so
+that the next miss of the step can say what changed (``"input 'data' changed"``) by comparing
+digests, and ``flowyml explain`` can list them. A hit builds none of this. After a
 step, successful outputs are put in the store and every fate is recorded; both only enqueue —
 the store's single writer commits them off the hot path. Recording a step that did not fail
 appends four items to a list (``Store.record_fate``) and the writer builds its record; what never
@@ -14,22 +28,32 @@ changes between runs of a plan (names, inputs) is encoded once per node, in the 
 from __future__ import annotations
 
 import asyncio
+import json
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ._attempt import Lookup, RunHooks
+import xxhash
+
+from ._attempt import CACHE_HIT, Lookup, RunHooks
 from ._errors import UncachedStepWarning, UnhashableInputError
 from ._graph import Node, Plan
-from ._hashing import cache_key, fingerprint_function, hash_value
+from ._hashing import content_identity, fingerprint_parts, key_of
 from ._results import StepResult, StepStatus
 from ._step import CachePolicy
 from ._store import StepRecord, Store
 
-__all__ = ("StoreHooks",)
+__all__ = ("FIRST_RUN", "StoreHooks", "changed_parts", "describe_change", "part_name")
+
+FIRST_RUN = "first run of this step"
+UNCHANGED_KEY = "no cache entry for an unchanged key"
+
+_KeyParts = dict[str, str]
+_Previous = dict[str, tuple[str, str]]
+_NOT_YET = object()
 
 
 _Outcome = Store | None  # the store whose memory holds the value a claim computed, or None
@@ -52,24 +76,37 @@ class StoreHooks(RunHooks):
         self._claims: dict[int, asyncio.Future[_Outcome]] = {}
         self._settled: list[tuple[Path, str]] = []
         self._hit_hashes: dict[int, dict[str, str]] = {}
-        self._uncacheable: set[int] = set()
-        self._digests: dict[int, str] = {}
-        self._hashing: dict[int, asyncio.Future[str]] = {}
+        self._uncacheable: dict[int, str] = {}
+        self._identities: dict[int, str] = {}
+        """Output slot -> what identifies its value: set when its producer's key is known."""
+        self._digests: dict[int, str | None] = {}
+        """Output slot -> content identity of a value whose producer had no key (None: none)."""
+        self._hashing: dict[int, asyncio.Future[str | None]] = {}
         self._hash_pool: ThreadPoolExecutor | None = None
-        self._inflight = _inflight.setdefault(asyncio.get_running_loop(), {})
+        loop = asyncio.get_running_loop()
+        self._inflight = _inflight.setdefault(loop, {})
         self._shapes = plan.shapes
-        self._fingerprints: dict[int, tuple[Callable[..., Any], str]] = {}
+        self._fingerprints: dict[int, tuple[Callable[..., Any], str, _KeyParts]] = {}
         self._record_fate = store.record_fate
+        self._made: dict[int, tuple[str | None, list[tuple[str, str]], list[tuple[str, str]]]] = {}
+        """Node -> what its key was made of (fingerprint, inputs, params), for a miss's reason."""
+        self._why: dict[int, str] = {}
+        self._previous: asyncio.Future[_Previous] | None = None
+        """The latest key components of each step of the plan, loaded (one query) at the first
+        miss: an all-hit rerun never reads them."""
 
     async def lookup(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Lookup | None:
         step = node.step
-        if not self.caching or step.cache is False or node.id in self._uncacheable:
+        if not self.caching or step.cache is False:
             return None
+        uncacheable = self._uncacheable.get(node.id) if self._uncacheable else None
+        if uncacheable is not None:
+            return Lookup(None, reason=uncacheable)
         if not callable(step.cache):
             await self._hash_large_inputs(node, args, kwargs)
         key = self._key(node, args, kwargs)
         if key is None:
-            return None
+            return Lookup(None, reason=self._why.pop(node.id, None))
         self._keys[node.id] = key
         store = self.store
         flight = (store.root, key)
@@ -78,38 +115,93 @@ class StoreHooks(RunHooks):
             if entry is not None:
                 outputs = await store.load(entry)
                 if outputs is not None:
-                    if self.recording:
-                        self._hit_hashes[node.id] = {o.name: o.artifact_hash for o in entry.outputs}
-                    return Lookup(key, outputs, entry.duration_seconds)
+                    self._hit_hashes[node.id] = {o.name: o.artifact_hash for o in entry.outputs}
+                    return Lookup(key, outputs, entry.duration_seconds, CACHE_HIT)
             pending = self._inflight.get(flight)
             if pending is None:
                 claim: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
                 self._inflight[flight] = self._claims[node.id] = claim
-                return Lookup(key)
+                return Lookup(key, reason=await self._miss(node, key))
             outcome = await asyncio.shield(pending)
             if outcome is not None:
                 # A fresh, hash-checked copy of what the other run cached: never its live objects.
                 shared = await outcome.lookup(key, query=False)
                 outputs = await store.load(shared) if shared is not None else None
                 if shared is not None and outputs is not None:
-                    if self.recording:
-                        self._hit_hashes[node.id] = {o.name: o.artifact_hash for o in shared.outputs}
-                    return Lookup(key, outputs, shared.duration_seconds)
+                    self._hit_hashes[node.id] = {o.name: o.artifact_hash for o in shared.outputs}
+                    return Lookup(key, outputs, shared.duration_seconds, CACHE_HIT)
             if self._inflight.get(flight) is pending:
                 claim = asyncio.get_running_loop().create_future()
                 self._inflight[flight] = self._claims[node.id] = claim
-                return Lookup(key)
+                return Lookup(key, reason=await self._miss(node, key))
+
+    async def _miss(self, node: Node, key: str) -> str:
+        """Why a step whose key missed runs; queues the key's components to the store's writer."""
+        await self.ready()
+        return self._miss_now(node, key)
+
+    async def ready(self) -> None:
+        """Load what the reasons of misses are computed from, once per run (see :meth:`why`)."""
+        previous = self._previous
+        if previous is None:
+            if not self.caching:
+                return
+            names = [n.name for n in self.plan.nodes]
+            previous = self._previous = asyncio.get_running_loop().create_task(
+                _latest_parts(self.store, names)
+            )
+        if not previous.done():
+            await asyncio.shield(previous)
+
+    def _miss_now(self, node: Node, key: str) -> str:
+        parts = self._parts(node)
+        known = self._latest(node.name)
+        if known is None or known[0] != key:
+            self.store.put_key_parts(key, node.name, parts)
+        if known is None:
+            return FIRST_RUN
+        return describe_change(known[1], parts) if known[0] != key else UNCHANGED_KEY
+
+    def _latest(self, step_name: str) -> tuple[str, _KeyParts] | None:
+        previous = self._previous
+        if previous is None or not previous.done() or previous.cancelled():
+            return None
+        found = previous.result().get(step_name)
+        if found is None:
+            return None
+        key, parts = found
+        return key, _loads_parts(parts) if isinstance(parts, str) else parts
+
+    def _parts(self, node: Node) -> _KeyParts:
+        """The components of the key just made for ``node``, by name, each a short digest."""
+        fingerprint, inputs, params = self._made.pop(node.id, (None, [], []))
+        policy = node.step.cache
+        strategy = policy.strategy if isinstance(policy, CachePolicy) else policy
+        parts: _KeyParts = {
+            "step": _short(f"{node.identity}|{strategy if isinstance(strategy, str) else 'callable'}")
+        }
+        for label, identity in inputs:
+            parts["input:" + label] = _short(identity)
+        for label, digest in params:
+            parts[label] = _short(digest)
+        if fingerprint is not None:
+            parts.update(self._fingerprints[id(node.step.func)][2])
+        return parts
+
+    def why(self, node: Node) -> str | None:
+        return self._why.pop(node.id, None)
 
     def _fingerprint(self, func: Callable[..., Any]) -> str:
         """The code fingerprint of ``func``, made once per run (steps often share a function).
 
         Not across runs: a closure or global value changed between runs must change the key.
+        Its parts are kept beside it, for the reason of a miss.
         """
         found = self._fingerprints.get(id(func))
         if found is not None and found[0] is func:
             return found[1]
-        fingerprint = fingerprint_function(func)
-        self._fingerprints[id(func)] = (func, fingerprint)
+        fingerprint, parts = fingerprint_parts(func)
+        self._fingerprints[id(func)] = (func, fingerprint, parts)
         return fingerprint
 
     def _step_fingerprint(self, node: Node) -> str:
@@ -147,64 +239,108 @@ class StoreHooks(RunHooks):
             except UnhashableInputError as exc:
                 if not (isinstance(policy, CachePolicy) and policy.on_unhashable == "warn"):
                     raise
-                self._uncacheable.add(node.id)
+                self._uncacheable[node.id] = f"ran uncached: {_code_value(exc.path)} cannot be identified"
                 warnings.warn(UncachedStepWarning(f"{exc} The step runs without its cache."), stacklevel=3)
 
     def _key(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> str | None:
+        """The step's key; None when some value cannot be identified (the reason is in ``_why``).
+
+        Inputs are identified by their producers (see the module docstring), parameters by
+        their content. Nothing is refused here: what can be refused is refused before the run.
+
+        Raises:
+            UnhashableInputError: the code fingerprint cannot be made (only when it was not
+                checked up front).
+        """
         step = node.step
         strategy: Any = step.cache
-        on_unhashable = "raise"
         if isinstance(strategy, CachePolicy):
-            strategy, on_unhashable = strategy.strategy, strategy.on_unhashable
-        identity = node.identity
-        try:
-            if callable(strategy):
-                user_key = strategy(*args, **kwargs)
-                return cache_key(
-                    step_identity=identity,
-                    fingerprint=None,
-                    inputs={"key": user_key},
-                    params={},
-                    step_name=node.name,
-                )
-            inputs: dict[str, Any] = {}
-            params: dict[str, Any] = {}
-            for (label, slot), value in zip(node.labels, [*args, *kwargs.values()], strict=True):
-                if slot >= 0:
-                    inputs[label] = _Digest(self._slot_digest(node, label, slot, value))
-                else:
-                    params[label] = value
-            fingerprint = self._step_fingerprint(node) if strategy == "code_hash" else None
-            return cache_key(
-                step_identity=identity,
-                fingerprint=fingerprint,
-                inputs=inputs,
-                params=params,
-                step_name=node.name,
+            strategy = strategy.strategy
+        if callable(strategy):
+            user_key = content_identity(strategy(*args, **kwargs))
+            if user_key is None:
+                self._uncached(node, ["its cache key function's value"])
+                return None
+            self._made[node.id] = (None, [], [("key", user_key)])
+            return key_of(
+                step_identity=node.identity, fingerprint=None, inputs=[("key", user_key)], params=()
             )
-        except UnhashableInputError as exc:
-            if on_unhashable == "raise":
-                raise
-            warnings.warn(UncachedStepWarning(f"{exc}; the step runs without its cache"), stacklevel=2)
+        inputs: list[tuple[str, str]] = []
+        params: list[tuple[str, str]] = []
+        unknown: list[str] | None = None
+        identities = self._identities
+        for (label, slot), value in zip(node.labels, [*args, *kwargs.values()], strict=True):
+            if slot >= 0:
+                found = identities.get(slot)
+                if found is None:
+                    found = self._content(slot, value)
+                if found is not None:
+                    inputs.append((label, found))
+                    continue
+            else:
+                found = content_identity(value)
+                if found is not None:
+                    params.append(("param:" + label, found))
+                    continue
+            if unknown is None:
+                unknown = []
+            unknown.append(f"parameter {label!r}")
+        if unknown is not None:
+            self._uncached(node, unknown, args, kwargs)
             return None
+        fingerprint = self._step_fingerprint(node) if strategy == "code_hash" else None
+        self._made[node.id] = (fingerprint, inputs, params)
+        return key_of(step_identity=node.identity, fingerprint=fingerprint, inputs=inputs, params=params)
 
-    def _slot_digest(self, node: Node, label: str, slot: int, value: Any) -> str:
-        """The value hash of one upstream output, made once per run however many steps read it."""
-        digest = self._digests.get(slot)
-        if digest is None:
-            digest = self._digests[slot] = _hash_input(node.name, label, value)
-        return digest
+    def _uncached(
+        self,
+        node: Node,
+        unknown: list[str],
+        args: list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """Note and warn (once) that ``node`` runs uncached because of the values ``unknown`` names."""
+        names = " and ".join(unknown)
+        self._why[node.id] = f"ran uncached: {names} cannot be identified"
+        types = ""
+        if args is not None and kwargs is not None:
+            named = dict(zip((label for label, _ in node.labels), [*args, *kwargs.values()], strict=True))
+            types = (
+                " ("
+                + ", ".join(
+                    f"{label}: {_type_name(named[label])}"
+                    for label in named
+                    if f"parameter {label!r}" in unknown
+                )
+                + ")"
+            )
+        warnings.warn(
+            UncachedStepWarning(
+                f"step {node.name!r} runs without its cache this time: {names}{types} cannot be "
+                "identified (no canonical hash, and it cannot be pickled). Produce the value in a "
+                "cached step (its key then identifies it), give its class __flowyml_hash__, or set "
+                "cache=False on the step."
+            ),
+            stacklevel=4,
+        )
+
+    def _content(self, slot: int, value: Any) -> str | None:
+        """The content identity of a value whose producer had no key, made once per run."""
+        found = self._digests.get(slot, _NOT_YET)
+        if found is _NOT_YET:
+            found = self._digests[slot] = content_identity(value)
+        return found  # type: ignore[return-value]
 
     async def _hash_large_inputs(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
-        """Hash big upstream values in a worker thread, so the event loop keeps serving other tasks."""
-        for (label, slot), value in zip(node.labels, [*args, *kwargs.values()], strict=True):
-            if slot >= 0 and slot not in self._digests and _is_large(value):
+        """Identify big keyless upstream values in a worker thread, so the event loop keeps serving."""
+        for (_label, slot), value in zip(node.labels, [*args, *kwargs.values()], strict=True):
+            if slot >= 0 and slot not in self._identities and slot not in self._digests and _is_large(value):
                 hashing = self._hashing.get(slot)
                 if hashing is None:  # steps reading the same value share one hashing thread
                     if self._hash_pool is None:
                         self._hash_pool = ThreadPoolExecutor(1, thread_name_prefix="flowyml-hash")
                     hashing = self._hashing[slot] = asyncio.get_running_loop().run_in_executor(
-                        self._hash_pool, _hash_input, node.name, label, value
+                        self._hash_pool, content_identity, value
                     )
                 self._digests[slot] = await asyncio.shield(hashing)
 
@@ -212,9 +348,14 @@ class StoreHooks(RunHooks):
         """Make the step's key without looking it up, so that :meth:`after` can cache its outputs."""
         if not self.caching or node.step.cache is False:
             return None
+        uncacheable = self._uncacheable.get(node.id) if self._uncacheable else None
+        if uncacheable is not None:
+            self._why[node.id] = uncacheable
+            return None
         key = self._key(node, args, kwargs)
         if key is not None:
             self._keys[node.id] = key
+            self._why[node.id] = self._miss_now(node, key)
         return key
 
     def after(self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any]) -> None:
@@ -241,6 +382,8 @@ class StoreHooks(RunHooks):
                     outputs=res.outputs,
                     duration=res.duration_seconds,
                 )
+            if hashes is not None or (ok and key is not None):
+                self._identify(node, key, hashes)
         finally:
             if claim is not None:
                 cached = ok and hashes is not None
@@ -250,6 +393,16 @@ class StoreHooks(RunHooks):
                 else:
                     self._forget((self.store.root, key or ""), claim)
         return hashes
+
+    def _identify(self, node: Node, key: str | None, hashes: dict[str, str] | None) -> None:
+        """Hand on what identifies each output: its artifact hash, else this step's key and its name."""
+        identities = self._identities
+        for slot, name in zip(node.output_slots, node.output_names, strict=True):
+            digest = hashes.get(name) if hashes is not None else None
+            if digest is not None:
+                identities[slot] = "a:" + digest
+            elif key is not None:
+                identities[slot] = "k:" + xxhash.xxh3_128_hexdigest(f"{key}\x00{name}".encode())
 
     def _forget(self, flight: tuple[Path, str], claim: asyncio.Future[_Outcome] | None = None) -> None:
         if claim is None or self._inflight.get(flight) is claim:
@@ -269,6 +422,8 @@ class StoreHooks(RunHooks):
         if self._hash_pool is not None:
             self._hash_pool.shutdown(wait=True)  # no thread outlives the run
             self._hash_pool = None
+        if self._previous is not None and not self._previous.done():
+            self._previous.cancel()
 
     def record(self, node: Node, res: StepResult, hashes: dict[str, str] | None = None) -> StepRecord:
         """The lineage row of one step's fate in this run."""
@@ -289,28 +444,98 @@ class StoreHooks(RunHooks):
             traceback=res.traceback,
             outputs={n: (hashes or {}).get(n) for n in res.outputs} if res.outputs else {},
             inputs=dict(node.lineage_inputs),
+            cache_reason=res.cache_reason,
         )
 
 
-class _Digest:
-    """An upstream value in a cache key, by the hash already made of it."""
-
-    __slots__ = ("digest",)
-
-    def __init__(self, digest: str) -> None:
-        self.digest = digest
-
-    def __flowyml_hash__(self) -> object:
-        return ("digest", self.digest)
-
-
-def _hash_input(step_name: str, label: str, value: Any) -> str:
+async def _latest_parts(store: Store, step_names: list[str]) -> _Previous:
+    """The latest key components of each step; none when they cannot be read (reasons then say
+    "first run"), since a reason must never fail or delay a run."""
     try:
-        return hash_value(value, path=label)
-    except UnhashableInputError as exc:
-        raise UnhashableInputError(
-            f"step {step_name!r}, parameter {label!r}: {exc}", step_name=step_name, path=exc.path
-        ) from None
+        return await store.latest_key_parts(step_names)
+    except Exception:
+        return {}
+
+
+def _code_value(path: str | None) -> str:
+    """``"mod.f.<closure>.lock"`` -> ``"closure value 'lock'"``: how a refused code value is named."""
+    for marker, kind in (
+        (".<closure>.", "closure value"),
+        (".<global>.", "global"),
+        (".<default>.", "default"),
+    ):
+        if path and marker in path:
+            return f"{kind} {path.split(marker, 1)[1]!r}"
+    return f"{path or 'a value'} of its code"
+
+
+def _loads_parts(text: str) -> _KeyParts:
+    """Key components as stored (a JSON object); a damaged row reads as none."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _short(identity: str) -> str:
+    """A key component as stored: 16 hex digits, enough to tell that it changed."""
+    return str(xxhash.xxh3_64_hexdigest(identity.encode()))
+
+
+def _type_name(value: object) -> str:
+    cls = type(value)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+#: The order in which changed components are named: what the user passed first, code last.
+_KINDS = ("step", "input", "param", "key", "code", "closure", "helper", "global")
+
+
+def part_name(label: str) -> str:
+    """How a key component is named to a user: ``"input:data"`` -> ``"input 'data'"``."""
+    kind, _, name = label.partition(":")
+    if kind == "input":
+        return f"input {name!r}"
+    if kind == "param":
+        return f"context parameter {name!r}"
+    if kind == "closure":
+        return f"closure value {name!r}"
+    if kind == "helper":
+        return f"code of helper {name!r}"
+    if kind == "global":
+        return f"global {name!r}"
+    if kind == "code":
+        return "code of step"
+    if kind == "key":
+        return "cache key function's value"
+    return "step's identity or cache strategy"
+
+
+def _order(label: str) -> tuple[int, str]:
+    kind = label.partition(":")[0]
+    return (_KINDS.index(kind) if kind in _KINDS else len(_KINDS), label)
+
+
+def changed_parts(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
+    """The labels of the components that differ (or exist on one side only), inputs first."""
+    labels = sorted(set(old) | set(new), key=_order)
+    changed = [label for label in labels if old.get(label) != new.get(label)]
+    if "step" in changed:
+        return ["step"]  # another strategy or identity: the other parts are not comparable
+    return changed
+
+
+def describe_change(old: Mapping[str, str], new: Mapping[str, str]) -> str:
+    """The ``cache_reason`` of a miss: ``"input 'data' changed"``, ``"global 'ARGS' changed"``."""
+    names = [part_name(label) for label in changed_parts(old, new)]
+    if not names:
+        return UNCHANGED_KEY
+    if len(names) == 1:
+        return f"{names[0]} changed"
+    if len(names) <= 3:
+        return f"{', '.join(names[:-1])} and {names[-1]} changed"
+    return f"{', '.join(names[:2])} and {len(names) - 2} more changed"
 
 
 def _is_large(value: Any) -> bool:

@@ -7,6 +7,7 @@
     flowyml [--dir DIR] cache verify              integrity check + re-hash every artifact
     flowyml [--dir DIR] cache gc                  remove artifact files no entry names (crash leftovers)
     flowyml [--dir DIR] lineage OUTPUT [--run ID] which step runs an output came from
+    flowyml [--dir DIR] explain RUN_ID STEP       why a step ran or was cached, and what changed
     flowyml run | dag | report ...                see ``_cli_run``
 
 Exit codes: 0 success; 1 the thing asked for does not exist or a problem was found; 2 usage error.
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from flowyml import _cli_run
+from flowyml._cache import changed_parts, part_name
 from flowyml._errors import StoreError
 from flowyml._store import LineageNode, RunRecord, StepRecord, Store, resolve_root
 from flowyml._store._db import DB_NAME
@@ -186,10 +188,11 @@ async def _runs_show(store: Store, args: argparse.Namespace) -> int:
             _fmt_duration(s.duration_seconds),
             "yes" if s.cached else "no",
             _fmt_duration(s.time_saved_seconds) if s.cached else "-",
+            s.cache_reason or "-",
         )
         for s in steps
     ]
-    print(_table(("STEP", "STATUS", "ATTEMPTS", "DURATION", "CACHED", "TIME SAVED"), rows))
+    print(_table(("STEP", "STATUS", "ATTEMPTS", "DURATION", "CACHED", "TIME SAVED", "WHY"), rows))
     failures = [s for s in steps if s.error_type or s.error_message]
     for s in failures:
         print(
@@ -312,6 +315,56 @@ async def _lineage(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- explain ---------------------------------------------------------------------------------------
+
+
+def _say(text: str) -> None:
+    """Print a line that holds values read from the store, escaped (see :func:`_safe`)."""
+    print(_safe(text))
+
+
+async def _explain(store: Store, args: argparse.Namespace) -> int:
+    """Why a step ran or was served from the cache, and which key components changed since its previous run."""
+    run_id = await _resolve_run(store, args.run_id)
+    if run_id is None:
+        return 1
+    detail = await store.get_run(run_id)
+    step = next((s for s in detail.steps if s.step_name == args.step), None) if detail else None
+    if step is None:
+        names = ", ".join(s.step_name for s in detail.steps) if detail else ""
+        _err(f"run {run_id} has no step {args.step!r}" + (f"; its steps: {names}." if names else "."))
+        return 1
+    _say(f"Step {step.step_name!r} in run {run_id}: {step.status}")
+    _say(f"why: {step.cache_reason or 'not recorded'}")
+    if step.cache_key is None:
+        return 0
+    _say(f"key: {step.cache_key}")
+    before = await store.previous_step(run_id, step.step_name)
+    if before is None:
+        _say("No earlier run of this pipeline ran this step: nothing to compare with.")
+        return 0
+    label = f"run {before.run_id} ({before.status})"
+    if before.cache_key is None:
+        _say(f"Previous: {label}, without a cache key ({before.cache_reason or 'reason not recorded'}).")
+        return 0
+    if before.cache_key == step.cache_key:
+        _say(f"Previous: {label}, with the same key.")
+        return 0
+    known = await store.key_parts([step.cache_key, before.cache_key])
+    now, then = known.get(step.cache_key), known.get(before.cache_key)
+    if now is None or then is None:
+        _say(f"Previous: {label}, with key {before.cache_key}; the components of "
+              f"{'this' if now is None else 'that'} key were not recorded.")  # fmt: skip
+        return 0
+    changed = changed_parts(then, now)
+    _say(f"Previous: {label}, with key {before.cache_key}.")
+    _say("Changed since then:" if changed else "No component differs (another key version).")
+    rows = [(part_name(c), then.get(c, "(none)"), now.get(c, "(none)")) for c in changed]
+    if rows:
+        print(_table(("COMPONENT", "BEFORE", "NOW"), rows))
+    return 0
+
+
 # -- plumbing --------------------------------------------------------------------------------------
 
 _Command = Callable[[Store, argparse.Namespace], Coroutine[Any, Any, int]]
@@ -326,6 +379,7 @@ _NO_STORE: dict[str, tuple[str, int, bool]] = {
     "cache verify": ("no flowyml store at {root}: nothing to verify.", 1, True),
     "cache gc": ("No flowyml store at {root}: nothing to collect.", 0, False),
     "lineage": ("no flowyml store at {root}, so no output {arg!r}.", 1, True),
+    "explain": ("no flowyml store at {root}, so no run {arg!r}.", 1, True),
     **_cli_run.NO_STORE,
 }
 
@@ -378,6 +432,15 @@ def _parser() -> argparse.ArgumentParser:
     lineage.add_argument("output", metavar="OUTPUT", help="an output name")
     lineage.add_argument("--run", metavar="RUN_ID", default=None, help="that run (default: the latest)")
     lineage.set_defaults(handler=_lineage, name="lineage")
+
+    explain = commands.add_parser(
+        "explain",
+        parents=[common],
+        help="why a step ran or was cached, and what changed since its previous run",
+    )
+    explain.add_argument("run_id", metavar="RUN_ID", help="a run id or a unique prefix of one")
+    explain.add_argument("step", metavar="STEP", help="a step name of that run")
+    explain.set_defaults(handler=_explain, name="explain")
     _cli_run.register(parser, commands, common, runs, show)  # run, dag, report, --version, runs filters
     return parser
 

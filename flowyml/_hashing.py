@@ -12,7 +12,7 @@ variable-length part prefixed by its length, so two different values never produ
 Mapping entries and set elements are sorted by the digest of their own encoding, which makes the
 result independent of insertion order and hash seeds.
 
-Four functions are public inside flowyml:
+Six functions are public inside flowyml:
 
 * :func:`hash_value` hashes one value (``UnhashableInputError`` names the path that failed);
 * :func:`content_identity` identifies any value by content if anything can: its
@@ -20,7 +20,11 @@ Four functions are public inside flowyml:
 * :func:`fingerprint_function` hashes what a step will run: its source without comments,
   docstrings or positions, its bytecode, its defaults, closure values, the user helpers it
   calls and the data it reads from module globals;
-* :func:`cache_key` combines a step's identity, fingerprint, inputs and parameters.
+* :func:`fingerprint_parts` is the same fingerprint with the digest of each part it is made
+  of (the step's own code, each closure value, helper and global it reads), so that a changed
+  key can say which part changed;
+* :func:`cache_key` combines a step's identity, fingerprint, inputs and parameters;
+  :func:`key_of` does the same from digests already made (what the engine uses).
 
 Paths in error messages are only built when an error happens: the internal ``_Unhashable`` error
 collects path parts while it propagates, so the hot path never formats strings.
@@ -28,7 +32,14 @@ collects path parts while it propagates, so the hot path never formats strings.
 
 from __future__ import annotations
 
-__all__ = ("cache_key", "content_identity", "fingerprint_function", "hash_value")
+__all__ = (
+    "cache_key",
+    "content_identity",
+    "fingerprint_function",
+    "fingerprint_parts",
+    "hash_value",
+    "key_of",
+)
 
 import ast
 import dataclasses
@@ -1188,8 +1199,13 @@ class _Walk(set[int]):
 
 def _hash_deferred(h: _Hasher, walk: _Walk) -> None:
     """Hash the global data read during ``walk``, except state, environment and library objects."""
+    parts = h if isinstance(h, _Parts) else None
+    if parts is not None:
+        h = parts.begin("code")
     h.update(b"globals" + _len8(len(walk.data)))
     for label, value in walk.data:
+        if parts is not None:
+            h = parts.begin("global:" + label)
         if id(value) in walk.state:
             h.update(_str_bytes(b"W", label))
             continue
@@ -1276,12 +1292,14 @@ def _fingerprint_digest(func: object) -> bytes:
 def _fingerprint(h: _Hasher, obj: object, visited: _Walk) -> None:
     """Stream the fingerprint of any callable: functions, methods, partials, classes, objects."""
     target = _unwrap(obj)
+    if isinstance(h, _Parts) and not isinstance(target, (types.FunctionType, types.MethodType)):
+        h = h.begin("code")
     if isinstance(target, types.FunctionType):
         _fingerprint_function(h, target, visited)
     elif isinstance(target, types.MethodType):
         h.update(b"method")
         _fingerprint(h, target.__func__, visited)
-        _fingerprint_state(h, target.__self__, visited, ".__self__")
+        _fingerprint_state(_code_part(h), target.__self__, visited, ".__self__")
     elif isinstance(target, functools.partial):
         h.update(b"partial")
         _fingerprint(h, target.func, visited)
@@ -1334,6 +1352,8 @@ def _fingerprint_function(h: _Hasher, func: types.FunctionType, visited: _Walk) 
         h.update(_str_bytes(b"again", _qualified_name(func)))
         return
     visited.add(id(func))
+    parts = h if isinstance(h, _Parts) else None
+    h = _code_part(h)
     code = func.__code__
     static = _static_part(code)
     h.update(b"F" + static.digest)
@@ -1354,8 +1374,10 @@ def _fingerprint_function(h: _Hasher, func: types.FunctionType, visited: _Walk) 
                 _remember_state(visited, value)
                 value = _State.STATE  # state the step keeps, not input: only its name counts
             cells[name] = value
-        _fingerprint_values(h, b"closure", cells, ".<closure>.", visited)
-    _fingerprint_globals(h, func, static, visited)
+        _fingerprint_values(h, b"closure", cells, ".<closure>.", visited, parts)
+    _fingerprint_globals(h if parts is None else parts, func, static, visited)
+    if parts is not None:
+        parts.begin("code")
 
 
 class _EmptyCell(enum.Enum):
@@ -1371,11 +1393,21 @@ class _State(enum.Enum):
 
 
 def _fingerprint_values(
-    h: _Hasher, tag: bytes, values: Mapping[str, object], part: str, visited: _Walk
+    h: _Hasher,
+    tag: bytes,
+    values: Mapping[str, object],
+    part: str,
+    visited: _Walk,
+    parts: _Parts | None = None,
 ) -> None:
-    """Hash named values (defaults, closure cells): user callables by fingerprint, others by value."""
+    """Hash named values (defaults, closure cells): user callables by fingerprint, others by value.
+
+    With ``parts`` (the step's own closure), each value is a part of its own.
+    """
     h.update(tag + _len8(len(values)))
     for name, value in values.items():
+        if parts is not None:
+            h = parts.begin("closure:" + name)
         h.update(_str_bytes(b"", name))
         try:
             if _is_user_function(_unwrap(value)) or _is_user_class(value):
@@ -1432,18 +1464,90 @@ def _fingerprint_globals(h: _Hasher, func: types.FunctionType, static: _Static, 
                 break
             if label not in done:
                 done.add(label)
-                _fingerprint_global_value(h, label, value, user_module, user_modules, static, visited)
+                _fingerprint_global_value(
+                    _global_part(h, label, value), label, value, user_module, user_modules, static, visited
+                )
             label, value = f"{label}.{attribute}", member
         if label not in done:
             done.add(label)
-            _fingerprint_global_value(h, label, value, user_module, user_modules, static, visited)
+            _fingerprint_global_value(
+                _global_part(h, label, value), label, value, user_module, user_modules, static, visited
+            )
     for label, module in user_modules:
         for attribute in static.names:
             member = module.__dict__.get(attribute)
             name = f"{label}.{attribute}"
             if name not in done and (_is_user_function(_unwrap(member)) or _is_user_class(member)):
                 done.add(name)
-                _fingerprint_global(h, name, member, visited)
+                _fingerprint_global(_global_part(h, name, member), name, member, visited)
+
+
+class _Parts:
+    """A hasher that streams into the whole fingerprint and into the part being hashed now.
+
+    Only the step function's own walk names parts: its code (with defaults and module names),
+    each closure value, each helper and each global it reads. What a helper reaches belongs to
+    the helper's part, except global data, which is a part of its own wherever it is read.
+    The whole fingerprint gets every byte in the same order as without parts, so it is equal
+    to :func:`fingerprint_function`'s.
+    """
+
+    __slots__ = ("parts", "total")
+
+    def __init__(self) -> None:
+        self.total = _new_hasher()
+        self.parts: dict[str, _Hasher] = {}
+
+    def begin(self, label: str) -> _Hasher:
+        """A hasher feeding the whole fingerprint and the part ``label`` (made on first use)."""
+        part = self.parts.get(label)
+        if part is None:
+            part = self.parts[label] = _Tee(self.total, _new_hasher())
+        return part
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> None:
+        self.begin("code").update(data)
+
+    def digest(self) -> bytes:
+        return self.total.digest()
+
+    def hexdigest(self) -> str:
+        return str(self.total.hexdigest())
+
+
+class _Tee:
+    """Feeds the whole fingerprint and one of its parts."""
+
+    __slots__ = ("part", "total")
+
+    def __init__(self, total: _Hasher, part: _Hasher) -> None:
+        self.total = total
+        self.part = part
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> None:
+        self.total.update(data)
+        self.part.update(data)
+
+    def digest(self) -> bytes:
+        return self.part.digest()
+
+    def hexdigest(self) -> str:
+        return str(self.part.hexdigest())
+
+
+def _code_part(h: _Hasher) -> _Hasher:
+    return h.begin("code") if isinstance(h, _Parts) else h
+
+
+def _global_part(h: _Hasher, label: str, value: object) -> _Hasher:
+    """The part a global read goes to: a helper's own, a module's name to the code, data its own."""
+    if not isinstance(h, _Parts):
+        return h
+    if isinstance(value, types.ModuleType):
+        return h.begin("code")
+    if _is_user_function(_unwrap(value)) or _is_user_class(value):
+        return h.begin("helper:" + label)
+    return h.begin("global:" + label)
 
 
 def _fingerprint_global_value(
@@ -1625,6 +1729,63 @@ def fingerprint_function(func: Callable[..., object]) -> str:
         raise exc.to_public(root) from None
     except RecursionError:
         raise _Unhashable(func, "its helpers are nested too deeply").to_public(root) from None
+
+
+def fingerprint_parts(func: Callable[..., object]) -> tuple[str, dict[str, str]]:
+    """Return :func:`fingerprint_function` of ``func`` and the digest of each of its parts.
+
+    Parts are named ``"code"`` (the function's own code, defaults and the modules it names),
+    ``"closure:NAME"``, ``"helper:NAME"`` (a user function or class it reads, with everything
+    that one reaches) and ``"global:NAME"`` (data read by name, by the step or a helper). Each
+    part's digest is 16 hex digits: enough to tell that a part changed, never used as a key.
+
+    Raises:
+        UnhashableInputError: as :func:`fingerprint_function`.
+    """
+    root = _qualified_name(_unwrap_quietly(func))
+    key = id(func)
+    digesting = _DIGESTING.ids
+    digesting.add(key)
+    try:
+        h = _Parts()
+        h.update(_FINGERPRINT_VERSION)
+        walk = _Walk()
+        _fingerprint(h, func, walk)
+        _hash_deferred(h, walk)
+    except _Unhashable as exc:
+        raise exc.to_public(root) from None
+    except RecursionError:
+        raise _Unhashable(func, "its helpers are nested too deeply").to_public(root) from None
+    finally:
+        digesting.discard(key)
+    parts = {label: str(tee.hexdigest())[:16] for label, tee in h.parts.items()}
+    return h.hexdigest(), parts
+
+
+_DIGEST_KEY_VERSION: Final = b"flowyml-cache-key/2\x00"
+
+
+def key_of(
+    *,
+    step_identity: str,
+    fingerprint: str | None,
+    inputs: Sequence[tuple[str, str]],
+    params: Sequence[tuple[str, str]],
+) -> str:
+    """Return the cache key of one step run from what identifies each of its parts.
+
+    ``inputs`` and ``params`` are ``(name, identity)`` pairs, the identities already made (a
+    producer's artifact hash, a :func:`content_identity`); each list is sorted by name here.
+    One xxh3_128 over one joined bytes object: the per-step cost of a cached rerun.
+    """
+    chunks = [_DIGEST_KEY_VERSION, _str_bytes(b"id", step_identity)]
+    chunks.append(b"N" if fingerprint is None else _str_bytes(b"fp", fingerprint))
+    for tag, values in ((b"inputs", inputs), (b"params", params)):
+        chunks.append(tag + _len8(len(values)))
+        for name, identity in sorted(values) if len(values) > 1 else values:
+            chunks.append(_str_bytes(b"", name))
+            chunks.append(_str_bytes(b"", identity))
+    return str(xxhash.xxh3_128_hexdigest(b"".join(chunks)))
 
 
 def _unwrap_quietly(func: object) -> object:

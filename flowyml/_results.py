@@ -51,6 +51,11 @@ class StepResult:
     cache_key: str | None = None
     skip_reason: str | None = None
     fallback_reasons: tuple[str, ...] = ()
+    cache_reason: str | None = None
+    """Why the step ran or was served from the cache: ``"cache hit"``, ``"first run of this
+    step"``, ``"input 'data' changed"``, ``"code of helper 'clean' changed"``, ``"caching is off
+    for this run"``, ``"ran uncached: parameter 'model' cannot be identified"``... None for a
+    step that never reached the cache (skipped, blocked)."""
 
     @property
     def used_fallback(self) -> bool:
@@ -123,6 +128,7 @@ def finished(
     cache_key: str | None = None,
     skip_reason: str | None = None,
     fallback_reasons: tuple[str, ...] = (),
+    cache_reason: str | None = None,
 ) -> StepResult:
     """A frozen :class:`StepResult`, built the fast way; the same as calling the class."""
     res = _Builder(
@@ -139,6 +145,7 @@ def finished(
         cache_key,
         skip_reason,
         fallback_reasons,
+        cache_reason,
     )
     res.__class__ = StepResult
     return cast(StepResult, res)

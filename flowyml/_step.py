@@ -25,11 +25,14 @@ EXECUTORS: Final = ("async", "thread", "process")
 
 @dataclass(frozen=True, slots=True)
 class CachePolicy:
-    """A caching strategy plus what to do when an input cannot be hashed.
+    """A caching strategy plus what to do when the step's code fingerprint cannot be made.
 
-    ``@step(cache=CachePolicy("input_hash", on_unhashable="warn"))`` runs the step uncached, with
-    an :class:`~flowyml.errors.UncachedStepWarning`, instead of failing it with
-    :class:`~flowyml.errors.UnhashableInputError`.
+    A closure or global value with no content identity is refused before the run with
+    :class:`~flowyml.errors.UnhashableInputError`; ``@step(cache=CachePolicy("code_hash",
+    on_unhashable="warn"))`` runs such a step uncached, with an
+    :class:`~flowyml.errors.UncachedStepWarning`, instead. A value the step *receives* never
+    fails it: one that can be identified in no way makes it run uncached with one warning, under
+    any policy.
     """
 
     strategy: str = "code_hash"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import importlib.util
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import types
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -115,18 +117,22 @@ class TestKeys:
         p.run()
         assert [p.run()[f"v{k}"] for k in range(3)] == [0, 1, 2]
 
-    def test_unhashable_input_fails_the_step_naming_it(self) -> None:
-        """An input with no deterministic hash fails the step with UnhashableInputError."""
+    def test_unidentifiable_parameter_runs_the_step_uncached_with_one_warning(self) -> None:
+        """A context value that can be identified in no way: the step runs, uncached, and says why."""
         import threading
 
         @step(outputs=["y"])
         def use(lock: Any) -> int:
             return 1
 
-        r = Pipeline("c").add_step(use).run(context={"lock": threading.Lock()})
-        err = r.step_results["use"].error
-        assert isinstance(err, UnhashableInputError)
-        assert "'use'" in str(err) and "lock" in str(err)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = Pipeline("c").add_step(use).run(context={"lock": threading.Lock()})
+        assert r["y"] == 1 and r.step_results["use"].status is StepStatus.SUCCEEDED
+        uncached = [w for w in caught if issubclass(w.category, UncachedStepWarning)]
+        assert len(uncached) == 1
+        assert "'use'" in str(uncached[0].message) and "'lock'" in str(uncached[0].message)
+        assert r.step_results["use"].cache_reason == "ran uncached: parameter 'lock' cannot be identified"
 
     def test_unhashable_input_with_warn_policy_runs_uncached(self) -> None:
         """CachePolicy(on_unhashable='warn') runs the step without its cache."""
@@ -543,6 +549,7 @@ class TestEstimators:
         assert first.success and first["report"].startswith("accuracy")
         assert ran == ["train", "evaluate", "report"]
         assert set(_statuses(second).values()) == {StepStatus.CACHED}
+        assert {r.cache_reason for r in second} == {"cache hit"}
         assert second["report"] == first["report"]
 
 
@@ -665,6 +672,10 @@ class TestKeysAndFingerprints:
         with pytest.warns(UncachedStepWarning, match="uses_lock"):
             result = Pipeline("fpw").add_step(uses_lock).run()
         assert result["x"] == 1
+        assert (
+            result.step_results["uses_lock"].cache_reason
+            == "ran uncached: closure value 'lock' cannot be identified"
+        )
 
 
 class TestHooksDecide:
@@ -696,3 +707,302 @@ class TestHooksDecide:
             failed = finished("make", StepStatus.FAILED, {}, ValueError("no"))
             hooks.after(node, failed, [5], {})  # settles the claim the miss took
             hooks.release()
+
+
+class Probe:
+    """A value that counts how often its key identity is asked for (a stand-in for a big array)."""
+
+    asked: ClassVar[list[int]] = []
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __flowyml_hash__(self) -> object:
+        Probe.asked.append(self.n)
+        return ("Probe", self.n)
+
+
+class TestChainedKeys:
+    """Inputs are identified by their producers, not by hashing their values again."""
+
+    def test_cached_producers_output_is_never_hashed_by_its_consumers(self) -> None:
+        """Three consumers down a chain identify their input by the producer's key: no value hash."""
+        Probe.asked.clear()
+
+        @step(outputs=["p"])
+        def make(n: int) -> Probe:
+            return Probe(n)
+
+        @step(outputs=["q"])
+        def first(p: Probe) -> Probe:
+            return Probe(p.n + 1)
+
+        @step(outputs=["r"])
+        def second(q: Probe, p: Probe) -> int:
+            return q.n + p.n
+
+        pipeline = Pipeline("chain").add_step(make).add_step(first).add_step(second)
+        assert pipeline.run(context={"n": 1})["r"] == 3
+        rerun = pipeline.run(context={"n": 1})
+        assert [r.status for r in rerun] == [StepStatus.CACHED] * 3
+        assert Probe.asked == []
+        changed = pipeline.run(context={"n": 2})
+        assert changed["r"] == 5 and not changed.step_results["second"].cached
+        assert Probe.asked == []
+
+    def test_lock_from_a_non_cacheable_producer_runs_its_consumer_uncached_with_one_warning(self) -> None:
+        """An unpicklable, unhashable value with no producer key: the consumer runs, uncached, once warned."""
+        ran = Calls()
+
+        @step(outputs=["lock"], cache=False)
+        def make_lock() -> Any:
+            return threading.Lock()
+
+        @step(outputs=["done"])
+        def use(lock: Any) -> int:
+            ran.append("use")
+            with lock:
+                return 1
+
+        pipeline = Pipeline("locks").add_step(make_lock).add_step(use)
+        for _ in range(2):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = pipeline.run()
+            assert result.success and result["done"] == 1
+            uncached = [w for w in caught if issubclass(w.category, UncachedStepWarning)]
+            assert len(uncached) == 1, [str(w.message) for w in caught]
+            assert "'use'" in str(uncached[0].message) and "'lock'" in str(uncached[0].message)
+            assert (
+                result.step_results["use"].cache_reason
+                == "ran uncached: parameter 'lock' cannot be identified"
+            )
+            assert result.step_results["use"].cache_key is None
+        assert ran == ["use", "use"]
+
+    def test_lock_from_a_cacheable_producer_is_identified_by_the_producers_key(self) -> None:
+        """The producer reruns (its lock cannot be stored), but its key identifies the lock: the consumer hits."""
+        ran = Calls()
+
+        @step(outputs=["lock"])
+        def make_lock() -> Any:
+            return threading.Lock()
+
+        @step(outputs=["done"])
+        def use(lock: Any) -> int:
+            ran.append("use")
+            return 1
+
+        pipeline = Pipeline("keyed-locks").add_step(make_lock).add_step(use)
+        with pytest.warns(UncachedStepWarning, match="make_lock"):
+            pipeline.run()
+        with pytest.warns(UncachedStepWarning, match="make_lock"):
+            again = pipeline.run()
+        assert again.step_results["make_lock"].status is StepStatus.SUCCEEDED
+        assert again.step_results["make_lock"].cache_reason == "no cache entry for an unchanged key"
+        assert again.step_results["use"].cached and ran == ["use"]
+
+    def test_non_cacheable_producer_hands_on_its_values_content(self) -> None:
+        """A cache=False producer: a changed value reruns its consumer, an unchanged one does not."""
+        source = {"rows": [1, 2, 3]}
+        ran = Calls()
+
+        @step(outputs=["rows"], cache=False)
+        def read() -> list[int]:
+            return list(source["rows"])
+
+        @step(outputs=["total"])
+        def total(rows: list[int]) -> int:
+            ran.append(len(rows))
+            return sum(rows)
+
+        pipeline = Pipeline("uncached-source").add_step(read).add_step(total)
+        assert pipeline.run()["total"] == 6
+        same = pipeline.run()
+        assert same.step_results["total"].cached and ran == [3]
+        assert same.step_results["read"].cache_reason == "caching is off for this step (cache=False)"
+        source["rows"] = [1, 2, 3, 4]
+        changed = pipeline.run()
+        assert changed["total"] == 10 and ran == [3, 4]
+        assert changed.step_results["total"].cache_reason == "input 'rows' changed"
+
+    def test_fallback_value_is_identified_by_its_content(self) -> None:
+        """A fallback stands in for the body: not cached, and its consumer keys on the value itself."""
+        from flowyml import on_failure
+
+        ran = Calls()
+
+        @step(outputs=["x"])
+        @on_failure(lambda: 5)
+        def broken() -> int:
+            raise RuntimeError("down")
+
+        @step(outputs=["y"])
+        def double(x: int) -> int:
+            ran.append(x)
+            return 2 * x
+
+        pipeline = Pipeline("fallbacks").add_step(broken).add_step(double)
+        assert pipeline.run()["y"] == 10
+        again = pipeline.run()
+        assert again.step_results["broken"].used_fallback and not again.step_results["broken"].cached
+        assert again.step_results["double"].cached and ran == [5]
+
+    def test_chained_keys_are_the_same_in_other_processes(self, tmp_path: Path) -> None:
+        """Producer-chained keys do not depend on the process or PYTHONHASHSEED."""
+        script = tmp_path / "chain_keys.py"
+        script.write_text(
+            "import sys\n"
+            "from flowyml import Pipeline, step\n\n"
+            "@step(outputs=['words'])\n"
+            "def words(n):\n"
+            "    return {f'w{i}': i for i in range(n)}\n\n"
+            "@step(outputs=['count'])\n"
+            "def count(words):\n"
+            "    return len(words)\n\n"
+            "r = Pipeline('xproc', cache_dir=sys.argv[1]).add_step(words).add_step(count).run(context={'n': 50})\n"
+            "print(r.step_results['count'].cache_key)\n"
+        )
+        keys = []
+        for seed in ("1", "2"):
+            env = {**os.environ, "PYTHONHASHSEED": seed}
+            out = subprocess.run(
+                [sys.executable, str(script), str(tmp_path / f"store-{seed}")],
+                env=env, capture_output=True, text=True, check=True, timeout=120,
+            )  # fmt: skip
+            keys.append(out.stdout.strip())
+        assert keys[0] == keys[1] and len(keys[0]) == 32
+
+
+ARGS = argparse.Namespace(lr=0.1)
+
+
+class TestCacheReason:
+    """Every StepResult says why it ran or was served, in one short sentence."""
+
+    def test_first_run_then_hit(self) -> None:
+        @step(outputs=["y"])
+        def inc(x: int) -> int:
+            return x + 1
+
+        p = Pipeline("reasons").add_step(inc)
+        assert p.run(context={"x": 1}).step_results["inc"].cache_reason == "first run of this step"
+        assert p.run(context={"x": 1}).step_results["inc"].cache_reason == "cache hit"
+
+    def test_changed_input_and_context_parameter(self) -> None:
+        @step(outputs=["data"])
+        def load(n: int) -> list[int]:
+            return list(range(n))
+
+        @step(outputs=["model"])
+        def fit(data: list[int], lr: float) -> float:
+            return sum(data) * lr
+
+        p = Pipeline("reasons").add_step(load).add_step(fit)
+        p.run(context={"n": 3, "lr": 0.1})
+        lr = p.run(context={"n": 3, "lr": 0.5})
+        assert lr.step_results["load"].cache_reason == "cache hit"
+        assert lr.step_results["fit"].cache_reason == "context parameter 'lr' changed"
+        data = p.run(context={"n": 4, "lr": 0.5})
+        assert data.step_results["load"].cache_reason == "context parameter 'n' changed"
+        assert data.step_results["fit"].cache_reason == "input 'data' changed"
+        both = p.run(context={"n": 5, "lr": 0.9})
+        assert both.step_results["fit"].cache_reason == "input 'data' and context parameter 'lr' changed"
+
+    def test_global_changed(self) -> None:
+        @step(outputs=["used"])
+        def train() -> float:
+            return float(ARGS.lr)
+
+        p = Pipeline("reasons").add_step(train)
+        p.run()
+        ARGS.lr = 0.5
+        try:
+            result = p.run()
+        finally:
+            ARGS.lr = 0.1
+        assert result["used"] == 0.5
+        assert result.step_results["train"].cache_reason == "global 'ARGS' changed"
+
+    def test_code_of_step_and_of_helper_changed(self, tmp_path: Path) -> None:
+        runs = TestCodeChanges()
+        runs._run(tmp_path, "r1", strategy="code_hash", helper_delta=0, factor=2)
+        step_edit, _ = runs._run(tmp_path, "r2", strategy="code_hash", helper_delta=0, factor=3)
+        assert step_edit.step_results["compute"].cache_reason == "code of step changed"
+        helper_edit, _ = runs._run(tmp_path, "r3", strategy="code_hash", helper_delta=7, factor=3)
+        assert helper_edit.step_results["compute"].cache_reason == "code of helper 'helper' changed"
+
+    def test_closure_value_changed(self) -> None:
+        def make(k: int) -> Any:
+            @step(name="scaled", outputs=["v"])
+            def scaled() -> int:
+                return k
+
+            return scaled
+
+        Pipeline("closures").add_step(make(1)).run()
+        result = Pipeline("closures").add_step(make(2)).run()
+        assert result["v"] == 2
+        assert result.step_results["scaled"].cache_reason == "closure value 'k' changed"
+
+    def test_caching_off_for_the_step_and_for_the_run(self) -> None:
+        @step(outputs=["a"], cache=False)
+        def never() -> int:
+            return 1
+
+        @step(outputs=["b"])
+        def plain(a: int) -> int:
+            return a
+
+        on = Pipeline("reasons").add_step(never).add_step(plain).run()
+        assert on.step_results["never"].cache_reason == "caching is off for this step (cache=False)"
+        off = Pipeline("reasons", enable_cache=False).add_step(never).add_step(plain).run()
+        assert {r.cache_reason for r in off} == {"caching is off for this run"}
+
+    def test_unidentifiable_model_parameter(self) -> None:
+        @step(outputs=["score"])
+        def evaluate(model: Any) -> int:
+            return 1
+
+        with pytest.warns(UncachedStepWarning, match="'model'"):
+            result = Pipeline("reasons").add_step(evaluate).run(context={"model": threading.Lock()})
+        assert (
+            result.step_results["evaluate"].cache_reason
+            == "ran uncached: parameter 'model' cannot be identified"
+        )
+
+    def test_skipped_step_has_no_reason(self) -> None:
+        from flowyml import when
+
+        @step(outputs=["a"])
+        @when(lambda x: x > 0)
+        def positive(x: int) -> int:
+            return x
+
+        result = Pipeline("reasons").add_step(positive).run(context={"x": -1})
+        assert result.step_results["positive"].skipped
+        assert result.step_results["positive"].cache_reason is None
+
+    def test_reasons_are_recorded_in_lineage(self) -> None:
+        @step(outputs=["y"])
+        def inc(x: int) -> int:
+            return x + 1
+
+        @step(outputs=["z"], cache=False)
+        def raw(y: int) -> int:
+            return y
+
+        p = Pipeline("recorded").add_step(inc).add_step(raw)
+        p.run(context={"x": 1})
+        second = p.run(context={"x": 2})
+
+        async def read() -> dict[str, str | None]:
+            async with await Store.open() as store:
+                detail = await store.get_run(second.run_id)
+                assert detail is not None
+                return {s.step_name: s.cache_reason for s in detail.steps}
+
+        assert asyncio.run(read()) == {
+            "inc": "context parameter 'x' changed",
+            "raw": "caching is off for this step (cache=False)",
+        }

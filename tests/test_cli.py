@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -369,3 +372,89 @@ class TestWhileAnotherProcessWrites:
         err = capsys.readouterr().err
         assert "another process holds the write lock" in err
         assert "gave up after waiting" in err
+
+
+#: Read by the step of TestExplain: editing it between runs changes the step's key.
+THRESHOLD = {"value": 2}
+
+
+def clean(rows: list[int]) -> list[int]:
+    return [r for r in rows if r >= THRESHOLD["value"]]
+
+
+class TestExplain:
+    """`flowyml explain RUN_ID STEP`: the step's cache reason and the components that changed."""
+
+    def _pipeline(self, root: Path) -> Any:
+        from flowyml import Pipeline, step
+
+        @step(outputs=["rows"])
+        def load(n: int) -> list[int]:
+            return list(range(n))
+
+        @step(outputs=["kept"])
+        def keep(rows: list[int]) -> list[int]:
+            return clean(rows)
+
+        return Pipeline("explained", cache_dir=root).add_step(load).add_step(keep)
+
+    def test_names_the_changed_global_and_input(self, root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        pipeline = self._pipeline(root)
+        first = pipeline.run(context={"n": 4})
+        THRESHOLD["value"] = 3
+        try:
+            second = pipeline.run(context={"n": 4})
+        finally:
+            THRESHOLD["value"] = 2
+        assert main(["--dir", str(root), "explain", second.run_id, "keep"]) == 0
+        out = capsys.readouterr().out
+        assert "why: global 'THRESHOLD' changed" in out
+        assert f"run {first.run_id}" in out
+        changed = out.split("Changed since then:")[1]
+        assert "global 'THRESHOLD'" in changed and "input 'rows'" not in changed
+
+        third = pipeline.run(context={"n": 6})
+        assert main(["--dir", str(root), "explain", third.run_id[:12], "keep"]) == 0
+        out = capsys.readouterr().out
+        assert "why: input 'rows' and global 'THRESHOLD' changed" in out  # back to 2 since the second run
+        assert "input 'rows'  " in out.split("Changed since then:")[1]
+        assert main(["--dir", str(root), "explain", third.run_id, "load"]) == 0
+        assert "why: context parameter 'n' changed" in capsys.readouterr().out
+
+    def test_hit_first_run_and_runs_show(self, root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        pipeline = self._pipeline(root)
+        first = pipeline.run(context={"n": 4})
+        second = pipeline.run(context={"n": 4})
+        assert main(["--dir", str(root), "explain", first.run_id, "load"]) == 0
+        out = capsys.readouterr().out
+        assert "why: first run of this step" in out and "nothing to compare with" in out
+        assert main(["--dir", str(root), "explain", second.run_id, "keep"]) == 0
+        out = capsys.readouterr().out
+        assert "why: cache hit" in out and "with the same key" in out
+        assert main(["--dir", str(root), "runs", "show", first.run_id]) == 0
+        out = capsys.readouterr().out
+        assert "WHY" in out and out.count("first run of this step") == 2
+
+    def test_unknown_step_and_no_store(self, root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["--dir", str(root), "explain", "abc", "keep"]) == 1
+        assert "no flowyml store" in capsys.readouterr().err
+        run = self._pipeline(root).run(context={"n": 4})
+        assert main(["--dir", str(root), "explain", run.run_id, "nope"]) == 1
+        err = capsys.readouterr().err
+        assert "no step 'nope'" in err and "load, keep" in err
+
+    def test_as_a_command(self, root: Path) -> None:
+        """The real command line, in its own process, with caching off for the run."""
+        from flowyml import Pipeline, step
+
+        @step(outputs=["x"])
+        def one() -> int:
+            return 1
+
+        run = Pipeline("off", cache_dir=root, enable_cache=False).add_step(one).run()
+        done = subprocess.run(
+            [sys.executable, "-m", "flowyml._cli", "--dir", str(root), "explain", run.run_id, "one"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "why: caching is off for this run" in done.stdout

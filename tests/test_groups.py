@@ -270,3 +270,23 @@ class TestCachedHead:
         assert sorted(names) == ["s1", "s2"]
         head = next(s for s in detail.steps if s.step_name == "s1")
         assert head.cached and head.outputs["a"] is not None
+
+
+def test_chain_members_say_why_they_ran() -> None:
+    """Each member of a chain run as one unit gets its own cache reason."""
+
+    @step(outputs=["a"], execution_group="g")
+    def first(x: int) -> int:
+        return x + 1
+
+    @step(outputs=["b"], execution_group="g")
+    def second(a: int) -> int:
+        return a * 2
+
+    p = Pipeline("reasons").add_step(first).add_step(second)
+    reasons = [[r.cache_reason for r in p.run(context={"x": x})] for x in (1, 1, 2)]
+    assert reasons == [
+        ["first run of this step", "first run of this step"],
+        ["cache hit", "cache hit"],
+        ["context parameter 'x' changed", "input 'a' changed"],
+    ]

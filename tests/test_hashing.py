@@ -32,7 +32,7 @@ import pytest
 
 from flowyml import Pipeline, step
 from flowyml._errors import UnhashableInputError
-from flowyml._hashing import cache_key, content_identity, fingerprint_function, hash_value
+from flowyml._hashing import cache_key, content_identity, fingerprint_function, fingerprint_parts, hash_value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1173,3 +1173,53 @@ class TestGlobalsInPipelines:
             return type(GRUMPY_GLOBAL).__name__
 
         assert Pipeline("grumpy").add_step(reads_global).run()["x"] == "_Grumpy"
+
+
+PART_CONFIG = {"scale": 2}
+
+
+def part_helper(x: int) -> int:
+    return x * PART_CONFIG["scale"]
+
+
+class TestFingerprintParts:
+    """The fingerprint split into the parts a changed key is explained by."""
+
+    def test_whole_is_the_fingerprint_and_parts_are_named(self) -> None:
+        def make(k: int) -> Callable[[int], int]:
+            def body(x: int, y: int = 3) -> int:
+                return part_helper(x) + k + y + len(textwrap.dedent(""))
+
+            return body
+
+        body = make(1)
+        whole, parts = fingerprint_parts(body)
+        assert whole == fingerprint_function(body)
+        assert set(parts) == {"code", "closure:k", "helper:part_helper", "global:PART_CONFIG"}
+        assert all(len(digest) == 16 for digest in parts.values())
+
+    def test_each_change_moves_only_its_part(self) -> None:
+        def make(k: int) -> Callable[[int], int]:
+            def body(x: int) -> int:
+                return part_helper(x) + k
+
+            return body
+
+        _, before = fingerprint_parts(make(1))
+        _, closure = fingerprint_parts(make(2))
+        assert {p for p in before if before[p] != closure[p]} == {"closure:k"}
+        PART_CONFIG["scale"] = 5
+        try:
+            _, config = fingerprint_parts(make(1))
+        finally:
+            PART_CONFIG["scale"] = 2
+        assert {p for p in before if before[p] != config[p]} == {"global:PART_CONFIG"}
+
+    def test_unhashable_part_raises_like_the_fingerprint(self) -> None:
+        lock = threading.Lock()
+
+        def body() -> bool:
+            return lock.locked()
+
+        with pytest.raises(UnhashableInputError, match=r"<closure>\.lock"):
+            fingerprint_parts(body)

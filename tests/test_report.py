@@ -96,7 +96,7 @@ class TestToDict:
         self, fifty: tuple[PipelineResult, Path]
     ) -> None:
         for s in fifty[0].to_dict()["steps"]:
-            reason = getattr(fifty[0][s["name"]], "cache_reason", None)
+            reason = fifty[0].step_results[s["name"]].cache_reason
             assert s["cache_reason"] == (None if reason is None else str(reason))
 
     def test_the_stores_records_give_the_same_shape(self, fifty: tuple[PipelineResult, Path]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sqlite3
 import stat
@@ -758,6 +759,7 @@ class Fate:
     cache_key: str | None = None
     time_saved_seconds: float = 0.0
     traceback: str | None = None
+    cache_reason: str | None = None
 
 
 SHAPE = StepShape("s", ["out"], None)
@@ -787,6 +789,42 @@ class TestRecordFate:
                 inputs={"x": ("p", "o")},
             ),
         )
+
+    async def test_cache_reasons_read_back(self, store: Store) -> None:
+        """Each reason reads back, whether written or implied by its row (hit, caching off for the run)."""
+        store.record_run(run_record())
+        fates = {
+            "miss": Fate(cache_key="k1", cache_reason="input 'data' changed"),
+            "hit": Fate(status="cached", cache_key="k2", cache_reason="cache hit"),
+            "off": Fate(cache_reason="caching is off for this run"),
+            "step-off": Fate(cache_reason="caching is off for this step (cache=False)"),
+            "skipped": Fate(status="skipped", start_time=None, end_time=None, duration_seconds=0.0),
+            "unknown": Fate(cache_key="k3"),
+        }
+        for name, fate in fates.items():
+            store.record_fate("run-1", fate, None, StepShape(name, ["out"], None))
+        store.record_step(StepRecord("run-1", "recorded", "succeeded", cache_reason="first run of this step"))
+        await store.flush()
+        detail = await store.get_run("run-1")
+        assert detail is not None
+        assert {s.step_name: s.cache_reason for s in detail.steps} == {
+            **{name: fate.cache_reason for name, fate in fates.items()},
+            "recorded": "first run of this step",
+        }
+
+    async def test_key_parts_latest_per_step_and_by_key(self, store: Store) -> None:
+        """Key components are written by the writer; the latest per step and any by key read back."""
+        store.put_key_parts("k1", "train", {"input:data": "aa", "code": "c1"})
+        await store.flush()
+        store.put_key_parts("k2", "train", {"input:data": "bb", "code": "c1"})
+        store.put_key_parts("k3", "load", {"param:n": "01"})
+        await store.flush()
+        latest = await store.latest_key_parts(["train", "load", "absent"])
+        assert {step: (key, json.loads(parts)) for step, (key, parts) in latest.items()} == {
+            "train": ("k2", {"input:data": "bb", "code": "c1"}),
+            "load": ("k3", {"param:n": "01"}),
+        }
+        assert await store.key_parts(["k1", "nope"]) == {"k1": {"input:data": "aa", "code": "c1"}}
 
     async def test_cache_hits_count_in_stats(self, store: Store) -> None:
         """A cached fate counts as a hit with the time it saved."""

@@ -115,6 +115,16 @@ class _Put:
 
 
 @dataclass(slots=True)
+class _KeyParts:
+    """The components of a cache key (see :meth:`Store.put_key_parts`), JSON-encoded by the writer."""
+
+    key: str
+    step_name: str
+    created_at: float
+    parts: Mapping[str, str]
+
+
+@dataclass(slots=True)
 class _Drop:
     key: str
     created_at: float
@@ -144,7 +154,7 @@ class _Wake:
 
 _WAKE: Final = _Wake()
 
-_Job = _Put | _Drop | RunRecord | _Call | _Flush | _Stop | _Wake
+_Job = _Put | _Drop | RunRecord | _Call | _Flush | _Stop | _Wake | _KeyParts
 
 
 #: Steps waiting for the writer, flat, four items a step (no tuple per step for the GC to count):
@@ -161,9 +171,25 @@ class _Batch:
     puts: list[_Put] = field(default_factory=list)
     runs: dict[str, RunRecord] = field(default_factory=dict)
     steps: _Pending = field(default_factory=list)
+    parts: list[_KeyParts] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.drops or self.puts or self.runs or self.steps)
+        return bool(self.drops or self.puts or self.runs or self.steps or self.parts)
+
+
+def _dumps_parts(parts: Mapping[str, str]) -> str:
+    return json.dumps(dict(parts), separators=(",", ":"), sort_keys=True)
+
+
+def _loads_parts(text: str) -> dict[str, str]:
+    """Components as stored; a damaged row reads as none (the reason then says "first run")."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
 
 
 def _type_name(value: object) -> str:
@@ -391,6 +417,10 @@ class _BatchRows:
             (
                 "INSERT INTO step_records (run_id, steps, times, outputs, hits) VALUES (?, ?, ?, ?, ?)",
                 part_rows,
+            ),
+            (
+                "INSERT OR REPLACE INTO cache_key_parts (key, step_name, created_at, parts) VALUES (?, ?, ?, ?)",
+                [(k.key, k.step_name, k.created_at, _dumps_parts(k.parts)) for k in batch.parts],
             ),
         ]
 
@@ -993,6 +1023,8 @@ class Store:
                 batch.runs[job.run_id] = job
             elif isinstance(job, _Drop):
                 batch.drops.append(job)
+            elif isinstance(job, _KeyParts):
+                batch.parts.append(job)
             elif isinstance(job, _Flush):
                 flushes.append(job.future)
             elif isinstance(job, _Call):
@@ -1108,6 +1140,61 @@ class Store:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Call(fn, future))
         return await future
+
+    # -- key components ----------------------------------------------------------------------------
+
+    def put_key_parts(self, key: str, step_name: str, parts: Mapping[str, str]) -> None:
+        """Queue the components of ``key`` (component name -> short digest) for the writer.
+
+        Written for every key that missed, beside its cache entry (if the step's outputs are
+        cached), so a later miss can say which component changed. ``parts`` must not change.
+        Dropped when the store is closed or read-only: an explanation never fails a run.
+        """
+        if self._closed or self.read_only:
+            return
+        self._queue.put_nowait(_KeyParts(key, step_name, time.time(), parts))
+
+    async def latest_key_parts(self, step_names: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """The most recent key of each of these steps with its components as stored (a JSON
+        object of component name -> digest), in one query; decoded by the caller, when needed."""
+        self._check_open()
+        names = sorted(set(step_names))
+        if not names:
+            return {}
+        rows = await self._conn.execute_fetchall(
+            "SELECT step_name, key, parts FROM ("
+            "  SELECT step_name, key, parts, ROW_NUMBER() OVER "
+            "    (PARTITION BY step_name ORDER BY created_at DESC, key DESC) AS n"
+            "  FROM cache_key_parts WHERE step_name IN (SELECT value FROM json_each(?))"
+            ") WHERE n = 1",
+            (json.dumps(names),),
+        )
+        return {row[0]: (row[1], row[2]) for row in rows}
+
+    async def key_parts(self, keys: Iterable[str]) -> dict[str, dict[str, str]]:
+        """The components of each of these keys that has them recorded."""
+        self._check_open()
+        rows = await self._conn.execute_fetchall(
+            "SELECT key, parts FROM cache_key_parts WHERE key IN (SELECT value FROM json_each(?))",
+            (json.dumps(sorted(set(keys))),),
+        )
+        return {row[0]: _loads_parts(row[1]) for row in rows}
+
+    async def previous_step(self, run_id: str, step_name: str, *, within: int = 50) -> StepRecord | None:
+        """The record of ``step_name`` in the latest of the ``within`` runs of the same pipeline
+        that started before ``run_id`` and ran it; None if there is none."""
+        self._check_open()
+        rows = await self._conn.execute_fetchall(
+            "SELECT r.run_id FROM runs AS r JOIN runs AS this ON this.run_id = ? "
+            "WHERE r.pipeline_name = this.pipeline_name AND r.started_at < this.started_at "
+            "ORDER BY r.started_at DESC LIMIT ?",
+            (run_id, within),
+        )
+        for (earlier,) in rows:
+            for record in await self._steps_of(earlier):
+                if record.step_name == step_name and record.status != "skipped":
+                    return record
+        return None
 
     # -- the read API ------------------------------------------------------------------------------
 

@@ -132,6 +132,13 @@ CREATE TABLE IF NOT EXISTS cache_outputs (
     PRIMARY KEY (key, position)
 );
 CREATE INDEX IF NOT EXISTS cache_outputs_hash ON cache_outputs (artifact_hash);
+CREATE TABLE IF NOT EXISTS cache_key_parts (
+    key        TEXT PRIMARY KEY,
+    step_name  TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    parts      TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS cache_key_parts_step ON cache_key_parts (step_name, created_at);
 """
 
 #: Columns added after a table was first made: (table, column, type). Schema 3 added the writer's

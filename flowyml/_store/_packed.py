@@ -19,7 +19,13 @@ while they hold their default (in brackets)::
 
     [step_name, status, attempts, {output_name: artifact_hash|null},
      inputs ({}: {parameter: [producer_step, output_name]}), cached (0), cache_key (null),
-     ended_at (started_at + duration), error_type (null), error_message (null), traceback (null)]
+     ended_at (started_at + duration), error_type (null), error_message (null), traceback (null),
+     cache_reason (see below)]
+
+``cache_reason`` is left off when it is the one its row implies: ``"cache hit"`` for a cached
+row, none for a skipped one, ``"caching is off for this run"`` for any other row without a
+cache key (so a run with caching off writes no reasons at all). A row with a key and no reason
+predates reasons.
 
 A step recorded twice in one run (an upsert) keeps the position of its first record and the
 content of its last. Each ``step_records`` row also carries ``outputs``, the names its steps
@@ -69,6 +75,8 @@ class StepFate(Protocol):
     def time_saved_seconds(self) -> float: ...
     @property
     def traceback(self) -> str | None: ...
+    @property
+    def cache_reason(self) -> str | None: ...
 
 
 class StepShape:
@@ -142,9 +150,12 @@ class Part:
         key = fate.cache_key
         trace = fate.traceback
         end = fate.end_time
+        reason = fate.cache_reason
         if cached:
             self._hit(shape.name, saved)
-        if trace is not None:
+        if reason != (_HIT if cached else None if key is not None or status == "skipped" else _OFF):
+            n = 8
+        elif trace is not None:
             n = 7
         elif end != (None if start is None else start + duration):
             n = 4
@@ -163,6 +174,7 @@ class Part:
                 "null",
                 "null",
                 "null" if trace is None else _quote(trace),
+                "null" if reason is None else _quote(reason),
             ]
             row += "," + ",".join(tail[:n])
         self._rows.append(row + "]")
@@ -189,8 +201,9 @@ class Part:
             record.error_type,
             record.error_message,
             record.traceback,
+            record.cache_reason,
         ]
-        defaults = _defaults(start, duration)
+        defaults = _defaults(start, duration, record.cached, record.cache_key, record.status)
         n = len(full)
         while n > _FIXED and full[n - 1] == defaults[n - 1 - _FIXED]:
             n -= 1
@@ -221,10 +234,17 @@ class Part:
 _FIXED: Final = 4
 
 
-def _defaults(start: float | None, duration: float | None) -> tuple[Any, ...]:
+_HIT: Final = "cache hit"
+_OFF: Final = "caching is off for this run"
+
+
+def _defaults(
+    start: float | None, duration: float | None, cached: bool, key: str | None, status: str
+) -> tuple[Any, ...]:
     """The values of the fields after ``outputs`` that a row may leave off."""
     end = None if start is None or duration is None else start + duration
-    return ({}, 0, None, end, None, None, None)
+    reason = _HIT if cached else None if key is not None or status == "skipped" else _OFF
+    return ({}, 0, None, end, None, None, None, reason)
 
 
 def _float(x: float) -> float | None:
@@ -244,7 +264,11 @@ def decode(run_id: str, parts: Iterable[tuple[str, bytes]]) -> list[StepRecord]:
             latest[row[0]] = (row, _float(times[3 * i]), _float(times[3 * i + 1]), times[3 * i + 2])
     records = []
     for row, start, duration, saved in latest.values():
-        full = row + list(_defaults(start, duration)[len(row) - _FIXED :])
+        if len(row) < _FIXED + 8:
+            cached = bool(row[5]) if len(row) > 5 else False
+            key = row[6] if len(row) > 6 else None
+            row = row + list(_defaults(start, duration, cached, key, row[1])[len(row) - _FIXED :])
+        full = row
         records.append(
             StepRecord(
                 run_id=run_id,
@@ -262,6 +286,7 @@ def decode(run_id: str, parts: Iterable[tuple[str, bytes]]) -> list[StepRecord]:
                 traceback=full[10],
                 outputs=full[3],
                 inputs={param: (src[0], src[1]) for param, src in full[4].items()},
+                cache_reason=full[11],
             )
         )
     return records

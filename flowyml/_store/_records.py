@@ -74,6 +74,7 @@ class StepRecord:
     traceback: str | None = None
     outputs: dict[str, str | None] = field(default_factory=dict)
     inputs: dict[str, tuple[str, str]] = field(default_factory=dict)
+    cache_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
