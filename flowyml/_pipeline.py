@@ -12,11 +12,14 @@ import uuid
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _log
+from ._assets import Asset, derive, input_assets
 from ._attempt import UnitRunner
+from ._catalog import AssetRouter
 from ._conditions import If
 from ._context import Context
 from ._errors import ConfigError, EventLoopError, StoreError, StoreWarning
@@ -35,6 +38,7 @@ from ._step import Step, step
 
 if TYPE_CHECKING:
     from ._cache import StoreHooks
+    from ._cachestore import CacheStore
     from ._dispatch import Channel
     from ._store import Store
     from ._watch import Watch
@@ -60,6 +64,13 @@ class Pipeline:
         lineage: False stops recording runs and steps in the store (the cache still works).
         resources: capacity steps draw from, e.g. ``{"gpu": 1, "memory": "16Gi"}``; a step's
             ``resources=`` of a declared kind is held while it runs. Undeclared kinds are not limited.
+        validate_types: False stops checking arguments against parameter annotations (at plan
+            time across edges, and when a step receives them). Assets are still unwrapped for
+            parameters annotated with their data's type, and returns still routed by annotation.
+        routers: where asset outputs' artifacts go: the first router whose ``accepts(asset)``
+            is true saves it, the rest stay in the store (:class:`~flowyml.LocalRouter`).
+            Every asset output is registered in the store's asset catalogue either way
+            (``flowyml assets``, ``Model.load(name)``), unless ``lineage`` is False.
     """
 
     def __init__(
@@ -75,6 +86,8 @@ class Pipeline:
         debug: bool = False,
         resources: Mapping[str, Any] | None = None,
         lineage: bool = True,
+        validate_types: bool = True,
+        routers: Iterable[AssetRouter] = (),
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"Pipeline name must be a non-empty string, got {name!r}")
@@ -82,6 +95,13 @@ class Pipeline:
         self.context = context if isinstance(context, Context) else Context(dict(context or {}))
         self.enable_cache = bool(enable_cache)
         self.lineage = bool(lineage)
+        self.validate_types = bool(validate_types)
+        self.routers = tuple(routers)
+        for router in self.routers:
+            if not isinstance(router, AssetRouter):
+                raise ConfigError(
+                    f"Pipeline routers= takes AssetRouter objects (subclass flowyml.AssetRouter), got {router!r}"
+                )
         self.cache_dir = cache_dir
         self.max_concurrency = _positive("max_concurrency", max_concurrency)
         self.max_threads = _positive("max_threads", max_threads) or DEFAULT_MAX_THREADS
@@ -102,6 +122,29 @@ class Pipeline:
     @property
     def steps(self) -> tuple[Step, ...]:
         return tuple(self._steps)
+
+    @property
+    def cache_store(self) -> CacheStore | None:
+        """The cache of this pipeline's store, read and written by key; None when caching is off."""
+        if not self.enable_cache:
+            return None
+        from ._cachestore import CacheStore
+
+        return CacheStore(self.cache_dir)
+
+    @property
+    def runs_dir(self) -> Path:
+        """A folder for files about this pipeline's runs (reports, plots), inside its store.
+
+        Created on first access. The runs themselves are recorded in the store's database
+        (``flowyml runs``), not here.
+        """
+        from ._store import resolve_root
+        from ._store._artifacts import make_private_dir
+
+        path = resolve_root(self.cache_dir) / "runs"
+        make_private_dir(path)
+        return path
 
     def add_step(self, step_: Step | Callable[..., Any]) -> Pipeline:
         """Add a step (a plain function is wrapped with ``@step``); returns the pipeline to chain calls."""
@@ -137,10 +180,14 @@ class Pipeline:
         """The validated DAG, built on first use and reused until a step is added.
 
         Raises:
-            GraphError: a cycle, a missing input or a duplicate output, before anything runs.
+            GraphError: a cycle, a missing input, a duplicate output, or (``validate_types``) a
+                producer whose return annotation can never fit its consumer's parameter
+                (:class:`~flowyml.errors.InputTypeMismatchError`), before anything runs.
         """
         if self._plan is None:
-            self._plan = build_plan(self._steps, self._flows, capacity=self.capacity)
+            self._plan = build_plan(
+                self._steps, self._flows, capacity=self.capacity, validate_types=self.validate_types
+            )
         return self._plan
 
     def to_mermaid(self) -> str:
@@ -401,6 +448,40 @@ class Pipeline:
                 errors += await store.settle(mark, wait=wait)
             finally:
                 hooks.release()
+        if self.lineage:
+            errors += await self._register_assets(store, run, run_id)
+
+    async def _register_assets(self, store: Store, run: RunState, run_id: str) -> list[StoreError]:
+        """Register every asset output of the run in the store's catalogue, off the loop.
+
+        Returns what failed (a router that could not save an asset), for ``result.store_errors``.
+        """
+        from ._catalog import Produced, register
+
+        typing = run.plan.typing
+        produced: list[Produced] = []
+        for node, res in zip(run.plan.nodes, run.results, strict=True):
+            if res is None or res.status is not StepStatus.SUCCEEDED:
+                continue
+            made = [(name, v) for name, v in res.outputs.items() if isinstance(v, Asset)]
+            if not made:
+                continue
+            routed = typing[node.id] if typing else None
+            if routed is None or not routed.wraps:
+                # Not routed by annotation, so not linked while running: its parents are the
+                # assets among its inputs all the same.
+                args, kwargs = run.arguments(node)
+                inputs = input_assets([*args, *kwargs.values()])
+                for _, asset in made:
+                    derive(asset, inputs)
+            produced += [Produced(asset, run_id, self.name, res.step_name, name) for name, asset in made]
+        if not produced:
+            return []
+        try:
+            await asyncio.to_thread(register, store.root, produced, self.routers)
+        except StoreError as exc:
+            return [exc]
+        return []
 
     def _thread_executor(self) -> ThreadExecutor:
         """The threads of every run of this pipeline on the running loop: ``max_threads`` in all.

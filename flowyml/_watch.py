@@ -118,7 +118,7 @@ class Watch:
                 _F_TIME(event, _monotonic())
                 _F_STEP(event, res.step_name)
                 _F_RESULT(event, res)
-                _F_REASON(event, cache_reason)
+                _F_REASON(event, res.cache_reason if cache_reason is None else cache_reason)
                 emit(event)
             if tracing is not None and res.status is StepStatus.CACHED:
                 tracing.cached(res)

@@ -85,7 +85,8 @@ class StepFinished:
 
     ``status``, ``duration`` (the step's own seconds, 0 for one that never began), ``cached``,
     ``attempts`` (calls of its body, 0 when cached or skipped) and ``error`` read the result;
-    ``cache_reason`` says why the cache was or was not used, when the cache knows.
+    ``cache_reason`` says why the cache was or was not used (the result's ``cache_reason``:
+    ``"cache hit"``, ``"first run of this step"``, what changed, or why it ran uncached).
     """
 
     run_id: str

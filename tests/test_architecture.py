@@ -17,7 +17,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "flowyml"
 
 # Libraries every stage may use; they import no stage module. _log and _otel: the records and
 # spans the runner makes as fates are decided.
-FOUNDATION = ("_errors", "_results", "_hashing", "_store", "_executors", "_log", "_otel")
+FOUNDATION = (
+    "_errors",
+    "_results",
+    "_hashing",
+    "_store",
+    "_executors",
+    "_catalog",
+    "_cli_assets",
+    "_log",
+    "_otel",
+)
 STAGES = {
     "define": (
         "_step",
@@ -30,9 +40,9 @@ STAGES = {
         "_assets",
         "_parallel",
     ),
-    "plan": ("_graph", "_resources"),
-    "run": ("_scheduler", "_state", "_attempt", "_gates", "_groups", "_remote"),
-    "record": ("_cache",),
+    "plan": ("_graph", "_resources", "_types"),
+    "run": ("_scheduler", "_state", "_attempt", "_gates", "_groups", "_remote", "_typed"),
+    "record": ("_cache", "_cachestore"),
     "present": ("_mermaid", "_report", "events", "_dispatch", "_progress", "_watch"),
 }
 ORDER = ("define", "plan", "run", "record", "present")

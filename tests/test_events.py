@@ -82,6 +82,8 @@ class TestSequence:
 
         finished = {e.step: e for e in events if isinstance(e, StepFinished)}
         assert finished["load"].status is StepStatus.CACHED and finished["load"].cached
+        assert finished["load"].cache_reason == result.step_results["load"].cache_reason == "cache hit"
+        assert finished["flaky"].cache_reason == result.step_results["flaky"].cache_reason is not None
         assert finished["flaky"].status is StepStatus.SUCCEEDED and finished["flaky"].attempts == 2
         assert not finished["flaky"].cached
         assert finished["gated"].status is StepStatus.SKIPPED and finished["gated"].attempts == 0
