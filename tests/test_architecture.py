@@ -17,17 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "flowyml"
 
 # Libraries every stage may use; they import no stage module. _log and _otel: the records and
 # spans the runner makes as fates are decided.
-FOUNDATION = (
-    "_errors",
-    "_results",
-    "_hashing",
-    "_store",
-    "_executors",
-    "_catalog",
-    "_cli_assets",
-    "_log",
-    "_otel",
-)
+FOUNDATION = ("_errors", "_results", "_hashing", "_store", "_executors", "_catalog", "_log", "_otel")
 STAGES = {
     "define": (
         "_step",
@@ -47,7 +37,7 @@ STAGES = {
 }
 ORDER = ("define", "plan", "run", "record", "present")
 # The modules that tie the stages together, and the public faces; nothing imports them.
-TOP = ("__init__", "__main__", "_pipeline", "errors", "testing", "_cli", "_cli_run")
+TOP = ("__init__", "__main__", "_pipeline", "errors", "testing", "_cli", "_cli_run", "_cli_assets")
 
 
 def _unit(module: str) -> str:
