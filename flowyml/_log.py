@@ -18,17 +18,32 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ._results import StepStatus
 
 if TYPE_CHECKING:
+    from ._otel import Tracing
     from ._results import StepResult
 
-__all__ = ("run_finished", "run_log", "run_started", "step_failed", "step_retrying")
+__all__ = ("Watcher", "run_finished", "run_log", "run_started", "step_failed", "step_retrying")
 
 logging.getLogger("flowyml").addHandler(logging.NullHandler())
 run_log = logging.getLogger("flowyml.run")
+
+
+class Watcher(Protocol):
+    """What the runner tells whoever watches the run (:class:`flowyml._watch.Watch`), if anyone."""
+
+    tracing: Tracing | None
+
+    def started(self, step: str) -> None: ...
+
+    def finished(self, res: StepResult, cache_reason: str | None = None) -> None: ...
+
+    def retrying(self, step: str, attempt: int, delay: float, error: BaseException) -> None: ...
+
+    def items(self, step: str, done: int, failed: int, total: int | None) -> None: ...
 
 
 def run_started(run_id: str, pipeline: str, steps: int) -> None:

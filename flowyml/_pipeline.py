@@ -305,6 +305,7 @@ class Pipeline:
                 max_concurrency=1 if debug else self.max_concurrency,
                 remote=remote,
                 on_failure=_debug_report if debug else None,
+                fail_fast=fail_fast,
                 run_id=run_id,
                 watch=watch,
             )

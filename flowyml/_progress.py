@@ -88,7 +88,7 @@ class Progress:
         self.cached = 0
         self.failed = 0
         self.running: dict[str, float] = {}
-        self.items: dict[str, tuple[int, int, int]] = {}
+        self.items: dict[str, tuple[int, int, int | None]] = {}
         self._stream = stream
         self._t0 = time.monotonic()
         self._screen: _Screen | None = None
@@ -128,9 +128,9 @@ class Progress:
             longest = sorted(self.running.items(), key=lambda kv: kv[1])[:_LONGEST]
             lines.append("  running: " + ", ".join(f"{name} {now - t:.1f}s" for name, t in longest))
         for name, (done, failed, total) in self.items.items():
-            if done < total:
+            if name in self.running:
                 failing = f" ({failed} failed)" if failed else ""
-                lines.append(f"  items: {name} {done}/{total}{failing}")
+                lines.append(f"  items: {name} {done}/{'?' if total is None else total}{failing}")
         return lines
 
     async def start(self) -> None:

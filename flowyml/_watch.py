@@ -26,7 +26,7 @@ from ._dispatch import Channel, Dispatcher
 from ._log import run_log, step_failed
 from ._otel import Tracing
 from ._results import StepStatus
-from .events import Listener, RunFinished, RunStarted, StepFinished, StepRetrying, StepStarted
+from .events import ItemsProgress, Listener, RunFinished, RunStarted, StepFinished, StepRetrying, StepStarted
 
 if TYPE_CHECKING:
     from ._progress import Progress
@@ -143,6 +143,11 @@ class Watch:
                 if res.status in _BAD:
                     step_failed(self.run_id, res)
                 self.finished(res)
+
+    def items(self, step: str, done: int, failed: int, total: int | None) -> None:
+        """A mapped step's items: ``done`` settled, ``failed`` of them failing, of ``total`` (None: not known yet)."""
+        if self._emit is not None:
+            self._emit(ItemsProgress(self.run_id, self.pipeline, _monotonic(), step, done, failed, total))
 
     def retrying(self, step: str, attempt: int, delay: float, error: BaseException) -> None:
         if self._emit is not None:

@@ -121,7 +121,10 @@ class StepFinished:
 
 @dataclass(frozen=True, slots=True)
 class ItemsProgress:
-    """A step mapping over items has ``done`` of ``total`` items finished, ``failed`` of them failing."""
+    """A mapped step has ``done`` of ``total`` items settled, ``failed`` of them failing.
+
+    ``total`` is None while a streamed source's length is not known yet.
+    """
 
     run_id: str
     pipeline: str
@@ -129,7 +132,7 @@ class ItemsProgress:
     step: str
     done: int
     failed: int
-    total: int
+    total: int | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,9 +29,10 @@ STAGES = {
         "_context",
         "_assets",
         "_parallel",
+        "_limits",
     ),
     "plan": ("_graph", "_resources", "_types"),
-    "run": ("_scheduler", "_state", "_attempt", "_gates", "_groups", "_remote", "_typed"),
+    "run": ("_scheduler", "_state", "_attempt", "_map", "_gates", "_groups", "_remote", "_typed"),
     "record": ("_cache", "_cachestore"),
     "present": ("_mermaid", "_report", "events", "_dispatch", "_progress", "_watch"),
 }

@@ -146,6 +146,29 @@ class TestSequence:
         finished = [e for e in events if isinstance(e, StepFinished)]
         assert [e.status for e in finished] == [StepStatus.SUCCEEDED, StepStatus.SUCCEEDED]
 
+    def test_a_mapped_step_reports_its_items(self, tmp_path: Path) -> None:
+        """One start and one finish for the mapped step; an ItemsProgress per settled item, in between."""
+
+        @step(outputs=["xs"])
+        async def numbers() -> list[int]:
+            return [1, 2, 3]
+
+        @step(inputs=["xs"], outputs=["ys"], map_over="xs", map_errors="collect")
+        async def half(x: int) -> float:
+            if x == 2:
+                raise ValueError("two")
+            return x / 2
+
+        p = Pipeline("mapped", cache_dir=tmp_path)
+        p.add_step(numbers).add_step(half)
+        events: list[Event] = []
+        p.run(on_event=events.append)
+        kinds = _kinds(events, "half")
+        assert kinds == ["StepStarted", "ItemsProgress", "ItemsProgress", "ItemsProgress", "StepFinished"]
+        items = [e for e in events if isinstance(e, ItemsProgress)]
+        assert [(e.done, e.total) for e in items] == [(1, 3), (2, 3), (3, 3)]
+        assert items[-1].failed == 1
+
 
 class TestListeners:
     def test_async_listener_sees_what_a_sync_one_sees(self, tmp_path: Path) -> None:
