@@ -37,6 +37,7 @@ from ._fallback import watch_fallbacks
 from ._graph import MISSING, SLOT, MapSpec, Node, Source
 from ._groups import Member, Outcome, coroutine_returned, run_chain
 from ._limits import Limit, acquire_all, release_all
+from ._log import Watcher, step_failed, step_retrying
 from ._map import Items, pending_bound, run_mapped, run_source
 from ._remote import RemoteValues
 from ._resources import Request, ResourcePool
@@ -54,6 +55,7 @@ CACHE_OFF_FOR_STEP = "caching is off for this step (cache=False)"
 _perf = time.perf_counter
 _now = time.time
 _OK = frozenset({StepStatus.SUCCEEDED, StepStatus.CACHED})
+_BAD = frozenset({StepStatus.FAILED, StepStatus.TIMED_OUT})
 _NOT_STARTED = "the run stopped before the step could start"
 
 FailureCallback = Callable[[Node, StepResult, list[Any]], None]
@@ -149,6 +151,8 @@ class UnitRunner:
         remote: bool = False,
         on_failure: FailureCallback | None = None,
         fail_fast: bool = True,
+        run_id: str = "",
+        watch: Watcher | None = None,
     ) -> None:
         plan = state.plan
         self.state = state
@@ -181,7 +185,12 @@ class UnitRunner:
             if plan.nodes[i].streams_to
         }
         """Per mapped node or stream source with mapped consumers: its items as they come."""
+        self.run_id = run_id
+        self.watch = watch
+        self._tracing = watch.tracing if watch is not None else None
         self._direct = [d and ex.name == "async" for d, ex in zip(plan.direct, executors, strict=True)]
+        if self._tracing is not None:  # every body through its executor: each attempt is a span there
+            self._direct = [False] * len(plan.nodes)
         self._resources = resources
         self._requests = plan.requests if resources is not None else ()
         self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -225,6 +234,9 @@ class UnitRunner:
         if state.blocked[node.id] is not None:
             return self._blocked(node)
         args, kwargs = state.arguments(node)
+        watch = self.watch
+        if watch is not None:
+            watch.started(node.name)
         began = _now()
         t0 = _perf()
         try:
@@ -242,6 +254,8 @@ class UnitRunner:
             state.results[node.id] = res
             if self.hooks is not None:
                 self.hooks.after(node, res, args, kwargs)
+            if watch is not None:
+                watch.finished(res)
             raise
         except Exception as exc:
             why = self._why[node.id]
@@ -256,6 +270,8 @@ class UnitRunner:
         state.results[node.id] = res
         if self.hooks is not None:
             self.hooks.after(node, res, args, kwargs)
+        if watch is not None:
+            watch.finished(res)
         return True
 
     async def _layered_node(self, node: Node) -> bool:
@@ -265,9 +281,11 @@ class UnitRunner:
             return self._blocked(node)
         args, kwargs = state.arguments(node)
         step = node.step
-        if step.map_over:
-            return await run_mapped(self, node, args, kwargs)
-        if step.stream:
+        if step.map_over or step.stream:
+            if self.watch is not None:
+                self.watch.started(node.name)
+            if step.map_over:
+                return await run_mapped(self, node, args, kwargs)
             return await run_source(self, node, args, kwargs)
         hooks = self.hooks
         cached = hooks is not None and hooks.caching and step.cache is not False
@@ -298,6 +316,8 @@ class UnitRunner:
             if step.conditions and not conditions_hold(step.conditions, args, kwargs):
                 status, reason = StepStatus.SKIPPED, "its condition was false"
             else:
+                if self.watch is not None:
+                    self.watch.started(node.name)
                 found = await hooks.lookup(node, key_args, key_kwargs) if cached else None  # type: ignore[union-attr]
                 if found is not None:
                     key, why = found.key, found.reason
@@ -307,7 +327,7 @@ class UnitRunner:
                 else:
                     request = self._requests[node.id] if self._requests else ()
                     if step.retry_policy is not None:
-                        retry = RetryRun(step.retry_policy)
+                        retry = RetryRun(step.retry_policy, on_retry=self._retrying(node.name))
                     if request or self._limit is not None:
                         async with self._held(request):
                             started = True
@@ -336,6 +356,8 @@ class UnitRunner:
             state.results[node.id] = res
             if hooks is not None:
                 hooks.after(node, res, key_args, key_kwargs)
+            if self.watch is not None:
+                self.watch.finished(res)
             raise
         except Exception as exc:
             error = exc
@@ -393,14 +415,24 @@ class UnitRunner:
         positional = tuple(args)
         limits = self._call_limits.get(node.id) if self._call_limits else None
 
+        tracing = self._tracing
+        carry = not executor.shares_context and not step.is_async
+
         async def attempt() -> Any:
             try:
                 if limits:
                     await acquire_all(limits)  # a slot, then a token: the timeout starts after both
                 try:
-                    ret = await executor.run(
-                        body, positional, kwargs, timeout=step.timeout, step_name=node.name, **extra
-                    )
+                    if tracing is None:
+                        ret = await executor.run(
+                            body, positional, kwargs, timeout=step.timeout, step_name=node.name, **extra
+                        )
+                    else:
+                        number = retry.attempt if retry is not None else 1
+                        with tracing.attempt(node.name, number, executor.name, body, carry=carry) as fn:
+                            ret = await executor.run(
+                                fn, positional, kwargs, timeout=step.timeout, step_name=node.name, **extra
+                            )
                 finally:
                     if limits:
                         release_all(limits)
@@ -432,8 +464,11 @@ class UnitRunner:
         if state.blocked[head.id] is not None or self.remote is not None:
             return [(head, await self.node(head))], False
         hooks = self.hooks
+        watch = self.watch
         args, kwargs = state.arguments(head)
         head_key: str | None = None
+        if watch is not None:
+            watch.started(head.name)
         if hooks is not None and hooks.caching and head.step.cache is not False:
             start, t0 = _now(), _perf()
             try:
@@ -465,7 +500,14 @@ class UnitRunner:
             async with self._held(request):
                 running = True
                 started, t0 = _now(), _perf()
-                outcomes = await executor.run(run_chain, (members,), {}, timeout=None, step_name=head.name)
+                if self._tracing is None:
+                    outcomes = await executor.run(
+                        run_chain, (members,), {}, timeout=None, step_name=head.name
+                    )
+                else:  # one span for the whole chain, named after its head
+                    carry = not executor.shares_context
+                    with self._tracing.attempt(head.name, 1, executor.name, run_chain, carry=carry) as fn:
+                        outcomes = await executor.run(fn, (members,), {}, timeout=None, step_name=head.name)
         except asyncio.CancelledError:
             for n in nodes:
                 if running:
@@ -475,6 +517,8 @@ class UnitRunner:
                 state.results[n.id] = res
                 if hooks is not None:
                     hooks.after(n, res, args, kwargs)
+                if watch is not None:
+                    watch.finished(res)
             raise
         except Exception as exc:
             reason = f"upstream step {head.name!r} did not produce its outputs"
@@ -495,6 +539,8 @@ class UnitRunner:
                     key = hooks.key(n, a, kw)
                     why = hooks.why(n) or why
             start = o.start_time or started
+            if watch is not None and n is not head and o.status is not StepStatus.SKIPPED:
+                watch.started(n.name)  # members run inside one call: known to have begun only now
             res = finished(n.name, o.status, o.outputs, o.error, o.traceback, o.attempts, start,
                            start + o.duration_seconds, o.duration_seconds, 0.0, key, o.skip_reason,
                            cache_reason=why)  # fmt: skip
@@ -535,9 +581,13 @@ class UnitRunner:
         self.state.results[node.id] = res
         if self.hooks is not None:
             self.hooks.after(node, res, key_args, key_kwargs)
+        if self.watch is not None:
+            self.watch.finished(res)
         status = res.status
         if status in _OK:
             return True
+        if status in _BAD:
+            step_failed(self.run_id, res)
         if self.on_failure is not None and status is not StepStatus.SKIPPED:
             self.on_failure(node, res, [*args, *kwargs.values()])
         return False
@@ -550,12 +600,26 @@ class UnitRunner:
         failed = state.gate_errors.get(node.id) if state.gate_errors else None
         if failed is not None:
             tb = "".join(traceback.format_exception(failed))
-            state.results[node.id] = finished(node.name, StepStatus.FAILED, {}, failed, tb)
+            res = state.results[node.id] = finished(node.name, StepStatus.FAILED, {}, failed, tb)
+            step_failed(self.run_id, res)
         else:
-            state.results[node.id] = finished(
+            res = state.results[node.id] = finished(
                 node.name, StepStatus.SKIPPED, {}, skip_reason=state.blocked[node.id]
             )
+        if self.watch is not None:
+            self.watch.finished(res)
         return False
+
+    def _retrying(self, step: str) -> Callable[[int, float, BaseException], None]:
+        """What :class:`RetryRun` calls after a failed attempt of ``step`` that will be retried."""
+        run_id, watch = self.run_id, self.watch
+
+        def retrying(attempt: int, delay: float, error: BaseException) -> None:
+            step_retrying(run_id, step, attempt, delay, error)
+            if watch is not None:
+                watch.retrying(step, attempt, delay, error)
+
+        return retrying
 
     def _no_items(self, node: Node) -> None:
         """A node that will not run: its mapped consumers stop waiting for its items, and it for others'."""

@@ -140,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
         if getattr(args, "dir", None):
             pipeline.cache_dir = args.dir
         params = dict(args.param or [])
-        result = pipeline.run(params or None, fail_fast=args.fail_fast)
+        result = pipeline.run(params or None, fail_fast=args.fail_fast, progress=args.progress or None)
     except UsageError as exc:
         _err(str(exc))
         return 2
@@ -291,6 +291,11 @@ def register(
         help="let branches not depending on a failure finish",
     )
     run.add_argument("--report", metavar="PATH", default=None, help="also write the run's HTML report there")
+    run.add_argument(
+        "--progress",
+        action="store_true",
+        help="show the run's progress on stderr (as FLOWYML_PROGRESS=1 does)",
+    )
     run.set_defaults(direct=_run, name="run")
 
     dag = commands.add_parser("dag", parents=[common], help="print a pipeline's Mermaid flowchart")

@@ -33,6 +33,7 @@ from ._executors._base import Executor
 from ._fallback import watch_fallbacks
 from ._graph import MISSING, MapSpec, Node
 from ._limits import Limit, acquire_all, release_all
+from ._log import Watcher
 from ._results import ItemFailed, ItemResults, StepResult, StepStatus, finished
 from ._retry import RetryRun, _asleep
 from ._state import RunState
@@ -170,6 +171,7 @@ class MapRunner(Protocol):
     limits: dict[int, Limit]
     executors: Sequence[Executor]
     fail_fast: bool
+    watch: Watcher | None
 
     def held(self, node: Node) -> contextlib.AbstractAsyncContextManager[None] | None: ...
 
@@ -451,6 +453,9 @@ class _Mapped:
                 self.failed += 1
             if hooks is not None:
                 hooks.item_progress(node, self.settled, self.failed, self.length)
+            watch = self.runner.watch
+            if watch is not None:
+                watch.items(node.name, self.settled, self.failed, self.length)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a fault in the bookkeeping itself: end the node with it

@@ -143,6 +143,13 @@ class TestRun:
         assert done.returncode == 0, done.stderr
         assert "1 succeeded" in done.stdout
 
+    def test_progress_flag_shows_progress_on_stderr(self, project: Path) -> None:
+        """--progress: stderr (not a terminal here) gets progress lines and the summary line."""
+        done = flowyml_cli(project, "run", "demo_pipes.py:pipeline", "--progress")
+        assert done.returncode == 0, done.stderr
+        assert "flowyml: cli_demo: " in done.stderr
+        assert "of 'cli_demo' completed in" in done.stderr
+
     def test_report_is_written_after_the_run(self, project: Path) -> None:
         done = flowyml_cli(project, "run", "demo_pipes.py:pipeline", "--report", "out/run.html")
         assert done.returncode == 0, done.stderr
