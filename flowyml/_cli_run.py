@@ -21,6 +21,7 @@ __all__ = ("NO_STORE", "register")
 import argparse
 import asyncio
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import json
@@ -129,6 +130,30 @@ def parse_param(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _check_params(pipeline: Pipeline, params: dict[str, Any]) -> None:
+    """Refuse a ``--param`` no step takes (a typo would otherwise run with the default silently).
+
+    Skipped when the pipeline has ``If`` conditions: they may read any name from ``ctx.params``.
+
+    Raises:
+        UsageError: naming the unknown parameter, close matches and the parameters there are.
+    """
+    from ._graph import CONTEXT
+
+    plan = pipeline.plan()
+    if plan.gates:
+        return
+    taken = sorted({src.name for node in plan.nodes for _, src in node.sources() if src.kind == CONTEXT})
+    for key in params:
+        if key not in taken:
+            close = difflib.get_close_matches(key, taken, n=3)
+            hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+            known = ", ".join(taken) if taken else "none"
+            raise UsageError(
+                f"--param {key!r} is not a parameter of any step; {hint}parameters of this pipeline: {known}"
+            )
+
+
 # -- commands that need no store -------------------------------------------------------------------
 
 
@@ -140,6 +165,7 @@ def _run(args: argparse.Namespace) -> int:
         if getattr(args, "dir", None):
             pipeline.cache_dir = args.dir
         params = dict(args.param or [])
+        _check_params(pipeline, params)
         result = pipeline.run(params or None, fail_fast=args.fail_fast)
     except UsageError as exc:
         _err(str(exc))

@@ -105,6 +105,11 @@ class TestRun:
             (["no_such_module:pipeline"], "ModuleNotFoundError"),
             (["demo_pipes.py:needs_context"], "'x'"),
             (["demo_pipes.py:pipeline", "--param", "novalue"], "--param needs KEY=VALUE"),
+            (
+                ["demo_pipes.py:pipeline", "--param", "lable=x"],
+                "--param 'lable' is not a parameter of any step; did you mean 'label'? "
+                "parameters of this pipeline: fail, label, n",
+            ),
             (["demo_pipes.py:pipeline", "--fail-fast", "--keep-going"], "not allowed with argument"),
         ],
     )
