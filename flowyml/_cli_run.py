@@ -166,6 +166,10 @@ def _run(args: argparse.Namespace) -> int:
             pipeline.cache_dir = args.dir
         params = dict(args.param or [])
         _check_params(pipeline, params)
+        if args.report and Path(args.report).is_dir():
+            raise UsageError(
+                f"--report {args.report!r} is a directory; name a file, e.g. {args.report}/run.html"
+            )
         result = pipeline.run(params or None, fail_fast=args.fail_fast)
     except UsageError as exc:
         _err(str(exc))
@@ -178,9 +182,12 @@ def _run(args: argparse.Namespace) -> int:
     print(result.summary())
     print(f"run id: {result.run_id}")
     if args.report:
-        written = Path(args.report)
-        result.report(written)
-        print(f"report: {written}")
+        try:
+            result.report(args.report)
+        except OSError as exc:
+            _err(f"the run is recorded, but its report could not be written to {args.report!r}: {exc}")
+            return 2
+        print(f"report: {args.report}")
     return 0 if result.success else 1
 
 
@@ -224,7 +231,11 @@ async def _report(store: Store, args: argparse.Namespace) -> int:
     if data is None:
         _err(f"no run {args.run_id!r} in {store.root}.")
         return 1
-    write_report(data, args.output)
+    try:
+        write_report(data, args.output)
+    except OSError as exc:
+        _err(f"cannot write the report of run {run_id} to {args.output!r}: {exc}")
+        return 2
     print(f"report of run {run_id}: {args.output}")
     return 0
 

@@ -154,6 +154,23 @@ class TestRun:
         page = (project / "out" / "run.html").read_text(encoding="utf-8")
         assert 'data-step="load"' in page and 'data-step="total"' in page
 
+    def test_a_report_path_that_cannot_be_written_exits_2_without_traceback(self, project: Path) -> None:
+        (project / "adir").mkdir()
+        before = flowyml_cli(project, "run", "demo_pipes.py:pipeline", "--report", "adir")
+        assert before.returncode == 2 and "--report 'adir' is a directory" in before.stderr
+        assert json.loads(flowyml_cli(project, "runs", "--json").stdout) == []  # refused before running
+        (project / "afile").write_text("")
+        after = flowyml_cli(project, "run", "demo_pipes.py:pipeline", "--report", "afile/run.html")
+        assert (
+            after.returncode == 2
+            and "the run is recorded, but its report could not be written" in after.stderr
+        )
+        assert "Traceback" not in before.stderr + after.stderr
+        run_id = str(last_run(project)["run_id"])
+        again = flowyml_cli(project, "report", run_id, "-o", "adir")
+        assert again.returncode == 2 and f"cannot write the report of run {run_id}" in again.stderr
+        assert "Traceback" not in again.stderr
+
 
 @pytest.mark.slow
 class TestOtherCommands:
