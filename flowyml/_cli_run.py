@@ -43,7 +43,7 @@ NO_STORE: dict[str, tuple[str, int, bool]] = {
 
 
 #: How a recorded run can stand: still running, or how it ended (``Pipeline.arun``).
-RUN_STATES = ("running", "completed", "failed", "cancelled")
+RUN_STATES = ("running", "completed", "failed", "cancelled", "interrupted")
 
 
 class UsageError(Exception):
