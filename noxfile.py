@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests lint typecheck examples bench``."""
+"""Developer sessions: ``nox -s tests lint typecheck examples compat bench``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,17 @@ def examples(session: nox.Session) -> None:
     session.install("-e", ".[dask,web]", "httpx")
     for script in sorted(__import__("pathlib").Path("examples").glob("*.py")):
         session.run("python", str(script))
+
+
+@nox.session(python="3.11")
+def compat(session: nox.Session) -> None:
+    """FlowyML's own public-API tests against this flowyml, when ../shared/compat is there."""
+    script = __import__("pathlib").Path("..", "shared", "compat", "run.sh").resolve()
+    if not script.is_file():
+        session.skip(f"no FlowyML compat suite at {script}")
+    session.install("-e", ".[test]")
+    python = session.run("python", "-c", "import sys; print(sys.executable)", silent=True)
+    session.run("bash", str(script), str(python).strip(), external=True)
 
 
 @nox.session(python="3.11")

@@ -1,17 +1,24 @@
 """A small ML pipeline using most of flowyml: groups, processes, resources, branches, resilience.
 
-- ``load`` reads a CSV it wrote itself, asynchronously (aiofiles), on the event loop;
+- ``load`` reads a CSV it wrote itself, asynchronously (aiofiles), on the event loop; its
+  ``-> Dataset`` annotation wraps the plain list it returns in a ``Dataset`` named ``raw_rows``;
 - ``clean`` then ``featurize`` share an ``execution_group``: one worker thread runs both, handing
-  the rows over in memory;
+  the rows over in memory; ``clean`` asks for ``list[str]`` and so gets the dataset's data,
+  ``featurize`` returns a plain dict that ``-> FeatureSet`` wraps, derived from ``raw_rows``;
 - ``train`` fits a tiny least-squares model in a worker *process*, holding one of the two ``cpu``
-  units the pipeline declares, and returns a ``Model``;
-- ``evaluate`` returns ``Metrics``; an ``If`` deploys the model when its R² clears the threshold
-  from the context, and asks for retraining otherwise (only the chosen branch runs);
+  units the pipeline declares; ``-> Model`` makes its dict a ``Model`` derived from the features;
+- ``evaluate`` returns a dict that ``-> Metrics`` wraps; an ``If`` deploys the model when its R²
+  clears the threshold from the context, and asks for retraining otherwise (only the chosen
+  branch runs);
 - ``notify`` calls a flaky webhook through a ``CircuitBreaker``, retried, with a fallback notice
   once the retries are spent (decorators compose outermost first).
 
+Annotations are checked too: a step given a value its parameter's annotation rejects fails
+before its body runs. Every asset output lands in the store's catalogue, versioned by name,
+with its lineage: the script prints it at the end (``flowyml assets show model`` draws it).
+
 Run it twice: the second run takes every cacheable step from the cache (``notify`` is
-``cache=False``). Run: ``python examples/ml_pipeline.py``
+``cache=False``), and the catalogue gains no new versions. Run: ``python examples/ml_pipeline.py``
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ import aiofiles
 
 from flowyml import (
     CircuitBreaker,
+    Dataset,
+    FeatureSet,
     If,
     Metrics,
     Model,
     Pipeline,
+    catalog,
     context,
     on_failure,
     retry,
@@ -37,9 +47,9 @@ from flowyml import (
 
 
 @step(outputs=["raw_rows"])
-async def load(csv_path: str) -> list[str]:
+async def load(csv_path: str) -> Dataset:
     async with aiofiles.open(csv_path) as f:
-        return (await f.read()).splitlines()[1:]
+        return (await f.read()).splitlines()[1:]  # type: ignore[return-value]  # wrapped by -> Dataset
 
 
 @step(outputs=["rows"], execution_group="prep")
@@ -49,8 +59,8 @@ def clean(raw_rows: list[str]) -> list[tuple[float, float]]:
 
 
 @step(outputs=["features"], execution_group="prep")
-def featurize(rows: list[tuple[float, float]]) -> dict[str, list[float]]:
-    return {"x": [x for x, _ in rows], "y": [y for _, y in rows]}
+def featurize(rows: list[tuple[float, float]], raw_rows: Dataset) -> FeatureSet:
+    return {"x": [x for x, _ in rows], "y": [y for _, y in rows]}  # type: ignore[return-value]
 
 
 @step(outputs=["model"], executor="process", resources={"cpu": 1})
@@ -59,7 +69,7 @@ def train(features: dict[str, list[float]]) -> Model:
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-    return Model({"slope": slope, "intercept": my - slope * mx}, name="line")
+    return {"slope": slope, "intercept": my - slope * mx}  # type: ignore[return-value]
 
 
 @step(outputs=["metrics"])
@@ -69,7 +79,7 @@ def evaluate(model: Model, features: dict[str, list[float]]) -> Metrics:
     my = sum(ys) / len(ys)
     residual = sum((y - (a * x + b)) ** 2 for x, y in zip(xs, ys, strict=True))
     total = sum((y - my) ** 2 for y in ys)
-    return Metrics(r2=1 - residual / total, n=len(xs))
+    return {"r2": 1 - residual / total, "n": len(xs)}  # type: ignore[return-value]
 
 
 @step(outputs=["deployment"])
@@ -138,6 +148,14 @@ async def main() -> None:
         print(f"time saved by the cache: {result.time_saved_seconds:.3f}s")
         if not result.success:
             raise SystemExit(1)
+    print("--- the asset catalogue (flowyml assets)")
+    entries = catalog()
+    label = {e.asset_id: f"{e.name} v{e.version}" for e in entries}
+    for e in entries:
+        parents = ", ".join(label.get(p, "?") for p in e.parent_ids) or "-"
+        print(f"  {label[e.asset_id]:<14} {e.asset_type:<11} step {e.step_name:<10} derived from: {parents}")
+    model = Model.load("model")
+    print(f"Model.load('model') -> {model.data}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ This module only re-exports. Data flows define -> plan -> run -> record (docs/ar
 - plan: ``_graph``, ``_resources``         bind parameters, wire edges, reject bad graphs (pure)
 - run: ``_scheduler`` (counters), ``_state``, ``_attempt`` (one unit's layers), ``_gates``,
   ``_groups``, ``_remote``
-- record: ``_cache``                       cache look-ups and lineage records around each step
-- foundation: ``_errors``, ``_results``, ``_executors``, ``_hashing``, ``_store``
+- record: ``_cache``, ``_cachestore``      cache look-ups and lineage records around each step
+- foundation: ``_errors``, ``_results``, ``_executors``, ``_hashing``, ``_store``, ``_catalog``
 - ``_pipeline``                            ``Pipeline``: plan once, run many times
 """
 
@@ -17,6 +17,7 @@ import typing as _typing
 from . import errors as errors
 from ._assets import Asset, AssetMetadata, Dataset, FeatureSet, Metrics, Model
 from ._breaker import CircuitBreaker, CircuitState, CircuitStats
+from ._catalog import AssetEntry, AssetRouter, LocalRouter, catalog
 from ._conditions import ControlContext, If, unless, when
 from ._context import Context, context
 from ._errors import (
@@ -30,6 +31,7 @@ from ._errors import (
 )
 from ._executors._base import Executor
 from ._executors._dask import DaskExecutor
+from ._executors._local import LocalExecutor
 from ._fallback import FallbackHandler, on_failure
 from ._parallel import parallel_map
 from ._pipeline import Pipeline
@@ -50,6 +52,10 @@ def __getattr__(name: str) -> object:
         from ._store import Store
 
         return Store
+    if name == "CacheStore":
+        from ._cachestore import CacheStore
+
+        return CacheStore
     if name in ("close_stores", "open_store"):
         from . import _store
 
@@ -60,8 +66,11 @@ def __getattr__(name: str) -> object:
 
 __all__ = (
     "Asset",
+    "AssetEntry",
     "AssetMetadata",
+    "AssetRouter",
     "CachePolicy",
+    "CacheStore",
     "CircuitBreaker",
     "CircuitOpenError",
     "CircuitState",
@@ -80,6 +89,8 @@ __all__ = (
     "FeatureSet",
     "FlowymlError",
     "If",
+    "LocalExecutor",
+    "LocalRouter",
     "Metrics",
     "MissingInputError",
     "Model",
@@ -91,6 +102,7 @@ __all__ = (
     "StepStatus",
     "StepTimeoutError",
     "Store",
+    "catalog",
     "close_stores",
     "context",
     "on_failure",

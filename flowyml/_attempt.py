@@ -41,6 +41,7 @@ from ._resources import Request, ResourcePool
 from ._results import StepResult, StepStatus, _Builder, finished
 from ._retry import RetryRun
 from ._state import RunState
+from ._typed import produce, receive
 
 __all__ = ("CACHE_HIT", "CACHE_OFF_FOR_RUN", "CACHE_OFF_FOR_STEP", "Lookup", "RunHooks", "UnitRunner")
 
@@ -120,7 +121,8 @@ class UnitRunner:
         self._resources = resources
         self._requests = plan.requests if resources is not None else ()
         self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-        self.remote = RemoteValues(keep_outputs=not plan.gates) if remote else None
+        typed = frozenset(i for i, t in enumerate(plan.typing) if t is not None and t.wraps)
+        self.remote = RemoteValues(keep_outputs=not plan.gates, local=typed) if remote else None
         caching = hooks is not None and hooks.caching
         # The cache_reason of a step that is not looked up: caching off for the run, or the step.
         off = CACHE_OFF_FOR_STEP if caching else CACHE_OFF_FOR_RUN
@@ -132,6 +134,10 @@ class UnitRunner:
         ]
         if self._requests or self._limit is not None or self.remote is not None:
             self._bare = [False] * len(plan.nodes)
+        self._typing = plan.typing
+        for i, t in enumerate(self._typing):
+            if t is not None:
+                self._bare[i] = False
 
     # ------------------------------------------------------------------ one node
 
@@ -205,11 +211,16 @@ class UnitRunner:
         started = False
         start: float | None = _now()
         t0 = _perf()
+        typed = self._typing[node.id] if self._typing else None
+        parents: list[Any] = []
         try:
             if self.remote is not None:
                 keep_remote, key_args, key_kwargs = await self.remote.localize(
                     node, self._executors[node.id], args, kwargs, state.values, cached
                 )
+            if typed is not None:
+                remote = self._executors[node.id].is_remote if self.remote is not None else None
+                args, kwargs, parents = receive(node.name, typed, args, kwargs, remote)
             if step.conditions and not conditions_hold(step.conditions, args, kwargs):
                 status, reason = StepStatus.SKIPPED, "its condition was false"
             else:
@@ -221,8 +232,8 @@ class UnitRunner:
                     state.apply(node, outputs)
                 else:
                     request = self._requests[node.id] if self._requests else ()
-                    if step.retry is not None:
-                        retry = RetryRun(step.retry)
+                    if step.retry_policy is not None:
+                        retry = RetryRun(step.retry_policy)
                     if request or self._limit is not None:
                         async with self._held(request):
                             started = True
@@ -234,6 +245,8 @@ class UnitRunner:
                     else:
                         started = True
                         ret, fallbacks = await self._attempts(node, args, kwargs, retry, keep_remote)
+                    if typed is not None and typed.wraps:
+                        ret = produce(node.name, node.output_names, typed, ret, parents)
                     outputs = state.put(node, ret)
                     if keep_remote and cached:
                         outputs = await self.remote.copy_for_cache(node, outputs)  # type: ignore[union-attr]
@@ -422,7 +435,8 @@ class UnitRunner:
             output_names=node.output_names,
             output_slots=node.output_slots,
             conditions=node.step.conditions,
-            retry=node.step.retry,
+            retry=node.step.retry_policy,
+            typing=self._typing[node.id] if self._typing else None,
         )
 
     # ------------------------------------------------------------------ fates

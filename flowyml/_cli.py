@@ -7,6 +7,7 @@
     flowyml [--dir DIR] cache verify              integrity check + re-hash every artifact
     flowyml [--dir DIR] cache gc                  remove artifact files no entry names (crash leftovers)
     flowyml [--dir DIR] lineage OUTPUT [--run ID] which step runs an output came from
+    flowyml [--dir DIR] assets [show NAME]        the asset catalogue (see flowyml._cli_assets)
     flowyml [--dir DIR] explain RUN_ID STEP       why a step ran or was cached, and what changed
     flowyml run | dag | report ...                see ``_cli_run``
 
@@ -39,7 +40,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from flowyml import _cli_run
+from flowyml import _cli_assets, _cli_run
 from flowyml._cache import changed_parts, part_name
 from flowyml._errors import StoreError
 from flowyml._store import LineageNode, RunRecord, StepRecord, Store, resolve_root
@@ -442,6 +443,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("step", metavar="STEP", help="a step name of that run")
     explain.set_defaults(handler=_explain, name="explain")
     _cli_run.register(parser, commands, common, runs, show)  # run, dag, report, --version, runs filters
+    _cli_assets.add_commands(commands, common)
     return parser
 
 
@@ -468,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if direct is not None:  # run, dag: no store needed up front
         return direct(args)
     root = resolve_root(getattr(args, "dir", None))
+    if getattr(args, "assets", False):
+        return _cli_assets.run(root, args)
     name: str = args.name
     if name == "cache clear" and args.step is not None:
         name = "cache clear --step"

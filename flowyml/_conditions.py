@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
-from ._assets import Asset, Metrics
+from ._assets import Metrics
 from ._errors import ConfigError
 from ._layers import layer, over_step
 from ._results import StepStatus
@@ -19,7 +19,7 @@ from ._results import StepStatus
 if TYPE_CHECKING:
     from ._step import Step
 
-__all__ = ("ControlContext", "If", "StepView", "conditions_hold", "unless", "when")
+__all__ = ("ControlContext", "If", "RunSoFar", "StepView", "conditions_hold", "unless", "when")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -112,35 +112,70 @@ class If:
 
     ``condition`` receives a :class:`ControlContext`: ``ctx.steps["evaluate"].outputs["metrics"]``
     and ``ctx.params``. It is evaluated as soon as every step it reads has finished, and only the
-    chosen branch runs and appears in the results. Assets are unwrapped for comparison: a
-    ``Metrics`` output reads as its dict of values (whose keys are also readable directly from
-    ``outputs``), any other asset as its ``data``.
+    chosen branch runs and appears in the results. Assets reach the condition as they are
+    (``outputs["model"].framework``, ``outputs["metrics"].get_metric("accuracy")``); a
+    ``Metrics`` output's values are also readable directly from ``outputs`` by key.
+
+    The branches may also be given afterwards, FlowyML's fluent form:
+    ``If(condition=...).then(deploy).else_(retrain)``.
     """
 
     def __init__(
         self,
         condition: Callable[[ControlContext], Any],
-        then_step: Step | Callable[..., Any],
+        then_step: Step | Callable[..., Any] | None = None,
         else_step: Step | Callable[..., Any] | None = None,
         *,
         name: str | None = None,
     ) -> None:
-        from ._step import Step, step
-
         if not callable(condition):
             raise ConfigError(f"If(condition=...) needs a callable, got {condition!r}")
         self.condition = condition
-        self.then_step = then_step if isinstance(then_step, Step) else step(then_step)
-        self.else_step = (
-            None if else_step is None else else_step if isinstance(else_step, Step) else step(else_step)
-        )
-        if self.else_step is self.then_step:
-            raise ConfigError(f"If(...) got the same step {self.then_step.name!r} as then_step and else_step")
-        self.name = name or f"If({self.then_step.name}" + (
-            f", {self.else_step.name})" if self.else_step else ")"
-        )
+        self._name = name
+        self.then_step: Step | None = None
+        self.else_step: Step | None = None
+        if then_step is not None:
+            self.then(then_step)
+        if else_step is not None:
+            self.else_(else_step)
+
+    def then(self, then_step: Step | Callable[..., Any]) -> If:
+        """Set the step run when the condition is true; returns this ``If``."""
+        self.then_step = self._branch(then_step, self.else_step, "then")
+        return self
+
+    def else_(self, else_step: Step | Callable[..., Any]) -> If:
+        """Set the step run when the condition is false; returns this ``If``."""
+        self.else_step = self._branch(else_step, self.then_step, "else")
+        return self
+
+    @staticmethod
+    def _branch(given: Step | Callable[..., Any], other: Step | None, label: str) -> Step:
+        from ._step import Step, step
+
+        chosen = given if isinstance(given, Step) else step(given)
+        if chosen is other:
+            raise ConfigError(f"If(...) got the same step {chosen.name!r} for both branches ({label})")
+        return chosen
+
+    @property
+    def name(self) -> str:
+        if self._name is not None:
+            return self._name
+        then = self.then_step.name if self.then_step is not None else "?"
+        return f"If({then}" + (f", {self.else_step.name})" if self.else_step else ")")
 
     def steps(self) -> tuple[Step, ...]:
+        """The branch steps, then first.
+
+        Raises:
+            ConfigError: no ``then`` step was given.
+        """
+        if self.then_step is None:
+            raise ConfigError(
+                f"{self.name} has no step to run when its condition holds; "
+                "pass then_step=... or call .then(step)"
+            )
         return (self.then_step,) if self.else_step is None else (self.then_step, self.else_step)
 
     def __repr__(self) -> str:
@@ -155,24 +190,36 @@ class StepView:
     def __init__(self, status: StepStatus, outputs: Mapping[str, Any]) -> None:
         self.status = status
         self.success = status in (StepStatus.SUCCEEDED, StepStatus.CACHED)
-        unwrapped: dict[str, Any] = {}
-        for name, value in outputs.items():
+        seen: dict[str, Any] = dict(outputs)
+        for value in outputs.values():
             if isinstance(value, Metrics):
                 for key, metric in value.data.items():
-                    unwrapped.setdefault(key, metric)
-                unwrapped[name] = dict(value.data)
-            elif isinstance(value, Asset):
-                unwrapped[name] = value.data
-            else:
-                unwrapped[name] = value
-        self.outputs = unwrapped
+                    seen.setdefault(key, metric)
+        self.outputs = seen
 
 
 class ControlContext:
-    """The view an ``If`` condition gets: finished steps by name, and the run's parameters."""
+    """The view an ``If`` condition gets: finished steps by name, and the run's parameters.
+
+    ``ctx.result.step_results`` is the same view of the steps, as FlowyML spells it.
+    """
 
     __slots__ = ("params", "steps")
 
     def __init__(self, steps: Mapping[str, StepView], params: Mapping[str, Any]) -> None:
         self.steps = steps
         self.params = params
+
+    @property
+    def result(self) -> RunSoFar:
+        """The run so far: ``result.step_results[name]`` is ``steps[name]``."""
+        return RunSoFar(self.steps)
+
+
+class RunSoFar:
+    """What ``ControlContext.result`` shows: the finished steps, as ``step_results``."""
+
+    __slots__ = ("step_results",)
+
+    def __init__(self, steps: Mapping[str, StepView]) -> None:
+        self.step_results = steps

@@ -10,16 +10,19 @@ plain Python keeps working::
     │   ├── CycleError                        steps depend on each other in a loop
     │   ├── MissingInputError                 a parameter has no producer, context value or default
     │   ├── DuplicateOutputError              two steps produce the same name
-    │   └── DuplicateStepError                two steps share one explicit name
+    │   ├── DuplicateStepError                two steps share one explicit name
+    │   └── InputTypeMismatchError(TypeError) a producer's return type can never fit its consumer's parameter
     ├── StepError                             a step failed while running (carries ``step_name``)
     │   ├── StepTimeoutError(TimeoutError)    the step ran past its ``timeout``
     │   ├── OutputError(ValueError)           the return value does not match ``outputs``
+    │   ├── InputTypeError(TypeError)         an argument does not match its parameter's annotation
     │   ├── WorkerCrashedError(RuntimeError)  the process running the step died
     │   ├── RemoteStepError(RuntimeError)     a step's own error could not be sent back from its worker
     │   └── SerializationError(TypeError)     an argument or result cannot be pickled
     ├── CircuitOpenError(RuntimeError)        a circuit breaker refused the call
     ├── UnhashableInputError(TypeError)       a value has no deterministic cache key
     ├── AssetError(TypeError)                 an asset was given what it cannot hold (a metric that is not a number)
+    ├── AssetNotFoundError(LookupError)       no asset of that name (and version) in the catalogue
     ├── StoreError(RuntimeError)              the cache and lineage store cannot be used
     └── EventLoopError(RuntimeError)          ``run()`` was called inside a running loop
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 __all__ = (
     "AssetError",
+    "AssetNotFoundError",
     "CacheCorruptionWarning",
     "CircuitOpenError",
     "ConfigError",
@@ -42,6 +46,8 @@ __all__ = (
     "FlowymlError",
     "FlowymlWarning",
     "GraphError",
+    "InputTypeError",
+    "InputTypeMismatchError",
     "MissingInputError",
     "OutputError",
     "RemoteStepError",
@@ -123,6 +129,26 @@ class DuplicateStepError(GraphError):
     """Two steps of one pipeline were given the same explicit name."""
 
 
+class InputTypeMismatchError(GraphError, TypeError):
+    """A producer's return annotation and its consumer's parameter annotation can never match."""
+
+    def __init__(
+        self, *, consumer: str, parameter: str, expected: str, producer: str, output: str, produced: str
+    ) -> None:
+        self.step_name = consumer
+        self.parameter = parameter
+        self.expected = expected
+        self.producer = producer
+        self.output = output
+        self.produced = produced
+        super().__init__(
+            f"step {consumer!r} parameter {parameter!r} expects {expected}, but step {producer!r} "
+            f"is annotated to return {produced} for {output!r}; no value can be both. Fix one of "
+            "the two annotations, add a step converting between them, or turn the check off with "
+            "Pipeline(validate_types=False)."
+        )
+
+
 class StepError(FlowymlError):
     """A step failed while it ran. ``step_name`` names it."""
 
@@ -147,6 +173,21 @@ class StepTimeoutError(StepError, TimeoutError):
 
 class OutputError(StepError, ValueError):
     """A step returned something that does not match its declared ``outputs``."""
+
+
+class InputTypeError(StepError, TypeError):
+    """A step was given an argument its parameter's annotation rejects; its body did not run."""
+
+    def __init__(self, step_name: str, parameter: str, expected: str, received: str) -> None:
+        self.parameter = parameter
+        self.expected = expected
+        self.received = received
+        super().__init__(
+            f"step {step_name!r} parameter {parameter!r} expects {expected}, but received {received}. "
+            "Pass a value of that type, change the annotation, or turn the check off with "
+            "Pipeline(validate_types=False).",
+            step_name=step_name,
+        )
 
 
 class WorkerCrashedError(StepError, RuntimeError):
@@ -191,6 +232,10 @@ class UnhashableInputError(FlowymlError, TypeError):
 class AssetError(FlowymlError, TypeError):
     """An asset was built from something it cannot hold: a metric that is not a number, a parent
     that is not an asset, tags that are not a mapping. The message names the value and the fix."""
+
+
+class AssetNotFoundError(FlowymlError, LookupError):
+    """The asset catalogue has no asset of that name, or not that version of it."""
 
 
 class StoreError(FlowymlError, RuntimeError):

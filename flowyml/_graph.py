@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ._errors import ConfigError, CycleError, DuplicateOutputError, DuplicateStepError, MissingInputError
 from ._resources import Request, requests_for
 from ._step import Step
+from ._types import StepTypes, Typing, check_edges, checks_for, read_types, supplier_by_type
 
 if TYPE_CHECKING:
     from ._conditions import If
@@ -110,6 +111,9 @@ class Plan:
     await on the loop itself when its executor is the loop's."""
     shapes: tuple[StepShape, ...] = ()
     """Per node: its lineage record's unchanging part (name, outputs, inputs), encoded once."""
+    typing: tuple[Typing | None, ...] = ()
+    """Per node: what the run checks, unwraps and wraps because of its annotations (see
+    :mod:`flowyml._types`); empty when no node has any."""
 
     def check_context(self, available: Mapping[str, Any]) -> None:
         """Raise :class:`MissingInputError` for a context-bound parameter nobody can fill."""
@@ -151,18 +155,27 @@ def assign_names(steps: Sequence[Step]) -> list[str]:
 
 
 def build_plan(
-    steps: Sequence[Step], flows: Sequence[If] = (), *, capacity: Mapping[str, float] | None = None
+    steps: Sequence[Step],
+    flows: Sequence[If] = (),
+    *,
+    capacity: Mapping[str, float] | None = None,
+    validate_types: bool = True,
 ) -> Plan:
     """Resolve every parameter, wire the edges, derive what the run needs and reject what cannot run.
 
+    A parameter that no step produces by name, with no default, takes the one asset output its
+    annotation accepts (``data: pd.DataFrame`` from the only ``-> Dataset`` step), else the
+    context. With ``validate_types``, an edge whose two annotations cannot match is rejected.
+
     Raises:
         DuplicateStepError, DuplicateOutputError, CycleError, ConfigError: the graph is invalid.
+        InputTypeMismatchError: a producer's return type can never fit its consumer's parameter.
         ResourceError: a step asks for more of a declared resource than ``capacity`` holds.
     """
     from ._store import StepShape  # the store's lineage format; imported only when planning
 
     names = assign_names(steps)
-    outputs_of = [s.outputs or (names[i],) for i, s in enumerate(steps)]
+    outputs_of = [tuple(s.outputs) or (names[i],) for i, s in enumerate(steps)]
 
     producer: dict[str, int] = {}
     slot_of: dict[str, int] = {}
@@ -175,7 +188,11 @@ def build_plan(
             slot_of[out] = len(slot_names)
             slot_names.append(out)
 
-    bindings = [_bind(s, names[i], i, producer, slot_of) for i, s in enumerate(steps)]
+    types: list[StepTypes | None] = [
+        read_types(s, outputs_of[i]) if _annotated(s) else None for i, s in enumerate(steps)
+    ]
+    routed = {out: kind for t in types if t is not None for out, kind in t.routed.items()}
+    bindings = [_bind(s, names[i], i, producer, slot_of, types[i], routed) for i, s in enumerate(steps)]
     deps_of: list[tuple[int, ...]] = []
     context_needs: list[tuple[int, Source]] = []
     dependents: list[list[int]] = [[] for _ in steps]
@@ -190,6 +207,26 @@ def build_plan(
             elif src.kind == CONTEXT and src.default is MISSING:
                 context_needs.append((i, src))
         deps_of.append(tuple(deps))
+
+    typing: list[Typing | None] = [None] * len(steps)
+    for i, s in enumerate(steps):
+        t = types[i]
+        if t is None:
+            continue
+        positional, var_pos, keyword = bindings[i]
+        if validate_types:
+            for src in (*positional, *(kw for _, kw in keyword)):
+                if src.kind == SLOT and src.parameter in t.params:
+                    p = producer[slot_names[src.slot]]
+                    produced = types[p]
+                    if produced is not None:
+                        k = outputs_of[p].index(slot_names[src.slot])
+                        check_edges(names[i], src.parameter, t.params[src.parameter], names[p],
+                                    slot_names[src.slot], produced.outputs[k])  # fmt: skip
+        checks = checks_for(s, t, positional, keyword)
+        wraps = tuple((k, out, t.routed[out]) for k, out in enumerate(outputs_of[i]) if out in t.routed)
+        if checks or wraps:
+            typing[i] = Typing(checks, wraps, validate_types)
 
     nodes: list[Node] = []
     for i, s in enumerate(steps):
@@ -241,10 +278,17 @@ def build_plan(
         chains=find_chains(nodes, order, {i for g in gates for i in (*g.then_ids, *g.else_ids)}),
         requests=tuple(requests_for(n.name, n.step.resources, capacity) for n in nodes) if capacity else (),
         direct=tuple(
-            s.is_async and s.retry is None and s.timeout is None and not s.uses_fallback for s in steps
+            s.is_async and s.retry_policy is None and s.timeout is None and not s.uses_fallback for s in steps
         ),
         shapes=tuple(StepShape(n.name, n.output_names, n.lineage_inputs) for n in nodes),
+        typing=tuple(typing) if any(typing) else (),
     )
+
+
+def _annotated(s: Step) -> bool:
+    """Whether the step's function carries any annotation worth reading (most small steps do not)."""
+    target = inspect.unwrap(s.body)
+    return bool(getattr(target, "__annotations__", None))
 
 
 def find_chains(
@@ -286,13 +330,20 @@ def _groupable(s: Step) -> bool:
 
 
 def _bind(
-    s: Step, name: str, index: int, producer: Mapping[str, int], slot_of: Mapping[str, int]
+    s: Step,
+    name: str,
+    index: int,
+    producer: Mapping[str, int],
+    slot_of: Mapping[str, int],
+    types: StepTypes | None = None,
+    routed: Mapping[str, Any] | None = None,
 ) -> tuple[tuple[Source, ...], tuple[Source, ...], tuple[tuple[str, Source], ...]]:
     """Bind each parameter of ``s`` to its source.
 
     Declared inputs go to the parameters of the same name, the rest in order to the free
     positional parameters, then to ``*args``, then to ``**kwargs``; every parameter left is
-    filled from the context by its own name, else from its default.
+    filled by the step producing its name, else by the one asset output its annotation
+    accepts, else from the context by its own name, else from its default.
     """
     params = list(s.signature.parameters.values())
     kinds = inspect.Parameter
@@ -304,12 +355,14 @@ def _bind(
     var_pos = next((p for p in params if p.kind is kinds.VAR_POSITIONAL), None)
     var_kw = next((p for p in params if p.kind is kinds.VAR_KEYWORD), None)
 
-    def wired(source_name: str, parameter: str, default: Any) -> Source:
+    def wired(source_name: str, parameter: str, default: Any, *, implicit: bool = False) -> Source:
         p = producer.get(source_name)
         if p is not None and p != index:
             return Source(SLOT, slot=slot_of[source_name], name=source_name, parameter=parameter)
-        if p == index:
+        if p == index and not implicit:
             raise CycleError([name, name])
+        # A parameter named like the step's own output reads the context: a step is never its
+        # own implicit input (``@step(outputs=["data"]) def clean(data)`` cleans the given data).
         return Source(CONTEXT, name=source_name, default=default, parameter=parameter)
 
     bound: dict[str, Source] = {}
@@ -337,9 +390,15 @@ def _bind(
                 f"receive it; add a parameter named {inp!r} (or *args / **kwargs)"
             )
 
+    own = set(s.outputs)
     for p in named:
-        if p.name not in bound:
-            bound[p.name] = wired(p.name, p.name, _default(p))
+        if p.name in bound:
+            continue
+        source = p.name
+        if p.name not in producer and p.default is kinds.empty and types is not None and routed:
+            mine = {out: kind for out, kind in routed.items() if producer[out] != index and out not in own}
+            source = supplier_by_type(types.params.get(p.name, kinds.empty), mine) or p.name
+        bound[p.name] = wired(source, p.name, _default(p), implicit=True)
 
     positional = tuple(bound[p.name] for p in named if p.kind is not kinds.KEYWORD_ONLY)
     keyword = tuple((p.name, bound[p.name]) for p in named if p.kind is kinds.KEYWORD_ONLY)

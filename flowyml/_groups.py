@@ -29,9 +29,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._conditions import conditions_hold
-from ._errors import StepError
+from ._errors import InputTypeError, StepError
 from ._results import StepStatus, split_outputs
 from ._retry import RetryConfig, RetryRun
+from ._typed import produce, receive
+from ._types import Typing
 
 __all__ = ("Member", "Outcome", "coroutine_returned", "run_chain")
 
@@ -51,6 +53,7 @@ class Member:
     output_slots: tuple[int, ...]
     conditions: tuple[tuple[Callable[..., Any], bool], ...]
     retry: RetryConfig | None
+    typing: Typing | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,14 +86,24 @@ def run_chain(members: Sequence[Member]) -> list[Outcome]:
             continue
         args = [local[x] if kind == "s" else x for kind, x in m.positional]
         kwargs = {k: (local[x] if kind == "s" else x) for k, (kind, x) in m.keyword}
+        parents: list[Any] = []
+        if m.typing is not None:
+            try:
+                args, kwargs, parents = receive(m.name, m.typing, args, kwargs)
+            except InputTypeError as exc:
+                tb = "".join(traceback.format_exception(exc))
+                outcomes.append(Outcome(StepStatus.FAILED, {}, error=exc, traceback=tb))
+                continue
         if m.conditions and not conditions_hold(m.conditions, args, kwargs):
             outcomes.append(Outcome(StepStatus.SKIPPED, {}, skip_reason="its condition was false"))
             continue
-        outcomes.append(_attempts(m, args, kwargs, local))
+        outcomes.append(_attempts(m, args, kwargs, local, parents))
     return outcomes
 
 
-def _attempts(m: Member, args: list[Any], kwargs: dict[str, Any], local: dict[int, Any]) -> Outcome:
+def _attempts(
+    m: Member, args: list[Any], kwargs: dict[str, Any], local: dict[int, Any], parents: list[Any]
+) -> Outcome:
     start = time.time()
     t0 = time.perf_counter()
     retry = RetryRun(m.retry) if m.retry is not None else None
@@ -99,6 +112,8 @@ def _attempts(m: Member, args: list[Any], kwargs: dict[str, Any], local: dict[in
         ret = m.body(*args, **kwargs)
         if inspect.iscoroutine(ret):
             raise coroutine_returned(m.name, ret)
+        if m.typing is not None and m.typing.wraps:
+            ret = produce(m.name, m.output_names, m.typing, ret, parents)
         return split_outputs(m.name, m.output_names, ret)
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import reprlib
 import sys
@@ -10,10 +11,14 @@ import time
 import uuid
 import warnings
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._assets import Asset, derive, input_assets
 from ._attempt import UnitRunner
+from ._catalog import AssetRouter
 from ._conditions import If
 from ._context import Context
 from ._errors import ConfigError, EventLoopError, StoreError, StoreWarning
@@ -31,6 +36,7 @@ from ._step import Step, step
 
 if TYPE_CHECKING:
     from ._cache import StoreHooks
+    from ._cachestore import CacheStore
     from ._store import Store
 
 __all__ = ("Pipeline",)
@@ -53,6 +59,13 @@ class Pipeline:
         lineage: False stops recording runs and steps in the store (the cache still works).
         resources: capacity steps draw from, e.g. ``{"gpu": 1, "memory": "16Gi"}``; a step's
             ``resources=`` of a declared kind is held while it runs. Undeclared kinds are not limited.
+        validate_types: False stops checking arguments against parameter annotations (at plan
+            time across edges, and when a step receives them). Assets are still unwrapped for
+            parameters annotated with their data's type, and returns still routed by annotation.
+        routers: where asset outputs' artifacts go: the first router whose ``accepts(asset)``
+            is true saves it, the rest stay in the store (:class:`~flowyml.LocalRouter`).
+            Every asset output is registered in the store's asset catalogue either way
+            (``flowyml assets``, ``Model.load(name)``), unless ``lineage`` is False.
     """
 
     def __init__(
@@ -68,6 +81,8 @@ class Pipeline:
         debug: bool = False,
         resources: Mapping[str, Any] | None = None,
         lineage: bool = True,
+        validate_types: bool = True,
+        routers: Iterable[AssetRouter] = (),
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"Pipeline name must be a non-empty string, got {name!r}")
@@ -75,6 +90,13 @@ class Pipeline:
         self.context = context if isinstance(context, Context) else Context(dict(context or {}))
         self.enable_cache = bool(enable_cache)
         self.lineage = bool(lineage)
+        self.validate_types = bool(validate_types)
+        self.routers = tuple(routers)
+        for router in self.routers:
+            if not isinstance(router, AssetRouter):
+                raise ConfigError(
+                    f"Pipeline routers= takes AssetRouter objects (subclass flowyml.AssetRouter), got {router!r}"
+                )
         self.cache_dir = cache_dir
         self.max_concurrency = _positive("max_concurrency", max_concurrency)
         self.max_threads = _positive("max_threads", max_threads) or DEFAULT_MAX_THREADS
@@ -95,6 +117,29 @@ class Pipeline:
     @property
     def steps(self) -> tuple[Step, ...]:
         return tuple(self._steps)
+
+    @property
+    def cache_store(self) -> CacheStore | None:
+        """The cache of this pipeline's store, read and written by key; None when caching is off."""
+        if not self.enable_cache:
+            return None
+        from ._cachestore import CacheStore
+
+        return CacheStore(self.cache_dir)
+
+    @property
+    def runs_dir(self) -> Path:
+        """A folder for files about this pipeline's runs (reports, plots), inside its store.
+
+        Created on first access. The runs themselves are recorded in the store's database
+        (``flowyml runs``), not here.
+        """
+        from ._store import resolve_root
+        from ._store._artifacts import make_private_dir
+
+        path = resolve_root(self.cache_dir) / "runs"
+        make_private_dir(path)
+        return path
 
     def add_step(self, step_: Step | Callable[..., Any]) -> Pipeline:
         """Add a step (a plain function is wrapped with ``@step``); returns the pipeline to chain calls."""
@@ -130,10 +175,14 @@ class Pipeline:
         """The validated DAG, built on first use and reused until a step is added.
 
         Raises:
-            GraphError: a cycle, a missing input or a duplicate output, before anything runs.
+            GraphError: a cycle, a missing input, a duplicate output, or (``validate_types``) a
+                producer whose return annotation can never fit its consumer's parameter
+                (:class:`~flowyml.errors.InputTypeMismatchError`), before anything runs.
         """
         if self._plan is None:
-            self._plan = build_plan(self._steps, self._flows, capacity=self.capacity)
+            self._plan = build_plan(
+                self._steps, self._flows, capacity=self.capacity, validate_types=self.validate_types
+            )
         return self._plan
 
     def to_mermaid(self) -> str:
@@ -192,7 +241,10 @@ class Pipeline:
         Cancelling the awaiting task cancels every running step and propagates.
         """
         _refuse_worker_import(self.name)
+        await _starts(asyncio.get_running_loop()).enter()
         plan = self.plan()
+        if not _heap_frozen:
+            _freeze_heap()
         params: dict[str, Any] = {**self.context.to_dict(), **(dict(context) if context else {})}
         plan.check_context(params)
         debug = self.debug if debug is None else debug
@@ -258,9 +310,6 @@ class Pipeline:
         from ._store import RunRecord, shared_store
 
         store = await shared_store(self.cache_dir)  # one per process and directory, kept open
-        # One loop turn between the engine's setup and the store's: 200 runs started together
-        # otherwise do both in one turn (~6 ms here), and every other task waits for all of it.
-        await asyncio.sleep(0)
         mark = store.error_mark()
         hooks = StoreHooks(store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage)
         hooks.check_fingerprints()
@@ -307,6 +356,40 @@ class Pipeline:
                 errors += await store.settle(mark, wait=wait)
             finally:
                 hooks.release()
+        if self.lineage:
+            errors += await self._register_assets(store, run, run_id)
+
+    async def _register_assets(self, store: Store, run: RunState, run_id: str) -> list[StoreError]:
+        """Register every asset output of the run in the store's catalogue, off the loop.
+
+        Returns what failed (a router that could not save an asset), for ``result.store_errors``.
+        """
+        from ._catalog import Produced, register
+
+        typing = run.plan.typing
+        produced: list[Produced] = []
+        for node, res in zip(run.plan.nodes, run.results, strict=True):
+            if res is None or res.status is not StepStatus.SUCCEEDED:
+                continue
+            made = [(name, v) for name, v in res.outputs.items() if isinstance(v, Asset)]
+            if not made:
+                continue
+            routed = typing[node.id] if typing else None
+            if routed is None or not routed.wraps:
+                # Not routed by annotation, so not linked while running: its parents are the
+                # assets among its inputs all the same.
+                args, kwargs = run.arguments(node)
+                inputs = input_assets([*args, *kwargs.values()])
+                for _, asset in made:
+                    derive(asset, inputs)
+            produced += [Produced(asset, run_id, self.name, res.step_name, name) for name, asset in made]
+        if not produced:
+            return []
+        try:
+            await asyncio.to_thread(register, store.root, produced, self.routers)
+        except StoreError as exc:
+            return [exc]
+        return []
 
     def _thread_executor(self) -> ThreadExecutor:
         """The threads of every run of this pipeline on the running loop: ``max_threads`` in all.
@@ -329,6 +412,77 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, steps={[s.name for s in self._steps]})"
+
+
+class _Starts:
+    """Runs started together take turns: each iteration of the event loop starts runs for ~0.5 ms at most.
+
+    asyncio runs every callback that is ready when an iteration begins before it looks at its
+    timers and sockets again. 200 ``arun()`` started by one ``gather`` did all their setup (plan
+    check, executors, store hooks, the first task) in one iteration, ~10 ms, and the next phase
+    of all 200 in the next one, while every other task on the loop (a server's requests, a
+    heartbeat) waited. A run starts at once while the current iteration has been busy for less
+    than :attr:`BUDGET` (a run starting alone never waits); otherwise it queues, and each
+    iteration lets about as many queued runs try as started in the one before, in order.
+    """
+
+    BUDGET = 0.0005
+    __slots__ = ("_admitted", "_began", "_waiting")
+
+    def __init__(self) -> None:
+        self._began: float | None = None
+        """When the current iteration began; None while no run starts or waits."""
+        self._admitted = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    async def enter(self) -> None:
+        """Return when the calling run may do its setup."""
+        if not self._waiting and self._room():
+            return
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._waiting.append(fut)
+        while True:
+            await fut  # cancelled: the future is done, and passed over when its turn comes
+            if self._room():
+                return
+            fut = loop.create_future()
+            self._waiting.appendleft(fut)  # still first in line
+
+    def _room(self) -> bool:
+        now = time.perf_counter()
+        if self._began is None:
+            self._began = now
+            asyncio.get_running_loop().call_soon(self._next_iteration)  # first thing in the next iteration
+        elif now - self._began > self.BUDGET:
+            return False
+        self._admitted += 1
+        return True
+
+    def _next_iteration(self) -> None:
+        admitted, self._admitted = self._admitted, 0
+        waiting = self._waiting
+        if not waiting and not admitted:
+            self._began = None
+            return
+        self._began = time.perf_counter()
+        asyncio.get_running_loop().call_soon(self._next_iteration)
+        turns = admitted + 1
+        while turns and waiting:  # they run in the next iteration
+            fut = waiting.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                turns -= 1
+
+
+_starts_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Starts] = weakref.WeakKeyDictionary()
+
+
+def _starts(loop: asyncio.AbstractEventLoop) -> _Starts:
+    found = _starts_by_loop.get(loop)
+    if found is None:
+        found = _starts_by_loop[loop] = _Starts()
+    return found
 
 
 class _Executors:
@@ -380,6 +534,35 @@ class _Executors:
         owned = [ex for ex in (self._process,) if ex is not None]  # the thread executor is shared
         for ex in owned + (list(self._given.values()) if close_given else []):
             await ex.aclose()
+
+
+_heap_frozen = False
+
+
+def _freeze_heap() -> None:
+    """Once per process, at its first run: full garbage collections stop walking what exists now.
+
+    What is alive when a process first runs a pipeline (modules, the application's startup
+    state, plans) lives on; a full collection walks it every time all the same, and 200 runs in
+    flight make CPython start one every few hundred runs: ~10 ms of a held loop (the GIL) on a
+    shared 2-core machine for a small heap, proportionally more for an application's. Collected
+    once and frozen (``gc.freeze``), it is skipped by later collections, which then walk only the
+    objects made since (~2-3 ms here). Left alone when the application manages collection itself
+    (collection disabled, or a heap it froze already). ``gc.unfreeze()`` undoes it.
+    """
+    global _heap_frozen
+    _heap_frozen = True
+    if gc.isenabled() and gc.get_freeze_count() == 0:
+        gc.collect()
+        gc.freeze()
+
+
+def _unfreeze_flag_in_child() -> None:
+    global _heap_frozen
+    _heap_frozen = False
+
+
+os.register_at_fork(after_in_child=_unfreeze_flag_in_child)
 
 
 def _refuse_worker_import(name: str) -> None:

@@ -27,8 +27,11 @@ __all__ = ("RemoteValues",)
 class RemoteValues:
     """Which output slots of a run hold remote handles, and their fetched copies."""
 
-    def __init__(self, *, keep_outputs: bool = True) -> None:
+    def __init__(self, *, keep_outputs: bool = True, local: frozenset[int] = frozenset()) -> None:
         self.keep_outputs = keep_outputs
+        self.local = local
+        """Nodes whose return is wrapped in an asset in the driver (``-> Model``): their inputs
+        are fetched (the asset's parents are among them) and their outputs not kept remote."""
         self.producer: dict[int, Executor] = {}
         self.fetched: dict[int, Any] = {}
 
@@ -53,10 +56,11 @@ class RemoteValues:
         Returns whether its output may stay remote, and the arguments its cache key is made from.
         """
         key_args, key_kwargs = list(args), dict(kwargs)
+        local = node.id in self.local
         for i, (_, src) in enumerate(node.sources()):
             if src.kind != SLOT or src.slot not in self.producer:
                 continue
-            stays = self.producer[src.slot] is executor and not node.step.conditions
+            stays = self.producer[src.slot] is executor and not node.step.conditions and not local
             if stays and not cached:
                 continue
             value = await self.fetch(src.slot, values[src.slot], node.name)
@@ -65,6 +69,7 @@ class RemoteValues:
             _put(node, i, key_args, key_kwargs, value)
         keep = (
             self.keep_outputs
+            and not local
             and executor.supports_remote
             and len(node.output_slots) == 1
             and not node.step.uses_fallback

@@ -75,6 +75,7 @@ class Step:
         "outputs",
         "resources",
         "retry",
+        "retry_policy",
         "signature",
         "tags",
         "timeout",
@@ -85,10 +86,13 @@ class Step:
     body: Callable[..., Any]
     name: str
     explicit_name: bool
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
+    inputs: Names
+    outputs: Names
     cache: CacheOption
-    retry: RetryConfig | None
+    retry: Any
+    """The retry option as written: ``3``, a ``RetryConfig``, ``retry(...)`` (or the lifted ``@retry``)."""
+    retry_policy: RetryConfig | None
+    """What the engine runs: ``retry`` as a :class:`~flowyml.RetryConfig`, None for no retries."""
     timeout: float | None
     resources: dict[str, Any]
     tags: dict[str, str]
@@ -148,7 +152,8 @@ class Step:
         set_(self, "inputs", _names(inputs, "inputs", label))
         set_(self, "outputs", _names(outputs, "outputs", label))
         set_(self, "cache", _check_cache(cache, label))
-        set_(self, "retry", lifted_retry or as_retry_config(retry, option=f"step {label!r}: retry"))
+        set_(self, "retry", lifted_retry or retry)
+        set_(self, "retry_policy", lifted_retry or as_retry_config(retry, option=f"step {label!r}: retry"))
         set_(self, "timeout", _check_timeout(timeout, label))
         set_(self, "resources", _check_resources(resources, label))
         set_(self, "tags", _check_tags(tags, label))
@@ -324,9 +329,29 @@ def _check_name(name: str | None, label: str) -> str:
     return name
 
 
-def _names(value: Iterable[str] | str | None, option: str, label: str) -> tuple[str, ...]:
+class Names(tuple[str, ...]):
+    """A step's declared inputs or outputs: a tuple that also equals the list the user wrote.
+
+    ``step.inputs == ["data"]`` holds as in FlowyML, and the names cannot change after the
+    step (and the plans built from it) exist.
+    """
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, list):
+            return list(self) == other
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = tuple.__hash__
+
+
+def _names(value: Iterable[str] | str | None, option: str, label: str) -> Names:
     if value is None:
-        return ()
+        return Names()
     items = (value,) if isinstance(value, str) else tuple(value)
     for item in items:
         if not isinstance(item, str) or not item:
@@ -338,7 +363,7 @@ def _names(value: Iterable[str] | str | None, option: str, label: str) -> tuple[
         if item in seen:
             raise ConfigError(f"step {label!r}: {option}= lists {item!r} twice")
         seen.add(item)
-    return items
+    return Names(items)
 
 
 def _check_cache(cache: Any, label: str) -> CacheOption:

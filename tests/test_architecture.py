@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "flowyml"
 
 # Libraries every stage may use; they import no stage module.
-FOUNDATION = ("_errors", "_results", "_hashing", "_store", "_executors")
+FOUNDATION = ("_errors", "_results", "_hashing", "_store", "_executors", "_catalog")
 STAGES = {
     "define": (
         "_step",
@@ -29,14 +29,14 @@ STAGES = {
         "_assets",
         "_parallel",
     ),
-    "plan": ("_graph", "_resources"),
-    "run": ("_scheduler", "_state", "_attempt", "_gates", "_groups", "_remote"),
-    "record": ("_cache",),
+    "plan": ("_graph", "_resources", "_types"),
+    "run": ("_scheduler", "_state", "_attempt", "_gates", "_groups", "_remote", "_typed"),
+    "record": ("_cache", "_cachestore"),
     "present": ("_mermaid", "_report"),
 }
 ORDER = ("define", "plan", "run", "record", "present")
 # The modules that tie the stages together, and the public faces; nothing imports them.
-TOP = ("__init__", "__main__", "_pipeline", "errors", "testing", "_cli", "_cli_run")
+TOP = ("__init__", "__main__", "_pipeline", "errors", "testing", "_cli", "_cli_run", "_cli_assets")
 
 
 def _unit(module: str) -> str:

@@ -7,8 +7,10 @@ import asyncio
 import pytest
 
 from flowyml import (
+    ControlContext,
     If,
     Metrics,
+    Model,
     Pipeline,
     StepStatus,
     context,
@@ -142,6 +144,69 @@ class TestIf:
             If(condition=lambda ctx: ctx.steps["evaluate"].outputs["accuracy"] > 0.9, then_step=ship)
         )
         assert p.run()["ship"] == "shipped"
+
+    def test_assets_reach_the_condition_as_assets(self) -> None:
+        """A condition reads an asset's attributes; a Metrics' values also by key from outputs."""
+
+        @step(outputs=["model", "metrics"])
+        def train() -> tuple[Model, Metrics]:
+            return Model({"w": 1}, name="clf", framework="custom"), Metrics(accuracy=0.97)
+
+        @step
+        def ship() -> str:
+            return "shipped"
+
+        def good(ctx: ControlContext) -> bool:
+            outputs = ctx.steps["train"].outputs
+            return bool(
+                outputs["model"].framework == "custom"
+                and outputs["metrics"].get_metric("accuracy") > 0.9
+                and outputs["accuracy"] == 0.97
+            )
+
+        p = Pipeline("p", enable_cache=False).add_step(train)
+        p.add_control_flow(If(condition=good, then_step=ship))
+        assert p.run()["ship"] == "shipped"
+
+    def test_fluent_then_else(self) -> None:
+        """FlowyML's form: If(condition=...).then(step).else_(step)."""
+
+        @step(outputs=["score"])
+        def evaluate() -> float:
+            return 0.5
+
+        @step
+        def approve() -> str:
+            return "approved"
+
+        @step
+        def reject() -> str:
+            return "rejected"
+
+        flow = (
+            If(condition=lambda ctx: ctx.steps["evaluate"].outputs["score"] > 0.9).then(approve).else_(reject)
+        )
+        assert flow.name == "If(approve, reject)"
+        result = Pipeline("p", enable_cache=False).add_step(evaluate).add_control_flow(flow).run()
+        assert result["reject"] == "rejected" and "approve" not in result.step_results
+
+    def test_an_if_without_a_then_step_is_rejected_when_added(self) -> None:
+        with pytest.raises(ConfigError, match=r"\.then\(step\)"):
+            Pipeline("p").add_control_flow(If(condition=lambda ctx: True))
+
+    def test_ctx_result_step_results_is_the_steps_view(self) -> None:
+        @step(outputs=["value"])
+        def compute() -> int:
+            return 42
+
+        @step
+        def high() -> str:
+            return "high"
+
+        cond = If(lambda ctx: ctx.result.step_results["compute"].outputs["value"] > 40, then_step=high)
+        assert (
+            Pipeline("p", enable_cache=False).add_step(compute).add_control_flow(cond).run()["high"] == "high"
+        )
 
     def test_condition_waits_for_what_it_reads(self) -> None:
         """The condition is evaluated after the step it reads, not before."""

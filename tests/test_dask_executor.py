@@ -21,9 +21,9 @@ from typing import Any, ClassVar
 import psutil
 import pytest
 
-from flowyml import If, Pipeline, StepStatus, on_failure, step
+from flowyml import Dataset, If, Model, Pipeline, StepStatus, on_failure, step
 from flowyml._store import Store
-from flowyml.errors import ConfigError, EventLoopError, SerializationError, StepTimeoutError
+from flowyml.errors import ConfigError, EventLoopError, InputTypeError, SerializationError, StepTimeoutError
 
 distributed = pytest.importorskip("distributed")
 
@@ -388,6 +388,37 @@ class TestPipeline:
         assert result["seen"] == ("list", sum(range(1000)))
         assert result["numbers"] == list(range(1000))
         assert CountingDask.fetches == 2  # only the two final outputs, for the PipelineResult
+
+    async def test_a_routed_return_is_wrapped_and_checked_around_a_dask_step(self, cluster: Any) -> None:
+        """``-> Dataset`` / ``-> Model`` on Dask: wrapped in the driver, derived from the inputs."""
+        dask = CountingDask(cluster.scheduler_address)
+
+        @step(outputs=["rows"], executor=dask)
+        def rows() -> Dataset:
+            return [1, 2, 3]  # type: ignore[return-value]
+
+        @step(outputs=["fitted"], executor=dask)
+        def fit(rows: list[int]) -> Model:
+            return {"n": len(rows)}  # type: ignore[return-value]
+
+        @step(outputs=["bad"], executor=dask)
+        def bad(fitted: Model, rows: str) -> None:
+            return None
+
+        p = Pipeline("dask-typed", enable_cache=False, validate_types=False)
+        p.add_step(rows).add_step(fit)
+        q = Pipeline("dask-typed-bad", enable_cache=False).add_step(rows).add_step(fit).add_step(bad)
+        try:
+            result = await p.arun()
+            failed = await q.arun()
+        finally:
+            await dask.aclose()
+        assert result.success, result.summary()
+        fitted = result["fitted"]
+        assert isinstance(fitted, Model) and fitted.data == {"n": 3}
+        assert [a.name for a in fitted.parents] == ["rows"]
+        res = failed.step_results["bad"]
+        assert res.status is StepStatus.FAILED and isinstance(res.error, InputTypeError)
 
     async def test_cached_chain_still_moves_data_worker_to_worker(self, cluster: Any) -> None:
         """With caching on, the next Dask step is handed the future; the driver fetches once per output."""

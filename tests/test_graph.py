@@ -197,6 +197,20 @@ class TestGraphErrors:
         with pytest.raises(CycleError):
             build_plan([f])
 
+    def test_a_parameter_named_like_its_own_output_reads_the_context(self) -> None:
+        """Not declared as an input, ``data`` is the context's, not the step's own output."""
+
+        @step(outputs=["data"])
+        def process(data: list[int]) -> list[int]:
+            return [x * 2 for x in data]
+
+        plan = build_plan([process])
+        assert [(n.name, s.name) for n, s in plan.context_needs] == [("process", "data")]
+        result = Pipeline("p", enable_cache=False, lineage=False).add_step(process).run({"data": [1, 2]})
+        assert result["data"] == [2, 4]
+        with pytest.raises(MissingInputError, match="data"):
+            Pipeline("p", enable_cache=False, lineage=False).add_step(process).run()
+
     def test_duplicate_output(self) -> None:
         """Two producers of one name are rejected, both named."""
         a = step(name="a", outputs=["data"])(lambda: 1)

@@ -151,3 +151,79 @@ class TestPlan:
         assert plan.requests == ((("gpu", 1.0),),)
         assert plan.direct == (True,)
         assert plan.shapes[0].name == "train"
+
+
+class TestManyRunsAtOnce:
+    """Runs started together share the event loop with everything else on it."""
+
+    async def test_runs_started_together_take_turns(self) -> None:
+        """1,000 arun() from one gather start over several loop iterations, in order, all correct.
+
+        Started in one iteration, every other task waited for all of their setups; a task that
+        counts iterations sees the runs' steps begin across several of them.
+        """
+        iteration = 0
+        seen: list[int] = []
+
+        async def tick() -> None:
+            nonlocal iteration
+            while True:
+                await asyncio.sleep(0)
+                iteration += 1
+
+        @step(outputs=["y"])
+        async def double(x: int) -> int:
+            seen.append(iteration)
+            return 2 * x
+
+        p = Pipeline("many", enable_cache=False, lineage=False).add_step(double)
+        ticker = asyncio.create_task(tick())
+        try:
+            results = await asyncio.gather(*(p.arun({"x": i}) for i in range(1000)))
+        finally:
+            ticker.cancel()
+        assert [r["y"] for r in results] == [2 * i for i in range(1000)]
+        assert seen == sorted(seen)  # started in the order they were called
+        assert seen[-1] - seen[0] >= 2
+
+    async def test_a_cancelled_waiting_run_lets_the_others_start(self) -> None:
+        """Runs cancelled while they wait for their turn do not hold up the runs behind them."""
+
+        @step(outputs=["y"])
+        async def double(x: int) -> int:
+            return 2 * x
+
+        p = Pipeline("cancelled", enable_cache=False, lineage=False).add_step(double)
+        tasks = [asyncio.create_task(p.arun({"x": i})) for i in range(1000)]
+        await asyncio.sleep(0)  # the first runs started; most wait for their turn
+        for t in tasks[100:900]:
+            t.cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        kept = [d for d in done if not isinstance(d, BaseException)]
+        assert sum(isinstance(d, asyncio.CancelledError) for d in done) >= 700
+        assert all(r["y"] == 2 * r.params["x"] for r in kept)
+        assert len(kept) >= 200
+
+
+def test_the_heap_at_the_first_run_is_frozen_once(tmp_path: Path) -> None:
+    """The first run in a process freezes what exists (full collections skip it); not when GC is off."""
+    code = textwrap.dedent(
+        """
+        import gc, sys
+        from flowyml import Pipeline, step
+        if sys.argv[1] == "off":
+            gc.disable()
+        p = Pipeline("freeze", enable_cache=False, lineage=False).add_step(step(outputs=["y"])(lambda: 1))
+        assert gc.get_freeze_count() == 0
+        p.run()
+        frozen = gc.get_freeze_count()
+        p.run()
+        print(frozen, gc.get_freeze_count())
+        """
+    )
+    # Frozen objects can still be freed; frozen again, the count would grow.
+    for mode, check in (("on", lambda a, b: a > 1000 and b <= a), ("off", lambda a, b: a == b == 0)):
+        out = subprocess.run(
+            [sys.executable, "-c", code, mode], capture_output=True, text=True, check=True, cwd=tmp_path
+        ).stdout.split()
+        assert check(int(out[0]), int(out[1])), (mode, out)

@@ -81,8 +81,13 @@ async def await_file(path: Path, limit: float = 30.0) -> None:
 
 
 def mark_then_sleep(marker: Path, seconds: float) -> None:
-    """Say "I am running" with a file holding our PID, then sleep."""
-    marker.write_text(str(os.getpid()))
+    """Say "I am running" with a file holding our PID, then sleep.
+
+    Written aside and renamed, so a reader that sees the file never reads it half-written.
+    """
+    partial = marker.with_name(marker.name + ".partial")
+    partial.write_text(str(os.getpid()))
+    partial.replace(marker)
     time.sleep(seconds)
 
 

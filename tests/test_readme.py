@@ -35,20 +35,30 @@ def _as_module(code: str, tmp_path: Path, name: str) -> Any:
     return module
 
 
-@pytest.fixture(autouse=True)
-def _store() -> Any:
+@pytest.fixture
+def store() -> Any:
     with temporary_store() as root:
         yield root
 
 
-def test_steps_and_pipelines_snippet_runs() -> None:
+def test_steps_and_pipelines_snippet_runs(store: Path) -> None:
     """The first Python block of the README (its own asserts included) runs."""
     namespace: dict[str, object] = {"__name__": "readme"}
     exec(compile(BLOCKS[0], "README.md", "exec"), namespace)
     assert "pipeline" in namespace
 
 
-def test_globals_snippet_reruns_when_config_changes(tmp_path: Path) -> None:
+def test_assets_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Assets section's routing snippet (its asserts included) runs as written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLOWYML_HOME", raising=False)
+    snippet = next(b for b in BLOCKS if "def train_model(data: pd.DataFrame) -> Model" in b)
+    namespace: dict[str, object] = {"__name__": "readme"}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert (tmp_path / ".flowyml").is_dir()
+
+
+def test_globals_snippet_reruns_when_config_changes(tmp_path: Path, store: Path) -> None:
     """`CONFIG["threshold"] = 0.7 reruns it`, and the reason names the global."""
     module = _as_module(_block('CONFIG = {"threshold": 0.5}'), tmp_path, "readme_globals")
     pipeline = Pipeline("readme-globals").add_step(module.keep)
@@ -62,7 +72,7 @@ def test_globals_snippet_reruns_when_config_changes(tmp_path: Path) -> None:
     assert edited.step_results["keep"].cache_reason == "global 'CONFIG' changed"
 
 
-def test_state_snippet_second_run_is_a_hit(tmp_path: Path) -> None:
+def test_state_snippet_second_run_is_a_hit(tmp_path: Path, store: Path) -> None:
     """`calls.append(x)` is state: the second run is served from the cache."""
     module = _as_module(_block("calls = []"), tmp_path, "readme_state")
     pipeline = Pipeline("readme-state").add_step(module.double)

@@ -52,7 +52,7 @@ class TestToDict:
         assert saved["seconds"] > 0 and saved["unknown_steps"] == []
         work = by_name(data)["work_04"]
         assert work["status"] == "cached"
-        assert work["time_saved_seconds"] == pytest.approx(result["work_04"].time_saved_seconds)
+        assert work["time_saved_seconds"] == pytest.approx(result.step_results["work_04"].time_saved_seconds)
 
     def test_a_failure_keeps_its_error_and_traceback(self, fifty: tuple[PipelineResult, Path]) -> None:
         broken = by_name(fifty[0].to_dict())["broken"]

@@ -61,7 +61,31 @@ class TestReading:
     def test_pipeline_result_reads_outputs_then_steps(self) -> None:
         steps = {"make": StepResult("make", StepStatus.SUCCEEDED, {"x": 1})}
         result = PipelineResult("r", "p", "completed", {"x": 1}, steps, 0.0, 2.0, {"x": "make"})
-        assert result["x"] == 1 and result["make"] is steps["make"]
+        assert result["x"] == 1 and result["make"] == 1
         assert result.success and result.duration_seconds == 2.0
         with pytest.raises(KeyError, match="neither an output nor a step"):
             result["nothing"]
+
+    def test_a_step_name_reads_its_value_or_its_outputs_by_name(self) -> None:
+        """FlowyML's ``result["step"]``: the value of its one output, a dict of several."""
+        steps = {
+            "one": StepResult("one", StepStatus.CACHED, {"x": 1}),
+            "two": StepResult("two", StepStatus.SUCCEEDED, {"a": 1, "b": 2}),
+            "bad": StepResult("bad", StepStatus.FAILED, {}, ValueError("nope")),
+        }
+        outputs = {"x": 1, "a": 1, "b": 2}
+        producers = {"x": "one", "a": "two", "b": "two", "y": "bad"}
+        result = PipelineResult("r", "p", "failed", outputs, steps, 0.0, 1.0, producers)
+        assert result["one"] == 1 and result["two"] == {"a": 1, "b": 2}
+        with pytest.raises(KeyError, match=r"step 'bad' failed \(ValueError: nope\)"):
+            result["bad"]
+
+    def test_an_output_name_wins_over_a_step_of_the_same_name(self) -> None:
+        steps = {
+            "x": StepResult("x", StepStatus.SUCCEEDED, {"y": 2}),
+            "make": StepResult("make", StepStatus.SUCCEEDED, {"x": 1}),
+        }
+        result = PipelineResult(
+            "r", "p", "completed", {"x": 1, "y": 2}, steps, 0.0, 1.0, {"x": "make", "y": "x"}
+        )
+        assert result["x"] == 1

@@ -391,7 +391,7 @@ class TestFailures:
 
         result = Pipeline("p", enable_cache=False).add_step(boom).run()
         assert not result.success
-        r = result["boom"]
+        r = result.step_results["boom"]
         assert r.status is StepStatus.FAILED
         assert isinstance(r.error, ValueError)
         assert "bad input" in (r.traceback or "")
@@ -441,8 +441,8 @@ class TestFailures:
         p = Pipeline("p", enable_cache=False).add_step(boom).add_step(uses_a).add_step(other)
         result = p.run(fail_fast=False)
         assert result["b"] == 2
-        assert result["uses_a"].status is StepStatus.SKIPPED
-        assert "boom" in (result["uses_a"].skip_reason or "")
+        assert result.step_results["uses_a"].status is StepStatus.SKIPPED
+        assert "boom" in (result.step_results["uses_a"].skip_reason or "")
         assert result.failed_steps == ["boom"]
 
     def test_wrong_length_tuple_is_an_output_error(self) -> None:
@@ -452,7 +452,7 @@ class TestFailures:
         def split() -> tuple[int, int, int]:
             return 1, 2, 3
 
-        r = Pipeline("p", enable_cache=False).add_step(split).run()["split"]
+        r = Pipeline("p", enable_cache=False).add_step(split).run().step_results["split"]
         assert isinstance(r.error, OutputError)
         assert "expected 2, got a tuple of 3" in str(r.error)
 

@@ -6,7 +6,6 @@ stand-in is defined right before the snippet; the snippet itself is unchanged.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +162,8 @@ class TestAnatomy:
         result = p.run()
         assert result.success
         assert result["trained_model"].lr == 0.05
-        assert train_model.retry is not None and train_model.retry.max_attempts == 4
+        assert train_model.retry == 3
+        assert train_model.retry_policy is not None and train_model.retry_policy.max_attempts == 4
         assert train_model.timeout == 3600
 
 
@@ -239,7 +239,7 @@ class TestContext:
 
 class TestAssets:
     def test_typed_assets_flow_between_steps(self) -> None:
-        """Model and Dataset returned by steps reach their consumers intact."""
+        """The Type-Based Artifact Routing snippet runs as written, with stand-ins for training."""
         df = pd.DataFrame({"x": [1, 2]})
         trained_obj = _LinearModel(0.1)
 
@@ -253,16 +253,15 @@ class TestAssets:
             # ... loading logic ...
             return Dataset(df, name="raw_data")
 
-        @step(outputs=["data"])
-        def unwrap(load_data: Dataset) -> pd.DataFrame:
-            return load_data.data
-
-        result = Pipeline("assets").add_step(train_model).add_step(load_data).add_step(unwrap).run()
-        assert result.success
+        # As written: train_model's `data: pd.DataFrame` is fed by the one `-> Dataset` step,
+        # and receives the dataset's DataFrame.
+        result = Pipeline("assets").add_step(train_model).add_step(load_data).run()
+        assert result.success, result.summary()
         model = result["train_model"]
         assert isinstance(model, Model)
         assert (model.name, model.data) == ("my_classifier", trained_obj)
         assert result["load_data"].name == "raw_data"
+        assert model.parents == [result["load_data"]]
 
     def test_asset_constructors(self) -> None:
         """Metrics(accuracy=...), .create(...), .data, .name and .metadata."""
@@ -454,7 +453,8 @@ class TestTestingPatterns:
         # You get full observability:
         for step_name, step_result in result.step_results.items():
             print(f"{step_name}: {step_result.duration_seconds:.2f}s, cached={step_result.cached}")
-        assert re.fullmatch(r"a: \d+\.\d\ds, cached=False\n", capsys.readouterr().out)
+        duration = result.step_results["a"].duration_seconds
+        assert f"a: {duration:.2f}s, cached=False" in capsys.readouterr().out
 
 
 class TestBestPractices:

@@ -48,7 +48,7 @@ class TestDecoratorOrder:
             "is_async",
         ):
             assert getattr(above, attribute) == getattr(below, attribute), attribute
-        assert (above.retry is None) == (below.retry is None)
+        assert (above.retry_policy is None) == (below.retry_policy is None)
         assert len(above.conditions) == len(below.conditions)
         assert len(above.breakers) == len(below.breakers)
 
@@ -158,6 +158,19 @@ class TestStepObject:
     def test_unknown_option_names_the_valid_ones(self) -> None:
         with pytest.raises(ConfigError, match=r"unknown option\(s\) \['output'\]"):
             step(output=["x"])  # type: ignore[call-overload]
+
+    def test_inputs_outputs_and_retry_read_as_written(self) -> None:
+        """FlowyML's reads: names equal the list written (and the tuple), retry is the 3 written."""
+
+        @step(inputs=["data"], outputs=["clean", "report"], retry=3)
+        def process(data: list[int]) -> tuple[list[int], str]:
+            return data, "ok"
+
+        assert process.inputs == ["data"] and process.inputs == ("data",)
+        assert process.outputs == ["clean", "report"] and process.outputs != ["report", "clean"]
+        assert process.retry == 3
+        assert process.retry_policy is not None and process.retry_policy.max_attempts == 4
+        assert step(lambda: 1).retry == 0 and step(lambda: 1).retry_policy is None
 
     def test_generator_of_names_is_read_once(self) -> None:
         """``inputs=`` given as a one-shot iterable keeps every name (the step can be rebuilt)."""

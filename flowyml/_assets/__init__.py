@@ -10,6 +10,7 @@ from ._base import Asset, AssetMetadata, asset_class, restore
 from ._kinds import Dataset, FeatureSet, Metrics, Model
 from ._routing import (
     asset_type_for,
+    derive,
     input_assets,
     output_asset_types,
     resolved_annotations,
@@ -28,6 +29,7 @@ __all__ = (
     "Model",
     "asset_class",
     "asset_type_for",
+    "derive",
     "input_assets",
     "output_asset_types",
     "resolved_annotations",

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 import weakref
-from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, Sequence, ValuesView
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Self, TypedDict
+from typing import TYPE_CHECKING, Any, Self, TypedDict
 
-from .._errors import AssetError
+from .._errors import AssetError, AssetNotFoundError
+
+if TYPE_CHECKING:
+    from .._catalog import AssetRouter
 
 __all__ = ("DEFAULT_VERSION", "Asset", "AssetMetadata", "AssetOptions", "asset_class", "restore")
 
@@ -301,6 +305,39 @@ class Asset:
     def to_dict(self) -> dict[str, Any]:
         """The metadata as a JSON-friendly dict, with the ids of live children."""
         return {**self.metadata.to_dict(), "child_ids": [c.asset_id for c in self.children]}
+
+    @classmethod
+    def load(
+        cls,
+        name: str,
+        version: int | None = None,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        routers: Sequence[AssetRouter] = (),
+    ) -> Self:
+        """The asset a run registered as ``name`` in the store's catalogue: the latest version,
+        or ``version`` (1, 2, ...). ``routers`` are needed for assets a custom router saved.
+
+        Raises:
+            AssetNotFoundError: no such name or version (the message lists the versions there are).
+            AssetError: the asset is of another kind (``Model.load`` of a ``Dataset``).
+            StoreError: its artifact is missing or damaged, or no router given can read it.
+        """
+        from .._catalog import entries, find, load_asset
+
+        entry = find(cache_dir, name, version)
+        if entry is None:
+            have = [e.version for e in entries(cache_dir, name)]
+            which = f"{name!r}" if version is None else f"{name!r} version {version}"
+            there = f"; versions there are: {have}" if have else "; `flowyml assets` lists what there is"
+            raise AssetNotFoundError(f"the asset catalogue has no asset {which}{there}")
+        asset = load_asset(cache_dir, entry, routers)
+        if not isinstance(asset, cls):
+            raise AssetError(
+                f"asset {name!r} version {entry.version} is a {type(asset).__name__}, not a {cls.__name__}; "
+                f"load it with {type(asset).__name__}.load(...) or Asset.load(...)"
+            )
+        return asset
 
     # Hashing, equality, pickling.
 

@@ -8,6 +8,7 @@
 - :func:`wrap_output`: a step's return value as that asset, named after its output, with the
   step's input assets as parents; an asset of another kind is an ``OutputError``;
 - :func:`input_assets`: the assets among a step's arguments (the parents of what it returns);
+- :func:`derive`: link an asset to such parents without letting lineage loop;
 - :func:`unwrap_input`: an asset given to a parameter annotated with the *wrapped* type
   (``Dataset`` to ``data: pd.DataFrame``) becomes its ``.data``;
 - :func:`runtime_classes`: the classes an annotation can be checked against at run time, or
@@ -29,6 +30,7 @@ from ._kinds import Metrics
 
 __all__ = (
     "asset_type_for",
+    "derive",
     "input_assets",
     "output_asset_types",
     "resolved_annotations",
@@ -212,11 +214,17 @@ def wrap_output(
                 f"output {name!r} cannot be one: {exc}",
                 step_name=step_name,
             ) from exc
+    derive(asset, parents)
+    return asset
+
+
+def derive(asset: Asset, parents: Iterable[Asset]) -> None:
+    """Make each of ``parents`` a parent of ``asset``, except the asset itself and any that
+    would make lineage loop (a step returning one of its inputs, or an ancestor of one)."""
     for parent in parents:
         if parent is asset or asset in parent.get_all_ancestors():
             continue
         asset.add_parent(parent)
-    return asset
 
 
 def unwrap_input(value: object, annotation: object) -> object:

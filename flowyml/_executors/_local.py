@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -14,7 +16,7 @@ import anyio.to_thread
 from .._errors import StepTimeoutError
 from ._base import Executor
 
-__all__ = ("AsyncExecutor", "ThreadExecutor")
+__all__ = ("AsyncExecutor", "LocalExecutor", "ThreadExecutor")
 
 logger = logging.getLogger("flowyml")
 
@@ -104,3 +106,39 @@ class _Call:
                 logger.warning(
                     "thread step %r finished after it was abandoned; its result was discarded", self.step_name
                 )
+
+
+class LocalExecutor(Executor):
+    """Runs every step in this process, as a run does by default: ``async def`` steps on the
+    loop, plain functions in a bounded thread pool.
+
+    ``pipeline.run(executor=LocalExecutor())`` is the same as no executor, except that steps
+    that name no executor go through this object (FlowyML's default executor, by its name).
+    """
+
+    name = "local"
+
+    def __init__(self, max_threads: int = 40) -> None:
+        self._loop = AsyncExecutor()
+        self._threads = ThreadExecutor(max_threads)
+
+    async def run(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        timeout: float | None,
+        step_name: str,
+    ) -> Any:
+        where: Executor = self._loop if _is_async(fn) else self._threads
+        return await where.run(fn, args, kwargs, timeout=timeout, step_name=step_name)
+
+
+def _is_async(fn: Any) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(type(fn), "__call__", None)  # noqa: B004 - a callable object's method
+    return call is not None and not inspect.isroutine(fn) and inspect.iscoroutinefunction(call)

@@ -16,10 +16,12 @@ if TYPE_CHECKING:
 
 __all__ = ("PipelineResult",)
 
+_PRODUCED = frozenset({StepStatus.SUCCEEDED, StepStatus.CACHED})
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class PipelineResult:
-    """The outcome of one run. ``result["name"]`` looks up an output, then a step. Frozen."""
+    """The outcome of one run. ``result["name"]`` looks up an output, then a step's output. Frozen."""
 
     run_id: str
     pipeline_name: str
@@ -57,20 +59,33 @@ class PipelineResult:
         return [n for n, r in self.step_results.items() if r.status in bad]
 
     def __getitem__(self, name: str) -> Any:
-        if name in self.outputs:
-            return self.outputs[name]
-        if name in self.step_results:
-            return self.step_results[name]
-        producer = self.producers.get(name)
+        """An output's value by its name; else a step's output by the step's name.
+
+        A step's output is its value when it declares one output (or none), and a dict of its
+        outputs by name when it declares several. ``step_results[name]`` has the step's fate.
+
+        Raises:
+            KeyError: nothing of that name, or it was not produced in this run (the message
+                says which step should have made it and what became of it).
+        """
+        outputs = self.outputs
+        if name in outputs:
+            return outputs[name]
+        made = self.step_results.get(name)
+        if made is not None and made.status in _PRODUCED:
+            values = made.outputs
+            return next(iter(values.values())) if len(values) == 1 else dict(values)
+        producer = self.producers.get(name, name if made is not None else None)
         if producer is not None:
             made = self.step_results.get(producer)
+            what = "output" if name in self.producers else "the output of step"
             if made is None:
                 why = "did not run: its If branch was not chosen"
             elif made.error is not None:
                 why = f"{made.status.value} ({type(made.error).__name__}: {made.error})"
             else:
                 why = f"was {made.status.value}" + (f": {made.skip_reason}" if made.skip_reason else "")
-            raise KeyError(f"output {name!r} was not produced in this run: step {producer!r} {why}")
+            raise KeyError(f"{what} {name!r} was not produced in this run: step {producer!r} {why}")
         raise KeyError(
             f"{name!r} is neither an output nor a step of pipeline {self.pipeline_name!r}; "
             f"outputs: {sorted(self.outputs)}"
