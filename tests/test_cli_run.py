@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import flowyml
+from flowyml import Pipeline, step
 
 PIPELINE = textwrap.dedent(
     """
@@ -222,3 +223,25 @@ class TestOtherCommands:
     def test_python_m_flowyml_without_arguments_is_a_usage_error(self, project: Path) -> None:
         done = flowyml_cli(project)
         assert done.returncode == 2 and "usage: flowyml" in done.stderr
+
+
+def test_params_read_by_an_if_condition_are_not_refused() -> None:
+    """An If condition may read any name from ctx.params, so such a pipeline's --param is not checked."""
+    from flowyml import If
+    from flowyml._cli_run import UsageError, _check_params
+
+    @step(outputs=["score"])
+    def score(n: int = 3) -> int:
+        return n
+
+    @step
+    def ship() -> str:
+        return "shipped"
+
+    plain = Pipeline("plain").add_step(score)
+    _check_params(plain, {"n": 5})
+    with pytest.raises(UsageError, match="'threshold' is not a parameter of any step"):
+        _check_params(plain, {"threshold": 0.5})
+    gated = Pipeline("gated").add_step(score)
+    gated.add_control_flow(If(condition=lambda ctx: ctx.params["threshold"] < 1, then_step=ship))
+    _check_params(gated, {"threshold": 0.5})
