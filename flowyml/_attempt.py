@@ -577,7 +577,7 @@ class UnitRunner:
         key_args: list[Any],
         key_kwargs: dict[str, Any],
     ) -> bool:
-        """Record a finished unit's result: the one place every started step's fate passes."""
+        """Record a finished unit's result (a bare step's success and cancellation are recorded inline)."""
         self.state.results[node.id] = res
         if self.hooks is not None:
             self.hooks.after(node, res, key_args, key_kwargs)

@@ -72,11 +72,14 @@ class InMemoryExecutor(Executor):
         try:
             ret = fn(*args, **kwargs)
             if inspect.isawaitable(ret) and is_async_callable(fn):
+                scope = asyncio.timeout(timeout)
                 try:
-                    async with asyncio.timeout(timeout):
+                    async with scope:
                         ret = await ret
                 except TimeoutError:
-                    raise StepTimeoutError(step_name, timeout or 0.0, executor=self.name) from None
+                    if timeout is None or not scope.expired():
+                        raise  # the step's own TimeoutError: its failure, not a timeout
+                    raise StepTimeoutError(step_name, timeout, executor=self.name) from None
             elif timeout is not None and loop.time() - started > timeout:
                 raise StepTimeoutError(step_name, timeout, executor=self.name)
             return ret
