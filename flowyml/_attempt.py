@@ -28,7 +28,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._conditions import conditions_hold
 from ._errors import ConfigError, StepTimeoutError
@@ -38,13 +38,15 @@ from ._graph import MISSING, SLOT, MapSpec, Node, Source
 from ._groups import Member, Outcome, coroutine_returned, run_chain
 from ._limits import Limit, acquire_all, release_all
 from ._log import Watcher, step_failed, step_retrying
-from ._map import Items, pending_bound, run_mapped, run_source
 from ._remote import RemoteValues
 from ._resources import Request, ResourcePool
 from ._results import StepResult, StepStatus, _Builder, finished
 from ._retry import RetryRun
 from ._state import RunState
 from ._typed import produce, receive
+
+if TYPE_CHECKING:
+    from ._map import Items
 
 __all__ = ("CACHE_HIT", "CACHE_OFF_FOR_RUN", "CACHE_OFF_FOR_STEP", "Lookup", "RunHooks", "UnitRunner")
 
@@ -172,18 +174,22 @@ class UnitRunner:
             for i in plan.limited
         }
         """What each call of a limited node takes: this run's limit of it, then its shared one."""
-        self.items: dict[int, Items] = {
-            i: Items(
-                plan.nodes[i].name,
-                {
-                    d: pending_bound(plan.nodes[d].step)
-                    for d in plan.nodes[i].streams_to
-                    if (i, d) not in plan.unpaced
-                },
-            )
-            for i in plan.itemized
-            if plan.nodes[i].streams_to
-        }
+        self.items: dict[int, Items] = {}
+        if plan.itemized:  # the machinery of mapped steps loads only in runs that have them
+            from ._map import Items, pending_bound
+
+            self.items = {
+                i: Items(
+                    plan.nodes[i].name,
+                    {
+                        d: pending_bound(plan.nodes[d].step)
+                        for d in plan.nodes[i].streams_to
+                        if (i, d) not in plan.unpaced
+                    },
+                )
+                for i in plan.itemized
+                if plan.nodes[i].streams_to
+            }
         """Per mapped node or stream source with mapped consumers: its items as they come."""
         self.run_id = run_id
         self.watch = watch
@@ -284,6 +290,8 @@ class UnitRunner:
         if step.map_over or step.stream:
             if self.watch is not None:
                 self.watch.started(node.name)
+            from ._map import run_mapped, run_source
+
             if step.map_over:
                 return await run_mapped(self, node, args, kwargs)
             return await run_source(self, node, args, kwargs)

@@ -29,7 +29,6 @@ from ._executors._base import Executor
 from ._executors._local import AsyncExecutor, ThreadExecutor
 from ._gates import NOT_CHOSEN
 from ._graph import Node, Plan, build_plan
-from ._mermaid import to_mermaid
 from ._otel import tracing_for
 from ._report import PipelineResult
 from ._resources import ResourcePool, parse_capacity
@@ -194,6 +193,8 @@ class Pipeline:
 
     def to_mermaid(self) -> str:
         """The pipeline's DAG as Mermaid flowchart text (see ``flowyml._mermaid``)."""
+        from ._mermaid import to_mermaid
+
         return to_mermaid(self.plan(), params=self.context.to_dict())
 
     def run(

@@ -8,9 +8,14 @@
 
 from __future__ import annotations
 
-from ._data import SCHEMA, records_to_dict, result_to_dict
-from ._html import render_html, write_report
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._result import PipelineResult
+
+if TYPE_CHECKING:
+    from ._data import SCHEMA, records_to_dict, result_to_dict
+    from ._html import render_html, write_report
 
 __all__ = (
     "SCHEMA",
@@ -24,6 +29,23 @@ __all__ = (
 )
 
 _OK = ("succeeded", "cached")
+
+#: What loads on first use: every run returns a PipelineResult, few write a report, and
+#: ``import flowyml`` should not pay for the page's templates and layout code.
+_LAZY = {
+    "SCHEMA": "_data",
+    "records_to_dict": "_data",
+    "result_to_dict": "_data",
+    "render_html": "_html",
+    "write_report": "_html",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
 def result_mermaid(result: PipelineResult) -> str:
