@@ -975,3 +975,12 @@ class TestCacheAdmin:
         assert not report.ok
         assert sorted((p.step_name, p.kind) for p in report.problems) == [("a", "hash"), ("b", "missing")]
         assert artifact_path(root, e1).exists()
+
+
+def test_step_shape_encodes_its_inputs_as_json_would() -> None:
+    inputs = {"x": ("p", "o"), 'q"uote\\': ("naïve\n", "tab\t"), "*args[0]": ("a", "b")}
+    shape = StepShape("s", ["out"], inputs)
+    assert shape.quoted_inputs == json.dumps(
+        {k: list(v) for k, v in inputs.items()}, ensure_ascii=False, separators=(",", ":")
+    )
+    assert json.loads(StepShape("s", ["out"], None).quoted_inputs) == {}
