@@ -12,7 +12,14 @@ taken in the same run are what we compare against the targets.
     W5  4 CPU-bound steps of ~0.5 s in the process pool (2 workers)      target <= 1.15x
         (both sides start and stop their pool inside the timed run)
 
-Run: ``python benchmarks/bench_engine.py [--repeat N] [--only W1,W3] [--json out.json]``
+Watching W3 (issue 12), each against the same floor; the targets are relative to plain W3:
+
+    W3-watch  W3 plain, with a no-op on_event listener (W3-noop, target: at most 1.5 us/step
+              more) and with the flowyml logger at INFO to its NullHandler (W3-log, target:
+              within 3% of W3), the three and the floor interleaved in one loop
+
+Run: ``python benchmarks/bench_engine.py [--repeat N] [--only W1,W3-watch] [--json out.json] [--cpu]``
+
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import asyncio
 import gc
 import json
+import logging
 import statistics
 import subprocess
 import sys
@@ -154,11 +162,20 @@ async def w5_floor(n: int = 4) -> None:
 # --- measuring -------------------------------------------------------------------------------
 
 
+CLOCK: list[Callable[[], float]] = [time.perf_counter]
+"""What ``timed`` reads: wall time, or this process's CPU time with ``--cpu``."""
+
+
 async def timed(fn: Callable[[], Awaitable[Any]]) -> float:
     gc.collect()  # untimed: a full collection must not land at random on one side
-    t0 = time.perf_counter()
+    clock = CLOCK[0]
+    t0 = clock()
     await fn()
-    return time.perf_counter() - t0
+    return clock() - t0
+
+
+def _ignore(event: object) -> None:
+    return None
 
 
 WORKLOADS: dict[str, tuple[Callable[[], Pipeline], Callable[[], Awaitable[None]], int, str, float]] = {
@@ -200,6 +217,63 @@ async def measure(name: str, repeat: int) -> dict[str, Any]:
     }
 
 
+async def measure_watched(repeat: int) -> list[dict[str, Any]]:
+    """W3 plain, with a no-op listener, and with INFO logging, interleaved with the floor.
+
+    The four runs rotate within each repetition, so a change in the machine's load hits all of
+    them alike; each is reported as a ratio to the floor, and the listener's cost per step is
+    the difference of ratios times the floor's time per task.
+    """
+    pipeline = w3_pipeline()
+    log = logging.getLogger("flowyml")
+
+    async def plain() -> None:
+        await pipeline.arun()
+
+    async def noop_listener() -> None:
+        await pipeline.arun(on_event=_ignore)
+
+    async def info_logging() -> None:
+        level, log.level = log.level, logging.INFO
+        try:
+            await pipeline.arun()
+        finally:
+            log.setLevel(level)
+
+    runs: dict[str, Callable[[], Awaitable[Any]]] = {
+        "floor": w3_floor,
+        "W3": plain,
+        "W3-noop": noop_listener,
+        "W3-log": info_logging,
+    }
+    for fn in runs.values():
+        await fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for i in range(repeat):
+        for name in order[i % 4 :] + order[: i % 4]:
+            times[name].append(await timed(runs[name]))
+    floor = statistics.median(times["floor"])
+    steps = 5001
+    rows = []
+    for name in ("W3", "W3-noop", "W3-log"):
+        o = statistics.median(times[name])
+        rows.append(
+            {
+                "workload": name,
+                "flowyml_s": o,
+                "floor_s": floor,
+                "flowyml_us_per_step": o / steps * 1e6,
+                "floor_us_per_task": floor / steps * 1e6,
+                "ratio": o / floor,
+                "target": 3.0,
+                "compare": "per-step",
+                "ok": o / floor <= 3.0,
+            }
+        )
+    return rows
+
+
 def import_time(samples: int = 5) -> float:
     """Median seconds for ``import flowyml`` in a fresh interpreter (target: under 150 ms)."""
     code = "import time; t = time.perf_counter(); import flowyml; print(time.perf_counter() - t)"
@@ -212,19 +286,38 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--only", default="W1,W2,W3,W4,W5")
+    parser.add_argument("--only", default="W1,W2,W3,W4,W5,W3-watch")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="time with this process's CPU time instead of wall time: steady on a loaded machine, "
+        "and meaningful only for workloads that run on the loop (W2, W3, W3-watch)",
+    )
     args = parser.parse_args(argv)
+    if args.cpu:
+        CLOCK[0] = time.process_time
     rows = []
-    print(f"{'':4} {'flowyml':>10} {'floor':>10} {'us/step':>9} {'us/task':>9} {'ratio':>7} {'target':>7}")
+    print(f"{'':7} {'flowyml':>10} {'floor':>10} {'us/step':>9} {'us/task':>9} {'ratio':>7} {'target':>7}")
     for name in args.only.split(","):
-        row = asyncio.run(measure(name.strip(), args.repeat))
-        rows.append(row)
-        print(
-            f"{row['workload']:4} {row['flowyml_s'] * 1e3:8.1f}ms {row['floor_s'] * 1e3:8.1f}ms "
-            f"{row['flowyml_us_per_step']:9.1f} {row['floor_us_per_task']:9.1f} "
-            f"{row['ratio']:6.2f}x {row['target']:6.2f}x {'ok' if row['ok'] else 'MISS'}"
+        name = name.strip()
+        found = (
+            asyncio.run(measure_watched(args.repeat))
+            if name == "W3-watch"
+            else [asyncio.run(measure(name, args.repeat))]
         )
+        rows += found
+        for row in found:
+            print(
+                f"{row['workload']:7} {row['flowyml_s'] * 1e3:8.1f}ms {row['floor_s'] * 1e3:8.1f}ms "
+                f"{row['flowyml_us_per_step']:9.1f} {row['floor_us_per_task']:9.1f} "
+                f"{row['ratio']:6.2f}x {row['target']:6.2f}x {'ok' if row['ok'] else 'MISS'}"
+            )
+        if name == "W3-watch":
+            plain, noop, info = found
+            extra = (noop["ratio"] - plain["ratio"]) * plain["floor_us_per_task"]
+            print(f"  no-op listener: {extra:+.2f} us/step over W3 (target <= +1.5)")
+            print(f"  INFO logging:   {info['ratio'] / plain['ratio']:.3f}x of W3's ratio (target <= 1.03x)")
     took = import_time()
     print(f"import flowyml: {took * 1e3:.1f} ms (target < 150 ms) {'ok' if took < 0.150 else 'MISS'}")
     if args.json:

@@ -3,10 +3,10 @@
 This module only re-exports. Data flows define -> plan -> run -> record (docs/architecture.md):
 
 - define: ``_step``, ``_retry``, ``_fallback``, ``_breaker``, ``_conditions``, ``_context``,
-  ``_assets``, ``_parallel``, ``_layers``   describing work: ``@step`` and its layers
+  ``_assets``, ``_parallel``, ``_layers``, ``_limits``   describing work: ``@step`` and its layers
 - plan: ``_graph``, ``_resources``         bind parameters, wire edges, reject bad graphs (pure)
 - run: ``_scheduler`` (counters), ``_state``, ``_attempt`` (one unit's layers), ``_gates``,
-  ``_groups``, ``_remote``
+  ``_map`` (mapped steps, stream sources), ``_groups``, ``_remote``
 - record: ``_cache``, ``_cachestore``      cache look-ups and lineage records around each step
 - foundation: ``_errors``, ``_results``, ``_executors``, ``_hashing``, ``_store``, ``_catalog``
 - ``_pipeline``                            ``Pipeline``: plan once, run many times
@@ -33,10 +33,11 @@ from ._executors._base import Executor
 from ._executors._dask import DaskExecutor
 from ._executors._local import LocalExecutor
 from ._fallback import FallbackHandler, on_failure
+from ._limits import Limit
 from ._parallel import parallel_map
 from ._pipeline import Pipeline
 from ._report import PipelineResult
-from ._results import ExecutionResult, StepResult, StepStatus
+from ._results import ExecutionResult, ItemFailed, ItemResult, StepResult, StepStatus
 from ._retry import ExponentialBackoff, RetryConfig, retry
 from ._step import CachePolicy, Step, step
 
@@ -89,6 +90,9 @@ __all__ = (
     "FeatureSet",
     "FlowymlError",
     "If",
+    "ItemFailed",
+    "ItemResult",
+    "Limit",
     "LocalExecutor",
     "LocalRouter",
     "Metrics",

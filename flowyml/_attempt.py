@@ -31,11 +31,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._conditions import conditions_hold
-from ._errors import StepTimeoutError
+from ._errors import ConfigError, StepTimeoutError
 from ._executors._base import Executor
 from ._fallback import watch_fallbacks
-from ._graph import SLOT, Node, Source
+from ._graph import MISSING, SLOT, MapSpec, Node, Source
 from ._groups import Member, Outcome, coroutine_returned, run_chain
+from ._limits import Limit, acquire_all, release_all
+from ._log import Watcher, step_failed, step_retrying
+from ._map import Items, pending_bound, run_mapped, run_source
 from ._remote import RemoteValues
 from ._resources import Request, ResourcePool
 from ._results import StepResult, StepStatus, _Builder, finished
@@ -52,6 +55,7 @@ CACHE_OFF_FOR_STEP = "caching is off for this step (cache=False)"
 _perf = time.perf_counter
 _now = time.time
 _OK = frozenset({StepStatus.SUCCEEDED, StepStatus.CACHED})
+_BAD = frozenset({StepStatus.FAILED, StepStatus.TIMED_OUT})
 _NOT_STARTED = "the run stopped before the step could start"
 
 FailureCallback = Callable[[Node, StepResult, list[Any]], None]
@@ -97,6 +101,41 @@ class RunHooks:
         """Prepare what :meth:`key` needs that takes a wait (called before a chain runs)."""
         return
 
+    # Items of a mapped step (see flowyml._map): keyed by the step's key plus the item's identity.
+
+    def item_base_key(self, node: Node, args: list[Any], kwargs: dict[str, Any], spec: MapSpec) -> str | None:
+        """The key of a mapped step's arguments other than its mapped ones; None: items not cached."""
+        return None
+
+    async def item_lookup(
+        self, node: Node, base: str, args: list[Any], kwargs: dict[str, Any], elements: list[Any]
+    ) -> tuple[str | None, Any]:
+        """One item's cache key and its cached output (``MISSING`` on a miss)."""
+        return None, MISSING
+
+    def after_item(
+        self,
+        node: Node,
+        index: int,
+        status: StepStatus,
+        attempts: int,
+        start: float,
+        duration: float,
+        error: BaseException | None,
+        key: str | None,
+        value: Any,
+    ) -> None:
+        """One item's fate: cache its output, record its lineage. Must not raise."""
+        return
+
+    def item_progress(self, node: Node, done: int, failed: int, total: int | None) -> None:
+        """Called after each item of a mapped step settles: items done so far (any fate), how many of
+        them failed or timed out, and the total (None while a streamed input is still open).
+
+        The call site for run events about items (an ``ItemsProgress`` event).
+        """
+        return
+
 
 class UnitRunner:
     """Runs units of one run against its :class:`RunState`; the scheduler only counts."""
@@ -111,18 +150,58 @@ class UnitRunner:
         max_concurrency: int | None = None,
         remote: bool = False,
         on_failure: FailureCallback | None = None,
+        fail_fast: bool = True,
+        run_id: str = "",
+        watch: Watcher | None = None,
     ) -> None:
         plan = state.plan
         self.state = state
         self.hooks = hooks
         self.on_failure = on_failure
-        self._executors = executors
+        self.fail_fast = fail_fast
+        self._executors = self.executors = executors
+        self.limits: dict[int, Limit] = {}
+        """Per node with concurrency= / rate_limit=: the limit of this run."""
+        for i in plan.limited:
+            s = plan.nodes[i].step
+            limit = Limit.for_step(s.name, None if s.map_over else s.concurrency, s.rate_limit)
+            if limit is not None:
+                self.limits[i] = limit
+        self._call_limits: dict[int, list[Limit]] = {
+            i: [lim for lim in (self.limits.get(i), plan.nodes[i].step.limit) if lim is not None]
+            for i in plan.limited
+        }
+        """What each call of a limited node takes: this run's limit of it, then its shared one."""
+        self.items: dict[int, Items] = {
+            i: Items(
+                plan.nodes[i].name,
+                {
+                    d: pending_bound(plan.nodes[d].step)
+                    for d in plan.nodes[i].streams_to
+                    if (i, d) not in plan.unpaced
+                },
+            )
+            for i in plan.itemized
+            if plan.nodes[i].streams_to
+        }
+        """Per mapped node or stream source with mapped consumers: its items as they come."""
+        self.run_id = run_id
+        self.watch = watch
+        self._tracing = watch.tracing if watch is not None else None
         self._direct = [d and ex.name == "async" for d, ex in zip(plan.direct, executors, strict=True)]
+        if self._tracing is not None:  # every body through its executor: each attempt is a span there
+            self._direct = [False] * len(plan.nodes)
         self._resources = resources
         self._requests = plan.requests if resources is not None else ()
         self._limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         typed = frozenset(i for i, t in enumerate(plan.typing) if t is not None and t.wraps)
         self.remote = RemoteValues(keep_outputs=not plan.gates, local=typed) if remote else None
+        if remote and plan.itemized:
+            name = plan.nodes[plan.itemized[0]].name
+            raise ConfigError(
+                f"step {name!r} is mapped or a stream source, which does not run alongside a Dask "
+                "executor yet; run this pipeline without the Dask executor, or map inside the step"
+            )
         caching = hooks is not None and hooks.caching
         # The cache_reason of a step that is not looked up: caching off for the run, or the step.
         off = CACHE_OFF_FOR_STEP if caching else CACHE_OFF_FOR_RUN
@@ -155,6 +234,9 @@ class UnitRunner:
         if state.blocked[node.id] is not None:
             return self._blocked(node)
         args, kwargs = state.arguments(node)
+        watch = self.watch
+        if watch is not None:
+            watch.started(node.name)
         began = _now()
         t0 = _perf()
         try:
@@ -172,6 +254,8 @@ class UnitRunner:
             state.results[node.id] = res
             if self.hooks is not None:
                 self.hooks.after(node, res, args, kwargs)
+            if watch is not None:
+                watch.finished(res)
             raise
         except Exception as exc:
             why = self._why[node.id]
@@ -186,6 +270,8 @@ class UnitRunner:
         state.results[node.id] = res
         if self.hooks is not None:
             self.hooks.after(node, res, args, kwargs)
+        if watch is not None:
+            watch.finished(res)
         return True
 
     async def _layered_node(self, node: Node) -> bool:
@@ -195,6 +281,12 @@ class UnitRunner:
             return self._blocked(node)
         args, kwargs = state.arguments(node)
         step = node.step
+        if step.map_over or step.stream:
+            if self.watch is not None:
+                self.watch.started(node.name)
+            if step.map_over:
+                return await run_mapped(self, node, args, kwargs)
+            return await run_source(self, node, args, kwargs)
         hooks = self.hooks
         cached = hooks is not None and hooks.caching and step.cache is not False
         key_args, key_kwargs = args, kwargs
@@ -224,6 +316,8 @@ class UnitRunner:
             if step.conditions and not conditions_hold(step.conditions, args, kwargs):
                 status, reason = StepStatus.SKIPPED, "its condition was false"
             else:
+                if self.watch is not None:
+                    self.watch.started(node.name)
                 found = await hooks.lookup(node, key_args, key_kwargs) if cached else None  # type: ignore[union-attr]
                 if found is not None:
                     key, why = found.key, found.reason
@@ -233,7 +327,7 @@ class UnitRunner:
                 else:
                     request = self._requests[node.id] if self._requests else ()
                     if step.retry_policy is not None:
-                        retry = RetryRun(step.retry_policy)
+                        retry = RetryRun(step.retry_policy, on_retry=self._retrying(node.name))
                     if request or self._limit is not None:
                         async with self._held(request):
                             started = True
@@ -262,6 +356,8 @@ class UnitRunner:
             state.results[node.id] = res
             if hooks is not None:
                 hooks.after(node, res, key_args, key_kwargs)
+            if self.watch is not None:
+                self.watch.finished(res)
             raise
         except Exception as exc:
             error = exc
@@ -317,12 +413,29 @@ class UnitRunner:
         extra = {"keep_remote": True} if keep_remote else {}
         body = watch_fallbacks(step.body) if step.uses_fallback else step.body
         positional = tuple(args)
+        limits = self._call_limits.get(node.id) if self._call_limits else None
+
+        tracing = self._tracing
+        carry = not executor.shares_context and not step.is_async
 
         async def attempt() -> Any:
             try:
-                ret = await executor.run(
-                    body, positional, kwargs, timeout=step.timeout, step_name=node.name, **extra
-                )
+                if limits:
+                    await acquire_all(limits)  # a slot, then a token: the timeout starts after both
+                try:
+                    if tracing is None:
+                        ret = await executor.run(
+                            body, positional, kwargs, timeout=step.timeout, step_name=node.name, **extra
+                        )
+                    else:
+                        number = retry.attempt if retry is not None else 1
+                        with tracing.attempt(node.name, number, executor.name, body, carry=carry) as fn:
+                            ret = await executor.run(
+                                fn, positional, kwargs, timeout=step.timeout, step_name=node.name, **extra
+                            )
+                finally:
+                    if limits:
+                        release_all(limits)
             except StepTimeoutError as exc:
                 for breaker in step.breakers:
                     breaker.record_failure(exc)
@@ -351,8 +464,11 @@ class UnitRunner:
         if state.blocked[head.id] is not None or self.remote is not None:
             return [(head, await self.node(head))], False
         hooks = self.hooks
+        watch = self.watch
         args, kwargs = state.arguments(head)
         head_key: str | None = None
+        if watch is not None:
+            watch.started(head.name)
         if hooks is not None and hooks.caching and head.step.cache is not False:
             start, t0 = _now(), _perf()
             try:
@@ -384,7 +500,14 @@ class UnitRunner:
             async with self._held(request):
                 running = True
                 started, t0 = _now(), _perf()
-                outcomes = await executor.run(run_chain, (members,), {}, timeout=None, step_name=head.name)
+                if self._tracing is None:
+                    outcomes = await executor.run(
+                        run_chain, (members,), {}, timeout=None, step_name=head.name
+                    )
+                else:  # one span for the whole chain, named after its head
+                    carry = not executor.shares_context
+                    with self._tracing.attempt(head.name, 1, executor.name, run_chain, carry=carry) as fn:
+                        outcomes = await executor.run(fn, (members,), {}, timeout=None, step_name=head.name)
         except asyncio.CancelledError:
             for n in nodes:
                 if running:
@@ -394,6 +517,8 @@ class UnitRunner:
                 state.results[n.id] = res
                 if hooks is not None:
                     hooks.after(n, res, args, kwargs)
+                if watch is not None:
+                    watch.finished(res)
             raise
         except Exception as exc:
             reason = f"upstream step {head.name!r} did not produce its outputs"
@@ -414,6 +539,8 @@ class UnitRunner:
                     key = hooks.key(n, a, kw)
                     why = hooks.why(n) or why
             start = o.start_time or started
+            if watch is not None and n is not head and o.status is not StepStatus.SKIPPED:
+                watch.started(n.name)  # members run inside one call: known to have begun only now
             res = finished(n.name, o.status, o.outputs, o.error, o.traceback, o.attempts, start,
                            start + o.duration_seconds, o.duration_seconds, 0.0, key, o.skip_reason,
                            cache_reason=why)  # fmt: skip
@@ -450,13 +577,17 @@ class UnitRunner:
         key_args: list[Any],
         key_kwargs: dict[str, Any],
     ) -> bool:
-        """Record a finished unit's result: the one place every started step's fate passes."""
+        """Record a finished unit's result (a bare step's success and cancellation are recorded inline)."""
         self.state.results[node.id] = res
         if self.hooks is not None:
             self.hooks.after(node, res, key_args, key_kwargs)
+        if self.watch is not None:
+            self.watch.finished(res)
         status = res.status
         if status in _OK:
             return True
+        if status in _BAD:
+            step_failed(self.run_id, res)
         if self.on_failure is not None and status is not StepStatus.SKIPPED:
             self.on_failure(node, res, [*args, *kwargs.values()])
         return False
@@ -464,15 +595,42 @@ class UnitRunner:
     def _blocked(self, node: Node) -> bool:
         """A node that cannot run: skipped with its mark, or failed with its If's error."""
         state = self.state
+        if self.items:
+            self._no_items(node)
         failed = state.gate_errors.get(node.id) if state.gate_errors else None
         if failed is not None:
             tb = "".join(traceback.format_exception(failed))
-            state.results[node.id] = finished(node.name, StepStatus.FAILED, {}, failed, tb)
+            res = state.results[node.id] = finished(node.name, StepStatus.FAILED, {}, failed, tb)
+            step_failed(self.run_id, res)
         else:
-            state.results[node.id] = finished(
+            res = state.results[node.id] = finished(
                 node.name, StepStatus.SKIPPED, {}, skip_reason=state.blocked[node.id]
             )
+        if self.watch is not None:
+            self.watch.finished(res)
         return False
+
+    def _retrying(self, step: str) -> Callable[[int, float, BaseException], None]:
+        """What :class:`RetryRun` calls after a failed attempt of ``step`` that will be retried."""
+        run_id, watch = self.run_id, self.watch
+
+        def retrying(attempt: int, delay: float, error: BaseException) -> None:
+            step_retrying(run_id, step, attempt, delay, error)
+            if watch is not None:
+                watch.retrying(step, attempt, delay, error)
+
+        return retrying
+
+    def _no_items(self, node: Node) -> None:
+        """A node that will not run: its mapped consumers stop waiting for its items, and it for others'."""
+        board = self.items.get(node.id)
+        if board is not None:
+            board.end(False)
+        spec = self.state.plan.maps.get(node.id)
+        if spec is not None:
+            for _at, _name, streamed in spec.places:
+                if streamed >= 0:
+                    self.items[streamed].leave(node.id)
 
     @contextlib.asynccontextmanager
     async def _held(self, request: Request) -> AsyncIterator[None]:
@@ -491,6 +649,13 @@ class UnitRunner:
         finally:
             if request:
                 self._resources.release(request)  # type: ignore[union-attr]
+
+    def held(self, node: Node) -> contextlib.AbstractAsyncContextManager[None] | None:
+        """What one call of ``node`` holds while it runs (its resources, a run-wide slot), or None."""
+        request = self._requests[node.id] if self._requests else ()
+        if request or self._limit is not None:
+            return self._held(request)
+        return None
 
     async def localize_outputs(self) -> None:
         """Fetch every remote output to the driver; call before the executors close."""

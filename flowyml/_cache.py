@@ -40,9 +40,9 @@ import xxhash
 
 from ._attempt import CACHE_HIT, Lookup, RunHooks
 from ._errors import UncachedStepWarning, UnhashableInputError
-from ._graph import Node, Plan
+from ._graph import MISSING, MapSpec, Node, Plan
 from ._hashing import content_identity, fingerprint_parts, key_of
-from ._results import StepResult, StepStatus
+from ._results import ItemFailed, StepResult, StepStatus
 from ._step import CachePolicy
 from ._store import StepRecord, Store
 
@@ -425,6 +425,117 @@ class StoreHooks(RunHooks):
         if self._previous is not None and not self._previous.done():
             self._previous.cancel()
 
+    # ------------------------------------------------------------------ items of a mapped step
+
+    def item_base_key(self, node: Node, args: list[Any], kwargs: dict[str, Any], spec: MapSpec) -> str | None:
+        """The key of everything a mapped step's items share: code, identity, unmapped inputs.
+
+        Each item's key adds the item's own elements to it (:meth:`item_lookup`), so a rerun
+        after a partial failure finds every item that succeeded, wherever it sits in the list.
+        Unmapped inputs are identified as for any step (by their producer, else their content);
+        one that cannot be identified leaves the items uncached.
+        """
+        step = node.step
+        if not self.caching or step.cache is False or node.id in self._uncacheable:
+            return None
+        strategy: Any = step.cache
+        if isinstance(strategy, CachePolicy):
+            strategy = strategy.strategy
+        mapped = {
+            at if isinstance(at, int) else len(args) + list(kwargs).index(at) for at, _n, _s in spec.places
+        }
+        inputs: list[tuple[str, str]] = []
+        params: list[tuple[str, str]] = [
+            ("items", "by key function" if callable(strategy) else "by elements")
+        ]
+        if not callable(strategy):
+            unknown: list[str] = []
+            values = [*args, *kwargs.values()]
+            for flat, ((label, slot), value) in enumerate(zip(node.labels, values, strict=True)):
+                if flat in mapped:
+                    continue
+                if slot >= 0:
+                    found = self._identities.get(slot) or self._content(slot, value)
+                else:
+                    found = content_identity(value)
+                if found is None:
+                    unknown.append(f"parameter {label!r}")
+                elif slot >= 0:
+                    inputs.append((label, found))
+                else:
+                    params.append(("param:" + label, found))
+            if unknown:
+                self._uncached(node, unknown, args, kwargs)
+                return None
+        fingerprint = self._step_fingerprint(node) if strategy == "code_hash" else None
+        return key_of(step_identity=node.identity, fingerprint=fingerprint, inputs=inputs, params=params)
+
+    async def item_lookup(
+        self, node: Node, base: str, args: list[Any], kwargs: dict[str, Any], elements: list[Any]
+    ) -> tuple[str | None, Any]:
+        strategy: Any = node.step.cache
+        if isinstance(strategy, CachePolicy):
+            strategy = strategy.strategy
+        identity = content_identity(strategy(*args, **kwargs) if callable(strategy) else tuple(elements))
+        if identity is None:
+            return None, MISSING  # this item cannot be identified: it runs uncached
+        key = key_of(step_identity=base, fingerprint=None, inputs=[("item", identity)], params=())
+        entry = await self.store.lookup(key)
+        if entry is not None:
+            outputs = await self.store.load(entry)
+            if outputs is not None and node.output_names[0] in outputs:
+                return key, outputs[node.output_names[0]]
+        return key, MISSING
+
+    def after_item(
+        self,
+        node: Node,
+        index: int,
+        status: StepStatus,
+        attempts: int,
+        start: float,
+        duration: float,
+        error: BaseException | None,
+        key: str | None,
+        value: Any,
+    ) -> None:
+        hashes: dict[str, str] | None = None
+        name = node.output_names[0]
+        if self.caching and key is not None and status is StepStatus.SUCCEEDED:
+            try:
+                hashes = self.store.put(
+                    key=key, step_name=node.name, run_id=self.run_id, outputs={name: value}, duration=duration
+                )
+            except Exception as exc:  # an output that cannot be stored: the item is just not cached
+                warnings.warn(UncachedStepWarning(f"step {node.name!r}, item {index}: {exc}"), stacklevel=2)
+        if not self.recording:
+            return
+        produced = status in (StepStatus.SUCCEEDED, StepStatus.CACHED) and not isinstance(value, ItemFailed)
+        if error is None:
+            # The hot path, as for a step: the writer builds the row from the fate and the shape.
+            fate = _ItemFate(status, {name: None} if produced else {}, attempts, start, duration, key)
+            self._record_fate(
+                self.run_id, fate, hashes, self._shapes[node.id].renamed(f"{node.name}[{index}]")
+            )
+            return
+        self.store.record_step(
+            StepRecord(
+                run_id=self.run_id,
+                step_name=f"{node.name}[{index}]",
+                status=status.value,
+                attempts=attempts,
+                started_at=start,
+                ended_at=start + duration,
+                duration_seconds=duration,
+                cached=status is StepStatus.CACHED,
+                cache_key=key,
+                error_type=None if error is None else type(error).__qualname__,
+                error_message=None if error is None else str(error),
+                outputs={name: (hashes or {}).get(name)} if produced else {},
+                inputs=dict(node.lineage_inputs),
+            )
+        )
+
     def record(self, node: Node, res: StepResult, hashes: dict[str, str] | None = None) -> StepRecord:
         """The lineage row of one step's fate in this run."""
         err = res.error
@@ -446,6 +557,33 @@ class StoreHooks(RunHooks):
             inputs=dict(node.lineage_inputs),
             cache_reason=res.cache_reason,
         )
+
+
+class _ItemFate:
+    """What the store reads of one item that did not fail (see ``StepFate``)."""
+
+    __slots__ = ("attempts", "cache_key", "duration_seconds", "end_time", "outputs", "start_time", "status")
+
+    time_saved_seconds = 0.0
+    traceback = None
+    cache_reason = None
+
+    def __init__(
+        self,
+        status: str,
+        outputs: dict[str, None],
+        attempts: int,
+        start: float,
+        duration: float,
+        key: str | None,
+    ) -> None:
+        self.status = status
+        self.outputs = outputs
+        self.attempts = attempts
+        self.start_time = start
+        self.duration_seconds = duration
+        self.end_time = start + duration
+        self.cache_key = key
 
 
 async def _latest_parts(store: Store, step_names: list[str]) -> _Previous:

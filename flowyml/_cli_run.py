@@ -21,6 +21,7 @@ __all__ = ("NO_STORE", "register")
 import argparse
 import asyncio
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import json
@@ -42,7 +43,7 @@ NO_STORE: dict[str, tuple[str, int, bool]] = {
 
 
 #: How a recorded run can stand: still running, or how it ended (``Pipeline.arun``).
-RUN_STATES = ("running", "completed", "failed", "cancelled")
+RUN_STATES = ("running", "completed", "failed", "cancelled", "interrupted")
 
 
 class UsageError(Exception):
@@ -129,6 +130,30 @@ def parse_param(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _check_params(pipeline: Pipeline, params: dict[str, Any]) -> None:
+    """Refuse a ``--param`` no step takes (a typo would otherwise run with the default silently).
+
+    Skipped when the pipeline has ``If`` conditions: they may read any name from ``ctx.params``.
+
+    Raises:
+        UsageError: naming the unknown parameter, close matches and the parameters there are.
+    """
+    from ._graph import CONTEXT
+
+    plan = pipeline.plan()
+    if plan.gates:
+        return
+    taken = sorted({src.name for node in plan.nodes for _, src in node.sources() if src.kind == CONTEXT})
+    for key in params:
+        if key not in taken:
+            close = difflib.get_close_matches(key, taken, n=3)
+            hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+            known = ", ".join(taken) if taken else "none"
+            raise UsageError(
+                f"--param {key!r} is not a parameter of any step; {hint}parameters of this pipeline: {known}"
+            )
+
+
 # -- commands that need no store -------------------------------------------------------------------
 
 
@@ -140,7 +165,12 @@ def _run(args: argparse.Namespace) -> int:
         if getattr(args, "dir", None):
             pipeline.cache_dir = args.dir
         params = dict(args.param or [])
-        result = pipeline.run(params or None, fail_fast=args.fail_fast)
+        _check_params(pipeline, params)
+        if args.report and Path(args.report).is_dir():
+            raise UsageError(
+                f"--report {args.report!r} is a directory; name a file, e.g. {args.report}/run.html"
+            )
+        result = pipeline.run(params or None, fail_fast=args.fail_fast, progress=args.progress or None)
     except UsageError as exc:
         _err(str(exc))
         return 2
@@ -152,9 +182,12 @@ def _run(args: argparse.Namespace) -> int:
     print(result.summary())
     print(f"run id: {result.run_id}")
     if args.report:
-        written = Path(args.report)
-        result.report(written)
-        print(f"report: {written}")
+        try:
+            result.report(args.report)
+        except OSError as exc:
+            _err(f"the run is recorded, but its report could not be written to {args.report!r}: {exc}")
+            return 2
+        print(f"report: {args.report}")
     return 0 if result.success else 1
 
 
@@ -198,7 +231,11 @@ async def _report(store: Store, args: argparse.Namespace) -> int:
     if data is None:
         _err(f"no run {args.run_id!r} in {store.root}.")
         return 1
-    write_report(data, args.output)
+    try:
+        write_report(data, args.output)
+    except OSError as exc:
+        _err(f"cannot write the report of run {run_id} to {args.output!r}: {exc}")
+        return 2
     print(f"report of run {run_id}: {args.output}")
     return 0
 
@@ -291,6 +328,11 @@ def register(
         help="let branches not depending on a failure finish",
     )
     run.add_argument("--report", metavar="PATH", default=None, help="also write the run's HTML report there")
+    run.add_argument(
+        "--progress",
+        action="store_true",
+        help="show the run's progress on stderr (as FLOWYML_PROGRESS=1 does)",
+    )
     run.set_defaults(direct=_run, name="run")
 
     dag = commands.add_parser("dag", parents=[common], help="print a pipeline's Mermaid flowchart")

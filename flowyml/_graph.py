@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ._conditions import If
     from ._store import StepShape
 
-__all__ = ("MISSING", "Gate", "Node", "Plan", "Source", "build_plan")
+__all__ = ("MISSING", "Gate", "MapSpec", "Node", "Plan", "Source", "build_plan")
 
 
 class _Missing:
@@ -75,6 +75,8 @@ class Node:
     """Module, qualified name, step name and outputs: what a cache key says the step is."""
     labels: tuple[tuple[str, int], ...] = ()
     """Every argument as ``(parameter label, output slot)``; the slot is -1 for context values."""
+    streams_to: tuple[int, ...] = ()
+    """Mapped consumers of this node's items, started when this node starts (not in ``dependents``)."""
 
     def sources(self) -> list[tuple[str, Source]]:
         """Every bound argument as ``(parameter label, source)``, in call order."""
@@ -82,6 +84,18 @@ class Node:
         out += [(s.parameter, s) for s in self.var_positional]
         out += list(self.keyword)
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class MapSpec:
+    """Where a mapped node's items come from: one entry per ``map_over`` input, zipped.
+
+    ``places`` holds, per input, the argument it fills (an index into the positional
+    arguments, or a keyword name), the input's name, and the id of the node whose items stream
+    into it (-1 when the value is a whole collection: a context value or an unmapped step's output).
+    """
+
+    places: tuple[tuple[int | str, str, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +127,15 @@ class Plan:
     await on the loop itself when its executor is the loop's."""
     shapes: tuple[StepShape, ...] = ()
     """Per node: its lineage record's unchanging part (name, outputs, inputs), encoded once."""
+    maps: Mapping[int, MapSpec] = dataclasses.field(default_factory=dict)
+    """Mapped nodes (``map_over``), by id."""
+    itemized: tuple[int, ...] = ()
+    """Nodes whose output is made item by item: mapped steps and stream sources (generators)."""
+    limited: tuple[int, ...] = ()
+    """Nodes with a ``concurrency``, ``rate_limit`` or shared ``limit`` of their own."""
+    unpaced: frozenset[tuple[int, int]] = frozenset()
+    """Streaming edges ``(producer, consumer)`` whose consumer also waits, through another input,
+    for the producer to end: the producer must not wait for that consumer (``max_pending``)."""
     typing: tuple[Typing | None, ...] = ()
     """Per node: what the run checks, unwraps and wraps because of its annotations (see
     :mod:`flowyml._types`); empty when no node has any."""
@@ -207,9 +230,13 @@ def _build_plan(
             slot_of[out] = len(slot_names)
             slot_names.append(out)
 
+    # A mapped step or a stream source is annotated per item, not for the list it makes: its
+    # annotations are not checked or routed (yet).
     hints: dict[int, dict[str, object] | None] = {}  # by id of the function: steps often share one
     types: list[StepTypes | None] = [None] * len(steps)
     for i, s in enumerate(steps):
+        if s.map_over or s.stream:
+            continue
         key = id(s.body)
         if key not in hints:
             hints[key] = resolved_annotations(s.body) if _annotated(s) else None
@@ -218,19 +245,32 @@ def _build_plan(
             types[i] = read_types(s, outputs_of[i], known)
     routed = {out: kind for t in types if t is not None for out, kind in t.routed.items()}
     bindings = [_bind(s, names[i], i, producer, slot_of, types[i], routed) for i, s in enumerate(steps)]
+    itemized = [bool(s.map_over or s.stream) for s in steps]
     deps_of: list[tuple[int, ...]] = []
     context_needs: list[tuple[int, Source]] = []
     dependents: list[list[int]] = [[] for _ in steps]
+    streams_to: list[list[int]] = [[] for _ in steps]
+    maps: dict[int, MapSpec] = {}
     for i, (positional, var_pos, keyword) in enumerate(bindings):
         deps: dict[int, None] = {}  # ordered, and a membership test that does not grow with the inputs
-        for src in (*positional, *var_pos, *(k[1] for k in keyword)):
+        mapped = steps[i].map_over
+        places: list[tuple[int | str, str, int]] = []
+        located: list[tuple[int | str, Source]] = [*enumerate((*positional, *var_pos)), *keyword]
+        for at, src in located:
+            streamed = -1
+            if mapped and src.name in mapped:
+                if src.kind == SLOT and itemized[producer[slot_names[src.slot]]]:
+                    streamed = producer[slot_names[src.slot]]
+                places.append((at, src.name, streamed))
             if src.kind == SLOT:
                 p = producer[slot_names[src.slot]]
                 if p not in deps:
                     deps[p] = None
-                    dependents[p].append(i)
+                    (streams_to if streamed >= 0 else dependents)[p].append(i)
             elif src.kind == CONTEXT and src.default is MISSING:
                 context_needs.append((i, src))
+        if mapped:
+            maps[i] = MapSpec(tuple(sorted(places, key=lambda p: mapped.index(p[1]))))
         deps_of.append(tuple(deps))
 
     typing: list[Typing | None] = [None] * len(steps)
@@ -280,9 +320,11 @@ def _build_plan(
                     f"|{','.join(outputs_of[i])}"
                 ),
                 labels=tuple((label, src.slot if src.kind == SLOT else -1) for label, src in sources),
+                streams_to=tuple(streams_to[i]),
             )
         )
     order = _check_acyclic(nodes)
+    unpaced = _unpaced(nodes, order) if any(streams_to) else frozenset()
     index = {id(s): i for i, s in enumerate(steps)}
     gates = tuple(
         Gate(
@@ -303,9 +345,19 @@ def _build_plan(
         chains=find_chains(nodes, order, {i for g in gates for i in (*g.then_ids, *g.else_ids)}),
         requests=tuple(requests_for(n.name, n.step.resources, capacity) for n in nodes) if capacity else (),
         direct=tuple(
-            s.is_async and s.retry_policy is None and s.timeout is None and not s.uses_fallback for s in steps
+            s.is_async
+            and s.retry_policy is None
+            and s.timeout is None
+            and not s.uses_fallback
+            and not _limited(s)
+            and not itemized[i]
+            for i, s in enumerate(steps)
         ),
         shapes=tuple(StepShape(n.name, n.output_names, n.lineage_inputs) for n in nodes),
+        maps=maps,
+        itemized=tuple(i for i, yes in enumerate(itemized) if yes),
+        limited=tuple(i for i, s in enumerate(steps) if _limited(s)),
+        unpaced=unpaced,
         typing=tuple(typing) if any(typing) else (),
     )
 
@@ -314,6 +366,30 @@ def _annotated(s: Step) -> bool:
     """Whether the step's function carries any annotation worth reading (most small steps do not)."""
     target = inspect.unwrap(s.body)
     return bool(getattr(target, "__annotations__", None))
+
+
+def _unpaced(nodes: Sequence[Node], order: Sequence[int]) -> frozenset[tuple[int, int]]:
+    """Streaming edges whose consumer cannot start before its producer ends.
+
+    Such a consumer also has an ordinary input that (through any path) needs the producer's
+    whole output; were the producer paced by it, neither could ever go on.
+    """
+    ancestors: list[set[int]] = [set() for _ in nodes]
+    for i in order:
+        for d in (*nodes[i].dependents, *nodes[i].streams_to):
+            ancestors[d] |= ancestors[i] | {i}
+    found = set()
+    for p in nodes:
+        for c in p.streams_to:
+            streamed = {q.id for q in nodes if c in q.streams_to}
+            if any(p.id in ancestors[q] or q == p.id for q in nodes[c].deps if q not in streamed):
+                found.add((p.id, c))
+    return frozenset(found)
+
+
+def _limited(s: Step) -> bool:
+    """Whether a step's calls hold a limit of their own (so it is never awaited bare on the loop)."""
+    return s.concurrency is not None or s.rate_limit is not None or s.limit is not None
 
 
 def find_chains(
@@ -442,7 +518,7 @@ def _check_acyclic(nodes: Sequence[Node]) -> list[int]:
     while ready:
         i = ready.pop()
         order.append(i)
-        for d in reversed(nodes[i].dependents):
+        for d in reversed((*nodes[i].dependents, *nodes[i].streams_to)):
             remaining[d] -= 1
             if remaining[d] == 0:
                 ready.append(d)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import reprlib
 import sys
@@ -12,10 +13,12 @@ import uuid
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from . import _log
 from ._assets import Asset, derive, input_assets
 from ._attempt import UnitRunner
 from ._catalog import AssetRouter
@@ -27,6 +30,7 @@ from ._executors._local import AsyncExecutor, ThreadExecutor
 from ._gates import NOT_CHOSEN
 from ._graph import Node, Plan, build_plan
 from ._mermaid import to_mermaid
+from ._otel import tracing_for
 from ._report import PipelineResult
 from ._resources import ResourcePool, parse_capacity
 from ._results import StepResult, StepStatus
@@ -37,7 +41,10 @@ from ._step import Step, step
 if TYPE_CHECKING:
     from ._cache import StoreHooks
     from ._cachestore import CacheStore
+    from ._dispatch import Channel
     from ._store import Store
+    from ._watch import Watch
+    from .events import Event, Listener
 
 __all__ = ("Pipeline",)
 
@@ -197,6 +204,8 @@ class Pipeline:
         debug: bool | None = None,
         run_id: str | None = None,
         executor: Executor | None = None,
+        on_event: Listener | None = None,
+        progress: bool | None = None,
     ) -> PipelineResult:
         """Run the pipeline to completion and return its result; a failing step does not raise.
 
@@ -206,6 +215,12 @@ class Pipeline:
         ``executor`` (e.g. ``DaskExecutor(...)``) runs every step that does not name its own.
         Executor objects used by the run are closed when ``run()`` returns, since its event
         loop ends with it; ``arun()`` leaves them open for the caller to close.
+
+        ``on_event`` hears each event of the run (see :mod:`flowyml.events`): a plain function
+        is called on the event loop and must be quick; a coroutine function is awaited in a
+        background task, in order, never delaying a step. Whatever it was not made to drop is
+        delivered before this returns. ``progress=True`` (default: ``FLOWYML_PROGRESS=1``)
+        shows a live display on stderr.
 
         Raises:
             EventLoopError: called inside a running event loop; use ``await pipeline.arun()``.
@@ -222,7 +237,14 @@ class Pipeline:
             )
         return asyncio.run(
             self.arun(
-                context, fail_fast=fail_fast, debug=debug, run_id=run_id, executor=executor, _close_all=True
+                context,
+                fail_fast=fail_fast,
+                debug=debug,
+                run_id=run_id,
+                executor=executor,
+                on_event=on_event,
+                progress=progress,
+                _close_all=True,
             )
         )
 
@@ -234,7 +256,10 @@ class Pipeline:
         debug: bool | None = None,
         run_id: str | None = None,
         executor: Executor | None = None,
+        on_event: Listener | None = None,
+        progress: bool | None = None,
         _close_all: bool = False,
+        _channels: Sequence[Channel] = (),
     ) -> PipelineResult:
         """Run the pipeline inside the caller's event loop; same contract as :meth:`run`.
 
@@ -253,15 +278,25 @@ class Pipeline:
             raise ConfigError(
                 f"run(executor=...) needs an executor object such as DaskExecutor(...), got {executor!r}"
             )
+        listeners = _listeners(on_event)
         executors = _Executors(self, executor)
         assigned = executors.assign(plan)
         remote = any(ex.supports_remote for ex in set(assigned))
         start = time.time()
-        store, hooks, mark = await self._open_store(plan, run_id, start)
+        watch = _watch_for(self.name, run_id, listeners, _channels, progress)
+        try:
+            store, hooks, mark = await self._open_store(plan, run_id, start)
+        except BaseException as exc:
+            if watch is not None:
+                await watch.run_cancelled(None, exc)
+            raise
         store_errors: list[StoreError] = []
         run_state = RunState(plan, params)
         state = "cancelled"
         try:
+            _log.run_started(run_id, self.name, len(plan.nodes))
+            if watch is not None:
+                await watch.run_started(len(plan.nodes))
             runner = UnitRunner(
                 run_state,
                 assigned,
@@ -270,10 +305,22 @@ class Pipeline:
                 max_concurrency=1 if debug else self.max_concurrency,
                 remote=remote,
                 on_failure=_debug_report if debug else None,
+                fail_fast=fail_fast,
+                run_id=run_id,
+                watch=watch,
             )
-            await Run(run_state, runner, fail_fast=fail_fast).execute()
+            try:
+                await Run(run_state, runner, fail_fast=fail_fast).execute()
+            finally:
+                if watch is not None:
+                    watch.unannounced(run_state.results)
             await runner.localize_outputs()
             state = _state(r for r in run_state.results if r is not None)
+        except BaseException as exc:
+            if watch is not None:
+                partial = self._result(plan, run_state, run_id, "cancelled", start, params, ())
+                await _finish_even_if_cancelled(watch.run_cancelled(partial, exc))
+            raise
         finally:
             try:
                 await executors.aclose(close_given=_close_all)
@@ -284,6 +331,24 @@ class Pipeline:
                     await self._close_store(
                         store, hooks, run_state, run_id, start, state, mark, store_errors, wait=_close_all
                     )
+        result = self._result(
+            plan, run_state, run_id, state, start, params, _report_store_errors(self.name, store_errors)
+        )
+        _log.run_finished(run_id, lambda: _summary_line(result))
+        if watch is not None:
+            await watch.run_finished(result)
+        return result
+
+    def _result(
+        self,
+        plan: Plan,
+        run_state: RunState,
+        run_id: str,
+        state: str,
+        start: float,
+        params: dict[str, Any],
+        store_errors: tuple[StoreError, ...],
+    ) -> PipelineResult:
         results = {
             r.step_name: r for r in run_state.results if r is not None and r.skip_reason is not NOT_CHOSEN
         }
@@ -298,7 +363,37 @@ class Pipeline:
             producers={out: n.name for n in plan.nodes for out in n.output_names},
             plan=plan,
             params=params,
-            store_errors=_report_store_errors(self.name, store_errors),
+            store_errors=store_errors,
+        )
+
+    def stream(
+        self,
+        context: Context | Mapping[str, Any] | None = None,
+        *,
+        fail_fast: bool = True,
+        run_id: str | None = None,
+        executor: Executor | None = None,
+        progress: bool | None = None,
+    ) -> EventStream:
+        """Run the pipeline in the background and iterate its events: ``async with`` it.
+
+        ::
+
+            async with pipeline.stream(context={"lr": 0.1}) as events:
+                async for event in events:
+                    await websocket.send_json(describe(event))
+
+        The iteration ends after :class:`~flowyml.events.RunFinished`, always the last event
+        (its ``result`` is the run's :class:`PipelineResult`). Leaving the block early stops
+        the run: running steps are cancelled, as when an ``arun()`` task is. If the run
+        cannot start, entering the block raises (a bad graph or context); an error that ends
+        it later is raised by the iteration. Events the consumer is too slow for are coalesced
+        or dropped beyond a bound, and counted in ``RunFinished.dropped``.
+        """
+        return EventStream(
+            self,
+            context,
+            {"fail_fast": fail_fast, "run_id": run_id, "executor": executor, "progress": progress},
         )
 
     async def _open_store(
@@ -412,6 +507,109 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, steps={[s.name for s in self._steps]})"
+
+
+class EventStream:
+    """What :meth:`Pipeline.stream` returns: an async context manager around a running run.
+
+    Entering it checks the pipeline and the context and starts the run as a task; the object it
+    gives is an async iterator over the run's events. Leaving it cancels the run if it is still
+    going and waits until it has stopped.
+    """
+
+    def __init__(
+        self, pipeline: Pipeline, context: Context | Mapping[str, Any] | None, options: dict[str, Any]
+    ) -> None:
+        self._pipeline = pipeline
+        self._context = context
+        self._options = options
+        from ._dispatch import Channel
+
+        self._channel = Channel()
+        self._task: asyncio.Task[PipelineResult] | None = None
+        self._over = False
+
+    async def __aenter__(self) -> AsyncIterator[Event]:
+        if self._task is not None:
+            raise ConfigError(
+                f"a stream of pipeline {self._pipeline.name!r} can be entered once; call stream() again"
+            )
+        pipeline = self._pipeline
+        pipeline.plan().check_context(
+            {**pipeline.context.to_dict(), **(dict(self._context) if self._context else {})}
+        )
+        self._task = asyncio.get_running_loop().create_task(
+            pipeline.arun(self._context, _channels=(self._channel,), **self._options),
+            name=f"flowyml-stream-{pipeline.name}",
+        )
+        self._task.add_done_callback(self._ended)
+        return self._events()
+
+    def _ended(self, task: asyncio.Task[PipelineResult]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._channel.fail(task.exception())  # type: ignore[arg-type]
+
+    async def _events(self) -> AsyncIterator[Event]:
+        from .events import RunFinished
+
+        while not self._over:
+            event = await self._channel.get()
+            if isinstance(event, RunFinished):
+                self._over = True
+            yield event
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        task = self._task
+        assert task is not None
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+        if kind is None and not task.cancelled() and task.exception() is not None and not self._over:
+            raise task.exception()  # type: ignore[misc]
+
+
+def _watch_for(
+    pipeline: str, run_id: str, listeners: list[Listener], channels: Sequence[Channel], progress: bool | None
+) -> Watch | None:
+    """What watches this run, or None when nothing does (then nothing of it is even imported)."""
+    tracing = tracing_for(pipeline, run_id)
+    show = False
+    if progress or (progress is None and os.environ.get("FLOWYML_PROGRESS")):
+        from ._progress import progress_wanted
+
+        show = progress_wanted(progress)
+    if not (listeners or channels or show or tracing is not None or _log.run_log.isEnabledFor(logging.DEBUG)):
+        return None
+    from ._progress import Progress
+    from ._watch import Watch
+
+    return Watch(
+        run_id=run_id,
+        pipeline=pipeline,
+        listeners=listeners,
+        channels=channels,
+        progress=Progress(pipeline) if show else None,
+        tracing=tracing,
+    )
+
+
+def _summary_line(result: PipelineResult) -> str:
+    from ._progress import summary_line
+
+    return summary_line(result)
+
+
+def _listeners(on_event: Listener | None) -> list[Listener]:
+    """``on_event=`` as a list of listeners, or a ConfigError saying what it must be."""
+    if on_event is None:
+        return []
+    if not callable(on_event):
+        raise ConfigError(
+            f"run(on_event=...) needs a function taking one event (plain or async def), got {on_event!r}"
+        )
+    return [on_event]
 
 
 class _Starts:
@@ -637,3 +835,16 @@ def describe_inputs(node: Node, values: list[Any]) -> str:
         text = reprlib.repr(v)
         lines.append(f"    {label} = {type(v).__name__}({size}) {text}")
     return "\n".join(lines) or "    no inputs"
+
+
+async def _finish_even_if_cancelled(closing: Coroutine[Any, Any, None]) -> None:
+    """Await ``closing`` to the end even if this task is cancelled meanwhile, then re-raise."""
+    task = asyncio.ensure_future(closing)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError as cancelled:
+        try:
+            await task
+        except Exception as exc:  # the cancellation matters more; keep the close error visible
+            cancelled.add_note(f"flowyml: finishing the run's watchers also failed: {exc!r}")
+        raise

@@ -292,10 +292,11 @@ class RetryRun:
     in their worker (:mod:`flowyml._groups`) all call :meth:`call` or :meth:`acall`, so every
     retry reads the same clock (:func:`_now`, advanced by ``no_sleep()``), waits through
     :func:`_sleep` / :func:`_asleep`, and leaves ``.attempts`` and a note on the exception it
-    gives up on. :meth:`failed` is where the decision to retry is taken.
+    gives up on. :meth:`failed` is where the decision to retry is taken; ``on_retry(attempt,
+    delay, error)``, when given, hears of each failed attempt that will be retried, before the wait.
     """
 
-    __slots__ = ("_clock", "_rand", "attempt", "config", "started")
+    __slots__ = ("_clock", "_on_retry", "_rand", "attempt", "config", "started")
 
     def __init__(
         self,
@@ -303,9 +304,11 @@ class RetryRun:
         *,
         clock: Callable[[], float] = _now,
         rand: Callable[[], float] = random.random,
+        on_retry: Callable[[int, float, BaseException], None] | None = None,
     ) -> None:
         self.config = config
         self.attempt = 1
+        self._on_retry = on_retry
         self._clock = clock
         self._rand = rand
         self.started = clock()
@@ -320,6 +323,8 @@ class RetryRun:
         reason = self.config.stop_reason(exc, self.attempt, self._clock() - self.started)
         if reason is None:
             delay = self.config.delay(self.attempt, self._rand)
+            if self._on_retry is not None:
+                self._on_retry(self.attempt, delay, exc)
             self.attempt += 1
             return delay
         if isinstance(exc, Exception):

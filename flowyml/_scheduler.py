@@ -15,6 +15,10 @@ A unit that cannot produce its outputs (failed, skipped, cancelled) marks its de
 passed on. With ``fail_fast`` a failure instead aborts the task group: running units are
 cancelled, and nodes that never started are marked skipped when the run ends.
 
+A mapped consumer of a mapped step or a stream source (``node.streams_to``) is counted down
+when its producer *starts*, not when it ends: it then takes the producer's items as they come
+(:mod:`flowyml._map`), and learns of the producer's fate from its stream, not from a mark.
+
 An ``If`` holds one extra count on each branch node until :func:`~flowyml._gates.decide` can
 read its condition; the decision releases both branches, blocking the one not chosen.
 """
@@ -104,6 +108,9 @@ class Run:
         chains = self.plan.chains
         runner = self._runner
         while node is not None:
+            if node.streams_to:  # mapped consumers take this node's items as they come
+                for d in node.streams_to:
+                    self._release(d)
             chain = chains.get(node.id) if chains else None
             if chain is None:
                 node = self._finish(node, await runner.node(node))

@@ -15,12 +15,14 @@ from typing import Any, Final, Literal, overload
 from ._errors import ConfigError
 from ._executors._base import Executor
 from ._layers import is_async_callable
+from ._limits import Limit, _check_concurrency, parse_rate
 from ._retry import RetryConfig, as_retry_config
 
-__all__ = ("CACHE_STRATEGIES", "EXECUTORS", "CachePolicy", "Step", "step")
+__all__ = ("CACHE_STRATEGIES", "EXECUTORS", "MAP_ERRORS", "CachePolicy", "Step", "step")
 
 CACHE_STRATEGIES: Final = ("code_hash", "input_hash")
 EXECUTORS: Final = ("async", "thread", "process")
+MAP_ERRORS: Final = ("raise", "collect")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,7 @@ class Step:
         "body",
         "breakers",
         "cache",
+        "concurrency",
         "condition",
         "conditions",
         "execution_group",
@@ -70,13 +73,19 @@ class Step:
         "func",
         "inputs",
         "is_async",
+        "limit",
+        "map_errors",
+        "map_over",
+        "max_pending",
         "name",
         "options",
         "outputs",
+        "rate_limit",
         "resources",
         "retry",
         "retry_policy",
         "signature",
+        "stream",
         "tags",
         "timeout",
         "uses_fallback",
@@ -105,6 +114,15 @@ class Step:
     uses_fallback: bool
     breakers: tuple[Any, ...]
     options: dict[str, Any]
+    map_over: tuple[str, ...]
+    """Inputs the step is called once per element of (zipped when several); empty: not mapped."""
+    concurrency: int | None
+    rate_limit: str | None
+    limit: Limit | None
+    max_pending: int | None
+    map_errors: Literal["raise", "collect"]
+    stream: Literal["sync", "async"] | None
+    """``"async"`` for an async generator function, ``"sync"`` for a generator function: a stream source."""
 
     def __init__(
         self,
@@ -121,6 +139,12 @@ class Step:
         condition: Predicate | None = None,
         execution_group: str | None = None,
         executor: str | Executor | None = None,
+        map_over: Iterable[str] | str | None = None,
+        concurrency: int | None = None,
+        rate_limit: str | None = None,
+        limit: Limit | None = None,
+        max_pending: int | None = None,
+        map_errors: str = "raise",
     ) -> None:
         if not callable(func):
             raise ConfigError(f"@step needs a function, got {type(func).__name__}: {func!r}")
@@ -146,6 +170,8 @@ class Step:
             "name": name, "inputs": inputs, "outputs": outputs, "cache": cache,
             "retry": retry, "timeout": timeout, "resources": resources, "tags": tags,
             "condition": condition, "execution_group": execution_group, "executor": executor,
+            "map_over": _as_tuple(map_over), "concurrency": concurrency, "rate_limit": rate_limit,
+            "limit": limit, "max_pending": max_pending, "map_errors": map_errors,
         })  # fmt: skip
         set_(self, "name", _check_name(name, label))
         set_(self, "explicit_name", name is not None)
@@ -168,6 +194,13 @@ class Step:
             set_(self, "signature", inspect.signature(body))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"step {label!r}: cannot read the signature of {body!r}: {exc}") from exc
+        set_(self, "map_over", _check_map_over(map_over, self))
+        set_(self, "concurrency", _check_option_concurrency(concurrency, label))
+        set_(self, "rate_limit", _check_rate_limit(rate_limit, label))
+        set_(self, "limit", _check_limit(limit, label))
+        set_(self, "max_pending", _check_max_pending(max_pending, self))
+        set_(self, "map_errors", _check_map_errors(map_errors, self))
+        set_(self, "stream", _check_stream(self))
         functools.update_wrapper(self, func)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -209,6 +242,12 @@ def step(
     condition: Predicate | None = ...,
     execution_group: str | None = ...,
     executor: str | Executor | None = ...,
+    map_over: Iterable[str] | str | None = ...,
+    concurrency: int | None = ...,
+    rate_limit: str | None = ...,
+    limit: Limit | None = ...,
+    max_pending: int | None = ...,
+    map_errors: str = ...,
 ) -> Callable[[Callable[..., Any]], Step]: ...
 def step(
     func: Callable[..., Any] | None = None, /, **options: Any
@@ -228,6 +267,20 @@ def step(
         condition: a predicate over the step's arguments; false skips the step and its consumers.
         execution_group: steps of one group that form a chain run back to back in one worker.
         executor: ``"async"``, ``"thread"``, ``"process"`` or an executor object.
+        map_over: input(s) whose value is a collection: the step runs once per element (zipped
+            when several), each item with its own retries, timeout, cache entry and result; the
+            output is the list of results in input order.
+        concurrency: calls (items, for a mapped step) of this step running at once in one run.
+        rate_limit: calls of this step allowed to start per unit of time in one run, ``"50/s"``,
+            ``"600/min"`` or ``"1000/h"``.
+        limit: a :class:`~flowyml.Limit` shared with every other step, pipeline and run using it.
+        max_pending: for a mapped step fed by a generator step: how many items the generator
+            may run ahead of this step (default: a few times its concurrency).
+        map_errors: ``"raise"`` (default: the first item failing for good fails the step) or
+            ``"collect"`` (the other items finish; failed ones are ``ItemFailed`` in the output).
+
+    A generator or async generator function is a *stream source*: what it yields, one by one,
+    feeds mapped consumers as it comes; other consumers get the list once it ends.
 
     Raises:
         ConfigError: an option has an invalid value; the message names it and the valid values.
@@ -259,6 +312,12 @@ _OPTIONS: Final = frozenset(
         "condition",
         "execution_group",
         "executor",
+        "map_over",
+        "concurrency",
+        "rate_limit",
+        "limit",
+        "max_pending",
+        "map_errors",
     )
 )
 
@@ -269,15 +328,20 @@ def _as_tuple(value: Any) -> Any:
 
 
 def _refuse_generators(body: Callable[..., Any], label: str) -> None:
-    """Generator steps have no meaning yet (streaming sources will give them one): refuse them."""
+    """A generator function under a decorator layer (a breaker, a fallback) cannot be a stream source.
+
+    The layer would see one call that returns a generator, not the items; refuse it.
+    """
+    if inspect.isgeneratorfunction(body) or inspect.isasyncgenfunction(body):
+        return  # a stream source: see _check_stream
     inner = inspect.unwrap(body) if callable(body) else body
-    for func in (body, inner):
-        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
-            kind = "an async generator" if inspect.isasyncgenfunction(func) else "a generator"
-            raise ConfigError(
-                f"step {label!r} is {kind} function (it uses `yield`); flowyml does not run generator "
-                "steps: return a list of the items instead (or use parallel_map inside the step)"
-            )
+    if inspect.isgeneratorfunction(inner) or inspect.isasyncgenfunction(inner):
+        kind = "an async generator" if inspect.isasyncgenfunction(inner) else "a generator"
+        raise ConfigError(
+            f"step {label!r} is {kind} function (it uses `yield`) under a decorator layer; a stream "
+            "source yields its items to the engine directly: put the breaker or fallback on the "
+            "mapped step that consumes the items"
+        )
 
 
 def _unwrap_layers(
@@ -434,3 +498,110 @@ def _check_executor(executor: Any, label: str, is_async: bool) -> str | Executor
     if not is_async and executor == "async":
         raise ConfigError(f'step {label!r}: executor="async" needs an "async def" function')
     return executor  # type: ignore[no-any-return]
+
+
+def _check_map_over(value: Any, s: Step) -> tuple[str, ...]:
+    names = _names(value, "map_over", s.name)
+    if not names:
+        return ()
+    params = [
+        p.name
+        for p in s.signature.parameters.values()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    known = s.inputs or tuple(params)
+    for name in names:
+        if name not in known:
+            what = "inputs" if s.inputs else "parameters"
+            raise ConfigError(
+                f"step {s.name!r}: map_over={name!r} is not one of its {what} {list(known)}; "
+                "map_over names the input(s) whose elements the step is called with"
+            )
+    if len(s.outputs) > 1:
+        raise ConfigError(
+            f"step {s.name!r}: a mapped step makes one list, so it declares one output, not "
+            f"{list(s.outputs)}; return a tuple per item and split it in a consumer"
+        )
+    if s.conditions:
+        raise ConfigError(
+            f"step {s.name!r}: a condition (condition=, @when, @unless) cannot gate a mapped step; "
+            "filter the items in the step that makes them"
+        )
+    if s.execution_group is not None:
+        raise ConfigError(
+            f"step {s.name!r}: map_over= and execution_group= cannot be combined; a mapped step runs "
+            "item by item, not as one call in a chain. Drop execution_group="
+        )
+    return names
+
+
+def _check_option_concurrency(value: Any, label: str) -> int | None:
+    return None if value is None else _check_concurrency(value, f"step {label!r}: concurrency")
+
+
+def _check_rate_limit(value: Any, label: str) -> str | None:
+    if value is None:
+        return None
+    parse_rate(value, f"step {label!r}: rate_limit")
+    return value  # type: ignore[no-any-return]
+
+
+def _check_limit(value: Any, label: str) -> Limit | None:
+    if value is None or isinstance(value, Limit):
+        return value
+    raise ConfigError(
+        f"step {label!r}: limit= takes a flowyml.Limit(concurrency=..., rate=...) shared by the steps "
+        f"given it, got {value!r}; for a limit of this step alone use concurrency= or rate_limit="
+    )
+
+
+def _check_max_pending(value: Any, s: Step) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"step {s.name!r}: max_pending={value!r} must be an int >= 1 (items a stream may run ahead)"
+        )
+    if not s.map_over:
+        raise ConfigError(
+            f"step {s.name!r}: max_pending= bounds how far a generator runs ahead of the mapped step "
+            "consuming it, and this step has no map_over=; add map_over= or drop max_pending="
+        )
+    return value
+
+
+def _check_map_errors(value: Any, s: Step) -> Literal["raise", "collect"]:
+    if value not in MAP_ERRORS:
+        raise ConfigError(f"step {s.name!r}: map_errors={value!r} is unknown; use 'raise' or 'collect'")
+    if value == "collect" and not s.map_over:
+        raise ConfigError(
+            f"step {s.name!r}: map_errors='collect' is for a mapped step's items, and this step has "
+            "no map_over=; add map_over= or drop map_errors="
+        )
+    return value  # type: ignore[no-any-return]
+
+
+def _check_stream(s: Step) -> Literal["sync", "async"] | None:
+    body = s.body
+    while isinstance(body, functools.partial):
+        body = body.func
+    if inspect.isasyncgenfunction(body):
+        kind: Literal["sync", "async"] = "async"
+    elif inspect.isgeneratorfunction(body):
+        kind = "sync"
+    else:
+        return None
+    problem = None
+    if s.map_over:
+        problem = "cannot also have map_over=; map its consumer instead"
+    elif len(s.outputs) > 1:
+        problem = f"yields one stream, so it declares at most one output, not {list(s.outputs)}"
+    elif s.retry_policy is not None:
+        problem = "cannot be retried (its items may already be in use downstream); retry its consumer"
+    elif s.execution_group is not None:
+        problem = "cannot be part of an execution_group"
+    elif s.executor == "process" or isinstance(s.executor, Executor):
+        problem = "runs on the event loop or, for a plain generator, in a thread; drop executor="
+    if problem is not None:
+        raise ConfigError(f"step {s.name!r} is a generator function, a stream source, so it {problem}")
+    return kind

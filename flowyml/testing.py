@@ -1,9 +1,9 @@
-"""Helpers for testing code that uses flowyml: no real waiting between retries, a throwaway
-store, and an executor that runs steps right here and remembers every call."""
+"""Helpers for testing code that uses flowyml: no real waiting between retries or for rate limits,
+a throwaway store, and an executor that runs steps right here and remembers every call."""
 
 from __future__ import annotations
 
-__all__ = ("Call", "InMemoryExecutor", "no_sleep", "temporary_store")
+__all__ = ("Call", "InMemoryExecutor", "limiter_clock", "no_sleep", "temporary_store")
 
 import asyncio
 import contextlib
@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from flowyml import _retry
+from flowyml import _limits, _retry
 from flowyml._errors import StepTimeoutError
 from flowyml._executors._base import Executor
 from flowyml._layers import is_async_callable
+from flowyml._limits import LimiterClock
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +72,14 @@ class InMemoryExecutor(Executor):
         try:
             ret = fn(*args, **kwargs)
             if inspect.isawaitable(ret) and is_async_callable(fn):
+                scope = asyncio.timeout(timeout)
                 try:
-                    async with asyncio.timeout(timeout):
+                    async with scope:
                         ret = await ret
                 except TimeoutError:
-                    raise StepTimeoutError(step_name, timeout or 0.0, executor=self.name) from None
+                    if timeout is None or not scope.expired():
+                        raise  # the step's own TimeoutError: its failure, not a timeout
+                    raise StepTimeoutError(step_name, timeout, executor=self.name) from None
             elif timeout is not None and loop.time() - started > timeout:
                 raise StepTimeoutError(step_name, timeout, executor=self.name)
             return ret
@@ -102,6 +106,24 @@ def no_sleep() -> Iterator[list[float]]:
         yield delays
     finally:
         _retry._switch.recorder = previous
+
+
+@contextlib.contextmanager
+def limiter_clock(start: float = 0.0) -> Iterator[LimiterClock]:
+    """Run every rate limit (``rate_limit=``, ``Limit(rate=...)``) on a virtual clock.
+
+    Waiting for a token is instant and moves the clock to the moment the token would have
+    come, so a step that reads ``clock.now()`` when it starts sees exactly when the limiter let
+    it in. Yields the clock: ``now()``, ``advance(seconds)`` and ``waits`` (every wait skipped).
+    Affects the whole process while active; concurrency limits still wait for real holders.
+    """
+    clock = LimiterClock(start)
+    previous = _limits._clock.virtual
+    _limits._clock.virtual = clock
+    try:
+        yield clock
+    finally:
+        _limits._clock.virtual = previous
 
 
 @contextlib.contextmanager

@@ -15,8 +15,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "flowyml"
 
-# Libraries every stage may use; they import no stage module.
-FOUNDATION = ("_errors", "_results", "_hashing", "_store", "_executors", "_catalog")
+# Libraries every stage may use; they import no stage module. _log and _otel: the records and
+# spans the runner makes as fates are decided.
+FOUNDATION = ("_errors", "_results", "_hashing", "_store", "_executors", "_catalog", "_log", "_otel")
 STAGES = {
     "define": (
         "_step",
@@ -28,11 +29,12 @@ STAGES = {
         "_context",
         "_assets",
         "_parallel",
+        "_limits",
     ),
     "plan": ("_graph", "_resources", "_types"),
-    "run": ("_scheduler", "_state", "_attempt", "_gates", "_groups", "_remote", "_typed"),
+    "run": ("_scheduler", "_state", "_attempt", "_map", "_gates", "_groups", "_remote", "_typed"),
     "record": ("_cache", "_cachestore"),
-    "present": ("_mermaid", "_report"),
+    "present": ("_mermaid", "_report", "events", "_dispatch", "_progress", "_watch"),
 }
 ORDER = ("define", "plan", "run", "record", "present")
 # The modules that tie the stages together, and the public faces; nothing imports them.

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import flowyml
+from flowyml import Pipeline, step
 
 PIPELINE = textwrap.dedent(
     """
@@ -105,6 +106,11 @@ class TestRun:
             (["no_such_module:pipeline"], "ModuleNotFoundError"),
             (["demo_pipes.py:needs_context"], "'x'"),
             (["demo_pipes.py:pipeline", "--param", "novalue"], "--param needs KEY=VALUE"),
+            (
+                ["demo_pipes.py:pipeline", "--param", "lable=x"],
+                "--param 'lable' is not a parameter of any step; did you mean 'label'? "
+                "parameters of this pipeline: fail, label, n",
+            ),
             (["demo_pipes.py:pipeline", "--fail-fast", "--keep-going"], "not allowed with argument"),
         ],
     )
@@ -143,11 +149,35 @@ class TestRun:
         assert done.returncode == 0, done.stderr
         assert "1 succeeded" in done.stdout
 
+    def test_progress_flag_shows_progress_on_stderr(self, project: Path) -> None:
+        """--progress: stderr (not a terminal here) gets progress lines and the summary line."""
+        done = flowyml_cli(project, "run", "demo_pipes.py:pipeline", "--progress")
+        assert done.returncode == 0, done.stderr
+        assert "flowyml: cli_demo: " in done.stderr
+        assert "of 'cli_demo' completed in" in done.stderr
+
     def test_report_is_written_after_the_run(self, project: Path) -> None:
         done = flowyml_cli(project, "run", "demo_pipes.py:pipeline", "--report", "out/run.html")
         assert done.returncode == 0, done.stderr
         page = (project / "out" / "run.html").read_text(encoding="utf-8")
         assert 'data-step="load"' in page and 'data-step="total"' in page
+
+    def test_a_report_path_that_cannot_be_written_exits_2_without_traceback(self, project: Path) -> None:
+        (project / "adir").mkdir()
+        before = flowyml_cli(project, "run", "demo_pipes.py:pipeline", "--report", "adir")
+        assert before.returncode == 2 and "--report 'adir' is a directory" in before.stderr
+        assert json.loads(flowyml_cli(project, "runs", "--json").stdout) == []  # refused before running
+        (project / "afile").write_text("")
+        after = flowyml_cli(project, "run", "demo_pipes.py:pipeline", "--report", "afile/run.html")
+        assert (
+            after.returncode == 2
+            and "the run is recorded, but its report could not be written" in after.stderr
+        )
+        assert "Traceback" not in before.stderr + after.stderr
+        run_id = str(last_run(project)["run_id"])
+        again = flowyml_cli(project, "report", run_id, "-o", "adir")
+        assert again.returncode == 2 and f"cannot write the report of run {run_id}" in again.stderr
+        assert "Traceback" not in again.stderr
 
 
 @pytest.mark.slow
@@ -200,3 +230,25 @@ class TestOtherCommands:
     def test_python_m_flowyml_without_arguments_is_a_usage_error(self, project: Path) -> None:
         done = flowyml_cli(project)
         assert done.returncode == 2 and "usage: flowyml" in done.stderr
+
+
+def test_params_read_by_an_if_condition_are_not_refused() -> None:
+    """An If condition may read any name from ctx.params, so such a pipeline's --param is not checked."""
+    from flowyml import If
+    from flowyml._cli_run import UsageError, _check_params
+
+    @step(outputs=["score"])
+    def score(n: int = 3) -> int:
+        return n
+
+    @step
+    def ship() -> str:
+        return "shipped"
+
+    plain = Pipeline("plain").add_step(score)
+    _check_params(plain, {"n": 5})
+    with pytest.raises(UsageError, match="'threshold' is not a parameter of any step"):
+        _check_params(plain, {"threshold": 0.5})
+    gated = Pipeline("gated").add_step(score)
+    gated.add_control_flow(If(condition=lambda ctx: ctx.params["threshold"] < 1, then_step=ship))
+    _check_params(gated, {"threshold": 0.5})

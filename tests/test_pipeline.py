@@ -124,6 +124,20 @@ class TestWithAnInMemoryExecutor:
         result = Pipeline("slow", enable_cache=False, lineage=False).add_step(slow).run(executor=executor)
         assert result.step_results["slow"].status is StepStatus.TIMED_OUT
 
+    @pytest.mark.parametrize("timeout", [None, 5.0])
+    def test_a_timeout_error_of_the_step_itself_is_its_failure(self, timeout: float | None) -> None:
+        """A step that raises TimeoutError (its own network call) fails with it; it did not time out."""
+
+        @step(outputs=["x"], timeout=timeout)
+        async def upstream() -> int:
+            raise TimeoutError("the upstream API did not answer")
+
+        executor = InMemoryExecutor()
+        run = Pipeline("own", enable_cache=False, lineage=False).add_step(upstream).run(executor=executor)
+        res = run.step_results["upstream"]
+        assert res.status is StepStatus.FAILED
+        assert type(res.error) is TimeoutError and "did not answer" in str(res.error)
+
 
 class TestPlan:
     def test_the_plan_is_built_once_and_holds_what_runs_need(self) -> None:

@@ -7,17 +7,18 @@ import sys
 
 import flowyml
 import flowyml.errors
+import flowyml.events
 
 
 class TestAll:
     def test_all_is_sorted_and_unique(self) -> None:
         """__all__ lists each public name once, in sorted order."""
-        for module in (flowyml, flowyml.errors):
+        for module in (flowyml, flowyml.errors, flowyml.events):
             assert list(module.__all__) == sorted(set(module.__all__))
 
     def test_every_name_exists(self) -> None:
         """Every name in __all__ resolves."""
-        for module in (flowyml, flowyml.errors):
+        for module in (flowyml, flowyml.errors, flowyml.events):
             for name in module.__all__:
                 assert getattr(module, name) is not None
 
@@ -37,10 +38,10 @@ class TestAll:
 
 class TestImport:
     def test_import_pulls_in_no_heavy_dependency(self) -> None:
-        """import flowyml loads neither numpy, pandas, dask, aiosqlite nor multiprocessing pools."""
+        """import flowyml loads neither numpy, pandas, dask, aiosqlite, multiprocessing pools, rich nor OpenTelemetry."""
         code = (
             "import sys, flowyml; heavy = ['numpy', 'pandas', 'dask', 'distributed', 'aiosqlite', "
-            "'concurrent.futures.process', 'pdb']; print([m for m in heavy if m in sys.modules])"
+            "'concurrent.futures.process', 'pdb', 'rich', 'opentelemetry']; print([m for m in heavy if m in sys.modules])"
         )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert out.stdout.strip() == "[]"

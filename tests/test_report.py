@@ -154,6 +154,21 @@ class TestPage:
         page = render_html(Pipeline("odd", cache_dir=tmp_path).add_step(odd).run().to_dict())
         assert page.count("</script>") == 2  # the data block's and the code's own
 
+    def test_names_like_the_template_markers_stay_names(self, tmp_path: Path) -> None:
+        """A pipeline or step named like a template marker is shown as its name, and the data and
+        the script are each in their own place."""
+
+        @step(name="__DATA__", outputs=["__JS__"])
+        def odd() -> int:
+            return 1
+
+        data = Pipeline("__CSS__ __DAG__", cache_dir=tmp_path).add_step(odd).run().to_dict()
+        page = render_html(data)
+        [embedded] = re.findall(r'<script type="application/json" id="report-data">(.*?)</script>', page)
+        assert json.loads(embedded)["pipeline"] == "__CSS__ __DAG__"
+        assert "<title>flowyml run " in page and "of __CSS__ __DAG__</title>" in page
+        assert page.count("<svg") == 1 and ".node" in page.split("</style>")[0]
+
     def test_beyond_the_limit_the_dag_is_a_note(self) -> None:
         n = DAG_LIMIT + 1
         graph = {"nodes": [f"s{i}" for i in range(n)], "edges": [], "gates": []}

@@ -89,3 +89,27 @@ class TestReading:
             "r", "p", "completed", {"x": 1, "y": 2}, steps, 0.0, 1.0, {"x": "make", "y": "x"}
         )
         assert result["x"] == 1
+
+
+class TestItems:
+    def test_a_mapped_step_reports_its_items(self) -> None:
+        """item_counts, failed_items, items and the summary line of a mapped step with a failure."""
+        from flowyml import ItemResult
+
+        @step(outputs=["xs"])
+        def xs() -> list[int]:
+            return [1, 0, 2]
+
+        @step(inputs=["xs"], outputs=["ys"], map_over="xs", map_errors="collect")
+        def invert(x: int) -> float:
+            return 1 / x
+
+        result = Pipeline("items", enable_cache=False, lineage=False).add_step(xs).add_step(invert).run()
+        res = result.step_results["invert"]
+        assert res.item_counts == {"succeeded": 2, "failed": 1}
+        assert [(i.index, type(i.error)) for i in res.failed_items] == [(1, ZeroDivisionError)]
+        assert res.items is not None and len(res.items) == 3
+        assert isinstance(res.items[-1], ItemResult) and res.items[-1].output == 0.5
+        assert [i.success for i in res.items[0:3]] == [True, False, True]
+        assert "items: 2 succeeded, 1 failed" in result.summary()
+        assert result.step_results["xs"].items is None and result.step_results["xs"].item_counts == {}

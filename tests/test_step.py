@@ -94,26 +94,29 @@ class TestDecoratorOrder:
 
 
 class TestRefusedFunctions:
-    def test_generator_function_is_a_config_error(self) -> None:
+    def test_generator_functions_are_stream_sources(self) -> None:
         def items() -> Iterator[int]:
             yield 1
 
-        with pytest.raises(ConfigError, match=r"'items' is a generator function.*return a list"):
-            step(outputs=["x"])(items)
-
-    def test_async_generator_function_is_a_config_error(self) -> None:
-        async def items() -> AsyncIterator[int]:
+        async def aitems() -> AsyncIterator[int]:
             yield 1
 
-        with pytest.raises(ConfigError, match="'items' is an async generator function"):
-            step(outputs=["x"])(items)
+        assert step(outputs=["x"])(items).stream == "sync"
+        assert step(outputs=["x"])(aitems).stream == "async"
 
-    def test_generator_under_a_layer_is_refused_too(self) -> None:
+    def test_generator_under_a_retry_is_refused(self) -> None:
         def items() -> Iterator[int]:
             yield 1
 
-        with pytest.raises(ConfigError, match="generator function"):
+        with pytest.raises(ConfigError, match="generator function, a stream source, so it cannot be retried"):
             step(outputs=["x"])(retry(max_attempts=2)(items))
+
+    def test_generator_under_a_breaker_is_refused(self) -> None:
+        def items() -> Iterator[int]:
+            yield 1
+
+        with pytest.raises(ConfigError, match=r"'items' is a generator function .*under a decorator layer"):
+            step(outputs=["x"])(CircuitBreaker()(items))
 
     @pytest.mark.parametrize("group", [None, "g"])
     def test_plain_function_returning_a_coroutine_fails_the_step(self, group: str | None) -> None:

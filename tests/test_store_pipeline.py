@@ -194,6 +194,15 @@ async def test_sigkilled_runs_never_corrupt_and_committed_steps_are_reused(
     """20 seeded SIGKILLs mid-run: integrity ok, no wrong value, the rerun reuses what committed."""
     root, wrong, steps = tmp_path / "store", tmp_path / "wrong", 30
     rng = random.Random(20261129)
+    # How long a whole uninterrupted run takes on this machine now (in a store of its own), so
+    # the kills land across a run however loaded the machine is; a child that finishes before
+    # its kill shows that runs got shorter (more is cached), and the next kills aim by it.
+    calibration = child(script, tmp_path / "calibration", "crash", steps, wrong, delay=0.008)
+    assert calibration.stdout is not None
+    assert calibration.stdout.readline() == b"ready\n"
+    began = time.monotonic()
+    calibration.communicate(timeout=120)
+    span = time.monotonic() - began
     outcomes: list[tuple[int, int]] = []  # (exit code, steps in the index after it)
     for _ in range(20):
         # Drop a random third of what is cached, so every child has steps to compute, put and
@@ -208,17 +217,22 @@ async def test_sigkilled_runs_never_corrupt_and_committed_steps_are_reused(
             assert proc.stdout is not None
             ready = proc.stdout.readline()
             assert ready == b"ready\n", proc.communicate()[1].decode()
-            time.sleep(rng.uniform(0.0, 0.6))  # wide enough that a loaded machine still commits some
+            began = time.monotonic()
+            time.sleep(rng.uniform(0.2, 0.9) * span)  # the store opens, then steps run and commit
         finally:
             proc.send_signal(signal.SIGKILL)
             _, err = proc.communicate()
+        if proc.returncode == 0:  # it finished first: runs are shorter now, aim by this one
+            span = time.monotonic() - began
         # A run that finished before the kill exits 0; every other one was killed, not crashed.
         assert proc.returncode in (0, -signal.SIGKILL), err.decode()
         outcomes.append((proc.returncode, len(indexed_steps(root))))
     assert not wrong.exists(), wrong.read_text()
     assert integrity(root) == [("ok",)]
     killed = [count for code, count in outcomes if code == -signal.SIGKILL]
-    assert len(killed) >= 10, outcomes  # most children die mid-run, at varied points
+    # Many children die mid-run, at varied points (kills are aimed within a run's length, so most
+    # land mid-run; the bar leaves room for a machine whose load changes during the test).
+    assert len(killed) >= 6, outcomes
     assert len(set(killed)) >= 3, outcomes
 
     committed = indexed_steps(root)

@@ -490,6 +490,10 @@ class TestLeftovers:
         assert main(["--dir", str(root), "runs"]) == 0
         out = capsys.readouterr().out
         assert "interrupted" in out and "running" not in out
+        assert main(["--dir", str(root), "runs", "--status", "interrupted"]) == 0
+        assert "killed" in capsys.readouterr().out
+        assert main(["--dir", str(root), "runs", "--status", "running"]) == 0
+        assert "No recorded run matches those filters." in capsys.readouterr().out
 
 
 def runs_of(root: Path) -> list[tuple[str]]:

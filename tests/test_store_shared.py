@@ -213,6 +213,47 @@ def test_interpreter_exit_closes_a_store_left_open(tmp_path: Path) -> None:
     assert count(root, "runs") == 1
 
 
+@pytest.mark.slow
+def test_a_thread_still_running_at_exit_keeps_its_store(tmp_path: Path) -> None:
+    """The main thread returns while a worker thread goes on running pipelines: exit does not
+    close that thread's store under it, and every run it made is recorded."""
+    root = tmp_path / "store"
+    code = textwrap.dedent(
+        """
+        import asyncio, pathlib, sys, threading, time
+        from flowyml import Pipeline, step
+
+        @step(outputs=["y"], cache=False)
+        def double(x: int) -> int:
+            return 2 * x
+
+        async def serve() -> None:
+            pipeline = Pipeline("served", cache_dir=sys.argv[1]).add_step(double)
+            made = 0
+            while not pathlib.Path(sys.argv[3]).exists():  # runs in flight when exit begins
+                assert (await pipeline.arun(context={"x": made})).success
+                made += 1
+                if made == 1:
+                    pathlib.Path(sys.argv[2]).touch()
+            for _ in range(20):
+                result = await pipeline.arun(context={"x": made})
+                assert result.success and not result.store_errors, result.store_errors
+                made += 1
+            print(made)
+
+        threading.Thread(target=lambda: asyncio.run(serve())).start()
+        while not pathlib.Path(sys.argv[2]).exists():
+            time.sleep(0.01)
+        # the main thread ends here: exit begins while the server thread goes on
+        threading._register_atexit(lambda: pathlib.Path(sys.argv[3]).touch())
+        """
+    )
+    args = [str(root), str(tmp_path / "serving"), str(tmp_path / "exiting")]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert count(root, "runs") == int(done.stdout)
+
+
 async def test_a_cancelled_opening_does_not_fail_the_runs_waiting_for_it(tmp_path: Path) -> None:
     root = tmp_path / "store"
     first = asyncio.ensure_future(shared_store(root))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
-from flowyml import Pipeline, step
-from flowyml.testing import temporary_store
+from flowyml import Limit, Pipeline, step
+from flowyml.testing import limiter_clock, temporary_store
 
 
 class TestTemporaryStore:
@@ -34,3 +35,25 @@ class TestTemporaryStore:
             build().run()
         with temporary_store():
             assert not build().run().step_results["count"].cached
+
+
+class TestLimiterClock:
+    def test_rate_waits_are_instant_and_move_the_clock(self) -> None:
+        """Ten calls at 2/s take 4.5 virtual seconds and no real wait."""
+        limit = Limit(rate="2/s")
+
+        async def calls() -> None:
+            for _ in range(10):
+                await limit.acquire()
+
+        with limiter_clock(start=100.0) as clock:
+            asyncio.run(calls())
+            assert clock.now() == 104.5
+            assert clock.waits == [0.5] * 9
+
+    def test_the_real_clock_is_back_afterwards(self) -> None:
+        from flowyml import _limits
+
+        with limiter_clock():
+            assert _limits._clock.virtual is not None
+        assert _limits._clock.virtual is None

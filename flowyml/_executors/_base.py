@@ -19,6 +19,11 @@ class Executor(abc.ABC):
     name: ClassVar[str] = "executor"
     supports_remote: ClassVar[bool] = False
     """True when :meth:`run` accepts ``keep_remote=True`` and may return handles to remote values."""
+    shares_context: ClassVar[bool] = False
+    """True when bodies run in this process in a copy of the caller's ``contextvars`` context.
+
+    When False, a traced run wraps each body so that it restores the step's trace context
+    wherever it runs (see :mod:`flowyml._otel`)."""
 
     @abc.abstractmethod
     async def run(

@@ -18,13 +18,14 @@ from ._base import Executor
 
 __all__ = ("AsyncExecutor", "LocalExecutor", "ThreadExecutor")
 
-logger = logging.getLogger("flowyml")
+logger = logging.getLogger("flowyml.executor")
 
 
 class AsyncExecutor(Executor):
     """Awaits ``async def`` steps on the running loop; a timeout cancels the step at once."""
 
     name = "async"
+    shares_context = True
 
     async def run(
         self,
@@ -56,6 +57,7 @@ class ThreadExecutor(Executor):
     """
 
     name = "thread"
+    shares_context = True  # anyio starts each thread call in a copy of the task's context
 
     def __init__(self, max_threads: int = 40) -> None:
         self.max_threads = max_threads

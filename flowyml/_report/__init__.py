@@ -56,11 +56,17 @@ def summary(result: PipelineResult, *, all_steps: bool = False) -> str:
     saved = result.time_saved_seconds
     if saved:
         lines.append(f"  time saved by the cache: {saved:.3f}s")
-    shown = [r for r in result.step_results.values() if all_steps or r.status.value not in _OK]
+    shown = [
+        r
+        for r in result.step_results.values()
+        if all_steps or r.status.value not in _OK or any(k not in _OK for k in r.item_counts)
+    ]
     for r in shown:
         extra = f"  {type(r.error).__name__}: {r.error}" if r.error is not None else ""
         if not extra and r.skip_reason:
             extra = f"  ({r.skip_reason})"
+        if r.items is not None:  # a mapped step: its items by status
+            extra = "  items: " + ", ".join(f"{n} {k}" for k, n in r.item_counts.items()) + extra
         lines.append(f"  {r.step_name:<30} {r.status.value:<10} {r.duration_seconds:8.3f}s{extra}")
     hidden = len(result.step_results) - len(shown)
     if hidden and shown:

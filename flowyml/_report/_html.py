@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -63,16 +64,19 @@ def render_html(data: dict[str, Any]) -> str:
         if s.get("group"):
             groups.setdefault(s["group"], []).append(s["name"])
     dag = dag_svg(data["graph"], statuses, details, groups)
-    page = _template("report.html")
-    for marker, text in (
-        ("__TITLE__", html.escape(f"flowyml run {data['run_id']} of {data['pipeline']}")),
-        ("__CSS__", _template("report.css")),
-        ("__DAG__", dag),
-        ("__DATA__", _embed(_compact(data))),
-        ("__JS__", _template("report.js")),
-    ):
-        page = page.replace(marker, text, 1)
-    return page
+    parts = {
+        "__TITLE__": html.escape(f"flowyml run {data['run_id']} of {data['pipeline']}"),
+        "__CSS__": _template("report.css"),
+        "__DAG__": dag,
+        "__DATA__": _embed(_compact(data)),
+        "__JS__": _template("report.js"),
+    }
+    # One pass over the template: a name written into the page (a step called "__DATA__") is
+    # never taken for a marker.
+    return _MARKER.sub(lambda m: parts[m.group(0)], _template("report.html"))
+
+
+_MARKER = re.compile(r"__(?:TITLE|CSS|DAG|DATA|JS)__")
 
 
 def write_report(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:

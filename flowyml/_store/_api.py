@@ -53,7 +53,7 @@ import xxhash
 from flowyml._errors import CacheCorruptionWarning, StoreError, StoreWarning, UncachedStepWarning
 
 from . import _db, _packed
-from ._artifacts import ORPHAN_GRACE_SECONDS, ArtifactFiles, BadHashError, make_private_dir
+from ._artifacts import ORPHAN_GRACE_SECONDS, ArtifactFiles, BadHashError, make_private_dir, process_gone
 from ._packed import StepFate, StepShape
 from ._records import (
     RUN_STATES,
@@ -314,15 +314,7 @@ _RUN_TYPES: Final[tuple[Any, ...]] = (
 
 def _process_gone(pid: object, host: object) -> bool:
     """True when the process ``pid`` on ``host`` is known not to be running (only on this host)."""
-    if not isinstance(pid, int) or host != _HOST or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
+    return isinstance(pid, int) and host == _HOST and process_gone(pid)
 
 
 def _run_from_row(row: Sequence[Any]) -> RunRecord:

@@ -8,7 +8,7 @@ shuts down on close, so no thread outlives it.
 
 from __future__ import annotations
 
-__all__ = ("ORPHAN_GRACE_SECONDS", "ArtifactFiles", "BadHashError", "make_private_dir")
+__all__ = ("ORPHAN_GRACE_SECONDS", "ArtifactFiles", "BadHashError", "make_private_dir", "process_gone")
 
 import asyncio
 import contextlib
@@ -52,7 +52,11 @@ def _writer_gone(name: str) -> bool:
     parts = name.split("-")
     if len(parts) != 3 or not parts[1].isdigit():
         return False
-    pid = int(parts[1])
+    return process_gone(int(parts[1]))
+
+
+def process_gone(pid: int) -> bool:
+    """True when no process ``pid`` runs on this host (not this one; unknown counts as running)."""
     if pid == os.getpid():
         return False
     try:

@@ -103,6 +103,17 @@ class StepShape:
             + "}"
         )
 
+    def renamed(self, name: str) -> StepShape:
+        """This shape under another step name (one item of a mapped step: ``"fetch[17]"``), cheaply."""
+        shape = object.__new__(StepShape)
+        shape.name = name
+        shape.quoted_name = _quote(name)
+        shape.output_names = self.output_names
+        shape.inputs = self.inputs
+        shape.null_outputs = self.null_outputs
+        shape.quoted_inputs = self.quoted_inputs
+        return shape
+
 
 def _num(x: float | None) -> str:
     if x is None:

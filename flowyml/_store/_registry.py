@@ -181,11 +181,19 @@ def _forget_in_child() -> None:
 
 
 def _close_at_exit() -> None:
-    """At interpreter exit: close the stores whose loop is still there but not running."""
+    """At interpreter exit: close the stores whose loop is still there but not running.
+
+    A loop still running belongs to a thread that is still alive (exit joins non-daemon threads
+    after this): its store is left to it, and closes when that loop ends. Abandoning it here
+    lost every record of the runs the thread went on to make.
+    """
     pid = os.getpid()
     with _lock:
-        everything = [(loop, list(by_key.values())) for loop, by_key in _stores.items()]
-        _stores.clear()
+        everything = [
+            (loop, list(by_key.values())) for loop, by_key in _stores.items() if not loop.is_running()
+        ]
+        for loop, _ in everything:
+            del _stores[loop]
     for loop, stores in everything:
         for store in stores:
             if store.pid != pid or store.closed:
@@ -195,7 +203,7 @@ def _close_at_exit() -> None:
                     loop.run_until_complete(store.aclose())
                 except Exception:  # exit must go on
                     continue
-            else:
+            else:  # its loop is closed
                 store.abandon()
 
 
