@@ -30,7 +30,8 @@ predates reasons.
 A step recorded twice in one run (an upsert) keeps the position of its first record and the
 content of its last. Each ``step_records`` row also carries ``outputs``, the names its steps
 produced framed by newlines (``"\\nmodel\\nscores\\n"``), so that finding the runs that made an
-output is a substring search rather than a JSON parse; and ``hits``, ``{step_name: [cache hits,
+output, and the rows of a run that hold it (``Store.lineage`` decodes only those), is a substring
+search rather than a JSON parse; and ``hits``, ``{step_name: [cache hits,
 seconds saved]}`` of its cache hits (NULL when none), so that ``cache stats`` never decodes steps.
 """
 
