@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests lint typecheck examples compat bench``."""
+"""Developer sessions: ``nox -s tests lint typecheck examples compat bench scale``."""
 
 from __future__ import annotations
 
@@ -53,4 +53,12 @@ def bench(session: nox.Session) -> None:
     """Engine, store and executor benchmarks, each reporting ratios to its raw floor."""
     session.install("-e", ".[test]")
     for script in sorted(__import__("pathlib").Path("benchmarks").glob("bench_*.py")):
-        session.run("python", str(script), *session.posargs)
+        if script.name != "bench_scale.py":  # minutes long: its own session
+            session.run("python", str(script), *session.posargs)
+
+
+@nox.session(python="3.11")
+def scale(session: nox.Session) -> None:
+    """Build, plan, run, memory and lineage reads at 10k-100k steps (``-- --n 1000000`` for 1M)."""
+    session.install("-e", ".[test]")
+    session.run("python", "benchmarks/bench_scale.py", *session.posargs)

@@ -276,7 +276,12 @@ async def _cache_verify(store: Store, args: argparse.Namespace) -> int:
     return 1
 
 
-def _lineage_lines(label: str, node: LineageNode, prefix: str, last: bool, root: bool) -> list[str]:
+#: Levels of a lineage tree that are indented; deeper ones (long chains) keep the last indent,
+#: so that printing a 100,000-deep chain is 100,000 lines, not gigabytes of leading spaces.
+_MAX_INDENT = 64
+
+
+def _lineage_text(label: str, node: LineageNode) -> str:
     origin = ""
     if node.cached and node.origin_run_id and node.origin_run_id != node.run_id:
         origin = f", cached from run {node.origin_run_id}"
@@ -285,18 +290,29 @@ def _lineage_lines(label: str, node: LineageNode, prefix: str, last: bool, root:
     artifact = ""
     if node.artifact_hash:
         artifact = f"  [{node.type_name or '?'}, {_fmt_bytes(node.size)}, {node.artifact_hash[:12]}]"
-    text = _safe(
+    return _safe(
         f"{label} <- {node.step_name} ({node.status}, {_fmt_duration(node.duration_seconds)}{origin}){artifact}"
     )
-    if root:
-        lines = [text]
-        child_prefix = ""
-    else:
-        lines = [f"{prefix}{'└── ' if last else '├── '}{text}"]
-        child_prefix = prefix + ("    " if last else "│   ")
-    for i, (param, child) in enumerate(node.inputs):
-        child_label = param if param == child.output_name else f"{param}={child.output_name}"
-        lines += _lineage_lines(child_label, child, child_prefix, i == len(node.inputs) - 1, False)
+
+
+def _lineage_lines(label: str, node: LineageNode) -> list[str]:
+    """The tree of ``node`` as text lines, walked with a stack (a chain may be very deep)."""
+    lines = [_lineage_text(label, node)]
+    # (label, node, prefix for its line, whether it is its parent's last input, depth)
+    stack: list[tuple[str, LineageNode, str, bool, int]] = []
+
+    def push(parent: LineageNode, prefix: str, depth: int) -> None:
+        last = len(parent.inputs) - 1
+        for i in range(last, -1, -1):
+            param, child = parent.inputs[i]
+            child_label = param if param == child.output_name else f"{param}={child.output_name}"
+            stack.append((child_label, child, prefix, i == last, depth))
+
+    push(node, "", 1)
+    while stack:
+        child_label, child, prefix, last, depth = stack.pop()
+        lines.append(f"{prefix}{'└── ' if last else '├── '}{_lineage_text(child_label, child)}")
+        push(child, prefix + ("    " if last else "│   ") if depth < _MAX_INDENT else prefix, depth + 1)
     return lines
 
 
@@ -312,7 +328,7 @@ async def _lineage(store: Store, args: argparse.Namespace) -> int:
         _err(f"no output {args.output!r} in {where}.")
         return 1
     print(f"Lineage of {_safe(repr(lineage.output_name))} in run {_safe(lineage.run_id)}:")
-    print("\n".join(_lineage_lines(lineage.output_name, lineage.root, "", True, True)))
+    print("\n".join(_lineage_lines(lineage.output_name, lineage.root)))
     return 0
 
 

@@ -94,10 +94,15 @@ class StepTypes:
     routed: Mapping[str, type[Asset]]
 
 
-def read_types(s: Step, output_names: Sequence[str]) -> StepTypes:
-    """Read ``s``'s annotations once: parameters, per-output classes and asset routing."""
-    hints = resolved_annotations(s.body)
-    routed = output_asset_types(s.body, output_names)
+def read_types(s: Step, output_names: Sequence[str], hints: Mapping[str, object] | None = None) -> StepTypes:
+    """Read ``s``'s annotations once: parameters, per-output classes and asset routing.
+
+    ``hints`` are ``s.body``'s resolved annotations when the caller has them (a plan resolves
+    them once per function, however many steps share it: resolving costs ~70 us).
+    """
+    if hints is None:
+        hints = resolved_annotations(s.body)
+    routed = output_asset_types(s.body, output_names, hints=hints)
     ret = hints.get("return", inspect.Parameter.empty)
     outputs: list[tuple[type, ...] | None]
     if len(output_names) == 1:

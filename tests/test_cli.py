@@ -216,6 +216,30 @@ class TestLineage:
         assert main(["--dir", store_dir, "lineage", "nope"]) == 1
         assert "no output 'nope'" in capsys.readouterr().err
 
+    def test_a_chain_deeper_than_the_recursion_limit(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A 3,000-step chain prints one line a step, indented only so deep."""
+        n = 3000
+
+        async def write() -> None:
+            async with await Store.open(tmp_path) as store:
+                store.record_run(RunRecord("deep", "p", "completed", 1.0))
+                store.record_step(StepRecord("deep", "s0", "succeeded", outputs={"v0": None}))
+                for i in range(1, n):
+                    inputs = {"x": (f"s{i - 1}", f"v{i - 1}")}
+                    store.record_step(
+                        StepRecord("deep", f"s{i}", "succeeded", outputs={f"v{i}": None}, inputs=inputs)
+                    )
+
+        asyncio.run(write())
+        assert main(["--dir", str(tmp_path), "lineage", f"v{n - 1}"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == n + 1
+        assert lines[1] == f"v{n - 1} <- s{n - 1} (succeeded, -)"
+        assert lines[-1].endswith("x=v0 <- s0 (succeeded, -)")
+        assert max(len(line) for line in lines) < 400
+
 
 class TestNoStore:
     @pytest.mark.parametrize(

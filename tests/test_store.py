@@ -745,6 +745,86 @@ class TestLineage:
         assert newest is not None
         assert newest.run_id == "run-2"
 
+    @pytest.mark.slow
+    async def test_lineage_through_a_100000_deep_chain(self, store: Store) -> None:
+        """A chain far deeper than the interpreter's recursion limit has its whole lineage."""
+        n = 100_000
+        store.record_run(run_record("deep"))
+        store.record_step(StepRecord("deep", "s0", "succeeded", started_at=1.0, outputs={"v0": None}))
+        for i in range(1, n):
+            store.record_step(
+                StepRecord(
+                    "deep",
+                    f"s{i}",
+                    "succeeded",
+                    started_at=1.0 + i,
+                    outputs={f"v{i}": None},
+                    inputs={"x": (f"s{i - 1}", f"v{i - 1}")},
+                )
+            )
+        await store.flush()
+        lineage = await store.lineage(f"v{n - 1}")
+        assert lineage is not None
+        node, names = lineage.root, []
+        while True:
+            names.append(node.step_name)
+            if not node.inputs:
+                break
+            ((_, node),) = node.inputs
+        assert names == [f"s{i}" for i in reversed(range(n))]
+
+    async def test_a_shared_producer_is_one_node(self, store: Store) -> None:
+        """A diamond (two consumers of one producer) shows that producer under both, as one node."""
+        store.record_run(run_record("d"))
+        store.record_step(StepRecord("d", "top", "succeeded", outputs={"t": None}))
+        for side in ("left", "right"):
+            store.record_step(
+                StepRecord("d", side, "succeeded", outputs={side: None}, inputs={"t": ("top", "t")})
+            )
+        both = {"a": ("left", "left"), "b": ("right", "right")}
+        store.record_step(StepRecord("d", "join", "succeeded", outputs={"j": None}, inputs=both))
+        await store.flush()
+        lineage = await store.lineage("j")
+        assert lineage is not None
+        (_, left), (_, right) = lineage.root.inputs
+        assert (left.step_name, right.step_name) == ("left", "right")
+        assert left.inputs[0][1] is right.inputs[0][1]
+        assert left.inputs[0][1].step_name == "top"
+
+    async def test_one_output_reads_only_the_rows_of_its_ancestry(self, store: Store, root: Path) -> None:
+        """The lineage of one output decodes the packed rows its ancestry is in, not the whole run:
+        a damaged row of the same run holding other steps is neither read nor reported."""
+        store.record_run(run_record("wide"))
+        store.record_step(StepRecord("wide", "a", "succeeded", outputs={"a": None}))
+        await store.flush()
+        store.record_step(StepRecord("wide", "b", "succeeded", outputs={"b": None}, inputs={"x": ("a", "a")}))
+        await store.flush()
+        store.record_step(StepRecord("wide", "c", "succeeded", outputs={"c": None}))
+        await store.flush()
+        sql(root, "UPDATE step_records SET steps = '[[\"c\", ' WHERE instr(outputs, ?) > 0", ("\nc\n",))
+        lineage = await store.lineage("b", run_id="wide")
+        assert lineage is not None
+        assert [lineage.root.step_name, lineage.root.inputs[0][1].step_name] == ["b", "a"]
+        assert store.damaged == []
+        full = await store.get_run("wide")
+        assert full is not None
+        assert sorted(s.step_name for s in full.steps) == ["a", "b"]
+        assert len(store.damaged) == 1
+
+    async def test_a_producer_recorded_elsewhere_is_found_in_the_whole_run(self, store: Store) -> None:
+        """An input whose producer's record does not hold that output still shows the producer."""
+        store.record_run(run_record("odd"))
+        store.record_step(StepRecord("odd", "p", "failed", outputs={}))
+        await store.flush()
+        store.record_step(
+            StepRecord("odd", "q", "succeeded", outputs={"q": None}, inputs={"x": ("p", "gone")})
+        )
+        await store.flush()
+        lineage = await store.lineage("q")
+        assert lineage is not None
+        ((_, p),) = lineage.root.inputs
+        assert (p.step_name, p.status, p.output_name) == ("p", "failed", "gone")
+
 
 @dataclass
 class Fate:
@@ -975,3 +1055,12 @@ class TestCacheAdmin:
         assert not report.ok
         assert sorted((p.step_name, p.kind) for p in report.problems) == [("a", "hash"), ("b", "missing")]
         assert artifact_path(root, e1).exists()
+
+
+def test_step_shape_encodes_its_inputs_as_json_would() -> None:
+    inputs = {"x": ("p", "o"), 'q"uote\\': ("naïve\n", "tab\t"), "*args[0]": ("a", "b")}
+    shape = StepShape("s", ["out"], inputs)
+    assert shape.quoted_inputs == json.dumps(
+        {k: list(v) for k, v in inputs.items()}, ensure_ascii=False, separators=(",", ":")
+    )
+    assert json.loads(StepShape("s", ["out"], None).quoted_inputs) == {}

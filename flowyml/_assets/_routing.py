@@ -125,14 +125,19 @@ def return_asset_type(func: Callable[..., Any]) -> type[Asset] | None:
     return asset_type_for(resolved_annotations(func).get("return", inspect.Parameter.empty))
 
 
-def output_asset_types(func: Callable[..., Any], outputs: Sequence[str]) -> dict[str, type[Asset]]:
+def output_asset_types(
+    func: Callable[..., Any], outputs: Sequence[str], *, hints: Mapping[str, object] | None = None
+) -> dict[str, type[Asset]]:
     """Output name -> the asset class its value is routed to, for the outputs that have one.
 
     One output takes the whole return annotation (``-> Model``); several take the members of
     a ``tuple[...]`` annotation of the same length (``-> tuple[Model, Metrics]``). Any other
-    annotation for several outputs routes none of them.
+    annotation for several outputs routes none of them. ``hints``: ``func``'s
+    :func:`resolved_annotations`, when the caller has them already.
     """
-    annotation = resolved_annotations(func).get("return", inspect.Parameter.empty)
+    if hints is None:
+        hints = resolved_annotations(func)
+    annotation = hints.get("return", inspect.Parameter.empty)
     if len(outputs) == 1:
         kind = asset_type_for(annotation)
         return {} if kind is None else {outputs[0]: kind}

@@ -80,6 +80,8 @@ PRELOAD_PER_STEP: Final = 2
 _MAX_BATCH: Final = 10_000
 #: At most this many step runs go in one packed ``step_records`` row.
 _MAX_PART: Final = 10_000
+#: Packed rows the lineage of one output reads by its outputs before it reads the whole run.
+_TARGETED_READS: Final = 64
 #: How long the writer holds lineage records nobody waits for yet (a run's "running" row, step
 #: records) before committing them, so that they go in the same transaction as what comes next --
 #: typically the run's end, which it waits for: one commit per short run instead of two. Cache
@@ -1275,13 +1277,14 @@ class Store:
                 return None
             candidates = matches
         for the_run in candidates:
-            steps = {s.step_name: s for s in await self._steps_of(the_run)}
-            producers = {name: step for step in steps.values() for name in step.outputs}
-            if output_name in producers:
+            found = await self._lineage_steps(the_run, output_name)
+            if found is not None:
+                steps, root = found
                 break
         else:
             return None
-        hashes = sorted({h for s in steps.values() for h in s.outputs.values() if h is not None})
+        ancestry = _ancestry(steps, root)
+        hashes = sorted({h for name in ancestry for h in steps[name].outputs.values() if h is not None})
         artifacts: dict[str, tuple[str | None, int | None, str | None]] = {}
         for row in await conn.execute_fetchall(
             "SELECT hash, type_name, size, producer_run_id FROM artifacts "
@@ -1292,35 +1295,78 @@ class Store:
                 artifacts[row[0]] = (row[1], row[2], row[3])
             else:
                 self.damaged.append(f"table artifacts, hash {row[0]!r}: values of the wrong type")
+        return Lineage(output_name, the_run, _lineage_tree(the_run, steps, artifacts, root, output_name))
 
-        def node(step_name: str, output: str, seen: frozenset[str]) -> LineageNode:
-            step = steps.get(step_name)
-            digest = step.outputs.get(output) if step is not None else None
-            type_name, size, origin = (
-                artifacts.get(digest, (None, None, None)) if digest else (None, None, None)
-            )
-            inputs: tuple[tuple[str, LineageNode], ...] = ()
-            if step is not None and step_name not in seen:
-                inputs = tuple(
-                    (param, node(producer, out, seen | {step_name}))
-                    for param, (producer, out) in step.inputs.items()
-                )
-            return LineageNode(
-                run_id=the_run,
-                step_name=step_name,
-                status=step.status if step is not None else "unknown",
-                cached=step.cached if step is not None else False,
-                output_name=output,
-                artifact_hash=digest,
-                type_name=type_name,
-                size=size,
-                origin_run_id=origin,
-                started_at=step.started_at if step is not None else None,
-                duration_seconds=step.duration_seconds if step is not None else None,
-                inputs=inputs,
-            )
+    async def _lineage_steps(self, run_id: str, output_name: str) -> tuple[dict[str, StepRecord], str] | None:
+        """The records of ``run_id`` that the lineage of ``output_name`` needs, and its producer.
 
-        return Lineage(output_name, the_run, node(producers[output_name].step_name, output_name, frozenset()))
+        Only the packed rows that hold the outputs the walk reaches are decoded (found by the
+        ``outputs`` column, see ``_packed``), so one output of a 100,000-step run reads one row,
+        not the run. After :data:`_TARGETED_READS` such reads (a long ancestry), or when an
+        input's producer is not where its output is, the whole run is decoded, as before.
+        """
+        records: dict[str, StepRecord] = {}
+        row_of: dict[str, int] = {}
+        decoded: set[int] = set()
+        reads = 0
+        damage_seen = len(self.damaged)
+
+        async def read(output: str) -> bool:
+            nonlocal reads
+            reads += 1
+            if reads > _TARGETED_READS:
+                return False
+            rows = await self._conn.execute_fetchall(
+                "SELECT id, steps, times FROM step_records WHERE run_id = ? AND instr(outputs, ?) > 0 "
+                "ORDER BY id",
+                (run_id, _packed.search_text([output])),
+            )
+            for row_id, packed, times in rows:
+                if row_id in decoded:
+                    continue
+                decoded.add(row_id)
+                try:
+                    _check_part(run_id, packed, times)
+                except Exception as exc:  # any damage: reported, the other rows still read
+                    self.damaged.append(f"table step_records, id {row_id} (run {run_id!r}): {exc}")
+                    continue
+                for record in _packed.decode(run_id, [(packed, times)]):
+                    if row_of.get(record.step_name, -1) < row_id:  # the last record of a step wins
+                        records[record.step_name] = record
+                        row_of[record.step_name] = row_id
+            return True
+
+        if await self._targeted_walk(read, records, output_name):
+            root = next((r.step_name for r in records.values() if output_name in r.outputs), None)
+            if root is not None:
+                return records, root
+        # The whole run, as it could always be read: every record, upserts applied across rows.
+        del self.damaged[damage_seen:]  # read again below, reported once
+        records = {r.step_name: r for r in await self._steps_of(run_id)}
+        root = next((r.step_name for r in records.values() if output_name in r.outputs), None)
+        return None if root is None else (records, root)
+
+    @staticmethod
+    async def _targeted_walk(
+        read: Callable[[str], Awaitable[bool]], records: Mapping[str, StepRecord], output_name: str
+    ) -> bool:
+        """Read the rows of ``output_name``'s ancestry; False when the walk must read the whole run."""
+        if not await read(output_name):
+            return False
+        root = next((r.step_name for r in records.values() if output_name in r.outputs), None)
+        if root is None:
+            return False
+        pending = [root]
+        seen = {root}
+        while pending:
+            for producer, output in records[pending.pop()].inputs.values():
+                if producer in seen:
+                    continue
+                if producer not in records and not (await read(output) and producer in records):
+                    return False
+                seen.add(producer)
+                pending.append(producer)
+        return True
 
     async def cache_stats(self) -> CacheStats:
         """Entries, bytes, per-step counts, cache hits recorded and the time they saved."""
@@ -1551,3 +1597,73 @@ class Store:
         if integrity != "ok":
             problems.insert(0, VerifyProblem("integrity", integrity))
         return VerifyReport(integrity, entries, checked, tuple(problems))
+
+
+def _ancestry(steps: Mapping[str, StepRecord], root: str) -> set[str]:
+    """The names of ``root`` and every step it read from, transitively (those with records)."""
+    seen = {root}
+    pending = [root]
+    while pending:
+        for producer, _ in steps[pending.pop()].inputs.values():
+            if producer not in seen and producer in steps:
+                seen.add(producer)
+                pending.append(producer)
+    return seen
+
+
+def _lineage_tree(
+    run_id: str,
+    steps: Mapping[str, StepRecord],
+    artifacts: Mapping[str, tuple[str | None, int | None, str | None]],
+    root: str,
+    output_name: str,
+) -> LineageNode:
+    """The lineage tree of ``output_name`` made by ``root``, built without recursion.
+
+    A chain of 100,000 steps is as deep as the tree; a producer read by several consumers is
+    one node they share. A step reached again along its own path (records that loop) is shown
+    without its inputs.
+    """
+
+    def make(step_name: str, output: str, inputs: tuple[tuple[str, LineageNode], ...]) -> LineageNode:
+        step = steps.get(step_name)
+        digest = step.outputs.get(output) if step is not None else None
+        type_name, size, origin = artifacts.get(digest, (None, None, None)) if digest else (None, None, None)
+        return LineageNode(
+            run_id=run_id,
+            step_name=step_name,
+            status=step.status if step is not None else "unknown",
+            cached=step.cached if step is not None else False,
+            output_name=output,
+            artifact_hash=digest,
+            type_name=type_name,
+            size=size,
+            origin_run_id=origin,
+            started_at=step.started_at if step is not None else None,
+            duration_seconds=step.duration_seconds if step is not None else None,
+            inputs=inputs,
+        )
+
+    built: dict[tuple[str, str], LineageNode] = {}
+    on_path: set[str] = set()
+    stack: list[tuple[str, str, bool]] = [(root, output_name, False)]
+    while stack:
+        step_name, output, children_done = stack.pop()
+        step = steps.get(step_name)
+        if children_done:
+            on_path.discard(step_name)
+            assert step is not None
+            inputs = tuple(
+                (param, built.get((producer, out)) or make(producer, out, ()))
+                for param, (producer, out) in step.inputs.items()
+            )
+            built[step_name, output] = make(step_name, output, inputs)
+        elif (step_name, output) in built or step_name in on_path:
+            continue
+        elif step is None or not step.inputs:
+            built[step_name, output] = make(step_name, output, ())
+        else:
+            on_path.add(step_name)
+            stack.append((step_name, output, True))
+            stack.extend((producer, out, False) for producer, out in reversed(step.inputs.values()))
+    return built[root, output_name]
