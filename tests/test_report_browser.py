@@ -67,6 +67,9 @@ PROBE = """(() => {
   filter.value = ''; filter.dispatchEvent(new Event('input'));
   q('#table-head span')[3].click(); q('#table-head span')[3].click();  // duration, descending
   const slowest = q('#table-body .row').map(r => r.dataset.step)[0];
+  q('#dag-svg .node').find(n => n.dataset.step === 'flaky')
+    .dispatchEvent(new MouseEvent('click', {bubbles: true}));
+  const flaky = document.getElementById('detail').textContent;
   q('#dag-svg .node').find(n => n.dataset.step === 'broken')
     .dispatchEvent(new MouseEvent('click', {bubbles: true}));
   return {
@@ -75,7 +78,7 @@ PROBE = """(() => {
     lanes: new Set(q('#timeline-svg rect.bar').map(r => r.getAttribute('y'))).size,
     concurrency: q('#concurrency-svg path.conc').length,
     totals: Object.fromEntries(q('#totals .card').map(c => [c.id, c.querySelector('.value').textContent])),
-    before, filtered, countFiltered, slowest,
+    before, filtered, countFiltered, slowest, flaky,
     detail: document.getElementById('detail').textContent,
     rowsInDom: q('#table-body .row').length,
   };
@@ -111,6 +114,8 @@ def test_the_report_shows_every_step_the_timeline_and_the_totals(
     assert found["slowest"] == slowest
     assert "ValueError: cannot handle 10 items" in found["detail"]
     assert "raise ValueError" in found["detail"]
+    assert "attempt 1: ConnectionError: first attempt" in found["flaky"] and "Traceback" in found["flaky"]
+    assert "not recorded" not in found["flaky"]
 
     image = Image.open(io.BytesIO(shot)).convert("RGB")
     assert image.size[0] >= 800

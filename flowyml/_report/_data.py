@@ -180,7 +180,15 @@ def _step_from_result(
     values: Mapping[str, Any],
 ) -> dict[str, Any]:
     status = str(r.status.value)
-    errors = []
+    errors = [
+        {
+            "attempt": a.attempt,
+            "type": type(a.error).__qualname__,
+            "message": str(a.error),
+            "traceback": a.traceback,
+        }
+        for a in r.attempt_errors
+    ]
     if r.error is not None:
         errors.append(
             {
@@ -202,7 +210,7 @@ def _step_from_result(
         "duration_seconds": r.duration_seconds,
         "attempts": r.attempts,
         "errors": errors,
-        "earlier_attempt_errors_recorded": False,
+        "earlier_attempt_errors_recorded": len(r.attempt_errors) >= r.attempts - 1,
         "cache_key": r.cache_key,
         "cache_reason": _jsonable(getattr(r, "cache_reason", None)),
         "time_saved_seconds": saved,
