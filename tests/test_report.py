@@ -171,6 +171,27 @@ class TestToDict:
         edges = {(e["from"], e["to"]) for e in recorded["graph"]["edges"]}
         assert ("src", "work_00") in edges and ("work_39", "gather") in edges
 
+    def test_a_mapped_step_reports_its_items_by_status_and_rate(self, tmp_path: Path) -> None:
+        @step(outputs=["urls"])
+        def urls() -> list[str]:
+            return ["a", "b", "bad", "c"]
+
+        @step(inputs=["urls"], outputs=["pages"], map_over="urls", map_errors="collect")
+        def fetch(urls: str) -> str:
+            if urls == "bad":
+                raise ValueError("no such page")
+            return urls.upper()
+
+        result = Pipeline("mapped", cache_dir=tmp_path).add_step(urls).add_step(fetch).run()
+        data = result.to_dict()
+        items = by_name(data)["fetch"]["items"]
+        assert items["total"] == 4 and items["counts"] == {"succeeded": 3, "failed": 1}
+        duration = result.step_results["fetch"].duration_seconds
+        assert items["per_second"] == pytest.approx(4 / duration, rel=1e-3)
+        assert by_name(data)["urls"]["items"] is None
+        assert data["items"] == {"mapped_steps": 1, "total": 4, "counts": {"succeeded": 3, "failed": 1}}
+        assert json.loads(json.dumps(data, allow_nan=False)) == data
+
 
 class TestPage:
     def test_is_self_contained(self, fifty: tuple[PipelineResult, Path], tmp_path: Path) -> None:

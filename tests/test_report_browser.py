@@ -18,7 +18,7 @@ from browser import Browser, Unavailable, chromium
 from PIL import Image
 from sample_runs import fifty_step_run
 
-from flowyml import PipelineResult, Store
+from flowyml import Pipeline, PipelineResult, Store, step
 from flowyml._cli_run import _report_data
 from flowyml._report import write_report
 
@@ -161,3 +161,32 @@ def test_the_report_of_a_recorded_run_loads_cleanly(
     assert set(found["dag"]) == set(result.step_results)
     assert found["count"] == "showing 50 of 50 steps"
     assert "read back from the store" in found["subtitle"]
+
+
+def test_a_mapped_steps_items_show_in_its_detail_and_the_totals(browser_path: str, tmp_path: Path) -> None:
+    @step(outputs=["urls"])
+    def urls() -> list[str]:
+        return ["a", "bad", "c"]
+
+    @step(inputs=["urls"], outputs=["pages"], map_over="urls", map_errors="collect")
+    def fetch(urls: str) -> str:
+        if urls == "bad":
+            raise ValueError("no such page")
+        return urls.upper()
+
+    result = Pipeline("mapped", cache_dir=tmp_path).add_step(urls).add_step(fetch).run()
+    path = tmp_path / "mapped.html"
+    result.report(path)
+    script = """(() => {
+      document.querySelector('#dag-svg .node[data-step="fetch"]')
+        .dispatchEvent(new MouseEvent('click', {bubbles: true}));
+      return {
+        detail: document.getElementById('detail').textContent,
+        items: document.querySelector('#total-items .value').textContent,
+      };
+    })()"""
+    found, errors, _ = in_browser(browser_path, path, script)
+    assert errors == [], errors
+    assert "items3 (succeeded 2, failed 1)" in found["detail"]
+    assert "items per second" in found["detail"]
+    assert found["items"] == "3 (succeeded 2, failed 1)"
