@@ -75,6 +75,7 @@ PROBE = """(() => {
   return {
     dag: q('#dag-svg .node').map(n => [n.dataset.step, n.getAttribute('class')]),
     bars: q('#timeline-svg rect.bar').map(r => r.dataset.step),
+    barFills: Object.fromEntries(q('#timeline-svg rect.bar').map(r => [r.dataset.step, getComputedStyle(r).fill])),
     lanes: new Set(q('#timeline-svg rect.bar').map(r => r.getAttribute('y'))).size,
     concurrency: q('#concurrency-svg path.conc').length,
     totals: Object.fromEntries(q('#totals .card').map(c => [c.id, c.querySelector('.value').textContent])),
@@ -100,6 +101,8 @@ def test_the_report_shows_every_step_the_timeline_and_the_totals(
     started = {n for n, r in result.step_results.items() if r.start_time is not None}
     assert sorted(found["bars"]) == sorted(started)
     assert found["lanes"] >= 2
+    fills = found["barFills"]
+    assert fills["work_04"] == fills["work_11"] != fills["flaky"]  # cache hits have their own colour
     assert found["concurrency"] == 1
 
     totals = found["totals"]
