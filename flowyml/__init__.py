@@ -37,7 +37,7 @@ from ._limits import Limit
 from ._parallel import parallel_map
 from ._pipeline import Pipeline
 from ._report import PipelineResult
-from ._results import ExecutionResult, ItemFailed, ItemResult, StepResult, StepStatus
+from ._results import AttemptError, ExecutionResult, ItemFailed, ItemResult, StepResult, StepStatus
 from ._retry import ExponentialBackoff, RetryConfig, retry
 from ._step import CachePolicy, Step, step
 
@@ -70,6 +70,7 @@ __all__ = (
     "AssetEntry",
     "AssetMetadata",
     "AssetRouter",
+    "AttemptError",
     "CachePolicy",
     "CacheStore",
     "CircuitBreaker",

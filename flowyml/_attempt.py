@@ -40,7 +40,7 @@ from ._limits import Limit, acquire_all, release_all
 from ._log import Watcher, step_failed, step_retrying
 from ._remote import RemoteValues
 from ._resources import Request, ResourcePool
-from ._results import StepResult, StepStatus, _Builder, finished
+from ._results import AttemptError, StepResult, StepStatus, _Builder, finished
 from ._retry import RetryRun
 from ._state import RunState
 from ._typed import produce, receive
@@ -407,6 +407,8 @@ class UnitRunner:
             reason,
             fallbacks,
             why,
+            None,
+            () if retry is None or not retry.errors else _attempt_errors(retry.errors),
         )
 
     async def _attempts(
@@ -669,6 +671,13 @@ class UnitRunner:
         """Fetch every remote output to the driver; call before the executors close."""
         if self.remote is not None:
             await self.remote.localize_outputs(self.state)
+
+
+def _attempt_errors(errors: tuple[BaseException, ...]) -> tuple[AttemptError, ...]:
+    """The retried attempts' errors, numbered from 1, each with its traceback as text."""
+    return tuple(
+        AttemptError(n, exc, "".join(traceback.format_exception(exc))) for n, exc in enumerate(errors, 1)
+    )
 
 
 def _largest(requests: Iterable[Request]) -> Request:

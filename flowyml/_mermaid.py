@@ -2,8 +2,10 @@
 
 Steps are nodes labelled with their name, executor and cache policy; an edge carries the names
 of the outputs it passes; context parameters are input nodes; an ``If`` is a diamond with
-``then``/``else`` edges to its branch steps; an execution group is a subgraph. Every piece of
-user text goes through :func:`escape`, so names with quotes, brackets or any unicode still parse.
+``then``/``else`` edges to its branch steps; an execution group is a subgraph; a mapped step is a
+subroutine box that says what it maps over, a stream source (a generator step) a stadium. Every
+piece of user text goes through :func:`escape`, so names with quotes, brackets or any unicode
+still parse.
 """
 
 from __future__ import annotations
@@ -140,6 +142,11 @@ def to_mermaid(
 
 
 def _node(node: Node) -> str:
-    # A mapped step (a later issue) gets its own shape here, e.g. a stacked rectangle.
+    # A mapped step is a subroutine box saying what it maps over; a stream source is a stadium.
+    step = node.step
     label = f"{escape(node.name)}<br/>{escape(executor_label(node))} · {escape(cache_label(node))}"
+    if step.map_over:
+        return f's{node.id}[["{label}<br/>map over {escape(", ".join(step.map_over))}"]]'
+    if step.stream:
+        return f's{node.id}(["{label}<br/>stream source"])'
     return f's{node.id}["{label}"]'

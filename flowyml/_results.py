@@ -63,6 +63,15 @@ class ItemFailed:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class AttemptError:
+    """A failed attempt of a step that was retried: its number (from 1), the error and its traceback."""
+
+    attempt: int
+    error: BaseException
+    traceback: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class ItemResult:
     """One item of a mapped step: its index, fate, output, attempts, timing and error."""
 
@@ -210,6 +219,9 @@ class StepResult:
     step that never reached the cache (skipped, blocked)."""
     items: ItemResults | None = None
     """A mapped step's per-item results, in input order; None for any other step."""
+    attempt_errors: tuple[AttemptError, ...] = ()
+    """The errors of the attempts that failed and were retried, in order; the last attempt's
+    error, if it failed too, is ``error``. Empty for a step that never retried."""
 
     @property
     def item_counts(self) -> dict[str, int]:
@@ -294,6 +306,7 @@ def finished(
     fallback_reasons: tuple[str, ...] = (),
     cache_reason: str | None = None,
     items: ItemResults | None = None,
+    attempt_errors: tuple[AttemptError, ...] = (),
 ) -> StepResult:
     """A frozen :class:`StepResult`, built the fast way; the same as calling the class."""
     res = _Builder(
@@ -312,6 +325,7 @@ def finished(
         fallback_reasons,
         cache_reason,
         items,
+        attempt_errors,
     )
     res.__class__ = StepResult
     return cast(StepResult, res)

@@ -294,9 +294,11 @@ class RetryRun:
     :func:`_sleep` / :func:`_asleep`, and leaves ``.attempts`` and a note on the exception it
     gives up on. :meth:`failed` is where the decision to retry is taken; ``on_retry(attempt,
     delay, error)``, when given, hears of each failed attempt that will be retried, before the wait.
+    ``errors`` keeps the exceptions of those retried attempts, in order (the shared empty tuple
+    while the first attempt has not failed).
     """
 
-    __slots__ = ("_clock", "_on_retry", "_rand", "attempt", "config", "started")
+    __slots__ = ("_clock", "_on_retry", "_rand", "attempt", "config", "errors", "started")
 
     def __init__(
         self,
@@ -308,6 +310,7 @@ class RetryRun:
     ) -> None:
         self.config = config
         self.attempt = 1
+        self.errors: tuple[BaseException, ...] = ()
         self._on_retry = on_retry
         self._clock = clock
         self._rand = rand
@@ -323,6 +326,7 @@ class RetryRun:
         reason = self.config.stop_reason(exc, self.attempt, self._clock() - self.started)
         if reason is None:
             delay = self.config.delay(self.attempt, self._rand)
+            self.errors = (*self.errors, exc)
             if self._on_retry is not None:
                 self._on_retry(self.attempt, delay, exc)
             self.attempt += 1

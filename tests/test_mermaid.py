@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,32 @@ class TestEscape:
         assert all(part.isdigit() for part in re.findall(r"#(\w+);", label))
 
 
+def mapped_pipeline(tmp_path: Path) -> Pipeline:
+    """A stream source feeding a mapped step, whose list a plain step sums."""
+
+    @step(outputs=["n"])
+    def numbers() -> Iterator[int]:
+        yield from range(4)
+
+    @step(inputs=["n"], outputs=["squares"], map_over="n")
+    def square(n: int) -> int:
+        return n * n
+
+    @step(inputs=["squares"], outputs=["total"])
+    def add(squares: list[int]) -> int:
+        return sum(squares)
+
+    return Pipeline("mapped", cache_dir=tmp_path).add_step(numbers).add_step(square).add_step(add)
+
+
+def test_mapped_steps_and_stream_sources_have_their_own_shapes(tmp_path: Path) -> None:
+    text = mapped_pipeline(tmp_path).to_mermaid()
+    nodes = dict(re.findall(r"^    (s\d+)(\S.*)$", text, re.M))
+    assert nodes["s0"] == '(["numbers<br/>thread · code_hash<br/>stream source"])'
+    assert nodes["s1"] == '[["square<br/>thread · code_hash<br/>map over n"]]'
+    assert nodes["s2"].startswith('["add<br/>')
+
+
 @pytest.fixture(scope="module")
 def mmdc() -> tuple[str, Path]:
     try:
@@ -185,6 +212,13 @@ class TestParsedByMermaid:
     def test_the_checker_rejects_broken_text(self, mmdc: tuple[str, Path], tmp_path: Path) -> None:
         broken = f'flowchart TD\n    s0["{ODD}"] --> s1\n'  # unescaped: the quote ends the label early
         assert render(mmdc, broken, tmp_path).returncode != 0
+
+    def test_a_mapped_pipeline_parses(self, mmdc: tuple[str, Path], tmp_path: Path) -> None:
+        text = mapped_pipeline(tmp_path).to_mermaid()
+        done = render(mmdc, text, tmp_path)
+        assert done.returncode == 0, done.stderr
+        svg = (tmp_path / "out.svg").read_text(encoding="utf-8")
+        assert "map over n" in svg and "stream source" in svg
 
     def test_a_wide_pipeline_parses(self, mmdc: tuple[str, Path], tmp_path: Path) -> None:
         from sample_runs import fifty_step_pipeline

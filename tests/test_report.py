@@ -65,8 +65,58 @@ class TestToDict:
 
     def test_a_retried_step_counts_its_attempts(self, fifty: tuple[PipelineResult, Path]) -> None:
         flaky = by_name(fifty[0].to_dict())["flaky"]
-        assert flaky["status"] == "succeeded" and flaky["attempts"] == 2 and flaky["errors"] == []
+        assert flaky["status"] == "succeeded" and flaky["attempts"] == 2
+        assert [e["attempt"] for e in flaky["errors"]] == [1]
+        assert flaky["earlier_attempt_errors_recorded"] is True
         assert flaky["cache_policy"] == "no cache"
+
+    def test_every_failed_attempt_keeps_its_error_and_traceback(self, tmp_path: Path) -> None:
+        calls: list[int] = []
+
+        @step(outputs=["x"], retry=3, cache=False)
+        def shaky() -> int:
+            calls.append(1)
+            if len(calls) < 3:
+                raise OSError(f"drive busy, try {len(calls)}")
+            return 7
+
+        result = Pipeline("shaky", cache_dir=tmp_path).add_step(shaky).run()
+        res = result.step_results["shaky"]
+        assert res.success and res.attempts == 3 and res.error is None
+        assert [(a.attempt, str(a.error)) for a in res.attempt_errors] == [
+            (1, "drive busy, try 1"),
+            (2, "drive busy, try 2"),
+        ]
+        assert all("raise OSError" in a.traceback for a in res.attempt_errors)
+        data = by_name(result.to_dict())["shaky"]
+        assert [(e["attempt"], e["type"], e["message"]) for e in data["errors"]] == [
+            (1, "OSError", "drive busy, try 1"),
+            (2, "OSError", "drive busy, try 2"),
+        ]
+        assert all("raise OSError" in e["traceback"] for e in data["errors"])
+        page = render_html(result.to_dict())
+        assert "drive busy, try 1" in page and "drive busy, try 2" in page
+        assert page.count("raise OSError") == 2
+
+    def test_a_step_that_fails_for_good_keeps_the_earlier_errors_before_its_own(self, tmp_path: Path) -> None:
+        calls: list[int] = []
+
+        @step(outputs=["x"], retry=1, cache=False)
+        def doomed() -> int:
+            calls.append(1)
+            raise KeyError(f"k{len(calls)}")
+
+        result = Pipeline("doomed", cache_dir=tmp_path).add_step(doomed).run()
+        errors = by_name(result.to_dict())["doomed"]["errors"]
+        assert [(e["attempt"], e["message"]) for e in errors] == [(1, "'k1'"), (2, "'k2'")]
+
+    def test_a_first_attempt_success_records_no_attempt_errors(self, tmp_path: Path) -> None:
+        @step(outputs=["x"], retry=3, cache=False)
+        def fine() -> int:
+            return 1
+
+        res = Pipeline("fine", cache_dir=tmp_path).add_step(fine).run().step_results["fine"]
+        assert res.attempt_errors == () and res.attempts == 1
 
     def test_inputs_outputs_parameters_executor_resources(self, fifty: tuple[PipelineResult, Path]) -> None:
         steps = by_name(fifty[0].to_dict())
@@ -120,6 +170,27 @@ class TestToDict:
         assert by_name(recorded)["broken"]["errors"][0]["type"] == "ValueError"
         edges = {(e["from"], e["to"]) for e in recorded["graph"]["edges"]}
         assert ("src", "work_00") in edges and ("work_39", "gather") in edges
+
+    def test_a_mapped_step_reports_its_items_by_status_and_rate(self, tmp_path: Path) -> None:
+        @step(outputs=["urls"])
+        def urls() -> list[str]:
+            return ["a", "b", "bad", "c"]
+
+        @step(inputs=["urls"], outputs=["pages"], map_over="urls", map_errors="collect")
+        def fetch(urls: str) -> str:
+            if urls == "bad":
+                raise ValueError("no such page")
+            return urls.upper()
+
+        result = Pipeline("mapped", cache_dir=tmp_path).add_step(urls).add_step(fetch).run()
+        data = result.to_dict()
+        items = by_name(data)["fetch"]["items"]
+        assert items["total"] == 4 and items["counts"] == {"succeeded": 3, "failed": 1}
+        duration = result.step_results["fetch"].duration_seconds
+        assert items["per_second"] == pytest.approx(4 / duration, rel=1e-3)
+        assert by_name(data)["urls"]["items"] is None
+        assert data["items"] == {"mapped_steps": 1, "total": 4, "counts": {"succeeded": 3, "failed": 1}}
+        assert json.loads(json.dumps(data, allow_nan=False)) == data
 
 
 class TestPage:

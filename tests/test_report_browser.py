@@ -18,7 +18,7 @@ from browser import Browser, Unavailable, chromium
 from PIL import Image
 from sample_runs import fifty_step_run
 
-from flowyml import PipelineResult, Store
+from flowyml import Pipeline, PipelineResult, Store, step
 from flowyml._cli_run import _report_data
 from flowyml._report import write_report
 
@@ -67,15 +67,19 @@ PROBE = """(() => {
   filter.value = ''; filter.dispatchEvent(new Event('input'));
   q('#table-head span')[3].click(); q('#table-head span')[3].click();  // duration, descending
   const slowest = q('#table-body .row').map(r => r.dataset.step)[0];
+  q('#dag-svg .node').find(n => n.dataset.step === 'flaky')
+    .dispatchEvent(new MouseEvent('click', {bubbles: true}));
+  const flaky = document.getElementById('detail').textContent;
   q('#dag-svg .node').find(n => n.dataset.step === 'broken')
     .dispatchEvent(new MouseEvent('click', {bubbles: true}));
   return {
     dag: q('#dag-svg .node').map(n => [n.dataset.step, n.getAttribute('class')]),
     bars: q('#timeline-svg rect.bar').map(r => r.dataset.step),
+    barFills: Object.fromEntries(q('#timeline-svg rect.bar').map(r => [r.dataset.step, getComputedStyle(r).fill])),
     lanes: new Set(q('#timeline-svg rect.bar').map(r => r.getAttribute('y'))).size,
     concurrency: q('#concurrency-svg path.conc').length,
     totals: Object.fromEntries(q('#totals .card').map(c => [c.id, c.querySelector('.value').textContent])),
-    before, filtered, countFiltered, slowest,
+    before, filtered, countFiltered, slowest, flaky,
     detail: document.getElementById('detail').textContent,
     rowsInDom: q('#table-body .row').length,
   };
@@ -97,6 +101,8 @@ def test_the_report_shows_every_step_the_timeline_and_the_totals(
     started = {n for n, r in result.step_results.items() if r.start_time is not None}
     assert sorted(found["bars"]) == sorted(started)
     assert found["lanes"] >= 2
+    fills = found["barFills"]
+    assert fills["work_04"] == fills["work_11"] != fills["flaky"]  # cache hits have their own colour
     assert found["concurrency"] == 1
 
     totals = found["totals"]
@@ -111,6 +117,8 @@ def test_the_report_shows_every_step_the_timeline_and_the_totals(
     assert found["slowest"] == slowest
     assert "ValueError: cannot handle 10 items" in found["detail"]
     assert "raise ValueError" in found["detail"]
+    assert "attempt 1: ConnectionError: first attempt" in found["flaky"] and "Traceback" in found["flaky"]
+    assert "not recorded" not in found["flaky"]
 
     image = Image.open(io.BytesIO(shot)).convert("RGB")
     assert image.size[0] >= 800
@@ -156,3 +164,32 @@ def test_the_report_of_a_recorded_run_loads_cleanly(
     assert set(found["dag"]) == set(result.step_results)
     assert found["count"] == "showing 50 of 50 steps"
     assert "read back from the store" in found["subtitle"]
+
+
+def test_a_mapped_steps_items_show_in_its_detail_and_the_totals(browser_path: str, tmp_path: Path) -> None:
+    @step(outputs=["urls"])
+    def urls() -> list[str]:
+        return ["a", "bad", "c"]
+
+    @step(inputs=["urls"], outputs=["pages"], map_over="urls", map_errors="collect")
+    def fetch(urls: str) -> str:
+        if urls == "bad":
+            raise ValueError("no such page")
+        return urls.upper()
+
+    result = Pipeline("mapped", cache_dir=tmp_path).add_step(urls).add_step(fetch).run()
+    path = tmp_path / "mapped.html"
+    result.report(path)
+    script = """(() => {
+      document.querySelector('#dag-svg .node[data-step="fetch"]')
+        .dispatchEvent(new MouseEvent('click', {bubbles: true}));
+      return {
+        detail: document.getElementById('detail').textContent,
+        items: document.querySelector('#total-items .value').textContent,
+      };
+    })()"""
+    found, errors, _ = in_browser(browser_path, path, script)
+    assert errors == [], errors
+    assert "items3 (succeeded 2, failed 1)" in found["detail"]
+    assert "items per second" in found["detail"]
+    assert found["items"] == "3 (succeeded 2, failed 1)"

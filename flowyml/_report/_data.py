@@ -111,6 +111,14 @@ def _totals(
     cached = [s for s in steps if s["status"] == "cached"]
     unknown = [s["name"] for s in cached if s["time_saved_seconds"] is None]
     series, peak = concurrency(steps)
+    mapped = [s["items"] for s in steps if s.get("items")]
+    items: dict[str, Any] | None = None
+    if mapped:
+        by_status: dict[str, int] = {}
+        for m in mapped:
+            for status, n in m["counts"].items():
+                by_status[status] = by_status.get(status, 0) + n
+        items = {"mapped_steps": len(mapped), "total": sum(m["total"] for m in mapped), "counts": by_status}
     data.update(
         schema=SCHEMA,
         started_at=start,
@@ -126,6 +134,7 @@ def _totals(
             "unknown where the entry did not record one",
         },
         peak_concurrency=peak,
+        items=items,
         concurrency=series,
         steps=steps,
     )
@@ -171,6 +180,20 @@ def _parameters(
     return out
 
 
+def _items(r: StepResult) -> dict[str, Any] | None:
+    """A mapped step's items: how many, how many per status, and items per second of the step's
+    span from start to end (items keep durations, not start times). None for any other step."""
+    if r.items is None:
+        return None
+    total = len(r.items)
+    span = r.duration_seconds
+    return {
+        "total": total,
+        "counts": r.items.counts,
+        "per_second": round(total / span, 3) if span > 0 else None,
+    }
+
+
 def _step_from_result(
     r: StepResult,
     node: Node | None,
@@ -180,7 +203,15 @@ def _step_from_result(
     values: Mapping[str, Any],
 ) -> dict[str, Any]:
     status = str(r.status.value)
-    errors = []
+    errors = [
+        {
+            "attempt": a.attempt,
+            "type": type(a.error).__qualname__,
+            "message": str(a.error),
+            "traceback": a.traceback,
+        }
+        for a in r.attempt_errors
+    ]
     if r.error is not None:
         errors.append(
             {
@@ -202,7 +233,8 @@ def _step_from_result(
         "duration_seconds": r.duration_seconds,
         "attempts": r.attempts,
         "errors": errors,
-        "earlier_attempt_errors_recorded": False,
+        "earlier_attempt_errors_recorded": len(r.attempt_errors) >= r.attempts - 1,
+        "items": _items(r),
         "cache_key": r.cache_key,
         "cache_reason": _jsonable(getattr(r, "cache_reason", None)),
         "time_saved_seconds": saved,
@@ -343,6 +375,7 @@ def records_to_dict(detail: RunDetail, entries: Mapping[str, CacheEntry]) -> dic
             "attempts": rec.attempts,
             "errors": errors,
             "earlier_attempt_errors_recorded": False,
+            "items": None,
             "cache_key": rec.cache_key,
             "cache_reason": _jsonable(getattr(rec, "cache_reason", None)),
             "time_saved_seconds": saved,

@@ -10,7 +10,7 @@
     start_offset: null, end_offset: null, duration_seconds: null, attempts: 0, errors: [], cache_key: null,
     cache_reason: null, time_saved_seconds: null, skip_reason: null, fallback_reasons: [], executor: null,
     cache_policy: null, group: null, resources: {}, tags: {}, inputs: [], outputs: [],
-    earlier_attempt_errors_recorded: false
+    earlier_attempt_errors_recorded: false, items: null
   };
   steps.forEach(function (s, i) {
     for (var k in DEFAULTS) if (!(k in s)) s[k] = DEFAULTS[k];
@@ -44,6 +44,9 @@
     var text = (u ? b.toFixed(1) : String(b)) + " " + units[u];
     return size.len !== null && size.len !== undefined ? text + " (" + size.len + " items)" : text;
   }
+  function itemCounts(counts) {
+    return Object.keys(counts).map(function (k) { return k + " " + counts[k]; }).join(", ");
+  }
   function errorText(s) {
     if (!s.errors.length) return "";
     var e = s.errors[s.errors.length - 1];
@@ -73,6 +76,10 @@
     savedCard.appendChild(el("div", { "class": "label" }, saved.unknown_steps.length + " hit(s) with unknown original time"));
   }
   card("peak concurrency", data.peak_concurrency, "total-peak");
+  if (data.items) {
+    card("items of " + data.items.mapped_steps + " mapped step" + (data.items.mapped_steps === 1 ? "" : "s"),
+      data.items.total + " (" + itemCounts(data.items.counts) + ")", "total-items");
+  }
   var paramNames = Object.keys(data.params || {});
   if (paramNames.length) {
     card("parameters", paramNames.map(function (k) { return k + "=" + data.params[k]; }).join(", "), "total-params");
@@ -264,6 +271,10 @@
     kv(t, "status", s.status + (s.skip_reason ? " (" + s.skip_reason + ")" : ""));
     kv(t, "start / end", secs(s.start_offset) + " → " + secs(s.end_offset) + " (" + secs(s.duration_seconds) + ")");
     kv(t, "attempts", s.attempts);
+    if (s.items) {
+      kv(t, "items", s.items.total + " (" + itemCounts(s.items.counts) + ")");
+      kv(t, "items per second", s.items.per_second === null ? "–" : String(s.items.per_second));
+    }
     kv(t, "executor", s.executor);
     kv(t, "cache", (s.cache_policy || "–") + (s.cache_key ? " · key " + s.cache_key : ""));
     if (s.cache_reason) kv(t, "cache reason", s.cache_reason);
