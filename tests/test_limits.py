@@ -7,29 +7,12 @@ import threading
 import time
 
 import pytest
+from holders import Holders
 
 import flowyml
 from flowyml import ConfigError, Limit
 from flowyml._limits import parse_rate
 from flowyml.testing import limiter_clock
-
-
-class Holders:
-    """Counts concurrent holders across tasks and threads; remembers the most seen at once."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.now = 0
-        self.most = 0
-
-    def enter(self) -> None:
-        with self.lock:
-            self.now += 1
-            self.most = max(self.most, self.now)
-
-    def leave(self) -> None:
-        with self.lock:
-            self.now -= 1
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from holders import Holders
 
 from flowyml import (
     CircuitBreaker,
@@ -112,24 +113,6 @@ def test_item_failed_is_falsy_and_says_what_failed() -> None:
 
 
 # ---------------------------------------------------------------------------- running mapped steps
-
-
-class Holders:
-    """Counts concurrent holders across tasks and threads; remembers the most seen at once."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.now = 0
-        self.most = 0
-
-    def enter(self) -> None:
-        with self.lock:
-            self.now += 1
-            self.most = max(self.most, self.now)
-
-    def leave(self) -> None:
-        with self.lock:
-            self.now -= 1
 
 
 def pipeline(*steps: Step, **options: Any) -> Pipeline:
