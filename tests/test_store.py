@@ -811,6 +811,26 @@ class TestLineage:
         assert sorted(s.step_name for s in full.steps) == ["a", "b"]
         assert len(store.damaged) == 1
 
+    async def test_one_output_makes_records_only_for_its_ancestry(self, store: Store, root: Path) -> None:
+        """Within one packed row, only the steps an output's lineage reaches are made into records:
+        a damaged record of another step in that row is not read; a damaged one in the ancestry
+        sends the read to the whole run, which reports it."""
+        store.record_run(run_record("row"))
+        store.record_step(StepRecord("row", "a", "succeeded", outputs={"a": None}))
+        store.record_step(StepRecord("row", "b", "succeeded", outputs={"b": None}, inputs={"x": ("a", "a")}))
+        store.record_step(StepRecord("row", "c", "succeeded", outputs={"c": None}))
+        await store.flush()
+        assert sql(root, "SELECT COUNT(*) FROM step_records WHERE run_id = 'row'") == [(1,)]
+        damage = 'replace(steps, \'["c","succeeded",0\', \'["c","succeeded","x"\')'
+        sql(root, f"UPDATE step_records SET steps = {damage}")
+        lineage = await store.lineage("b", run_id="row")
+        assert lineage is not None
+        assert [lineage.root.step_name, lineage.root.inputs[0][1].step_name] == ["b", "a"]
+        assert store.damaged == []
+        assert await store.lineage("c", run_id="row") is None
+        assert len(store.damaged) == 1
+        assert "attempts is not a number" in store.damaged[0]
+
     async def test_a_producer_recorded_elsewhere_is_found_in_the_whole_run(self, store: Store) -> None:
         """An input whose producer's record does not hold that output still shows the producer."""
         store.record_run(run_record("odd"))

@@ -40,7 +40,7 @@ import sqlite3
 import time
 import warnings
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -276,23 +276,82 @@ def _check_part(run_id: str, packed: object, times: object) -> None:
     Raises:
         ValueError, TypeError: the row is damaged (bad JSON, short blob, wrong types).
     """
+    for unpacked in _unpack_part(packed, times):
+        _checked_record(run_id, unpacked)
+
+
+def _unpack_part(packed: object, times: object) -> list[_packed.Unpacked]:
+    """The rows of one packed ``step_records`` row, its columns' types and lengths checked."""
     if not isinstance(packed, str) or not isinstance(times, bytes):
         raise TypeError("its columns hold values of the wrong type")
     if len(times) % 24:
         raise ValueError(f"its times blob has {len(times)} bytes, not a multiple of 24")
-    rows = json.loads(packed)
-    if not isinstance(rows, list) or len(times) != 24 * len(rows):
-        raise ValueError("its steps and times do not match")
-    for record in _packed.decode(run_id, [(packed, times)]):
-        if not (isinstance(record.step_name, str) and isinstance(record.status, str)):
-            raise TypeError("a step name or status is not text")
-        outputs = record.outputs
-        if not isinstance(outputs, dict) or not all(
-            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in outputs.items()
-        ):
+    rows = _packed.unpack(packed, times)
+    for row, *_ in rows:
+        if not isinstance(row, list) or len(row) < 4 or not isinstance(row[0], str):
+            raise TypeError("a step row is not an array starting with the step's name")
+        if not isinstance(row[3], dict):
             raise TypeError("outputs are not a mapping of names to hashes")
-        if not isinstance(record.attempts, int):
-            raise TypeError("attempts is not a number")
+    return rows
+
+
+def _checked_record(run_id: str, unpacked: _packed.Unpacked) -> StepRecord:
+    """The record of one unpacked row, after checking the types of what readers rely on.
+
+    Raises:
+        ValueError, TypeError: the row is damaged.
+    """
+    record = _packed.record(run_id, unpacked)
+    if not (isinstance(record.step_name, str) and isinstance(record.status, str)):
+        raise TypeError("a step name or status is not text")
+    outputs = record.outputs
+    if not isinstance(outputs, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in outputs.items()
+    ):
+        raise TypeError("outputs are not a mapping of names to hashes")
+    if not isinstance(record.attempts, int):
+        raise TypeError("attempts is not a number")
+    return record
+
+
+class _LazyRecords(Mapping[str, StepRecord]):
+    """The step records of the packed rows read so far, each made (and checked) when first asked for.
+
+    Reading one output of a 100,000-step run parses the row holding it (a single JSON parse) and
+    makes records only for the steps its lineage reaches, not for the 10,000 steps of the row.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        self._run_id = run_id
+        self._rows: dict[str, tuple[int, _packed.Unpacked]] = {}
+        self._made: dict[str, StepRecord] = {}
+        self.producers: dict[str, str] = {}
+        """Output name -> the first step whose record names it."""
+
+    def add(self, row_id: int, rows: list[_packed.Unpacked]) -> None:
+        for unpacked in rows:
+            name = unpacked[0][0]
+            held = self._rows.get(name)
+            if held is None or held[0] < row_id:  # the last record of a step wins
+                self._rows[name] = (row_id, unpacked)
+                self._made.pop(name, None)
+                for output in unpacked[0][3]:
+                    self.producers.setdefault(output, name)
+
+    def __getitem__(self, name: str) -> StepRecord:
+        made = self._made.get(name)
+        if made is None:
+            made = self._made[name] = _checked_record(self._run_id, self._rows[name][1])
+        return made
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._rows
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
 
 _RUN_COLUMNS = (
@@ -1305,8 +1364,7 @@ class Store:
         not the run. After :data:`_TARGETED_READS` such reads (a long ancestry), or when an
         input's producer is not where its output is, the whole run is decoded, as before.
         """
-        records: dict[str, StepRecord] = {}
-        row_of: dict[str, int] = {}
+        records = _LazyRecords(run_id)
         decoded: set[int] = set()
         reads = 0
         damage_seen = len(self.damaged)
@@ -1326,34 +1384,32 @@ class Store:
                     continue
                 decoded.add(row_id)
                 try:
-                    _check_part(run_id, packed, times)
+                    records.add(row_id, _unpack_part(packed, times))
                 except Exception as exc:  # any damage: reported, the other rows still read
                     self.damaged.append(f"table step_records, id {row_id} (run {run_id!r}): {exc}")
-                    continue
-                for record in _packed.decode(run_id, [(packed, times)]):
-                    if row_of.get(record.step_name, -1) < row_id:  # the last record of a step wins
-                        records[record.step_name] = record
-                        row_of[record.step_name] = row_id
             return True
 
-        if await self._targeted_walk(read, records, output_name):
-            root = next((r.step_name for r in records.values() if output_name in r.outputs), None)
-            if root is not None:
-                return records, root
+        try:
+            if await self._targeted_walk(read, records, output_name):
+                root = records.producers.get(output_name)
+                if root is not None:
+                    return {name: records[name] for name in _ancestry(records, root)}, root
+        except (TypeError, ValueError, LookupError, AttributeError):
+            pass  # a damaged record: the whole run is read below, which reports it
         # The whole run, as it could always be read: every record, upserts applied across rows.
         del self.damaged[damage_seen:]  # read again below, reported once
-        records = {r.step_name: r for r in await self._steps_of(run_id)}
-        root = next((r.step_name for r in records.values() if output_name in r.outputs), None)
-        return None if root is None else (records, root)
+        whole = {r.step_name: r for r in await self._steps_of(run_id)}
+        root = next((r.step_name for r in whole.values() if output_name in r.outputs), None)
+        return None if root is None else (whole, root)
 
     @staticmethod
     async def _targeted_walk(
-        read: Callable[[str], Awaitable[bool]], records: Mapping[str, StepRecord], output_name: str
+        read: Callable[[str], Awaitable[bool]], records: _LazyRecords, output_name: str
     ) -> bool:
         """Read the rows of ``output_name``'s ancestry; False when the walk must read the whole run."""
         if not await read(output_name):
             return False
-        root = next((r.step_name for r in records.values() if output_name in r.outputs), None)
+        root = records.producers.get(output_name)
         if root is None:
             return False
         pending = [root]

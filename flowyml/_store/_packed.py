@@ -37,7 +37,7 @@ seconds saved]}`` of its cache hits (NULL when none), so that ``cache stats`` ne
 
 from __future__ import annotations
 
-__all__ = ("Part", "StepFate", "StepShape", "decode", "search_text")
+__all__ = ("Part", "StepFate", "StepShape", "Unpacked", "decode", "record", "search_text", "unpack")
 
 import json
 import math
@@ -268,42 +268,60 @@ def _float(x: float) -> float | None:
     return None if x != x else x  # NaN stands for null
 
 
+#: One step's row as stored: the JSON array, then started_at, duration and time saved from ``times``.
+Unpacked = tuple[list[Any], float | None, float | None, float]
+
+
+def unpack(steps: str, blob: bytes) -> list[Unpacked]:
+    """The rows of one ``(steps, times)`` part, not yet made into records (cheap: one JSON parse).
+
+    Raises:
+        ValueError, TypeError: the part is damaged (bad JSON, a short blob, rows that are not arrays).
+    """
+    times = array("d")
+    times.frombytes(blob)
+    if _SWAP:
+        times.byteswap()
+    rows = json.loads(steps)
+    if not isinstance(rows, list) or len(times) != 3 * len(rows):
+        raise ValueError("its steps and times do not match")
+    return [
+        (row, _float(times[3 * i]), _float(times[3 * i + 1]), times[3 * i + 2]) for i, row in enumerate(rows)
+    ]
+
+
+def record(run_id: str, unpacked: Unpacked) -> StepRecord:
+    """The step record of one unpacked row, its left-off fields filled in with their defaults."""
+    row, start, duration, saved = unpacked
+    if len(row) < _FIXED + 8:
+        cached = bool(row[5]) if len(row) > 5 else False
+        key = row[6] if len(row) > 6 else None
+        row = row + list(_defaults(start, duration, cached, key, row[1])[len(row) - _FIXED :])
+    return StepRecord(
+        run_id=run_id,
+        step_name=row[0],
+        status=row[1],
+        attempts=row[2],
+        started_at=start,
+        ended_at=row[7],
+        duration_seconds=duration,
+        cached=bool(row[5]),
+        cache_key=row[6],
+        time_saved_seconds=saved,
+        error_type=row[8],
+        error_message=row[9],
+        traceback=row[10],
+        outputs=row[3],
+        inputs={param: (src[0], src[1]) for param, src in row[4].items()},
+        cache_reason=row[11],
+    )
+
+
 def decode(run_id: str, parts: Iterable[tuple[str, bytes]]) -> list[StepRecord]:
     """The step records of one run from its ``(steps, times)`` columns, oldest first, upserts applied."""
-    latest: dict[str, tuple[list[Any], float | None, float | None, float]] = {}
+    latest: dict[str, Unpacked] = {}
     for steps, blob in parts:
-        times = array("d")
-        times.frombytes(blob)
-        if _SWAP:
-            times.byteswap()
-        for i, row in enumerate(json.loads(steps)):
+        for unpacked in unpack(steps, blob):
             # A dict keeps the position of the first insertion: an upsert keeps its place.
-            latest[row[0]] = (row, _float(times[3 * i]), _float(times[3 * i + 1]), times[3 * i + 2])
-    records = []
-    for row, start, duration, saved in latest.values():
-        if len(row) < _FIXED + 8:
-            cached = bool(row[5]) if len(row) > 5 else False
-            key = row[6] if len(row) > 6 else None
-            row = row + list(_defaults(start, duration, cached, key, row[1])[len(row) - _FIXED :])
-        full = row
-        records.append(
-            StepRecord(
-                run_id=run_id,
-                step_name=full[0],
-                status=full[1],
-                attempts=full[2],
-                started_at=start,
-                ended_at=full[7],
-                duration_seconds=duration,
-                cached=bool(full[5]),
-                cache_key=full[6],
-                time_saved_seconds=saved,
-                error_type=full[8],
-                error_message=full[9],
-                traceback=full[10],
-                outputs=full[3],
-                inputs={param: (src[0], src[1]) for param, src in full[4].items()},
-                cache_reason=full[11],
-            )
-        )
-    return records
+            latest[unpacked[0][0]] = unpacked
+    return [record(run_id, unpacked) for unpacked in latest.values()]
