@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import sqlite3
 import stat
 import threading
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -943,6 +945,18 @@ class TestRecordFate:
         await store.flush()
         detail = await store._steps_of("run-1")
         assert [(s.step_name, s.status) for s in detail] == [("s", "succeeded"), ("t", "succeeded")]
+
+    async def test_a_committed_fate_is_not_kept_alive(self, store: Store) -> None:
+        """Once committed, the store holds no reference to a recorded fate (a run's step results
+        were kept alive until the store's next write, through the connection thread's last call)."""
+        store.record_run(run_record())
+        fate = Fate()
+        gone = weakref.ref(fate)
+        store.record_fate("run-1", fate, None, SHAPE)
+        await store.flush()
+        del fate
+        gc.collect()
+        assert gone() is None
 
     async def test_closed_store_refuses_fates(self, store: Store) -> None:
         """record_fate after aclose is a StoreError."""

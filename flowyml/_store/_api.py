@@ -410,6 +410,11 @@ class _BatchRows:
         self._batch = batch
         self._built: list[tuple[str, Sequence[tuple[Any, ...]]]] | None = None
 
+    def release(self) -> None:
+        """Drop the batch and its rows (the transaction is over)."""
+        self._batch = _Batch()
+        self._built = None
+
     def _build(self) -> list[tuple[str, Sequence[tuple[Any, ...]]]]:
         batch = self._batch
         now = time.time()
@@ -1157,7 +1162,13 @@ class Store:
         #    connection's thread: no thread hop per statement, and the loop stays free meanwhile.
         #    A locked database rolls back and the whole call is retried.
         rows = _BatchRows(batch)
-        await _db.retry_locked(lambda: _db.on_thread(self._conn, rows.commit), where=self._db_path)
+        try:
+            await _db.retry_locked(lambda: _db.on_thread(self._conn, rows.commit), where=self._db_path)
+        finally:
+            # The connection's thread holds its last call until the next one: without this, the
+            # batch (every step result of a run) stayed alive after the run, until the next write.
+            rows.release()
+        batch.steps = []
         self.commits += 1
         for drop in batch.drops:
             if self._dropped.get(drop.key) == drop.created_at:
