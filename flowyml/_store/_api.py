@@ -81,7 +81,7 @@ _MAX_BATCH: Final = 10_000
 #: At most this many step runs go in one packed ``step_records`` row.
 _MAX_PART: Final = 10_000
 #: Packed rows the lineage of one output reads by its outputs before it reads the whole run.
-_TARGETED_READS: Final = 64
+_TARGETED_READS: Final = 256
 #: How long the writer holds lineage records nobody waits for yet (a run's "running" row, step
 #: records) before committing them, so that they go in the same transaction as what comes next --
 #: typically the run's end, which it waits for: one commit per short run instead of two. Cache
@@ -268,16 +268,6 @@ def _entries_from_rows(
             outputs=tuple(outputs),
         )
     return entries, broken
-
-
-def _check_part(run_id: str, packed: object, times: object) -> None:
-    """Decode one packed ``step_records`` row alone and check its shape.
-
-    Raises:
-        ValueError, TypeError: the row is damaged (bad JSON, short blob, wrong types).
-    """
-    for unpacked in _unpack_part(packed, times):
-        _checked_record(run_id, unpacked)
 
 
 def _unpack_part(packed: object, times: object) -> list[_packed.Unpacked]:
@@ -1309,15 +1299,16 @@ class Store:
         rows = await self._conn.execute_fetchall(
             "SELECT id, steps, times FROM step_records WHERE run_id = ? ORDER BY id", (run_id,)
         )
-        good: list[tuple[str, bytes]] = []
+        latest: dict[str, StepRecord] = {}
         for row_id, packed, times in rows:
             try:
-                _check_part(run_id, packed, times)
+                made = [_checked_record(run_id, unpacked) for unpacked in _unpack_part(packed, times)]
             except Exception as exc:  # any damage: reported, the other rows still read
                 self.damaged.append(f"table step_records, id {row_id} (run {run_id!r}): {exc}")
-            else:
-                good.append((packed, times))
-        steps = _packed.decode(run_id, good)
+                continue
+            for record in made:
+                latest[record.step_name] = record  # an upsert keeps its place, with its last content
+        steps = list(latest.values())
         order = {s.step_name: i for i, s in enumerate(steps)}
         return sorted(steps, key=lambda s: (s.started_at is None, s.started_at or 0.0, order[s.step_name]))
 

@@ -37,7 +37,7 @@ seconds saved]}`` of its cache hits (NULL when none), so that ``cache stats`` ne
 
 from __future__ import annotations
 
-__all__ = ("Part", "StepFate", "StepShape", "Unpacked", "decode", "record", "search_text", "unpack")
+__all__ = ("Part", "StepFate", "StepShape", "Unpacked", "record", "search_text", "unpack")
 
 import json
 import math
@@ -315,13 +315,3 @@ def record(run_id: str, unpacked: Unpacked) -> StepRecord:
         inputs={param: (src[0], src[1]) for param, src in row[4].items()},
         cache_reason=row[11],
     )
-
-
-def decode(run_id: str, parts: Iterable[tuple[str, bytes]]) -> list[StepRecord]:
-    """The step records of one run from its ``(steps, times)`` columns, oldest first, upserts applied."""
-    latest: dict[str, Unpacked] = {}
-    for steps, blob in parts:
-        for unpacked in unpack(steps, blob):
-            # A dict keeps the position of the first insertion: an upsert keeps its place.
-            latest[unpacked[0][0]] = unpacked
-    return [record(run_id, unpacked) for unpacked in latest.values()]
