@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
-import math
+import queue
+import threading
+import weakref
+from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import anyio
-import anyio.to_thread
+from typing import Any, ClassVar
 
 from .._errors import StepTimeoutError
 from ._base import Executor
@@ -49,20 +50,43 @@ class AsyncExecutor(Executor):
 
 
 class ThreadExecutor(Executor):
-    """Runs plain functions in worker threads, at most ``max_threads`` at once (anyio's thread pool).
+    """Runs plain functions in worker threads, at most ``max_threads`` at once.
+
+    Each event loop gets a pool of its own: workers start as steps need them, take calls from
+    one queue and hand results back in batches (one loop wake-up for all the calls that finished
+    meanwhile, not one per call). The workers stop when the last run holding the pool ends
+    (:meth:`hold`, :meth:`release`) or at :meth:`aclose`, and on their own after
+    ``IDLE_SECONDS`` without work, so a loop that closes without either leaves none for long.
 
     A thread cannot be killed: on a timeout or a cancellation the run stops waiting at once and
-    the step fails (or is cancelled); the thread finishes on its own and its late result is
-    discarded and logged. :attr:`abandoned` counts such threads.
+    the step fails (or is cancelled); the thread finishes on its own, its late result is
+    discarded and logged, and its slot goes to the next call (a call still queued is not started
+    at all). :attr:`abandoned` counts the threads left running that way.
     """
 
     name = "thread"
-    shares_context = True  # anyio starts each thread call in a copy of the task's context
+    shares_context = True  # each call runs in a copy of the awaiting task's context
+
+    IDLE_SECONDS: ClassVar[float] = 10.0
 
     def __init__(self, max_threads: int = 40) -> None:
         self.max_threads = max_threads
         self.abandoned = 0
-        self._limiter = anyio.CapacityLimiter(max_threads)
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pool] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()  # runs on several loops (threads) may share this executor
+        self._last: _Pool | None = None  # the pool of the loop that called last
+
+    def _pool(self) -> _Pool:
+        loop = asyncio.get_running_loop()
+        pool = self._last
+        if pool is not None and pool._loop_ref() is loop and not pool.closing:
+            return pool
+        with self._lock:
+            pool = self._pools.get(loop)
+            if pool is None:
+                pool = self._pools[loop] = _Pool(self, loop)
+            self._last = pool
+        return pool
 
     async def run(
         self,
@@ -73,41 +97,255 @@ class ThreadExecutor(Executor):
         timeout: float | None,
         step_name: str,
     ) -> Any:
-        state = _Call(fn, args, kwargs, step_name)
-        deadline = math.inf if timeout is None else anyio.current_time() + timeout
-        with anyio.CancelScope(deadline=deadline):
-            try:
-                return await anyio.to_thread.run_sync(state, abandon_on_cancel=True, limiter=self._limiter)
-            except BaseException:
-                if not state.finished:
-                    state.abandoned = True
-                    self.abandoned += 1
-                raise
-        # Reached only when the deadline cancelled the wait (the scope swallowed its own cancellation).
-        raise StepTimeoutError(step_name, timeout or 0.0, executor=self.name)
+        pool = self._pool()
+        loop = pool.loop
+        job = _Job(fn, args, kwargs, step_name, loop.create_future())
+        pool.submit(job)
+        timer = None if timeout is None else loop.call_later(timeout, pool.expire, job, timeout)
+        try:
+            return await job.future
+        except BaseException:
+            pool.abandon(job)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def hold(self) -> _Pool:
+        """Keep this loop's workers between calls until :meth:`release` (a run holds them)."""
+        pool = self._pool()
+        pool.holders += 1
+        return pool
+
+    async def release(self, held: _Pool) -> None:
+        """Let go of what :meth:`hold` returned; the last holder stops the workers and waits for them."""
+        held.holders -= 1
+        if held.holders <= 0:
+            await held.close()
+
+    async def aclose(self) -> None:
+        """Stop this loop's workers and wait for them; threads of abandoned calls finish on their own."""
+        pool = self._pools.get(asyncio.get_running_loop())
+        if pool is not None:
+            await pool.close()
+
+    def _forget(self, pool: _Pool) -> None:
+        with self._lock:
+            if self._pools.get(pool.loop) is pool:
+                del self._pools[pool.loop]
+            if self._last is pool:
+                self._last = None
 
 
-class _Call:
-    """A thread step's call, which notices when nobody waits for its result any more."""
+# A call's way through a pool. QUEUED calls hold one of the pool's max_threads slots.
+_WAITING, _QUEUED, _ABANDONED, _DROPPED, _DONE = range(5)
 
-    __slots__ = ("abandoned", "args", "finished", "fn", "kwargs", "step_name")
+
+class _Job:
+    """One call on its way to a worker thread and back."""
+
+    __slots__ = (
+        "args", "context", "error", "finished", "fn", "future", "kwargs", "ran", "result", "started", "state",
+        "step_name",
+    )  # fmt: skip
 
     def __init__(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any], step_name: str
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        step_name: str,
+        future: asyncio.Future[Any],
     ) -> None:
-        self.fn, self.args, self.kwargs, self.step_name = fn, args, kwargs, step_name
-        self.finished = False
-        self.abandoned = False
+        self.fn, self.args, self.kwargs, self.step_name, self.future = fn, args, kwargs, step_name, future
+        self.context = contextvars.copy_context()
+        self.state = _WAITING  # written on the loop only
+        self.started = self.ran = self.finished = False  # written in the worker only
+        self.result: Any = None
+        self.error: BaseException | None = None
 
-    def __call__(self) -> Any:
+    def call(self) -> None:
+        """In a worker: the call in its caller's context, unless nobody waits for it any more."""
+        self.started = True
+        if self.state == _QUEUED:
+            self.ran = True
+            try:
+                self.result = self.context.run(self.fn, *self.args, **self.kwargs)
+            except StopIteration as exc:  # a future cannot carry it
+                self.error = RuntimeError(f"step {self.step_name!r} raised StopIteration")
+                self.error.__cause__ = exc
+            except BaseException as exc:
+                self.error = exc
+        self.finished = True
+
+
+class _Pool:
+    """One loop's worker threads for one :class:`ThreadExecutor`.
+
+    Only the loop's thread touches the counters; workers touch the job queue, their own job and
+    the finished list (under ``_lock``). ``active`` (queued calls someone awaits) never exceeds
+    the limit; ``busy`` (queued calls not yet handed back, abandoned ones included) never
+    exceeds ``workers``, so every queued call has a thread to run it.
+    """
+
+    def __init__(self, owner: ThreadExecutor, loop: asyncio.AbstractEventLoop) -> None:
+        self.owner = owner
+        self.limit = owner.max_threads
+        self.holders = 0
+        self.active = 0
+        self.busy = 0
+        self.stuck = 0  # abandoned calls not yet handed back: each may hold a thread
+        self.workers = 0
+        self.closing = False
+        self.waiting: deque[_Job] = deque()
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._finished: list[_Job | threading.Thread] = []
+        self._lock = threading.Lock()
+        self._wake_pending = False
+        self._started = 0
+        self._idle: asyncio.Future[None] | None = None
+        self._loop_ref = weakref.ref(loop)  # the owner holds pools by loop, weakly: not the loop alive
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop_ref()
+        assert loop is not None, "a pool is used only on its own running loop"
+        return loop
+
+    # ------------------------------------------------------------------ on the loop
+
+    def submit(self, job: _Job) -> None:
+        if self.active < self.limit and not self.closing:
+            self._queue(job)
+        else:
+            self.waiting.append(job)
+
+    def _queue(self, job: _Job) -> None:
+        job.state = _QUEUED
+        self.active += 1
+        if self.busy >= self.workers:
+            self._spawn()
+        self.busy += 1
+        self.jobs.put(job)
+
+    def _spawn(self) -> None:
+        name = f"flowyml-thread_{self._started}"
+        self._started += 1
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+        self.workers += 1
+
+    def expire(self, job: _Job, timeout: float) -> None:
+        """The call's timeout passed: its awaiter gets the timeout error now, the call is abandoned."""
+        if not job.future.done():
+            job.future.set_exception(StepTimeoutError(job.step_name, timeout, executor=self.owner.name))
+            self.abandon(job)
+
+    def abandon(self, job: _Job) -> None:
+        """Nobody awaits ``job`` any more: free its slot (no-op once its result was handed back)."""
+        if job.state == _WAITING:
+            job.state = _DROPPED
+        elif job.state == _QUEUED:
+            job.state = _ABANDONED
+            self.active -= 1
+            self.stuck += 1
+            if job.started and not job.finished:
+                self.owner.abandoned += 1
+            self._admit()
+        if job.future.done() and not job.future.cancelled():
+            job.future.exception()  # retrieved: no "never retrieved" warning for a timeout nobody read
+
+    def _admit(self) -> None:
+        while self.waiting and self.active < self.limit and not self.closing:
+            job = self.waiting.popleft()
+            if job.state == _WAITING:
+                self._queue(job)
+
+    def _hand_back(self) -> None:
+        with self._lock:
+            finished, self._finished = self._finished, []
+            self._wake_pending = False
+        for item in finished:
+            if isinstance(item, threading.Thread):
+                self.workers -= 1
+                item.join()  # it has returned from its work already
+                continue
+            self.busy -= 1
+            if item.state == _ABANDONED:
+                self.stuck -= 1
+                if item.ran:
+                    logger.warning(
+                        "thread step %r finished after it was abandoned; its result was discarded",
+                        item.step_name,
+                    )
+                continue
+            item.state = _DONE
+            self.active -= 1
+            future = item.future
+            if not future.done():
+                if item.error is None:
+                    future.set_result(item.result)
+                else:
+                    future.set_exception(item.error)
+        while self.busy > self.workers:  # a worker left idle just as a call was queued for it
+            self._spawn()
+            if self.closing:
+                self.jobs.put(None)
+        self._admit()
+        if self._idle is not None and self.workers <= self.stuck and not self._idle.done():
+            self._idle.set_result(None)
+
+    async def close(self) -> None:
+        """Stop the workers and wait until every one not running an abandoned call has left."""
+        if not self.closing:
+            self.closing = True
+            self.owner._forget(self)
+            error = RuntimeError("the thread executor was closed before the call could start")
+            for job in self.waiting:
+                if job.state == _WAITING and not job.future.done():
+                    job.state = _DROPPED
+                    job.future.set_exception(error)
+            self.waiting.clear()
+            for _ in range(self.workers):
+                self.jobs.put(None)
+        if self.workers > self.stuck:
+            if self._idle is None:
+                self._idle = self.loop.create_future()
+            await asyncio.shield(self._idle)
+
+    # ------------------------------------------------------------------ in the workers
+
+    def _work(self) -> None:
+        jobs, idle = self.jobs, self.owner.IDLE_SECONDS
         try:
-            return self.fn(*self.args, **self.kwargs)
+            while True:
+                try:
+                    job = jobs.get(timeout=idle)
+                except queue.Empty:
+                    return
+                if job is None:
+                    return
+                job.call()
+                if not self._report(job):
+                    return
+                del job
         finally:
-            self.finished = True
-            if self.abandoned:
-                logger.warning(
-                    "thread step %r finished after it was abandoned; its result was discarded", self.step_name
-                )
+            self._report(threading.current_thread())
+
+    def _report(self, item: _Job | threading.Thread) -> bool:
+        """Queue a finished call (or this leaving thread) for the loop; wake it unless a wake is pending."""
+        with self._lock:
+            self._finished.append(item)
+            if self._wake_pending:
+                return True
+            self._wake_pending = True
+        loop = self._loop_ref()
+        if loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(self._hand_back)
+        except RuntimeError:  # the loop closed: nobody is left to hand results to
+            return False
+        return True
 
 
 class LocalExecutor(Executor):
@@ -135,6 +373,16 @@ class LocalExecutor(Executor):
     ) -> Any:
         where: Executor = self._loop if _is_async(fn) else self._threads
         return await where.run(fn, args, kwargs, timeout=timeout, step_name=step_name)
+
+    def hold(self) -> _Pool:
+        """Keep the thread workers between calls until :meth:`release` (see :meth:`ThreadExecutor.hold`)."""
+        return self._threads.hold()
+
+    async def release(self, held: _Pool) -> None:
+        await self._threads.release(held)
+
+    async def aclose(self) -> None:
+        await self._threads.aclose()
 
 
 def _is_async(fn: Any) -> bool:
