@@ -144,16 +144,53 @@ class TestThreadExecutor:
         try:
             while not started:
                 await asyncio.sleep(0.005)
+            second.cancel()  # queued behind the one thread
+            with pytest.raises(asyncio.CancelledError):
+                await second
+            assert executor.abandoned == 0  # it held no thread
             first.cancel()
-            second.cancel()
-            for task in (first, second):
-                with pytest.raises(asyncio.CancelledError):
-                    await task
-            assert executor.abandoned == 1  # the running call; the queued one held no thread
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            assert executor.abandoned == 1
+            # A new thread takes the next call; the cancelled one ahead of it in the queue is skipped.
+            assert await executor.run(lambda: "third", (), {}, timeout=5, step_name="third") == "third"
         finally:
             release.set()
             await executor.aclose()
         assert started == ["first"]
+
+    async def test_a_thread_whose_call_was_abandoned_retires_after_it(self) -> None:
+        """Its place went to a new thread: back from the late call, it takes no other one."""
+        executor = ThreadExecutor(1)
+        release_a, release_b = threading.Event(), threading.Event()
+        holders = Holders()
+
+        def held(until: threading.Event | None) -> None:
+            holders.enter()
+            try:
+                if until is not None:
+                    until.wait(10)
+            finally:
+                holders.leave()
+
+        try:
+            with pytest.raises(StepTimeoutError):
+                await executor.run(release_a.wait, (10,), {}, timeout=0.05, step_name="a")
+            b = asyncio.ensure_future(executor.run(held, (release_b,), {}, timeout=None, step_name="b"))
+            while holders.now == 0:
+                await asyncio.sleep(0.005)
+            release_a.set()
+            await asyncio.sleep(0.05)  # a's thread is back from its call
+            c = asyncio.ensure_future(executor.run(held, (None,), {}, timeout=None, step_name="c"))
+            await asyncio.sleep(0.05)
+            assert not c.done()  # b holds the one slot
+            release_b.set()
+            await asyncio.gather(b, c)
+            assert holders.most == 1
+        finally:
+            release_a.set()
+            release_b.set()
+            await executor.aclose()
 
     async def test_the_call_sees_the_awaiting_tasks_context_and_keeps_its_own_changes(self) -> None:
         executor = ThreadExecutor(2)

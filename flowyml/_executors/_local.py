@@ -10,7 +10,6 @@ import logging
 import queue
 import threading
 import weakref
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -137,16 +136,15 @@ class ThreadExecutor(Executor):
                 self._last = None
 
 
-# A call's way through a pool. QUEUED calls hold one of the pool's max_threads slots.
-_WAITING, _QUEUED, _ABANDONED, _DROPPED, _DONE = range(5)
+_QUEUED, _ABANDONED, _DONE = range(3)  # a call's way through a pool, as the loop sees it
 
 
 class _Job:
     """One call on its way to a worker thread and back."""
 
     __slots__ = (
-        "args", "context", "error", "finished", "fn", "future", "kwargs", "ran", "result", "started", "state",
-        "step_name",
+        "args", "context", "error", "finished", "fn", "future", "kwargs", "ran", "replaced", "result",
+        "started", "state", "step_name",
     )  # fmt: skip
 
     def __init__(
@@ -159,47 +157,34 @@ class _Job:
     ) -> None:
         self.fn, self.args, self.kwargs, self.step_name, self.future = fn, args, kwargs, step_name, future
         self.context = contextvars.copy_context()
-        self.state = _WAITING  # written on the loop only
-        self.started = self.ran = self.finished = False  # written in the worker only
+        self.state = _QUEUED
+        self.started = self.ran = self.finished = False
+        self.replaced = False  # abandoned while running: its thread retires after it, a new one took over
         self.result: Any = None
         self.error: BaseException | None = None
-
-    def call(self) -> None:
-        """In a worker: the call in its caller's context, unless nobody waits for it any more."""
-        self.started = True
-        if self.state == _QUEUED:
-            self.ran = True
-            try:
-                self.result = self.context.run(self.fn, *self.args, **self.kwargs)
-            except StopIteration as exc:  # a future cannot carry it
-                self.error = RuntimeError(f"step {self.step_name!r} raised StopIteration")
-                self.error.__cause__ = exc
-            except BaseException as exc:
-                self.error = exc
-        self.finished = True
 
 
 class _Pool:
     """One loop's worker threads for one :class:`ThreadExecutor`.
 
-    Only the loop's thread touches the counters; workers touch the job queue, their own job and
-    the finished list (under ``_lock``). ``active`` (queued calls someone awaits) never exceeds
-    the limit; ``busy`` (queued calls not yet handed back, abandoned ones included) never
-    exceeds ``workers``, so every queued call has a thread to run it.
+    Every call goes straight into one queue, and a worker that finishes a call takes the next
+    without waiting for the loop. The bound is the number of workers: at most ``limit`` of them
+    exist besides the ones *retiring* (running a call that was abandoned while it ran: that
+    thread leaves after it, and a new one may take its place). The counters belong to the loop's
+    thread; a call's start, end and abandonment meet under ``_lock``, so the loop and the worker
+    agree on whether the worker retires.
     """
 
     def __init__(self, owner: ThreadExecutor, loop: asyncio.AbstractEventLoop) -> None:
         self.owner = owner
         self.limit = owner.max_threads
         self.holders = 0
-        self.active = 0
-        self.busy = 0
-        self.stuck = 0  # abandoned calls not yet handed back: each may hold a thread
-        self.workers = 0
+        self.pending = 0  # calls someone awaits and whose result is not handed back yet
+        self.workers = 0  # threads started whose leaving was not handed back yet
+        self.retiring = 0
         self.closing = False
-        self.waiting: deque[_Job] = deque()
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._finished: list[_Job | threading.Thread] = []
+        self._finished: list[_Job | tuple[threading.Thread, bool]] = []
         self._lock = threading.Lock()
         self._wake_pending = False
         self._started = 0
@@ -215,24 +200,23 @@ class _Pool:
     # ------------------------------------------------------------------ on the loop
 
     def submit(self, job: _Job) -> None:
-        if self.active < self.limit and not self.closing:
-            self._queue(job)
-        else:
-            self.waiting.append(job)
-
-    def _queue(self, job: _Job) -> None:
-        job.state = _QUEUED
-        self.active += 1
-        if self.busy >= self.workers:
-            self._spawn()
-        self.busy += 1
+        self.pending += 1
         self.jobs.put(job)
+        if self.workers - self.retiring < self.limit and self.workers - self.retiring < self.pending:
+            self._spawn()
 
     def _spawn(self) -> None:
         name = f"flowyml-thread_{self._started}"
         self._started += 1
         threading.Thread(target=self._work, name=name, daemon=True).start()
         self.workers += 1
+        if self.closing:
+            self.jobs.put(None)
+
+    def _fill(self) -> None:
+        """Start workers while calls outnumber them (a worker left idle, or one is retiring)."""
+        while self.workers - self.retiring < min(self.limit, self.pending):
+            self._spawn()
 
     def expire(self, job: _Job, timeout: float) -> None:
         """The call's timeout passed: its awaiter gets the timeout error now, the call is abandoned."""
@@ -241,73 +225,65 @@ class _Pool:
             self.abandon(job)
 
     def abandon(self, job: _Job) -> None:
-        """Nobody awaits ``job`` any more: free its slot (no-op once its result was handed back)."""
-        if job.state == _WAITING:
-            job.state = _DROPPED
-        elif job.state == _QUEUED:
+        """Nobody awaits ``job`` any more (no-op once its result was handed back).
+
+        Not started, it never will be; running, its thread retires after it and the slot goes
+        to a new thread at once; finished, its result is dropped when it comes back.
+        """
+        if job.state != _QUEUED:
+            return
+        with self._lock:
             job.state = _ABANDONED
-            self.active -= 1
-            self.stuck += 1
-            if job.started and not job.finished:
-                self.owner.abandoned += 1
-            self._admit()
+            job.replaced = job.started and not job.finished
+        self.pending -= 1
+        if job.replaced:
+            self.owner.abandoned += 1
+            self.retiring += 1
+            self._fill()
         if job.future.done() and not job.future.cancelled():
             job.future.exception()  # retrieved: no "never retrieved" warning for a timeout nobody read
-
-    def _admit(self) -> None:
-        while self.waiting and self.active < self.limit and not self.closing:
-            job = self.waiting.popleft()
-            if job.state == _WAITING:
-                self._queue(job)
 
     def _hand_back(self) -> None:
         with self._lock:
             finished, self._finished = self._finished, []
             self._wake_pending = False
+        left = False
         for item in finished:
-            if isinstance(item, threading.Thread):
+            if isinstance(item, tuple):
+                thread, retired = item
                 self.workers -= 1
-                item.join()  # it has returned from its work already
+                self.retiring -= retired
+                thread.join()  # it has returned from its work already
+                left = True
                 continue
-            self.busy -= 1
             if item.state == _ABANDONED:
-                self.stuck -= 1
-                if item.ran:
-                    logger.warning(
-                        "thread step %r finished after it was abandoned; its result was discarded",
-                        item.step_name,
-                    )
+                if not item.replaced:  # it had finished when it was abandoned: nobody to tell
+                    continue
+                logger.warning(
+                    "thread step %r finished after it was abandoned; its result was discarded", item.step_name
+                )
                 continue
             item.state = _DONE
-            self.active -= 1
+            self.pending -= 1
             future = item.future
             if not future.done():
                 if item.error is None:
                     future.set_result(item.result)
                 else:
                     future.set_exception(item.error)
-        while self.busy > self.workers:  # a worker left idle just as a call was queued for it
-            self._spawn()
-            if self.closing:
-                self.jobs.put(None)
-        self._admit()
-        if self._idle is not None and self.workers <= self.stuck and not self._idle.done():
-            self._idle.set_result(None)
+        if left:
+            self._fill()
+            if self._idle is not None and self.workers <= self.retiring and not self._idle.done():
+                self._idle.set_result(None)
 
     async def close(self) -> None:
         """Stop the workers and wait until every one not running an abandoned call has left."""
         if not self.closing:
             self.closing = True
             self.owner._forget(self)
-            error = RuntimeError("the thread executor was closed before the call could start")
-            for job in self.waiting:
-                if job.state == _WAITING and not job.future.done():
-                    job.state = _DROPPED
-                    job.future.set_exception(error)
-            self.waiting.clear()
-            for _ in range(self.workers):
+            for _ in range(self.workers - self.retiring):
                 self.jobs.put(None)
-        if self.workers > self.stuck:
+        if self.workers > self.retiring:
             if self._idle is None:
                 self._idle = self.loop.create_future()
             await asyncio.shield(self._idle)
@@ -315,23 +291,39 @@ class _Pool:
     # ------------------------------------------------------------------ in the workers
 
     def _work(self) -> None:
-        jobs, idle = self.jobs, self.owner.IDLE_SECONDS
+        jobs, idle, lock = self.jobs, self.owner.IDLE_SECONDS, self._lock
+        retired = False
         try:
-            while True:
+            while not retired:
                 try:
                     job = jobs.get(timeout=idle)
                 except queue.Empty:
                     return
                 if job is None:
                     return
-                job.call()
+                with lock:
+                    job.started = True
+                    wanted = job.state == _QUEUED
+                if not wanted:  # abandoned before it started: nobody waits for it
+                    continue
+                job.ran = True
+                try:
+                    job.result = job.context.run(job.fn, *job.args, **job.kwargs)
+                except StopIteration as exc:  # a future cannot carry it
+                    job.error = RuntimeError(f"step {job.step_name!r} raised StopIteration")
+                    job.error.__cause__ = exc
+                except BaseException as exc:
+                    job.error = exc
+                with lock:
+                    job.finished = True
+                    retired = job.replaced
                 if not self._report(job):
                     return
                 del job
         finally:
-            self._report(threading.current_thread())
+            self._report((threading.current_thread(), retired))
 
-    def _report(self, item: _Job | threading.Thread) -> bool:
+    def _report(self, item: _Job | tuple[threading.Thread, bool]) -> bool:
         """Queue a finished call (or this leaving thread) for the loop; wake it unless a wake is pending."""
         with self._lock:
             self._finished.append(item)
