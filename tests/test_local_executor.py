@@ -15,7 +15,7 @@ from holders import Holders
 
 from flowyml import LocalExecutor, Pipeline, StepStatus, step
 from flowyml._executors._local import ThreadExecutor
-from flowyml.errors import StepTimeoutError
+from flowyml.errors import ConfigError, StepTimeoutError
 
 _VAR: contextvars.ContextVar[str] = contextvars.ContextVar("_VAR", default="unset")
 
@@ -322,3 +322,8 @@ class TestThreadExecutor:
         assert await executor.run(lambda: 2, (), {}, timeout=None, step_name="again") == 2  # starts anew
         await executor.aclose()
         assert _others() <= before
+
+    @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+    def test_a_bound_below_one_thread_is_refused(self, bad: Any) -> None:
+        with pytest.raises(ConfigError, match=r"max_threads=.*1 or more"):
+            LocalExecutor(max_threads=bad)

@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from .._errors import StepTimeoutError
+from .._errors import ConfigError, StepTimeoutError
 from ._base import Executor
 
 __all__ = ("AsyncExecutor", "LocalExecutor", "ThreadExecutor")
@@ -69,6 +69,10 @@ class ThreadExecutor(Executor):
     IDLE_SECONDS: ClassVar[float] = 10.0
 
     def __init__(self, max_threads: int = 40) -> None:
+        if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
+            raise ConfigError(
+                f"ThreadExecutor(max_threads={max_threads!r}): use a whole number of 1 or more."
+            )
         self.max_threads = max_threads
         self.abandoned = 0
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pool] = weakref.WeakKeyDictionary()
