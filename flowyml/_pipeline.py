@@ -743,11 +743,13 @@ class _Executors:
         the last one to end stops their threads.
         """
         held, self._held = self._held, []
-        for threads, pool in held:
-            await threads.release(pool)
         owned = [ex for ex in (self._process,) if ex is not None]
-        for ex in owned + (list(self._given.values()) if close_given else []):
-            await ex.aclose()
+        try:
+            for ex in owned + (list(self._given.values()) if close_given else []):
+                await ex.aclose()
+        finally:
+            for threads, pool in held:
+                await threads.release(pool)
 
 
 _heap_frozen = False
