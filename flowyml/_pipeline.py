@@ -26,7 +26,7 @@ from ._conditions import If
 from ._context import Context
 from ._errors import ConfigError, EventLoopError, StoreError, StoreWarning
 from ._executors._base import Executor
-from ._executors._local import AsyncExecutor, ThreadExecutor
+from ._executors._local import AsyncExecutor, LocalExecutor, ThreadExecutor
 from ._gates import NOT_CHOSEN
 from ._graph import Node, Plan, build_plan
 from ._otel import tracing_for
@@ -295,6 +295,7 @@ class Pipeline:
         run_state = RunState(plan, params)
         state = "cancelled"
         try:
+            executors.hold()
             _log.run_started(run_id, self.name, len(plan.nodes))
             if watch is not None:
                 await watch.run_started(len(plan.nodes))
@@ -695,6 +696,7 @@ class _Executors:
         self._thread: ThreadExecutor | None = None
         self._process: Executor | None = None
         self._by_kind: dict[tuple[int, bool], Executor] = {}
+        self._held: list[tuple[ThreadExecutor | LocalExecutor, Any]] = []
 
     def assign(self, plan: Plan) -> list[Executor]:
         """The executor of every node, in node order; steps of one kind share one executor."""
@@ -728,11 +730,26 @@ class _Executors:
             self._thread = self._pipeline._thread_executor()
         return self._thread
 
+    def hold(self) -> None:
+        """Keep the thread workers of this run's executors until :meth:`aclose` (they are shared)."""
+        for ex in {id(ex): ex for ex in self._by_kind.values()}.values():
+            if isinstance(ex, ThreadExecutor | LocalExecutor):
+                self._held.append((ex, ex.hold()))
+
     async def aclose(self, *, close_given: bool) -> None:
-        """Close the executors this run made, and the ones it was given when ``close_given``."""
-        owned = [ex for ex in (self._process,) if ex is not None]  # the thread executor is shared
-        for ex in owned + (list(self._given.values()) if close_given else []):
-            await ex.aclose()
+        """Close the executors this run made, and the ones it was given when ``close_given``.
+
+        The thread executors are shared by the pipeline's runs: each run lets go of them, and
+        the last one to end stops their threads.
+        """
+        held, self._held = self._held, []
+        owned = [ex for ex in (self._process,) if ex is not None]
+        try:
+            for ex in owned + (list(self._given.values()) if close_given else []):
+                await ex.aclose()
+        finally:
+            for threads, pool in held:
+                await threads.release(pool)
 
 
 _heap_frozen = False

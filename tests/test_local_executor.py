@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import itertools
+import logging
 import threading
+import time
+from typing import Any
+
+import pytest
+from holders import Holders
 
 from flowyml import LocalExecutor, Pipeline, StepStatus, step
-from flowyml.errors import StepTimeoutError
+from flowyml._executors._local import ThreadExecutor
+from flowyml.errors import ConfigError, StepTimeoutError
+
+_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("_VAR", default="unset")
 
 
 class TestLocalExecutor:
@@ -34,3 +45,285 @@ class TestLocalExecutor:
         result = Pipeline("p", enable_cache=False, lineage=False).add_step(slow).run(executor=LocalExecutor())
         res = result.step_results["slow"]
         assert res.status is StepStatus.TIMED_OUT and isinstance(res.error, StepTimeoutError)
+
+
+def _others() -> set[threading.Thread]:
+    return set(threading.enumerate())
+
+
+class TestThreadExecutor:
+    """The thread pool under plain steps: real threads, each guarantee on its own."""
+
+    def test_bound_holds_over_a_thousand_steps(self) -> None:
+        holders = Holders()
+        idents: set[int] = set()
+
+        def make(i: int) -> Any:
+            @step(name=f"s{i}", outputs=[f"r{i}"])
+            def s() -> int:
+                holders.enter()
+                try:
+                    idents.add(threading.get_ident())
+                    time.sleep(0.0002)
+                finally:
+                    holders.leave()
+                return i
+
+            return s
+
+        p = Pipeline("bounded", enable_cache=False, lineage=False, max_threads=4)
+        for i in range(1000):
+            p.add_step(make(i))
+        result = p.run()
+        assert result.success, result.summary()
+        assert [result[f"r{i}"] for i in range(1000)] == list(range(1000))
+        assert 1 <= holders.most <= 4
+        assert 1 <= len(idents) <= 4
+
+    async def test_a_timeout_abandons_the_thread_frees_its_slot_and_logs_the_late_result(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        release = threading.Event()
+        executor = ThreadExecutor(1)
+
+        def stuck() -> str:
+            release.wait(10)
+            return "late"
+
+        try:
+            with pytest.raises(
+                StepTimeoutError, match=r"'stuck' timed out after 0\.05s in the thread executor"
+            ):
+                await executor.run(stuck, (), {}, timeout=0.05, step_name="stuck")
+            assert executor.abandoned == 1
+            # Its one slot went to the next call, which runs while the first thread is still stuck.
+            assert await executor.run(lambda: "next", (), {}, timeout=5, step_name="next") == "next"
+            assert not release.is_set()
+            with caplog.at_level(logging.WARNING, logger="flowyml.executor"):
+                release.set()
+                for _ in range(200):
+                    if "finished after it was abandoned" in caplog.text:
+                        break
+                    await asyncio.sleep(0.01)
+            assert "'stuck' finished after it was abandoned; its result was discarded" in caplog.text
+        finally:
+            release.set()
+            await executor.aclose()
+        assert executor.abandoned == 1
+
+    def test_a_timed_out_step_in_a_run(self) -> None:
+        release = threading.Event()
+
+        @step(timeout=0.05)
+        def stuck() -> None:
+            release.wait(10)
+
+        @step(outputs=["after"])
+        def other() -> str:
+            return "ran"
+
+        p = Pipeline("p", enable_cache=False, lineage=False, max_threads=1).add_step(stuck).add_step(other)
+        try:
+            result = p.run(fail_fast=False)
+        finally:
+            release.set()
+        assert result.step_results["stuck"].status is StepStatus.TIMED_OUT
+        assert result["after"] == "ran"
+
+    async def test_cancelling_stops_waiting_and_never_starts_a_queued_call(self) -> None:
+        release = threading.Event()
+        started: list[str] = []
+        executor = ThreadExecutor(1)
+
+        def body(name: str) -> None:
+            started.append(name)
+            release.wait(10)
+
+        first = asyncio.ensure_future(executor.run(body, ("first",), {}, timeout=None, step_name="first"))
+        second = asyncio.ensure_future(executor.run(body, ("second",), {}, timeout=None, step_name="second"))
+        try:
+            while not started:
+                await asyncio.sleep(0.005)
+            second.cancel()  # queued behind the one thread
+            with pytest.raises(asyncio.CancelledError):
+                await second
+            assert executor.abandoned == 0  # it held no thread
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            assert executor.abandoned == 1
+            # A new thread takes the next call; the cancelled one ahead of it in the queue is skipped.
+            assert await executor.run(lambda: "third", (), {}, timeout=5, step_name="third") == "third"
+        finally:
+            release.set()
+            await executor.aclose()
+        assert started == ["first"]
+
+    async def test_a_thread_whose_call_was_abandoned_retires_after_it(self) -> None:
+        """Its place went to a new thread: back from the late call, it takes no other one."""
+        executor = ThreadExecutor(1)
+        release_a, release_b = threading.Event(), threading.Event()
+        holders = Holders()
+
+        def held(until: threading.Event | None) -> None:
+            holders.enter()
+            try:
+                if until is not None:
+                    until.wait(10)
+            finally:
+                holders.leave()
+
+        try:
+            with pytest.raises(StepTimeoutError):
+                await executor.run(release_a.wait, (10,), {}, timeout=0.05, step_name="a")
+            b = asyncio.ensure_future(executor.run(held, (release_b,), {}, timeout=None, step_name="b"))
+            while holders.now == 0:
+                await asyncio.sleep(0.005)
+            release_a.set()
+            await asyncio.sleep(0.05)  # a's thread is back from its call
+            c = asyncio.ensure_future(executor.run(held, (None,), {}, timeout=None, step_name="c"))
+            await asyncio.sleep(0.05)
+            assert not c.done()  # b holds the one slot
+            release_b.set()
+            await asyncio.gather(b, c)
+            assert holders.most == 1
+        finally:
+            release_a.set()
+            release_b.set()
+            await executor.aclose()
+
+    async def test_the_call_sees_the_awaiting_tasks_context_and_keeps_its_own_changes(self) -> None:
+        executor = ThreadExecutor(2)
+
+        def read_and_set() -> str:
+            seen = _VAR.get()
+            _VAR.set("set in the thread")
+            return seen
+
+        _VAR.set("from the task")
+        try:
+            assert await executor.run(read_and_set, (), {}, timeout=None, step_name="s") == "from the task"
+            assert _VAR.get() == "from the task"
+        finally:
+            await executor.aclose()
+
+    def test_a_step_error_keeps_its_type_and_traceback(self) -> None:
+        @step
+        def broken() -> None:
+            raise ValueError("bad row 3")
+
+        @step
+        def stops() -> None:
+            raise StopIteration
+
+        p = Pipeline("p", enable_cache=False, lineage=False).add_step(broken).add_step(stops)
+        result = p.run(fail_fast=False)
+        res = result.step_results["broken"]
+        assert isinstance(res.error, ValueError) and str(res.error) == "bad row 3"
+        assert res.traceback is not None and "in broken" in res.traceback
+        assert isinstance(result.step_results["stops"].error, RuntimeError)
+
+    def test_threads_are_named_and_none_is_left_after_a_run(self) -> None:
+        names: set[str] = set()
+
+        def make(i: int) -> Any:
+            @step(name=f"s{i}")
+            def s() -> None:
+                names.add(threading.current_thread().name)
+                time.sleep(0.01)
+
+            return s
+
+        p = Pipeline("p", enable_cache=False, lineage=False, max_threads=3)
+        for i in range(6):
+            p.add_step(make(i))
+
+        async def main() -> None:
+            before = _others()
+            for _ in range(2):
+                assert (await p.arun()).success
+                assert _others() <= before  # not at loop close: when the run ends
+
+        asyncio.run(main())
+        assert names and all(name.startswith("flowyml-thread_") for name in names)
+
+    async def test_concurrent_runs_share_the_workers_until_the_last_ends(self) -> None:
+        started, go_on = threading.Event(), threading.Event()
+        calls = itertools.count()
+
+        @step(outputs=["n"])
+        def s() -> int:
+            n = next(calls)
+            if n == 0:
+                started.set()
+                go_on.wait(10)
+            return n
+
+        p = Pipeline("p", enable_cache=False, lineage=False)
+        p.add_step(s)
+        before = _others()
+        first = asyncio.ensure_future(p.arun())
+        try:
+            while not started.is_set():
+                await asyncio.sleep(0.005)
+            async with asyncio.timeout(5):  # ending must not wait for the first run's thread
+                assert (await p.arun())["n"] == 1
+            assert not first.done()
+        finally:
+            go_on.set()
+        assert (await first)["n"] == 0
+        assert _others() <= before
+
+    def test_several_loops_at_once_each_with_its_own_threads(self) -> None:
+        holders = Holders()
+
+        def make(i: int) -> Any:
+            @step(name=f"s{i}")
+            def s() -> None:
+                holders.enter()
+                time.sleep(0.005)
+                holders.leave()
+
+            return s
+
+        p = Pipeline("shared", enable_cache=False, lineage=False, max_threads=2)
+        for i in range(20):
+            p.add_step(make(i))
+        executor = LocalExecutor(max_threads=2)
+        before = _others()
+        outcomes: list[bool] = []
+
+        def in_its_own_loop(given: LocalExecutor | None) -> None:
+            outcomes.append(p.run(executor=given).success)
+
+        threads = [
+            threading.Thread(target=in_its_own_loop, args=(g,)) for g in (None, None, executor, executor)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert outcomes == [True] * 4
+        assert holders.most <= 8  # two per loop
+        assert _others() <= before
+
+    async def test_a_pool_used_without_a_run_stops_when_idle(self) -> None:
+        class Brief(ThreadExecutor):
+            IDLE_SECONDS = 0.05
+
+        executor = Brief(2)
+        before = _others()
+        assert await executor.run(threading.current_thread, (), {}, timeout=None, step_name="s") not in before
+        for _ in range(200):
+            if _others() <= before:
+                break
+            await asyncio.sleep(0.01)
+        assert _others() <= before
+        assert await executor.run(lambda: 2, (), {}, timeout=None, step_name="again") == 2  # starts anew
+        await executor.aclose()
+        assert _others() <= before
+
+    @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+    def test_a_bound_below_one_thread_is_refused(self, bad: Any) -> None:
+        with pytest.raises(ConfigError, match=r"max_threads=.*1 or more"):
+            LocalExecutor(max_threads=bad)
