@@ -159,6 +159,8 @@ def assign_names(steps: Sequence[Step]) -> list[str]:
     are qualified by their first output, then by their position among the colliding steps.
     """
     names = [s.name for s in steps]
+    if len(set(names)) == len(names):
+        return names  # no collision to resolve, and so no two explicit names alike
     explicit: dict[str, Step] = {}
     for s in steps:
         if s.explicit_name:
@@ -225,7 +227,9 @@ def _build_plan(
     producer: dict[str, int] = {}
     slot_of: dict[str, int] = {}
     slot_names: list[str] = []
+    output_slots: list[tuple[int, ...]] = []  # a step's outputs take consecutive slots
     for i, outs in enumerate(outputs_of):
+        output_slots.append(tuple(range(len(slot_names), len(slot_names) + len(outs))))
         for out in outs:
             if out in producer:
                 raise DuplicateOutputError(out, [names[producer[out]], names[i]])
@@ -240,6 +244,7 @@ def _build_plan(
     # annotations are not checked or routed (yet).
     hints: dict[int, dict[str, object] | None] = {}
     layouts: dict[int, _Layout] = {}
+    shared_types: dict[tuple[int, int], StepTypes] = {}  # by function and number of outputs
     types: list[StepTypes | None] = [None] * len(steps)
     for i, s in enumerate(steps):
         if s.map_over or s.stream:
@@ -249,7 +254,12 @@ def _build_plan(
             hints[key] = _annotations_that_matter(s)
         known = hints[key]
         if known is not None:
-            types[i] = read_types(s, outputs_of[i], known)
+            t = shared_types.get((key, len(outputs_of[i])))
+            if t is None:
+                t = read_types(s, outputs_of[i], known)
+                if not t.routed:  # then nothing in it depends on the outputs' names
+                    shared_types[key, len(outputs_of[i])] = t
+            types[i] = t
     routed = {out: kind for t in types if t is not None for out, kind in t.routed.items()}
     bindings = []
     for i, s in enumerate(steps):
@@ -257,7 +267,23 @@ def _build_plan(
         if layout is None:
             layout = layouts[id(s.signature)] = _Layout(s.signature)
         bindings.append(_bind(s, names[i], i, layout, producer, slot_of, types[i], routed))
-    itemized = [bool(s.map_over or s.stream) for s in steps]
+    itemized: list[bool] = []
+    limited: list[int] = []
+    direct: list[bool] = []
+    for i, s in enumerate(steps):
+        item = bool(s.map_over or s.stream)
+        itemized.append(item)
+        limits = s.concurrency is not None or s.rate_limit is not None or s.limit is not None
+        if limits:
+            limited.append(i)
+        direct.append(
+            s.is_async
+            and s.retry_policy is None
+            and s.timeout is None
+            and not s.uses_fallback
+            and not limits
+            and not item
+        )
     dependents: list[list[int]] = [[] for _ in steps]
     streams_to: list[list[int]] = [[] for _ in steps]
     context_needs: list[tuple[int, Source]] = []
@@ -291,7 +317,10 @@ def _build_plan(
             maps[i] = MapSpec(tuple(sorted(places, key=lambda p: mapped.index(p[1]))))
         edges.append((tuple(deps), lineage_inputs, tuple(labels)))
 
+    # Shared StepTypes make shared checks and edge verdicts: keyed by the ids of what they read.
     typing: list[Typing | None] = [None] * len(steps)
+    fitting: set[tuple[int, str, int, int]] = set()
+    shared_typing: dict[tuple[int, int, tuple[str, ...]], Typing | None] = {}
     for i, s in enumerate(steps):
         t = types[i]
         if t is None:
@@ -300,16 +329,25 @@ def _build_plan(
         if validate_types:
             for src in (*positional, *(kw for _, kw in keyword)):
                 if src.kind == SLOT and src.parameter in t.params:
-                    p = producer[slot_names[src.slot]]
+                    p = slot_producer[src.slot]
                     produced = types[p]
                     if produced is not None:
-                        k = outputs_of[p].index(slot_names[src.slot])
-                        check_edges(names[i], src.parameter, t.params[src.parameter], names[p],
-                                    slot_names[src.slot], produced.outputs[k])  # fmt: skip
-        checks = checks_for(s, t, positional, keyword)
-        wraps = tuple((k, out, t.routed[out]) for k, out in enumerate(outputs_of[i]) if out in t.routed)
-        if checks or wraps:
-            typing[i] = Typing(checks, wraps, validate_types)
+                        k = outputs_of[p].index(src.name)
+                        edge = (id(t), src.parameter, id(produced), k)
+                        if edge not in fitting:
+                            check_edges(names[i], src.parameter, t.params[src.parameter], names[p],
+                                        src.name, produced.outputs[k])  # fmt: skip
+                            fitting.add(edge)
+        if t.routed:
+            checks = checks_for(s, t, positional, keyword)
+            wraps = tuple((k, out, t.routed[out]) for k, out in enumerate(outputs_of[i]) if out in t.routed)
+            typing[i] = Typing(checks, wraps, validate_types) if checks or wraps else None
+            continue
+        shape = (id(t), id(s.signature), tuple([k for k, _ in keyword]))
+        if shape not in shared_typing:
+            checks = checks_for(s, t, positional, keyword)
+            shared_typing[shape] = Typing(checks, (), validate_types) if checks else None
+        typing[i] = shared_typing[shape]
 
     qualified: dict[int, str] = {}
     nodes: list[Node] = []
@@ -328,7 +366,7 @@ def _build_plan(
                 s,
                 names[i],
                 outputs_of[i],
-                tuple([slot_of[o] for o in outputs_of[i]]),
+                output_slots[i],
                 positional,
                 var_pos,
                 keyword,
@@ -359,21 +397,15 @@ def _build_plan(
         by_name={n.name: n for n in nodes},
         context_needs=tuple((nodes[i], src) for i, src in context_needs),
         gates=gates,
-        chains=find_chains(nodes, order, {i for g in gates for i in (*g.then_ids, *g.else_ids)}),
+        chains=find_chains(nodes, order, {i for g in gates for i in (*g.then_ids, *g.else_ids)})
+        if any(s.execution_group is not None for s in steps)
+        else {},
         requests=tuple(requests_for(n.name, n.step.resources, capacity) for n in nodes) if capacity else (),
-        direct=tuple(
-            s.is_async
-            and s.retry_policy is None
-            and s.timeout is None
-            and not s.uses_fallback
-            and not _limited(s)
-            and not itemized[i]
-            for i, s in enumerate(steps)
-        ),
+        direct=tuple(direct),
         shapes=tuple([StepShape(n.name, n.output_names, n.lineage_inputs) for n in nodes]),
         maps=maps,
         itemized=tuple(i for i, yes in enumerate(itemized) if yes),
-        limited=tuple(i for i, s in enumerate(steps) if _limited(s)),
+        limited=tuple(limited),
         unpaced=unpaced,
         typing=tuple(typing) if any(typing) else (),
     )
@@ -411,11 +443,6 @@ def _unpaced(nodes: Sequence[Node], order: Sequence[int]) -> frozenset[tuple[int
     return frozenset(found)
 
 
-def _limited(s: Step) -> bool:
-    """Whether a step's calls hold a limit of their own (so it is never awaited bare on the loop)."""
-    return s.concurrency is not None or s.rate_limit is not None or s.limit is not None
-
-
 def find_chains(
     nodes: Sequence[Node], order: Sequence[int], excluded: set[int]
 ) -> dict[int, tuple[int, ...]]:
@@ -424,7 +451,7 @@ def find_chains(
     A node extends a chain when it is in the same group, runs on the same executor, depends on
     the chain's last node, and depends on nothing outside the chain.
     """
-    open_chains: dict[str, list[int]] = {}
+    open_chains: dict[str, tuple[list[int], set[int]]] = {}  # the chain, and its members as a set
     chains: list[list[int]] = []
     for i in order:
         node = nodes[i]
@@ -432,16 +459,18 @@ def find_chains(
         if group is None or i in excluded or not _groupable(node.step):
             continue
         current = open_chains.get(group)
-        if (
-            current
-            and current[-1] in node.deps
-            and set(node.deps) <= set(current)
-            and nodes[current[-1]].step.executor == node.step.executor
-        ):
-            current.append(i)
-            continue
-        open_chains[group] = [i]
-        chains.append(open_chains[group])
+        if current is not None:
+            chain, members = current
+            if (
+                chain[-1] in node.deps
+                and members.issuperset(node.deps)
+                and nodes[chain[-1]].step.executor == node.step.executor
+            ):
+                chain.append(i)
+                members.add(i)
+                continue
+        open_chains[group] = ([i], {i})
+        chains.append(open_chains[group][0])
     return {c[0]: tuple(c) for c in chains if len(c) > 1}
 
 
@@ -490,38 +519,35 @@ def _bind(
     accepts, else from the context by its own name, else from its default.
     """
 
-    def wired(source_name: str, parameter: str, default: Any, *, implicit: bool = False) -> Source:
-        p = producer.get(source_name)
-        if p is not None and p != index:
-            return Source(SLOT, slot_of[source_name], source_name, MISSING, parameter)
-        if p == index and not implicit:
-            raise CycleError([name, name])
-        # A parameter named like the step's own output reads the context: a step is never its
-        # own implicit input (``@step(outputs=["data"]) def clean(data)`` cleans the given data).
-        return Source(CONTEXT, -1, source_name, default, parameter)
-
     defaults = layout.defaults
     bound: dict[str, Source] = {}
-    leftover: list[str] = []
-    for inp in s.inputs:
-        if inp in defaults:
-            bound[inp] = wired(inp, inp, defaults[inp])
-        else:
-            leftover.append(inp)
     extra_pos: list[Source] = []
     extra_kw: list[tuple[str, Source]] = []
+    leftover = [inp for inp in s.inputs if inp not in defaults] if defaults else s.inputs
+    if len(leftover) < len(s.inputs):
+        for inp in s.inputs:
+            if inp in defaults:
+                bound[inp] = _wired(inp, inp, defaults[inp], name, index, producer, slot_of)
     if leftover:
         free_positional = [p for p in layout.positional if p not in bound]
         free = 0
+        var_pos = layout.var_pos
         for inp in leftover:
             if free < len(free_positional):
                 param = free_positional[free]
                 free += 1
-                bound[param] = wired(inp, param, defaults[param])
-            elif layout.var_pos is not None:
-                extra_pos.append(wired(inp, f"*{layout.var_pos}[{len(extra_pos)}]", MISSING))
+                bound[param] = _wired(inp, param, defaults[param], name, index, producer, slot_of)
+            elif var_pos is not None:
+                p = producer.get(inp)
+                if p is not None and p != index:  # the common case, inline: a fan-in has many
+                    extra_pos.append(
+                        Source(SLOT, slot_of[inp], inp, MISSING, f"*{var_pos}[{len(extra_pos)}]")
+                    )
+                else:
+                    label = f"*{var_pos}[{len(extra_pos)}]"
+                    extra_pos.append(_wired(inp, label, MISSING, name, index, producer, slot_of))
             elif layout.var_kw is not None:
-                extra_kw.append((inp, wired(inp, inp, MISSING)))
+                extra_kw.append((inp, _wired(inp, inp, MISSING, name, index, producer, slot_of)))
             else:
                 raise ConfigError(
                     f"step {name!r} declares input {inp!r} but its function has no parameter left to "
@@ -539,11 +565,35 @@ def _bind(
                     out: kind for out, kind in routed.items() if producer[out] != index and out not in own
                 }
                 source = supplier_by_type(types.params.get(param, inspect.Parameter.empty), mine) or param
-            bound[param] = wired(source, param, defaults[param], implicit=True)
+            bound[param] = _wired(
+                source, param, defaults[param], name, index, producer, slot_of, implicit=True
+            )
 
-    positional = tuple([bound[p] for p in layout.positional])
-    keyword = tuple([(p, bound[p]) for p in layout.keyword_only])
-    return positional, tuple(extra_pos), keyword + tuple(extra_kw)
+    positional = tuple([bound[p] for p in layout.positional]) if bound else ()
+    keyword = tuple([(p, bound[p]) for p in layout.keyword_only]) if layout.keyword_only else ()
+    return positional, tuple(extra_pos), (keyword + tuple(extra_kw)) if extra_kw else keyword
+
+
+def _wired(
+    source_name: str,
+    parameter: str,
+    default: Any,
+    name: str,
+    index: int,
+    producer: Mapping[str, int],
+    slot_of: Mapping[str, int],
+    *,
+    implicit: bool = False,
+) -> Source:
+    """The source of one parameter of step ``index`` (``name``) reading ``source_name``."""
+    p = producer.get(source_name)
+    if p is not None and p != index:
+        return Source(SLOT, slot_of[source_name], source_name, MISSING, parameter)
+    if p == index and not implicit:
+        raise CycleError([name, name])
+    # A parameter named like the step's own output reads the context: a step is never its
+    # own implicit input (``@step(outputs=["data"]) def clean(data)`` cleans the given data).
+    return Source(CONTEXT, -1, source_name, default, parameter)
 
 
 def _default(param: inspect.Parameter) -> Any:
