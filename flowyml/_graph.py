@@ -224,19 +224,22 @@ def _build_plan(
     names = assign_names(steps)
     outputs_of = [tuple(s.outputs) or (names[i],) for i, s in enumerate(steps)]
 
-    producer: dict[str, int] = {}
-    slot_of: dict[str, int] = {}
-    slot_names: list[str] = []
-    output_slots: list[tuple[int, ...]] = []  # a step's outputs take consecutive slots
-    for i, outs in enumerate(outputs_of):
-        output_slots.append(tuple(range(len(slot_names), len(slot_names) + len(outs))))
-        for out in outs:
-            if out in producer:
-                raise DuplicateOutputError(out, [names[producer[out]], names[i]])
-            producer[out] = i
-            slot_of[out] = len(slot_names)
-            slot_names.append(out)
-    slot_producer = [producer[out] for out in slot_names]
+    # One slot per output, a step's outputs in consecutive slots.
+    slot_names = [out for outs in outputs_of for out in outs]
+    slot_producer = [i for i, outs in enumerate(outputs_of) for _ in outs]
+    producer = dict(zip(slot_names, slot_producer, strict=True))
+    if len(producer) < len(slot_names):
+        first: dict[str, int] = {}
+        for out, i in zip(slot_names, slot_producer, strict=True):
+            if out in first:
+                raise DuplicateOutputError(out, [names[first[out]], names[i]])
+            first[out] = i
+    slot_of = dict(zip(slot_names, range(len(slot_names)), strict=True))
+    output_slots: list[tuple[int, ...]] = []
+    start = 0
+    for outs in outputs_of:
+        output_slots.append((start,) if len(outs) == 1 else tuple(range(start, start + len(outs))))
+        start += len(outs)
 
     # Steps often share one function: what planning reads from it (annotations, the parameter
     # layout) is read once per function, by the id of the function or of its signature.
@@ -261,12 +264,6 @@ def _build_plan(
                     shared_types[key, len(outputs_of[i])] = t
             types[i] = t
     routed = {out: kind for t in types if t is not None for out, kind in t.routed.items()}
-    bindings = []
-    for i, s in enumerate(steps):
-        layout = layouts.get(id(s.signature))
-        if layout is None:
-            layout = layouts[id(s.signature)] = _Layout(s.signature)
-        bindings.append(_bind(s, names[i], i, layout, producer, slot_of, types[i], routed))
     itemized: list[bool] = []
     limited: list[int] = []
     direct: list[bool] = []
@@ -284,37 +281,42 @@ def _build_plan(
             and not limits
             and not item
         )
+    bindings = []
     dependents: list[list[int]] = [[] for _ in steps]
     streams_to: list[list[int]] = [[] for _ in steps]
     context_needs: list[tuple[int, Source]] = []
     maps: dict[int, MapSpec] = {}
     edges: list[tuple[tuple[int, ...], dict[str, tuple[str, str]], tuple[tuple[str, int], ...]]] = []
-    for i, (positional, var_pos, keyword) in enumerate(bindings):
+    for i, s in enumerate(steps):
+        layout = layouts.get(id(s.signature))
+        if layout is None:
+            layout = layouts[id(s.signature)] = _Layout(s.signature)
+        positional, var_pos, keyword = binding = _bind(
+            s, names[i], i, layout, producer, slot_of, types[i], routed
+        )
+        bindings.append(binding)
         deps: dict[int, None] = {}  # ordered, and a membership test that does not grow with the inputs
         lineage_inputs: dict[str, tuple[str, str]] = {}
         labels: list[tuple[str, int]] = []
-        mapped = steps[i].map_over
-        places: list[tuple[int | str, str, int]] = []
-        located: list[tuple[int | str, Source]] = [*enumerate((*positional, *var_pos)), *keyword]
-        for at, src in located:
-            label = src.parameter if isinstance(at, int) else at
+        mapped = s.map_over
+        # Every source's parameter is its label: a keyword's key is the parameter it fills.
+        for src in (
+            (*positional, *var_pos, *[kw for _, kw in keyword]) if keyword else (*positional, *var_pos)
+        ):
             if src.kind == SLOT:
                 p = slot_producer[src.slot]
-                labels.append((label, src.slot))
-                lineage_inputs[label] = (names[p], src.name)
-                streamed = p if mapped and src.name in mapped and itemized[p] else -1
+                labels.append((src.parameter, src.slot))
+                lineage_inputs[src.parameter] = (names[p], src.name)
                 if p not in deps:
                     deps[p] = None
-                    (streams_to if streamed >= 0 else dependents)[p].append(i)
+                    streamed = mapped and itemized[p] and src.name in mapped
+                    (streams_to if streamed else dependents)[p].append(i)
             else:
-                streamed = -1
-                labels.append((label, -1))
+                labels.append((src.parameter, -1))
                 if src.default is MISSING:
                     context_needs.append((i, src))
-            if mapped and src.name in mapped:
-                places.append((at, src.name, streamed))
         if mapped:
-            maps[i] = MapSpec(tuple(sorted(places, key=lambda p: mapped.index(p[1]))))
+            maps[i] = _map_spec(mapped, positional, var_pos, keyword, slot_producer, itemized)
         edges.append((tuple(deps), lineage_inputs, tuple(labels)))
 
     # Shared StepTypes make shared checks and edge verdicts: keyed by the ids of what they read.
@@ -390,6 +392,7 @@ def _build_plan(
         )
         for f in flows
     )
+    shapes = tuple([StepShape(n.name, n.output_names, n.lineage_inputs) for n in nodes])
     return Plan(
         nodes=tuple(nodes),
         slot_names=tuple(slot_names),
@@ -402,13 +405,33 @@ def _build_plan(
         else {},
         requests=tuple(requests_for(n.name, n.step.resources, capacity) for n in nodes) if capacity else (),
         direct=tuple(direct),
-        shapes=tuple([StepShape(n.name, n.output_names, n.lineage_inputs) for n in nodes]),
+        shapes=shapes,
         maps=maps,
         itemized=tuple(i for i, yes in enumerate(itemized) if yes),
         limited=tuple(limited),
         unpaced=unpaced,
         typing=tuple(typing) if any(typing) else (),
     )
+
+
+def _map_spec(
+    mapped: tuple[str, ...],
+    positional: tuple[Source, ...],
+    var_pos: tuple[Source, ...],
+    keyword: tuple[tuple[str, Source], ...],
+    slot_producer: Sequence[int],
+    itemized: Sequence[bool],
+) -> MapSpec:
+    """Where a mapped node's items come from, in ``map_over`` order (see :class:`MapSpec`)."""
+    places: list[tuple[int | str, str, int]] = []
+    located: list[tuple[int | str, Source]] = [*enumerate((*positional, *var_pos)), *keyword]
+    for at, src in located:
+        if src.name in mapped:
+            streamed = -1
+            if src.kind == SLOT and itemized[slot_producer[src.slot]]:
+                streamed = slot_producer[src.slot]
+            places.append((at, src.name, streamed))
+    return MapSpec(tuple(sorted(places, key=lambda p: mapped.index(p[1]))))
 
 
 def _annotations_that_matter(s: Step) -> dict[str, object] | None:
