@@ -63,6 +63,7 @@ class Step:
 
     __slots__ = (
         "__dict__",
+        "_given",
         "body",
         "breakers",
         "cache",
@@ -80,7 +81,6 @@ class Step:
         "map_over",
         "max_pending",
         "name",
-        "options",
         "outputs",
         "rate_limit",
         "resources",
@@ -115,7 +115,8 @@ class Step:
     signature: inspect.Signature
     uses_fallback: bool
     breakers: tuple[Any, ...]
-    options: dict[str, Any]
+    _given: tuple[Any, ...]
+    """The options as given to ``@step``, in the order of :data:`_OPTION_NAMES`."""
     map_over: tuple[str, ...]
     """Inputs the step is called once per element of (zipped when several); empty: not mapped."""
     concurrency: int | None
@@ -175,13 +176,12 @@ class Step:
         set_ = object.__setattr__
         set_(self, "func", func)
         set_(self, "body", body)
-        set_(self, "options", {
-            "name": name, "inputs": inputs, "outputs": outputs, "cache": cache,
-            "retry": retry, "timeout": timeout, "resources": resources, "tags": tags,
-            "condition": condition, "execution_group": execution_group, "executor": executor,
-            "map_over": _as_tuple(map_over), "concurrency": concurrency, "rate_limit": rate_limit,
-            "limit": limit, "max_pending": max_pending, "map_errors": map_errors,
-        })  # fmt: skip
+        map_over = _as_tuple(map_over)
+        set_(self, "_given", (
+            name, inputs, outputs, cache, retry, timeout, resources, tags, condition,
+            execution_group, executor, map_over, concurrency, rate_limit, limit, max_pending,
+            map_errors,
+        ))  # fmt: skip
         set_(self, "name", _check_name(name, label))
         set_(self, "explicit_name", name is not None)
         set_(self, "inputs", _names(inputs, "inputs", label))
@@ -215,6 +215,11 @@ class Step:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options as given to ``@step`` (one-shot iterables of names made tuples)."""
+        return dict(zip(_OPTION_NAMES, self._given, strict=True))
 
     def __flowyml_rewrap__(self, decorate: Callable[[Callable[..., Any]], Any]) -> Step:
         """This step with ``decorate`` applied to its function: a decorator written above ``@step``."""
@@ -295,8 +300,8 @@ def step(
     Raises:
         ConfigError: an option has an invalid value; the message names it and the valid values.
     """
-    unknown = set(options) - _OPTIONS
-    if unknown:
+    if not _OPTIONS.issuperset(options):
+        unknown = set(options) - _OPTIONS
         raise ConfigError(
             f"@step got unknown option(s) {sorted(unknown)}; valid options are {sorted(_OPTIONS)}"
         )
@@ -309,27 +314,26 @@ def step(
     return decorate
 
 
-_OPTIONS: Final = frozenset(
-    (
-        "name",
-        "inputs",
-        "outputs",
-        "cache",
-        "retry",
-        "timeout",
-        "resources",
-        "tags",
-        "condition",
-        "execution_group",
-        "executor",
-        "map_over",
-        "concurrency",
-        "rate_limit",
-        "limit",
-        "max_pending",
-        "map_errors",
-    )
+_OPTION_NAMES: Final = (
+    "name",
+    "inputs",
+    "outputs",
+    "cache",
+    "retry",
+    "timeout",
+    "resources",
+    "tags",
+    "condition",
+    "execution_group",
+    "executor",
+    "map_over",
+    "concurrency",
+    "rate_limit",
+    "limit",
+    "max_pending",
+    "map_errors",
 )
+_OPTIONS: Final = frozenset(_OPTION_NAMES)
 
 
 def _as_tuple(value: Any) -> Any:
@@ -504,19 +508,26 @@ class Names(tuple[str, ...]):
 
 def _names(value: Iterable[str] | str | None, option: str, label: str) -> Names:
     if value is None:
-        return Names()
+        return _NO_NAMES
     items = (value,) if isinstance(value, str) else tuple(value)
+    if not items:
+        return _NO_NAMES
     for item in items:
         if not isinstance(item, str) or not item:
             raise ConfigError(
                 f"step {label!r}: {option}= must be a list of non-empty strings, got {item!r} in it"
             )
-    seen: set[str] = set()
-    for item in items:
-        if item in seen:
-            raise ConfigError(f"step {label!r}: {option}= lists {item!r} twice")
-        seen.add(item)
+    if len(items) > 1 and len(set(items)) < len(items):
+        seen: set[str] = set()
+        for item in items:
+            if item in seen:
+                raise ConfigError(f"step {label!r}: {option}= lists {item!r} twice")
+            seen.add(item)
     return Names(items)
+
+
+_NO_NAMES: Final = Names()
+"""No names: one object shared by every step without inputs (or outputs)."""
 
 
 def _check_cache(cache: Any, label: str) -> CacheOption:

@@ -184,6 +184,15 @@ class TestStepObject:
         s = retry(max_attempts=2)(step(inputs=(n for n in ["a", "b"]), outputs=["c"])(use))
         assert s.inputs == ("a", "b")
 
+    def test_map_over_as_a_one_shot_iterable_is_read_once(self) -> None:
+        """Before, the options consumed the generator and the step was silently not mapped."""
+
+        def double(x: int) -> int:
+            return 2 * x
+
+        s = step(inputs=["x"], outputs=["y"], map_over=(n for n in ["x"]))(double)
+        assert s.map_over == ("x",) and s.options["map_over"] == ("x",)
+
 
 class TestPerFunctionFacts:
     """What a step reads from its function is read once per function and shared, never stale."""
