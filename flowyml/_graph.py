@@ -552,7 +552,7 @@ def _bind(
             if inp in defaults:
                 bound[inp] = _wired(inp, inp, defaults[inp], name, index, producer, slot_of)
     if leftover:
-        free_positional = [p for p in layout.positional if p not in bound]
+        free_positional = [p for p in layout.positional if p not in bound] if layout.positional else []
         free = 0
         var_pos = layout.var_pos
         for inp in leftover:
@@ -631,7 +631,12 @@ def _check_acyclic(nodes: Sequence[Node]) -> list[int]:
     while ready:
         i = ready.pop()
         order.append(i)
-        for d in reversed((*nodes[i].dependents, *nodes[i].streams_to)):
+        here = nodes[i]
+        for d in reversed(here.streams_to):  # (dependents + streams_to) reversed, without the tuple
+            remaining[d] -= 1
+            if remaining[d] == 0:
+                ready.append(d)
+        for d in reversed(here.dependents):
             remaining[d] -= 1
             if remaining[d] == 0:
                 ready.append(d)
