@@ -16,6 +16,7 @@ import gc
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from ._assets import resolved_annotations, runtime_classes
@@ -42,6 +43,8 @@ MISSING: Final[Any] = _Missing()
 
 SLOT: Final = 0
 CONTEXT: Final = 1
+_NO_INPUTS: Final[Mapping[str, tuple[str, str]]] = MappingProxyType({})
+"""The lineage inputs of every node that no other step feeds: one read-only mapping for all."""
 
 
 class Source(NamedTuple):
@@ -286,7 +289,7 @@ def _build_plan(
     streams_to: list[list[int]] = [[] for _ in steps]
     context_needs: list[tuple[int, Source]] = []
     maps: dict[int, MapSpec] = {}
-    edges: list[tuple[tuple[int, ...], dict[str, tuple[str, str]], tuple[tuple[str, int], ...]]] = []
+    edges: list[tuple[tuple[int, ...], Mapping[str, tuple[str, str]], tuple[tuple[str, int], ...]]] = []
     for i, s in enumerate(steps):
         layout = layouts.get(id(s.signature))
         if layout is None:
@@ -317,7 +320,7 @@ def _build_plan(
                     context_needs.append((i, src))
         if mapped:
             maps[i] = _map_spec(mapped, positional, var_pos, keyword, slot_producer, itemized)
-        edges.append((tuple(deps), lineage_inputs, tuple(labels)))
+        edges.append((tuple(deps), lineage_inputs or _NO_INPUTS, tuple(labels)))
 
     # Shared StepTypes make shared checks and edge verdicts: keyed by the ids of what they read.
     typing: list[Typing | None] = [None] * len(steps)
@@ -509,7 +512,7 @@ def _groupable(s: Step) -> bool:
 class _Layout:
     """A signature's parameters as binding reads them, made once per signature of a plan."""
 
-    __slots__ = ("defaults", "keyword_only", "named", "positional", "var_kw", "var_pos")
+    __slots__ = ("defaults", "keyword_only", "named", "positional", "var_kw", "var_labels", "var_pos")
 
     def __init__(self, signature: inspect.Signature) -> None:
         kinds = inspect.Parameter
@@ -522,6 +525,15 @@ class _Layout:
         self.defaults = {p.name: _default(p) for p in named}
         self.var_pos = next((p.name for p in params if p.kind is kinds.VAR_POSITIONAL), None)
         self.var_kw = next((p.name for p in params if p.kind is kinds.VAR_KEYWORD), None)
+        self.var_labels: list[str] = []
+        """``*args[0]``, ``*args[1]``, ...: one string per place, shared by the steps of the layout."""
+
+    def var_label(self, k: int) -> str:
+        """The label of the ``k``-th argument that overflows into ``*args``."""
+        labels = self.var_labels
+        while len(labels) <= k:
+            labels.append(f"*{self.var_pos}[{len(labels)}]")
+        return labels[k]
 
 
 def _bind(
@@ -554,20 +566,19 @@ def _bind(
     if leftover:
         free_positional = [p for p in layout.positional if p not in bound] if layout.positional else []
         free = 0
-        var_pos = layout.var_pos
+        var_pos, var_labels = layout.var_pos, layout.var_labels
         for inp in leftover:
             if free < len(free_positional):
                 param = free_positional[free]
                 free += 1
                 bound[param] = _wired(inp, param, defaults[param], name, index, producer, slot_of)
             elif var_pos is not None:
+                k = len(extra_pos)
+                label = var_labels[k] if k < len(var_labels) else layout.var_label(k)
                 p = producer.get(inp)
                 if p is not None and p != index:  # the common case, inline: a fan-in has many
-                    extra_pos.append(
-                        Source(SLOT, slot_of[inp], inp, MISSING, f"*{var_pos}[{len(extra_pos)}]")
-                    )
+                    extra_pos.append(Source(SLOT, slot_of[inp], inp, MISSING, label))
                 else:
-                    label = f"*{var_pos}[{len(extra_pos)}]"
                     extra_pos.append(_wired(inp, label, MISSING, name, index, producer, slot_of))
             elif layout.var_kw is not None:
                 extra_kw.append((inp, _wired(inp, inp, MISSING, name, index, producer, slot_of)))
