@@ -230,14 +230,13 @@ def _build_plan(
     # One slot per output, a step's outputs in consecutive slots.
     slot_names = [out for outs in outputs_of for out in outs]
     slot_producer = [i for i, outs in enumerate(outputs_of) for _ in outs]
-    producer = dict(zip(slot_names, slot_producer, strict=True))
-    if len(producer) < len(slot_names):
+    slot_of = dict(zip(slot_names, range(len(slot_names)), strict=True))
+    if len(slot_of) < len(slot_names):
         first: dict[str, int] = {}
         for out, i in zip(slot_names, slot_producer, strict=True):
             if out in first:
                 raise DuplicateOutputError(out, [names[first[out]], names[i]])
             first[out] = i
-    slot_of = dict(zip(slot_names, range(len(slot_names)), strict=True))
     output_slots: list[tuple[int, ...]] = []
     start = 0
     for outs in outputs_of:
@@ -295,7 +294,7 @@ def _build_plan(
         if layout is None:
             layout = layouts[id(s.signature)] = _Layout(s.signature)
         positional, var_pos, keyword = binding = _bind(
-            s, names[i], i, layout, producer, slot_of, types[i], routed
+            s, names[i], i, layout, slot_of, slot_producer, types[i], routed
         )
         bindings.append(binding)
         deps: dict[int, None] = {}  # ordered, and a membership test that does not grow with the inputs
@@ -541,8 +540,8 @@ def _bind(
     name: str,
     index: int,
     layout: _Layout,
-    producer: Mapping[str, int],
     slot_of: Mapping[str, int],
+    slot_producer: Sequence[int],
     types: StepTypes | None = None,
     routed: Mapping[str, Any] | None = None,
 ) -> tuple[tuple[Source, ...], tuple[Source, ...], tuple[tuple[str, Source], ...]]:
@@ -562,7 +561,7 @@ def _bind(
     if len(leftover) < len(s.inputs):
         for inp in s.inputs:
             if inp in defaults:
-                bound[inp] = _wired(inp, inp, defaults[inp], name, index, producer, slot_of)
+                bound[inp] = _wired(inp, inp, defaults[inp], name, index, slot_of, slot_producer)
     if leftover:
         free_positional = [p for p in layout.positional if p not in bound] if layout.positional else []
         free = 0
@@ -571,17 +570,17 @@ def _bind(
             if free < len(free_positional):
                 param = free_positional[free]
                 free += 1
-                bound[param] = _wired(inp, param, defaults[param], name, index, producer, slot_of)
+                bound[param] = _wired(inp, param, defaults[param], name, index, slot_of, slot_producer)
             elif var_pos is not None:
                 k = len(extra_pos)
                 label = var_labels[k] if k < len(var_labels) else layout.var_label(k)
-                p = producer.get(inp)
-                if p is not None and p != index:  # the common case, inline: a fan-in has many
-                    extra_pos.append(Source(SLOT, slot_of[inp], inp, MISSING, label))
+                slot = slot_of.get(inp)
+                if slot is not None and slot_producer[slot] != index:  # the common case, inline
+                    extra_pos.append(Source(SLOT, slot, inp, MISSING, label))
                 else:
-                    extra_pos.append(_wired(inp, label, MISSING, name, index, producer, slot_of))
+                    extra_pos.append(_wired(inp, label, MISSING, name, index, slot_of, slot_producer))
             elif layout.var_kw is not None:
-                extra_kw.append((inp, _wired(inp, inp, MISSING, name, index, producer, slot_of)))
+                extra_kw.append((inp, _wired(inp, inp, MISSING, name, index, slot_of, slot_producer)))
             else:
                 raise ConfigError(
                     f"step {name!r} declares input {inp!r} but its function has no parameter left to "
@@ -594,13 +593,15 @@ def _bind(
             if param in bound:
                 continue
             source = param
-            if param not in producer and defaults[param] is MISSING and types is not None and routed:
+            if param not in slot_of and defaults[param] is MISSING and types is not None and routed:
                 mine = {
-                    out: kind for out, kind in routed.items() if producer[out] != index and out not in own
+                    out: kind
+                    for out, kind in routed.items()
+                    if slot_producer[slot_of[out]] != index and out not in own
                 }
                 source = supplier_by_type(types.params.get(param, inspect.Parameter.empty), mine) or param
             bound[param] = _wired(
-                source, param, defaults[param], name, index, producer, slot_of, implicit=True
+                source, param, defaults[param], name, index, slot_of, slot_producer, implicit=True
             )
 
     positional = tuple([bound[p] for p in layout.positional]) if bound else ()
@@ -614,15 +615,16 @@ def _wired(
     default: Any,
     name: str,
     index: int,
-    producer: Mapping[str, int],
     slot_of: Mapping[str, int],
+    slot_producer: Sequence[int],
     *,
     implicit: bool = False,
 ) -> Source:
     """The source of one parameter of step ``index`` (``name``) reading ``source_name``."""
-    p = producer.get(source_name)
-    if p is not None and p != index:
-        return Source(SLOT, slot_of[source_name], source_name, MISSING, parameter)
+    slot = slot_of.get(source_name)
+    p = None if slot is None else slot_producer[slot]
+    if slot is not None and p != index:
+        return Source(SLOT, slot, source_name, MISSING, parameter)
     if p == index and not implicit:
         raise CycleError([name, name])
     # A parameter named like the step's own output reads the context: a step is never its
