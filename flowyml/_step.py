@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
+import operator
 import types
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -392,10 +394,12 @@ def _facts_of(func: Callable[..., Any]) -> _Facts:
     """
     if type(func) is not types.FunctionType:
         return _Facts(func)
-    stamp = (func.__code__, func.__defaults__, func.__kwdefaults__, func.__annotations__,
-             *func.__dict__.items())  # fmt: skip
+    stamp: tuple[Any, ...] = (func.__code__, func.__defaults__, func.__kwdefaults__, func.__annotations__)
+    if func.__dict__:
+        stamp += tuple(itertools.chain.from_iterable(func.__dict__.items()))
     cached = _facts.get(func)
-    if cached is not None and cached[0] == stamp:
+    # Compared by identity: an equality test could run a default value's own __eq__.
+    if cached is not None and len(cached[0]) == len(stamp) and all(map(operator.is_, cached[0], stamp)):
         return cached[1]
     facts = _Facts(func)
     _facts[func] = (stamp, facts)

@@ -252,3 +252,20 @@ class TestPerFunctionFacts:
         expected = functools.update_wrapper(lambda: None, body)
         for attr in (*functools.WRAPPER_ASSIGNMENTS, "marker", "__wrapped__"):
             assert getattr(s, attr) == getattr(expected, attr), attr
+
+    def test_a_default_without_a_plain_equality_does_not_break_the_check(self) -> None:
+        """The facts are checked by identity: a default whose == returns no bool is never compared."""
+
+        class Odd:
+            def __eq__(self, other: object) -> bool:
+                raise AssertionError("compared")
+
+            __hash__ = object.__hash__
+
+        def body(a: int, b: Any = None) -> int:
+            return a
+
+        body.__defaults__ = (Odd(),)
+        step(body)
+        body.__defaults__ = (Odd(),)
+        assert isinstance(step(body).signature.parameters["b"].default, Odd)
