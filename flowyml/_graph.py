@@ -16,9 +16,10 @@ import gc
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-from ._assets import resolved_annotations
+from ._assets import resolved_annotations, runtime_classes
 from ._errors import ConfigError, CycleError, DuplicateOutputError, DuplicateStepError, MissingInputError
 from ._resources import Request, requests_for
 from ._step import Step
@@ -42,11 +43,16 @@ MISSING: Final[Any] = _Missing()
 
 SLOT: Final = 0
 CONTEXT: Final = 1
+_NO_INPUTS: Final[Mapping[str, tuple[str, str]]] = MappingProxyType({})
+"""The lineage inputs of every node that no other step feeds: one read-only mapping for all."""
 
 
-@dataclass(frozen=True, slots=True)
-class Source:
-    """Where one argument comes from: an output ``slot``, else the context ``name``, else ``default``."""
+class Source(NamedTuple):
+    """Where one argument comes from: an output ``slot``, else the context ``name``, else ``default``.
+
+    A named tuple: a plan holds one per argument (100,000 for a fan-in of 100,000), and a tuple
+    is made several times faster than a frozen dataclass and is left alone by the collector.
+    """
 
     kind: int
     slot: int = -1
@@ -156,6 +162,8 @@ def assign_names(steps: Sequence[Step]) -> list[str]:
     are qualified by their first output, then by their position among the colliding steps.
     """
     names = [s.name for s in steps]
+    if len(set(names)) == len(names):
+        return names  # no collision to resolve, and so no two explicit names alike
     explicit: dict[str, Step] = {}
     for s in steps:
         if s.explicit_name:
@@ -219,61 +227,104 @@ def _build_plan(
     names = assign_names(steps)
     outputs_of = [tuple(s.outputs) or (names[i],) for i, s in enumerate(steps)]
 
-    producer: dict[str, int] = {}
-    slot_of: dict[str, int] = {}
-    slot_names: list[str] = []
-    for i, outs in enumerate(outputs_of):
-        for out in outs:
-            if out in producer:
-                raise DuplicateOutputError(out, [names[producer[out]], names[i]])
-            producer[out] = i
-            slot_of[out] = len(slot_names)
-            slot_names.append(out)
+    # One slot per output, a step's outputs in consecutive slots.
+    slot_names = [out for outs in outputs_of for out in outs]
+    slot_producer = [i for i, outs in enumerate(outputs_of) for _ in outs]
+    slot_of = dict(zip(slot_names, range(len(slot_names)), strict=True))
+    if len(slot_of) < len(slot_names):
+        first: dict[str, int] = {}
+        for out, i in zip(slot_names, slot_producer, strict=True):
+            if out in first:
+                raise DuplicateOutputError(out, [names[first[out]], names[i]])
+            first[out] = i
+    output_slots: list[tuple[int, ...]] = []
+    start = 0
+    for outs in outputs_of:
+        output_slots.append((start,) if len(outs) == 1 else tuple(range(start, start + len(outs))))
+        start += len(outs)
 
+    # Steps often share one function: what planning reads from it (annotations, the parameter
+    # layout) is read once per function, by the id of the function or of its signature.
     # A mapped step or a stream source is annotated per item, not for the list it makes: its
     # annotations are not checked or routed (yet).
-    hints: dict[int, dict[str, object] | None] = {}  # by id of the function: steps often share one
+    hints: dict[int, dict[str, object] | None] = {}
+    layouts: dict[int, _Layout] = {}
+    shared_types: dict[tuple[int, int], StepTypes] = {}  # by function and number of outputs
     types: list[StepTypes | None] = [None] * len(steps)
     for i, s in enumerate(steps):
         if s.map_over or s.stream:
             continue
         key = id(s.body)
         if key not in hints:
-            hints[key] = resolved_annotations(s.body) if _annotated(s) else None
+            hints[key] = _annotations_that_matter(s)
         known = hints[key]
         if known is not None:
-            types[i] = read_types(s, outputs_of[i], known)
+            t = shared_types.get((key, len(outputs_of[i])))
+            if t is None:
+                t = read_types(s, outputs_of[i], known)
+                if not t.routed:  # then nothing in it depends on the outputs' names
+                    shared_types[key, len(outputs_of[i])] = t
+            types[i] = t
     routed = {out: kind for t in types if t is not None for out, kind in t.routed.items()}
-    bindings = [_bind(s, names[i], i, producer, slot_of, types[i], routed) for i, s in enumerate(steps)]
-    itemized = [bool(s.map_over or s.stream) for s in steps]
-    deps_of: list[tuple[int, ...]] = []
-    context_needs: list[tuple[int, Source]] = []
+    itemized: list[bool] = []
+    limited: list[int] = []
+    direct: list[bool] = []
+    for i, s in enumerate(steps):
+        item = bool(s.map_over or s.stream)
+        itemized.append(item)
+        limits = s.concurrency is not None or s.rate_limit is not None or s.limit is not None
+        if limits:
+            limited.append(i)
+        direct.append(
+            s.is_async
+            and s.retry_policy is None
+            and s.timeout is None
+            and not s.uses_fallback
+            and not limits
+            and not item
+        )
+    bindings = []
     dependents: list[list[int]] = [[] for _ in steps]
     streams_to: list[list[int]] = [[] for _ in steps]
+    context_needs: list[tuple[int, Source]] = []
     maps: dict[int, MapSpec] = {}
-    for i, (positional, var_pos, keyword) in enumerate(bindings):
+    edges: list[tuple[tuple[int, ...], Mapping[str, tuple[str, str]], tuple[tuple[str, int], ...]]] = []
+    for i, s in enumerate(steps):
+        layout = layouts.get(id(s.signature))
+        if layout is None:
+            layout = layouts[id(s.signature)] = _Layout(s.signature)
+        positional, var_pos, keyword = binding = _bind(
+            s, names[i], i, layout, slot_of, slot_producer, types[i], routed
+        )
+        bindings.append(binding)
         deps: dict[int, None] = {}  # ordered, and a membership test that does not grow with the inputs
-        mapped = steps[i].map_over
-        places: list[tuple[int | str, str, int]] = []
-        located: list[tuple[int | str, Source]] = [*enumerate((*positional, *var_pos)), *keyword]
-        for at, src in located:
-            streamed = -1
-            if mapped and src.name in mapped:
-                if src.kind == SLOT and itemized[producer[slot_names[src.slot]]]:
-                    streamed = producer[slot_names[src.slot]]
-                places.append((at, src.name, streamed))
+        lineage_inputs: dict[str, tuple[str, str]] = {}
+        labels: list[tuple[str, int]] = []
+        mapped = s.map_over
+        # Every source's parameter is its label: a keyword's key is the parameter it fills.
+        for src in (
+            (*positional, *var_pos, *[kw for _, kw in keyword]) if keyword else (*positional, *var_pos)
+        ):
             if src.kind == SLOT:
-                p = producer[slot_names[src.slot]]
+                p = slot_producer[src.slot]
+                labels.append((src.parameter, src.slot))
+                lineage_inputs[src.parameter] = (names[p], src.name)
                 if p not in deps:
                     deps[p] = None
-                    (streams_to if streamed >= 0 else dependents)[p].append(i)
-            elif src.kind == CONTEXT and src.default is MISSING:
-                context_needs.append((i, src))
+                    streamed = mapped and itemized[p] and src.name in mapped
+                    (streams_to if streamed else dependents)[p].append(i)
+            else:
+                labels.append((src.parameter, -1))
+                if src.default is MISSING:
+                    context_needs.append((i, src))
         if mapped:
-            maps[i] = MapSpec(tuple(sorted(places, key=lambda p: mapped.index(p[1]))))
-        deps_of.append(tuple(deps))
+            maps[i] = _map_spec(mapped, positional, var_pos, keyword, slot_producer, itemized)
+        edges.append((tuple(deps), lineage_inputs or _NO_INPUTS, tuple(labels)))
 
+    # Shared StepTypes make shared checks and edge verdicts: keyed by the ids of what they read.
     typing: list[Typing | None] = [None] * len(steps)
+    fitting: set[tuple[int, str, int, int]] = set()
+    shared_typing: dict[tuple[int, int, tuple[str, ...]], Typing | None] = {}
     for i, s in enumerate(steps):
         t = types[i]
         if t is None:
@@ -282,50 +333,58 @@ def _build_plan(
         if validate_types:
             for src in (*positional, *(kw for _, kw in keyword)):
                 if src.kind == SLOT and src.parameter in t.params:
-                    p = producer[slot_names[src.slot]]
+                    p = slot_producer[src.slot]
                     produced = types[p]
                     if produced is not None:
-                        k = outputs_of[p].index(slot_names[src.slot])
-                        check_edges(names[i], src.parameter, t.params[src.parameter], names[p],
-                                    slot_names[src.slot], produced.outputs[k])  # fmt: skip
-        checks = checks_for(s, t, positional, keyword)
-        wraps = tuple((k, out, t.routed[out]) for k, out in enumerate(outputs_of[i]) if out in t.routed)
-        if checks or wraps:
-            typing[i] = Typing(checks, wraps, validate_types)
+                        k = outputs_of[p].index(src.name)
+                        edge = (id(t), src.parameter, id(produced), k)
+                        if edge not in fitting:
+                            check_edges(names[i], src.parameter, t.params[src.parameter], names[p],
+                                        src.name, produced.outputs[k])  # fmt: skip
+                            fitting.add(edge)
+        if t.routed:
+            checks = checks_for(s, t, positional, keyword)
+            wraps = tuple((k, out, t.routed[out]) for k, out in enumerate(outputs_of[i]) if out in t.routed)
+            typing[i] = Typing(checks, wraps, validate_types) if checks or wraps else None
+            continue
+        shape = (id(t), id(s.signature), tuple([k for k, _ in keyword]))
+        if shape not in shared_typing:
+            checks = checks_for(s, t, positional, keyword)
+            shared_typing[shape] = Typing(checks, (), validate_types) if checks else None
+        typing[i] = shared_typing[shape]
 
+    qualified: dict[int, str] = {}
     nodes: list[Node] = []
     for i, s in enumerate(steps):
         positional, var_pos, keyword = bindings[i]
-        sources = [(src.parameter, src) for src in (*positional, *var_pos)] + list(keyword)
+        deps_i, inputs_i, labels_i = edges[i]
         body = s.body
+        where = qualified.get(id(body))
+        if where is None:
+            where = qualified[id(body)] = (
+                f"{getattr(body, '__module__', '?')}.{getattr(body, '__qualname__', '?')}"
+            )
         nodes.append(
             Node(
-                id=i,
-                step=s,
-                name=names[i],
-                output_names=outputs_of[i],
-                output_slots=tuple(slot_of[o] for o in outputs_of[i]),
-                positional=positional,
-                var_positional=var_pos,
-                keyword=keyword,
-                deps=deps_of[i],
-                dependents=tuple(dependents[i]),
-                lineage_inputs={
-                    label: (names[producer[slot_names[src.slot]]], slot_names[src.slot])
-                    for label, src in sources
-                    if src.kind == SLOT
-                },
-                identity=(
-                    f"{getattr(body, '__module__', '?')}.{getattr(body, '__qualname__', '?')}|{names[i]}"
-                    f"|{','.join(outputs_of[i])}"
-                ),
-                labels=tuple((label, src.slot if src.kind == SLOT else -1) for label, src in sources),
-                streams_to=tuple(streams_to[i]),
+                i,
+                s,
+                names[i],
+                outputs_of[i],
+                output_slots[i],
+                positional,
+                var_pos,
+                keyword,
+                deps_i,
+                tuple(dependents[i]),
+                inputs_i,
+                f"{where}|{names[i]}|{','.join(outputs_of[i])}",
+                labels_i,
+                tuple(streams_to[i]),
             )
         )
     order = _check_acyclic(nodes)
     unpaced = _unpaced(nodes, order) if any(streams_to) else frozenset()
-    index = {id(s): i for i, s in enumerate(steps)}
+    index = {id(s): i for i, s in enumerate(steps)} if flows else {}
     gates = tuple(
         Gate(
             name=f.name,
@@ -335,6 +394,7 @@ def _build_plan(
         )
         for f in flows
     )
+    shapes = tuple([StepShape(n.name, n.output_names, n.lineage_inputs) for n in nodes])
     return Plan(
         nodes=tuple(nodes),
         slot_names=tuple(slot_names),
@@ -342,30 +402,51 @@ def _build_plan(
         by_name={n.name: n for n in nodes},
         context_needs=tuple((nodes[i], src) for i, src in context_needs),
         gates=gates,
-        chains=find_chains(nodes, order, {i for g in gates for i in (*g.then_ids, *g.else_ids)}),
+        chains=find_chains(nodes, order, {i for g in gates for i in (*g.then_ids, *g.else_ids)})
+        if any(s.execution_group is not None for s in steps)
+        else {},
         requests=tuple(requests_for(n.name, n.step.resources, capacity) for n in nodes) if capacity else (),
-        direct=tuple(
-            s.is_async
-            and s.retry_policy is None
-            and s.timeout is None
-            and not s.uses_fallback
-            and not _limited(s)
-            and not itemized[i]
-            for i, s in enumerate(steps)
-        ),
-        shapes=tuple(StepShape(n.name, n.output_names, n.lineage_inputs) for n in nodes),
+        direct=tuple(direct),
+        shapes=shapes,
         maps=maps,
         itemized=tuple(i for i, yes in enumerate(itemized) if yes),
-        limited=tuple(i for i, s in enumerate(steps) if _limited(s)),
+        limited=tuple(limited),
         unpaced=unpaced,
         typing=tuple(typing) if any(typing) else (),
     )
 
 
-def _annotated(s: Step) -> bool:
-    """Whether the step's function carries any annotation worth reading (most small steps do not)."""
+def _map_spec(
+    mapped: tuple[str, ...],
+    positional: tuple[Source, ...],
+    var_pos: tuple[Source, ...],
+    keyword: tuple[tuple[str, Source], ...],
+    slot_producer: Sequence[int],
+    itemized: Sequence[bool],
+) -> MapSpec:
+    """Where a mapped node's items come from, in ``map_over`` order (see :class:`MapSpec`)."""
+    places: list[tuple[int | str, str, int]] = []
+    located: list[tuple[int | str, Source]] = [*enumerate((*positional, *var_pos)), *keyword]
+    for at, src in located:
+        if src.name in mapped:
+            streamed = -1
+            if src.kind == SLOT and itemized[slot_producer[src.slot]]:
+                streamed = slot_producer[src.slot]
+            places.append((at, src.name, streamed))
+    return MapSpec(tuple(sorted(places, key=lambda p: mapped.index(p[1]))))
+
+
+def _annotations_that_matter(s: Step) -> dict[str, object] | None:
+    """``s.body``'s resolved annotations, or None when none of them can route, check or bind.
+
+    Most small steps carry none, or only ones no value is checked against (``Any``, strings
+    that do not resolve): their plan entry is the same as an unannotated step's.
+    """
     target = inspect.unwrap(s.body)
-    return bool(getattr(target, "__annotations__", None))
+    if not getattr(target, "__annotations__", None):
+        return None
+    hints = resolved_annotations(s.body)
+    return hints if any(runtime_classes(h) is not None for h in hints.values()) else None
 
 
 def _unpaced(nodes: Sequence[Node], order: Sequence[int]) -> frozenset[tuple[int, int]]:
@@ -387,11 +468,6 @@ def _unpaced(nodes: Sequence[Node], order: Sequence[int]) -> frozenset[tuple[int
     return frozenset(found)
 
 
-def _limited(s: Step) -> bool:
-    """Whether a step's calls hold a limit of their own (so it is never awaited bare on the loop)."""
-    return s.concurrency is not None or s.rate_limit is not None or s.limit is not None
-
-
 def find_chains(
     nodes: Sequence[Node], order: Sequence[int], excluded: set[int]
 ) -> dict[int, tuple[int, ...]]:
@@ -400,7 +476,7 @@ def find_chains(
     A node extends a chain when it is in the same group, runs on the same executor, depends on
     the chain's last node, and depends on nothing outside the chain.
     """
-    open_chains: dict[str, list[int]] = {}
+    open_chains: dict[str, tuple[list[int], set[int]]] = {}  # the chain, and its members as a set
     chains: list[list[int]] = []
     for i in order:
         node = nodes[i]
@@ -408,16 +484,18 @@ def find_chains(
         if group is None or i in excluded or not _groupable(node.step):
             continue
         current = open_chains.get(group)
-        if (
-            current
-            and current[-1] in node.deps
-            and set(node.deps) <= set(current)
-            and nodes[current[-1]].step.executor == node.step.executor
-        ):
-            current.append(i)
-            continue
-        open_chains[group] = [i]
-        chains.append(open_chains[group])
+        if current is not None:
+            chain, members = current
+            if (
+                chain[-1] in node.deps
+                and members.issuperset(node.deps)
+                and nodes[chain[-1]].step.executor == node.step.executor
+            ):
+                chain.append(i)
+                members.add(i)
+                continue
+        open_chains[group] = ([i], {i})
+        chains.append(open_chains[group][0])
     return {c[0]: tuple(c) for c in chains if len(c) > 1}
 
 
@@ -430,12 +508,40 @@ def _groupable(s: Step) -> bool:
     return not s.is_async and s.timeout is None and not s.uses_fallback
 
 
+class _Layout:
+    """A signature's parameters as binding reads them, made once per signature of a plan."""
+
+    __slots__ = ("defaults", "keyword_only", "named", "positional", "var_kw", "var_labels", "var_pos")
+
+    def __init__(self, signature: inspect.Signature) -> None:
+        kinds = inspect.Parameter
+        params = list(signature.parameters.values())
+        named = [p for p in params if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)]
+        self.named = tuple(p.name for p in named)
+        """Every parameter that takes one argument by name, in order."""
+        self.positional = tuple(p.name for p in named if p.kind is not kinds.KEYWORD_ONLY)
+        self.keyword_only = tuple(p.name for p in named if p.kind is kinds.KEYWORD_ONLY)
+        self.defaults = {p.name: _default(p) for p in named}
+        self.var_pos = next((p.name for p in params if p.kind is kinds.VAR_POSITIONAL), None)
+        self.var_kw = next((p.name for p in params if p.kind is kinds.VAR_KEYWORD), None)
+        self.var_labels: list[str] = []
+        """``*args[0]``, ``*args[1]``, ...: one string per place, shared by the steps of the layout."""
+
+    def var_label(self, k: int) -> str:
+        """The label of the ``k``-th argument that overflows into ``*args``."""
+        labels = self.var_labels
+        while len(labels) <= k:
+            labels.append(f"*{self.var_pos}[{len(labels)}]")
+        return labels[k]
+
+
 def _bind(
     s: Step,
     name: str,
     index: int,
-    producer: Mapping[str, int],
+    layout: _Layout,
     slot_of: Mapping[str, int],
+    slot_producer: Sequence[int],
     types: StepTypes | None = None,
     routed: Mapping[str, Any] | None = None,
 ) -> tuple[tuple[Source, ...], tuple[Source, ...], tuple[tuple[str, Source], ...]]:
@@ -446,64 +552,84 @@ def _bind(
     filled by the step producing its name, else by the one asset output its annotation
     accepts, else from the context by its own name, else from its default.
     """
-    params = list(s.signature.parameters.values())
-    kinds = inspect.Parameter
-    named = [
-        p
-        for p in params
-        if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
-    ]
-    var_pos = next((p for p in params if p.kind is kinds.VAR_POSITIONAL), None)
-    var_kw = next((p for p in params if p.kind is kinds.VAR_KEYWORD), None)
 
-    def wired(source_name: str, parameter: str, default: Any, *, implicit: bool = False) -> Source:
-        p = producer.get(source_name)
-        if p is not None and p != index:
-            return Source(SLOT, slot=slot_of[source_name], name=source_name, parameter=parameter)
-        if p == index and not implicit:
-            raise CycleError([name, name])
-        # A parameter named like the step's own output reads the context: a step is never its
-        # own implicit input (``@step(outputs=["data"]) def clean(data)`` cleans the given data).
-        return Source(CONTEXT, name=source_name, default=default, parameter=parameter)
-
+    defaults = layout.defaults
     bound: dict[str, Source] = {}
-    declared = list(s.inputs)
-    by_name = {p.name for p in named}
-    leftover = [inp for inp in declared if inp not in by_name]
-    for inp in declared:
-        if inp in by_name:
-            param = next(p for p in named if p.name == inp)
-            bound[inp] = wired(inp, inp, _default(param))
-    free_positional = [p for p in named if p.name not in bound and p.kind is not kinds.KEYWORD_ONLY]
     extra_pos: list[Source] = []
     extra_kw: list[tuple[str, Source]] = []
-    for inp in leftover:
-        if free_positional:
-            param = free_positional.pop(0)
-            bound[param.name] = wired(inp, param.name, _default(param))
-        elif var_pos is not None:
-            extra_pos.append(wired(inp, f"*{var_pos.name}[{len(extra_pos)}]", MISSING))
-        elif var_kw is not None:
-            extra_kw.append((inp, wired(inp, inp, MISSING)))
-        else:
-            raise ConfigError(
-                f"step {name!r} declares input {inp!r} but its function has no parameter left to "
-                f"receive it; add a parameter named {inp!r} (or *args / **kwargs)"
+    leftover = [inp for inp in s.inputs if inp not in defaults] if defaults else s.inputs
+    if len(leftover) < len(s.inputs):
+        for inp in s.inputs:
+            if inp in defaults:
+                bound[inp] = _wired(inp, inp, defaults[inp], name, index, slot_of, slot_producer)
+    if leftover:
+        free_positional = [p for p in layout.positional if p not in bound] if layout.positional else []
+        free = 0
+        var_pos, var_labels = layout.var_pos, layout.var_labels
+        for inp in leftover:
+            if free < len(free_positional):
+                param = free_positional[free]
+                free += 1
+                bound[param] = _wired(inp, param, defaults[param], name, index, slot_of, slot_producer)
+            elif var_pos is not None:
+                k = len(extra_pos)
+                label = var_labels[k] if k < len(var_labels) else layout.var_label(k)
+                slot = slot_of.get(inp)
+                if slot is not None and slot_producer[slot] != index:  # the common case, inline
+                    extra_pos.append(Source(SLOT, slot, inp, MISSING, label))
+                else:
+                    extra_pos.append(_wired(inp, label, MISSING, name, index, slot_of, slot_producer))
+            elif layout.var_kw is not None:
+                extra_kw.append((inp, _wired(inp, inp, MISSING, name, index, slot_of, slot_producer)))
+            else:
+                raise ConfigError(
+                    f"step {name!r} declares input {inp!r} but its function has no parameter left to "
+                    f"receive it; add a parameter named {inp!r} (or *args / **kwargs)"
+                )
+
+    if len(bound) < len(layout.named):
+        own = set(s.outputs)
+        for param in layout.named:
+            if param in bound:
+                continue
+            source = param
+            if param not in slot_of and defaults[param] is MISSING and types is not None and routed:
+                mine = {
+                    out: kind
+                    for out, kind in routed.items()
+                    if slot_producer[slot_of[out]] != index and out not in own
+                }
+                source = supplier_by_type(types.params.get(param, inspect.Parameter.empty), mine) or param
+            bound[param] = _wired(
+                source, param, defaults[param], name, index, slot_of, slot_producer, implicit=True
             )
 
-    own = set(s.outputs)
-    for p in named:
-        if p.name in bound:
-            continue
-        source = p.name
-        if p.name not in producer and p.default is kinds.empty and types is not None and routed:
-            mine = {out: kind for out, kind in routed.items() if producer[out] != index and out not in own}
-            source = supplier_by_type(types.params.get(p.name, kinds.empty), mine) or p.name
-        bound[p.name] = wired(source, p.name, _default(p), implicit=True)
+    positional = tuple([bound[p] for p in layout.positional]) if bound else ()
+    keyword = tuple([(p, bound[p]) for p in layout.keyword_only]) if layout.keyword_only else ()
+    return positional, tuple(extra_pos), (keyword + tuple(extra_kw)) if extra_kw else keyword
 
-    positional = tuple(bound[p.name] for p in named if p.kind is not kinds.KEYWORD_ONLY)
-    keyword = tuple((p.name, bound[p.name]) for p in named if p.kind is kinds.KEYWORD_ONLY)
-    return positional, tuple(extra_pos), keyword + tuple(extra_kw)
+
+def _wired(
+    source_name: str,
+    parameter: str,
+    default: Any,
+    name: str,
+    index: int,
+    slot_of: Mapping[str, int],
+    slot_producer: Sequence[int],
+    *,
+    implicit: bool = False,
+) -> Source:
+    """The source of one parameter of step ``index`` (``name``) reading ``source_name``."""
+    slot = slot_of.get(source_name)
+    p = None if slot is None else slot_producer[slot]
+    if slot is not None and p != index:
+        return Source(SLOT, slot, source_name, MISSING, parameter)
+    if p == index and not implicit:
+        raise CycleError([name, name])
+    # A parameter named like the step's own output reads the context: a step is never its
+    # own implicit input (``@step(outputs=["data"]) def clean(data)`` cleans the given data).
+    return Source(CONTEXT, -1, source_name, default, parameter)
 
 
 def _default(param: inspect.Parameter) -> Any:
@@ -518,7 +644,12 @@ def _check_acyclic(nodes: Sequence[Node]) -> list[int]:
     while ready:
         i = ready.pop()
         order.append(i)
-        for d in reversed((*nodes[i].dependents, *nodes[i].streams_to)):
+        here = nodes[i]
+        for d in reversed(here.streams_to):  # (dependents + streams_to) reversed, without the tuple
+            remaining[d] -= 1
+            if remaining[d] == 0:
+                ready.append(d)
+        for d in reversed(here.dependents):
             remaining[d] -= 1
             if remaining[d] == 0:
                 ready.append(d)

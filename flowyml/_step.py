@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
+import operator
+import types
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, overload
@@ -61,6 +65,7 @@ class Step:
 
     __slots__ = (
         "__dict__",
+        "_given",
         "body",
         "breakers",
         "cache",
@@ -78,7 +83,6 @@ class Step:
         "map_over",
         "max_pending",
         "name",
-        "options",
         "outputs",
         "rate_limit",
         "resources",
@@ -113,7 +117,8 @@ class Step:
     signature: inspect.Signature
     uses_fallback: bool
     breakers: tuple[Any, ...]
-    options: dict[str, Any]
+    _given: tuple[Any, ...]
+    """The options as given to ``@step``, in the order of :data:`_OPTION_NAMES`."""
     map_over: tuple[str, ...]
     """Inputs the step is called once per element of (zipped when several); empty: not mapped."""
     concurrency: int | None
@@ -151,9 +156,16 @@ class Step:
         if isinstance(func, Step):
             func = func.func
         inputs, outputs = _as_tuple(inputs), _as_tuple(outputs)
-        body, lifted_retry, conditions = _unwrap_layers(func)
+        facts = _facts_of(func)
+        body = func if facts.body is None else facts.body
         label = name or getattr(body, "__name__", None) or type(body).__name__
-        _refuse_generators(body, label)
+        if facts.layered_generator is not None:
+            raise ConfigError(
+                f"step {label!r} is {facts.layered_generator} function (it uses `yield`) under a "
+                "decorator layer; a stream source yields its items to the engine directly: put the "
+                "breaker or fallback on the mapped step that consumes the items"
+            )
+        lifted_retry, conditions = facts.retry, facts.conditions
         if lifted_retry is not None and retry not in (0, None):
             raise ConfigError(f"step {label!r} has both @retry(...) and retry={retry!r}; keep one of them")
         if condition is not None:
@@ -166,45 +178,50 @@ class Step:
         set_ = object.__setattr__
         set_(self, "func", func)
         set_(self, "body", body)
-        set_(self, "options", {
-            "name": name, "inputs": inputs, "outputs": outputs, "cache": cache,
-            "retry": retry, "timeout": timeout, "resources": resources, "tags": tags,
-            "condition": condition, "execution_group": execution_group, "executor": executor,
-            "map_over": _as_tuple(map_over), "concurrency": concurrency, "rate_limit": rate_limit,
-            "limit": limit, "max_pending": max_pending, "map_errors": map_errors,
-        })  # fmt: skip
+        map_over = _as_tuple(map_over)
+        set_(self, "_given", (
+            name, inputs, outputs, cache, retry, timeout, resources, tags, condition,
+            execution_group, executor, map_over, concurrency, rate_limit, limit, max_pending,
+            map_errors,
+        ))  # fmt: skip
         set_(self, "name", _check_name(name, label))
         set_(self, "explicit_name", name is not None)
         set_(self, "inputs", _names(inputs, "inputs", label))
         set_(self, "outputs", _names(outputs, "outputs", label))
         set_(self, "cache", _check_cache(cache, label))
         set_(self, "retry", lifted_retry or retry)
-        set_(self, "retry_policy", lifted_retry or as_retry_config(retry, option=f"step {label!r}: retry"))
+        set_(self, "retry_policy", lifted_retry or _retry_policy(retry, label))
         set_(self, "timeout", _check_timeout(timeout, label))
         set_(self, "resources", _check_resources(resources, label))
         set_(self, "tags", _check_tags(tags, label))
         set_(self, "condition", condition)
         set_(self, "conditions", conditions)
         set_(self, "execution_group", _check_group(execution_group, label))
-        set_(self, "is_async", is_async_callable(body))
-        set_(self, "uses_fallback", bool(_layers_of(body, "__flowyml_fallback__")))
-        set_(self, "breakers", _layers_of(body, "__flowyml_breaker__"))
+        set_(self, "is_async", facts.is_async)
+        set_(self, "uses_fallback", facts.uses_fallback)
+        set_(self, "breakers", facts.breakers)
         set_(self, "executor", _check_executor(executor, label, self.is_async))
-        try:
-            set_(self, "signature", inspect.signature(body))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"step {label!r}: cannot read the signature of {body!r}: {exc}") from exc
+        if facts.signature is None:
+            raise ConfigError(
+                f"step {label!r}: cannot read the signature of {body!r}: {facts.signature_error}"
+            )
+        set_(self, "signature", facts.signature)
         set_(self, "map_over", _check_map_over(map_over, self))
         set_(self, "concurrency", _check_option_concurrency(concurrency, label))
         set_(self, "rate_limit", _check_rate_limit(rate_limit, label))
         set_(self, "limit", _check_limit(limit, label))
         set_(self, "max_pending", _check_max_pending(max_pending, self))
         set_(self, "map_errors", _check_map_errors(map_errors, self))
-        set_(self, "stream", _check_stream(self))
-        functools.update_wrapper(self, func)
+        set_(self, "stream", _check_stream(self, facts.stream))
+        _copy_wrapper_attributes(self.__dict__, func)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.func(*args, **kwargs)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options as given to ``@step`` (one-shot iterables of names made tuples)."""
+        return dict(zip(_OPTION_NAMES, self._given, strict=True))
 
     def __flowyml_rewrap__(self, decorate: Callable[[Callable[..., Any]], Any]) -> Step:
         """This step with ``decorate`` applied to its function: a decorator written above ``@step``."""
@@ -285,8 +302,8 @@ def step(
     Raises:
         ConfigError: an option has an invalid value; the message names it and the valid values.
     """
-    unknown = set(options) - _OPTIONS
-    if unknown:
+    if not _OPTIONS.issuperset(options):
+        unknown = set(options) - _OPTIONS
         raise ConfigError(
             f"@step got unknown option(s) {sorted(unknown)}; valid options are {sorted(_OPTIONS)}"
         )
@@ -299,27 +316,26 @@ def step(
     return decorate
 
 
-_OPTIONS: Final = frozenset(
-    (
-        "name",
-        "inputs",
-        "outputs",
-        "cache",
-        "retry",
-        "timeout",
-        "resources",
-        "tags",
-        "condition",
-        "execution_group",
-        "executor",
-        "map_over",
-        "concurrency",
-        "rate_limit",
-        "limit",
-        "max_pending",
-        "map_errors",
-    )
+_OPTION_NAMES: Final = (
+    "name",
+    "inputs",
+    "outputs",
+    "cache",
+    "retry",
+    "timeout",
+    "resources",
+    "tags",
+    "condition",
+    "execution_group",
+    "executor",
+    "map_over",
+    "concurrency",
+    "rate_limit",
+    "limit",
+    "max_pending",
+    "map_errors",
 )
+_OPTIONS: Final = frozenset(_OPTION_NAMES)
 
 
 def _as_tuple(value: Any) -> Any:
@@ -327,21 +343,102 @@ def _as_tuple(value: Any) -> Any:
     return value if value is None or isinstance(value, str) else tuple(value)
 
 
-def _refuse_generators(body: Callable[..., Any], label: str) -> None:
-    """A generator function under a decorator layer (a breaker, a fallback) cannot be a stream source.
+class _Facts:
+    """What a step takes from its function alone, read once per function.
 
-    The layer would see one call that returns a generator, not the items; refuse it.
+    Many steps share one function (a pipeline of 100,000 steps may have a handful), and reading
+    its signature and walking its layers cost more than everything else a step checks. Nothing
+    here depends on ``@step``'s options: those are checked for every step.
+    """
+
+    __slots__ = (
+        "body",
+        "breakers",
+        "conditions",
+        "is_async",
+        "layered_generator",
+        "retry",
+        "signature",
+        "signature_error",
+        "stream",
+        "uses_fallback",
+    )
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        body, self.retry, self.conditions = _unwrap_layers(func)
+        # The cache holds its functions weakly: a record must not keep its own function alive.
+        self.body = None if body is func else body
+        self.layered_generator = _layered_generator(body)
+        self.is_async = is_async_callable(body)
+        self.uses_fallback = bool(_layers_of(body, "__flowyml_fallback__"))
+        self.breakers = _layers_of(body, "__flowyml_breaker__")
+        self.signature: inspect.Signature | None = None
+        self.signature_error = ""
+        try:
+            self.signature = inspect.signature(body)
+        except (TypeError, ValueError) as exc:
+            self.signature_error = str(exc)
+        self.stream = _stream_kind(body)
+
+
+_facts: weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[Any, ...], _Facts]]
+_facts = weakref.WeakKeyDictionary()
+
+
+def _facts_of(func: Callable[..., Any]) -> _Facts:
+    """``func``'s :class:`_Facts`, from the cache when ``func`` is a plain function seen before.
+
+    The entry is checked against what the facts are read from (code, defaults, annotations and
+    the attributes that decorator layers set), so a function changed after it was first made a
+    step is read again. Other callables (partials, objects) are read every time.
+    """
+    if type(func) is not types.FunctionType:
+        return _Facts(func)
+    stamp: tuple[Any, ...] = (func.__code__, func.__defaults__, func.__kwdefaults__, func.__annotations__)
+    if func.__dict__:
+        stamp += tuple(itertools.chain.from_iterable(func.__dict__.items()))
+    cached = _facts.get(func)
+    # Compared by identity: an equality test could run a default value's own __eq__.
+    if cached is not None and len(cached[0]) == len(stamp) and all(map(operator.is_, cached[0], stamp)):
+        return cached[1]
+    facts = _Facts(func)
+    _facts[func] = (stamp, facts)
+    return facts
+
+
+def _copy_wrapper_attributes(into: dict[str, Any], func: Callable[..., Any]) -> None:
+    """What :func:`functools.update_wrapper` gives a wrapper, written straight into its ``__dict__``."""
+    for attr in functools.WRAPPER_ASSIGNMENTS:
+        value = getattr(func, attr, _ABSENT)
+        if value is not _ABSENT:
+            into[attr] = value
+    into.update(getattr(func, "__dict__", {}))
+    into["__wrapped__"] = func
+
+
+_ABSENT: Final = object()
+
+
+def _retry_policy(retry: Any, label: str) -> RetryConfig | None:
+    if type(retry) is int and retry == 0:
+        return None
+    return as_retry_config(retry, option=f"step {label!r}: retry")
+
+
+def _layered_generator(body: Callable[..., Any]) -> str | None:
+    """``"a generator"`` (or async) when a generator function sits under a decorator layer.
+
+    The layer (a breaker, a fallback) would see one call that returns a generator, not the
+    items, so such a step is refused.
     """
     if inspect.isgeneratorfunction(body) or inspect.isasyncgenfunction(body):
-        return  # a stream source: see _check_stream
+        return None  # a stream source: see _check_stream
     inner = inspect.unwrap(body) if callable(body) else body
-    if inspect.isgeneratorfunction(inner) or inspect.isasyncgenfunction(inner):
-        kind = "an async generator" if inspect.isasyncgenfunction(inner) else "a generator"
-        raise ConfigError(
-            f"step {label!r} is {kind} function (it uses `yield`) under a decorator layer; a stream "
-            "source yields its items to the engine directly: put the breaker or fallback on the "
-            "mapped step that consumes the items"
-        )
+    if inspect.isasyncgenfunction(inner):
+        return "an async generator"
+    if inspect.isgeneratorfunction(inner):
+        return "a generator"
+    return None
 
 
 def _unwrap_layers(
@@ -415,19 +512,26 @@ class Names(tuple[str, ...]):
 
 def _names(value: Iterable[str] | str | None, option: str, label: str) -> Names:
     if value is None:
-        return Names()
+        return _NO_NAMES
     items = (value,) if isinstance(value, str) else tuple(value)
+    if not items:
+        return _NO_NAMES
     for item in items:
         if not isinstance(item, str) or not item:
             raise ConfigError(
                 f"step {label!r}: {option}= must be a list of non-empty strings, got {item!r} in it"
             )
-    seen: set[str] = set()
-    for item in items:
-        if item in seen:
-            raise ConfigError(f"step {label!r}: {option}= lists {item!r} twice")
-        seen.add(item)
+    if len(items) > 1 and len(set(items)) < len(items):
+        seen: set[str] = set()
+        for item in items:
+            if item in seen:
+                raise ConfigError(f"step {label!r}: {option}= lists {item!r} twice")
+            seen.add(item)
     return Names(items)
+
+
+_NO_NAMES: Final = Names()
+"""No names: one object shared by every step without inputs (or outputs)."""
 
 
 def _check_cache(cache: Any, label: str) -> CacheOption:
@@ -581,15 +685,18 @@ def _check_map_errors(value: Any, s: Step) -> Literal["raise", "collect"]:
     return value  # type: ignore[no-any-return]
 
 
-def _check_stream(s: Step) -> Literal["sync", "async"] | None:
-    body = s.body
+def _stream_kind(body: Callable[..., Any]) -> Literal["sync", "async"] | None:
     while isinstance(body, functools.partial):
         body = body.func
     if inspect.isasyncgenfunction(body):
-        kind: Literal["sync", "async"] = "async"
-    elif inspect.isgeneratorfunction(body):
-        kind = "sync"
-    else:
+        return "async"
+    if inspect.isgeneratorfunction(body):
+        return "sync"
+    return None
+
+
+def _check_stream(s: Step, kind: Literal["sync", "async"] | None) -> Literal["sync", "async"] | None:
+    if kind is None:
         return None
     problem = None
     if s.map_over:

@@ -274,3 +274,42 @@ class TestGraphErrors:
         first = p.plan()
         p.add_step(step(name="g")(lambda: 2))
         assert p.plan() is not first
+
+
+def _one() -> int:
+    return 1
+
+
+def _double(x: int) -> int:
+    return 2 * x
+
+
+class TestLargePlans:
+    """Planning stays linear in the steps: sizes that would take minutes if any pass were quadratic."""
+
+    def test_a_long_group_chain_plans_as_one_chain(self) -> None:
+        """20,000 grouped sync steps, each consuming the previous: one chain (was quadratic)."""
+        n = 20_000
+        steps = [step(name="s0", outputs=["v0"], execution_group="g")(_one)]
+        steps += [
+            step(name=f"s{i}", inputs=[f"v{i - 1}"], outputs=[f"v{i}"], execution_group="g")(_double)
+            for i in range(1, n)
+        ]
+        plan = build_plan(steps)
+        assert plan.chains == {0: tuple(range(n))}
+        assert plan.nodes[n - 1].deps == (n - 2,) and plan.nodes[0].dependents == (1,)
+
+    def test_a_wide_fan_in_binds_every_input_in_order(self) -> None:
+        n = 20_000
+        steps = [step(name=f"s{i}", outputs=[f"r{i}"])(_one) for i in range(n)]
+
+        @step(inputs=[f"r{i}" for i in range(n)], outputs=["total"])
+        def total(*values: int) -> int:
+            return sum(values)
+
+        plan = build_plan([*steps, total])
+        node = plan.by_name["total"]
+        assert node.deps == tuple(range(n))
+        assert [s.slot for s in node.var_positional] == list(range(n))
+        assert node.labels[-1] == (f"*values[{n - 1}]", n - 1)
+        assert plan.roots == tuple(range(n))

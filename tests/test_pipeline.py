@@ -152,6 +152,27 @@ class TestPlan:
         assert plan.direct == (True,)
         assert plan.shapes[0].name == "train"
 
+    @pytest.mark.slow
+    def test_a_hundred_thousand_steps_plan_and_run(self) -> None:
+        """100,000 async steps and a fan-in of all of them: planned and run, every value in place."""
+        n = 100_000
+
+        async def one() -> int:
+            return 1
+
+        async def total(*values: int) -> int:
+            return sum(values)
+
+        p = Pipeline("wide", enable_cache=False, lineage=False)
+        for i in range(n):
+            p.add_step(step(name=f"s{i}", outputs=[f"r{i}"])(one))
+        p.add_step(step(name="total", inputs=[f"r{i}" for i in range(n)], outputs=["sum"])(total))
+        plan = p.plan()
+        assert len(plan.nodes) == n + 1 and plan.roots == tuple(range(n))
+        assert plan.nodes[n].deps == tuple(range(n)) and plan.chains == {}
+        result = p.run()
+        assert result.success and result["sum"] == n
+
 
 class TestManyRunsAtOnce:
     """Runs started together share the event loop with everything else on it."""

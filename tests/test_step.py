@@ -183,3 +183,89 @@ class TestStepObject:
 
         s = retry(max_attempts=2)(step(inputs=(n for n in ["a", "b"]), outputs=["c"])(use))
         assert s.inputs == ("a", "b")
+
+    def test_map_over_as_a_one_shot_iterable_is_read_once(self) -> None:
+        """Before, the options consumed the generator and the step was silently not mapped."""
+
+        def double(x: int) -> int:
+            return 2 * x
+
+        s = step(inputs=["x"], outputs=["y"], map_over=(n for n in ["x"]))(double)
+        assert s.map_over == ("x",) and s.options["map_over"] == ("x",)
+
+
+class TestPerFunctionFacts:
+    """What a step reads from its function is read once per function and shared, never stale."""
+
+    def test_one_function_under_different_options_gives_steps_of_their_own(self) -> None:
+        def body(a: int, b: int = 1) -> int:
+            return a + b
+
+        plain = step(body)
+        named = step(name="other", inputs=["x"], outputs=["y"], retry=2, timeout=3.0)(body)
+        assert plain.signature is named.signature
+        assert (plain.name, plain.inputs, plain.retry_policy, plain.timeout) == ("body", (), None, None)
+        assert (named.name, named.inputs, named.outputs, named.timeout) == ("other", ("x",), ("y",), 3.0)
+        assert named.retry_policy is not None and named.retry_policy.max_attempts == 3
+        with pytest.raises(ConfigError, match=r"'body'.*async def"):
+            step(executor="async")(body)
+
+    def test_a_function_changed_after_decoration_is_read_again(self) -> None:
+        def body(a: int, b: int = 1) -> int:
+            return a + b
+
+        assert step(body).signature.parameters["b"].default == 1
+        body.__defaults__ = (5,)
+        assert step(body).signature.parameters["b"].default == 5
+        body.__flowyml_retry__ = retry(max_attempts=4).config  # type: ignore[attr-defined]
+        body.__wrapped__ = lambda a, b=5: a  # type: ignore[attr-defined]
+        lifted = step(body)
+        assert lifted.retry_policy is not None and lifted.retry_policy.max_attempts == 4
+
+    def test_the_cache_does_not_keep_a_function_alive(self) -> None:
+        import gc
+        import weakref
+
+        def make() -> Callable[[], int]:
+            def body() -> int:
+                return 1
+
+            return body
+
+        fn = make()
+        s = step(fn)
+        assert s.__wrapped__ is fn and s.__name__ == "body"
+        gone = weakref.ref(fn)
+        del fn, s
+        gc.collect()
+        assert gone() is None
+
+    def test_wrapper_attributes_are_those_of_update_wrapper(self) -> None:
+        import functools
+
+        def body() -> int:
+            """Doc."""
+            return 1
+
+        body.marker = "m"  # type: ignore[attr-defined]
+        s = step(body)
+        expected = functools.update_wrapper(lambda: None, body)
+        for attr in (*functools.WRAPPER_ASSIGNMENTS, "marker", "__wrapped__"):
+            assert getattr(s, attr) == getattr(expected, attr), attr
+
+    def test_a_default_without_a_plain_equality_does_not_break_the_check(self) -> None:
+        """The facts are checked by identity: a default whose == returns no bool is never compared."""
+
+        class Odd:
+            def __eq__(self, other: object) -> bool:
+                raise AssertionError("compared")
+
+            __hash__ = object.__hash__
+
+        def body(a: int, b: Any = None) -> int:
+            return a
+
+        body.__defaults__ = (Odd(),)
+        step(body)
+        body.__defaults__ = (Odd(),)
+        assert isinstance(step(body).signature.parameters["b"].default, Odd)
