@@ -248,26 +248,3 @@ def test_the_heap_at_the_first_run_is_frozen_once(tmp_path: Path) -> None:
             [sys.executable, "-c", code, mode], capture_output=True, text=True, check=True, cwd=tmp_path
         ).stdout.split()
         assert check(int(out[0]), int(out[1])), (mode, out)
-
-
-@pytest.mark.slow
-def test_a_100000_step_pipeline_plans_and_runs() -> None:
-    """100,000 independent steps and one fan-in over all of them: planned and run, every value in."""
-    n = 100_000
-
-    async def one() -> int:
-        return 1
-
-    async def total(*values: int) -> int:
-        return sum(values)
-
-    p = Pipeline("wide", enable_cache=False, lineage=False)
-    for i in range(n):
-        p.add_step(step(name=f"s{i}", outputs=[f"r{i}"])(one))
-    p.add_step(step(name="fan_in", inputs=[f"r{i}" for i in range(n)], outputs=["total"])(total))
-    plan = p.plan()
-    assert len(plan.nodes) == n + 1
-    assert len(plan.nodes[-1].deps) == n
-    result = p.run()
-    assert result.success
-    assert result["total"] == n
