@@ -1154,10 +1154,14 @@ class Store:
         rows = _BatchRows(batch)
         try:
             await _db.retry_locked(lambda: _db.on_thread(self._conn, rows.commit), where=self._db_path)
-        finally:
-            # The connection's thread holds its last call until the next one: without this, the
-            # batch (every step result of a run) stayed alive after the run, until the next write.
+        except asyncio.CancelledError:
+            raise  # the connection's thread may still be committing these rows: they stay theirs
+        except BaseException:
             rows.release()
+            raise
+        # The connection's thread holds its last call until the next one: without this, the
+        # batch (every step result of a run) stayed alive after the run, until the next write.
+        rows.release()
         batch.steps = []
         self.commits += 1
         for drop in batch.drops:
