@@ -44,6 +44,7 @@ import math
 import sys
 from array import array
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, Final, Protocol
 
 from ._records import StepRecord
@@ -53,6 +54,7 @@ _dumps = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(
 _NON_FINITE: Final = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}  # as json.loads reads them
 _NAN: Final = math.nan
 _SWAP: Final = sys.byteorder != "little"
+_NO_INPUTS: Final[Mapping[str, tuple[str, str]]] = MappingProxyType({})
 
 
 class StepFate(Protocol):
@@ -87,32 +89,42 @@ class StepShape:
     writer does not quote the same names and encode the same inputs on every run.
     """
 
-    __slots__ = ("inputs", "name", "null_outputs", "output_names", "quoted_inputs", "quoted_name")
+    __slots__ = ("_encoded", "inputs", "name", "output_names")
 
     def __init__(
         self, name: str, output_names: Iterable[str], inputs: Mapping[str, tuple[str, str]] | None
     ) -> None:
         self.name = name
         self.output_names = tuple(output_names)
-        self.inputs = dict(inputs or {})
-        self.quoted_name = _quote(name)
-        self.null_outputs = "{" + ",".join(f"{_quote(n)}:null" for n in self.output_names) + "}"
-        # By hand, as json.dumps would (a plan makes one per step: 5 us each through the encoder).
-        self.quoted_inputs = (
-            "{"
-            + ",".join(f"{_quote(k)}:[{_quote(p)},{_quote(o)}]" for k, (p, o) in self.inputs.items())
-            + "}"
-        )
+        self.inputs: Mapping[str, tuple[str, str]] = inputs or _NO_INPUTS
+        self._encoded: tuple[str, str, str] | None = None
+
+    def encoded(self) -> tuple[str, str, str]:
+        """The quoted name, the outputs as nulls, and the inputs, as JSON: made at the first record.
+
+        Not when planning: a plan makes a shape per step, most plans record no lineage, and a
+        record is encoded on the writer's connection thread, off the event loop.
+        """
+        encoded = self._encoded
+        if encoded is None:
+            null_outputs = "{" + ",".join(f"{_quote(n)}:null" for n in self.output_names) + "}"
+            # By hand, as json.dumps would (5 us a step through the encoder).
+            inputs = ",".join(f"{_quote(k)}:[{_quote(p)},{_quote(o)}]" for k, (p, o) in self.inputs.items())
+            encoded = self._encoded = (_quote(self.name), null_outputs, "{" + inputs + "}")
+        return encoded
+
+    @property
+    def quoted_inputs(self) -> str:
+        return self.encoded()[2]
 
     def renamed(self, name: str) -> StepShape:
         """This shape under another step name (one item of a mapped step: ``"fetch[17]"``), cheaply."""
         shape = object.__new__(StepShape)
         shape.name = name
-        shape.quoted_name = _quote(name)
         shape.output_names = self.output_names
         shape.inputs = self.inputs
-        shape.null_outputs = self.null_outputs
-        shape.quoted_inputs = self.quoted_inputs
+        _, null_outputs, inputs = self.encoded()
+        shape._encoded = (_quote(name), null_outputs, inputs)
         return shape
 
 
@@ -153,16 +165,17 @@ class Part:
         times.append(_NAN if duration is None else duration)
         times.append(saved)
         names = fate.outputs
+        quoted_name, null_outputs, quoted_inputs = shape.encoded()
         if hashes:
             outputs = _dumps({n: hashes.get(n) for n in names})
         elif not names:
             outputs = "{}"
         elif len(names) == len(shape.output_names):
-            outputs = shape.null_outputs  # the engine's outputs are the node's, when it has any
+            outputs = null_outputs  # the engine's outputs are the node's, when it has any
         else:
             outputs = _dumps(dict.fromkeys(names))
         self._names.extend(names)
-        row = f"[{shape.quoted_name},{_quote(status)},{int(fate.attempts)},{outputs}"
+        row = f"[{quoted_name},{_quote(status)},{int(fate.attempts)},{outputs}"
         cached = status == "cached"
         key = fate.cache_key
         trace = fate.traceback
@@ -184,7 +197,7 @@ class Part:
             n = 1 if shape.inputs else 0
         if n:
             tail = [
-                shape.quoted_inputs,
+                quoted_inputs,
                 "1" if cached else "0",
                 "null" if key is None else _quote(key),
                 _num(end),
