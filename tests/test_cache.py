@@ -56,6 +56,33 @@ class TestKeys:
         assert second.step_results["expensive"].cached
         assert second.time_saved_seconds == pytest.approx(first.step_results["expensive"].duration_seconds)
 
+    def test_key_is_key_of_its_parts(self) -> None:
+        """A step's key is key_of over its identity, fingerprint, inputs and parameters: the key's
+        meaning (and every key already in a store) does not depend on how the engine lays it out."""
+        from flowyml._hashing import content_identity, key_of
+
+        @step(outputs=["rows"], cache=False)
+        def load() -> list[int]:
+            return [1, 2, 3]
+
+        @step(inputs=["rows"], outputs=["total"], cache="input_hash")
+        def total(rows: list[int], scale: int) -> int:
+            return sum(rows) * scale
+
+        p = Pipeline("k", context=context(scale=10)).add_step(load).add_step(total)
+        first, second = p.run(), p.run()
+        node = p.plan().by_name["total"]
+        expected = key_of(
+            step_identity=node.identity,
+            fingerprint=None,
+            inputs=[("rows", content_identity([1, 2, 3]) or "")],
+            params=[("param:scale", content_identity(10) or "")],
+        )
+        assert first.step_results["total"].cache_key == expected
+        assert second.step_results["total"].cache_key == expected
+        assert second.step_results["total"].cached
+        assert p.run(context={"scale": 11}).step_results["total"].cache_key != expected
+
     def test_code_hash_reruns_when_an_input_changes(self) -> None:
         """Under code_hash a changed input value misses the cache."""
         calls = Calls()
