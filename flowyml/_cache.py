@@ -133,7 +133,11 @@ class StoreHooks(RunHooks):
         store = self.store
         flights = self._flights
         while True:
-            entry = await store.lookup(key)
+            entry = await store.lookup(key, query=False)
+            if entry is None:
+                if self._previous is None:  # a likely miss: what its reason needs is read meanwhile
+                    self._load_previous()
+                entry = await store.lookup(key)
             if entry is not None:
                 outputs = await store.load(entry)
                 if outputs is not None:
@@ -170,12 +174,14 @@ class StoreHooks(RunHooks):
         if previous is None:
             if not self.caching:
                 return
-            names = [n.name for n in self.plan.nodes]
-            previous = self._previous = asyncio.get_running_loop().create_task(
-                _latest_parts(self.store, names)
-            )
+            previous = self._load_previous()
         if not previous.done():
             await asyncio.shield(previous)
+
+    def _load_previous(self) -> asyncio.Task[_Previous]:
+        names = [n.name for n in self.plan.nodes]
+        previous = self._previous = asyncio.get_running_loop().create_task(_latest_parts(self.store, names))
+        return previous
 
     def _miss_now(self, node: Node, made: _Made) -> str:
         key = made[0]
@@ -639,6 +645,8 @@ class PlanKeys:
 
 
 def _lay_out(node: Node) -> _NodeKey:
+    if not node.labels:  # a step without arguments: one key per fingerprint
+        return key_layout(node.identity, (), ())[0], (), (), ()
     fed = [(at, label, slot) for at, (label, slot) in enumerate(node.labels) if slot >= 0]
     ctx = [(at, "param:" + label, slot) for at, (label, slot) in enumerate(node.labels) if slot < 0]
     layout, order = key_layout(node.identity, [f[1] for f in fed], [c[1] for c in ctx])
