@@ -67,9 +67,9 @@ _NOT_YET = object()
 
 
 _Outcome = Store | None  # the store whose memory holds the value a claim computed, or None
-_inflight: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[Path, dict[str, asyncio.Future[_Outcome]]]
-]
+_Flight = asyncio.Future[_Outcome] | Store
+"""A key being computed (the claim's future), or computed and held in that store's memory."""
+_inflight: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Path, dict[str, _Flight]]]
 _inflight = weakref.WeakKeyDictionary()
 
 
@@ -148,7 +148,7 @@ class StoreHooks(RunHooks):
                 claim: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
                 flights[key] = self._claims[node.id] = claim
                 return Lookup(key, reason=await self._miss(node, made))
-            outcome = await asyncio.shield(pending)
+            outcome = pending if isinstance(pending, Store) else await asyncio.shield(pending)
             if outcome is not None:
                 # A fresh, hash-checked copy of what the other run cached: never its live objects.
                 shared = await outcome.lookup(key, query=False)
@@ -446,10 +446,13 @@ class StoreHooks(RunHooks):
             if claim is not None and key is not None:  # a claim is only made for a key
                 cached = ok and hashes is not None
                 claim.set_result(self.store if cached else None)
-                if cached:
+                flights = self._flights
+                if cached:  # held in the store's memory until it commits: no future kept per step
+                    if flights.get(key) is claim:
+                        flights[key] = self.store
                     self._settled.append(key)
-                elif self._flights.get(key) is claim:
-                    del self._flights[key]
+                elif flights.get(key) is claim:
+                    del flights[key]
         return hashes
 
     def _identify(self, node: Node, key: str | None, hashes: dict[str, str] | None) -> None:
@@ -473,7 +476,7 @@ class StoreHooks(RunHooks):
         flights = self._flights
         for key in self._settled:
             pending = flights.get(key)
-            if pending is not None and pending.done():
+            if isinstance(pending, Store) or (pending is not None and pending.done()):
                 del flights[key]
         self._settled.clear()
         if self._hash_pool is not None:
