@@ -96,7 +96,7 @@ class StoreHooks(RunHooks):
         self._settled: list[str] = []
         self._hit_hashes: dict[int, dict[str, str]] = {}
         self._uncacheable: dict[int, str] = {}
-        self._identities: dict[int, bytes] = {}
+        self._identities: list[bytes | None] = [None] * len(plan.slot_names)
         """Output slot -> what identifies its value (as a key takes it, :func:`identity_chunk`):
         set when its producer's key is known."""
         self._digests: dict[int, bytes | None] = {}
@@ -323,7 +323,7 @@ class StoreHooks(RunHooks):
         chunks: list[bytes] = []
         for at, slot in zip(positions, slots, strict=True):
             if slot >= 0:
-                found_id = identities.get(slot)
+                found_id = identities[slot]
                 if found_id is None:
                     value = values[at]
                     if not hash_large and slot not in self._digests and _is_large(value):
@@ -390,7 +390,12 @@ class StoreHooks(RunHooks):
     async def _hash_large_inputs(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
         """Identify big keyless upstream values in a worker thread, so the event loop keeps serving."""
         for (_label, slot), value in zip(node.labels, [*args, *kwargs.values()], strict=True):
-            if slot >= 0 and slot not in self._identities and slot not in self._digests and _is_large(value):
+            if (
+                slot >= 0
+                and self._identities[slot] is None
+                and slot not in self._digests
+                and _is_large(value)
+            ):
                 hashing = self._hashing.get(slot)
                 if hashing is None:  # steps reading the same value share one hashing thread
                     if self._hash_pool is None:
@@ -458,6 +463,11 @@ class StoreHooks(RunHooks):
     def _identify(self, node: Node, key: str | None, hashes: dict[str, str] | None) -> None:
         """Hand on what identifies each output: its artifact hash, else this step's key and its name."""
         identities = self._identities
+        if hashes is not None and len(node.output_slots) == 1:  # the common case, without a loop
+            digest = hashes.get(node.output_names[0])
+            if digest is not None:
+                identities[node.output_slots[0]] = _chunk(b"a:" + digest.encode())
+                return
         for slot, name in zip(node.output_slots, node.output_names, strict=True):
             digest = hashes.get(name) if hashes is not None else None
             if digest is not None:
@@ -515,7 +525,7 @@ class StoreHooks(RunHooks):
                 if flat in mapped:
                     continue
                 if slot >= 0:
-                    chunk = self._identities.get(slot) or self._content(slot, value)
+                    chunk = self._identities[slot] or self._content(slot, value)
                     found = chunk[8:].decode() if chunk is not None else None
                 else:
                     found = content_identity(value)
