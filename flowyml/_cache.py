@@ -114,6 +114,8 @@ class StoreHooks(RunHooks):
         self._previous: asyncio.Future[_Previous] | None = None
         """The latest key components of each step of the plan, loaded (one query) at the first
         miss: an all-hit rerun never reads them."""
+        self._waiters: list[asyncio.Future[None]] = []
+        """Steps waiting for ``_previous`` (see :meth:`ready`)."""
 
     async def lookup(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Lookup | None:
         step = node.step
@@ -133,11 +135,7 @@ class StoreHooks(RunHooks):
         store = self.store
         flights = self._flights
         while True:
-            entry = await store.lookup(key, query=False)
-            if entry is None:
-                if self._previous is None:  # a likely miss: what its reason needs is read meanwhile
-                    self._load_previous()
-                entry = await store.lookup(key)
+            entry = await store.lookup(key)
             if entry is not None:
                 outputs = await store.load(entry)
                 if outputs is not None:
@@ -176,12 +174,23 @@ class StoreHooks(RunHooks):
                 return
             previous = self._load_previous()
         if not previous.done():
-            await asyncio.shield(previous)
+            # One plain future per waiter, woken by one callback: thousands of steps missing at
+            # once wait here, and a shield each would cost two callbacks and a future more.
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
 
     def _load_previous(self) -> asyncio.Task[_Previous]:
         names = [n.name for n in self.plan.nodes]
         previous = self._previous = asyncio.get_running_loop().create_task(_latest_parts(self.store, names))
+        previous.add_done_callback(self._wake)
         return previous
+
+    def _wake(self, _previous: asyncio.Task[_Previous]) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():  # a waiter cancelled meanwhile is left alone
+                waiter.set_result(None)
 
     def _miss_now(self, node: Node, made: _Made) -> str:
         key = made[0]
