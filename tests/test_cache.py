@@ -936,6 +936,27 @@ class TestCacheReason:
         both = p.run(context={"n": 5, "lr": 0.9})
         assert both.step_results["fit"].cache_reason == "input 'data' and context parameter 'lr' changed"
 
+    def test_many_steps_missing_at_once_each_get_their_reason(self) -> None:
+        """A fan-out whose steps all miss together waits for one read of the previous key parts:
+        each step still gets its own reason, on the first run and after a change."""
+
+        def reader(i: int) -> Any:
+            @step(name=f"read{i}", outputs=[f"r{i}"])
+            async def read(n: int) -> int:
+                return n + i
+
+            return read
+
+        p = Pipeline("many")
+        for i in range(40):
+            p.add_step(reader(i))
+        first = p.run(context={"n": 1})
+        assert {r.cache_reason for r in first.step_results.values()} == {"first run of this step"}
+        changed = p.run(context={"n": 2})
+        assert {r.cache_reason for r in changed.step_results.values()} == {"context parameter 'n' changed"}
+        again = p.run(context={"n": 2})
+        assert {r.cache_reason for r in again.step_results.values()} == {"cache hit"}
+
     def test_global_changed(self) -> None:
         @step(outputs=["used"])
         def train() -> float:
