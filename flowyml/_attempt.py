@@ -63,9 +63,12 @@ _NOT_STARTED = "the run stopped before the step could start"
 FailureCallback = Callable[[Node, StepResult, list[Any]], None]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Lookup:
-    """What a cache look-up decided: the step's key and, on a hit, its outputs."""
+    """What a cache look-up decided: the step's key and, on a hit, its outputs.
+
+    Not frozen: one is made per cached step, and a frozen dataclass's ``__init__`` costs a call
+    per field; nothing changes one after the look-up returns it."""
 
     key: str | None
     outputs: dict[str, Any] | None = None

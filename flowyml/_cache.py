@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,21 @@ import xxhash
 from ._attempt import CACHE_HIT, Lookup, RunHooks
 from ._errors import UncachedStepWarning, UnhashableInputError
 from ._graph import MISSING, MapSpec, Node, Plan
-from ._hashing import content_identity, fingerprint_parts, key_of
+from ._hashing import (
+    KeyLayout,
+    content_identity,
+    fingerprint_chunk,
+    fingerprint_parts,
+    identity_chunk,
+    key_layout,
+    key_of,
+    layout_key,
+)
 from ._results import ItemFailed, StepResult, StepStatus
 from ._step import CachePolicy
 from ._store import StepRecord, Store
 
-__all__ = ("FIRST_RUN", "StoreHooks", "changed_parts", "describe_change", "part_name")
+__all__ = ("FIRST_RUN", "PlanKeys", "StoreHooks", "changed_parts", "describe_change", "part_name")
 
 FIRST_RUN = "first run of this step"
 UNCHANGED_KEY = "no cache entry for an unchanged key"
@@ -57,16 +67,25 @@ _NOT_YET = object()
 
 
 _Outcome = Store | None  # the store whose memory holds the value a claim computed, or None
-_inflight: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[tuple[Path, str], asyncio.Future[_Outcome]]
-]
+_Flight = asyncio.Future[_Outcome] | Store
+"""A key being computed (the claim's future), or computed and held in that store's memory."""
+_inflight: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Path, dict[str, _Flight]]]
 _inflight = weakref.WeakKeyDictionary()
 
 
 class StoreHooks(RunHooks):
     """Cache look-ups before each step and cache writes plus lineage records after it."""
 
-    def __init__(self, store: Store, plan: Plan, *, run_id: str, caching: bool, recording: bool) -> None:
+    def __init__(
+        self,
+        store: Store,
+        plan: Plan,
+        *,
+        run_id: str,
+        caching: bool,
+        recording: bool,
+        keys: PlanKeys | None = None,
+    ) -> None:
         self.store = store
         self.plan = plan
         self.run_id = run_id
@@ -74,26 +93,29 @@ class StoreHooks(RunHooks):
         self.recording = recording
         self._keys: dict[int, str] = {}
         self._claims: dict[int, asyncio.Future[_Outcome]] = {}
-        self._settled: list[tuple[Path, str]] = []
+        self._settled: list[str] = []
         self._hit_hashes: dict[int, dict[str, str]] = {}
         self._uncacheable: dict[int, str] = {}
-        self._identities: dict[int, str] = {}
-        """Output slot -> what identifies its value: set when its producer's key is known."""
-        self._digests: dict[int, str | None] = {}
+        self._identities: list[bytes | None] = [None] * len(plan.slot_names)
+        """Output slot -> what identifies its value (as a key takes it, :func:`identity_chunk`):
+        set when its producer's key is known."""
+        self._digests: dict[int, bytes | None] = {}
         """Output slot -> content identity of a value whose producer had no key (None: none)."""
+        self._layouts = (keys if keys is not None and keys.plan is plan else PlanKeys(plan)).nodes
         self._hashing: dict[int, asyncio.Future[str | None]] = {}
         self._hash_pool: ThreadPoolExecutor | None = None
         loop = asyncio.get_running_loop()
-        self._inflight = _inflight.setdefault(loop, {})
+        self._flights = _inflight.setdefault(loop, {}).setdefault(store.root, {})
+        """Key -> the claim of the run in this process that is computing it (single-flight)."""
         self._shapes = plan.shapes
-        self._fingerprints: dict[int, tuple[Callable[..., Any], str, _KeyParts]] = {}
+        self._fingerprints: dict[int, tuple[Callable[..., Any], str, _KeyParts, bytes]] = {}
         self._record_fate = store.record_fate
-        self._made: dict[int, tuple[str | None, list[tuple[str, str]], list[tuple[str, str]]]] = {}
-        """Node -> what its key was made of (fingerprint, inputs, params), for a miss's reason."""
         self._why: dict[int, str] = {}
         self._previous: asyncio.Future[_Previous] | None = None
         """The latest key components of each step of the plan, loaded (one query) at the first
         miss: an all-hit rerun never reads them."""
+        self._waiters: list[asyncio.Future[None]] = []
+        """Steps waiting for ``_previous`` (see :meth:`ready`)."""
 
     async def lookup(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Lookup | None:
         step = node.step
@@ -102,14 +124,16 @@ class StoreHooks(RunHooks):
         uncacheable = self._uncacheable.get(node.id) if self._uncacheable else None
         if uncacheable is not None:
             return Lookup(None, reason=uncacheable)
-        if not callable(step.cache):
+        made = self._key(node, args, kwargs, hash_large=False)
+        if made is _HASH_FIRST:  # a big value whose producer had no key: hashed off the loop first
             await self._hash_large_inputs(node, args, kwargs)
-        key = self._key(node, args, kwargs)
-        if key is None:
+            made = self._key(node, args, kwargs)
+        if made is None:
             return Lookup(None, reason=self._why.pop(node.id, None))
+        key = made[0]
         self._keys[node.id] = key
         store = self.store
-        flight = (store.root, key)
+        flights = self._flights
         while True:
             entry = await store.lookup(key)
             if entry is not None:
@@ -117,12 +141,12 @@ class StoreHooks(RunHooks):
                 if outputs is not None:
                     self._hit_hashes[node.id] = {o.name: o.artifact_hash for o in entry.outputs}
                     return Lookup(key, outputs, entry.duration_seconds, CACHE_HIT)
-            pending = self._inflight.get(flight)
+            pending = flights.get(key)
             if pending is None:
                 claim: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
-                self._inflight[flight] = self._claims[node.id] = claim
-                return Lookup(key, reason=await self._miss(node, key))
-            outcome = await asyncio.shield(pending)
+                flights[key] = self._claims[node.id] = claim
+                return Lookup(key, reason=await self._miss(node, made))
+            outcome = pending if isinstance(pending, Store) else await asyncio.shield(pending)
             if outcome is not None:
                 # A fresh, hash-checked copy of what the other run cached: never its live objects.
                 shared = await outcome.lookup(key, query=False)
@@ -130,15 +154,17 @@ class StoreHooks(RunHooks):
                 if shared is not None and outputs is not None:
                     self._hit_hashes[node.id] = {o.name: o.artifact_hash for o in shared.outputs}
                     return Lookup(key, outputs, shared.duration_seconds, CACHE_HIT)
-            if self._inflight.get(flight) is pending:
+            if flights.get(key) is pending:
                 claim = asyncio.get_running_loop().create_future()
-                self._inflight[flight] = self._claims[node.id] = claim
-                return Lookup(key, reason=await self._miss(node, key))
+                flights[key] = self._claims[node.id] = claim
+                return Lookup(key, reason=await self._miss(node, made))
 
-    async def _miss(self, node: Node, key: str) -> str:
+    async def _miss(self, node: Node, made: _Made) -> str:
         """Why a step whose key missed runs; queues the key's components to the store's writer."""
-        await self.ready()
-        return self._miss_now(node, key)
+        previous = self._previous
+        if previous is None or not previous.done():
+            await self.ready()
+        return self._miss_now(node, made)
 
     async def ready(self) -> None:
         """Load what the reasons of misses are computed from, once per run (see :meth:`why`)."""
@@ -146,15 +172,29 @@ class StoreHooks(RunHooks):
         if previous is None:
             if not self.caching:
                 return
-            names = [n.name for n in self.plan.nodes]
-            previous = self._previous = asyncio.get_running_loop().create_task(
-                _latest_parts(self.store, names)
-            )
+            previous = self._load_previous()
         if not previous.done():
-            await asyncio.shield(previous)
+            # One plain future per waiter, woken by one callback: thousands of steps missing at
+            # once wait here, and a shield each would cost two callbacks and a future more.
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
 
-    def _miss_now(self, node: Node, key: str) -> str:
-        parts = self._parts(node)
+    def _load_previous(self) -> asyncio.Task[_Previous]:
+        names = [n.name for n in self.plan.nodes]
+        previous = self._previous = asyncio.get_running_loop().create_task(_latest_parts(self.store, names))
+        previous.add_done_callback(self._wake)
+        return previous
+
+    def _wake(self, _previous: asyncio.Task[_Previous]) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():  # a waiter cancelled meanwhile is left alone
+                waiter.set_result(None)
+
+    def _miss_now(self, node: Node, made: _Made) -> str:
+        key = made[0]
+        parts = self._parts(node, made)
         known = self._latest(node.name)
         if known is None or known[0] != key:
             self.store.put_key_parts(key, node.name, parts)
@@ -172,19 +212,20 @@ class StoreHooks(RunHooks):
         key, parts = found
         return key, _loads_parts(parts) if isinstance(parts, str) else parts
 
-    def _parts(self, node: Node) -> _KeyParts:
-        """The components of the key just made for ``node``, by name, each a short digest."""
-        fingerprint, inputs, params = self._made.pop(node.id, (None, [], []))
+    def _parts(self, node: Node, made: _Made) -> _KeyParts:
+        """The components of a key made for ``node``, by name, each a short digest.
+
+        Made from what the key was made of only when it missed: a hit never builds them.
+        """
+        _key, labels, identities = made
         policy = node.step.cache
         strategy = policy.strategy if isinstance(policy, CachePolicy) else policy
         parts: _KeyParts = {
             "step": _short(f"{node.identity}|{strategy if isinstance(strategy, str) else 'callable'}")
         }
-        for label, identity in inputs:
-            parts["input:" + label] = _short(identity)
-        for label, digest in params:
-            parts[label] = _short(digest)
-        if fingerprint is not None:
+        for label, chunk in zip(labels, identities, strict=True):
+            parts[label] = str(xxhash.xxh3_64_hexdigest(chunk[8:]))  # _short of the identity
+        if strategy == "code_hash":
             parts.update(self._fingerprints[id(node.step.func)][2])
         return parts
 
@@ -201,7 +242,7 @@ class StoreHooks(RunHooks):
         if found is not None and found[0] is func:
             return found[1]
         fingerprint, parts = fingerprint_parts(func)
-        self._fingerprints[id(func)] = (func, fingerprint, parts)
+        self._fingerprints[id(func)] = (func, fingerprint, parts, fingerprint_chunk(fingerprint))
         return fingerprint
 
     def _step_fingerprint(self, node: Node) -> str:
@@ -242,11 +283,23 @@ class StoreHooks(RunHooks):
                 self._uncacheable[node.id] = f"ran uncached: {_code_value(exc.path)} cannot be identified"
                 warnings.warn(UncachedStepWarning(f"{exc} The step runs without its cache."), stacklevel=3)
 
-    def _key(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> str | None:
-        """The step's key; None when some value cannot be identified (the reason is in ``_why``).
+    def _node_key(self, node: Node) -> _NodeKey:
+        """How ``node``'s keys are laid out: made at its first key, kept with the plan."""
+        made = self._layouts[node.id]
+        if made is None:
+            made = self._layouts[node.id] = _lay_out(node)
+        return made
+
+    def _key(
+        self, node: Node, args: list[Any], kwargs: dict[str, Any], *, hash_large: bool = True
+    ) -> _Made | None:
+        """The step's key and what it was made of; None when some value cannot be identified
+        (the reason is in ``_why``); with ``hash_large`` false, ``_HASH_FIRST`` instead of
+        hashing a big value here (see :meth:`_hash_large_inputs`).
 
         Inputs are identified by their producers (see the module docstring), parameters by
         their content. Nothing is refused here: what can be refused is refused before the run.
+        The fixed parts come encoded from the node's layout: a key is one join and one hash.
 
         Raises:
             UnhashableInputError: the code fingerprint cannot be made (only when it was not
@@ -261,36 +314,47 @@ class StoreHooks(RunHooks):
             if user_key is None:
                 self._uncached(node, ["its cache key function's value"])
                 return None
-            self._made[node.id] = (None, [], [("key", user_key)])
-            return key_of(
-                step_identity=node.identity, fingerprint=None, inputs=[("key", user_key)], params=()
-            )
-        inputs: list[tuple[str, str]] = []
-        params: list[tuple[str, str]] = []
-        unknown: list[str] | None = None
+            key = key_of(step_identity=node.identity, fingerprint=None, inputs=[("key", user_key)], params=())
+            return key, ("key",), (identity_chunk(user_key),)
+        if strategy == "code_hash":
+            found = self._fingerprints.get(id(step.func))
+            if found is None or found[0] is not step.func:
+                self._step_fingerprint(node)
+                found = self._fingerprints[id(step.func)]
+            fingerprint = found[3]
+        else:
+            fingerprint = _NO_FINGERPRINT
+        layout, positions, slots, labels = self._node_key(node)
+        if not slots:
+            return layout_key(layout, fingerprint, ()), labels, ()
+        values = [*args, *kwargs.values()] if kwargs else args
         identities = self._identities
-        for (label, slot), value in zip(node.labels, [*args, *kwargs.values()], strict=True):
+        chunks: list[bytes] = []
+        for at, slot in zip(positions, slots, strict=True):
             if slot >= 0:
-                found = identities.get(slot)
-                if found is None:
-                    found = self._content(slot, value)
-                if found is not None:
-                    inputs.append((label, found))
-                    continue
+                found_id = identities[slot]
+                if found_id is None:
+                    value = values[at]
+                    if not hash_large and slot not in self._digests and _is_large(value):
+                        return _HASH_FIRST
+                    found_id = self._content(slot, value)
             else:
-                found = content_identity(value)
-                if found is not None:
-                    params.append(("param:" + label, found))
-                    continue
-            if unknown is None:
-                unknown = []
-            unknown.append(f"parameter {label!r}")
-        if unknown is not None:
-            self._uncached(node, unknown, args, kwargs)
-            return None
-        fingerprint = self._step_fingerprint(node) if strategy == "code_hash" else None
-        self._made[node.id] = (fingerprint, inputs, params)
-        return key_of(step_identity=node.identity, fingerprint=fingerprint, inputs=inputs, params=params)
+                digest = content_identity(values[at])
+                found_id = identity_chunk(digest) if digest is not None else None
+            if found_id is None:
+                self._unknown(node, args, kwargs)
+                return None
+            chunks.append(found_id)
+        return layout_key(layout, fingerprint, chunks), labels, chunks
+
+    def _unknown(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """Name, in the step's order, each argument that cannot be identified; the step runs uncached."""
+        unknown: list[str] = []
+        for (label, slot), value in zip(node.labels, [*args, *kwargs.values()], strict=True):
+            known = self._content(slot, value) if slot >= 0 else content_identity(value)
+            if known is None:
+                unknown.append(f"parameter {label!r}")
+        self._uncached(node, unknown, args, kwargs)
 
     def _uncached(
         self,
@@ -324,17 +388,23 @@ class StoreHooks(RunHooks):
             stacklevel=4,
         )
 
-    def _content(self, slot: int, value: Any) -> str | None:
+    def _content(self, slot: int, value: Any) -> bytes | None:
         """The content identity of a value whose producer had no key, made once per run."""
         found = self._digests.get(slot, _NOT_YET)
         if found is _NOT_YET:
-            found = self._digests[slot] = content_identity(value)
+            digest = content_identity(value)
+            found = self._digests[slot] = identity_chunk(digest) if digest is not None else None
         return found  # type: ignore[return-value]
 
     async def _hash_large_inputs(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> None:
         """Identify big keyless upstream values in a worker thread, so the event loop keeps serving."""
         for (_label, slot), value in zip(node.labels, [*args, *kwargs.values()], strict=True):
-            if slot >= 0 and slot not in self._identities and slot not in self._digests and _is_large(value):
+            if (
+                slot >= 0
+                and self._identities[slot] is None
+                and slot not in self._digests
+                and _is_large(value)
+            ):
                 hashing = self._hashing.get(slot)
                 if hashing is None:  # steps reading the same value share one hashing thread
                     if self._hash_pool is None:
@@ -342,7 +412,8 @@ class StoreHooks(RunHooks):
                     hashing = self._hashing[slot] = asyncio.get_running_loop().run_in_executor(
                         self._hash_pool, content_identity, value
                     )
-                self._digests[slot] = await asyncio.shield(hashing)
+                digest = await asyncio.shield(hashing)
+                self._digests[slot] = identity_chunk(digest) if digest is not None else None
 
     def key(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> str | None:
         """Make the step's key without looking it up, so that :meth:`after` can cache its outputs."""
@@ -352,11 +423,12 @@ class StoreHooks(RunHooks):
         if uncacheable is not None:
             self._why[node.id] = uncacheable
             return None
-        key = self._key(node, args, kwargs)
-        if key is not None:
-            self._keys[node.id] = key
-            self._why[node.id] = self._miss_now(node, key)
-        return key
+        made = self._key(node, args, kwargs)
+        if made is None:
+            return None
+        self._keys[node.id] = made[0]
+        self._why[node.id] = self._miss_now(node, made)
+        return made[0]
 
     def after(self, node: Node, res: StepResult, args: list[Any], kwargs: dict[str, Any]) -> None:
         hashes = self._cache_after(node, res) if self.caching else None
@@ -385,28 +457,34 @@ class StoreHooks(RunHooks):
             if hashes is not None or (ok and key is not None):
                 self._identify(node, key, hashes)
         finally:
-            if claim is not None:
+            if claim is not None and key is not None:  # a claim is only made for a key
                 cached = ok and hashes is not None
                 claim.set_result(self.store if cached else None)
-                if cached:
-                    self._settled.append((self.store.root, key or ""))
-                else:
-                    self._forget((self.store.root, key or ""), claim)
+                flights = self._flights
+                if cached:  # held in the store's memory until it commits: no future kept per step
+                    if flights.get(key) is claim:
+                        flights[key] = self.store
+                    self._settled.append(key)
+                elif flights.get(key) is claim:
+                    del flights[key]
         return hashes
 
     def _identify(self, node: Node, key: str | None, hashes: dict[str, str] | None) -> None:
         """Hand on what identifies each output: its artifact hash, else this step's key and its name."""
         identities = self._identities
+        if hashes is not None and len(node.output_slots) == 1:  # the common case, without a loop
+            digest = hashes.get(node.output_names[0])
+            if digest is not None:
+                identities[node.output_slots[0]] = _chunk(b"a:" + digest.encode())
+                return
         for slot, name in zip(node.output_slots, node.output_names, strict=True):
             digest = hashes.get(name) if hashes is not None else None
             if digest is not None:
-                identities[slot] = "a:" + digest
+                identities[slot] = _chunk(b"a:" + digest.encode())
             elif key is not None:
-                identities[slot] = "k:" + xxhash.xxh3_128_hexdigest(f"{key}\x00{name}".encode())
-
-    def _forget(self, flight: tuple[Path, str], claim: asyncio.Future[_Outcome] | None = None) -> None:
-        if claim is None or self._inflight.get(flight) is claim:
-            self._inflight.pop(flight, None)
+                identities[slot] = _chunk(
+                    b"k:" + xxhash.xxh3_128_hexdigest(f"{key}\x00{name}".encode()).encode()
+                )
 
     def release(self) -> None:
         """Forget this run's computed values once the store has committed them.
@@ -414,10 +492,11 @@ class StoreHooks(RunHooks):
         Until then a concurrent run in this process that needs one of these keys gets the value
         from here: its own store cannot see the entry before the commit.
         """
-        for flight in self._settled:
-            pending = self._inflight.get(flight)
-            if pending is not None and pending.done():
-                del self._inflight[flight]
+        flights = self._flights
+        for key in self._settled:
+            pending = flights.get(key)
+            if isinstance(pending, Store) or (pending is not None and pending.done()):
+                del flights[key]
         self._settled.clear()
         if self._hash_pool is not None:
             self._hash_pool.shutdown(wait=True)  # no thread outlives the run
@@ -455,7 +534,8 @@ class StoreHooks(RunHooks):
                 if flat in mapped:
                     continue
                 if slot >= 0:
-                    found = self._identities.get(slot) or self._content(slot, value)
+                    chunk = self._identities[slot] or self._content(slot, value)
+                    found = chunk[8:].decode() if chunk is not None else None
                 else:
                     found = content_identity(value)
                 if found is None:
@@ -559,6 +639,49 @@ class StoreHooks(RunHooks):
         )
 
 
+_Made = tuple[str, tuple[str, ...], Sequence[bytes]]
+"""A key, the component label of each identity it was made of, and those identity chunks."""
+
+_NodeKey = tuple[KeyLayout, tuple[int, ...], tuple[int, ...], tuple[str, ...]]
+"""How one node's keys are made (see :func:`_lay_out`)."""
+
+_NO_FINGERPRINT = fingerprint_chunk(None)
+_HASH_FIRST: _Made = ("", (), ())  # what _key returns for a big value it is told not to hash
+
+
+class PlanKeys:
+    """How the keys of each node of one plan are made, kept with the plan across its runs.
+
+    Each node's entry is made at its first key and is a plain tuple of bytes, ints and strings
+    (which the collector stops tracking): the encoded fixed parts of its keys, then each
+    argument's flat position and slot (-1 for a context value) and its component label, in
+    the order its key takes them. What changes between runs (the code fingerprint, the
+    identities of inputs and parameters) is joined in per key.
+    """
+
+    __slots__ = ("nodes", "plan")
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.nodes: list[_NodeKey | None] = [None] * len(plan.nodes)
+
+
+def _lay_out(node: Node) -> _NodeKey:
+    if not node.labels:  # a step without arguments: one key per fingerprint
+        return key_layout(node.identity, (), ())[0], (), (), ()
+    fed = [(at, label, slot) for at, (label, slot) in enumerate(node.labels) if slot >= 0]
+    ctx = [(at, "param:" + label, slot) for at, (label, slot) in enumerate(node.labels) if slot < 0]
+    layout, order = key_layout(node.identity, [f[1] for f in fed], [c[1] for c in ctx])
+    both = [*fed, *ctx]
+    ordered = [both[i] for i in order]
+    return (
+        layout,
+        tuple(at for at, _label, _slot in ordered),
+        tuple(slot for _at, _label, slot in ordered),
+        tuple(("input:" + label if slot >= 0 else label) for _at, label, slot in ordered),
+    )
+
+
 class _ItemFate:
     """What the store reads of one item that did not fail (see ``StepFate``)."""
 
@@ -614,6 +737,14 @@ def _loads_parts(text: str) -> _KeyParts:
     except ValueError:
         return {}
     return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+_len8 = struct.Struct("<Q").pack
+
+
+def _chunk(identity: bytes) -> bytes:
+    """:func:`~flowyml._hashing.identity_chunk` of an identity already encoded (the hot path's)."""
+    return _len8(len(identity)) + identity
 
 
 def _short(identity: str) -> str:

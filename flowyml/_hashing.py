@@ -37,8 +37,13 @@ __all__ = (
     "content_identity",
     "fingerprint_function",
     "fingerprint_parts",
+    "KeyLayout",
+    "fingerprint_chunk",
     "hash_value",
+    "identity_chunk",
+    "key_layout",
     "key_of",
+    "layout_key",
 )
 
 import ast
@@ -1785,6 +1790,59 @@ def key_of(
         for name, identity in sorted(values) if len(values) > 1 else values:
             chunks.append(_str_bytes(b"", name))
             chunks.append(_str_bytes(b"", identity))
+    return str(xxhash.xxh3_128_hexdigest(b"".join(chunks)))
+
+
+def identity_chunk(identity: str) -> bytes:
+    """How one input's or parameter's identity enters a key: encoded once, joined per key."""
+    return _str_bytes(b"", identity)
+
+
+KeyLayout = tuple[bytes, bytes, tuple[bytes, ...], bytes]
+"""The fixed parts of one step's keys, encoded (see :func:`key_layout`): plain bytes in plain
+tuples, which the garbage collector stops tracking, so a plan can keep one per node for good."""
+
+
+def key_layout(
+    step_identity: str, inputs: Sequence[str], params: Sequence[str]
+) -> tuple[KeyLayout, tuple[int, ...]]:
+    """Encode once what every key of one step shares; the order its identities go in.
+
+    With ``layout, order = key_layout(identity, input_names, param_names)``,
+    ``layout_key(layout, fingerprint_chunk(fp), chunks)`` equals :func:`key_of` of the same parts
+    when ``chunks`` holds the :func:`identity_chunk` of each identity of ``[*inputs, *params]``
+    in ``order``. The names of each list must be distinct (a step's parameter names are), so
+    that sorting them by name sorts the pairs as :func:`key_of` does.
+    """
+    n = len(inputs)
+    inputs_order = sorted(range(n), key=inputs.__getitem__)
+    params_order = sorted(range(len(params)), key=params.__getitem__)
+    params_header = b"params" + _len8(len(params))
+    names = [_str_bytes(b"", inputs[i]) for i in inputs_order]
+    names += [_str_bytes(b"", params[i]) for i in params_order]
+    if params:
+        names[n] = params_header + names[n]  # the params' header travels with the first one's name
+    layout = (
+        _DIGEST_KEY_VERSION + _str_bytes(b"id", step_identity),
+        b"inputs" + _len8(n),
+        tuple(names),
+        b"" if params else params_header,
+    )
+    return layout, (*inputs_order, *(n + i for i in params_order))
+
+
+def fingerprint_chunk(fingerprint: str | None) -> bytes:
+    """How a code fingerprint (None: ``cache="input_hash"``) enters a key laid out by :func:`key_layout`."""
+    return b"N" if fingerprint is None else _str_bytes(b"fp", fingerprint)
+
+
+def layout_key(layout: KeyLayout, fingerprint: bytes, identities: Sequence[bytes]) -> str:
+    """One step's key: its layout, its :func:`fingerprint_chunk` and its identity chunks in order."""
+    head, inputs_header, names, tail = layout
+    chunks = [head, fingerprint, inputs_header]
+    for name, identity in zip(names, identities, strict=True):
+        chunks += (name, identity)
+    chunks.append(tail)
     return str(xxhash.xxh3_128_hexdigest(b"".join(chunks)))
 
 

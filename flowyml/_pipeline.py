@@ -113,6 +113,8 @@ class Pipeline:
         self._step_ids: set[int] = set()
         self._flows: list[If] = []
         self._plan: Plan | None = None
+        self._keys: Any = None
+        """How the cache keys of the plan's nodes are made (``_cache.PlanKeys``), kept for its reruns."""
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResourcePool] = (
             weakref.WeakKeyDictionary()
         )
@@ -403,12 +405,16 @@ class Pipeline:
     ) -> tuple[Store | None, StoreHooks | None, int]:
         if not (self.enable_cache or self.lineage):
             return None, None, 0
-        from ._cache import StoreHooks
+        from ._cache import PlanKeys, StoreHooks
         from ._store import RunRecord, shared_store
 
         store = await shared_store(self.cache_dir)  # one per process and directory, kept open
         mark = store.error_mark()
-        hooks = StoreHooks(store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage)
+        if self.enable_cache and (self._keys is None or self._keys.plan is not plan):
+            self._keys = PlanKeys(plan)
+        hooks = StoreHooks(
+            store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage, keys=self._keys
+        )
         hooks.check_fingerprints()
         if self.enable_cache:
             await store.preload(n.name for n in plan.nodes if n.step.cache is not False)

@@ -56,6 +56,33 @@ class TestKeys:
         assert second.step_results["expensive"].cached
         assert second.time_saved_seconds == pytest.approx(first.step_results["expensive"].duration_seconds)
 
+    def test_key_is_key_of_its_parts(self) -> None:
+        """A step's key is key_of over its identity, fingerprint, inputs and parameters: the key's
+        meaning (and every key already in a store) does not depend on how the engine lays it out."""
+        from flowyml._hashing import content_identity, key_of
+
+        @step(outputs=["rows"], cache=False)
+        def load() -> list[int]:
+            return [1, 2, 3]
+
+        @step(inputs=["rows"], outputs=["total"], cache="input_hash")
+        def total(rows: list[int], scale: int) -> int:
+            return sum(rows) * scale
+
+        p = Pipeline("k", context=context(scale=10)).add_step(load).add_step(total)
+        first, second = p.run(), p.run()
+        node = p.plan().by_name["total"]
+        expected = key_of(
+            step_identity=node.identity,
+            fingerprint=None,
+            inputs=[("rows", content_identity([1, 2, 3]) or "")],
+            params=[("param:scale", content_identity(10) or "")],
+        )
+        assert first.step_results["total"].cache_key == expected
+        assert second.step_results["total"].cache_key == expected
+        assert second.step_results["total"].cached
+        assert p.run(context={"scale": 11}).step_results["total"].cache_key != expected
+
     def test_code_hash_reruns_when_an_input_changes(self) -> None:
         """Under code_hash a changed input value misses the cache."""
         calls = Calls()
@@ -908,6 +935,27 @@ class TestCacheReason:
         assert data.step_results["fit"].cache_reason == "input 'data' changed"
         both = p.run(context={"n": 5, "lr": 0.9})
         assert both.step_results["fit"].cache_reason == "input 'data' and context parameter 'lr' changed"
+
+    def test_many_steps_missing_at_once_each_get_their_reason(self) -> None:
+        """A fan-out whose steps all miss together waits for one read of the previous key parts:
+        each step still gets its own reason, on the first run and after a change."""
+
+        def reader(i: int) -> Any:
+            @step(name=f"read{i}", outputs=[f"r{i}"])
+            async def read(n: int) -> int:
+                return n + i
+
+            return read
+
+        p = Pipeline("many")
+        for i in range(40):
+            p.add_step(reader(i))
+        first = p.run(context={"n": 1})
+        assert {r.cache_reason for r in first.step_results.values()} == {"first run of this step"}
+        changed = p.run(context={"n": 2})
+        assert {r.cache_reason for r in changed.step_results.values()} == {"context parameter 'n' changed"}
+        again = p.run(context={"n": 2})
+        assert {r.cache_reason for r in again.step_results.values()} == {"cache hit"}
 
     def test_global_changed(self) -> None:
         @step(outputs=["used"])

@@ -32,7 +32,18 @@ import pytest
 
 from flowyml import Pipeline, step
 from flowyml._errors import UnhashableInputError
-from flowyml._hashing import cache_key, content_identity, fingerprint_function, fingerprint_parts, hash_value
+from flowyml._hashing import (
+    cache_key,
+    content_identity,
+    fingerprint_chunk,
+    fingerprint_function,
+    fingerprint_parts,
+    hash_value,
+    identity_chunk,
+    key_layout,
+    key_of,
+    layout_key,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -764,6 +775,47 @@ class TestCacheKey:
         with socket.socket() as conn, pytest.raises(UnhashableInputError) as info:
             self.key(params={"conn": conn})
         assert info.value.path == "conn"
+
+
+class TestKeyLayout:
+    """key_layout + layout_key: the same keys as key_of, from parts encoded once per step."""
+
+    INPUTS: ClassVar[list[tuple[str, str]]] = [("b", "a:1"), ("a", "k:2"), ("*_[10]", "x"), ("*_[2]", "y")]
+    PARAMS: ClassVar[list[tuple[str, str]]] = [("param:z", "p1"), ("param:c", "p2\u00e9")]
+
+    @pytest.mark.parametrize("fingerprint", [None, "f" * 32])
+    @pytest.mark.parametrize("n_inputs", [0, 1, 4])
+    @pytest.mark.parametrize("n_params", [0, 1, 2])
+    def test_equals_key_of(self, fingerprint: str | None, n_inputs: int, n_params: int) -> None:
+        """Any mix of inputs and parameters, sorted by name as key_of sorts them (``*_[10]`` first)."""
+        inputs, params = self.INPUTS[:n_inputs], self.PARAMS[:n_params]
+        layout, order = key_layout("mod.f|train|model", [n for n, _ in inputs], [n for n, _ in params])
+        both = [*inputs, *params]
+        chunks = [identity_chunk(both[i][1]) for i in order]
+        expected = key_of(
+            step_identity="mod.f|train|model", fingerprint=fingerprint, inputs=inputs, params=params
+        )
+        assert layout_key(layout, fingerprint_chunk(fingerprint), chunks) == expected
+
+    def test_inputs_and_params_are_kept_apart(self) -> None:
+        """The same name and identity as an input or as a parameter give different keys."""
+        as_input, _ = key_layout("s", ["seed"], [])
+        as_param, _ = key_layout("s", [], ["seed"])
+        chunk = [identity_chunk("7")]
+        assert layout_key(as_input, fingerprint_chunk(None), chunk) != layout_key(
+            as_param, fingerprint_chunk(None), chunk
+        )
+
+    def test_layout_is_plain_data(self) -> None:
+        """Bytes in plain tuples: a plan can keep one per node without the collector walking it."""
+        import gc
+
+        layout, order = key_layout("s", ["a", "b"], ["param:c"])
+        gc.collect()
+        gc.collect()  # a tuple is untracked once its items are: the outer one at the next pass
+        assert not gc.is_tracked(layout)
+        assert all(not gc.is_tracked(part) for part in layout)
+        assert order == (0, 1, 2)
 
 
 class Settings:
