@@ -28,7 +28,17 @@ artifact against the index BEFORE unpickling it; a mismatch is quarantined and r
 
 from __future__ import annotations
 
-__all__ = ("INLINE_LIMIT", "PRELOAD_PER_STEP", "StepFate", "StepShape", "Store", "resolve_root")
+__all__ = (
+    "INLINE_LIMIT",
+    "KNOWN_KEYS_BASE",
+    "KNOWN_KEYS_PER_STEP",
+    "PRELOAD_PER_STEP",
+    "CacheView",
+    "StepFate",
+    "StepShape",
+    "Store",
+    "resolve_root",
+)
 
 import asyncio
 import contextlib
@@ -39,6 +49,7 @@ import socket
 import sqlite3
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +87,10 @@ INLINE_LIMIT: Final = 64 * 1024
 #: :meth:`Store.preload` loads this many of the most recent entries of each step (an unchanged
 #: rerun hits the latest; the one before covers toggling between two inputs).
 PRELOAD_PER_STEP: Final = 2
+#: :meth:`Store.preload` also reads the keys of the run's steps (keys only) when there are at most
+#: ``KNOWN_KEYS_BASE + KNOWN_KEYS_PER_STEP * steps`` of them; past that, each miss asks the database.
+KNOWN_KEYS_BASE: Final = 100_000
+KNOWN_KEYS_PER_STEP: Final = 8
 #: The writer commits at most this many jobs per transaction.
 _MAX_BATCH: Final = 10_000
 #: At most this many step runs go in one packed ``step_records`` row.
@@ -450,6 +465,24 @@ def _run_row(r: RunRecord) -> tuple[Any, ...]:
     )
 
 
+class CacheView:
+    """What one run read of the cache index when it began; made by :meth:`Store.preload`.
+
+    ``entries`` holds the most recent entries of the run's steps (what an unchanged rerun hits)
+    and the entries its look-ups found since. ``keys`` holds every key the index had for those
+    steps, plus the keys this process committed since (None: too many to hold, so every miss asks
+    the database). A key in neither is a miss without a query: an entry another process
+    committed after the read is at worst computed again, as a cache may. The view lives as long
+    as the run that holds it, so what it loaded is freed with the run.
+    """
+
+    __slots__ = ("__weakref__", "entries", "keys")
+
+    def __init__(self, entries: dict[str, CacheEntry], keys: set[str] | None) -> None:
+        self.entries = entries
+        self.keys = keys
+
+
 class Store:
     """The cache and lineage store of one directory. Create it with ``await Store.open(root)``.
 
@@ -483,9 +516,11 @@ class Store:
         self._release_task: asyncio.Task[None] | None = None
         #: Called once with the store when it has closed (the registry forgets it then).
         self.on_release: Callable[[Store], None] | None = None
+        #: Entries put and not committed yet (kept after a failed commit: their values are right).
+        #: Committed entries leave it: a run reads them through its :class:`CacheView`.
         self._memory: dict[str, CacheEntry] = {}
         self._unsaved: set[str] = set()  # keys put and not yet committed
-        self._data_version: int | None = None
+        self._views: weakref.WeakSet[CacheView] = weakref.WeakSet()
         # Entries found corrupt whose index rows are not deleted yet: never serve them again.
         self._dropped: dict[str, float] = {}
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
@@ -678,47 +713,54 @@ class Store:
 
     # -- the hot path: look-ups, loads, puts ---------------------------------------------------------
 
-    async def preload(self, step_names: Iterable[str], *, per_step: int = PRELOAD_PER_STEP) -> None:
-        """Load the ``per_step`` most recent entries (with inline values) of these steps, in one query.
+    async def preload(self, step_names: Iterable[str], *, per_step: int = PRELOAD_PER_STEP) -> CacheView:
+        """What a run of these steps needs of the index, in one call on the connection's thread.
 
-        That is what an unchanged rerun hits, and it costs the same however many entries the
-        steps have cached; any other key is found by :meth:`lookup` with one query.
+        The ``per_step`` most recent entries (with inline values) of each step -- what an
+        unchanged rerun hits, the same however many entries the steps have -- and the keys of
+        all their entries, so that a key the index lacks is a miss without a query. Pass the view
+        to :meth:`lookup`; it is freed with the run that holds it.
         """
         self._check_open()
         names = sorted(set(step_names))
-        if not names or per_step < 1:
-            return
+        view = CacheView({}, set())
+        if not names:
+            return view
         query = _ENTRY_QUERY.format(where=_RECENT_KEYS)
-        params = (json.dumps(names), per_step)
+        listed = json.dumps(names)
+        limit = KNOWN_KEYS_BASE + KNOWN_KEYS_PER_STEP * len(names)
 
-        def read(db: sqlite3.Connection) -> tuple[int, list[Any]]:
-            return db.execute("PRAGMA data_version").fetchone()[0], db.execute(query, params).fetchall()
+        def read(db: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+            rows = db.execute(query, (listed, per_step)).fetchall() if per_step > 0 else []
+            keys = db.execute(
+                "SELECT key FROM cache_entries WHERE step_name IN (SELECT value FROM json_each(?)) LIMIT ?",
+                (listed, limit + 1),
+            ).fetchall()
+            return rows, keys
 
         try:
-            version, rows = await _db.on_thread(self._conn, read)
+            rows, keys = await _db.on_thread(self._conn, read)
         except sqlite3.DatabaseError as exc:
             # Damaged pages or the like: no preloaded hits, each look-up asks (and may miss).
             self._log_error(
                 StoreError(f"reading the cache index of the flowyml store at {self.root} failed: {exc}")
             )
-            return
-        if self._data_version is not None and version != self._data_version:
-            # Another connection committed (``flowyml cache clear``, another process): what this
-            # long-lived store remembers may be gone from the index, so only unsaved entries stay.
-            self._memory = {k: e for k, e in self._memory.items() if k in self._unsaved}
-        self._data_version = version
+            view.keys = None
+            return view
         entries, broken = _entries_from_rows(rows)
         self._drop_broken(broken)
-        for key, entry in entries.items():
-            if self._dropped.get(key) != entry.created_at:
-                self._memory.setdefault(key, entry)
+        dropped = self._dropped
+        view.entries = {k: e for k, e in entries.items() if dropped.get(k) != e.created_at}
+        view.keys = {row[0] for row in keys} if len(keys) <= limit else None
+        self._views.add(view)
+        return view
 
     def _drop_broken(self, broken: Mapping[str, tuple[str, float, str]]) -> None:
         """Entries with missing or damaged output rows: a miss, dropped so the step runs again."""
         for key, (step_name, created_at, why) in broken.items():
             if self._dropped.get(key) == created_at:
                 continue
-            self._memory.pop(key, None)
+            self._forget(key)
             if not self._closed and not self.read_only:
                 self._dropped[key] = created_at
                 self._queue.put_nowait(_Drop(key, created_at))
@@ -730,15 +772,27 @@ class Store:
                 stacklevel=4,
             )
 
-    async def lookup(self, key: str, *, query: bool = True) -> CacheEntry | None:
+    async def lookup(
+        self, key: str, *, query: bool = True, view: CacheView | None = None
+    ) -> CacheEntry | None:
         """The cache entry of ``key``, or None.
 
-        Served from memory when the entry was preloaded, put, or looked up before. Otherwise, unless
-        ``query`` is False, asks the database once (misses arriving together share one query).
+        Served from memory when the entry was put and not committed yet, or from ``view`` (see
+        :meth:`preload`) when it was preloaded or found before; a key the view knows the index
+        lacks is a miss at once. Otherwise, unless ``query`` is False, asks the database once
+        (misses arriving together share one query).
         """
         entry = self._memory.get(key)
-        if entry is not None or not query:
+        if entry is not None:
             return entry
+        if view is not None:
+            entry = view.entries.get(key)
+            if entry is not None:
+                return entry
+            if view.keys is not None and key not in view.keys:
+                return None
+        if not query:
+            return None
         self._check_open()
         future = self._waiting.get(key)
         if future is None:
@@ -746,7 +800,16 @@ class Store:
             if self._fetcher is None:
                 self._fetcher = asyncio.get_running_loop().create_task(self._fetch_waiting())
         # Shielded: one cancelled caller must not cancel the answer others wait for.
-        return await asyncio.shield(future)
+        entry = await asyncio.shield(future)
+        if entry is not None and view is not None and key not in self._memory:
+            view.entries[key] = entry
+        return entry
+
+    def _forget(self, key: str) -> None:
+        """Serve ``key`` from neither memory nor any view (it was found corrupt or removed)."""
+        self._memory.pop(key, None)
+        for view in self._views:
+            view.entries.pop(key, None)
 
     async def _fetch_waiting(self) -> None:
         try:
@@ -775,8 +838,6 @@ class Store:
                     entry = self._memory.get(key) or found.get(key)
                     if entry is not None and self._dropped.get(key) == entry.created_at:
                         entry = None
-                    if entry is not None:
-                        self._memory[key] = entry
                     if not future.done():
                         future.set_result(entry)
         except Exception:
@@ -835,6 +896,9 @@ class Store:
             where = f"inline artifact {out.artifact_hash}"
         if self._memory.get(entry.key) is entry:
             del self._memory[entry.key]
+        for view in self._views:
+            if view.entries.get(entry.key) is entry:
+                del view.entries[entry.key]
         if not self._closed and not self.read_only:
             self._dropped[entry.key] = entry.created_at
             self._queue.put_nowait(_Drop(entry.key, entry.created_at))
@@ -1103,25 +1167,20 @@ class Store:
         for drop in batch.drops:
             if self._dropped.get(drop.key) == drop.created_at:
                 del self._dropped[drop.key]
+        # 3. Committed: the index serves these entries now, so memory stops holding them (and their
+        #    pickled bytes) -- a process-long store would otherwise keep every value it ever cached.
+        #    Each live view learns the keys, so a look-up through it asks the database for them.
+        memory = self._memory
+        views = list(self._views)
         for put in batch.puts:
-            self._unsaved.discard(put.entry.key)
-        # 3. Committed: large values are now read from their files, so stop holding their bytes.
-        for put in batch.puts:
-            e = put.entry
-            if self._memory.get(e.key) is e and any(o.size > INLINE_LIMIT for o in e.outputs):
-                self._memory[e.key] = CacheEntry(
-                    e.key,
-                    e.step_name,
-                    e.duration_seconds,
-                    e.created_at,
-                    tuple(
-                        CachedOutput(o.name, o.artifact_hash, o.size, o.type_name, None)
-                        if o.size > INLINE_LIMIT
-                        else o
-                        for o in e.outputs
-                    ),
-                    e.run_id,
-                )
+            key = put.entry.key
+            self._unsaved.discard(key)
+            if memory.get(key) is put.entry:
+                del memory[key]
+            for view in views:
+                view.entries.pop(key, None)  # an older entry under this key, replaced
+                if view.keys is not None:
+                    view.keys.add(key)
 
     async def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error, ValueError):
@@ -1464,11 +1523,9 @@ class Store:
             return await _db.retry_locked(transaction, where=self._db_path)
 
         removed, unused = await self._call(clear)
-        if step_name is None:
-            self._memory.clear()
-        else:
-            for key in [k for k, e in self._memory.items() if e.step_name == step_name]:
-                del self._memory[key]
+        for held in (self._memory, *(view.entries for view in self._views)):
+            for key in [k for k, e in held.items() if step_name is None or e.step_name == step_name]:
+                del held[key]
         self._files.remove(unused)
         await self.gc()
         return int(removed)
