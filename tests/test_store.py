@@ -7,6 +7,7 @@ import contextlib
 import gc
 import json
 import os
+import pickle
 import sqlite3
 import stat
 import threading
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import pytest
 
 from flowyml._errors import CacheCorruptionWarning, StoreError, UncachedStepWarning
@@ -178,6 +180,23 @@ class TestRoundTrip:
         assert entry is not None
         assert await store.load(entry) == {"out": big(7)}
         await store.flush()
+
+    def test_plain_values_pickle_as_cloudpickle_does(self) -> None:
+        """Builtin values take pickle's shorter path; the bytes (so the artifact hashes, which
+        identify downstream inputs) are cloudpickle's, and other values still go to cloudpickle."""
+
+        class Mine(dict[str, int]):
+            pass
+
+        plain: list[Any] = [None, True, 3, 2**80, 1.5, 2j, "é", b"\x00" * 70_000, (1, "a"), [1, [2, [3]]]]
+        plain += [{"a": [1, 2], "b": {"c": b"x"}}, {1: 2}]
+        for value in plain:
+            assert _api._plain(value), value
+            assert _api._pickle(value) == cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        local = 5
+        for value in [Mine(a=1), [[[[1]]]], {(1, 2): 3}, lambda: local, {1, 2}]:
+            assert not _api._plain(value), value
+            assert _api._pickle(value) == cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
     async def test_unpicklable_output_is_not_cached(self, store: Store) -> None:
         """An output cloudpickle cannot pickle warns, caches nothing and raises nothing."""
@@ -597,6 +616,25 @@ class TestLifecycle:
         await store.aclose()
         assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(500,)]
         assert sql(root, "PRAGMA integrity_check") == [("ok",)]
+
+    async def test_cancelling_the_writer_while_it_writes_files_still_commits(
+        self, store: Store, root: Path
+    ) -> None:
+        """Cancelled while writing a batch's artifact files (before its transaction), the writer
+        takes the batch again: every entry commits, each naming an intact file."""
+        for i in range(20):
+            put(store, key=f"k{i}", out=big(i))
+        while not store._held:
+            await asyncio.sleep(0)
+        assert store._taken is not None and len(store._taken.puts) == 20  # writing its files now
+        store._writer.cancel()  # as the end of asyncio.run does
+        await asyncio.wait([store._writer])
+        await store.aclose()
+        assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(20,)]
+        async with await Store.open(root) as fresh:
+            for i in range(20):
+                entry = await fresh.lookup(f"k{i}")
+                assert entry is not None and await fresh.load(entry) == {"out": big(i)}
 
     async def test_flush_fails_when_the_writer_is_gone(self, store: Store) -> None:
         """If the writer task is cancelled (loop shutdown), waiting on it fails instead of hanging."""

@@ -127,21 +127,6 @@ def resolve_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 @dataclass(slots=True)
-class _Put:
-    entry: CacheEntry
-
-
-@dataclass(slots=True)
-class _KeyParts:
-    """The components of a cache key (see :meth:`Store.put_key_parts`), JSON-encoded by the writer."""
-
-    key: str
-    step_name: str
-    created_at: float
-    parts: Mapping[str, str]
-
-
-@dataclass(slots=True)
 class _Drop:
     key: str
     created_at: float
@@ -166,12 +151,19 @@ class _Stop:
 
 
 class _Wake:
-    """Queued when step records start piling up (they are not queued one by one)."""
+    """Queued when records start piling up (they are not queued one by one): ``_WAKE`` for
+    lineage, which may linger, ``_WAKE_NOW`` for cache entries, which commit at once."""
 
 
 _WAKE: Final = _Wake()
+_WAKE_NOW: Final = _Wake()
 
-_Job = _Put | _Drop | RunRecord | _Call | _Flush | _Stop | _Wake | _KeyParts
+_Job = _Drop | RunRecord | _Call | _Flush | _Stop | _Wake
+
+
+def _lingers(job: _Job) -> bool:
+    """True for jobs the writer may hold up to ``_LINGER_SECONDS`` for more (lineage only)."""
+    return job is _WAKE or isinstance(job, RunRecord)
 
 
 #: Steps waiting for the writer, flat, four items a step (no tuple per step for the GC to count):
@@ -185,10 +177,11 @@ class _Batch:
     """The rows of one transaction, grouped by table."""
 
     drops: list[_Drop] = field(default_factory=list)
-    puts: list[_Put] = field(default_factory=list)
+    puts: list[CacheEntry] = field(default_factory=list)
     runs: dict[str, RunRecord] = field(default_factory=dict)
     steps: _Pending = field(default_factory=list)
-    parts: list[_KeyParts] = field(default_factory=list)
+    #: Key components, flat, four items a key: ``key, step name, created_at, parts``.
+    parts: list[Any] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.drops or self.puts or self.runs or self.steps or self.parts)
@@ -207,6 +200,35 @@ def _loads_parts(text: str) -> dict[str, str]:
     if not isinstance(value, dict):
         return {}
     return {str(k): str(v) for k, v in value.items()}
+
+
+#: Types whose pickle is the same from ``pickle`` and ``cloudpickle`` (cloudpickle only differs
+#: for what it pickles by value: functions, classes, modules) -- pickle skips making a Pickler
+#: object, 0.3 us instead of 5 us for a small value.
+_PLAIN_SCALARS: Final = frozenset({type(None), bool, int, float, complex, str, bytes})
+_PLAIN_DEPTH: Final = 3
+
+
+def _plain(value: object, depth: int = _PLAIN_DEPTH) -> bool:
+    """True for builtin scalars and lists, tuples and dicts of them, ``depth`` levels deep."""
+    kind = type(value)
+    if kind in _PLAIN_SCALARS:
+        return True
+    if depth == 0:
+        return False
+    if (kind is list or kind is tuple) and isinstance(value, list | tuple):
+        return all(_plain(v, depth - 1) for v in value)
+    if kind is dict and isinstance(value, dict):
+        return all(_plain(k, 0) and _plain(v, depth - 1) for k, v in value.items())
+    return False
+
+
+def _pickle(value: object) -> bytes:
+    """The pickle of ``value`` that is cached: cloudpickle's, byte for byte."""
+    if _plain(value):
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    data: bytes = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return data
 
 
 def _type_name(value: object) -> str:
@@ -372,8 +394,7 @@ class _BatchRows:
         artifact_rows: list[tuple[Any, ...]] = []
         entry_rows: list[tuple[Any, ...]] = []
         output_rows: list[tuple[Any, ...]] = []
-        for put in batch.puts:
-            e = put.entry
+        for e in batch.puts:
             entry_rows.append(
                 (e.key, e.step_name, e.run_id, e.duration_seconds, e.created_at, len(e.outputs))
             )
@@ -399,6 +420,11 @@ class _BatchRows:
                 part.add_fate(fate, hashes, shape)
         part_rows.extend((run_id, *part.columns()) for run_id, part in parts.items())
         drop_rows = [(d.key, d.created_at) for d in batch.drops]
+        flat = iter(batch.parts)
+        key_part_rows = [
+            (key, step_name, created_at, _dumps_parts(parts))
+            for key, step_name, created_at, parts in zip(flat, flat, flat, flat, strict=True)
+        ]
         return [
             (
                 "DELETE FROM cache_outputs WHERE key = ?1 AND EXISTS "
@@ -429,7 +455,7 @@ class _BatchRows:
             ),
             (
                 "INSERT OR REPLACE INTO cache_key_parts (key, step_name, created_at, parts) VALUES (?, ?, ?, ?)",
-                [(k.key, k.step_name, k.created_at, _dumps_parts(k.parts)) for k in batch.parts],
+                key_part_rows,
             ),
         ]
 
@@ -530,11 +556,15 @@ class Store:
         self._released = False  # connection closed and threads joined (or being)
         self._errors: list[BaseException] = []
         self._steps: _Pending = []
+        self._puts: list[CacheEntry] = []  # put, not yet taken by the writer
+        self._parts: list[Any] = []  # key components, flat (see _Batch.parts)
+        self._taken: _Batch | None = None  # the batch being committed (kept for a cancelled writer)
         self._held: list[_Job] = []  # jobs the writer took and has not handed to _process yet
         # Runs recorded and not yet taken by the writer (the latest record of each), and whether a
         # wake-up is queued for them and the steps: one per batch, not one per record.
         self._runs: dict[str, RunRecord] = {}
         self._awake = False
+        self._awake_now = False
         self._writer = asyncio.get_running_loop().create_task(self._run_writer(), name="flowyml-store-writer")
         self._writer.add_done_callback(self._on_writer_done)
 
@@ -929,7 +959,7 @@ class Store:
         cached: list[CachedOutput] = []
         for name, value in outputs.items():
             try:
-                data = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                data = _pickle(value)
             except Exception as exc:
                 warnings.warn(
                     UncachedStepWarning(
@@ -943,8 +973,15 @@ class Store:
         entry = CacheEntry(key, step_name, float(duration), time.time(), tuple(cached), run_id)
         self._memory[key] = entry
         self._unsaved.add(key)
-        self._queue.put_nowait(_Put(entry))
+        self._puts.append(entry)
+        self._wake_now()
         return {out.name: out.artifact_hash for out in cached}
+
+    def _wake_now(self) -> None:
+        """Have the writer commit what is listed without lingering (cache entries, key parts)."""
+        if not self._awake_now:
+            self._awake_now = self._awake = True
+            self._queue.put_nowait(_WAKE_NOW)
 
     def record_run(self, run: RunRecord) -> None:
         """Queue an insert-or-update of a run (at its start with status "running", and at its end).
@@ -1018,7 +1055,7 @@ class Store:
             except asyncio.QueueEmpty:
                 break
             jobs.append(job)
-            urgent = urgent or not isinstance(job, RunRecord | _Wake)
+            urgent = urgent or not _lingers(job)
         return urgent or len(jobs) >= _MAX_BATCH
 
     async def _run_writer(self) -> None:
@@ -1026,13 +1063,13 @@ class Store:
         try:
             while not stop:
                 self._held = jobs = [await self._queue.get()]
-                urgent = self._drain_into(jobs) or not isinstance(jobs[0], RunRecord | _Wake)
+                urgent = self._drain_into(jobs) or not _lingers(jobs[0])
                 if not urgent:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(_LINGER_SECONDS):
                             while not urgent:
                                 jobs.append(await self._queue.get())
-                                urgent = self._drain_into(jobs) or not isinstance(jobs[-1], RunRecord | _Wake)
+                                urgent = self._drain_into(jobs) or not _lingers(jobs[-1])
                 # In this task, not a task of its own (a loop turn per batch): cancelled meanwhile,
                 # the batch stays held and is processed again below. That is safe: a transaction
                 # commits whole or not at all, and every row is an upsert or, for packed step
@@ -1046,6 +1083,12 @@ class Store:
             # shared store is closed this way. Commit what is queued, close, then end as cancelled.
             self._released = self._closed = True
             jobs, self._held = self._held, []
+            if self._taken is not None:  # its commit may not have happened: take it again
+                taken, self._taken = self._taken, None
+                self._puts[:0] = taken.puts
+                self._parts[:0] = taken.parts
+                self._steps[:0] = taken.steps
+                self._runs = {**taken.runs, **self._runs}
             while True:
                 try:
                     jobs.append(self._queue.get_nowait())
@@ -1075,14 +1118,10 @@ class Store:
         flushes: list[asyncio.Future[None]] = []
         stop = False
         for job in jobs:
-            if isinstance(job, _Put):
-                batch.puts.append(job)
-            elif isinstance(job, RunRecord):
+            if isinstance(job, RunRecord):
                 batch.runs[job.run_id] = job
             elif isinstance(job, _Drop):
                 batch.drops.append(job)
-            elif isinstance(job, _KeyParts):
-                batch.parts.append(job)
             elif isinstance(job, _Flush):
                 flushes.append(job.future)
             elif isinstance(job, _Call):
@@ -1107,18 +1146,24 @@ class Store:
         return stop
 
     def _take_steps(self, batch: _Batch) -> _Batch:
-        """Move every run and step recorded so far into ``batch`` (they commit with the jobs queued before)."""
-        self._awake = False
+        """Move every entry, key, run and step listed so far into ``batch`` (they commit with the
+        jobs queued before)."""
+        self._awake = self._awake_now = False
         if self._steps:
             batch.steps, self._steps = self._steps, []
         if self._runs:
             batch.runs.update(self._runs)
             self._runs = {}
+        if self._puts:
+            batch.puts, self._puts = self._puts, []
+        if self._parts:
+            batch.parts, self._parts = self._parts, []
         return batch
 
     async def _commit_safely(self, batch: _Batch) -> None:
         if not batch:
             return
+        self._taken = batch
         try:
             await self._commit(batch)
         except Exception as exc:
@@ -1134,21 +1179,22 @@ class Store:
             )
             error.__cause__ = exc
             self._log_error(error)
+        self._taken = None  # not when cancelled: the writer's cancel handler takes the batch again
 
     async def _commit(self, batch: _Batch) -> None:
         # 1. Artifact files first, durably: an index row may only name a file that is in place.
         #    A put whose file cannot be written (disk full, ...) is left out; the rest still commits.
         wrote = False
-        written: list[_Put] = []
+        written: list[CacheEntry] = []
         for put in batch.puts:
             try:
-                for out in put.entry.outputs:
+                for out in put.outputs:
                     if out.size > INLINE_LIMIT and out.inline is not None:
                         wrote = True
                         await self._files.write(out.artifact_hash, out.inline)
             except OSError as exc:
                 error = StoreError(
-                    f"the output of step {put.entry.step_name!r} could not be written to the flowyml "
+                    f"the output of step {put.step_name!r} could not be written to the flowyml "
                     f"store at {self.root}, so it is not cached: {exc}"
                 )
                 error.__cause__ = exc
@@ -1173,14 +1219,17 @@ class Store:
         memory = self._memory
         views = list(self._views)
         for put in batch.puts:
-            key = put.entry.key
+            key = put.key
             self._unsaved.discard(key)
-            if memory.get(key) is put.entry:
+            if memory.get(key) is put:
                 del memory[key]
             for view in views:
                 view.entries.pop(key, None)  # an older entry under this key, replaced
                 if view.keys is not None:
                     view.keys.add(key)
+        if not memory and not self._unsaved:
+            # Emptied, a dict or set keeps the table it grew to (100,000 puts: ~9 MB): start afresh.
+            self._memory, self._unsaved = {}, set()
 
     async def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error, ValueError):
@@ -1205,7 +1254,8 @@ class Store:
         """
         if self._closed or self.read_only:
             return
-        self._queue.put_nowait(_KeyParts(key, step_name, time.time(), parts))
+        self._parts += (key, step_name, time.time(), parts)
+        self._wake_now()
 
     async def latest_key_parts(self, step_names: Iterable[str]) -> dict[str, tuple[str, str]]:
         """The most recent key of each of these steps with its components as stored (a JSON
