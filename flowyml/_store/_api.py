@@ -236,9 +236,14 @@ def _type_name(value: object) -> str:
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
+#: An entry's row, then its outputs' (one row an output, NULLs when it has none), and whether the
+#: values are of the types their columns hold: checked by SQLite, not per value in Python.
 _ENTRY_QUERY = """
-SELECT e.key, e.step_name, e.run_id, e.duration_seconds, e.created_at,
-       o.output_name, o.artifact_hash, o.size, o.type_name, o.inline, e.outputs
+SELECT e.key, e.step_name, e.run_id, e.duration_seconds, e.created_at, e.outputs,
+       o.output_name, o.artifact_hash, o.size, o.type_name, o.inline,
+       typeof(e.duration_seconds) IN ('real', 'integer') AND typeof(e.created_at) IN ('real', 'integer'),
+       typeof(o.output_name) = 'text' AND typeof(o.artifact_hash) = 'text' AND typeof(o.size) = 'integer'
+       AND typeof(o.type_name) = 'text' AND typeof(o.inline) IN ('blob', 'null')
 FROM cache_entries AS e LEFT JOIN cache_outputs AS o ON o.key = e.key
 WHERE {where}
 ORDER BY e.key, o.position
@@ -257,53 +262,41 @@ _RECENT_KEYS = """e.key IN (
 def _entries_from_rows(
     rows: Iterable[sqlite3.Row | tuple[Any, ...]],
 ) -> tuple[dict[str, CacheEntry], dict[str, tuple[str, float, str]]]:
-    """The entries of these joined rows, and the broken ones: ``{key: (step, created_at, why)}``.
+    """The entries of these rows of :data:`_ENTRY_QUERY` (in its order), and the broken ones:
+    ``{key: (step, created_at, why)}``.
 
     An entry is broken when it has fewer output rows than it was written with (a dropped table,
     a damaged page) or a row of the wrong types: it is a miss, dropped and recomputed.
     """
-    grouped: dict[str, tuple[tuple[Any, ...], list[CachedOutput]]] = {}
+    entries: dict[str, CacheEntry] = {}
     broken: dict[str, tuple[str, float, str]] = {}
-    for row in rows:
-        key = row[0]
-        head_outputs = grouped.get(key)
-        if head_outputs is None:
-            head_outputs = grouped[key] = ((*row[:5], row[10]), [])
-        if row[5] is not None:
-            inline = row[9]
-            if not (
-                isinstance(row[5], str)
-                and isinstance(row[6], str)
-                and isinstance(row[7], int)
-                and isinstance(row[8], str)
-                and (inline is None or isinstance(inline, bytes))
-            ):
-                broken[key] = (str(row[1]), row[4], f"output row {row[5]!r} has values of the wrong type")
-                continue
-            head_outputs[1].append(CachedOutput(row[5], row[6], row[7], row[8], inline))
-    entries = {}
-    for key, (head, outputs) in grouped.items():
-        expected = head[5]
+    head: Sequence[Any] = ()
+    outputs: list[CachedOutput] = []
+
+    def finish() -> None:
+        key, step_name, run_id, duration, created_at, expected = head[:6]
         if key in broken:
-            continue
-        if not (isinstance(head[3], float | int) and isinstance(head[4], float | int)):
-            broken[key] = (str(head[1]), head[4], "its row has values of the wrong type")
-            continue
-        if expected is not None and expected != len(outputs):
-            broken[key] = (
-                str(head[1]),
-                head[4],
-                f"{expected - len(outputs)} of its {expected} output rows are missing",
-            )
-            continue
-        entries[key] = CacheEntry(
-            key=key,
-            step_name=head[1],
-            run_id=head[2],
-            duration_seconds=float(head[3]),
-            created_at=head[4],
-            outputs=tuple(outputs),
-        )
+            return
+        if not head[11]:
+            broken[key] = (str(step_name), created_at, "its row has values of the wrong type")
+        elif expected is not None and expected != len(outputs):
+            missing = f"{expected - len(outputs)} of its {expected} output rows are missing"
+            broken[key] = (str(step_name), created_at, missing)
+        else:
+            entries[key] = CacheEntry(key, step_name, float(duration), created_at, tuple(outputs), run_id)
+
+    for row in rows:
+        if not head or row[0] != head[0]:
+            if head:
+                finish()
+            head, outputs = row, []
+        if row[6] is not None:
+            if row[12]:
+                outputs.append(CachedOutput(row[6], row[7], row[8], row[9], row[10]))
+            else:
+                broken[row[0]] = (str(row[1]), row[4], f"output row {row[6]!r} has values of the wrong type")
+    if head:
+        finish()
     return entries, broken
 
 
@@ -780,7 +773,9 @@ class Store:
         entries, broken = _entries_from_rows(rows)
         self._drop_broken(broken)
         dropped = self._dropped
-        view.entries = {k: e for k, e in entries.items() if dropped.get(k) != e.created_at}
+        if dropped:
+            entries = {k: e for k, e in entries.items() if dropped.get(k) != e.created_at}
+        view.entries = entries
         view.keys = {row[0] for row in keys} if len(keys) <= limit else None
         self._views.add(view)
         return view
