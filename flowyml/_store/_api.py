@@ -1,10 +1,10 @@
 """The store: a cache index and lineage record in SQLite, written by one background task.
 
 How a write travels: ``put`` is a plain (non-async) call that does the caller-side work at once
-(pickling, so later mutation cannot change what is cached) and puts a job on an
-:class:`asyncio.Queue`. Runs and step records are not queued one by one: ``record_run``,
-``record_step`` and the engine's ``record_fate`` add to a list (the first of a batch queues a
-wake-up), and the writer takes the whole list with each batch. One writer task per store drains
+(pickling, so later mutation cannot change what is cached) and adds the entry to a list. Nothing
+is queued one by one: ``put``, ``put_key_parts``, ``record_run``, ``record_step`` and the engine's
+``record_fate`` add to lists (the first of a batch queues a wake-up on an :class:`asyncio.Queue`,
+which also carries flushes, drops and calls), and the writer takes the whole lists with each batch. One writer task per store drains
 whatever is queued (lineage alone may wait up to 20 ms for more, see ``_LINGER_SECONDS``), writes
 the artifact files of the batch, fsyncs them, then builds every index and lineage row of the batch
 and commits them in ONE ``BEGIN IMMEDIATE`` transaction, in ONE call on the connection's thread.
@@ -17,13 +17,24 @@ tuple; building a frozen record, queueing it and awaiting ~10 thread hops per ba
 step. Lineage rows are packed per batch (``_packed``), because the drain at the end of a run is on
 the run's wall clock and a SQLite row per step, output and consumed input cost more than the run.
 
-How a read travels: :meth:`Store.preload` loads, in one query, the index rows of the most recent
-:data:`PRELOAD_PER_STEP` entries of each step a run will need -- what an unchanged rerun hits --
-not every entry ever cached (inline values are up to 64 KiB each, so loading them all made a run's
-time and memory grow with the whole cache); entries just ``put`` are in the same in-memory map. A look-up served from memory costs a dict
-access and no thread hop. A memory miss asks the database (another process may have written the
-entry); misses arriving together share one query. :meth:`Store.load` checks the xxh3-128 of every
-artifact against the index BEFORE unpickling it; a mismatch is quarantined and reported as a miss.
+How a read travels: when a run starts, :meth:`Store.preload` reads, in one call on the
+connection's thread, what the run may need: the index rows of the most recent
+:data:`PRELOAD_PER_STEP` entries of each of its steps -- what an unchanged rerun hits -- not every
+entry ever cached (inline values are up to 64 KiB each, so loading them all made a run's time and
+memory grow with the whole cache), and the keys (keys only, up to a bound) of all their entries.
+It returns them as the run's :class:`CacheView`. A look-up checks the entries put and not yet
+committed (the store's memory), then the view: a preloaded entry costs a dict access and no
+thread hop, and a key the view knows the index lacks is a miss without a query -- a chain of
+misses used to wait, step by step, for a query queued behind the previous put's commit. Other
+keys ask the database (misses arriving together share one query). An entry another process
+commits after the view was read is at worst computed again. Committed entries leave memory (the
+store lives as long as the process), and what a view loaded goes with its run.
+:meth:`Store.load` checks the xxh3-128 of every artifact against the index BEFORE unpickling it;
+a mismatch is quarantined and reported as a miss.
+
+Durability: cache entries are committed at once (they do not linger like lineage), in batches of
+whatever was put meanwhile; one transaction per batch, so a killed run loses at most the entries
+not yet committed, and a committed entry is whole (its artifact files were fsynced first).
 """
 
 from __future__ import annotations
@@ -187,8 +198,12 @@ class _Batch:
         return bool(self.drops or self.puts or self.runs or self.steps or self.parts)
 
 
+#: One encoder for every key's components: ``json.dumps`` with options makes a new one per call.
+_encode_parts: Final = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+
+
 def _dumps_parts(parts: Mapping[str, str]) -> str:
-    return json.dumps(dict(parts), separators=(",", ":"), sort_keys=True)
+    return _encode_parts(parts if isinstance(parts, dict) else dict(parts))
 
 
 def _loads_parts(text: str) -> dict[str, str]:
