@@ -593,7 +593,8 @@ class TestLifecycle:
         real = store._files.write
 
         async def full_disk(artifact_hash: str, data: bytes) -> None:
-            if data == store._memory["bad"].outputs[0].inline:
+            bad = await store.lookup("bad", query=False)
+            if bad is not None and data == bad.outputs[0].inline:
                 raise OSError(28, "No space left on device")
             await real(artifact_hash, data)
 

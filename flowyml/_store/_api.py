@@ -104,6 +104,8 @@ KNOWN_KEYS_BASE: Final = 100_000
 KNOWN_KEYS_PER_STEP: Final = 8
 #: The writer commits at most this many jobs per transaction.
 _MAX_BATCH: Final = 10_000
+#: A batch of at least this many rows hands the page cache it grew back to the system.
+_SHRINK_ROWS: Final = 5_000
 #: At most this many step runs go in one packed ``step_records`` row.
 _MAX_PART: Final = 10_000
 #: Packed rows the lineage of one output reads by its outputs before it reads the whole run.
@@ -177,6 +179,21 @@ def _lingers(job: _Job) -> bool:
     return job is _WAKE or isinstance(job, RunRecord)
 
 
+#: An entry put and not committed yet, flat and of atoms only, so that the collector stops
+#: tracking it once it has seen it (as objects, 100,000 uncommitted entries of a run were 300,000
+#: tracked objects, and the collections during the run grew with them): ``key, step_name, run_id,
+#: duration, created_at``, then ``name, artifact_hash, size, type_name, pickled bytes`` for each
+#: output. :func:`_entry_of` makes the :class:`CacheEntry` a look-up returns.
+_Unsaved = tuple[Any, ...]
+_HEAD: Final = 5
+_OUT: Final = 5
+
+
+def _entry_of(flat: _Unsaved) -> CacheEntry:
+    outputs = tuple(CachedOutput(*flat[i : i + _OUT]) for i in range(_HEAD, len(flat), _OUT))
+    return CacheEntry(flat[0], flat[1], flat[3], flat[4], outputs, flat[2])
+
+
 #: Steps waiting for the writer, flat, four items a step (no tuple per step for the GC to count):
 #: ``run_id, fate, artifact hashes, shape`` from record_fate, ``None, record, None, None`` from
 #: record_step.
@@ -188,7 +205,7 @@ class _Batch:
     """The rows of one transaction, grouped by table."""
 
     drops: list[_Drop] = field(default_factory=list)
-    puts: list[CacheEntry] = field(default_factory=list)
+    puts: list[_Unsaved] = field(default_factory=list)
     runs: dict[str, RunRecord] = field(default_factory=dict)
     steps: _Pending = field(default_factory=list)
     #: Key components, flat, four items a key: ``key, step name, created_at, parts``.
@@ -403,15 +420,13 @@ class _BatchRows:
         entry_rows: list[tuple[Any, ...]] = []
         output_rows: list[tuple[Any, ...]] = []
         for e in batch.puts:
-            entry_rows.append(
-                (e.key, e.step_name, e.run_id, e.duration_seconds, e.created_at, len(e.outputs))
-            )
-            for position, out in enumerate(e.outputs):
-                inline = out.inline if out.size <= INLINE_LIMIT else None
-                output_rows.append(
-                    (e.key, position, out.name, out.artifact_hash, out.size, out.type_name, inline)
-                )
-                artifact_rows.append((out.artifact_hash, out.size, out.type_name, e.run_id, e.step_name, now))
+            key, step_name, run_id, duration, created_at = e[:_HEAD]
+            entry_rows.append((key, step_name, run_id, duration, created_at, (len(e) - _HEAD) // _OUT))
+            for position, at in enumerate(range(_HEAD, len(e), _OUT)):
+                name, digest, size, type_name, data = e[at : at + _OUT]
+                inline = data if size <= INLINE_LIMIT else None
+                output_rows.append((key, position, name, digest, size, type_name, inline))
+                artifact_rows.append((digest, size, type_name, run_id, step_name, now))
         part_rows: list[tuple[str, str, bytes, str, str | None]] = []
         parts: dict[str, _packed.Part] = {}
         pending = iter(batch.steps)
@@ -482,6 +497,11 @@ class _BatchRows:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
             raise
+        if sum(len(rows) for _, rows in self._built) >= _SHRINK_ROWS:
+            # A large batch grew the page cache (up to _db.CACHE_KIB): hand it back, so a
+            # process-long store does not keep it after the run.
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA shrink_memory")
 
 
 def _run_row(r: RunRecord) -> tuple[Any, ...]:
@@ -552,7 +572,7 @@ class Store:
         self.on_release: Callable[[Store], None] | None = None
         #: Entries put and not committed yet (kept after a failed commit: their values are right).
         #: Committed entries leave it: a run reads them through its :class:`CacheView`.
-        self._memory: dict[str, CacheEntry] = {}
+        self._memory: dict[str, _Unsaved] = {}
         self._unsaved: set[str] = set()  # keys put and not yet committed
         self._views: weakref.WeakSet[CacheView] = weakref.WeakSet()
         # Entries found corrupt whose index rows are not deleted yet: never serve them again.
@@ -564,7 +584,7 @@ class Store:
         self._released = False  # connection closed and threads joined (or being)
         self._errors: list[BaseException] = []
         self._steps: _Pending = []
-        self._puts: list[CacheEntry] = []  # put, not yet taken by the writer
+        self._puts: list[_Unsaved] = []  # put, not yet taken by the writer
         self._parts: list[Any] = []  # key components, flat (see _Batch.parts)
         self._taken: _Batch | None = None  # the batch being committed (kept for a cancelled writer)
         self._held: list[_Job] = []  # jobs the writer took and has not handed to _process yet
@@ -822,9 +842,9 @@ class Store:
         lacks is a miss at once. Otherwise, unless ``query`` is False, asks the database once
         (misses arriving together share one query).
         """
-        entry = self._memory.get(key)
-        if entry is not None:
-            return entry
+        flat = self._memory.get(key)
+        if flat is not None:
+            return _entry_of(flat)
         if view is not None:
             entry = view.entries.get(key)
             if entry is not None:
@@ -875,7 +895,8 @@ class Store:
                     raise
                 self._drop_broken(broken)
                 for key, future in batch.items():
-                    entry = self._memory.get(key) or found.get(key)
+                    flat = self._memory.get(key)
+                    entry = _entry_of(flat) if flat is not None else found.get(key)
                     if entry is not None and self._dropped.get(key) == entry.created_at:
                         entry = None
                     if not future.done():
@@ -934,7 +955,8 @@ class Store:
                     where += f" (moved to {moved})"
         else:
             where = f"inline artifact {out.artifact_hash}"
-        if self._memory.get(entry.key) is entry:
+        flat = self._memory.get(entry.key)
+        if flat is not None and flat[4] == entry.created_at:
             del self._memory[entry.key]
         for view in self._views:
             if view.entries.get(entry.key) is entry:
@@ -966,7 +988,7 @@ class Store:
         self._check_open()
         if self.read_only:
             return None
-        cached: list[CachedOutput] = []
+        flat: list[Any] = [key, step_name, run_id, float(duration), time.time()]
         for name, value in outputs.items():
             try:
                 data = _pickle(value)
@@ -979,13 +1001,13 @@ class Store:
                     stacklevel=2,
                 )
                 return None
-            cached.append(CachedOutput(name, _hexdigest(data), len(data), _type_name(value), data))
-        entry = CacheEntry(key, step_name, float(duration), time.time(), tuple(cached), run_id)
+            flat += (name, _hexdigest(data), len(data), _type_name(value), data)
+        entry = tuple(flat)
         self._memory[key] = entry
         self._unsaved.add(key)
         self._puts.append(entry)
         self._wake_now()
-        return {out.name: out.artifact_hash for out in cached}
+        return {flat[i]: flat[i + 1] for i in range(_HEAD, len(flat), _OUT)}
 
     def _wake_now(self) -> None:
         """Have the writer commit what is listed without lingering (cache entries, key parts)."""
@@ -1195,16 +1217,16 @@ class Store:
         # 1. Artifact files first, durably: an index row may only name a file that is in place.
         #    A put whose file cannot be written (disk full, ...) is left out; the rest still commits.
         wrote = False
-        written: list[CacheEntry] = []
+        written: list[_Unsaved] = []
         for put in batch.puts:
             try:
-                for out in put.outputs:
-                    if out.size > INLINE_LIMIT and out.inline is not None:
+                for at in range(_HEAD, len(put), _OUT):
+                    if put[at + 2] > INLINE_LIMIT:
                         wrote = True
-                        await self._files.write(out.artifact_hash, out.inline)
+                        await self._files.write(put[at + 1], put[at + 4])
             except OSError as exc:
                 error = StoreError(
-                    f"the output of step {put.step_name!r} could not be written to the flowyml "
+                    f"the output of step {put[1]!r} could not be written to the flowyml "
                     f"store at {self.root}, so it is not cached: {exc}"
                 )
                 error.__cause__ = exc
@@ -1229,7 +1251,7 @@ class Store:
         memory = self._memory
         views = list(self._views)
         for put in batch.puts:
-            key = put.key
+            key = put[0]
             self._unsaved.discard(key)
             if memory.get(key) is put:
                 del memory[key]
@@ -1583,7 +1605,10 @@ class Store:
             return await _db.retry_locked(transaction, where=self._db_path)
 
         removed, unused = await self._call(clear)
-        for held in (self._memory, *(view.entries for view in self._views)):
+        for key in [k for k, e in self._memory.items() if step_name is None or e[1] == step_name]:
+            del self._memory[key]
+        for view in self._views:
+            held = view.entries
             for key in [k for k, e in held.items() if step_name is None or e.step_name == step_name]:
                 del held[key]
         self._files.remove(unused)
