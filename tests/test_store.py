@@ -557,6 +557,21 @@ class TestPermissions:
 
 
 class TestLifecycle:
+    async def test_the_page_cache_is_large_and_handed_back_after_a_big_batch(self, store: Store) -> None:
+        """The connection may cache CACHE_KIB of pages (a big batch inserts random keys into
+        several B-trees); a batch of _SHRINK_ROWS rows or more ends by handing them back."""
+        rows = await store._conn.execute_fetchall("PRAGMA cache_size")
+        assert list(rows) == [(-_db.CACHE_KIB,)]
+        seen: list[str] = []
+        store._conn._conn.set_trace_callback(seen.append)
+        for i in range(_api._SHRINK_ROWS):
+            put(store, key=f"k{i}", out=i)
+        await store.flush()
+        put(store, key="one more", out=0)
+        await store.flush()
+        store._conn._conn.set_trace_callback(None)
+        assert seen.count("PRAGMA shrink_memory") == 1
+
     async def test_no_thread_left_after_close(self, root: Path) -> None:
         """aclose joins aiosqlite's thread and the file threads."""
         before = set(threading.enumerate())
