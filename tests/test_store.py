@@ -194,7 +194,7 @@ class TestRoundTrip:
             assert _api._plain(value), value
             assert _api._pickle(value) == cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         local = 5
-        for value in [Mine(a=1), [[[[1]]]], {(1, 2): 3}, lambda: local, {1, 2}]:
+        for value in [Mine(a=1), [[[[1]]]], {(1, 2): 3}, lambda: local, {1, 2}, list(range(1000))]:
             assert not _api._plain(value), value
             assert _api._pickle(value) == cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
