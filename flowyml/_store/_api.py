@@ -179,17 +179,19 @@ def _lingers(job: _Job) -> bool:
     return job is _WAKE or isinstance(job, RunRecord)
 
 
-#: An entry put and not committed yet, flat and of atoms only, so that the collector stops
-#: tracking it once it has seen it (as objects, 100,000 uncommitted entries of a run were 300,000
-#: tracked objects, and the collections during the run grew with them): ``key, step_name, run_id,
-#: duration, created_at``, then ``name, artifact_hash, size, type_name, pickled bytes`` for each
-#: output. :func:`_entry_of` makes the :class:`CacheEntry` a look-up returns.
-_Unsaved = tuple[Any, ...]
+#: A cache entry as the store holds it (put and not committed yet, or loaded into a view): flat and
+#: of atoms only, so that the collector stops tracking it once it has seen it -- as objects, the
+#: 100,000 entries of a run were 300,000 tracked objects, and every collection during the run
+#: grew with them. ``key, step_name, run_id, duration, created_at``, then ``name, artifact_hash,
+#: size, type_name, pickled bytes (or None: read the file)`` for each output. :func:`_entry_of`
+#: makes the :class:`CacheEntry` a look-up returns, when it is asked for.
+_Flat = tuple[Any, ...]
 _HEAD: Final = 5
 _OUT: Final = 5
 
 
-def _entry_of(flat: _Unsaved) -> CacheEntry:
+def _entry_of(flat: _Flat) -> CacheEntry:
+    """The record of a flat entry (see :data:`_Flat`)."""
     outputs = tuple(CachedOutput(*flat[i : i + _OUT]) for i in range(_HEAD, len(flat), _OUT))
     return CacheEntry(flat[0], flat[1], flat[3], flat[4], outputs, flat[2])
 
@@ -205,7 +207,7 @@ class _Batch:
     """The rows of one transaction, grouped by table."""
 
     drops: list[_Drop] = field(default_factory=list)
-    puts: list[_Unsaved] = field(default_factory=list)
+    puts: list[_Flat] = field(default_factory=list)
     runs: dict[str, RunRecord] = field(default_factory=dict)
     steps: _Pending = field(default_factory=list)
     #: Key components, flat, four items a key: ``key, step name, created_at, parts``.
@@ -295,17 +297,17 @@ _RECENT_KEYS = """e.key IN (
 
 def _entries_from_rows(
     rows: Iterable[sqlite3.Row | tuple[Any, ...]],
-) -> tuple[dict[str, CacheEntry], dict[str, tuple[str, float, str]]]:
+) -> tuple[dict[str, _Flat], dict[str, tuple[str, float, str]]]:
     """The entries of these rows of :data:`_ENTRY_QUERY` (in its order), and the broken ones:
     ``{key: (step, created_at, why)}``.
 
     An entry is broken when it has fewer output rows than it was written with (a dropped table,
     a damaged page) or a row of the wrong types: it is a miss, dropped and recomputed.
     """
-    entries: dict[str, CacheEntry] = {}
+    entries: dict[str, _Flat] = {}
     broken: dict[str, tuple[str, float, str]] = {}
     head: Sequence[Any] = ()
-    outputs: list[CachedOutput] = []
+    outputs: list[Any] = []  # flat: five items an output
 
     def finish() -> None:
         key, step_name, run_id, duration, created_at, expected = head[:6]
@@ -313,11 +315,11 @@ def _entries_from_rows(
             return
         if not head[11]:
             broken[key] = (str(step_name), created_at, "its row has values of the wrong type")
-        elif expected is not None and expected != len(outputs):
-            missing = f"{expected - len(outputs)} of its {expected} output rows are missing"
+        elif expected is not None and expected * _OUT != len(outputs):
+            missing = f"{expected - len(outputs) // _OUT} of its {expected} output rows are missing"
             broken[key] = (str(step_name), created_at, missing)
         else:
-            entries[key] = CacheEntry(key, step_name, float(duration), created_at, tuple(outputs), run_id)
+            entries[key] = (key, step_name, run_id, float(duration), created_at, *outputs)
 
     for row in rows:
         if not head or row[0] != head[0]:
@@ -326,7 +328,7 @@ def _entries_from_rows(
             head, outputs = row, []
         if row[6] is not None:
             if row[12]:
-                outputs.append(CachedOutput(row[6], row[7], row[8], row[9], row[10]))
+                outputs += row[6:11]
             else:
                 broken[row[0]] = (str(row[1]), row[4], f"output row {row[6]!r} has values of the wrong type")
     if head:
@@ -525,7 +527,8 @@ class CacheView:
     """What one run read of the cache index when it began; made by :meth:`Store.preload`.
 
     ``entries`` holds the most recent entries of the run's steps (what an unchanged rerun hits)
-    and the entries its look-ups found since. ``keys`` holds every key the index had for those
+    and the entries its look-ups found since, by key, flat (see ``_Flat``: no object per entry
+    until it is looked up). ``keys`` holds every key the index had for those
     steps, plus the keys this process committed since (None: too many to hold, so every miss asks
     the database). A key in neither is a miss without a query: an entry another process
     committed after the read is at worst computed again, as a cache may. The view lives as long
@@ -534,7 +537,7 @@ class CacheView:
 
     __slots__ = ("__weakref__", "entries", "keys")
 
-    def __init__(self, entries: dict[str, CacheEntry], keys: set[str] | None) -> None:
+    def __init__(self, entries: dict[str, _Flat], keys: set[str] | None) -> None:
         self.entries = entries
         self.keys = keys
 
@@ -574,19 +577,19 @@ class Store:
         self.on_release: Callable[[Store], None] | None = None
         #: Entries put and not committed yet (kept after a failed commit: their values are right).
         #: Committed entries leave it: a run reads them through its :class:`CacheView`.
-        self._memory: dict[str, _Unsaved] = {}
+        self._memory: dict[str, _Flat] = {}
         self._unsaved: set[str] = set()  # keys put and not yet committed
         self._views: weakref.WeakSet[CacheView] = weakref.WeakSet()
         # Entries found corrupt whose index rows are not deleted yet: never serve them again.
         self._dropped: dict[str, float] = {}
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self._waiting: dict[str, asyncio.Future[CacheEntry | None]] = {}
+        self._waiting: dict[str, asyncio.Future[_Flat | None]] = {}
         self._fetcher: asyncio.Task[None] | None = None
         self._closed = False  # no more writes accepted
         self._released = False  # connection closed and threads joined (or being)
         self._errors: list[BaseException] = []
         self._steps: _Pending = []
-        self._puts: list[_Unsaved] = []  # put, not yet taken by the writer
+        self._puts: list[_Flat] = []  # put, not yet taken by the writer
         self._parts: list[Any] = []  # key components, flat (see _Batch.parts)
         self._taken: _Batch | None = None  # the batch being committed (kept for a cancelled writer)
         self._held: list[_Job] = []  # jobs the writer took and has not handed to _process yet
@@ -811,7 +814,7 @@ class Store:
         self._drop_broken(broken)
         dropped = self._dropped
         if dropped:
-            entries = {k: e for k, e in entries.items() if dropped.get(k) != e.created_at}
+            entries = {k: e for k, e in entries.items() if dropped.get(k) != e[4]}
         view.entries = entries
         view.keys = {row[0] for row in keys} if len(keys) <= limit else None
         self._views.add(view)
@@ -848,9 +851,9 @@ class Store:
         if flat is not None:
             return _entry_of(flat)
         if view is not None:
-            entry = view.entries.get(key)
-            if entry is not None:
-                return entry
+            flat = view.entries.get(key)
+            if flat is not None:
+                return _entry_of(flat)
             if view.keys is not None and key not in view.keys:
                 return None
         if not query:
@@ -862,10 +865,12 @@ class Store:
             if self._fetcher is None:
                 self._fetcher = asyncio.get_running_loop().create_task(self._fetch_waiting())
         # Shielded: one cancelled caller must not cancel the answer others wait for.
-        entry = await asyncio.shield(future)
-        if entry is not None and view is not None and key not in self._memory:
-            view.entries[key] = entry
-        return entry
+        flat = await asyncio.shield(future)
+        if flat is None:
+            return None
+        if view is not None and key not in self._memory:
+            view.entries[key] = flat
+        return _entry_of(flat)
 
     def _forget(self, key: str) -> None:
         """Serve ``key`` from neither memory nor any view (it was found corrupt or removed)."""
@@ -897,12 +902,11 @@ class Store:
                     raise
                 self._drop_broken(broken)
                 for key, future in batch.items():
-                    flat = self._memory.get(key)
-                    entry = _entry_of(flat) if flat is not None else found.get(key)
-                    if entry is not None and self._dropped.get(key) == entry.created_at:
-                        entry = None
+                    flat = self._memory.get(key) or found.get(key)
+                    if flat is not None and self._dropped.get(key) == flat[4]:
+                        flat = None
                     if not future.done():
-                        future.set_result(entry)
+                        future.set_result(flat)
         except Exception:
             pass  # already delivered to the waiting look-ups
         finally:
@@ -961,7 +965,8 @@ class Store:
         if flat is not None and flat[4] == entry.created_at:
             del self._memory[entry.key]
         for view in self._views:
-            if view.entries.get(entry.key) is entry:
+            held = view.entries.get(entry.key)
+            if held is not None and held[4] == entry.created_at:
                 del view.entries[entry.key]
         if not self._closed and not self.read_only:
             self._dropped[entry.key] = entry.created_at
@@ -1219,7 +1224,7 @@ class Store:
         # 1. Artifact files first, durably: an index row may only name a file that is in place.
         #    A put whose file cannot be written (disk full, ...) is left out; the rest still commits.
         wrote = False
-        written: list[_Unsaved] = []
+        written: list[_Flat] = []
         for put in batch.puts:
             try:
                 for at in range(_HEAD, len(put), _OUT):
@@ -1607,11 +1612,8 @@ class Store:
             return await _db.retry_locked(transaction, where=self._db_path)
 
         removed, unused = await self._call(clear)
-        for key in [k for k, e in self._memory.items() if step_name is None or e[1] == step_name]:
-            del self._memory[key]
-        for view in self._views:
-            held = view.entries
-            for key in [k for k, e in held.items() if step_name is None or e.step_name == step_name]:
+        for held in (self._memory, *(view.entries for view in self._views)):
+            for key in [k for k, e in held.items() if step_name is None or e[1] == step_name]:
                 del held[key]
         self._files.remove(unused)
         await self.gc()
