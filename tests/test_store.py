@@ -329,6 +329,24 @@ class TestHotPath:
         entry = await store.lookup("k1", query=False)
         assert entry is not None and await store.load(entry) == {"out": 1}
 
+    async def test_a_preloaded_entry_found_corrupt_is_not_served_again(
+        self, store: Store, root: Path
+    ) -> None:
+        """Once load finds a preloaded entry damaged, the view no longer has it: a miss, no query."""
+        put(store, key="k1", step="s", out=big(1))
+        await store.flush()
+        view = await store.preload(["s"])
+        entry = await store.lookup("k1", view=view)
+        assert entry is not None
+        artifact_path(root, entry).write_bytes(b"damaged")
+        with pytest.warns(CacheCorruptionWarning):
+            assert await store.load(entry) is None
+        with statements(store) as seen:
+            assert await store.lookup("k1", view=view) is None
+        assert reads(seen) == []
+        await store.flush()
+        assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(0,)]
+
     async def test_a_view_is_freed_with_its_run(self, store: Store) -> None:
         """The store does not keep a view alive: what it loaded goes with the run holding it."""
         put(store, key="k1", step="s", out=1)
@@ -380,7 +398,7 @@ class TestHotPath:
         async with await Store.open(root) as fresh:
             view = await fresh.preload(["a", "b", "c"])
             assert len(view.entries) == 3 * PRELOAD_PER_STEP
-            assert view.keys is not None and len(view.keys) == 3 * (2 * PRELOAD_PER_STEP + 3)
+            assert view.keys is not None and len(view.keys) == 3 * (PRELOAD_PER_STEP + 3)  # the others
             assert len((await fresh.preload(["a"], per_step=1)).entries) == 1
             assert fresh._memory == {}
 

@@ -528,9 +528,10 @@ class CacheView:
 
     ``entries`` holds the most recent entries of the run's steps (what an unchanged rerun hits)
     and the entries its look-ups found since, by key, flat (see ``_Flat``: no object per entry
-    until it is looked up). ``keys`` holds every key the index had for those
-    steps, plus the keys this process committed since (None: too many to hold, so every miss asks
-    the database). A key in neither is a miss without a query: an entry another process
+    until it is looked up). ``keys`` holds every other key the index had for those steps, plus
+    the keys this process committed since (None: too many to hold, so every miss asks the
+    database). A key in neither is a miss without a query (an entry dropped from ``entries`` as
+    corrupt or cleared is then a miss, as it should be): an entry another process
     committed after the read is at worst computed again, as a cache may. The view lives as long
     as the run that holds it, so what it loaded is freed with the run.
     """
@@ -816,7 +817,8 @@ class Store:
         if dropped:
             entries = {k: e for k, e in entries.items() if dropped.get(k) != e[4]}
         view.entries = entries
-        view.keys = {row[0] for row in keys} if len(keys) <= limit else None
+        # The keys of loaded entries are in ``entries`` already: a rerun's set stays small.
+        view.keys = {k for (k,) in keys if k not in entries} if len(keys) <= limit else None
         self._views.add(view)
         return view
 
