@@ -54,7 +54,7 @@ from ._hashing import (
 )
 from ._results import ItemFailed, StepResult, StepStatus
 from ._step import CachePolicy
-from ._store import StepRecord, Store
+from ._store import CacheView, StepRecord, Store
 
 __all__ = ("FIRST_RUN", "PlanKeys", "StoreHooks", "changed_parts", "describe_change", "part_name")
 
@@ -91,6 +91,8 @@ class StoreHooks(RunHooks):
         self.run_id = run_id
         self.caching = caching
         self.recording = recording
+        self.view: CacheView | None = None
+        """What the store preloaded for this run (``Store.preload``), set by the pipeline."""
         self._keys: dict[int, str] = {}
         self._claims: dict[int, asyncio.Future[_Outcome]] = {}
         self._settled: list[str] = []
@@ -135,7 +137,7 @@ class StoreHooks(RunHooks):
         store = self.store
         flights = self._flights
         while True:
-            entry = await store.lookup(key)
+            entry = await store.lookup(key, view=self.view)
             if entry is not None:
                 outputs = await store.load(entry)
                 if outputs is not None:
@@ -149,7 +151,8 @@ class StoreHooks(RunHooks):
             outcome = pending if isinstance(pending, Store) else await asyncio.shield(pending)
             if outcome is not None:
                 # A fresh, hash-checked copy of what the other run cached: never its live objects.
-                shared = await outcome.lookup(key, query=False)
+                # Committed meanwhile, it left the store's memory: then the database has it.
+                shared = await outcome.lookup(key, query=not outcome.closed)
                 outputs = await store.load(shared) if shared is not None else None
                 if shared is not None and outputs is not None:
                     self._hit_hashes[node.id] = {o.name: o.artifact_hash for o in shared.outputs}
@@ -560,7 +563,7 @@ class StoreHooks(RunHooks):
         if identity is None:
             return None, MISSING  # this item cannot be identified: it runs uncached
         key = key_of(step_identity=base, fingerprint=None, inputs=[("item", identity)], params=())
-        entry = await self.store.lookup(key)
+        entry = await self.store.lookup(key, view=self.view)
         if entry is not None:
             outputs = await self.store.load(entry)
             if outputs is not None and node.output_names[0] in outputs:

@@ -417,7 +417,7 @@ class Pipeline:
         )
         hooks.check_fingerprints()
         if self.enable_cache:
-            await store.preload(n.name for n in plan.nodes if n.step.cache is not False)
+            hooks.view = await store.preload(n.name for n in plan.nodes if n.step.cache is not False)
         if self.lineage:
             store.record_run(RunRecord(run_id, self.name, "running", start))
         return store, hooks, mark

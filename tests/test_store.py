@@ -7,6 +7,7 @@ import contextlib
 import gc
 import json
 import os
+import pickle
 import sqlite3
 import stat
 import threading
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import pytest
 
 from flowyml._errors import CacheCorruptionWarning, StoreError, UncachedStepWarning
@@ -27,6 +29,7 @@ from flowyml._store import (
     StepRecord,
     StepShape,
     Store,
+    _api,
     _db,
     resolve_root,
 )
@@ -179,6 +182,23 @@ class TestRoundTrip:
         assert await store.load(entry) == {"out": big(7)}
         await store.flush()
 
+    def test_plain_values_pickle_as_cloudpickle_does(self) -> None:
+        """Builtin values take pickle's shorter path; the bytes (so the artifact hashes, which
+        identify downstream inputs) are cloudpickle's, and other values still go to cloudpickle."""
+
+        class Mine(dict[str, int]):
+            pass
+
+        plain: list[Any] = [None, True, 3, 2**80, 1.5, 2j, "é", b"\x00" * 70_000, (1, "a"), [1, [2, [3]]]]
+        plain += [{"a": [1, 2], "b": {"c": b"x"}}, {1: 2}]
+        for value in plain:
+            assert _api._plain(value), value
+            assert _api._pickle(value) == cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        local = 5
+        for value in [Mine(a=1), [[[[1]]]], {(1, 2): 3}, lambda: local, {1, 2}, list(range(1000))]:
+            assert not _api._plain(value), value
+            assert _api._pickle(value) == cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
     async def test_unpicklable_output_is_not_cached(self, store: Store) -> None:
         """An output cloudpickle cannot pickle warns, caches nothing and raises nothing."""
         with pytest.warns(UncachedStepWarning, match="'s'.*'bad'"):
@@ -188,32 +208,166 @@ class TestRoundTrip:
         assert await store.lookup("k") is None
 
 
+@contextlib.contextmanager
+def statements(store: Store) -> Iterator[list[str]]:
+    """Every SQL statement the store's connection runs meanwhile, as SQLite's trace hook sees them."""
+    seen: list[str] = []
+    raw = store._conn._conn
+    raw.set_trace_callback(seen.append)
+    try:
+        yield seen
+    finally:
+        raw.set_trace_callback(None)
+
+
+def reads(seen: list[str]) -> list[str]:
+    """The statements that read the cache index."""
+    return [s for s in seen if s.lstrip().upper().startswith("SELECT") and "cache_entries" in s]
+
+
 class TestHotPath:
     async def test_preload_serves_without_query(self, store: Store, root: Path) -> None:
-        """After preload, look-up and load do not touch the database."""
+        """After preload, look-up and load through the view do not touch the database."""
         put(store, key="k1", step="s", out=1)
         await store.aclose()
         async with await Store.open(root) as fresh:
-            await fresh.preload(["s"])
+            view = await fresh.preload(["s"])
+            with statements(fresh) as seen:
+                entry = await fresh.lookup("k1", view=view)
+                assert entry is not None
+                assert await fresh.load(entry) == {"out": 1}
+            assert seen == []
 
-            async def no_query(*args: object, **kwargs: object) -> None:
-                raise AssertionError("queried the database")
+    async def test_a_key_the_index_lacks_misses_without_a_query(self, store: Store, root: Path) -> None:
+        """The view knows every key of its steps: any other key is a miss, no query, no wait."""
+        put(store, key="k1", step="s", out=1)
+        await store.aclose()
+        async with await Store.open(root) as fresh:
+            view = await fresh.preload(["s"])
+            with statements(fresh) as seen:
+                found = [await fresh.lookup(f"new-{i}", view=view) for i in range(50)]
+            assert found == [None] * 50
+            assert seen == []
+            with statements(fresh) as seen:
+                assert await fresh.lookup("new-0") is None  # without the view: asks
+            assert len(reads(seen)) == 1
 
-            fresh._conn.execute_fetchall = no_query  # type: ignore[method-assign,assignment]
-            entry = await fresh.lookup("k1")
-            assert entry is not None
-            assert await fresh.load(entry) == {"out": 1}
-            del fresh._conn.execute_fetchall
+    async def test_an_older_entry_is_found_by_one_query(self, store: Store, root: Path) -> None:
+        """A key the index holds but preload did not load (not among the newest) costs one query."""
+        for i in range(PRELOAD_PER_STEP + 2):
+            put(store, key=f"k{i}", step="s", out=i)
+        await store.aclose()
+        for i in range(PRELOAD_PER_STEP + 2):
+            sql(root, "UPDATE cache_entries SET created_at = ? WHERE key = ?", (1000.0 + i, f"k{i}"))
+        async with await Store.open(root) as fresh:
+            view = await fresh.preload(["s"])
+            with statements(fresh) as seen:
+                oldest = await fresh.lookup("k0", view=view)
+                assert oldest is not None and await fresh.load(oldest) == {"out": 0}
+                again = await fresh.lookup("k0", view=view)  # the view keeps what it found
+            assert again == oldest
+            assert len(reads(seen)) == 1
+
+    async def test_too_many_keys_fall_back_to_queries(
+        self, store: Store, root: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Past the bound, preload holds no key set, and each miss asks the database (and finds)."""
+        for i in range(5):
+            put(store, key=f"k{i}", step="s", out=i)
+        await store.aclose()
+        monkeypatch.setattr(_api, "KNOWN_KEYS_BASE", 3)
+        monkeypatch.setattr(_api, "KNOWN_KEYS_PER_STEP", 0)
+        async with await Store.open(root) as fresh:
+            view = await fresh.preload(["s"], per_step=1)
+            assert view.keys is None
+            with statements(fresh) as seen:
+                assert await fresh.lookup("nope", view=view) is None
+                entry = await fresh.lookup("k0", view=view)
+            assert entry is not None and await fresh.load(entry) == {"out": 0}
+            assert len(reads(seen)) == 2
+
+    async def test_an_entry_another_store_committed_later_is_computed_again(
+        self, store: Store, root: Path
+    ) -> None:
+        """A key committed by another connection after the view was read is a miss (a cache may
+        compute again); caching it again replaces the row, and every reader then finds it."""
+        put(store, key="k0", step="s", out=0)
+        await store.flush()
+        view = await store.preload(["s"])
+        async with await Store.open(root) as other:
+            put(other, key="late", step="s", out="theirs")
+            await other.flush()
+        assert await store.lookup("late", view=view) is None  # known miss: recomputed
+        put(store, key="late", step="s", out="ours")
+        await store.flush()
+        entry = await store.lookup("late", view=view)
+        assert entry is not None and await store.load(entry) == {"out": "ours"}
+        assert sql(root, "SELECT COUNT(*) FROM cache_entries WHERE key = 'late'") == [(1,)]
+        async with await Store.open(root) as reader:
+            found = await reader.lookup("late")
+            assert found is not None and await reader.load(found) == {"out": "ours"}
+
+    async def test_committed_entries_leave_memory(self, store: Store, root: Path) -> None:
+        """Once committed, an entry and its pickled bytes are no longer held by the store; a view
+        read before the put learns its key and finds it in the database."""
+        view = await store.preload(["s"])
+        put(store, key="k1", step="s", out=big(1))
+        put(store, key="k2", step="s", out=2)
+        assert set(store._memory) == {"k1", "k2"}
+        await store.flush()
+        assert store._memory == {}
+        assert view.keys is not None and {"k1", "k2"} <= view.keys
+        entry = await store.lookup("k1", view=view)
+        assert entry is not None and await store.load(entry) == {"out": big(1)}
+        assert entry.outputs[0].inline is None  # read from its file, not held
+
+    async def test_a_failed_commit_keeps_serving_from_memory(self, store: Store, root: Path) -> None:
+        """When the commit fails, the entry stays in memory: its values are right."""
+        sql(root, "CREATE TRIGGER boom BEFORE INSERT ON cache_entries BEGIN SELECT RAISE(ABORT, 'boom'); END")
+        put(store, key="k1", step="s", out=1)
+        with pytest.raises(StoreError, match="boom"):
+            await store.flush()
+        entry = await store.lookup("k1", query=False)
+        assert entry is not None and await store.load(entry) == {"out": 1}
+
+    async def test_a_preloaded_entry_found_corrupt_is_not_served_again(
+        self, store: Store, root: Path
+    ) -> None:
+        """Once load finds a preloaded entry damaged, the view no longer has it: a miss, no query."""
+        put(store, key="k1", step="s", out=big(1))
+        await store.flush()
+        view = await store.preload(["s"])
+        entry = await store.lookup("k1", view=view)
+        assert entry is not None
+        artifact_path(root, entry).write_bytes(b"damaged")
+        with pytest.warns(CacheCorruptionWarning):
+            assert await store.load(entry) is None
+        with statements(store) as seen:
+            assert await store.lookup("k1", view=view) is None
+        assert reads(seen) == []
+        await store.flush()
+        assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(0,)]
+
+    async def test_a_view_is_freed_with_its_run(self, store: Store) -> None:
+        """The store does not keep a view alive: what it loaded goes with the run holding it."""
+        put(store, key="k1", step="s", out=1)
+        await store.flush()
+        view = await store.preload(["s"])
+        assert "k1" in view.entries and len(store._views) == 1
+        del view
+        gc.collect()
+        assert len(store._views) == 0
 
     async def test_preload_only_loads_named_steps(self, store: Store, root: Path) -> None:
-        """Entries of steps not preloaded are not in memory."""
+        """Entries of steps not preloaded are not in the view."""
         put(store, key="k1", step="s", out=1)
         put(store, key="k2", step="t", out=2)
         await store.aclose()
         async with await Store.open(root) as fresh:
-            await fresh.preload(["s"])
-            assert await fresh.lookup("k1", query=False) is not None
-            assert await fresh.lookup("k2", query=False) is None
+            view = await fresh.preload(["s"])
+            assert await fresh.lookup("k1", query=False, view=view) is not None
+            assert await fresh.lookup("k2", query=False, view=view) is None
+            assert set(view.entries) == {"k1"}
 
     async def test_preload_loads_only_the_most_recent_entries_of_a_step(
         self, store: Store, root: Path
@@ -228,25 +382,26 @@ class TestHotPath:
         for i, key in enumerate(keys):  # distinct creation times, k11 the newest
             sql(root, "UPDATE cache_entries SET created_at = ? WHERE key = ?", (1000.0 + i, key))
         async with await Store.open(root) as fresh:
-            await fresh.preload(["s", "t"])
-            in_memory = [k for k in keys if await fresh.lookup(k, query=False) is not None]
+            view = await fresh.preload(["s", "t"])
+            in_memory = [k for k in keys if await fresh.lookup(k, query=False, view=view) is not None]
             assert in_memory == keys[-PRELOAD_PER_STEP:]
-            assert await fresh.lookup("other", query=False) is not None
-            oldest = await fresh.lookup(keys[0])  # one query
+            assert await fresh.lookup("other", query=False, view=view) is not None
+            oldest = await fresh.lookup(keys[0], view=view)  # one query
             assert oldest is not None
             assert await fresh.load(oldest) == {"out": bytes([0]) * 1000}
 
     async def test_preload_size_does_not_grow_with_the_cache(self, store: Store, root: Path) -> None:
-        """However many entries each step has, preload keeps at most PRELOAD_PER_STEP per step."""
+        """However many entries each step has, preload loads at most PRELOAD_PER_STEP per step."""
         for step_name in ("a", "b", "c"):
             for i in range(2 * PRELOAD_PER_STEP + 3):
                 put(store, key=f"{step_name}{i}", step=step_name, out=i)
         await store.aclose()
         async with await Store.open(root) as fresh:
-            await fresh.preload(["a", "b", "c"])
-            assert len(fresh._memory) == 3 * PRELOAD_PER_STEP
-            await fresh.preload(["a"], per_step=1)
-            assert len(fresh._memory) == 3 * PRELOAD_PER_STEP
+            view = await fresh.preload(["a", "b", "c"])
+            assert len(view.entries) == 3 * PRELOAD_PER_STEP
+            assert view.keys is not None and len(view.keys) == 3 * (PRELOAD_PER_STEP + 3)  # the others
+            assert len((await fresh.preload(["a"], per_step=1)).entries) == 1
+            assert fresh._memory == {}
 
     async def test_concurrent_misses_share_one_query(self, store: Store) -> None:
         """Look-ups that miss memory together are answered by one query."""
@@ -421,6 +576,21 @@ class TestPermissions:
 
 
 class TestLifecycle:
+    async def test_the_page_cache_is_large_and_handed_back_after_a_big_batch(self, store: Store) -> None:
+        """The connection may cache CACHE_KIB of pages (a big batch inserts random keys into
+        several B-trees); a batch of _SHRINK_ROWS rows or more ends by handing them back."""
+        rows = await store._conn.execute_fetchall("PRAGMA cache_size")
+        assert list(rows) == [(-_db.CACHE_KIB,)]
+        seen: list[str] = []
+        store._conn._conn.set_trace_callback(seen.append)
+        for i in range(_api._SHRINK_ROWS):
+            put(store, key=f"k{i}", out=i)
+        await store.flush()
+        put(store, key="one more", out=0)
+        await store.flush()
+        store._conn._conn.set_trace_callback(None)
+        assert seen.count("PRAGMA shrink_memory") == 1
+
     async def test_no_thread_left_after_close(self, root: Path) -> None:
         """aclose joins aiosqlite's thread and the file threads."""
         before = set(threading.enumerate())
@@ -457,7 +627,8 @@ class TestLifecycle:
         real = store._files.write
 
         async def full_disk(artifact_hash: str, data: bytes) -> None:
-            if data == store._memory["bad"].outputs[0].inline:
+            bad = await store.lookup("bad", query=False)
+            if bad is not None and data == bad.outputs[0].inline:
                 raise OSError(28, "No space left on device")
             await real(artifact_hash, data)
 
@@ -480,6 +651,25 @@ class TestLifecycle:
         await store.aclose()
         assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(500,)]
         assert sql(root, "PRAGMA integrity_check") == [("ok",)]
+
+    async def test_cancelling_the_writer_while_it_writes_files_still_commits(
+        self, store: Store, root: Path
+    ) -> None:
+        """Cancelled while writing a batch's artifact files (before its transaction), the writer
+        takes the batch again: every entry commits, each naming an intact file."""
+        for i in range(20):
+            put(store, key=f"k{i}", out=big(i))
+        while not store._held:
+            await asyncio.sleep(0)
+        assert store._taken is not None and len(store._taken.puts) == 20  # writing its files now
+        store._writer.cancel()  # as the end of asyncio.run does
+        await asyncio.wait([store._writer])
+        await store.aclose()
+        assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(20,)]
+        async with await Store.open(root) as fresh:
+            for i in range(20):
+                entry = await fresh.lookup(f"k{i}")
+                assert entry is not None and await fresh.load(entry) == {"out": big(i)}
 
     async def test_flush_fails_when_the_writer_is_gone(self, store: Store) -> None:
         """If the writer task is cancelled (loop shutdown), waiting on it fails instead of hanging."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import random
@@ -28,7 +29,7 @@ import pytest
 import flowyml
 from flowyml import Pipeline, close_stores, step
 from flowyml._errors import CacheCorruptionWarning
-from flowyml._store import INLINE_LIMIT, Store
+from flowyml._store import INLINE_LIMIT, Store, shared_store
 from flowyml._store._db import DB_NAME
 
 SCRIPT = r'''
@@ -305,3 +306,55 @@ async def test_cancelled_run_leaves_the_store_consistent_and_closed(tmp_path: Pa
     assert {name for name, r in result.step_results.items() if r.cached} == committed
     await close_stores()
     assert set(threading.enumerate()) <= before
+
+
+def chain_pipeline(root: Path, steps: int) -> Pipeline:
+    def make(i: int) -> Any:
+        async def link(prev: int = 0) -> int:
+            return prev + i
+
+        return step(name=f"c{i}", inputs=[f"x{i - 1}"] if i else [], outputs=[f"x{i}"])(link)
+
+    pipeline = Pipeline("chain", cache_dir=root)
+    for i in range(steps):
+        pipeline.add_step(make(i))
+    return pipeline
+
+
+async def test_a_first_cached_run_asks_no_query_per_step(tmp_path: Path) -> None:
+    """A chain's misses are answered by the run's view: the cache index is read when the run
+    starts, not once a step (SQLite's own trace hook counts the statements)."""
+    root = tmp_path / "store"
+    pipeline = chain_pipeline(root, 60)
+    store = await shared_store(root)
+    seen: list[str] = []
+    store._conn._conn.set_trace_callback(seen.append)
+    try:
+        result = await pipeline.arun()
+    finally:
+        store._conn._conn.set_trace_callback(None)
+    assert result.success and not any(r.cached for r in result.step_results.values())
+    reads = [s for s in seen if s.lstrip().upper().startswith("SELECT") and "cache_entries" in s]
+    assert len(reads) == 2, reads  # preload: the newest entries, and the keys
+    await close_stores()
+
+
+async def test_memory_is_released_after_a_run_and_a_rerun_still_hits(tmp_path: Path) -> None:
+    """After a cached run the shared store holds no entry and no view; the rerun in the same
+    process finds every entry through its own view."""
+    root = tmp_path / "store"
+    pipeline = chain_pipeline(root, 40)
+    first = await pipeline.arun()
+    assert first.success
+    store = await shared_store(root)
+    del first
+    gc.collect()
+    assert store._memory == {} and store._unsaved == set()
+    assert len(store._views) == 0
+    rerun = await pipeline.arun()
+    assert all(r.cached for r in rerun.step_results.values())
+    assert rerun.outputs["x39"] == sum(range(40))
+    del rerun
+    gc.collect()
+    assert store._memory == {} and len(store._views) == 0
+    await close_stores()

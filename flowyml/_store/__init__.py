@@ -17,6 +17,7 @@ __all__ = (
     "STEP_STATES",
     "CacheEntry",
     "CacheStats",
+    "CacheView",
     "CachedOutput",
     "Lineage",
     "LineageNode",
@@ -35,7 +36,7 @@ __all__ = (
     "shared_store",
 )
 
-from ._api import INLINE_LIMIT, PRELOAD_PER_STEP, StepFate, StepShape, Store, resolve_root
+from ._api import INLINE_LIMIT, PRELOAD_PER_STEP, CacheView, StepFate, StepShape, Store, resolve_root
 from ._records import (
     RUN_STATES,
     STATUSES,

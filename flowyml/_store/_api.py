@@ -1,10 +1,10 @@
 """The store: a cache index and lineage record in SQLite, written by one background task.
 
 How a write travels: ``put`` is a plain (non-async) call that does the caller-side work at once
-(pickling, so later mutation cannot change what is cached) and puts a job on an
-:class:`asyncio.Queue`. Runs and step records are not queued one by one: ``record_run``,
-``record_step`` and the engine's ``record_fate`` add to a list (the first of a batch queues a
-wake-up), and the writer takes the whole list with each batch. One writer task per store drains
+(pickling, so later mutation cannot change what is cached) and adds the entry to a list. Nothing
+is queued one by one: ``put``, ``put_key_parts``, ``record_run``, ``record_step`` and the engine's
+``record_fate`` add to lists (the first of a batch queues a wake-up on an :class:`asyncio.Queue`,
+which also carries flushes, drops and calls), and the writer takes the whole lists with each batch. One writer task per store drains
 whatever is queued (lineage alone may wait up to 20 ms for more, see ``_LINGER_SECONDS``), writes
 the artifact files of the batch, fsyncs them, then builds every index and lineage row of the batch
 and commits them in ONE ``BEGIN IMMEDIATE`` transaction, in ONE call on the connection's thread.
@@ -17,18 +17,39 @@ tuple; building a frozen record, queueing it and awaiting ~10 thread hops per ba
 step. Lineage rows are packed per batch (``_packed``), because the drain at the end of a run is on
 the run's wall clock and a SQLite row per step, output and consumed input cost more than the run.
 
-How a read travels: :meth:`Store.preload` loads, in one query, the index rows of the most recent
-:data:`PRELOAD_PER_STEP` entries of each step a run will need -- what an unchanged rerun hits --
-not every entry ever cached (inline values are up to 64 KiB each, so loading them all made a run's
-time and memory grow with the whole cache); entries just ``put`` are in the same in-memory map. A look-up served from memory costs a dict
-access and no thread hop. A memory miss asks the database (another process may have written the
-entry); misses arriving together share one query. :meth:`Store.load` checks the xxh3-128 of every
-artifact against the index BEFORE unpickling it; a mismatch is quarantined and reported as a miss.
+How a read travels: when a run starts, :meth:`Store.preload` reads, in one call on the
+connection's thread, what the run may need: the index rows of the most recent
+:data:`PRELOAD_PER_STEP` entries of each of its steps -- what an unchanged rerun hits -- not every
+entry ever cached (inline values are up to 64 KiB each, so loading them all made a run's time and
+memory grow with the whole cache), and the keys (keys only, up to a bound) of all their entries.
+It returns them as the run's :class:`CacheView`. A look-up checks the entries put and not yet
+committed (the store's memory), then the view: a preloaded entry costs a dict access and no
+thread hop, and a key the view knows the index lacks is a miss without a query -- a chain of
+misses used to wait, step by step, for a query queued behind the previous put's commit. Other
+keys ask the database (misses arriving together share one query). An entry another process
+commits after the view was read is at worst computed again. Committed entries leave memory (the
+store lives as long as the process), and what a view loaded goes with its run.
+:meth:`Store.load` checks the xxh3-128 of every artifact against the index BEFORE unpickling it;
+a mismatch is quarantined and reported as a miss.
+
+Durability: cache entries are committed at once (they do not linger like lineage), in batches of
+whatever was put meanwhile; one transaction per batch, so a killed run loses at most the entries
+not yet committed, and a committed entry is whole (its artifact files were fsynced first).
 """
 
 from __future__ import annotations
 
-__all__ = ("INLINE_LIMIT", "PRELOAD_PER_STEP", "StepFate", "StepShape", "Store", "resolve_root")
+__all__ = (
+    "INLINE_LIMIT",
+    "KNOWN_KEYS_BASE",
+    "KNOWN_KEYS_PER_STEP",
+    "PRELOAD_PER_STEP",
+    "CacheView",
+    "StepFate",
+    "StepShape",
+    "Store",
+    "resolve_root",
+)
 
 import asyncio
 import contextlib
@@ -39,6 +60,7 @@ import socket
 import sqlite3
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -76,8 +98,14 @@ INLINE_LIMIT: Final = 64 * 1024
 #: :meth:`Store.preload` loads this many of the most recent entries of each step (an unchanged
 #: rerun hits the latest; the one before covers toggling between two inputs).
 PRELOAD_PER_STEP: Final = 2
+#: :meth:`Store.preload` also reads the keys of the run's steps (keys only) when there are at most
+#: ``KNOWN_KEYS_BASE + KNOWN_KEYS_PER_STEP * steps`` of them; past that, each miss asks the database.
+KNOWN_KEYS_BASE: Final = 100_000
+KNOWN_KEYS_PER_STEP: Final = 8
 #: The writer commits at most this many jobs per transaction.
 _MAX_BATCH: Final = 10_000
+#: A batch of at least this many rows hands the page cache it grew back to the system.
+_SHRINK_ROWS: Final = 5_000
 #: At most this many step runs go in one packed ``step_records`` row.
 _MAX_PART: Final = 10_000
 #: Packed rows the lineage of one output reads by its outputs before it reads the whole run.
@@ -112,21 +140,6 @@ def resolve_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 @dataclass(slots=True)
-class _Put:
-    entry: CacheEntry
-
-
-@dataclass(slots=True)
-class _KeyParts:
-    """The components of a cache key (see :meth:`Store.put_key_parts`), JSON-encoded by the writer."""
-
-    key: str
-    step_name: str
-    created_at: float
-    parts: Mapping[str, str]
-
-
-@dataclass(slots=True)
 class _Drop:
     key: str
     created_at: float
@@ -151,12 +164,36 @@ class _Stop:
 
 
 class _Wake:
-    """Queued when step records start piling up (they are not queued one by one)."""
+    """Queued when records start piling up (they are not queued one by one): ``_WAKE`` for
+    lineage, which may linger, ``_WAKE_NOW`` for cache entries, which commit at once."""
 
 
 _WAKE: Final = _Wake()
+_WAKE_NOW: Final = _Wake()
 
-_Job = _Put | _Drop | RunRecord | _Call | _Flush | _Stop | _Wake | _KeyParts
+_Job = _Drop | RunRecord | _Call | _Flush | _Stop | _Wake
+
+
+def _lingers(job: _Job) -> bool:
+    """True for jobs the writer may hold up to ``_LINGER_SECONDS`` for more (lineage only)."""
+    return job is _WAKE or isinstance(job, RunRecord)
+
+
+#: A cache entry as the store holds it (put and not committed yet, or loaded into a view): flat and
+#: of atoms only, so that the collector stops tracking it once it has seen it -- as objects, the
+#: 100,000 entries of a run were 300,000 tracked objects, and every collection during the run
+#: grew with them. ``key, step_name, run_id, duration, created_at``, then ``name, artifact_hash,
+#: size, type_name, pickled bytes (or None: read the file)`` for each output. :func:`_entry_of`
+#: makes the :class:`CacheEntry` a look-up returns, when it is asked for.
+_Flat = tuple[Any, ...]
+_HEAD: Final = 5
+_OUT: Final = 5
+
+
+def _entry_of(flat: _Flat) -> CacheEntry:
+    """The record of a flat entry (see :data:`_Flat`)."""
+    outputs = tuple(CachedOutput(*flat[i : i + _OUT]) for i in range(_HEAD, len(flat), _OUT))
+    return CacheEntry(flat[0], flat[1], flat[3], flat[4], outputs, flat[2])
 
 
 #: Steps waiting for the writer, flat, four items a step (no tuple per step for the GC to count):
@@ -170,17 +207,22 @@ class _Batch:
     """The rows of one transaction, grouped by table."""
 
     drops: list[_Drop] = field(default_factory=list)
-    puts: list[_Put] = field(default_factory=list)
+    puts: list[_Flat] = field(default_factory=list)
     runs: dict[str, RunRecord] = field(default_factory=dict)
     steps: _Pending = field(default_factory=list)
-    parts: list[_KeyParts] = field(default_factory=list)
+    #: Key components, flat, four items a key: ``key, step name, created_at, parts``.
+    parts: list[Any] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.drops or self.puts or self.runs or self.steps or self.parts)
 
 
+#: One encoder for every key's components: ``json.dumps`` with options makes a new one per call.
+_encode_parts: Final = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+
+
 def _dumps_parts(parts: Mapping[str, str]) -> str:
-    return json.dumps(dict(parts), separators=(",", ":"), sort_keys=True)
+    return _encode_parts(parts if isinstance(parts, dict) else dict(parts))
 
 
 def _loads_parts(text: str) -> dict[str, str]:
@@ -194,14 +236,50 @@ def _loads_parts(text: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items()}
 
 
+#: Types whose pickle is the same from ``pickle`` and ``cloudpickle`` (cloudpickle only differs
+#: for what it pickles by value: functions, classes, modules) -- pickle skips making a Pickler
+#: object, 0.3 us instead of 5 us for a small value. Containers are checked only when small: for
+#: a large one the check would cost more than the Pickler saves.
+_PLAIN_SCALARS: Final = frozenset({type(None), bool, int, float, complex, str, bytes})
+_PLAIN_DEPTH: Final = 3
+_PLAIN_ITEMS: Final = 32
+
+
+def _plain(value: object, depth: int = _PLAIN_DEPTH) -> bool:
+    """True for builtin scalars and small lists, tuples and dicts of them, ``depth`` levels deep."""
+    kind = type(value)
+    if kind in _PLAIN_SCALARS:
+        return True
+    if depth == 0 or kind not in (list, tuple, dict) or not isinstance(value, list | tuple | dict):
+        return False
+    if len(value) > _PLAIN_ITEMS:
+        return False
+    if isinstance(value, dict):
+        return all(_plain(k, 0) and _plain(v, depth - 1) for k, v in value.items())
+    return all(_plain(v, depth - 1) for v in value)
+
+
+def _pickle(value: object) -> bytes:
+    """The pickle of ``value`` that is cached: cloudpickle's, byte for byte."""
+    if _plain(value):
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    data: bytes = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return data
+
+
 def _type_name(value: object) -> str:
     cls = type(value)
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
+#: An entry's row, then its outputs' (one row an output, NULLs when it has none), and whether the
+#: values are of the types their columns hold: checked by SQLite, not per value in Python.
 _ENTRY_QUERY = """
-SELECT e.key, e.step_name, e.run_id, e.duration_seconds, e.created_at,
-       o.output_name, o.artifact_hash, o.size, o.type_name, o.inline, e.outputs
+SELECT e.key, e.step_name, e.run_id, e.duration_seconds, e.created_at, e.outputs,
+       o.output_name, o.artifact_hash, o.size, o.type_name, o.inline,
+       typeof(e.duration_seconds) IN ('real', 'integer') AND typeof(e.created_at) IN ('real', 'integer'),
+       typeof(o.output_name) = 'text' AND typeof(o.artifact_hash) = 'text' AND typeof(o.size) = 'integer'
+       AND typeof(o.type_name) = 'text' AND typeof(o.inline) IN ('blob', 'null')
 FROM cache_entries AS e LEFT JOIN cache_outputs AS o ON o.key = e.key
 WHERE {where}
 ORDER BY e.key, o.position
@@ -219,54 +297,42 @@ _RECENT_KEYS = """e.key IN (
 
 def _entries_from_rows(
     rows: Iterable[sqlite3.Row | tuple[Any, ...]],
-) -> tuple[dict[str, CacheEntry], dict[str, tuple[str, float, str]]]:
-    """The entries of these joined rows, and the broken ones: ``{key: (step, created_at, why)}``.
+) -> tuple[dict[str, _Flat], dict[str, tuple[str, float, str]]]:
+    """The entries of these rows of :data:`_ENTRY_QUERY` (in its order), and the broken ones:
+    ``{key: (step, created_at, why)}``.
 
     An entry is broken when it has fewer output rows than it was written with (a dropped table,
     a damaged page) or a row of the wrong types: it is a miss, dropped and recomputed.
     """
-    grouped: dict[str, tuple[tuple[Any, ...], list[CachedOutput]]] = {}
+    entries: dict[str, _Flat] = {}
     broken: dict[str, tuple[str, float, str]] = {}
-    for row in rows:
-        key = row[0]
-        head_outputs = grouped.get(key)
-        if head_outputs is None:
-            head_outputs = grouped[key] = ((*row[:5], row[10]), [])
-        if row[5] is not None:
-            inline = row[9]
-            if not (
-                isinstance(row[5], str)
-                and isinstance(row[6], str)
-                and isinstance(row[7], int)
-                and isinstance(row[8], str)
-                and (inline is None or isinstance(inline, bytes))
-            ):
-                broken[key] = (str(row[1]), row[4], f"output row {row[5]!r} has values of the wrong type")
-                continue
-            head_outputs[1].append(CachedOutput(row[5], row[6], row[7], row[8], inline))
-    entries = {}
-    for key, (head, outputs) in grouped.items():
-        expected = head[5]
+    head: Sequence[Any] = ()
+    outputs: list[Any] = []  # flat: five items an output
+
+    def finish() -> None:
+        key, step_name, run_id, duration, created_at, expected = head[:6]
         if key in broken:
-            continue
-        if not (isinstance(head[3], float | int) and isinstance(head[4], float | int)):
-            broken[key] = (str(head[1]), head[4], "its row has values of the wrong type")
-            continue
-        if expected is not None and expected != len(outputs):
-            broken[key] = (
-                str(head[1]),
-                head[4],
-                f"{expected - len(outputs)} of its {expected} output rows are missing",
-            )
-            continue
-        entries[key] = CacheEntry(
-            key=key,
-            step_name=head[1],
-            run_id=head[2],
-            duration_seconds=float(head[3]),
-            created_at=head[4],
-            outputs=tuple(outputs),
-        )
+            return
+        if not head[11]:
+            broken[key] = (str(step_name), created_at, "its row has values of the wrong type")
+        elif expected is not None and expected * _OUT != len(outputs):
+            missing = f"{expected - len(outputs) // _OUT} of its {expected} output rows are missing"
+            broken[key] = (str(step_name), created_at, missing)
+        else:
+            entries[key] = (key, step_name, run_id, float(duration), created_at, *outputs)
+
+    for row in rows:
+        if not head or row[0] != head[0]:
+            if head:
+                finish()
+            head, outputs = row, []
+        if row[6] is not None:
+            if row[12]:
+                outputs += row[6:11]
+            else:
+                broken[row[0]] = (str(row[1]), row[4], f"output row {row[6]!r} has values of the wrong type")
+    if head:
+        finish()
     return entries, broken
 
 
@@ -411,17 +477,14 @@ class _BatchRows:
         artifact_rows: list[tuple[Any, ...]] = []
         entry_rows: list[tuple[Any, ...]] = []
         output_rows: list[tuple[Any, ...]] = []
-        for put in batch.puts:
-            e = put.entry
-            entry_rows.append(
-                (e.key, e.step_name, e.run_id, e.duration_seconds, e.created_at, len(e.outputs))
-            )
-            for position, out in enumerate(e.outputs):
-                inline = out.inline if out.size <= INLINE_LIMIT else None
-                output_rows.append(
-                    (e.key, position, out.name, out.artifact_hash, out.size, out.type_name, inline)
-                )
-                artifact_rows.append((out.artifact_hash, out.size, out.type_name, e.run_id, e.step_name, now))
+        for e in batch.puts:
+            key, step_name, run_id, duration, created_at = e[:_HEAD]
+            entry_rows.append((key, step_name, run_id, duration, created_at, (len(e) - _HEAD) // _OUT))
+            for position, at in enumerate(range(_HEAD, len(e), _OUT)):
+                name, digest, size, type_name, data = e[at : at + _OUT]
+                inline = data if size <= INLINE_LIMIT else None
+                output_rows.append((key, position, name, digest, size, type_name, inline))
+                artifact_rows.append((digest, size, type_name, run_id, step_name, now))
         part_rows: list[tuple[str, str, bytes, str, str | None]] = []
         parts: dict[str, _packed.Part] = {}
         pending = iter(batch.steps)
@@ -438,6 +501,11 @@ class _BatchRows:
                 part.add_fate(fate, hashes, shape)
         part_rows.extend((run_id, *part.columns()) for run_id, part in parts.items())
         drop_rows = [(d.key, d.created_at) for d in batch.drops]
+        flat = iter(batch.parts)
+        key_part_rows = [
+            (key, step_name, created_at, _dumps_parts(parts))
+            for key, step_name, created_at, parts in zip(flat, flat, flat, flat, strict=True)
+        ]
         return [
             (
                 "DELETE FROM cache_outputs WHERE key = ?1 AND EXISTS "
@@ -468,7 +536,7 @@ class _BatchRows:
             ),
             (
                 "INSERT OR REPLACE INTO cache_key_parts (key, step_name, created_at, parts) VALUES (?, ?, ?, ?)",
-                [(k.key, k.step_name, k.created_at, _dumps_parts(k.parts)) for k in batch.parts],
+                key_part_rows,
             ),
         ]
 
@@ -487,6 +555,11 @@ class _BatchRows:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
             raise
+        if sum(len(rows) for _, rows in self._built) >= _SHRINK_ROWS:
+            # A large batch grew the page cache (up to _db.CACHE_KIB): hand it back, so a
+            # process-long store does not keep it after the run.
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA shrink_memory")
 
 
 def _run_row(r: RunRecord) -> tuple[Any, ...]:
@@ -502,6 +575,26 @@ def _run_row(r: RunRecord) -> tuple[Any, ...]:
         os.getpid(),
         _HOST,
     )
+
+
+class CacheView:
+    """What one run read of the cache index when it began; made by :meth:`Store.preload`.
+
+    ``entries`` holds the most recent entries of the run's steps (what an unchanged rerun hits)
+    and the entries its look-ups found since, by key, flat (see ``_Flat``: no object per entry
+    until it is looked up). ``keys`` holds every other key the index had for those steps, plus
+    the keys this process committed since (None: too many to hold, so every miss asks the
+    database). A key in neither is a miss without a query (an entry dropped from ``entries`` as
+    corrupt or cleared is then a miss, as it should be): an entry another process
+    committed after the read is at worst computed again, as a cache may. The view lives as long
+    as the run that holds it, so what it loaded is freed with the run.
+    """
+
+    __slots__ = ("__weakref__", "entries", "keys")
+
+    def __init__(self, entries: dict[str, _Flat], keys: set[str] | None) -> None:
+        self.entries = entries
+        self.keys = keys
 
 
 class Store:
@@ -537,23 +630,29 @@ class Store:
         self._release_task: asyncio.Task[None] | None = None
         #: Called once with the store when it has closed (the registry forgets it then).
         self.on_release: Callable[[Store], None] | None = None
-        self._memory: dict[str, CacheEntry] = {}
+        #: Entries put and not committed yet (kept after a failed commit: their values are right).
+        #: Committed entries leave it: a run reads them through its :class:`CacheView`.
+        self._memory: dict[str, _Flat] = {}
         self._unsaved: set[str] = set()  # keys put and not yet committed
-        self._data_version: int | None = None
+        self._views: weakref.WeakSet[CacheView] = weakref.WeakSet()
         # Entries found corrupt whose index rows are not deleted yet: never serve them again.
         self._dropped: dict[str, float] = {}
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self._waiting: dict[str, asyncio.Future[CacheEntry | None]] = {}
+        self._waiting: dict[str, asyncio.Future[_Flat | None]] = {}
         self._fetcher: asyncio.Task[None] | None = None
         self._closed = False  # no more writes accepted
         self._released = False  # connection closed and threads joined (or being)
         self._errors: list[BaseException] = []
         self._steps: _Pending = []
+        self._puts: list[_Flat] = []  # put, not yet taken by the writer
+        self._parts: list[Any] = []  # key components, flat (see _Batch.parts)
+        self._taken: _Batch | None = None  # the batch being committed (kept for a cancelled writer)
         self._held: list[_Job] = []  # jobs the writer took and has not handed to _process yet
         # Runs recorded and not yet taken by the writer (the latest record of each), and whether a
         # wake-up is queued for them and the steps: one per batch, not one per record.
         self._runs: dict[str, RunRecord] = {}
         self._awake = False
+        self._awake_now = False
         self._writer = asyncio.get_running_loop().create_task(self._run_writer(), name="flowyml-store-writer")
         self._writer.add_done_callback(self._on_writer_done)
 
@@ -732,47 +831,57 @@ class Store:
 
     # -- the hot path: look-ups, loads, puts ---------------------------------------------------------
 
-    async def preload(self, step_names: Iterable[str], *, per_step: int = PRELOAD_PER_STEP) -> None:
-        """Load the ``per_step`` most recent entries (with inline values) of these steps, in one query.
+    async def preload(self, step_names: Iterable[str], *, per_step: int = PRELOAD_PER_STEP) -> CacheView:
+        """What a run of these steps needs of the index, in one call on the connection's thread.
 
-        That is what an unchanged rerun hits, and it costs the same however many entries the
-        steps have cached; any other key is found by :meth:`lookup` with one query.
+        The ``per_step`` most recent entries (with inline values) of each step -- what an
+        unchanged rerun hits, the same however many entries the steps have -- and the keys of
+        all their entries, so that a key the index lacks is a miss without a query. Pass the view
+        to :meth:`lookup`; it is freed with the run that holds it.
         """
         self._check_open()
         names = sorted(set(step_names))
-        if not names or per_step < 1:
-            return
+        view = CacheView({}, set())
+        if not names:
+            return view
         query = _ENTRY_QUERY.format(where=_RECENT_KEYS)
-        params = (json.dumps(names), per_step)
+        listed = json.dumps(names)
+        limit = KNOWN_KEYS_BASE + KNOWN_KEYS_PER_STEP * len(names)
 
-        def read(db: sqlite3.Connection) -> tuple[int, list[Any]]:
-            return db.execute("PRAGMA data_version").fetchone()[0], db.execute(query, params).fetchall()
+        def read(db: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+            rows = db.execute(query, (listed, per_step)).fetchall() if per_step > 0 else []
+            keys = db.execute(
+                "SELECT key FROM cache_entries WHERE step_name IN (SELECT value FROM json_each(?)) LIMIT ?",
+                (listed, limit + 1),
+            ).fetchall()
+            return rows, keys
 
         try:
-            version, rows = await _db.on_thread(self._conn, read)
+            rows, keys = await _db.on_thread(self._conn, read)
         except sqlite3.DatabaseError as exc:
             # Damaged pages or the like: no preloaded hits, each look-up asks (and may miss).
             self._log_error(
                 StoreError(f"reading the cache index of the flowyml store at {self.root} failed: {exc}")
             )
-            return
-        if self._data_version is not None and version != self._data_version:
-            # Another connection committed (``flowyml cache clear``, another process): what this
-            # long-lived store remembers may be gone from the index, so only unsaved entries stay.
-            self._memory = {k: e for k, e in self._memory.items() if k in self._unsaved}
-        self._data_version = version
+            view.keys = None
+            return view
         entries, broken = _entries_from_rows(rows)
         self._drop_broken(broken)
-        for key, entry in entries.items():
-            if self._dropped.get(key) != entry.created_at:
-                self._memory.setdefault(key, entry)
+        dropped = self._dropped
+        if dropped:
+            entries = {k: e for k, e in entries.items() if dropped.get(k) != e[4]}
+        view.entries = entries
+        # The keys of loaded entries are in ``entries`` already: a rerun's set stays small.
+        view.keys = {k for (k,) in keys if k not in entries} if len(keys) <= limit else None
+        self._views.add(view)
+        return view
 
     def _drop_broken(self, broken: Mapping[str, tuple[str, float, str]]) -> None:
         """Entries with missing or damaged output rows: a miss, dropped so the step runs again."""
         for key, (step_name, created_at, why) in broken.items():
             if self._dropped.get(key) == created_at:
                 continue
-            self._memory.pop(key, None)
+            self._forget(key)
             if not self._closed and not self.read_only:
                 self._dropped[key] = created_at
                 self._queue.put_nowait(_Drop(key, created_at))
@@ -784,15 +893,27 @@ class Store:
                 stacklevel=4,
             )
 
-    async def lookup(self, key: str, *, query: bool = True) -> CacheEntry | None:
+    async def lookup(
+        self, key: str, *, query: bool = True, view: CacheView | None = None
+    ) -> CacheEntry | None:
         """The cache entry of ``key``, or None.
 
-        Served from memory when the entry was preloaded, put, or looked up before. Otherwise, unless
-        ``query`` is False, asks the database once (misses arriving together share one query).
+        Served from memory when the entry was put and not committed yet, or from ``view`` (see
+        :meth:`preload`) when it was preloaded or found before; a key the view knows the index
+        lacks is a miss at once. Otherwise, unless ``query`` is False, asks the database once
+        (misses arriving together share one query).
         """
-        entry = self._memory.get(key)
-        if entry is not None or not query:
-            return entry
+        flat = self._memory.get(key)
+        if flat is not None:
+            return _entry_of(flat)
+        if view is not None:
+            flat = view.entries.get(key)
+            if flat is not None:
+                return _entry_of(flat)
+            if view.keys is not None and key not in view.keys:
+                return None
+        if not query:
+            return None
         self._check_open()
         future = self._waiting.get(key)
         if future is None:
@@ -800,7 +921,18 @@ class Store:
             if self._fetcher is None:
                 self._fetcher = asyncio.get_running_loop().create_task(self._fetch_waiting())
         # Shielded: one cancelled caller must not cancel the answer others wait for.
-        return await asyncio.shield(future)
+        flat = await asyncio.shield(future)
+        if flat is None:
+            return None
+        if view is not None and key not in self._memory:
+            view.entries[key] = flat
+        return _entry_of(flat)
+
+    def _forget(self, key: str) -> None:
+        """Serve ``key`` from neither memory nor any view (it was found corrupt or removed)."""
+        self._memory.pop(key, None)
+        for view in self._views:
+            view.entries.pop(key, None)
 
     async def _fetch_waiting(self) -> None:
         try:
@@ -826,13 +958,11 @@ class Store:
                     raise
                 self._drop_broken(broken)
                 for key, future in batch.items():
-                    entry = self._memory.get(key) or found.get(key)
-                    if entry is not None and self._dropped.get(key) == entry.created_at:
-                        entry = None
-                    if entry is not None:
-                        self._memory[key] = entry
+                    flat = self._memory.get(key) or found.get(key)
+                    if flat is not None and self._dropped.get(key) == flat[4]:
+                        flat = None
                     if not future.done():
-                        future.set_result(entry)
+                        future.set_result(flat)
         except Exception:
             pass  # already delivered to the waiting look-ups
         finally:
@@ -887,8 +1017,13 @@ class Store:
                     where += f" (moved to {moved})"
         else:
             where = f"inline artifact {out.artifact_hash}"
-        if self._memory.get(entry.key) is entry:
+        flat = self._memory.get(entry.key)
+        if flat is not None and flat[4] == entry.created_at:
             del self._memory[entry.key]
+        for view in self._views:
+            held = view.entries.get(entry.key)
+            if held is not None and held[4] == entry.created_at:
+                del view.entries[entry.key]
         if not self._closed and not self.read_only:
             self._dropped[entry.key] = entry.created_at
             self._queue.put_nowait(_Drop(entry.key, entry.created_at))
@@ -916,10 +1051,10 @@ class Store:
         self._check_open()
         if self.read_only:
             return None
-        cached: list[CachedOutput] = []
+        flat: list[Any] = [key, step_name, run_id, float(duration), time.time()]
         for name, value in outputs.items():
             try:
-                data = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                data = _pickle(value)
             except Exception as exc:
                 warnings.warn(
                     UncachedStepWarning(
@@ -929,12 +1064,19 @@ class Store:
                     stacklevel=2,
                 )
                 return None
-            cached.append(CachedOutput(name, _hexdigest(data), len(data), _type_name(value), data))
-        entry = CacheEntry(key, step_name, float(duration), time.time(), tuple(cached), run_id)
+            flat += (name, _hexdigest(data), len(data), _type_name(value), data)
+        entry = tuple(flat)
         self._memory[key] = entry
         self._unsaved.add(key)
-        self._queue.put_nowait(_Put(entry))
-        return {out.name: out.artifact_hash for out in cached}
+        self._puts.append(entry)
+        self._wake_now()
+        return {flat[i]: flat[i + 1] for i in range(_HEAD, len(flat), _OUT)}
+
+    def _wake_now(self) -> None:
+        """Have the writer commit what is listed without lingering (cache entries, key parts)."""
+        if not self._awake_now:
+            self._awake_now = self._awake = True
+            self._queue.put_nowait(_WAKE_NOW)
 
     def record_run(self, run: RunRecord) -> None:
         """Queue an insert-or-update of a run (at its start with status "running", and at its end).
@@ -1008,7 +1150,7 @@ class Store:
             except asyncio.QueueEmpty:
                 break
             jobs.append(job)
-            urgent = urgent or not isinstance(job, RunRecord | _Wake)
+            urgent = urgent or not _lingers(job)
         return urgent or len(jobs) >= _MAX_BATCH
 
     async def _run_writer(self) -> None:
@@ -1016,13 +1158,13 @@ class Store:
         try:
             while not stop:
                 self._held = jobs = [await self._queue.get()]
-                urgent = self._drain_into(jobs) or not isinstance(jobs[0], RunRecord | _Wake)
+                urgent = self._drain_into(jobs) or not _lingers(jobs[0])
                 if not urgent:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(_LINGER_SECONDS):
                             while not urgent:
                                 jobs.append(await self._queue.get())
-                                urgent = self._drain_into(jobs) or not isinstance(jobs[-1], RunRecord | _Wake)
+                                urgent = self._drain_into(jobs) or not _lingers(jobs[-1])
                 # In this task, not a task of its own (a loop turn per batch): cancelled meanwhile,
                 # the batch stays held and is processed again below. That is safe: a transaction
                 # commits whole or not at all, and every row is an upsert or, for packed step
@@ -1036,6 +1178,12 @@ class Store:
             # shared store is closed this way. Commit what is queued, close, then end as cancelled.
             self._released = self._closed = True
             jobs, self._held = self._held, []
+            if self._taken is not None:  # its commit may not have happened: take it again
+                taken, self._taken = self._taken, None
+                self._puts[:0] = taken.puts
+                self._parts[:0] = taken.parts
+                self._steps[:0] = taken.steps
+                self._runs = {**taken.runs, **self._runs}
             while True:
                 try:
                     jobs.append(self._queue.get_nowait())
@@ -1065,14 +1213,10 @@ class Store:
         flushes: list[asyncio.Future[None]] = []
         stop = False
         for job in jobs:
-            if isinstance(job, _Put):
-                batch.puts.append(job)
-            elif isinstance(job, RunRecord):
+            if isinstance(job, RunRecord):
                 batch.runs[job.run_id] = job
             elif isinstance(job, _Drop):
                 batch.drops.append(job)
-            elif isinstance(job, _KeyParts):
-                batch.parts.append(job)
             elif isinstance(job, _Flush):
                 flushes.append(job.future)
             elif isinstance(job, _Call):
@@ -1097,18 +1241,24 @@ class Store:
         return stop
 
     def _take_steps(self, batch: _Batch) -> _Batch:
-        """Move every run and step recorded so far into ``batch`` (they commit with the jobs queued before)."""
-        self._awake = False
+        """Move every entry, key, run and step listed so far into ``batch`` (they commit with the
+        jobs queued before)."""
+        self._awake = self._awake_now = False
         if self._steps:
             batch.steps, self._steps = self._steps, []
         if self._runs:
             batch.runs.update(self._runs)
             self._runs = {}
+        if self._puts:
+            batch.puts, self._puts = self._puts, []
+        if self._parts:
+            batch.parts, self._parts = self._parts, []
         return batch
 
     async def _commit_safely(self, batch: _Batch) -> None:
         if not batch:
             return
+        self._taken = batch
         try:
             await self._commit(batch)
         except Exception as exc:
@@ -1124,21 +1274,22 @@ class Store:
             )
             error.__cause__ = exc
             self._log_error(error)
+        self._taken = None  # not when cancelled: the writer's cancel handler takes the batch again
 
     async def _commit(self, batch: _Batch) -> None:
         # 1. Artifact files first, durably: an index row may only name a file that is in place.
         #    A put whose file cannot be written (disk full, ...) is left out; the rest still commits.
         wrote = False
-        written: list[_Put] = []
+        written: list[_Flat] = []
         for put in batch.puts:
             try:
-                for out in put.entry.outputs:
-                    if out.size > INLINE_LIMIT and out.inline is not None:
+                for at in range(_HEAD, len(put), _OUT):
+                    if put[at + 2] > INLINE_LIMIT:
                         wrote = True
-                        await self._files.write(out.artifact_hash, out.inline)
+                        await self._files.write(put[at + 1], put[at + 4])
             except OSError as exc:
                 error = StoreError(
-                    f"the output of step {put.entry.step_name!r} could not be written to the flowyml "
+                    f"the output of step {put[1]!r} could not be written to the flowyml "
                     f"store at {self.root}, so it is not cached: {exc}"
                 )
                 error.__cause__ = exc
@@ -1167,25 +1318,23 @@ class Store:
         for drop in batch.drops:
             if self._dropped.get(drop.key) == drop.created_at:
                 del self._dropped[drop.key]
+        # 3. Committed: the index serves these entries now, so memory stops holding them (and their
+        #    pickled bytes) -- a process-long store would otherwise keep every value it ever cached.
+        #    Each live view learns the keys, so a look-up through it asks the database for them.
+        memory = self._memory
+        views = list(self._views)
         for put in batch.puts:
-            self._unsaved.discard(put.entry.key)
-        # 3. Committed: large values are now read from their files, so stop holding their bytes.
-        for put in batch.puts:
-            e = put.entry
-            if self._memory.get(e.key) is e and any(o.size > INLINE_LIMIT for o in e.outputs):
-                self._memory[e.key] = CacheEntry(
-                    e.key,
-                    e.step_name,
-                    e.duration_seconds,
-                    e.created_at,
-                    tuple(
-                        CachedOutput(o.name, o.artifact_hash, o.size, o.type_name, None)
-                        if o.size > INLINE_LIMIT
-                        else o
-                        for o in e.outputs
-                    ),
-                    e.run_id,
-                )
+            key = put[0]
+            self._unsaved.discard(key)
+            if memory.get(key) is put:
+                del memory[key]
+            for view in views:
+                view.entries.pop(key, None)  # an older entry under this key, replaced
+                if view.keys is not None:
+                    view.keys.add(key)
+        if not memory and not self._unsaved:
+            # Emptied, a dict or set keeps the table it grew to (100,000 puts: ~9 MB): start afresh.
+            self._memory, self._unsaved = {}, set()
 
     async def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error, ValueError):
@@ -1210,7 +1359,8 @@ class Store:
         """
         if self._closed or self.read_only:
             return
-        self._queue.put_nowait(_KeyParts(key, step_name, time.time(), parts))
+        self._parts += (key, step_name, time.time(), parts)
+        self._wake_now()
 
     async def latest_key_parts(self, step_names: Iterable[str]) -> dict[str, tuple[str, str]]:
         """The most recent key of each of these steps with its components as stored (a JSON
@@ -1526,11 +1676,9 @@ class Store:
             return await _db.retry_locked(transaction, where=self._db_path)
 
         removed, unused = await self._call(clear)
-        if step_name is None:
-            self._memory.clear()
-        else:
-            for key in [k for k, e in self._memory.items() if e.step_name == step_name]:
-                del self._memory[key]
+        for held in (self._memory, *(view.entries for view in self._views)):
+            for key in [k for k, e in held.items() if step_name is None or e[1] == step_name]:
+                del held[key]
         self._files.remove(unused)
         await self.gc()
         return int(removed)

@@ -1,6 +1,6 @@
 """Artifact files: pickled values too big to live inline, named by the xxh3-128 hash of their bytes.
 
-A file is written with aiofiles to a private temporary name in the same directory, fsynced, then
+A file is written (in one call on the store's file threads) to a private temporary name in the same directory, fsynced, then
 ``os.replace``'d into place, so a reader sees either no file or the whole file. All blocking file
 work runs on this module's own small thread pool (not the loop's default executor), which the store
 shuts down on close, so no thread outlives it.
@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiofiles
-import aiofiles.os
 
 from ._safety import is_hash
 
@@ -73,6 +72,15 @@ def _private_opener(path: str, flags: int) -> int:
     fd = os.open(path, flags, 0o600)
     os.fchmod(fd, 0o600)
     return fd
+
+
+def _write_durably(tmp: Path, final: Path, data: bytes) -> None:
+    """Write ``data`` to ``tmp`` (0o600), fsync it, then rename it to ``final``."""
+    with open(tmp, "wb", opener=_private_opener) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -188,16 +196,9 @@ class ArtifactFiles:
         executor = self.executor
         tmp = self.tmp_dir / f"{artifact_hash}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            # Not ``async with``: aiofiles' context manager closes on the loop's default executor,
-            # whose threads would outlive the store.
-            f = await aiofiles.open(tmp, "wb", opener=_private_opener, executor=executor)
-            try:
-                await f.write(data)
-                await f.flush()
-                await loop.run_in_executor(executor, os.fsync, f.fileno())
-            finally:
-                await f.close()
-            await aiofiles.os.replace(tmp, final, executor=executor)
+            # One call on the pool, not a hop per open/write/fsync/close: cancelled meanwhile (the
+            # loop shutting down), the thread still finishes the file and closes it.
+            await loop.run_in_executor(executor, _write_durably, tmp, final, data)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
