@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import reprlib
@@ -22,6 +21,7 @@ from . import _log
 from ._assets import Asset, derive, input_assets
 from ._attempt import UnitRunner
 from ._catalog import AssetRouter
+from ._collector import freeze_heap_once, quiet_full_collections
 from ._conditions import If
 from ._context import Context
 from ._errors import ConfigError, EventLoopError, StoreError, StoreWarning
@@ -271,8 +271,7 @@ class Pipeline:
         _refuse_worker_import(self.name)
         await _starts(asyncio.get_running_loop()).enter()
         plan = self.plan()
-        if not _heap_frozen:
-            _freeze_heap()
+        freeze_heap_once()
         params: dict[str, Any] = {**self.context.to_dict(), **(dict(context) if context else {})}
         plan.check_context(params)
         debug = self.debug if debug is None else debug
@@ -314,7 +313,8 @@ class Pipeline:
                 watch=watch,
             )
             try:
-                await Run(run_state, runner, fail_fast=fail_fast).execute()
+                with quiet_full_collections(len(plan.nodes)):
+                    await Run(run_state, runner, fail_fast=fail_fast).execute()
             finally:
                 if watch is not None:
                     watch.unannounced(run_state.results)
@@ -756,35 +756,6 @@ class _Executors:
         finally:
             for threads, pool in held:
                 await threads.release(pool)
-
-
-_heap_frozen = False
-
-
-def _freeze_heap() -> None:
-    """Once per process, at its first run: full garbage collections stop walking what exists now.
-
-    What is alive when a process first runs a pipeline (modules, the application's startup
-    state, plans) lives on; a full collection walks it every time all the same, and 200 runs in
-    flight make CPython start one every few hundred runs: ~10 ms of a held loop (the GIL) on a
-    shared 2-core machine for a small heap, proportionally more for an application's. Collected
-    once and frozen (``gc.freeze``), it is skipped by later collections, which then walk only the
-    objects made since (~2-3 ms here). Left alone when the application manages collection itself
-    (collection disabled, or a heap it froze already). ``gc.unfreeze()`` undoes it.
-    """
-    global _heap_frozen
-    _heap_frozen = True
-    if gc.isenabled() and gc.get_freeze_count() == 0:
-        gc.collect()
-        gc.freeze()
-
-
-def _unfreeze_flag_in_child() -> None:
-    global _heap_frozen
-    _heap_frozen = False
-
-
-os.register_at_fork(after_in_child=_unfreeze_flag_in_child)
 
 
 def _refuse_worker_import(name: str) -> None:
