@@ -327,3 +327,33 @@ class TestThreadExecutor:
     def test_a_bound_below_one_thread_is_refused(self, bad: Any) -> None:
         with pytest.raises(ConfigError, match=r"max_threads=.*1 or more"):
             LocalExecutor(max_threads=bad)
+
+
+def _pool_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("flowyml-thread_")]
+
+
+class TestThreadExecutorRaces:
+    """Abandonment, wake-ups, idling and closing meeting each other; each ordering forced with events."""
+
+    def test_a_late_result_after_the_run_ended_is_still_logged(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """``run()`` closes its loop while the timed-out call still runs: the warning must not need it."""
+        release = threading.Event()
+        ran_in: list[threading.Thread] = []
+
+        @step(timeout=0.05)
+        def stuck() -> None:
+            ran_in.append(threading.current_thread())
+            release.wait(10)
+
+        p = Pipeline("p", enable_cache=False, lineage=False, max_threads=1).add_step(stuck)
+        with caplog.at_level(logging.WARNING, logger="flowyml.executor"):
+            try:
+                result = p.run()
+            finally:
+                release.set()
+            ran_in[0].join(10)
+        assert result.step_results["stuck"].status is StepStatus.TIMED_OUT
+        assert "'stuck' finished after it was abandoned; its result was discarded" in caplog.text

@@ -147,7 +147,7 @@ class _Job:
     """One call on its way to a worker thread and back."""
 
     __slots__ = (
-        "args", "context", "error", "finished", "fn", "future", "kwargs", "ran", "replaced", "result",
+        "args", "context", "error", "finished", "fn", "future", "kwargs", "replaced", "result",
         "started", "state", "step_name",
     )  # fmt: skip
 
@@ -162,7 +162,7 @@ class _Job:
         self.fn, self.args, self.kwargs, self.step_name, self.future = fn, args, kwargs, step_name, future
         self.context = contextvars.copy_context()
         self.state = _QUEUED
-        self.started = self.ran = self.finished = False
+        self.started = self.finished = False
         self.replaced = False  # abandoned while running: its thread retires after it, a new one took over
         self.result: Any = None
         self.error: BaseException | None = None
@@ -260,12 +260,7 @@ class _Pool:
                 thread.join()  # it has returned from its work already
                 left = True
                 continue
-            if item.state == _ABANDONED:
-                if not item.replaced:  # it had finished when it was abandoned: nobody to tell
-                    continue
-                logger.warning(
-                    "thread step %r finished after it was abandoned; its result was discarded", item.step_name
-                )
+            if item.state == _ABANDONED:  # it had finished when it was abandoned: nobody to tell
                 continue
             item.state = _DONE
             self.pending -= 1
@@ -310,7 +305,6 @@ class _Pool:
                     wanted = job.state == _QUEUED
                 if not wanted:  # abandoned before it started: nobody waits for it
                     continue
-                job.ran = True
                 try:
                     job.result = job.context.run(job.fn, *job.args, **job.kwargs)
                 except StopIteration as exc:  # a future cannot carry it
@@ -321,7 +315,12 @@ class _Pool:
                 with lock:
                     job.finished = True
                     retired = job.replaced
-                if not self._report(job):
+                if retired:  # said here, not on the loop: a run's loop may be closed by now
+                    logger.warning(
+                        "thread step %r finished after it was abandoned; its result was discarded",
+                        job.step_name,
+                    )
+                elif not self._report(job):
                     return
                 del job
         finally:
