@@ -329,10 +329,6 @@ class TestThreadExecutor:
             LocalExecutor(max_threads=bad)
 
 
-def _pool_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("flowyml-thread_")]
-
-
 class TestThreadExecutorRaces:
     """Abandonment, wake-ups, idling and closing meeting each other; each ordering forced with events."""
 
@@ -357,3 +353,44 @@ class TestThreadExecutorRaces:
             ran_in[0].join(10)
         assert result.step_results["stuck"].status is StepStatus.TIMED_OUT
         assert "'stuck' finished after it was abandoned; its result was discarded" in caplog.text
+
+    @pytest.mark.parametrize("how", ["timeout", "cancel"])
+    async def test_calls_abandoned_together_start_no_thread_for_the_queued_ones(self, how: str) -> None:
+        """Two threads run, 30 calls wait; all are given up at once (a run failing, timers due together).
+
+        The replacement for an abandoned running call must not start a queued call that is being
+        abandoned in the same breath: that started one stuck thread per queued call.
+        """
+        gate = threading.Event()
+        started: list[int] = []
+        both = threading.Barrier(3)
+
+        def body(i: int) -> None:
+            started.append(i)
+            if len(started) <= 2:
+                both.wait(10)
+            gate.wait(10)
+
+        executor = ThreadExecutor(2)
+        before = _others()
+        timeout = 0.05 if how == "timeout" else None
+        tasks = [
+            asyncio.ensure_future(executor.run(body, (i,), {}, timeout=timeout, step_name=f"s{i}"))
+            for i in range(32)
+        ]
+        try:
+            await asyncio.sleep(0)  # every task has submitted its call
+            both.wait(10)  # on the loop's thread: the two are running
+            if how == "timeout":
+                time.sleep(0.1)  # still on it: every timer is due when the loop next looks
+            else:
+                for t in tasks:
+                    t.cancel()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            wanted = StepTimeoutError if how == "timeout" else asyncio.CancelledError
+            assert all(isinstance(o, wanted) for o in outcomes)
+            assert len(started) == 2 and executor.abandoned == 2
+            assert len(_others() - before) == 2  # the two stuck ones, no thread per queued call
+        finally:
+            gate.set()
+            await executor.aclose()

@@ -232,7 +232,11 @@ class _Pool:
         """Nobody awaits ``job`` any more (no-op once its result was handed back).
 
         Not started, it never will be; running, its thread retires after it and the slot goes
-        to a new thread at once; finished, its result is dropped when it comes back.
+        to a new thread; finished, its result is dropped when it comes back.
+
+        The new thread starts once the loop has run what is ready now: calls given up together
+        (timers due at once, a failing run cancelling its steps) are all abandoned first, so it
+        does not start a queued one that is being abandoned too (that left a stuck thread per call).
         """
         if job.state != _QUEUED:
             return
@@ -243,7 +247,7 @@ class _Pool:
         if job.replaced:
             self.owner.abandoned += 1
             self.retiring += 1
-            self._fill()
+            self.loop.call_soon(self._fill)
         if job.future.done() and not job.future.cancelled():
             job.future.exception()  # retrieved: no "never retrieved" warning for a timeout nobody read
 
