@@ -394,3 +394,42 @@ class TestThreadExecutorRaces:
         finally:
             gate.set()
             await executor.aclose()
+
+    async def test_closing_returns_once_the_running_call_is_abandoned(self) -> None:
+        """``aclose()`` waits for running calls, but not for one given up while it waits."""
+        gate, started = threading.Event(), threading.Event()
+
+        def body() -> None:
+            started.set()
+            gate.wait(10)
+
+        executor = ThreadExecutor(1)
+        call = asyncio.ensure_future(executor.run(body, (), {}, timeout=None, step_name="s"))
+        try:
+            while not started.is_set():
+                await asyncio.sleep(0.005)
+            closing = asyncio.ensure_future(executor.aclose())
+            await asyncio.sleep(0)
+            assert not closing.done()  # the call runs, nobody gave it up
+            call.cancel()
+            await asyncio.wait_for(closing, 5)  # a guard against a hang; it ends at once
+            assert not gate.is_set() and executor.abandoned == 1
+        finally:
+            gate.set()
+
+    async def test_closing_lets_running_and_queued_calls_finish_and_hands_them_back(self) -> None:
+        gate = threading.Event()
+        executor = ThreadExecutor(1)
+        before = _others()
+        calls = [
+            asyncio.ensure_future(executor.run(gate.wait, (10,), {}, timeout=None, step_name=f"s{i}"))
+            for i in range(3)
+        ]
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(executor.aclose())
+        await asyncio.sleep(0)
+        assert not closing.done()
+        gate.set()
+        await closing
+        assert [c.result() for c in calls] == [True] * 3
+        assert _others() <= before

@@ -218,9 +218,14 @@ class _Pool:
             self.jobs.put(None)
 
     def _fill(self) -> None:
-        """Start workers while calls outnumber them (a worker left idle, or one is retiring)."""
+        """Start workers while calls outnumber them (a worker left idle, or one is retiring).
+
+        Then, closing, tell :meth:`close` when only retiring workers are left.
+        """
         while self.workers - self.retiring < min(self.limit, self.pending):
             self._spawn()
+        if self._idle is not None and self.workers <= self.retiring and not self._idle.done():
+            self._idle.set_result(None)
 
     def expire(self, job: _Job, timeout: float) -> None:
         """The call's timeout passed: its awaiter gets the timeout error now, the call is abandoned."""
@@ -276,8 +281,6 @@ class _Pool:
                     future.set_exception(item.error)
         if left:
             self._fill()
-            if self._idle is not None and self.workers <= self.retiring and not self._idle.done():
-                self._idle.set_result(None)
 
     async def close(self) -> None:
         """Stop the workers and wait until every one not running an abandoned call has left."""
