@@ -147,7 +147,7 @@ class _Job:
     """One call on its way to a worker thread and back."""
 
     __slots__ = (
-        "args", "context", "error", "finished", "fn", "future", "kwargs", "ran", "replaced", "result",
+        "args", "context", "error", "finished", "fn", "future", "kwargs", "replaced", "result",
         "started", "state", "step_name",
     )  # fmt: skip
 
@@ -162,7 +162,7 @@ class _Job:
         self.fn, self.args, self.kwargs, self.step_name, self.future = fn, args, kwargs, step_name, future
         self.context = contextvars.copy_context()
         self.state = _QUEUED
-        self.started = self.ran = self.finished = False
+        self.started = self.finished = False
         self.replaced = False  # abandoned while running: its thread retires after it, a new one took over
         self.result: Any = None
         self.error: BaseException | None = None
@@ -218,9 +218,14 @@ class _Pool:
             self.jobs.put(None)
 
     def _fill(self) -> None:
-        """Start workers while calls outnumber them (a worker left idle, or one is retiring)."""
+        """Start workers while calls outnumber them (a worker left idle, or one is retiring).
+
+        Then, closing, tell :meth:`close` when only retiring workers are left.
+        """
         while self.workers - self.retiring < min(self.limit, self.pending):
             self._spawn()
+        if self._idle is not None and self.workers <= self.retiring and not self._idle.done():
+            self._idle.set_result(None)
 
     def expire(self, job: _Job, timeout: float) -> None:
         """The call's timeout passed: its awaiter gets the timeout error now, the call is abandoned."""
@@ -232,7 +237,11 @@ class _Pool:
         """Nobody awaits ``job`` any more (no-op once its result was handed back).
 
         Not started, it never will be; running, its thread retires after it and the slot goes
-        to a new thread at once; finished, its result is dropped when it comes back.
+        to a new thread; finished, its result is dropped when it comes back.
+
+        The new thread starts once the loop has run what is ready now: calls given up together
+        (timers due at once, a failing run cancelling its steps) are all abandoned first, so it
+        does not start a queued one that is being abandoned too (that left a stuck thread per call).
         """
         if job.state != _QUEUED:
             return
@@ -243,7 +252,7 @@ class _Pool:
         if job.replaced:
             self.owner.abandoned += 1
             self.retiring += 1
-            self._fill()
+            self.loop.call_soon(self._fill)
         if job.future.done() and not job.future.cancelled():
             job.future.exception()  # retrieved: no "never retrieved" warning for a timeout nobody read
 
@@ -260,12 +269,7 @@ class _Pool:
                 thread.join()  # it has returned from its work already
                 left = True
                 continue
-            if item.state == _ABANDONED:
-                if not item.replaced:  # it had finished when it was abandoned: nobody to tell
-                    continue
-                logger.warning(
-                    "thread step %r finished after it was abandoned; its result was discarded", item.step_name
-                )
+            if item.state == _ABANDONED:  # it had finished when it was abandoned: nobody to tell
                 continue
             item.state = _DONE
             self.pending -= 1
@@ -277,8 +281,6 @@ class _Pool:
                     future.set_exception(item.error)
         if left:
             self._fill()
-            if self._idle is not None and self.workers <= self.retiring and not self._idle.done():
-                self._idle.set_result(None)
 
     async def close(self) -> None:
         """Stop the workers and wait until every one not running an abandoned call has left."""
@@ -310,7 +312,6 @@ class _Pool:
                     wanted = job.state == _QUEUED
                 if not wanted:  # abandoned before it started: nobody waits for it
                     continue
-                job.ran = True
                 try:
                     job.result = job.context.run(job.fn, *job.args, **job.kwargs)
                 except StopIteration as exc:  # a future cannot carry it
@@ -321,7 +322,12 @@ class _Pool:
                 with lock:
                     job.finished = True
                     retired = job.replaced
-                if not self._report(job):
+                if retired:  # said here, not on the loop: a run's loop may be closed by now
+                    logger.warning(
+                        "thread step %r finished after it was abandoned; its result was discarded",
+                        job.step_name,
+                    )
+                elif not self._report(job):
                     return
                 del job
         finally:
