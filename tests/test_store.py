@@ -25,6 +25,7 @@ from flowyml._store import (
     INLINE_LIMIT,
     PRELOAD_PER_STEP,
     CacheEntry,
+    CacheView,
     RunRecord,
     StepRecord,
     StepShape,
@@ -220,6 +221,14 @@ def statements(store: Store) -> Iterator[list[str]]:
         raw.set_trace_callback(None)
 
 
+@contextlib.asynccontextmanager
+async def reopened(store: Store, root: Path, steps: list[str]) -> AsyncIterator[tuple[Store, CacheView]]:
+    """``store`` closed and opened again, with a fresh run's view of ``steps``."""
+    await store.aclose()
+    async with await Store.open(root) as fresh:
+        yield fresh, await fresh.preload(steps)
+
+
 def reads(seen: list[str]) -> list[str]:
     """The statements that read the cache index."""
     return [s for s in seen if s.lstrip().upper().startswith("SELECT") and "cache_entries" in s]
@@ -229,9 +238,7 @@ class TestHotPath:
     async def test_preload_serves_without_query(self, store: Store, root: Path) -> None:
         """After preload, look-up and load through the view do not touch the database."""
         put(store, key="k1", step="s", out=1)
-        await store.aclose()
-        async with await Store.open(root) as fresh:
-            view = await fresh.preload(["s"])
+        async with reopened(store, root, ["s"]) as (fresh, view):
             with statements(fresh) as seen:
                 entry = await fresh.lookup("k1", view=view)
                 assert entry is not None
@@ -241,9 +248,7 @@ class TestHotPath:
     async def test_a_key_the_index_lacks_misses_without_a_query(self, store: Store, root: Path) -> None:
         """The view knows every key of its steps: any other key is a miss, no query, no wait."""
         put(store, key="k1", step="s", out=1)
-        await store.aclose()
-        async with await Store.open(root) as fresh:
-            view = await fresh.preload(["s"])
+        async with reopened(store, root, ["s"]) as (fresh, view):
             with statements(fresh) as seen:
                 found = [await fresh.lookup(f"new-{i}", view=view) for i in range(50)]
             assert found == [None] * 50
@@ -362,9 +367,7 @@ class TestHotPath:
         """Entries of steps not preloaded are not in the view."""
         put(store, key="k1", step="s", out=1)
         put(store, key="k2", step="t", out=2)
-        await store.aclose()
-        async with await Store.open(root) as fresh:
-            view = await fresh.preload(["s"])
+        async with reopened(store, root, ["s"]) as (fresh, view):
             assert await fresh.lookup("k1", query=False, view=view) is not None
             assert await fresh.lookup("k2", query=False, view=view) is None
             assert set(view.entries) == {"k1"}
@@ -395,9 +398,7 @@ class TestHotPath:
         for step_name in ("a", "b", "c"):
             for i in range(2 * PRELOAD_PER_STEP + 3):
                 put(store, key=f"{step_name}{i}", step=step_name, out=i)
-        await store.aclose()
-        async with await Store.open(root) as fresh:
-            view = await fresh.preload(["a", "b", "c"])
+        async with reopened(store, root, ["a", "b", "c"]) as (fresh, view):
             assert len(view.entries) == 3 * PRELOAD_PER_STEP
             assert view.keys is not None and len(view.keys) == 3 * (PRELOAD_PER_STEP + 3)  # the others
             assert len((await fresh.preload(["a"], per_step=1)).entries) == 1
