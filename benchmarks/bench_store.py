@@ -185,10 +185,10 @@ class KeyClock:
         key, hash_large = self._saved
         clock = self
 
-        def timed_key(hooks: Any, *args: Any) -> Any:
+        def timed_key(hooks: Any, *args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             try:
-                return key(hooks, *args)
+                return key(hooks, *args, **kwargs)
             finally:
                 clock.seconds += time.perf_counter() - t0
 
