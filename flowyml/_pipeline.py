@@ -745,8 +745,9 @@ class _Executors:
     async def aclose(self, *, close_given: bool) -> None:
         """Close the executors this run made, and the ones it was given when ``close_given``.
 
-        The thread executors are shared by the pipeline's runs: each run lets go of them, and
-        the last one to end stops their threads.
+        The thread executors are shared by the pipeline's runs: each run lets go of them; the
+        last one to end stops their threads when the run owns its loop (``run()``, which
+        ``close_given`` marks), else they stay warm for the loop's next runs until idle.
         """
         held, self._held = self._held, []
         owned = [ex for ex in (self._process,) if ex is not None]
@@ -755,7 +756,7 @@ class _Executors:
                 await ex.aclose()
         finally:
             for threads, pool in held:
-                await threads.release(pool)
+                await threads.release(pool, stop=close_given)
 
 
 def _refuse_worker_import(name: str) -> None:

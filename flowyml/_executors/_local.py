@@ -53,9 +53,12 @@ class ThreadExecutor(Executor):
 
     Each event loop gets a pool of its own: workers start as steps need them, take calls from
     one queue and hand results back in batches (one loop wake-up for all the calls that finished
-    meanwhile, not one per call). The workers stop when the last run holding the pool ends
-    (:meth:`hold`, :meth:`release`) or at :meth:`aclose`, and on their own after
-    ``IDLE_SECONDS`` without work, so a loop that closes without either leaves none for long.
+    meanwhile, not one per call). Workers stay between the runs of one loop (a run that starts
+    finds them warm: starting a thread blocks the loop until the OS schedules it, which cost
+    a 1,000-item mapped run a third of its time on a busy machine) and leave after
+    ``IDLE_SECONDS`` without work; they stop at once when the last run holding the pool ends
+    on a loop it owns (``pipeline.run()``: :meth:`hold`, ``release(stop=True)``), at
+    :meth:`aclose`, or when the loop shuts down (``asyncio.run`` cancels the pool's keeper task).
 
     A thread cannot be killed: on a timeout or a cancellation the run stops waiting at once and
     the step fails (or is cancelled); the thread finishes on its own, its late result is
@@ -120,10 +123,11 @@ class ThreadExecutor(Executor):
         pool.holders += 1
         return pool
 
-    async def release(self, held: _Pool) -> None:
-        """Let go of what :meth:`hold` returned; the last holder stops the workers and waits for them."""
+    async def release(self, held: _Pool, *, stop: bool = False) -> None:
+        """Let go of what :meth:`hold` returned; with ``stop``, the last holder stops the workers
+        and waits for them (else they leave once idle for ``IDLE_SECONDS``)."""
         held.holders -= 1
-        if held.holders <= 0:
+        if held.holders <= 0 and stop:
             await held.close()
 
     async def aclose(self) -> None:
@@ -193,6 +197,7 @@ class _Pool:
         self._wake_pending = False
         self._started = 0
         self._idle: asyncio.Future[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
         self._loop_ref = weakref.ref(loop)  # the owner holds pools by loop, weakly: not the loop alive
 
     @property
@@ -210,6 +215,8 @@ class _Pool:
             self._spawn()
 
     def _spawn(self) -> None:
+        if self._keeper is None and not self.closing:
+            self._keeper = self.loop.create_task(self._keep(), name="flowyml-thread-pool")
         name = f"flowyml-thread_{self._started}"
         self._started += 1
         threading.Thread(target=self._work, name=name, daemon=True).start()
@@ -282,8 +289,20 @@ class _Pool:
         if left:
             self._fill()
 
+    async def _keep(self) -> None:
+        """Waits for the loop's shutdown (``asyncio.run`` cancels every task left), then closes."""
+        try:
+            await self.loop.create_future()
+        except asyncio.CancelledError:
+            self._keeper = None
+            await self.close()
+            raise
+
     async def close(self) -> None:
         """Stop the workers and wait until every one not running an abandoned call has left."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None and keeper is not asyncio.current_task():
+            keeper.cancel()
         if not self.closing:
             self.closing = True
             self.owner._forget(self)
@@ -380,8 +399,8 @@ class LocalExecutor(Executor):
         """Keep the thread workers between calls until :meth:`release` (see :meth:`ThreadExecutor.hold`)."""
         return self._threads.hold()
 
-    async def release(self, held: _Pool) -> None:
-        await self._threads.release(held)
+    async def release(self, held: _Pool, *, stop: bool = False) -> None:
+        await self._threads.release(held, stop=stop)
 
     async def aclose(self) -> None:
         await self._threads.aclose()
