@@ -928,6 +928,37 @@ class Store:
             view.entries[key] = flat
         return _entry_of(flat)
 
+    def inline_hit(
+        self, key: str, view: CacheView | None
+    ) -> tuple[dict[str, Any], float, dict[str, str]] | None:
+        """A hit served at once from an entry held in memory or ``view`` whose outputs are all
+        inline: its outputs by name, the duration that made them and their artifact hashes.
+
+        Every blob's length and xxh3-128 are checked before it is unpickled, as :meth:`load`
+        checks them; no record object is made. None when the entry is not held here, has an
+        output in a file, or anything about it is wrong: then :meth:`lookup` and :meth:`load`
+        decide (and report a corrupt entry), so this path never hides one.
+        """
+        flat = self._memory.get(key)
+        if flat is None:
+            if view is None:
+                return None
+            flat = view.entries.get(key)
+            if flat is None:
+                return None
+        values: dict[str, Any] = {}
+        hashes: dict[str, str] = {}
+        for i in range(_HEAD, len(flat), _OUT):
+            name, digest, size, _type, data = flat[i : i + _OUT]
+            if data is None or len(data) != size or _hexdigest(data) != digest:
+                return None
+            try:
+                values[name] = cloudpickle.loads(data)
+            except Exception:
+                return None
+            hashes[name] = digest
+        return values, flat[3], hashes
+
     def _forget(self, key: str) -> None:
         """Serve ``key`` from neither memory nor any view (it was found corrupt or removed)."""
         self._memory.pop(key, None)
