@@ -136,6 +136,10 @@ class StoreHooks(RunHooks):
         self._keys[node.id] = key
         store = self.store
         flights = self._flights
+        hit = store.inline_hit(key, self.view)
+        if hit is not None:
+            self._hit_hashes[node.id] = hit[2]
+            return Lookup(key, hit[0], hit[1], CACHE_HIT)
         while True:
             entry = await store.lookup(key, view=self.view)
             if entry is not None:

@@ -8,6 +8,8 @@ import dataclasses
 import importlib.util
 import json
 import os
+import pickle
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -21,6 +23,7 @@ import pytest
 
 from flowyml import CachePolicy, Pipeline, StepStatus, context, step
 from flowyml._store import Store
+from flowyml._store._db import DB_NAME
 from flowyml.errors import CacheCorruptionWarning, UncachedStepWarning, UnhashableInputError
 
 
@@ -315,6 +318,32 @@ class TestCorruption:
         assert result["data"] == big
         assert len(calls) == 2
         assert p.run().step_results["produce"].cached
+
+    def test_corrupted_inline_value_is_recomputed_with_a_warning(self, tmp_path: Path) -> None:
+        """A changed inline blob (held in the run's preloaded view) is detected on the rerun,
+        reported, recomputed and cached again; its bytes are never returned."""
+        calls = Calls()
+
+        @step(outputs=["data"])
+        def produce() -> list[int]:
+            calls.append(1)
+            return [1, 2, 3]
+
+        p = Pipeline("corrupt-inline", cache_dir=tmp_path / "s").add_step(produce)
+        p.run()
+        conn = sqlite3.connect(tmp_path / "s" / DB_NAME)
+        with conn:
+            changed = conn.execute("UPDATE cache_outputs SET inline = ?", (pickle.dumps([7, 7, 7]),)).rowcount
+        conn.close()
+        assert changed == 1
+        with pytest.warns(CacheCorruptionWarning, match="produce"):
+            result = p.run()
+        assert result["data"] == [1, 2, 3]
+        assert len(calls) == 2
+        again = p.run()
+        assert again.step_results["produce"].cached
+        assert again["data"] == [1, 2, 3]
+        assert len(calls) == 2
 
 
 class TestLineage:

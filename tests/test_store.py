@@ -245,6 +245,43 @@ class TestHotPath:
                 assert await fresh.load(entry) == {"out": 1}
             assert seen == []
 
+    async def test_inline_hit_serves_a_preloaded_entry(self, store: Store, root: Path) -> None:
+        """A preloaded inline entry is served as outputs, duration and hashes, without a query."""
+        hashes = put(store, key="k1", step="s", out=[1, 2], other="x")
+        await store.aclose()
+        async with await Store.open(root) as fresh:
+            view = await fresh.preload(["s"])
+            with statements(fresh) as seen:
+                assert fresh.inline_hit("k1", view) == ({"out": [1, 2], "other": "x"}, 2.5, hashes)
+                assert fresh.inline_hit("k2", view) is None
+                assert fresh.inline_hit("k1", None) is None  # neither in memory nor in a view
+            assert seen == []
+
+    async def test_inline_hit_serves_an_uncommitted_put(self, store: Store) -> None:
+        """An entry put and not committed yet is served from memory."""
+        hashes = put(store, key="k1", out=3)
+        assert store.inline_hit("k1", None) == ({"out": 3}, 2.5, hashes)
+
+    async def test_inline_hit_leaves_files_and_corruption_to_load(self, store: Store, root: Path) -> None:
+        """An output in a file, or a changed blob, is not served: look-up and load decide, and
+        the corrupt entry is reported and dropped by them."""
+        put(store, key="big", step="s", out=big())
+        put(store, key="k1", step="s", out="hello")
+        await store.aclose()
+        sql(root, "UPDATE cache_outputs SET inline = ? WHERE key = 'k1'", (b"\x80\x05K\x07.",))
+        async with await Store.open(root) as fresh:
+            view = await fresh.preload(["s"])
+            assert fresh.inline_hit("big", view) is None
+            entry = await fresh.lookup("big", view=view)
+            assert entry is not None and await fresh.load(entry) == {"out": big()}
+            assert fresh.inline_hit("k1", view) is None  # nothing reported here
+            entry = await fresh.lookup("k1", view=view)
+            assert entry is not None
+            with pytest.warns(CacheCorruptionWarning, match="inline"):
+                assert await fresh.load(entry) is None
+            assert fresh.inline_hit("k1", view) is None
+            assert await fresh.lookup("k1", view=view) is None
+
     async def test_a_key_the_index_lacks_misses_without_a_query(self, store: Store, root: Path) -> None:
         """The view knows every key of its steps: any other key is a miss, no query, no wait."""
         put(store, key="k1", step="s", out=1)
