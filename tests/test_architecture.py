@@ -17,7 +17,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "flowyml"
 
 # Libraries every stage may use; they import no stage module. _log and _otel: the records and
 # spans the runner makes as fates are decided; _collector: what runs ask of the garbage collector.
-FOUNDATION = ("_errors", "_results", "_hashing", "_store", "_executors", "_catalog", "_log", "_otel", "_collector")
+FOUNDATION = (
+    "_errors",
+    "_results",
+    "_hashing",
+    "_store",
+    "_executors",
+    "_catalog",
+    "_log",
+    "_otel",
+    "_collector",
+)
 STAGES = {
     "define": (
         "_step",
