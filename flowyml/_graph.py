@@ -295,6 +295,7 @@ def _build_plan(
             and not item
         )
     bindings = []
+    backward = False  # whether some step reads a step given after it
     dependents: list[list[int]] = [[] for _ in steps]
     streams_to: list[list[int]] = [[] for _ in steps]
     context_needs: list[tuple[int, Source]] = []
@@ -324,9 +325,8 @@ def _build_plan(
         labels: list[tuple[str, int]] = []
         mapped = s.map_over
         # Every source's parameter is its label: a keyword's key is the parameter it fills.
-        for src in (
-            (*positional, *var_pos, *[kw for _, kw in keyword]) if keyword else (*positional, *var_pos)
-        ):
+        sources = (*positional, *var_pos) if positional else var_pos
+        for src in (*sources, *[kw for _, kw in keyword]) if keyword else sources:
             kind, slot, source_name, default, parameter = src
             if kind == SLOT:
                 p = slot_producer[slot]
@@ -334,6 +334,8 @@ def _build_plan(
                 lineage_inputs[parameter] = (names[p], source_name)
                 if p not in deps:
                     deps[p] = None
+                    if p > i:
+                        backward = True
                     streamed = mapped and itemized[p] and source_name in mapped
                     (streams_to if streamed else dependents)[p].append(i)
             else:
@@ -378,6 +380,7 @@ def _build_plan(
 
     qualified: dict[int, str] = {}
     nodes: list[Node] = []
+    shapes: list[StepShape] = []
     for i, s in enumerate(steps):
         positional, var_pos, keyword = bindings[i]
         deps_i, inputs_i, labels_i = edges[i]
@@ -407,8 +410,13 @@ def _build_plan(
         )
         node.__class__ = Node
         nodes.append(node)
-    order = _check_acyclic(nodes)
-    unpaced = _unpaced(nodes, order) if any(streams_to) else frozenset()
+        shapes.append(StepShape(names[i], outs, inputs_i))
+    streaming = any(streams_to)
+    grouped = any(s.execution_group is not None for s in steps)
+    # Steps that each come after the steps they read cannot form a cycle, and without streams
+    # or execution groups nothing else needs a topological order.
+    order = _check_acyclic(nodes) if backward or streaming or grouped else []
+    unpaced = _unpaced(nodes, order) if streaming else frozenset()
     index = {id(s): i for i, s in enumerate(steps)} if flows else {}
     gates = tuple(
         Gate(
@@ -419,20 +427,19 @@ def _build_plan(
         )
         for f in flows
     )
-    shapes = tuple([StepShape(n.name, n.output_names, n.lineage_inputs) for n in nodes])
     return Plan(
         nodes=tuple(nodes),
         slot_names=tuple(slot_names),
-        roots=tuple(n.id for n in nodes if not n.deps),
-        by_name={n.name: n for n in nodes},
+        roots=tuple([n.id for n in nodes if not n.deps]),
+        by_name=dict(zip(names, nodes, strict=True)),
         context_needs=tuple((nodes[i], src) for i, src in context_needs),
         gates=gates,
         chains=find_chains(nodes, order, {i for g in gates for i in (*g.then_ids, *g.else_ids)})
-        if any(s.execution_group is not None for s in steps)
+        if grouped
         else {},
         requests=tuple(requests_for(n.name, n.step.resources, capacity) for n in nodes) if capacity else (),
         direct=tuple(direct),
-        shapes=shapes,
+        shapes=tuple(shapes),
         maps=maps,
         itemized=tuple(i for i, yes in enumerate(itemized) if yes),
         limited=tuple(limited),
@@ -589,13 +596,14 @@ def _bind(
                 bound[inp] = _wired(inp, inp, defaults[inp], name, index, slot_of, slot_producer)
     if leftover:
         free_positional = [p for p in layout.positional if p not in bound] if layout.positional else []
+        n_free = len(free_positional)
         free = 0
         var_pos = layout.var_pos
-        var_labels = (
-            layout.var_labels_for(len(leftover) - len(free_positional)) if var_pos is not None else []
-        )
+        var_labels = layout.var_labels
+        if var_pos is not None and len(var_labels) < len(leftover) - n_free:
+            layout.var_labels_for(len(leftover) - n_free)  # extends var_labels in place
         for inp in leftover:
-            if free < len(free_positional):
+            if free < n_free:
                 param = free_positional[free]
                 free += 1
                 bound[param] = _wired(inp, param, defaults[param], name, index, slot_of, slot_producer)
