@@ -297,7 +297,7 @@ def _build_plan(
     bindings = []
     backward = False  # whether some step reads a step given after it
     dependents: list[list[int]] = [[] for _ in steps]
-    streams_to: list[list[int]] = [[] for _ in steps]
+    streams_to: dict[int, list[int]] = {}  # only the few producers whose items stream, by id
     context_needs: list[tuple[int, Source]] = []
     maps: dict[int, MapSpec] = {}
     edges: list[tuple[tuple[int, ...], Mapping[str, tuple[str, str]], tuple[tuple[str, int], ...]]] = []
@@ -337,7 +337,10 @@ def _build_plan(
                     if p > i:
                         backward = True
                     streamed = mapped and itemized[p] and source_name in mapped
-                    (streams_to if streamed else dependents)[p].append(i)
+                    if streamed:
+                        streams_to.setdefault(p, []).append(i)
+                    else:
+                        dependents[p].append(i)
             else:
                 labels.append((parameter, -1))
                 if default is MISSING:
@@ -391,7 +394,7 @@ def _build_plan(
                 f"{getattr(body, '__module__', '?')}.{getattr(body, '__qualname__', '?')}"
             )
         outs = outputs_of[i]
-        streamed_to = streams_to[i]
+        streamed_to = streams_to.get(i)
         node = _NodeBuilder(
             i,
             s,
@@ -411,7 +414,7 @@ def _build_plan(
         node.__class__ = Node
         nodes.append(node)
         shapes.append(StepShape(names[i], outs, inputs_i))
-    streaming = any(streams_to)
+    streaming = bool(streams_to)
     grouped = any(s.execution_group is not None for s in steps)
     # Steps that each come after the steps they read cannot form a cycle, and without streams
     # or execution groups nothing else needs a topological order.
