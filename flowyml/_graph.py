@@ -92,6 +92,17 @@ class Node:
         return out
 
 
+# A mutable twin of Node with the same slots: planning fills one with a plain __init__ and turns
+# it into a Node by assigning its class, several times cheaper than the frozen dataclass's
+# __init__ (one object.__setattr__ call per field), once per step of the plan.
+_NodeBuilder: Any = dataclasses.make_dataclass(
+    "_NodeBuilder", [(f.name, f.type) for f in dataclasses.fields(Node)], slots=True, eq=False
+)
+_new_source: Final = tuple.__new__
+"""``_new_source(Source, (kind, slot, name, default, parameter))``: a Source without the named
+tuple's Python-level ``__new__``, for the one place that makes one per argument of a fan-in."""
+
+
 @dataclass(frozen=True, slots=True)
 class MapSpec:
     """Where a mapped node's items come from: one entry per ``map_over`` input, zipped.
@@ -284,15 +295,27 @@ def _build_plan(
             and not item
         )
     bindings = []
+    backward = False  # whether some step reads a step given after it
     dependents: list[list[int]] = [[] for _ in steps]
-    streams_to: list[list[int]] = [[] for _ in steps]
+    streams_to: dict[int, list[int]] = {}  # only the few producers whose items stream, by id
     context_needs: list[tuple[int, Source]] = []
     maps: dict[int, MapSpec] = {}
     edges: list[tuple[tuple[int, ...], Mapping[str, tuple[str, str]], tuple[tuple[str, int], ...]]] = []
+    unbound: tuple[tuple[Source, ...], tuple[Source, ...], tuple[tuple[str, Source], ...]] = ((), (), ())
+    unwired: tuple[tuple[int, ...], Mapping[str, tuple[str, str]], tuple[tuple[str, int], ...]] = (
+        (),
+        _NO_INPUTS,
+        (),
+    )
     for i, s in enumerate(steps):
         layout = layouts.get(id(s.signature))
         if layout is None:
             layout = layouts[id(s.signature)] = _Layout(s.signature)
+        if not s.inputs and not layout.named and not s.map_over:
+            # Nothing to bind (a source step taking only *args / **kwargs, or nothing at all).
+            bindings.append(unbound)
+            edges.append(unwired)
+            continue
         positional, var_pos, keyword = binding = _bind(
             s, names[i], i, layout, slot_of, slot_producer, types[i], routed
         )
@@ -302,20 +325,25 @@ def _build_plan(
         labels: list[tuple[str, int]] = []
         mapped = s.map_over
         # Every source's parameter is its label: a keyword's key is the parameter it fills.
-        for src in (
-            (*positional, *var_pos, *[kw for _, kw in keyword]) if keyword else (*positional, *var_pos)
-        ):
-            if src.kind == SLOT:
-                p = slot_producer[src.slot]
-                labels.append((src.parameter, src.slot))
-                lineage_inputs[src.parameter] = (names[p], src.name)
+        sources = (*positional, *var_pos) if positional else var_pos
+        for src in (*sources, *[kw for _, kw in keyword]) if keyword else sources:
+            kind, slot, source_name, default, parameter = src
+            if kind == SLOT:
+                p = slot_producer[slot]
+                labels.append((parameter, slot))
+                lineage_inputs[parameter] = (names[p], source_name)
                 if p not in deps:
                     deps[p] = None
-                    streamed = mapped and itemized[p] and src.name in mapped
-                    (streams_to if streamed else dependents)[p].append(i)
+                    if p > i:
+                        backward = True
+                    streamed = mapped and itemized[p] and source_name in mapped
+                    if streamed:
+                        streams_to.setdefault(p, []).append(i)
+                    else:
+                        dependents[p].append(i)
             else:
-                labels.append((src.parameter, -1))
-                if src.default is MISSING:
+                labels.append((parameter, -1))
+                if default is MISSING:
                     context_needs.append((i, src))
         if mapped:
             maps[i] = _map_spec(mapped, positional, var_pos, keyword, slot_producer, itemized)
@@ -355,6 +383,7 @@ def _build_plan(
 
     qualified: dict[int, str] = {}
     nodes: list[Node] = []
+    shapes: list[StepShape] = []
     for i, s in enumerate(steps):
         positional, var_pos, keyword = bindings[i]
         deps_i, inputs_i, labels_i = edges[i]
@@ -364,26 +393,33 @@ def _build_plan(
             where = qualified[id(body)] = (
                 f"{getattr(body, '__module__', '?')}.{getattr(body, '__qualname__', '?')}"
             )
-        nodes.append(
-            Node(
-                i,
-                s,
-                names[i],
-                outputs_of[i],
-                output_slots[i],
-                positional,
-                var_pos,
-                keyword,
-                deps_i,
-                tuple(dependents[i]),
-                inputs_i,
-                f"{where}|{names[i]}|{','.join(outputs_of[i])}",
-                labels_i,
-                tuple(streams_to[i]),
-            )
+        outs = outputs_of[i]
+        streamed_to = streams_to.get(i)
+        node = _NodeBuilder(
+            i,
+            s,
+            names[i],
+            outs,
+            output_slots[i],
+            positional,
+            var_pos,
+            keyword,
+            deps_i,
+            tuple(dependents[i]),
+            inputs_i,
+            f"{where}|{names[i]}|{outs[0] if len(outs) == 1 else ','.join(outs)}",
+            labels_i,
+            tuple(streamed_to) if streamed_to else (),
         )
-    order = _check_acyclic(nodes)
-    unpaced = _unpaced(nodes, order) if any(streams_to) else frozenset()
+        node.__class__ = Node
+        nodes.append(node)
+        shapes.append(StepShape(names[i], outs, inputs_i))
+    streaming = bool(streams_to)
+    grouped = any(s.execution_group is not None for s in steps)
+    # Steps that each come after the steps they read cannot form a cycle, and without streams
+    # or execution groups nothing else needs a topological order.
+    order = _check_acyclic(nodes) if backward or streaming or grouped else []
+    unpaced = _unpaced(nodes, order) if streaming else frozenset()
     index = {id(s): i for i, s in enumerate(steps)} if flows else {}
     gates = tuple(
         Gate(
@@ -394,20 +430,19 @@ def _build_plan(
         )
         for f in flows
     )
-    shapes = tuple([StepShape(n.name, n.output_names, n.lineage_inputs) for n in nodes])
     return Plan(
         nodes=tuple(nodes),
         slot_names=tuple(slot_names),
-        roots=tuple(n.id for n in nodes if not n.deps),
-        by_name={n.name: n for n in nodes},
+        roots=tuple([n.id for n in nodes if not n.deps]),
+        by_name=dict(zip(names, nodes, strict=True)),
         context_needs=tuple((nodes[i], src) for i, src in context_needs),
         gates=gates,
         chains=find_chains(nodes, order, {i for g in gates for i in (*g.then_ids, *g.else_ids)})
-        if any(s.execution_group is not None for s in steps)
+        if grouped
         else {},
         requests=tuple(requests_for(n.name, n.step.resources, capacity) for n in nodes) if capacity else (),
         direct=tuple(direct),
-        shapes=shapes,
+        shapes=tuple(shapes),
         maps=maps,
         itemized=tuple(i for i, yes in enumerate(itemized) if yes),
         limited=tuple(limited),
@@ -527,12 +562,12 @@ class _Layout:
         self.var_labels: list[str] = []
         """``*args[0]``, ``*args[1]``, ...: one string per place, shared by the steps of the layout."""
 
-    def var_label(self, k: int) -> str:
-        """The label of the ``k``-th argument that overflows into ``*args``."""
+    def var_labels_for(self, count: int) -> list[str]:
+        """The labels, at least ``count`` of them, of the arguments that overflow into ``*args``."""
         labels = self.var_labels
-        while len(labels) <= k:
-            labels.append(f"*{self.var_pos}[{len(labels)}]")
-        return labels[k]
+        if len(labels) < count:
+            labels += [f"*{self.var_pos}[{k}]" for k in range(len(labels), count)]
+        return labels
 
 
 def _bind(
@@ -564,19 +599,22 @@ def _bind(
                 bound[inp] = _wired(inp, inp, defaults[inp], name, index, slot_of, slot_producer)
     if leftover:
         free_positional = [p for p in layout.positional if p not in bound] if layout.positional else []
+        n_free = len(free_positional)
         free = 0
-        var_pos, var_labels = layout.var_pos, layout.var_labels
+        var_pos = layout.var_pos
+        var_labels = layout.var_labels
+        if var_pos is not None and len(var_labels) < len(leftover) - n_free:
+            layout.var_labels_for(len(leftover) - n_free)  # extends var_labels in place
         for inp in leftover:
-            if free < len(free_positional):
+            if free < n_free:
                 param = free_positional[free]
                 free += 1
                 bound[param] = _wired(inp, param, defaults[param], name, index, slot_of, slot_producer)
             elif var_pos is not None:
-                k = len(extra_pos)
-                label = var_labels[k] if k < len(var_labels) else layout.var_label(k)
+                label = var_labels[len(extra_pos)]
                 slot = slot_of.get(inp)
                 if slot is not None and slot_producer[slot] != index:  # the common case, inline
-                    extra_pos.append(Source(SLOT, slot, inp, MISSING, label))
+                    extra_pos.append(_new_source(Source, (SLOT, slot, inp, MISSING, label)))
                 else:
                     extra_pos.append(_wired(inp, label, MISSING, name, index, slot_of, slot_producer))
             elif layout.var_kw is not None:
