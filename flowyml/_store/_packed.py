@@ -113,6 +113,17 @@ class StepShape:
             encoded = self._encoded = (_quote(self.name), null_outputs, "{" + inputs + "}")
         return encoded
 
+    @staticmethod
+    def encode_all(shapes: Iterable[StepShape]) -> None:
+        """Encode every shape of a plan now, in one pass (the engine does so at its first lineage run).
+
+        Encoded one by one as records come, the encodings of a large run land between its
+        short-lived objects and keep the allocator arenas it touched resident after it ends.
+        """
+        for shape in shapes:
+            if shape._encoded is None:
+                shape.encoded()
+
     @property
     def quoted_inputs(self) -> str:
         return self.encoded()[2]
