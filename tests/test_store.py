@@ -1326,3 +1326,59 @@ def test_step_shape_encodes_its_inputs_as_json_would() -> None:
         {k: list(v) for k, v in inputs.items()}, ensure_ascii=False, separators=(",", ":")
     )
     assert json.loads(StepShape("s", ["out"], None).quoted_inputs) == {}
+
+
+def _sqlite_memory_used() -> int:
+    """Bytes SQLite holds in this process (all connections), from the library Python links."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("sqlite3")
+    if name is None:
+        pytest.skip("no shared SQLite library to ask")
+    lib = ctypes.CDLL(name)
+    lib.sqlite3_memory_used.restype = ctypes.c_int64
+    used: int = lib.sqlite3_memory_used()
+    return used
+
+
+class TestPageCacheAfterLargeWork:
+    """A process-long store hands back the page cache a large read or lineage batch filled."""
+
+    @staticmethod
+    def _pipeline(root: Path, n: int, *, cache: bool) -> Any:
+        from flowyml import Pipeline, step
+
+        async def noop() -> None:
+            return None
+
+        p = Pipeline("pages", enable_cache=cache, lineage=True, cache_dir=root)
+        for i in range(n):
+            p.add_step(step(name=f"s{i}", outputs=[f"r{i}"])(noop))
+        return p
+
+    @pytest.mark.slow
+    async def test_a_large_preload_keeps_no_pages(self, tmp_path: Path) -> None:
+        from flowyml import open_store
+
+        p = self._pipeline(tmp_path, 6000, cache=True)
+        await p.arun()
+        store = await open_store(tmp_path)
+        await store.flush()
+        before = _sqlite_memory_used()
+        view = await store.preload(f"s{i}" for i in range(6000))
+        assert len(view.entries) == 6000
+        assert _sqlite_memory_used() - before < 256 * 1024
+
+    @pytest.mark.slow
+    async def test_a_large_lineage_batch_keeps_no_pages(self, tmp_path: Path) -> None:
+        from flowyml import open_store
+
+        p = self._pipeline(tmp_path, 6000, cache=False)
+        await p.arun()  # the store is open, its schema read
+        store = await open_store(tmp_path)
+        await store.flush()
+        before = _sqlite_memory_used()
+        await p.arun()
+        await store.flush()
+        assert _sqlite_memory_used() - before < 256 * 1024
