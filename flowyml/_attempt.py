@@ -266,7 +266,13 @@ class UnitRunner:
         return self._bare_done(node, ret, began, _perf() - t0, args, kwargs)
 
     def _bare_done(
-        self, node: Node, produced: dict[str, Any], began: float, took: float, args: list[Any], kwargs: dict[str, Any]
+        self,
+        node: Node,
+        produced: dict[str, Any],
+        began: float,
+        took: float,
+        args: list[Any],
+        kwargs: dict[str, Any],
     ) -> bool:
         """Record a bare step that returned ``produced``."""
         res = _Builder(node.name, StepStatus.SUCCEEDED, produced, None, None, 1, began, began + took, took)
@@ -290,7 +296,9 @@ class UnitRunner:
         kwargs: dict[str, Any],
     ) -> bool:
         """Record a bare step that raised ``exc`` (FAILED) or was cancelled (CANCELLED, ``exc`` None)."""
-        res = self._result(node, status, {}, exc, None, True, began, t0, 0.0, None, None, (), self._why[node.id])
+        res = self._result(
+            node, status, {}, exc, None, True, began, t0, 0.0, None, None, (), self._why[node.id]
+        )
         if exc is not None:
             return self.settle(node, res, args, kwargs, args, kwargs)
         self.state.results[node.id] = res

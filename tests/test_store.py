@@ -1328,6 +1328,11 @@ def test_step_shape_encodes_its_inputs_as_json_would() -> None:
     assert json.loads(StepShape("s", ["out"], None).quoted_inputs) == {}
 
 
+def test_step_shapes_without_inputs_share_their_encoding() -> None:
+    """A plan keeps a shape per node; the inputs of every node without any are one string."""
+    assert StepShape("a", ["x"], None).quoted_inputs is StepShape("b", ["y"], {}).quoted_inputs
+
+
 def _sqlite_memory_used() -> int:
     """Bytes SQLite holds in this process (all connections), from the library Python links."""
     import ctypes

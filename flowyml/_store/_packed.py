@@ -110,7 +110,11 @@ class StepShape:
             null_outputs = "{" + ",".join(f"{_quote(n)}:null" for n in self.output_names) + "}"
             # By hand, as json.dumps would (5 us a step through the encoder).
             inputs = ",".join(f"{_quote(k)}:[{_quote(p)},{_quote(o)}]" for k, (p, o) in self.inputs.items())
-            encoded = self._encoded = (_quote(self.name), null_outputs, "{" + inputs + "}")
+            encoded = self._encoded = (
+                _quote(self.name),
+                null_outputs,
+                "{" + inputs + "}" if inputs else "{}",
+            )
         return encoded
 
     @staticmethod
