@@ -161,7 +161,7 @@ class Pipeline:
             raise ConfigError(f"step {step_.name!r} was already added to pipeline {self.name!r}")
         self._step_ids.add(id(step_))
         self._steps.append(step_)
-        self._plan = None
+        self._forget_plan()
         return self
 
     def add_control_flow(self, flow: If) -> Pipeline:
@@ -178,8 +178,13 @@ class Pipeline:
                     f"{flow.name} shares a branch step with {other.name}; a step may sit in one If only"
                 )
         self._flows.append(flow)
-        self._plan = None
+        self._forget_plan()
         return self
+
+    def _forget_plan(self) -> None:
+        """A step or flow was added: the next run plans again, and what the old plan kept for
+        its runs (key layouts, encoded shapes) goes with it rather than until the next run."""
+        self._plan = self._keys = self._shaped = None
 
     def plan(self) -> Plan:
         """The validated DAG, built on first use and reused until a step is added.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -281,3 +282,12 @@ class TestWhatAPlanKeeps:
         p.run()
         assert seen == [True]
         assert p._keys is None
+
+    def test_adding_a_step_lets_the_old_plan_and_its_caches_go(self) -> None:
+        p = Pipeline("replan", enable_cache=True, lineage=True)
+        p.add_step(step(outputs=["a"])(lambda: 1))
+        p.run()
+        plan = p.plan()
+        p.add_step(step(inputs=["a"], outputs=["b"])(lambda a: a + 1))
+        gc.collect()
+        assert sys.getrefcount(plan) == 2  # this name and the call's argument: nothing else holds it
