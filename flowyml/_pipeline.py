@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 __all__ = ("Pipeline",)
 
 DEFAULT_MAX_THREADS = 40
+#: Runs of this many steps or more have the store hand back SQLite's page cache after them.
+_LARGE_RUN = 5_000
 
 
 class Pipeline:
@@ -478,6 +480,8 @@ class Pipeline:
                 errors += await store.settle(mark, wait=wait)
             finally:
                 hooks.release()
+                if len(hooks.plan.nodes) >= _LARGE_RUN:
+                    store.hand_back_pages()  # after the run's records, without waiting for it
         if self.lineage:
             errors += await self._register_assets(store, run, run_id)
 

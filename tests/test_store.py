@@ -1363,7 +1363,7 @@ class TestPageCacheAfterLargeWork:
         return p
 
     @pytest.mark.slow
-    async def test_a_large_preload_keeps_no_pages(self, tmp_path: Path) -> None:
+    async def test_pages_a_preload_read_are_handed_back(self, tmp_path: Path) -> None:
         from flowyml import open_store
 
         p = self._pipeline(tmp_path, 6000, cache=True)
@@ -1373,17 +1373,21 @@ class TestPageCacheAfterLargeWork:
         before = _sqlite_memory_used()
         view = await store.preload(f"s{i}" for i in range(6000))
         assert len(view.entries) == 6000
+        store.hand_back_pages()
+        await store.flush()
         assert _sqlite_memory_used() - before < 256 * 1024
 
     @pytest.mark.slow
-    async def test_a_large_lineage_batch_keeps_no_pages(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("cache", [True, False], ids=["rerun", "lineage"])
+    async def test_a_large_run_keeps_no_pages(self, tmp_path: Path, cache: bool) -> None:
         from flowyml import open_store
 
-        p = self._pipeline(tmp_path, 6000, cache=False)
-        await p.arun()  # the store is open, its schema read
+        p = self._pipeline(tmp_path, 6000, cache=cache)
+        await p.arun()  # the store is open, its schema read, the cache filled
         store = await open_store(tmp_path)
         await store.flush()
         before = _sqlite_memory_used()
-        await p.arun()
+        result = await p.arun()
+        assert all(r.cached for r in result.step_results.values()) == cache
         await store.flush()
         assert _sqlite_memory_used() - before < 256 * 1024

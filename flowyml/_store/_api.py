@@ -560,12 +560,16 @@ class _BatchRows:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
             raise
-        steps = len(self._batch.steps) // 4  # lineage: a few packed rows for thousands of steps
-        if steps + sum(len(rows) for _, rows in self._built) >= _SHRINK_ROWS:
+        if sum(len(rows) for _, rows in self._built) >= _SHRINK_ROWS:
             # A large batch grew the page cache (up to _db.CACHE_KIB): hand it back, so a
             # process-long store does not keep it after the run.
             with contextlib.suppress(sqlite3.Error):
                 db.execute("PRAGMA shrink_memory")
+
+
+async def _shrink_memory(conn: aiosqlite.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error, ValueError):
+        await _db.on_thread(conn, lambda db: db.execute("PRAGMA shrink_memory"))
 
 
 def _run_row(r: RunRecord) -> tuple[Any, ...]:
@@ -870,18 +874,8 @@ class Store:
                 return db.execute(_ALL_ENTRIES, (listed,)).fetchall(), keys
             return db.execute(_RECENT_ENTRIES, (listed, per_step)).fetchall(), keys
 
-        def read_all(db: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
-            rows, keys = read(db)
-            if len(keys) >= _SHRINK_ROWS:
-                # The read filled the page cache (up to _db.CACHE_KIB) with index pages the run
-                # does not read again (its hits are served from the view): hand them back, so a
-                # process-long store does not keep them (0.6 KiB a step after a 20,000-step rerun).
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("PRAGMA shrink_memory")
-            return rows, keys
-
         try:
-            rows, keys = await _db.on_thread(self._conn, read_all)
+            rows, keys = await _db.on_thread(self._conn, read)
         except sqlite3.DatabaseError as exc:
             # Damaged pages or the like: no preloaded hits, each look-up asks (and may miss).
             self._log_error(
@@ -1395,6 +1389,17 @@ class Store:
         with contextlib.suppress(sqlite3.Error, ValueError):
             if self._conn.in_transaction:
                 await self._conn.execute("ROLLBACK")
+
+    def hand_back_pages(self) -> None:
+        """After a large run: once what is queued is committed, SQLite hands back its page cache.
+
+        A run's preload read and lineage batches fill it (up to ``_db.CACHE_KIB``) with pages the
+        next run need not find there; the writer shrinks it after large cache batches only, and a
+        process-long store kept the rest (0.6 KiB a step after a 20,000-step rerun). Not awaited.
+        """
+        if self._closed or self.read_only:
+            return
+        self._queue.put_nowait(_Call(_shrink_memory, asyncio.get_running_loop().create_future()))
 
     async def _call(self, fn: Callable[[aiosqlite.Connection], Awaitable[Any]]) -> Any:
         """Run ``fn`` on the writer, after everything queued before it is committed."""
