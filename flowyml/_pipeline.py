@@ -79,8 +79,8 @@ class Pipeline:
     each cached node's key layout and each node's encoded lineage shape (about 0.6 KiB a step
     for no-input steps, more for a fan-in's labels), made in one pass before that run's first
     step and freed with the pipeline or when a step is added. Nothing of a run outlives its
-    result; the process-wide store keeps its connection (SQLite hands its page cache back after
-    large reads and batches).
+    result; the process-wide store keeps its connection, whose page cache SQLite hands back
+    after a run of 5,000 steps or more.
     """
 
     def __init__(
