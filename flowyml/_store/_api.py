@@ -567,6 +567,11 @@ class _BatchRows:
                 db.execute("PRAGMA shrink_memory")
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def _shrink_memory(conn: aiosqlite.Connection) -> None:
     with contextlib.suppress(sqlite3.Error, ValueError):
         await _db.on_thread(conn, lambda db: db.execute("PRAGMA shrink_memory"))
@@ -1399,7 +1404,9 @@ class Store:
         """
         if self._closed or self.read_only:
             return
-        self._queue.put_nowait(_Call(_shrink_memory, asyncio.get_running_loop().create_future()))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(_retrieved)  # nobody awaits it: a stopped writer's error is not news
+        self._queue.put_nowait(_Call(_shrink_memory, done))
 
     async def _call(self, fn: Callable[[aiosqlite.Connection], Awaitable[Any]]) -> Any:
         """Run ``fn`` on the writer, after everything queued before it is committed."""
