@@ -219,10 +219,21 @@ class _Batch:
 
 #: One encoder for every key's components: ``json.dumps`` with options makes a new one per call.
 _encode_parts: Final = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+_quote_ascii: Final = json.encoder.encode_basestring_ascii
 
 
 def _dumps_parts(parts: Mapping[str, str]) -> str:
-    return _encode_parts(parts if isinstance(parts, dict) else dict(parts))
+    """The components as a JSON object, keys sorted, exactly as :data:`_encode_parts` writes them.
+
+    Joined by hand from the C string quoter: the encoder's per-call set-up was 2 us of the
+    writer's ~7 us a put (100,000 puts: 0.2 s on the run's wall clock).
+    """
+    try:
+        return (
+            "{" + ",".join([_quote_ascii(k) + ":" + _quote_ascii(v) for k, v in sorted(parts.items())]) + "}"
+        )
+    except TypeError:  # a component that is not text: the encoder says what it makes of it
+        return _encode_parts(parts if isinstance(parts, dict) else dict(parts))
 
 
 def _loads_parts(text: str) -> dict[str, str]:
@@ -479,7 +490,9 @@ class _BatchRows:
     def _build(self) -> list[tuple[str, Sequence[tuple[Any, ...]]]]:
         batch = self._batch
         now = time.time()
-        artifact_rows: list[tuple[Any, ...]] = []
+        # One row per distinct artifact: equal values (None, small numbers, flags) are common, and
+        # a row per output was an index probe per put that found the artifact there already.
+        artifacts: dict[str, tuple[Any, ...]] = {}
         entry_rows: list[tuple[Any, ...]] = []
         output_rows: list[tuple[Any, ...]] = []
         for e in batch.puts:
@@ -489,7 +502,9 @@ class _BatchRows:
                 name, digest, size, type_name, data = e[at : at + _OUT]
                 inline = data if size <= INLINE_LIMIT else None
                 output_rows.append((key, position, name, digest, size, type_name, inline))
-                artifact_rows.append((digest, size, type_name, run_id, step_name, now))
+                if digest not in artifacts:
+                    artifacts[digest] = (digest, size, type_name, run_id, step_name, now)
+        artifact_rows = list(artifacts.values())
         part_rows: list[tuple[str, str, bytes, str, str | None]] = []
         parts: dict[str, _packed.Part] = {}
         pending = iter(batch.steps)
