@@ -495,9 +495,20 @@ class _BatchRows:
         artifacts: dict[str, tuple[Any, ...]] = {}
         entry_rows: list[tuple[Any, ...]] = []
         output_rows: list[tuple[Any, ...]] = []
+        # The components of a key put in this batch go in its entry's row; the others (no entry:
+        # the step failed, or its outputs were not cached) in cache_key_parts.
+        flat = iter(batch.parts)
+        components = {
+            key: (step_name, created_at, parts)
+            for key, step_name, created_at, parts in zip(flat, flat, flat, flat, strict=True)
+        }
         for e in batch.puts:
             key, step_name, run_id, duration, created_at = e[:_HEAD]
-            entry_rows.append((key, step_name, run_id, duration, created_at, (len(e) - _HEAD) // _OUT))
+            held = components.pop(key, None)
+            encoded = None if held is None else _dumps_parts(held[2])
+            entry_rows.append(
+                (key, step_name, run_id, duration, created_at, (len(e) - _HEAD) // _OUT, encoded)
+            )
             for position, at in enumerate(range(_HEAD, len(e), _OUT)):
                 name, digest, size, type_name, data = e[at : at + _OUT]
                 inline = data if size <= INLINE_LIMIT else None
@@ -521,12 +532,18 @@ class _BatchRows:
                 part.add_fate(fate, hashes, shape)
         part_rows.extend((run_id, *part.columns()) for run_id, part in parts.items())
         drop_rows = [(d.key, d.created_at) for d in batch.drops]
-        flat = iter(batch.parts)
         key_part_rows = [
             (key, step_name, created_at, _dumps_parts(parts))
-            for key, step_name, created_at, parts in zip(flat, flat, flat, flat, strict=True)
+            for key, (step_name, created_at, parts) in components.items()
         ]
         return [
+            # A dropped entry's key keeps its components: the next miss still says what changed.
+            (
+                "INSERT OR IGNORE INTO cache_key_parts (key, step_name, created_at, parts) "
+                "SELECT key, step_name, created_at, parts FROM cache_entries "
+                "WHERE key = ? AND created_at = ? AND parts IS NOT NULL",
+                drop_rows,
+            ),
             (
                 "DELETE FROM cache_outputs WHERE key = ?1 AND EXISTS "
                 "(SELECT 1 FROM cache_entries WHERE key = ?1 AND created_at = ?2)",
@@ -540,8 +557,11 @@ class _BatchRows:
             ),
             ("DELETE FROM cache_outputs WHERE key = ?", [(row[0],) for row in entry_rows]),
             (
-                "INSERT OR REPLACE INTO cache_entries "
-                "(key, step_name, run_id, duration_seconds, created_at, outputs) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO cache_entries (key, step_name, run_id, duration_seconds, created_at, outputs, parts) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET step_name = excluded.step_name, "
+                "run_id = excluded.run_id, duration_seconds = excluded.duration_seconds, "
+                "created_at = excluded.created_at, outputs = excluded.outputs, "
+                "parts = COALESCE(excluded.parts, cache_entries.parts)",
                 entry_rows,
             ),
             (
@@ -1095,14 +1115,22 @@ class Store:
         )
 
     def put(
-        self, *, key: str, step_name: str, run_id: str, outputs: dict[str, Any], duration: float
+        self,
+        *,
+        key: str,
+        step_name: str,
+        run_id: str,
+        outputs: dict[str, Any],
+        duration: float,
+        parts: Mapping[str, str] | None = None,
     ) -> dict[str, str] | None:
         """Cache the outputs of a successful step under ``key``, without waiting for the write.
 
         The outputs are pickled now, so what is cached cannot change afterwards. They are committed
         all together or not at all. An output that cannot be pickled warns
         (:class:`UncachedStepWarning`) and nothing is cached. Returns the artifact hash of each output,
-        or None when nothing was cached.
+        or None when nothing was cached. ``parts`` are the key's components (see
+        :meth:`put_key_parts`), written in the entry's row; not when nothing was cached.
 
         Raises:
             StoreError: the store is closed.
@@ -1128,6 +1156,8 @@ class Store:
         self._memory[key] = entry
         self._unsaved.add(key)
         self._puts.append(entry)
+        if parts is not None:
+            self._parts += (key, step_name, flat[4], parts)
         self._wake_now()
         return {flat[i]: flat[i + 1] for i in range(_HEAD, len(flat), _OUT)}
 
@@ -1412,9 +1442,10 @@ class Store:
     def put_key_parts(self, key: str, step_name: str, parts: Mapping[str, str]) -> None:
         """Queue the components of ``key`` (component name -> short digest) for the writer.
 
-        Written for every key that missed, beside its cache entry (if the step's outputs are
-        cached), so a later miss can say which component changed. ``parts`` must not change.
-        Dropped when the store is closed or read-only: an explanation never fails a run.
+        Written for every key that missed, so a later miss can say which component changed: in
+        the key's cache entry when it is put in the same batch (``put(parts=...)`` always is),
+        else in a row of their own. ``parts`` must not change. Dropped when the store is closed
+        or read-only: an explanation never fails a run.
         """
         if self._closed or self.read_only:
             return
@@ -1431,8 +1462,11 @@ class Store:
         rows = await self._conn.execute_fetchall(
             "SELECT step_name, key, parts FROM ("
             "  SELECT step_name, key, parts, ROW_NUMBER() OVER "
-            "    (PARTITION BY step_name ORDER BY created_at DESC, key DESC) AS n"
-            "  FROM cache_key_parts WHERE step_name IN (SELECT value FROM json_each(?))"
+            "    (PARTITION BY step_name ORDER BY created_at DESC, key DESC) AS n FROM ("
+            "    SELECT step_name, key, parts, created_at FROM cache_key_parts"
+            "    WHERE step_name IN (SELECT value FROM json_each(?1))"
+            "    UNION ALL SELECT step_name, key, parts, created_at FROM cache_entries"
+            "    WHERE step_name IN (SELECT value FROM json_each(?1)) AND parts IS NOT NULL)"
             ") WHERE n = 1",
             (json.dumps(names),),
         )
@@ -1442,7 +1476,9 @@ class Store:
         """The components of each of these keys that has them recorded."""
         self._check_open()
         rows = await self._conn.execute_fetchall(
-            "SELECT key, parts FROM cache_key_parts WHERE key IN (SELECT value FROM json_each(?))",
+            "SELECT key, parts FROM cache_key_parts WHERE key IN (SELECT value FROM json_each(?1)) "
+            "UNION ALL SELECT key, parts FROM cache_entries "
+            "WHERE key IN (SELECT value FROM json_each(?1)) AND parts IS NOT NULL",
             (json.dumps(sorted(set(keys))),),
         )
         return {row[0]: _loads_parts(row[1]) for row in rows}
@@ -1716,6 +1752,15 @@ class Store:
                         )
                     }
                     await conn.execute(f"DELETE FROM cache_outputs WHERE key IN ({keys})", params)
+                    # The keys keep their components: the next miss still says what changed.
+                    parts_where = " WHERE parts IS NOT NULL" + (
+                        "" if step_name is None else " AND step_name = ?"
+                    )
+                    await conn.execute(
+                        "INSERT OR IGNORE INTO cache_key_parts (key, step_name, created_at, parts) "
+                        f"SELECT key, step_name, created_at, parts FROM cache_entries{parts_where}",
+                        params,
+                    )
                     cursor = await conn.execute(f"DELETE FROM cache_entries{where}", params)
                     removed = cursor.rowcount
                     still_used = {
