@@ -208,6 +208,8 @@ class _Batch:
 
     drops: list[_Drop] = field(default_factory=list)
     puts: list[_Flat] = field(default_factory=list)
+    #: The puts with an output too big to live inline: their files are written before the rows.
+    files: list[_Flat] = field(default_factory=list)
     runs: dict[str, RunRecord] = field(default_factory=dict)
     steps: _Pending = field(default_factory=list)
     #: Key components, flat, four items a key: ``key, step name, created_at, parts``.
@@ -685,6 +687,7 @@ class Store:
         self._errors: list[BaseException] = []
         self._steps: _Pending = []
         self._puts: list[_Flat] = []  # put, not yet taken by the writer
+        self._file_puts: list[_Flat] = []  # those of them with an output for a file
         self._parts: list[Any] = []  # key components, flat (see _Batch.parts)
         self._taken: _Batch | None = None  # the batch being committed (kept for a cancelled writer)
         self._held: list[_Job] = []  # jobs the writer took and has not handed to _process yet
@@ -1139,6 +1142,8 @@ class Store:
         if self.read_only:
             return None
         flat: list[Any] = [key, step_name, run_id, float(duration), time.time()]
+        hashes: dict[str, str] = {}
+        files = False
         for name, value in outputs.items():
             try:
                 data = _pickle(value)
@@ -1151,15 +1156,21 @@ class Store:
                     stacklevel=2,
                 )
                 return None
-            flat += (name, _hexdigest(data), len(data), _type_name(value), data)
+            digest = hashes[name] = _hexdigest(data)
+            size = len(data)
+            flat += (name, digest, size, _type_name(value), data)
+            files = files or size > INLINE_LIMIT
         entry = tuple(flat)
         self._memory[key] = entry
         self._unsaved.add(key)
         self._puts.append(entry)
+        if files:
+            self._file_puts.append(entry)
         if parts is not None:
             self._parts += (key, step_name, flat[4], parts)
-        self._wake_now()
-        return {flat[i]: flat[i + 1] for i in range(_HEAD, len(flat), _OUT)}
+        if not self._awake_now:
+            self._wake_now()
+        return hashes
 
     def _wake_now(self) -> None:
         """Have the writer commit what is listed without lingering (cache entries, key parts)."""
@@ -1270,6 +1281,7 @@ class Store:
             if self._taken is not None:  # its commit may not have happened: take it again
                 taken, self._taken = self._taken, None
                 self._puts[:0] = taken.puts
+                self._file_puts[:0] = taken.files
                 self._parts[:0] = taken.parts
                 self._steps[:0] = taken.steps
                 self._runs = {**taken.runs, **self._runs}
@@ -1340,6 +1352,8 @@ class Store:
             self._runs = {}
         if self._puts:
             batch.puts, self._puts = self._puts, []
+            if self._file_puts:
+                batch.files, self._file_puts = self._file_puts, []
         if self._parts:
             batch.parts, self._parts = self._parts, []
         return batch
@@ -1368,13 +1382,11 @@ class Store:
     async def _commit(self, batch: _Batch) -> None:
         # 1. Artifact files first, durably: an index row may only name a file that is in place.
         #    A put whose file cannot be written (disk full, ...) is left out; the rest still commits.
-        wrote = False
-        written: list[_Flat] = []
-        for put in batch.puts:
+        failed: set[int] = set()
+        for put in batch.files:
             try:
                 for at in range(_HEAD, len(put), _OUT):
                     if put[at + 2] > INLINE_LIMIT:
-                        wrote = True
                         await self._files.write(put[at + 1], put[at + 4])
             except OSError as exc:
                 error = StoreError(
@@ -1383,10 +1395,11 @@ class Store:
                 )
                 error.__cause__ = exc
                 self._log_error(error)
-            else:
-                written.append(put)
-        batch.puts = written
-        if wrote:
+                failed.add(id(put))
+        if failed:
+            batch.puts = [put for put in batch.puts if id(put) not in failed]
+        if batch.files:
+            batch.files = []
             await self._files.sync_dir()
         # 2. Every row of the batch in one IMMEDIATE transaction, built and run in ONE call on the
         #    connection's thread: no thread hop per statement, and the loop stays free meanwhile.
@@ -1410,20 +1423,22 @@ class Store:
         # 3. Committed: the index serves these entries now, so memory stops holding them (and their
         #    pickled bytes) -- a process-long store would otherwise keep every value it ever cached.
         #    Each live view learns the keys, so a look-up through it asks the database for them.
+        #    By whole sets where it can: this runs after a chain's last step, on the run's clock.
+        keys = [put[0] for put in batch.puts]
+        self._unsaved.difference_update(keys)
         memory = self._memory
-        views = list(self._views)
         for put in batch.puts:
-            key = put[0]
-            self._unsaved.discard(key)
-            if memory.get(key) is put:
-                del memory[key]
-            for view in views:
-                view.entries.pop(key, None)  # an older entry under this key, replaced
-                if view.keys is not None:
-                    view.keys.add(key)
+            if memory.get(put[0]) is put:  # not a newer entry put under the same key
+                del memory[put[0]]
         if not memory and not self._unsaved:
             # Emptied, a dict or set keeps the table it grew to (100,000 puts: ~9 MB): start afresh.
             self._memory, self._unsaved = {}, set()
+        for view in list(self._views):
+            if view.entries:
+                for key in keys:
+                    view.entries.pop(key, None)  # an older entry under this key, replaced
+            if view.keys is not None:
+                view.keys.update(keys)
 
     async def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error, ValueError):
