@@ -696,6 +696,7 @@ class Store:
         self._runs: dict[str, RunRecord] = {}
         self._awake = False
         self._awake_now = False
+        self._checkpoint_due = False  # committed since the WAL was last checkpointed
         self._writer = asyncio.get_running_loop().create_task(self._run_writer(), name="flowyml-store-writer")
         self._writer.add_done_callback(self._on_writer_done)
 
@@ -1325,6 +1326,7 @@ class Store:
                     continue  # done before the writer was interrupted (see _run_writer)
                 await self._commit_safely(self._take_steps(batch))
                 batch = _Batch()
+                self._checkpoint_due = True
                 try:
                     job.future.set_result(await job.fn(self._conn))
                 except Exception as exc:
@@ -1339,6 +1341,12 @@ class Store:
                 # Each woken run finishes its run on the loop; 200 of them in one loop iteration
                 # kept every other task waiting ~10 ms. A few at a time, with a yield in between.
                 await asyncio.sleep(0)
+        if self._checkpoint_due and not stop:  # closing checkpoints by itself
+            # After the runs waiting for this batch were woken: copying the batch's pages from
+            # the WAL into the database is not on their clock (see _db.checkpoint).
+            self._checkpoint_due = False
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                await _db.on_thread(self._conn, _db.checkpoint)
         return stop
 
     def _take_steps(self, batch: _Batch) -> _Batch:
@@ -1417,6 +1425,7 @@ class Store:
         rows.release()
         batch.steps = []
         self.commits += 1
+        self._checkpoint_due = True
         for drop in batch.drops:
             if self._dropped.get(drop.key) == drop.created_at:
                 del self._dropped[drop.key]
