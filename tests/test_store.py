@@ -629,6 +629,18 @@ class TestLifecycle:
         store._conn._conn.set_trace_callback(None)
         assert seen.count("PRAGMA shrink_memory") == 1
 
+    async def test_the_wal_is_checkpointed_after_a_batch_not_inside_its_commit(self, store: Store) -> None:
+        """The writing connection does not checkpoint in its commits; the writer does after each batch."""
+        assert list(await store._conn.execute_fetchall("PRAGMA wal_autocheckpoint")) == [(0,)]
+        seen: list[str] = []
+        store._conn._conn.set_trace_callback(seen.append)
+        put(store, out=1)
+        await store.flush()
+        await store.flush()  # the writer takes it after the first batch's checkpoint
+        store._conn._conn.set_trace_callback(None)
+        assert seen.count("PRAGMA wal_checkpoint(PASSIVE)") == 1
+        assert seen.index("PRAGMA wal_checkpoint(PASSIVE)") > seen.index("COMMIT")
+
     async def test_no_thread_left_after_close(self, root: Path) -> None:
         """aclose joins aiosqlite's thread and the file threads."""
         before = set(threading.enumerate())
