@@ -28,7 +28,7 @@ Why these choices:
 - A writing connection does not checkpoint the WAL inside its commits (``wal_autocheckpoint``
   off): the store's writer checkpoints after each batch, once the runs waiting for it are woken
   (:func:`checkpoint`). Inside the commit, copying 100,000 entries' pages back into the database
-  was a third of the commit, on the run's clock.
+  was about half of the commit, on the run's clock.
 - Opening runs every pragma and the schema transaction in one call on the connection's thread
   (:func:`on_thread`), not one awaited hop per statement.
 - The components of a cached key live in its ``cache_entries`` row (``parts``); only the keys
