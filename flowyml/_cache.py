@@ -118,6 +118,9 @@ class StoreHooks(RunHooks):
         miss: an all-hit rerun never reads them."""
         self._waiters: list[asyncio.Future[None]] = []
         """Steps waiting for ``_previous`` (see :meth:`ready`)."""
+        self._unsent: dict[int, tuple[str, str, _KeyParts]] = {}
+        """Node -> the key, step name and components of a miss, until the step ends: they are
+        written in its cache entry's row (one row a put, not two), else on their own."""
 
     async def lookup(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Lookup | None:
         step = node.step
@@ -204,7 +207,7 @@ class StoreHooks(RunHooks):
         parts = self._parts(node, made)
         known = self._latest(node.name)
         if known is None or known[0] != key:
-            self.store.put_key_parts(key, node.name, parts)
+            self._unsent[node.id] = (key, node.name, parts)
         if known is None:
             return FIRST_RUN
         return describe_change(known[1], parts) if known[0] != key else UNCHANGED_KEY
@@ -452,6 +455,7 @@ class StoreHooks(RunHooks):
         claim = self._claims.pop(node.id, None)
         ok = res.status is StepStatus.SUCCEEDED and not res.fallback_reasons
         hashes = self._hit_hashes.pop(node.id, None) if self._hit_hashes else None
+        unsent = self._unsent.pop(node.id, None) if self._unsent else None
         try:
             if ok and key is not None:
                 hashes = self.store.put(
@@ -460,10 +464,15 @@ class StoreHooks(RunHooks):
                     run_id=self.run_id,
                     outputs=res.outputs,
                     duration=res.duration_seconds,
+                    parts=unsent[2] if unsent is not None and unsent[0] == key else None,
                 )
+                if hashes is not None and unsent is not None and unsent[0] == key:
+                    unsent = None  # in the entry's row
             if hashes is not None or (ok and key is not None):
                 self._identify(node, key, hashes)
         finally:
+            if unsent is not None:  # no entry to hold them: the next miss still says what changed
+                self.store.put_key_parts(*unsent)
             if claim is not None and key is not None:  # a claim is only made for a key
                 cached = ok and hashes is not None
                 claim.set_result(self.store if cached else None)
@@ -499,6 +508,9 @@ class StoreHooks(RunHooks):
         Until then a concurrent run in this process that needs one of these keys gets the value
         from here: its own store cannot see the entry before the commit.
         """
+        for unsent in self._unsent.values():  # steps that missed and never ended
+            self.store.put_key_parts(*unsent)
+        self._unsent.clear()
         flights = self._flights
         for key in self._settled:
             pending = flights.get(key)

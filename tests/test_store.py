@@ -629,6 +629,18 @@ class TestLifecycle:
         store._conn._conn.set_trace_callback(None)
         assert seen.count("PRAGMA shrink_memory") == 1
 
+    async def test_the_wal_is_checkpointed_after_a_batch_not_inside_its_commit(self, store: Store) -> None:
+        """The writing connection does not checkpoint in its commits; the writer does after each batch."""
+        assert list(await store._conn.execute_fetchall("PRAGMA wal_autocheckpoint")) == [(0,)]
+        seen: list[str] = []
+        store._conn._conn.set_trace_callback(seen.append)
+        put(store, out=1)
+        await store.flush()
+        await store.flush()  # the writer takes it after the first batch's checkpoint
+        store._conn._conn.set_trace_callback(None)
+        assert seen.count("PRAGMA wal_checkpoint(PASSIVE)") == 1
+        assert seen.index("PRAGMA wal_checkpoint(PASSIVE)") > seen.index("COMMIT")
+
     async def test_no_thread_left_after_close(self, root: Path) -> None:
         """aclose joins aiosqlite's thread and the file threads."""
         before = set(threading.enumerate())
@@ -1156,6 +1168,46 @@ class TestRecordFate:
         }
         assert await store.key_parts(["k1", "nope"]) == {"k1": {"input:data": "aa", "code": "c1"}}
 
+    async def test_key_parts_put_with_their_entry_live_in_its_row(self, store: Store, root: Path) -> None:
+        """Components put with an entry go in its row (no cache_key_parts row), and read back as
+        any other; an entry replaced without components keeps the ones it had."""
+        store.put(
+            key="k1", step_name="train", run_id="r", outputs={"out": 1}, duration=1.0, parts={"code": "c1"}
+        )
+        store.put_key_parts("k2", "train", {"code": "c2"})  # a miss whose step failed: no entry
+        await store.flush()
+        assert sql(root, "SELECT key FROM cache_key_parts") == [("k2",)]
+        assert sql(root, "SELECT parts FROM cache_entries WHERE key = 'k1'") == [('{"code":"c1"}',)]
+        assert await store.key_parts(["k1", "k2"]) == {"k1": {"code": "c1"}, "k2": {"code": "c2"}}
+        latest = await store.latest_key_parts(["train"])
+        assert latest["train"][0] == "k2"
+        store.put(key="k1", step_name="train", run_id="r", outputs={"out": 2}, duration=1.0)
+        await store.flush()
+        assert (await store.latest_key_parts(["train"]))["train"] == ("k1", '{"code":"c1"}')
+
+    async def test_key_parts_outlive_their_entry(self, store: Store, root: Path) -> None:
+        """A cleared or dropped entry's components stay: the next miss still says what changed."""
+        for key, step in (("k1", "a"), ("k2", "b")):
+            store.put(
+                key=key, step_name=step, run_id="r", outputs={"out": 1}, duration=1.0, parts={"code": key}
+            )
+        await store.flush()
+        assert await store.clear_cache("a") == 1
+        entry = await store.lookup("k2")
+        assert entry is not None
+        sql(root, "UPDATE cache_outputs SET inline = X'00' WHERE key = 'k2'")
+        fresh, entry = await reload(root, "k2")
+        async with fresh:
+            assert entry is not None
+            with pytest.warns(CacheCorruptionWarning):
+                assert await fresh.load(entry) is None
+        assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(0,)]
+        assert await store.key_parts(["k1", "k2"]) == {"k1": {"code": "k1"}, "k2": {"code": "k2"}}
+        assert {step: key for step, (key, _) in (await store.latest_key_parts(["a", "b"])).items()} == {
+            "a": "k1",
+            "b": "k2",
+        }
+
     async def test_cache_hits_count_in_stats(self, store: Store) -> None:
         """A cached fate counts as a hit with the time it saved."""
         for run in ("r1", "r2"):
@@ -1251,6 +1303,34 @@ class TestSchemaUpgrade:
             assert (await store.cache_stats()).hits == 1
         tables = {row[0] for row in sql(root, "SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert not tables & {"step_runs", "step_outputs", "consumed"}
+        assert sql(root, "SELECT value FROM meta WHERE name = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+
+
+SCHEMA_3_PARTS = """
+DROP INDEX cache_entries_step_time;
+CREATE INDEX cache_entries_step ON cache_entries (step_name);
+ALTER TABLE cache_entries DROP COLUMN parts;
+INSERT INTO cache_key_parts VALUES ('k', 'train', 5.0, '{"code":"c0"}');
+UPDATE meta SET value = '3' WHERE name = 'schema_version';
+"""
+
+
+class TestSchema3:
+    async def test_schema_3_key_parts_and_entries_still_read(self, root: Path) -> None:
+        """A store of schema 3 (every key's components in cache_key_parts, entries indexed by step)
+        opens upgraded: its entries hit, its components still explain, the old index is gone."""
+        async with await Store.open(root) as store:
+            put(store, key="k", step="train", out=7)
+        conn = sqlite3.connect(root / DB_NAME)
+        conn.executescript(SCHEMA_3_PARTS)
+        conn.close()
+        async with await Store.open(root) as store:
+            view = await store.preload(["train"])
+            entry = await store.lookup("k", view=view)
+            assert entry is not None and await store.load(entry) == {"out": 7}
+            assert await store.latest_key_parts(["train"]) == {"train": ("k", '{"code":"c0"}')}
+        indexes = {row[0] for row in sql(root, "SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "cache_entries_step_time" in indexes and "cache_entries_step" not in indexes
         assert sql(root, "SELECT value FROM meta WHERE name = 'schema_version'") == [(str(SCHEMA_VERSION),)]
 
 
