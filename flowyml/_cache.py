@@ -118,6 +118,33 @@ class StoreHooks(RunHooks):
         miss: an all-hit rerun never reads them."""
         self._waiters: list[asyncio.Future[None]] = []
         """Steps waiting for ``_previous`` (see :meth:`ready`)."""
+        self._made: dict[int, _Made | None] = {}
+        """Keys :meth:`hit` made and did not find at once, for :meth:`lookup` to go on with."""
+
+    def hit(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Lookup | None:
+        """The hit of a step whose entry is held in memory with inline outputs, decided without
+        waiting; None leaves the step to :meth:`lookup` (which takes the key made here)."""
+        step = node.step
+        if not self.caching or step.cache is False or (self._uncacheable and node.id in self._uncacheable):
+            return None
+        policy = step.cache
+        if callable(policy.strategy if isinstance(policy, CachePolicy) else policy):
+            return None  # a user's key function runs where its error can fail the step
+        try:
+            made = self._key(node, args, kwargs, hash_large=False)
+        except Exception:
+            return None  # lookup makes it again, and the error fails the step there
+        if made is None or made is _HASH_FIRST:
+            self._made[node.id] = made
+            return None
+        key = made[0]
+        found = self.store.inline_hit(key, self.view)
+        if found is None:
+            self._made[node.id] = made
+            return None
+        self._keys[node.id] = key
+        self._hit_hashes[node.id] = found[2]
+        return Lookup(key, found[0], found[1], CACHE_HIT)
 
     async def lookup(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Lookup | None:
         step = node.step
@@ -126,7 +153,9 @@ class StoreHooks(RunHooks):
         uncacheable = self._uncacheable.get(node.id) if self._uncacheable else None
         if uncacheable is not None:
             return Lookup(None, reason=uncacheable)
-        made = self._key(node, args, kwargs, hash_large=False)
+        made = self._made.pop(node.id, _HASH_FIRST) if self._made else _HASH_FIRST
+        if made is _HASH_FIRST:
+            made = self._key(node, args, kwargs, hash_large=False)
         if made is _HASH_FIRST:  # a big value whose producer had no key: hashed off the loop first
             await self._hash_large_inputs(node, args, kwargs)
             made = self._key(node, args, kwargs)
