@@ -261,10 +261,13 @@ class UnitRunner:
         state.apply(node, outputs)
         if self.watch is not None:
             self.watch.started(node.name)
-        res = self._result(
-            node, StepStatus.CACHED, outputs, None, None, False, start, t0, found.saved_seconds, found.key, None,
-            (), found.reason,
+        took = _perf() - t0
+        res = _Builder(
+            node.name, StepStatus.CACHED, outputs, None, None, 0, start, start + took, took, found.saved_seconds,
+            found.key,
         )  # fmt: skip
+        res.cache_reason = found.reason
+        res.__class__ = StepResult
         return self.settle(node, res, args, kwargs, args, kwargs)
 
     def node(self, node: Node) -> Coroutine[Any, Any, bool]:

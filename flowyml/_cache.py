@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import xxhash
 
@@ -511,7 +511,9 @@ class StoreHooks(RunHooks):
         if hashes is not None and len(node.output_slots) == 1:  # the common case, without a loop
             digest = hashes.get(node.output_names[0])
             if digest is not None:
-                identities[node.output_slots[0]] = _chunk(b"a:" + digest.encode())
+                identities[node.output_slots[0]] = (
+                    _ARTIFACT + digest.encode() if len(digest) == 32 else _chunk(b"a:" + digest.encode())
+                )
                 return
         for slot, name in zip(node.output_slots, node.output_names, strict=True):
             digest = hashes.get(name) if hashes is not None else None
@@ -776,6 +778,8 @@ def _loads_parts(text: str) -> _KeyParts:
 
 
 _len8 = struct.Struct("<Q").pack
+_ARTIFACT: Final = _len8(34) + b"a:"
+"""The start of the identity chunk of an output by its artifact hash (an xxh3-128: 32 digits)."""
 
 
 def _chunk(identity: bytes) -> bytes:

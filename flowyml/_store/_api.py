@@ -1086,6 +1086,15 @@ class Store:
             flat = view.entries.get(key)
             if flat is None:
                 return None
+        if len(flat) == _HEAD + _OUT:  # one output: no loop, no slices
+            data = flat[9]
+            if data is None or len(data) != flat[7] or _hexdigest(data) != flat[6]:
+                return None
+            try:
+                value = cloudpickle.loads(data)
+            except Exception:
+                return None
+            return {flat[5]: value}, flat[3], {flat[5]: flat[6]}
         values: dict[str, Any] = {}
         hashes: dict[str, str] = {}
         for i in range(_HEAD, len(flat), _OUT):
