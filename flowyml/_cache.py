@@ -124,11 +124,13 @@ class StoreHooks(RunHooks):
     def hit(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Lookup | None:
         """The hit of a step whose entry is held in memory with inline outputs, decided without
         waiting; None leaves the step to :meth:`lookup` (which takes the key made here)."""
-        step = node.step
-        if not self.caching or step.cache is False or (self._uncacheable and node.id in self._uncacheable):
+        if (
+            not self.caching
+            or node.step.cache is False
+            or (self._uncacheable and node.id in self._uncacheable)
+        ):
             return None
-        policy = step.cache
-        if callable(policy.strategy if isinstance(policy, CachePolicy) else policy):
+        if self._node_key(node)[0] == _BY_FUNCTION:
             return None  # a user's key function runs where its error can fail the step
         try:
             made = self._key(node, args, kwargs, hash_large=False)
@@ -341,26 +343,25 @@ class StoreHooks(RunHooks):
             UnhashableInputError: the code fingerprint cannot be made (only when it was not
                 checked up front).
         """
-        step = node.step
-        strategy: Any = step.cache
-        if isinstance(strategy, CachePolicy):
-            strategy = strategy.strategy
-        if callable(strategy):
+        kind, layout, positions, slots, labels = self._node_key(node)
+        if kind == _BY_FUNCTION:
+            policy = node.step.cache
+            strategy: Any = policy.strategy if isinstance(policy, CachePolicy) else policy
             user_key = content_identity(strategy(*args, **kwargs))
             if user_key is None:
                 self._uncached(node, ["its cache key function's value"])
                 return None
             key = key_of(step_identity=node.identity, fingerprint=None, inputs=[("key", user_key)], params=())
             return key, ("key",), (identity_chunk(user_key),)
-        if strategy == "code_hash":
-            found = self._fingerprints.get(id(step.func))
-            if found is None or found[0] is not step.func:
+        if kind == _BY_CODE:
+            func = node.step.func
+            found = self._fingerprints.get(id(func))
+            if found is None or found[0] is not func:
                 self._step_fingerprint(node)
-                found = self._fingerprints[id(step.func)]
+                found = self._fingerprints[id(func)]
             fingerprint = found[3]
         else:
             fingerprint = _NO_FINGERPRINT
-        layout, positions, slots, labels = self._node_key(node)
         if not slots:
             return layout_key(layout, fingerprint, ()), labels, ()
         values = [*args, *kwargs.values()] if kwargs else args
@@ -680,8 +681,12 @@ class StoreHooks(RunHooks):
 _Made = tuple[str, tuple[str, ...], Sequence[bytes]]
 """A key, the component label of each identity it was made of, and those identity chunks."""
 
-_NodeKey = tuple[KeyLayout, tuple[int, ...], tuple[int, ...], tuple[str, ...]]
+_NodeKey = tuple[int, KeyLayout, tuple[int, ...], tuple[int, ...], tuple[str, ...]]
 """How one node's keys are made (see :func:`_lay_out`)."""
+
+_BY_INPUTS, _BY_CODE, _BY_FUNCTION = 0, 1, 2
+"""What a node's key is made of besides its identity: its inputs (``input_hash``), its code too
+(``code_hash``), or the value of the user's key function."""
 
 _NO_FINGERPRINT = fingerprint_chunk(None)
 _HASH_FIRST: _Made = ("", (), ())  # what _key returns for a big value it is told not to hash
@@ -691,7 +696,8 @@ class PlanKeys:
     """How the keys of each node of one plan are made, kept with the plan across its runs.
 
     Each node's entry is made at its first key and is a plain tuple of bytes, ints and strings
-    (which the collector stops tracking): the encoded fixed parts of its keys, then each
+    (which the collector stops tracking): its strategy (``_BY_INPUTS``, ``_BY_CODE`` or
+    ``_BY_FUNCTION``), the encoded fixed parts of its keys, then each
     argument's flat position and slot (-1 for a context value) and its component label, in
     the order its key takes them. What changes between runs (the code fingerprint, the
     identities of inputs and parameters) is joined in per key.
@@ -705,14 +711,18 @@ class PlanKeys:
 
 
 def _lay_out(node: Node) -> _NodeKey:
+    policy = node.step.cache
+    strategy = policy.strategy if isinstance(policy, CachePolicy) else policy
+    kind = _BY_FUNCTION if callable(strategy) else _BY_CODE if strategy == "code_hash" else _BY_INPUTS
     if not node.labels:  # a step without arguments: one key per fingerprint
-        return key_layout(node.identity, (), ())[0], (), (), ()
+        return kind, key_layout(node.identity, (), ())[0], (), (), ()
     fed = [(at, label, slot) for at, (label, slot) in enumerate(node.labels) if slot >= 0]
     ctx = [(at, "param:" + label, slot) for at, (label, slot) in enumerate(node.labels) if slot < 0]
     layout, order = key_layout(node.identity, [f[1] for f in fed], [c[1] for c in ctx])
     both = [*fed, *ctx]
     ordered = [both[i] for i in order]
     return (
+        kind,
         layout,
         tuple(at for at, _label, _slot in ordered),
         tuple(slot for _at, _label, slot in ordered),
