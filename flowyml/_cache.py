@@ -308,11 +308,15 @@ class StoreHooks(RunHooks):
         """
         if not self.caching:
             return
+        fingerprints = self._fingerprints
         for node in self.plan.nodes:
-            policy = node.step.cache
-            strategy = policy.strategy if isinstance(policy, CachePolicy) else policy
-            if strategy != "code_hash":
+            if node.step.cache is False or self._node_key(node)[0] != _BY_CODE:
                 continue
+            func = node.step.func
+            found = fingerprints.get(id(func))
+            if found is not None and found[0] is func:
+                continue  # steps often share a function: made once
+            policy = node.step.cache
             try:
                 self._step_fingerprint(node)
             except UnhashableInputError as exc:

@@ -323,22 +323,21 @@ def _position(row: Sequence[Any]) -> Any:
 
 
 def _read_view(
-    db: sqlite3.Connection, names: list[str], per_step: int, limit: int
+    db: sqlite3.Connection, names: set[str], per_step: int, limit: int
 ) -> tuple[dict[str, _Flat], dict[str, tuple[str, float, str]], set[str] | None]:
     """What :meth:`Store.preload` reads, on the connection's thread: the ``per_step`` most recent
     entries of each step (flat), the broken ones among them (see :func:`_entries_from_rows`), and
     the other keys of those steps (None: more than ``limit`` keys in all)."""
     (total,) = db.execute("SELECT COUNT(*) FROM cache_entries").fetchone()
     scan = total <= _SCAN_SHARE * len(names)
-    wanted = set(names)
     first: dict[str, Sequence[Any]] = {}  # step -> the first head read of it
     chosen: dict[str, Sequence[Any]] = {}  # key -> head
     more: list[Sequence[Any]] = []  # the heads of steps read before
-    for head in db.execute(_HEADS) if scan else db.execute(_HEADS_OF_STEPS, (json.dumps(names),)):
+    for head in db.execute(_HEADS) if scan else db.execute(_HEADS_OF_STEPS, (json.dumps(list(names)),)):
         step_name = head[1]
         if step_name in first:
             more.append(head)
-        elif not scan or step_name in wanted:
+        elif not scan or step_name in names:
             first[step_name] = chosen[head[0]] = head
     count = len(first) + len(more)
     others: list[Sequence[Any]] = []
@@ -990,7 +989,7 @@ class Store:
         to :meth:`lookup`; it is freed with the run that holds it.
         """
         self._check_open()
-        names = sorted(set(step_names))
+        names = set(step_names)  # not sorted: 0.7 s for a million names, and no read needs an order
         view = CacheView({}, set())
         if not names:
             return view
