@@ -9,7 +9,8 @@ this order::
 - *blocked*: an upstream step produced nothing, or its ``If`` branch was not chosen: skipped.
 - *condition*: ``@when`` / ``@unless`` / ``condition=`` over the arguments; false: skipped.
 - *cache*: :meth:`RunHooks.lookup` returns a :class:`Lookup`; a hit's outputs are applied to the
-  state here, and the step does not run.
+  state here, and the step does not run. A hit held in memory (:meth:`RunHooks.hit`) is settled
+  by :meth:`UnitRunner.now` before any coroutine is made: the scheduler then needs no task for it.
 - *hold*: the step's resource request and a concurrency slot, held while it runs.
 - *retry*: :class:`~flowyml._retry.RetryRun`, the one retry loop.
 - *timeout*: each attempt's own, enforced by the executor.
@@ -89,6 +90,11 @@ class RunHooks:
     caching: bool = False
 
     async def lookup(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Lookup | None:
+        return None
+
+    def hit(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Lookup | None:
+        """A cache hit decided without waiting (its entry is held in memory), or None: then
+        :meth:`lookup` is awaited. Must not raise, and must leave :meth:`lookup` to report a miss."""
         return None
 
     def key(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> str | None:
@@ -226,8 +232,43 @@ class UnitRunner:
         for i, t in enumerate(self._typing):
             if t is not None:
                 self._bare[i] = False
+        # Nodes a cache hit may settle at once: nothing runs between their blocked check and
+        # their look-up (no remote copy, no typed receive, no condition, no items).
+        self._hits = [
+            caching and n.step.cache is not False and not n.step.conditions and not n.step.map_over
+            and not n.step.stream and self.remote is None and (t is None)
+            for n, t in zip(plan.nodes, self._typing or [None] * len(plan.nodes), strict=True)
+        ]  # fmt: skip
 
     # ------------------------------------------------------------------ one node
+
+    def now(self, node: Node) -> bool | None:
+        """The fate of a node served by a cache hit held in memory, recorded as
+        :meth:`_layered_node` records a hit, without a coroutine; None when it has to wait."""
+        if not self._hits[node.id]:
+            return None
+        state = self.state
+        if state.blocked[node.id] is not None:
+            return None
+        args, kwargs = state.arguments(node)
+        start = _now()
+        t0 = _perf()
+        hooks = self.hooks
+        found = hooks.hit(node, args, kwargs) if hooks is not None else None
+        if found is None or found.outputs is None:
+            return None
+        outputs = found.outputs
+        state.apply(node, outputs)
+        if self.watch is not None:
+            self.watch.started(node.name)
+        took = _perf() - t0
+        res = _Builder(
+            node.name, StepStatus.CACHED, outputs, None, None, 0, start, start + took, took, found.saved_seconds,
+            found.key,
+        )  # fmt: skip
+        res.cache_reason = found.reason
+        res.__class__ = StepResult
+        return self.settle(node, res, args, kwargs, args, kwargs)
 
     def node(self, node: Node) -> Coroutine[Any, Any, bool]:
         """Run one node through its layers and record its fate; True when its outputs exist.

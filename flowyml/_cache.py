@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import xxhash
 
@@ -121,6 +121,35 @@ class StoreHooks(RunHooks):
         self._unsent: dict[int, tuple[str, str, _KeyParts]] = {}
         """Node -> the key, step name and components of a miss, until the step ends: they are
         written in its cache entry's row (one row a put, not two), else on their own."""
+        self._made: dict[int, _Made | None] = {}
+        """Keys :meth:`hit` made and did not find at once, for :meth:`lookup` to go on with."""
+
+    def hit(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Lookup | None:
+        """The hit of a step whose entry is held in memory with inline outputs, decided without
+        waiting; None leaves the step to :meth:`lookup` (which takes the key made here)."""
+        if (
+            not self.caching
+            or node.step.cache is False
+            or (self._uncacheable and node.id in self._uncacheable)
+        ):
+            return None
+        if self._node_key(node)[0] == _BY_FUNCTION:
+            return None  # a user's key function runs where its error can fail the step
+        try:
+            made = self._key(node, args, kwargs, hash_large=False)
+        except Exception:
+            return None  # lookup makes it again, and the error fails the step there
+        if made is None or made is _HASH_FIRST:
+            self._made[node.id] = made
+            return None
+        key = made[0]
+        found = self.store.inline_hit(key, self.view)
+        if found is None:
+            self._made[node.id] = made
+            return None
+        self._keys[node.id] = key
+        self._hit_hashes[node.id] = found[2]
+        return Lookup(key, found[0], found[1], CACHE_HIT)
 
     async def lookup(self, node: Node, args: list[Any], kwargs: dict[str, Any]) -> Lookup | None:
         step = node.step
@@ -129,7 +158,9 @@ class StoreHooks(RunHooks):
         uncacheable = self._uncacheable.get(node.id) if self._uncacheable else None
         if uncacheable is not None:
             return Lookup(None, reason=uncacheable)
-        made = self._key(node, args, kwargs, hash_large=False)
+        made = self._made.pop(node.id, _HASH_FIRST) if self._made else _HASH_FIRST
+        if made is _HASH_FIRST:
+            made = self._key(node, args, kwargs, hash_large=False)
         if made is _HASH_FIRST:  # a big value whose producer had no key: hashed off the loop first
             await self._hash_large_inputs(node, args, kwargs)
             made = self._key(node, args, kwargs)
@@ -280,11 +311,15 @@ class StoreHooks(RunHooks):
         """
         if not self.caching:
             return
+        fingerprints = self._fingerprints
         for node in self.plan.nodes:
-            policy = node.step.cache
-            strategy = policy.strategy if isinstance(policy, CachePolicy) else policy
-            if strategy != "code_hash":
+            if node.step.cache is False or self._node_key(node)[0] != _BY_CODE:
                 continue
+            func = node.step.func
+            found = fingerprints.get(id(func))
+            if found is not None and found[0] is func:
+                continue  # steps often share a function: made once
+            policy = node.step.cache
             try:
                 self._step_fingerprint(node)
             except UnhashableInputError as exc:
@@ -315,26 +350,25 @@ class StoreHooks(RunHooks):
             UnhashableInputError: the code fingerprint cannot be made (only when it was not
                 checked up front).
         """
-        step = node.step
-        strategy: Any = step.cache
-        if isinstance(strategy, CachePolicy):
-            strategy = strategy.strategy
-        if callable(strategy):
+        kind, layout, positions, slots, labels = self._node_key(node)
+        if kind == _BY_FUNCTION:
+            policy = node.step.cache
+            strategy: Any = policy.strategy if isinstance(policy, CachePolicy) else policy
             user_key = content_identity(strategy(*args, **kwargs))
             if user_key is None:
                 self._uncached(node, ["its cache key function's value"])
                 return None
             key = key_of(step_identity=node.identity, fingerprint=None, inputs=[("key", user_key)], params=())
             return key, ("key",), (identity_chunk(user_key),)
-        if strategy == "code_hash":
-            found = self._fingerprints.get(id(step.func))
-            if found is None or found[0] is not step.func:
+        if kind == _BY_CODE:
+            func = node.step.func
+            found = self._fingerprints.get(id(func))
+            if found is None or found[0] is not func:
                 self._step_fingerprint(node)
-                found = self._fingerprints[id(step.func)]
+                found = self._fingerprints[id(func)]
             fingerprint = found[3]
         else:
             fingerprint = _NO_FINGERPRINT
-        layout, positions, slots, labels = self._node_key(node)
         if not slots:
             return layout_key(layout, fingerprint, ()), labels, ()
         values = [*args, *kwargs.values()] if kwargs else args
@@ -491,7 +525,9 @@ class StoreHooks(RunHooks):
         if hashes is not None and len(node.output_slots) == 1:  # the common case, without a loop
             digest = hashes.get(node.output_names[0])
             if digest is not None:
-                identities[node.output_slots[0]] = _chunk(b"a:" + digest.encode())
+                identities[node.output_slots[0]] = (
+                    _ARTIFACT + digest.encode() if len(digest) == 32 else _chunk(b"a:" + digest.encode())
+                )
                 return
         for slot, name in zip(node.output_slots, node.output_names, strict=True):
             digest = hashes.get(name) if hashes is not None else None
@@ -661,8 +697,12 @@ class StoreHooks(RunHooks):
 _Made = tuple[str, tuple[str, ...], Sequence[bytes]]
 """A key, the component label of each identity it was made of, and those identity chunks."""
 
-_NodeKey = tuple[KeyLayout, tuple[int, ...], tuple[int, ...], tuple[str, ...]]
+_NodeKey = tuple[int, KeyLayout, tuple[int, ...], tuple[int, ...], tuple[str, ...]]
 """How one node's keys are made (see :func:`_lay_out`)."""
+
+_BY_INPUTS, _BY_CODE, _BY_FUNCTION = 0, 1, 2
+"""What a node's key is made of besides its identity: its inputs (``input_hash``), its code too
+(``code_hash``), or the value of the user's key function."""
 
 _NO_FINGERPRINT = fingerprint_chunk(None)
 _HASH_FIRST: _Made = ("", (), ())  # what _key returns for a big value it is told not to hash
@@ -672,7 +712,8 @@ class PlanKeys:
     """How the keys of each node of one plan are made, kept with the plan across its runs.
 
     Each node's entry is made at its first key and is a plain tuple of bytes, ints and strings
-    (which the collector stops tracking): the encoded fixed parts of its keys, then each
+    (which the collector stops tracking): its strategy (``_BY_INPUTS``, ``_BY_CODE`` or
+    ``_BY_FUNCTION``), the encoded fixed parts of its keys, then each
     argument's flat position and slot (-1 for a context value) and its component label, in
     the order its key takes them. What changes between runs (the code fingerprint, the
     identities of inputs and parameters) is joined in per key.
@@ -702,14 +743,18 @@ class PlanKeys:
 
 
 def _lay_out(node: Node) -> _NodeKey:
+    policy = node.step.cache
+    strategy = policy.strategy if isinstance(policy, CachePolicy) else policy
+    kind = _BY_FUNCTION if callable(strategy) else _BY_CODE if strategy == "code_hash" else _BY_INPUTS
     if not node.labels:  # a step without arguments: one key per fingerprint
-        return key_layout(node.identity, (), ())[0], (), (), ()
+        return kind, key_layout(node.identity, (), ())[0], (), (), ()
     fed = [(at, label, slot) for at, (label, slot) in enumerate(node.labels) if slot >= 0]
     ctx = [(at, "param:" + label, slot) for at, (label, slot) in enumerate(node.labels) if slot < 0]
     layout, order = key_layout(node.identity, [f[1] for f in fed], [c[1] for c in ctx])
     both = [*fed, *ctx]
     ordered = [both[i] for i in order]
     return (
+        kind,
         layout,
         tuple(at for at, _label, _slot in ordered),
         tuple(slot for _at, _label, slot in ordered),
@@ -775,6 +820,8 @@ def _loads_parts(text: str) -> _KeyParts:
 
 
 _len8 = struct.Struct("<Q").pack
+_ARTIFACT: Final = _len8(34) + b"a:"
+"""The start of the identity chunk of an output by its artifact hash (an xxh3-128: 32 digits)."""
 
 
 def _chunk(identity: bytes) -> bytes:

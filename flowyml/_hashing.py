@@ -1849,11 +1849,17 @@ def fingerprint_chunk(fingerprint: str | None) -> bytes:
 def layout_key(layout: KeyLayout, fingerprint: bytes, identities: Sequence[bytes]) -> str:
     """One step's key: its layout, its :func:`fingerprint_chunk` and its identity chunks in order."""
     head, inputs_header, names, tail = layout
+    if len(identities) == 1 and len(names) == 1:  # the common shapes, without a loop
+        return xxhash.xxh3_128_hexdigest(
+            b"".join((head, fingerprint, inputs_header, names[0], identities[0], tail))
+        )
+    if not identities and not names:
+        return xxhash.xxh3_128_hexdigest(b"".join((head, fingerprint, inputs_header, tail)))
     chunks = [head, fingerprint, inputs_header]
     for name, identity in zip(names, identities, strict=True):
         chunks += (name, identity)
     chunks.append(tail)
-    return str(xxhash.xxh3_128_hexdigest(b"".join(chunks)))
+    return xxhash.xxh3_128_hexdigest(b"".join(chunks))
 
 
 def _unwrap_quietly(func: object) -> object:

@@ -5,6 +5,10 @@ decrements its dependents' counters and starts those that reach zero — the fir
 same task (a chain never pays for a new task per link), the rest as new tasks. There are no
 level barriers, no task waiting per pending step and no polling.
 
+A node whose fate the runner knows at once (a cache hit held in memory) is settled where it
+is started, without a task or a coroutine: :meth:`Run._start` walks such nodes and what they
+make ready, and only a node that has to wait gets a task of its own.
+
 A *unit* is a node, or an execution group's chain run as one (``plan.chains``). What happens
 inside a unit — conditions, cache, resources, retries, timeouts, the executor, the record — is
 the :class:`UnitRunner`'s business (:mod:`flowyml._attempt`); it reports whether each node's
@@ -46,6 +50,11 @@ class Runner(Protocol):
     them produced their outputs.
     """
 
+    def now(self, node: Node) -> bool | None:
+        """The node's fate when it is known at once (a cache hit held in memory), else None:
+        then :meth:`node` runs it."""
+        ...
+
     def node(self, node: Node) -> Awaitable[bool]:
         """The node's fate: True when its outputs exist."""
         ...
@@ -74,6 +83,9 @@ class Run:
         self._runner = runner
         self._gate_waiters: dict[int, list[Gate]] = {}
         self._tg: asyncio.TaskGroup | None = None
+        self._ready: list[Node] = []
+        """Nodes made ready while :meth:`_start` walks, for it to take next."""
+        self._walking = False
         self.stopped_by: str | None = None
 
     @property
@@ -87,7 +99,7 @@ class Run:
                 self._tg = tg
                 for i in self.plan.roots:
                     if self.remaining[i] == 0:
-                        tg.create_task(self._drive(self.plan.nodes[i]))
+                        self._start(self.plan.nodes[i])
                 for gate in self.plan.gates:
                     self._evaluate(gate)
             self._undecided_gates()
@@ -104,15 +116,50 @@ class Run:
                 if results[node.id] is None:
                     results[node.id] = finished(node.name, StepStatus.SKIPPED, {}, skip_reason=reason)
 
-    async def _drive(self, node: Node | None) -> None:
+    def _start(self, node: Node) -> None:
+        """Start ``node``, and whatever it makes ready, as far as their fates are known at once.
+
+        Each node that has to wait (or runs a chain, or feeds mapped consumers) goes on in a
+        task of its own. Nodes made ready meanwhile are listed, not started recursively, so a
+        long run of nodes decided at once never deepens the stack.
+        """
+        ready = self._ready
+        ready.append(node)
+        if self._walking:
+            return
+        self._walking = True
+        try:
+            chains = self.plan.chains
+            runner = self._runner
+            while ready:
+                nxt: Node | None = ready.pop()
+                while nxt is not None:
+                    if nxt.streams_to or (chains and nxt.id in chains):
+                        self._tg.create_task(self._drive(nxt))  # type: ignore[union-attr]
+                        break
+                    ok = runner.now(nxt)
+                    if ok is None:
+                        self._tg.create_task(self._drive(nxt, waits=True))  # type: ignore[union-attr]
+                        break
+                    nxt = self._finish(nxt, ok)
+        finally:
+            self._walking = False
+
+    async def _drive(self, node: Node | None, *, waits: bool = False) -> None:
+        """Run ``node``, then the first node it makes ready, and so on, in this task.
+
+        ``waits``: the runner already said the fate of ``node`` is not known at once.
+        """
         # One of these waits per step in flight (100,000 sleeping steps, 100,000 frames): its
         # frame is kept small, without a closure cell; the rarer cases are in _drive_special.
         chains = self.plan.chains
         while node is not None:
             if node.streams_to or (chains and node.id in chains):
                 node = await self._drive_special(node)
-            else:
-                node = self._finish(node, await self._runner.node(node))
+                continue
+            fate = None if waits else self._runner.now(node)
+            waits = False
+            node = self._finish(node, await self._runner.node(node) if fate is None else fate)
 
     async def _drive_special(self, node: Node) -> Node | None:
         """Run a node with streaming consumers or the chain it heads; the next node to run here."""
@@ -154,7 +201,7 @@ class Run:
                 if nxt is None:
                     nxt = nodes[d]
                 else:
-                    self._tg.create_task(self._drive(nodes[d]))  # type: ignore[union-attr]
+                    self._start(nodes[d])
         if self._gate_waiters:
             for gate in self._gate_waiters.pop(node.id, ()):
                 self._evaluate(gate)
@@ -196,5 +243,4 @@ class Run:
     def _release(self, i: int) -> None:
         self.remaining[i] -= 1
         if self.remaining[i] == 0:
-            assert self._tg is not None
-            self._tg.create_task(self._drive(self.plan.nodes[i]))
+            self._start(self.plan.nodes[i])

@@ -74,6 +74,11 @@ class RunState:
     def apply(self, node: Node, outputs: Mapping[str, Any]) -> None:
         """Fill the node's slots from outputs already split by name (a cache hit, a group member)."""
         values = self.values
+        if len(node.output_slots) == 1:  # the common case, without a loop
+            name = node.output_names[0]
+            if name in outputs:
+                values[node.output_slots[0]] = outputs[name]
+            return
         for slot, name in zip(node.output_slots, node.output_names, strict=True):
             if name in outputs:
                 values[slot] = outputs[name]

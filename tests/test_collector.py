@@ -26,6 +26,25 @@ def test_a_large_run_raises_the_oldest_threshold_and_restores_it() -> None:
     assert gc.get_threshold() == (700, 10, 10)
 
 
+def test_a_much_larger_run_raises_it_in_proportion() -> None:
+    """A million-step run: one full collection at most per 1,000 young-generation ones."""
+    with quiet_full_collections(1_000_000):
+        assert gc.get_threshold() == (700, 10, 1000)
+    assert gc.get_threshold() == (700, 10, 10)
+
+
+def test_a_larger_run_joining_raises_it_further_and_the_last_restores() -> None:
+    small = quiet_full_collections(QUIET_NODES)
+    large = quiet_full_collections(500_000)
+    small.__enter__()
+    large.__enter__()
+    assert gc.get_threshold() == (700, 10, 500)
+    large.__exit__(None, None, None)
+    assert gc.get_threshold() == (700, 10, 500)  # put off until the last run ends
+    small.__exit__(None, None, None)
+    assert gc.get_threshold() == (700, 10, 10)
+
+
 def test_a_small_run_leaves_the_collector_alone() -> None:
     with quiet_full_collections(QUIET_NODES - 1):
         assert gc.get_threshold() == (700, 10, 10)

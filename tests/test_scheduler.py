@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import sys
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -30,12 +31,29 @@ class FakeRunner:
     scheduler's counting can be checked on its own.
     """
 
-    def __init__(self, state: RunState, fail: Sequence[str] = (), ungrouped: bool = False) -> None:
+    def __init__(
+        self, state: RunState, fail: Sequence[str] = (), ungrouped: bool = False, at_once: Sequence[str] = ()
+    ) -> None:
         self.state = state
         self.fail = set(fail)
         self.ungrouped = ungrouped
+        self.at_once = set(at_once)
+        """Nodes whose fate is known at once (as a cache hit held in memory is): ``now`` settles them."""
         self.started: list[str] = []
         self.chains: list[list[str]] = []
+        self.tasks: set[asyncio.Task[Any]] = set()
+        """The tasks nodes were awaited in."""
+
+    def now(self, node: Node) -> bool | None:
+        state = self.state
+        if node.name not in self.at_once or state.blocked[node.id] is not None:
+            return None
+        self.started.append(node.name)
+        for d in node.deps:
+            assert state.results[d] is not None and state.results[d].success  # type: ignore[union-attr]
+        outputs = state.put(node, node.name) if len(node.output_slots) == 1 else {}
+        state.results[node.id] = finished(node.name, StepStatus.CACHED, outputs)
+        return True
 
     async def node(self, node: Node) -> bool:
         state = self.state
@@ -45,6 +63,7 @@ class FakeRunner:
             )
             return False
         self.started.append(node.name)
+        self.tasks.add(asyncio.current_task())  # type: ignore[arg-type]
         for d in node.deps:  # every input exists when a node starts
             assert state.results[d] is not None and state.results[d].success  # type: ignore[union-attr]
         await asyncio.sleep(0)
@@ -134,6 +153,42 @@ class TestRunCounts:
         assert sorted(fake.started) == ["ev", "then"]
         not_chosen = run.results[run.plan.by_name["else"].id]
         assert not_chosen is not None and not_chosen.skip_reason is NOT_CHOSEN
+
+
+class TestFatesKnownAtOnce:
+    """Nodes the runner settles at once (cache hits held in memory) need no task and no stack."""
+
+    async def test_a_chain_deeper_than_the_recursion_limit_runs_without_a_task(self) -> None:
+        n = sys.getrecursionlimit() * 3
+        spec = {"s0": [], **{f"s{i}": [f"s{i - 1}"] for i in range(1, n)}}
+        run, fake = await _drive(build_plan(_steps(spec)), at_once=list(spec))
+        assert fake.started == list(spec)
+        assert fake.tasks == set()
+        assert all(r is not None and r.status is StepStatus.CACHED for r in run.results)
+
+    async def test_a_fan_out_settled_at_once_feeds_its_fan_in_once(self) -> None:
+        spec = {**{f"r{i}": [] for i in range(50)}, "fan_in": [f"r{i}" for i in range(50)]}
+        run, fake = await _drive(build_plan(_steps(spec)), at_once=list(spec))
+        assert sorted(fake.started) == sorted(spec) and fake.started[-1] == "fan_in"
+        assert all(r is not None and r.success for r in run.results)
+
+    async def test_nodes_that_wait_and_nodes_known_at_once_mix(self) -> None:
+        spec = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], "e": ["d"], "f": ["a"], "g": ["f", "e"]}
+        at_once = ["a", "c", "e", "f"]
+        run, fake = await _drive(build_plan(_steps(spec)), at_once=at_once)
+        assert sorted(fake.started) == sorted(spec)  # each once, each after its inputs (FakeRunner checks)
+        assert len(fake.tasks) == 1  # b waits in a task; d, e (at once) and g follow it there
+        by = {r.step_name: r.status for r in run.results if r is not None}
+        assert [n for n, s in by.items() if s is StepStatus.CACHED] == at_once
+        assert run.state.outputs() == {n: n for n in spec}
+
+    async def test_a_failure_after_nodes_known_at_once_still_stops_the_run(self) -> None:
+        spec = {"a": [], "b": ["a"], "c": ["b"], "d": ["a"]}
+        run, fake = await _drive(build_plan(_steps(spec)), fail=["b"], at_once=["a", "d"])
+        assert run.stopped_by == "b"
+        assert "c" not in fake.started
+        c = run.results[run.plan.by_name["c"].id]
+        assert c is not None and c.skip_reason == "the run stopped after step 'b' failed"
 
 
 class InFlight:

@@ -235,6 +235,11 @@ def reads(seen: list[str]) -> list[str]:
 
 
 class TestHotPath:
+    @pytest.fixture(autouse=True, params=["one pass", "by index"])
+    def read_path(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Each test with preload reading the index in one pass over each table, and through its indexes."""
+        monkeypatch.setattr(_api, "_SCAN_SHARE", 10**9 if request.param == "one pass" else 0)
+
     async def test_preload_serves_without_query(self, store: Store, root: Path) -> None:
         """After preload, look-up and load through the view do not touch the database."""
         put(store, key="k1", step="s", out=1)
@@ -440,6 +445,53 @@ class TestHotPath:
             assert view.keys is not None and len(view.keys) == 3 * (PRELOAD_PER_STEP + 3)  # the others
             assert len((await fresh.preload(["a"], per_step=1)).entries) == 1
             assert fresh._memory == {}
+
+    async def test_preload_keeps_each_entrys_outputs_in_order(self, store: Store, root: Path) -> None:
+        """Output rows read out of their order (here stored last to first) come back in it."""
+        put(store, key="k1", step="s", a=1, b=2, c=3)
+        put(store, key="k2", step="t", out=4)
+        await store.aclose()
+        sql(root, "UPDATE cache_outputs SET position = position + 10 WHERE key = 'k1'")
+        sql(root, "UPDATE cache_outputs SET position = 12 - position WHERE key = 'k1'")
+        async with await Store.open(root) as fresh:
+            view = await fresh.preload(["s", "t"])
+            entry = await fresh.lookup("k1", query=False, view=view)
+            assert entry is not None and [o.name for o in entry.outputs] == ["c", "b", "a"]
+            assert await fresh.load(entry) == {"a": 1, "b": 2, "c": 3}
+            found = fresh.inline_hit("k2", view)
+            assert found is not None and found[0] == {"out": 4}
+
+    @pytest.mark.parametrize(
+        ("damage", "why"),
+        [
+            ("UPDATE cache_entries SET duration_seconds = 'long' WHERE key = 'k1'", "its row has values"),
+            ("UPDATE cache_entries SET created_at = 'yesterday' WHERE key = 'k1'", "its row has values"),
+            ("UPDATE cache_entries SET outputs = 'one' WHERE key = 'k1'", "its row has values"),
+            ("UPDATE cache_outputs SET size = 'big' WHERE key = 'k1'", "output row 'out' has values"),
+            ("UPDATE cache_outputs SET inline = 'text' WHERE key = 'k1'", "output row 'out' has values"),
+            ("DELETE FROM cache_outputs WHERE key = 'k1'", "1 of its 1 output rows are missing"),
+            (
+                "INSERT INTO cache_outputs SELECT key, 1, 'out2', artifact_hash, size, type_name, inline "
+                "FROM cache_outputs WHERE key = 'k1'",
+                "-1 of its 1 output rows are missing",
+            ),
+        ],
+    )
+    async def test_preload_drops_a_damaged_entry(
+        self, store: Store, root: Path, damage: str, why: str
+    ) -> None:
+        """A row of the wrong types or the wrong number of output rows: a miss, dropped, named."""
+        put(store, key="k1", step="s", out=1)
+        put(store, key="k2", step="t", out=2)
+        await store.aclose()
+        sql(root, damage)
+        async with await Store.open(root) as fresh:
+            with pytest.warns(CacheCorruptionWarning, match=why):
+                view = await fresh.preload(["s", "t"])
+            assert set(view.entries) == {"k2"}
+            assert await fresh.lookup("k1", view=view) is None
+            await fresh.flush()
+        assert sql(root, "SELECT key FROM cache_entries") == [("k2",)]
 
     async def test_concurrent_misses_share_one_query(self, store: Store) -> None:
         """Look-ups that miss memory together are answered by one query."""
