@@ -186,7 +186,7 @@ def assign_names(steps: Sequence[Step]) -> list[str]:
         counts[n] = counts.get(n, 0) + 1
     for i, s in enumerate(steps):
         if not s.explicit_name and (counts[s.name] > 1 or s.name in explicit):
-            names[i] = f"{s.name}[{s.outputs[0]}]" if s.outputs else s.name
+            names[i] = f"{s.name}[{s.output_names[0]}]" if s.output_names else s.name
     seen: dict[str, int] = {}
     for n in names:
         seen[n] = seen.get(n, 0) + 1
@@ -236,7 +236,7 @@ def _build_plan(
     from ._store import StepShape  # the store's lineage format; imported only when planning
 
     names = assign_names(steps)
-    outputs_of = [tuple(s.outputs) or (names[i],) for i, s in enumerate(steps)]
+    outputs_of = [s.output_names or (names[i],) for i, s in enumerate(steps)]
 
     # One slot per output, a step's outputs in consecutive slots.
     slot_names = [out for outs in outputs_of for out in outs]
@@ -311,7 +311,7 @@ def _build_plan(
         layout = layouts.get(id(s.signature))
         if layout is None:
             layout = layouts[id(s.signature)] = _Layout(s.signature)
-        if not s.inputs and not layout.named and not s.map_over:
+        if not s.input_names and not layout.named and not s.map_over:
             # Nothing to bind (a source step taking only *args / **kwargs, or nothing at all).
             bindings.append(unbound)
             edges.append(unwired)
@@ -592,9 +592,9 @@ def _bind(
     bound: dict[str, Source] = {}
     extra_pos: list[Source] = []
     extra_kw: list[tuple[str, Source]] = []
-    leftover = [inp for inp in s.inputs if inp not in defaults] if defaults else s.inputs
-    if len(leftover) < len(s.inputs):
-        for inp in s.inputs:
+    leftover = [inp for inp in s.input_names if inp not in defaults] if defaults else s.input_names
+    if len(leftover) < len(s.input_names):
+        for inp in s.input_names:
             if inp in defaults:
                 bound[inp] = _wired(inp, inp, defaults[inp], name, index, slot_of, slot_producer)
     if leftover:
@@ -626,7 +626,7 @@ def _bind(
                 )
 
     if len(bound) < len(layout.named):
-        own = set(s.outputs)
+        own = set(s.output_names)
         for param in layout.named:
             if param in bound:
                 continue
