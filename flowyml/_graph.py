@@ -618,9 +618,13 @@ def _bind(
     bound: dict[str, Source] = {}
     extra_pos: list[Source] = []
     extra_kw: list[tuple[str, Source]] = []
-    leftover = [inp for inp in s.input_names if inp not in defaults] if defaults else s.input_names
-    if len(leftover) < len(s.input_names):
-        for inp in s.input_names:
+    inputs = s.input_names
+    if defaults and not defaults.keys().isdisjoint(inputs):
+        leftover: Sequence[str] = [inp for inp in inputs if inp not in defaults]
+    else:
+        leftover = inputs
+    if len(leftover) < len(inputs):
+        for inp in inputs:
             if inp in defaults:
                 bound[inp] = _wired(inp, inp, defaults[inp], name, index, slot_of, slot_producer)
     if leftover:
@@ -668,7 +672,7 @@ def _bind(
                 source, param, defaults[param], name, index, slot_of, slot_producer, implicit=True
             )
 
-    positional = tuple([bound[p] for p in layout.positional]) if bound else ()
+    positional = tuple(map(bound.__getitem__, layout.positional)) if bound else ()
     keyword = tuple([(p, bound[p]) for p in layout.keyword_only]) if layout.keyword_only else ()
     return positional, tuple(extra_pos), (keyword + tuple(extra_kw)) if extra_kw else keyword
 
@@ -688,12 +692,12 @@ def _wired(
     slot = slot_of.get(source_name)
     p = None if slot is None else slot_producer[slot]
     if slot is not None and p != index:
-        return Source(SLOT, slot, source_name, MISSING, parameter)
+        return _new_source(Source, (SLOT, slot, source_name, MISSING, parameter))
     if p == index and not implicit:
         raise CycleError([name, name])
     # A parameter named like the step's own output reads the context: a step is never its
     # own implicit input (``@step(outputs=["data"]) def clean(data)`` cleans the given data).
-    return Source(CONTEXT, -1, source_name, default, parameter)
+    return _new_source(Source, (CONTEXT, -1, source_name, default, parameter))
 
 
 def _default(param: inspect.Parameter) -> Any:
