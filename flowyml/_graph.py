@@ -253,9 +253,13 @@ def _build_plan(
             if out in first:
                 raise DuplicateOutputError(out, [names[first[out]], names[i]])
             first[out] = i
+    # ``(i,)`` for every id, made once: a node's output slots (one output each), the deps of
+    # a node reading one producer and the dependents of a producer feeding one consumer are
+    # mostly such one-item tuples, shared rather than made again for every node.
+    single: list[tuple[int, ...]] = [(i,) for i in ids]
     output_slots: list[tuple[int, ...]] = []
     if one_each:
-        output_slots = [(i,) for i in ids]
+        output_slots = single
     else:
         start = 0
         for outs in outputs_of:
@@ -377,7 +381,8 @@ def _build_plan(
                     context_needs.append((i, src))
         if mapped:
             maps[i] = _map_spec(mapped, positional, var_pos, keyword, slot_producer, itemized)
-        edges.append((tuple(deps), lineage_inputs or _NO_INPUTS, tuple(labels)))
+        dep_ids = single[next(iter(deps))] if len(deps) == 1 else tuple(deps)
+        edges.append((dep_ids, lineage_inputs or _NO_INPUTS, tuple(labels)))
 
     # Shared StepTypes make shared checks and edge verdicts: keyed by the ids of what they read.
     typing: list[Typing | None] = [None] * len(steps)
@@ -432,7 +437,7 @@ def _build_plan(
             var_pos,
             keyword,
             deps_i,
-            () if d < 0 else (d,) if i not in more_dependents else tuple(more_dependents[i]),
+            () if d < 0 else single[d] if i not in more_dependents else tuple(more_dependents[i]),
             inputs_i,
             f"{wheres[i]}|{names[i]}|{outs[0] if len(outs) == 1 else ','.join(outs)}",
             labels_i,
