@@ -187,7 +187,8 @@ class Step:
 
         # Filled as its mutable twin (same slots) and frozen at the end: a plain slot store
         # instead of an object.__setattr__ call per field, a tenth of the cost.
-        object.__setattr__(self, "__class__", _OpenStep)
+        cls = type(self)
+        object.__setattr__(self, "__class__", _OpenStep if cls is Step else _open(cls))
         self.func = func
         self.body = body
         map_over = _as_tuple(map_over)
@@ -225,7 +226,7 @@ class Step:
         self.max_pending = _check_max_pending(max_pending, self)
         self.map_errors = _check_map_errors(map_errors, self)
         self.stream = _check_stream(self, facts.stream)
-        object.__setattr__(self, "__class__", Step)
+        object.__setattr__(self, "__class__", cls)
 
     @property
     def inputs(self) -> Names:
@@ -278,8 +279,17 @@ class Step:
         return functools.partial(self.func, instance)
 
 
-_OpenStep: Any = type("_OpenStep", (), {"__slots__": Step.__slots__, "__module__": __name__})
-"""Step's mutable twin: the same slots, no frozen ``__setattr__``; a Step is filled as one."""
+def _open(cls: type[Step]) -> type[Step]:
+    """``cls`` with a plain ``__setattr__`` and nothing else added: a step is filled as one."""
+    twin = _twins.get(cls)
+    if twin is None:
+        body = {"__slots__": (), "__setattr__": object.__setattr__, "__module__": __name__}
+        twin = _twins[cls] = type(f"_Open{cls.__name__}", (cls,), body)
+    return twin
+
+
+_twins: dict[type[Step], type[Step]] = {}
+_OpenStep: Final = _open(Step)
 _FIELDS: Final = frozenset((*Step.__slots__, "inputs", "outputs"))
 _FROM_FUNCTION: Final = frozenset(("__name__", "__qualname__"))
 
