@@ -119,7 +119,8 @@ class Pipeline:
         self.debug = debug
         self.capacity = parse_capacity(resources)
         self._steps: list[Step] = []
-        self._step_ids: set[int] = set()
+        self._added: set[Step] = set()
+        """The steps added, by identity (a Step hashes as an object): no int object per step."""
         self._flows: list[If] = []
         self._plan: Plan | None = None
         self._keys: Any = None
@@ -166,9 +167,9 @@ class Pipeline:
             if not callable(step_):
                 raise ConfigError(f"add_step() needs a @step function, got {type(step_).__name__}")
             step_ = step(step_)
-        if id(step_) in self._step_ids:
+        if step_ in self._added:
             raise ConfigError(f"step {step_.name!r} was already added to pipeline {self.name!r}")
-        self._step_ids.add(id(step_))
+        self._added.add(step_)
         self._steps.append(step_)
         self._forget_plan()
         return self
@@ -178,7 +179,7 @@ class Pipeline:
         if not isinstance(flow, If):
             raise ConfigError(f"add_control_flow() needs an If(...), got {type(flow).__name__}")
         for s in flow.steps():
-            if id(s) not in self._step_ids:
+            if s not in self._added:
                 self.add_step(s)
         for other in self._flows:
             shared = {id(s) for s in other.steps()} & {id(s) for s in flow.steps()}
