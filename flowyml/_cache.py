@@ -174,6 +174,14 @@ class StoreHooks(RunHooks):
         if hit is not None:
             self._hit_hashes[node.id] = hit[2]
             return Lookup(key, hit[0], hit[1], CACHE_HIT)
+        if store.absent(key, self.view) and key not in flights:
+            # Known missing without a query (a fresh store, or a preloaded view that lacks it):
+            # claimed at once, and without a coroutine when the previous parts are in.
+            flights[key] = self._claims[node.id] = asyncio.get_running_loop().create_future()
+            waiter = self._waiter()
+            if waiter is not None:
+                await waiter
+            return Lookup(key, reason=self._miss_now(node, made))
         while True:
             entry = await store.lookup(key, view=self.view)
             if entry is not None:
@@ -202,24 +210,35 @@ class StoreHooks(RunHooks):
 
     async def _miss(self, node: Node, made: _Made) -> str:
         """Why a step whose key missed runs; queues the key's components to the store's writer."""
-        previous = self._previous
-        if previous is None or not previous.done():
-            await self.ready()
+        waiter = self._waiter()
+        if waiter is not None:
+            await waiter
         return self._miss_now(node, made)
 
     async def ready(self) -> None:
         """Load what the reasons of misses are computed from, once per run (see :meth:`why`)."""
+        waiter = self._waiter()
+        if waiter is not None:
+            await waiter
+
+    def _waiter(self) -> asyncio.Future[None] | None:
+        """What a miss awaits before its reason can be computed (the previous parts loading,
+        started at the first miss); None when it can be computed now.
+
+        One plain future per waiter, woken by one callback: thousands of steps missing at once
+        wait here, and a shield each would cost two callbacks and a future more. Awaited by the
+        step itself, not through a coroutine of its own: each level is resumed at the wake-up.
+        """
         previous = self._previous
         if previous is None:
             if not self.caching:
-                return
+                return None
             previous = self._load_previous()
-        if not previous.done():
-            # One plain future per waiter, woken by one callback: thousands of steps missing at
-            # once wait here, and a shield each would cost two callbacks and a future more.
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            await waiter
+        if previous.done():
+            return None
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
 
     def _load_previous(self) -> asyncio.Task[_Previous]:
         names = [n.name for n in self.plan.nodes]

@@ -1116,6 +1116,17 @@ class Store:
             view.entries[key] = flat
         return _entry_of(flat)
 
+    def absent(self, key: str, view: CacheView | None) -> bool:
+        """True when ``key`` is known to have no entry without asking the database: not held in
+        memory, and ``view`` knows the index lacks it (what :meth:`lookup` answers at once)."""
+        return (
+            view is not None
+            and view.keys is not None
+            and key not in view.keys
+            and key not in self._memory
+            and key not in view.entries
+        )
+
     def inline_hit(
         self, key: str, view: CacheView | None
     ) -> tuple[dict[str, Any], float, dict[str, str]] | None:
