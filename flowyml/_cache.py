@@ -159,6 +159,7 @@ class StoreHooks(RunHooks):
         if uncacheable is not None:
             return Lookup(None, reason=uncacheable)
         made = self._made.pop(node.id, _HASH_FIRST) if self._made else _HASH_FIRST
+        checked = made is not _HASH_FIRST and made is not None  # hit() found no inline entry
         if made is _HASH_FIRST:
             made = self._key(node, args, kwargs, hash_large=False)
         if made is _HASH_FIRST:  # a big value whose producer had no key: hashed off the loop first
@@ -170,7 +171,7 @@ class StoreHooks(RunHooks):
         self._keys[node.id] = key
         store = self.store
         flights = self._flights
-        hit = store.inline_hit(key, self.view)
+        hit = None if checked else store.inline_hit(key, self.view)
         if hit is not None:
             self._hit_hashes[node.id] = hit[2]
             return Lookup(key, hit[0], hit[1], CACHE_HIT)
@@ -220,6 +221,25 @@ class StoreHooks(RunHooks):
         waiter = self._waiter()
         if waiter is not None:
             await waiter
+
+    async def prepare(self) -> None:
+        """Before the run: load the previous parts now when the preloaded view holds nothing the
+        run could hit (a first run: every cached step will miss and need them).
+
+        One round trip before the steps start, instead of the load starting at the first miss
+        while every step that misses before it lands waits for it: a future, a suspension and a
+        wake-up each (at 20,000 steps of a fan-out, all of them). The reasons are the same: they
+        are computed from the same rows, which nothing of this run has written yet.
+        """
+        view = self.view
+        if not self.caching or view is None or view.entries:
+            return
+        try:
+            await self.ready()
+        except BaseException:
+            if self._previous is not None:
+                self._previous.cancel()
+            raise
 
     def _waiter(self) -> asyncio.Future[None] | None:
         """What a miss awaits before its reason can be computed (the previous parts loading,
@@ -281,10 +301,11 @@ class StoreHooks(RunHooks):
         policy = node.step.cache
         strategy = policy.strategy if isinstance(policy, CachePolicy) else policy
         parts: _KeyParts = {
-            "step": _short(f"{node.identity}|{strategy if isinstance(strategy, str) else 'callable'}")
+            "step": _digest(
+                f"{node.identity}|{strategy if isinstance(strategy, str) else 'callable'}".encode()
+            )
         }
-        for label, chunk in zip(labels, identities, strict=True):
-            parts[label] = str(xxhash.xxh3_64_hexdigest(chunk[8:]))  # _short of the identity
+        parts.update(zip(labels, [_digest(chunk[8:]) for chunk in identities], strict=True))  # _short of each
         if strategy == "code_hash":
             parts.update(self._fingerprints[id(node.step.func)][2])
         return parts
@@ -846,6 +867,9 @@ _ARTIFACT: Final = _len8(34) + b"a:"
 def _chunk(identity: bytes) -> bytes:
     """:func:`~flowyml._hashing.identity_chunk` of an identity already encoded (the hot path's)."""
     return _len8(len(identity)) + identity
+
+
+_digest: Final[Callable[[bytes], str]] = xxhash.xxh3_64_hexdigest
 
 
 def _short(identity: str) -> str:

@@ -440,6 +440,7 @@ class Pipeline:
         hooks.check_fingerprints()
         if self.enable_cache:
             hooks.view = await store.preload(n.name for n in plan.nodes if n.step.cache is not False)
+            await hooks.prepare()
         if self.lineage:
             store.record_run(RunRecord(run_id, self.name, "running", start))
         return store, hooks, mark
