@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import xxhash
 
@@ -67,8 +67,9 @@ _NOT_YET = object()
 
 
 _Outcome = Store | None  # the store whose memory holds the value a claim computed, or None
-_Flight = asyncio.Future[_Outcome] | Store
-"""A key being computed (the claim's future), or computed and held in that store's memory."""
+_Flight: TypeAlias = "asyncio.Future[_Outcome] | Store | StoreHooks"
+"""A key being computed -- by the run of those hooks, while no one waits for it; else the
+future its waiters await -- or computed and held in that store's memory."""
 _inflight: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Path, dict[str, _Flight]]]
 _inflight = weakref.WeakKeyDictionary()
 
@@ -94,7 +95,8 @@ class StoreHooks(RunHooks):
         self.view: CacheView | None = None
         """What the store preloaded for this run (``Store.preload``), set by the pipeline."""
         self._keys: dict[int, str] = {}
-        self._claims: dict[int, asyncio.Future[_Outcome]] = {}
+        self._claims: set[int] = set()
+        """Nodes whose key this run claimed (see ``_flights``)."""
         self._settled: list[str] = []
         self._hit_hashes: dict[int, dict[str, str]] = {}
         self._uncacheable: dict[int, str] = {}
@@ -178,7 +180,8 @@ class StoreHooks(RunHooks):
         if store.absent(key, self.view) and key not in flights:
             # Known missing without a query (a fresh store, or a preloaded view that lacks it):
             # claimed at once, and without a coroutine when the previous parts are in.
-            flights[key] = self._claims[node.id] = asyncio.get_running_loop().create_future()
+            flights[key] = self
+            self._claims.add(node.id)
             waiter = self._waiter()
             if waiter is not None:
                 await waiter
@@ -192,9 +195,11 @@ class StoreHooks(RunHooks):
                     return Lookup(key, outputs, entry.duration_seconds, CACHE_HIT)
             pending = flights.get(key)
             if pending is None:
-                claim: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
-                flights[key] = self._claims[node.id] = claim
+                flights[key] = self
+                self._claims.add(node.id)
                 return Lookup(key, reason=await self._miss(node, made))
+            if isinstance(pending, StoreHooks):  # the first to wait makes the future, for all
+                pending = flights[key] = asyncio.get_running_loop().create_future()
             outcome = pending if isinstance(pending, Store) else await asyncio.shield(pending)
             if outcome is not None:
                 # A fresh, hash-checked copy of what the other run cached: never its live objects.
@@ -205,8 +210,8 @@ class StoreHooks(RunHooks):
                     self._hit_hashes[node.id] = {o.name: o.artifact_hash for o in shared.outputs}
                     return Lookup(key, outputs, shared.duration_seconds, CACHE_HIT)
             if flights.get(key) is pending:
-                claim = asyncio.get_running_loop().create_future()
-                flights[key] = self._claims[node.id] = claim
+                flights[key] = self
+                self._claims.add(node.id)
                 return Lookup(key, reason=await self._miss(node, made))
 
     async def _miss(self, node: Node, made: _Made) -> str:
@@ -526,7 +531,9 @@ class StoreHooks(RunHooks):
     def _cache_after(self, node: Node, res: StepResult) -> dict[str, str] | None:
         """Settle this step's single-flight claim and cache its outputs; their artifact hashes."""
         key = self._keys.pop(node.id, None)
-        claim = self._claims.pop(node.id, None)
+        claimed = node.id in self._claims
+        if claimed:
+            self._claims.discard(node.id)
         ok = res.status is StepStatus.SUCCEEDED and not res.fallback_reasons
         hashes = self._hit_hashes.pop(node.id, None) if self._hit_hashes else None
         unsent = self._unsent.pop(node.id, None) if self._unsent else None
@@ -547,15 +554,18 @@ class StoreHooks(RunHooks):
         finally:
             if unsent is not None:  # no entry to hold them: the next miss still says what changed
                 self.store.put_key_parts(*unsent)
-            if claim is not None and key is not None:  # a claim is only made for a key
+            if claimed and key is not None:  # a claim is only made for a key
+                # Held by this run, the key's flight is this run or the future its waiters made.
                 cached = ok and hashes is not None
-                claim.set_result(self.store if cached else None)
                 flights = self._flights
+                claim = flights.get(key)
+                if isinstance(claim, asyncio.Future):
+                    claim.set_result(self.store if cached else None)
                 if cached:  # held in the store's memory until it commits: no future kept per step
-                    if flights.get(key) is claim:
+                    if claim is self or isinstance(claim, asyncio.Future):
                         flights[key] = self.store
                     self._settled.append(key)
-                elif flights.get(key) is claim:
+                elif claim is self or isinstance(claim, asyncio.Future):
                     del flights[key]
         return hashes
 
@@ -590,7 +600,7 @@ class StoreHooks(RunHooks):
         flights = self._flights
         for key in self._settled:
             pending = flights.get(key)
-            if isinstance(pending, Store) or (pending is not None and pending.done()):
+            if isinstance(pending, Store) or (isinstance(pending, asyncio.Future) and pending.done()):
                 del flights[key]
         self._settled.clear()
         if self._hash_pool is not None:

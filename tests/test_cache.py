@@ -294,6 +294,25 @@ class TestSingleFlight:
         assert all(r["v"] == 7 for r in results)
         assert sum(r.step_results["slow"].cached for r in results) == 19
 
+    async def test_runs_waiting_on_a_failed_claim_compute_the_key_themselves(self) -> None:
+        """The run computing a key fails: each waiting run claims it in turn, none hangs."""
+        calls = Calls()
+
+        @step(outputs=["v"])
+        async def flaky(n: int) -> int:
+            calls.append(n)
+            await asyncio.sleep(0.02)
+            if len(calls) == 1:
+                raise RuntimeError("first attempt fails")
+            return n
+
+        p = Pipeline("failed-claim", context=context(n=3)).add_step(flaky)
+        results = await asyncio.wait_for(asyncio.gather(*(p.arun() for _ in range(3))), 10)
+        assert calls == [3, 3]
+        assert sorted(r.success for r in results) == [False, True, True]
+        assert sum(r.step_results["flaky"].cached for r in results) == 1
+        assert (await p.arun()).step_results["flaky"].cached
+
 
 class TestCorruption:
     def test_corrupted_artifact_is_recomputed_with_a_warning(self, tmp_path: Path) -> None:
