@@ -1220,6 +1220,21 @@ class TestRecordFate:
         }
         assert await store.key_parts(["k1", "nope"]) == {"k1": {"input:data": "aa", "code": "c1"}}
 
+    async def test_latest_key_parts_of_a_few_steps_among_many_rows(self, store: Store) -> None:
+        """Read by the step index when the rows far outnumber the names, by a scan otherwise:
+        the same rows either way."""
+        for i in range(40):
+            store.put(key=f"e{i}", step_name=f"s{i % 10}", run_id="r", outputs={"o": i}, duration=1.0,
+                      parts={"code": f"e{i}"})  # fmt: skip
+        await store.flush()
+        for i in range(40):
+            store.put_key_parts(f"k{i}", f"s{i % 10}", {"code": f"c{i}"})
+            await store.flush()  # one batch each: the latest of a step is the last one written
+        few = await store.latest_key_parts(["s3", "absent"])  # 80 rows, 2 names: by the index
+        every = await store.latest_key_parts([f"s{i}" for i in range(30)])  # 30 names: a scan
+        assert few == {"s3": ("k33", '{"code":"c33"}')}
+        assert len(every) == 10 and every["s3"] == few["s3"]
+
     async def test_key_parts_put_with_their_entry_live_in_its_row(self, store: Store, root: Path) -> None:
         """Components put with an entry go in its row (no cache_key_parts row), and read back as
         any other; an entry replaced without components keeps the ones it had."""

@@ -1649,17 +1649,29 @@ class Store:
         """The most recent key of each of these steps with its components as stored (a JSON
         object of component name -> digest), in one query; decoded by the caller, when needed."""
         self._check_open()
-        names = sorted(set(step_names))
+        names = list(set(step_names))  # not sorted: no read needs an order (0.7 s for a million)
         if not names:
             return {}
+        # Probing the step index once per name costs as much on an empty store as on a full one
+        # (a million names: 1.6 s); when the names are not far fewer than the rows, scanning the
+        # rows against the names is cheaper (0.015 s empty; 100,000 rows and names: 0.42 s
+        # against 0.80 s), and the other way round for a few names in a big store (1,000 names
+        # among 1,000,000 rows: 0.04 s against 0.57 s). The rows are counted up to 4 a name.
+        limit = 4 * len(names)
+        counted = await self._conn.execute_fetchall(
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM cache_key_parts LIMIT ?1)) "
+            "+ (SELECT count(*) FROM (SELECT 1 FROM cache_entries LIMIT ?1))",
+            (limit,),
+        )
+        by = "+step_name" if next(iter(counted))[0] < limit else "step_name"  # "+": not by the index
         rows = await self._conn.execute_fetchall(
             "SELECT step_name, key, parts FROM ("
             "  SELECT step_name, key, parts, ROW_NUMBER() OVER "
             "    (PARTITION BY step_name ORDER BY created_at DESC, key DESC) AS n FROM ("
             "    SELECT step_name, key, parts, created_at FROM cache_key_parts"
-            "    WHERE step_name IN (SELECT value FROM json_each(?1))"
+            f"    WHERE {by} IN (SELECT value FROM json_each(?1))"
             "    UNION ALL SELECT step_name, key, parts, created_at FROM cache_entries"
-            "    WHERE step_name IN (SELECT value FROM json_each(?1)) AND parts IS NOT NULL)"
+            f"    WHERE {by} IN (SELECT value FROM json_each(?1)) AND parts IS NOT NULL)"
             ") WHERE n = 1",
             (json.dumps(names),),
         )
