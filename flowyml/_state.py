@@ -35,9 +35,10 @@ class RunState:
     def arguments(self, node: Node) -> tuple[list[Any], dict[str, Any]]:
         """The node's positional and keyword arguments from the slots, params and defaults."""
         resolve = self.resolve
-        args = [resolve(s) for s in node.positional]
+        values = self.values
+        args = [values[s.slot] if s.kind == SLOT else resolve(s) for s in node.positional]
         if node.var_positional:
-            args += [resolve(s) for s in node.var_positional]
+            args += [values[s.slot] if s.kind == SLOT else resolve(s) for s in node.var_positional]
         kwargs = {k: resolve(s) for k, s in node.keyword} if node.keyword else {}
         return args, kwargs
 
