@@ -12,8 +12,9 @@ Modes: ``off`` (no cache, no lineage), ``lineage`` (lineage recorded, no cache),
 (caching and lineage on, the first run on a fresh store) and ``rerun`` (the same pipeline run
 again on that store: every step a cache hit); ``plan`` only builds and plans. Build (making the step definitions and adding
 them) and plan (``Pipeline.plan()``) are timed apart, per step. Peak RSS is the process's high
-water mark during the run (reset before it through ``/proc/self/clear_refs``) above the RSS
-before it, per step; ``kept`` is what is still resident after the run and a collection, and
+water mark during the run and the commit of its records (reset before it through
+``/proc/self/clear_refs``) above the RSS before it, per step; ``kept`` is what is still resident
+after the run, the commit of its records and a collection, and
 ``trimmed`` the same after glibc's ``malloc_trim(0)`` (freed memory the C allocator still holds
 for reuse, not live objects; absent where there is no glibc).
 
@@ -52,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from flowyml import Pipeline, step
+from flowyml import Pipeline, open_store, step
 
 
 async def noop(*_: Any) -> Any:
@@ -194,6 +195,10 @@ async def child_steps(workload: str, n: int, mode: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         result = await pipeline.arun()
         ours = time.perf_counter() - t0
+        if mode != "off":
+            # arun() returns before its lineage is committed (the shared writer finishes it): the
+            # peak and what is kept are read once the run's records are in, not halfway through.
+            await (await open_store(tmp)).flush()
         peak = _status_kib("VmHWM")
         assert result.success, result.summary()
         if mode == "rerun":

@@ -284,50 +284,75 @@ class UnitRunner:
         return self._bare_node(node) if self._bare[node.id] else self._layered_node(node)
 
     async def _bare_node(self, node: Node) -> bool:
-        """A step with nothing around its call: awaited here, then recorded (the per-step hot path)."""
+        """A step with nothing around its call: awaited here, then recorded (the per-step hot path).
+
+        One of these waits per step in flight, so its frame holds only what the wait needs; what
+        comes after the call is in :meth:`_bare_done` and :meth:`_bare_failed`.
+        """
         state = self.state
         if state.blocked[node.id] is not None:
             return self._blocked(node)
         args, kwargs = state.arguments(node)
-        watch = self.watch
-        if watch is not None:
-            watch.started(node.name)
+        if self.watch is not None:
+            self.watch.started(node.name)
         began = _now()
         t0 = _perf()
         try:
             ret = await node.step.body(*args, **kwargs)
             if len(node.output_slots) == 1:
                 state.values[node.output_slots[0]] = ret
-                produced = {node.output_names[0]: ret}
+                ret = {node.output_names[0]: ret}
             else:
-                produced = state.put(node, ret)
+                ret = state.put(node, ret)
         except asyncio.CancelledError:
-            why = self._why[node.id]
-            res = self._result(
-                node, StepStatus.CANCELLED, {}, None, None, True, began, t0, 0.0, None, None, (), why
-            )
-            state.results[node.id] = res
-            if self.hooks is not None:
-                self.hooks.after(node, res, args, kwargs)
-            if watch is not None:
-                watch.finished(res)
+            self._bare_failed(node, StepStatus.CANCELLED, None, began, t0, args, kwargs)
             raise
         except Exception as exc:
-            why = self._why[node.id]
-            res = self._result(
-                node, StepStatus.FAILED, {}, exc, None, True, began, t0, 0.0, None, None, (), why
-            )
-            return self.settle(node, res, args, kwargs, args, kwargs)
-        took = _perf() - t0
+            return self._bare_failed(node, StepStatus.FAILED, exc, began, t0, args, kwargs)
+        return self._bare_done(node, ret, began, _perf() - t0, args, kwargs)
+
+    def _bare_done(
+        self,
+        node: Node,
+        produced: dict[str, Any],
+        began: float,
+        took: float,
+        args: list[Any],
+        kwargs: dict[str, Any],
+    ) -> bool:
+        """Record a bare step that returned ``produced``."""
         res = _Builder(node.name, StepStatus.SUCCEEDED, produced, None, None, 1, began, began + took, took)
         res.cache_reason = self._why[node.id]
         res.__class__ = StepResult
-        state.results[node.id] = res
+        self.state.results[node.id] = res
         if self.hooks is not None:
             self.hooks.after(node, res, args, kwargs)
-        if watch is not None:
-            watch.finished(res)
+        if self.watch is not None:
+            self.watch.finished(res)
         return True
+
+    def _bare_failed(
+        self,
+        node: Node,
+        status: StepStatus,
+        exc: Exception | None,
+        began: float,
+        t0: float,
+        args: list[Any],
+        kwargs: dict[str, Any],
+    ) -> bool:
+        """Record a bare step that raised ``exc`` (FAILED) or was cancelled (CANCELLED, ``exc`` None)."""
+        res = self._result(
+            node, status, {}, exc, None, True, began, t0, 0.0, None, None, (), self._why[node.id]
+        )
+        if exc is not None:
+            return self.settle(node, res, args, kwargs, args, kwargs)
+        self.state.results[node.id] = res
+        if self.hooks is not None:
+            self.hooks.after(node, res, args, kwargs)
+        if self.watch is not None:
+            self.watch.finished(res)
+        return False
 
     async def _layered_node(self, node: Node) -> bool:
         """A step with layers: blocked -> condition -> cache -> hold -> retry -> timeout -> executor -> record."""

@@ -118,6 +118,9 @@ class StoreHooks(RunHooks):
         miss: an all-hit rerun never reads them."""
         self._waiters: list[asyncio.Future[None]] = []
         """Steps waiting for ``_previous`` (see :meth:`ready`)."""
+        self._unsent: dict[int, tuple[str, str, _KeyParts]] = {}
+        """Node -> the key, step name and components of a miss, until the step ends: they are
+        written in its cache entry's row (one row a put, not two), else on their own."""
         self._made: dict[int, _Made | None] = {}
         """Keys :meth:`hit` made and did not find at once, for :meth:`lookup` to go on with."""
 
@@ -235,7 +238,7 @@ class StoreHooks(RunHooks):
         parts = self._parts(node, made)
         known = self._latest(node.name)
         if known is None or known[0] != key:
-            self.store.put_key_parts(key, node.name, parts)
+            self._unsent[node.id] = (key, node.name, parts)
         if known is None:
             return FIRST_RUN
         return describe_change(known[1], parts) if known[0] != key else UNCHANGED_KEY
@@ -486,6 +489,7 @@ class StoreHooks(RunHooks):
         claim = self._claims.pop(node.id, None)
         ok = res.status is StepStatus.SUCCEEDED and not res.fallback_reasons
         hashes = self._hit_hashes.pop(node.id, None) if self._hit_hashes else None
+        unsent = self._unsent.pop(node.id, None) if self._unsent else None
         try:
             if ok and key is not None:
                 hashes = self.store.put(
@@ -494,10 +498,15 @@ class StoreHooks(RunHooks):
                     run_id=self.run_id,
                     outputs=res.outputs,
                     duration=res.duration_seconds,
+                    parts=unsent[2] if unsent is not None and unsent[0] == key else None,
                 )
+                if hashes is not None and unsent is not None and unsent[0] == key:
+                    unsent = None  # in the entry's row
             if hashes is not None or (ok and key is not None):
                 self._identify(node, key, hashes)
         finally:
+            if unsent is not None:  # no entry to hold them: the next miss still says what changed
+                self.store.put_key_parts(*unsent)
             if claim is not None and key is not None:  # a claim is only made for a key
                 cached = ok and hashes is not None
                 claim.set_result(self.store if cached else None)
@@ -535,6 +544,9 @@ class StoreHooks(RunHooks):
         Until then a concurrent run in this process that needs one of these keys gets the value
         from here: its own store cannot see the entry before the commit.
         """
+        for unsent in self._unsent.values():  # steps that missed and never ended
+            self.store.put_key_parts(*unsent)
+        self._unsent.clear()
         flights = self._flights
         for key in self._settled:
             pending = flights.get(key)
@@ -712,6 +724,22 @@ class PlanKeys:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.nodes: list[_NodeKey | None] = [None] * len(plan.nodes)
+
+    def fill(self) -> PlanKeys:
+        """Lay out every cached node now, in one pass, before the run allocates anything.
+
+        Why not at each node's first key: entries made one by one in the middle of a run land
+        between the run's short-lived objects, and a few of them keep alive every allocator
+        arena the run touched. Laid out in one pass they share a few arenas, and the run's
+        memory goes back when it ends (at 20,000 steps, 2.9 KiB a step stayed resident after a
+        first cached run, 0.6 after this). Same work, earlier: each entry was made at the first
+        run anyway.
+        """
+        nodes = self.nodes
+        for node in self.plan.nodes:
+            if nodes[node.id] is None and node.step.cache is not False:
+                nodes[node.id] = _lay_out(node)
+        return self
 
 
 def _lay_out(node: Node) -> _NodeKey:

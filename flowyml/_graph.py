@@ -186,7 +186,7 @@ def assign_names(steps: Sequence[Step]) -> list[str]:
         counts[n] = counts.get(n, 0) + 1
     for i, s in enumerate(steps):
         if not s.explicit_name and (counts[s.name] > 1 or s.name in explicit):
-            names[i] = f"{s.name}[{s.outputs[0]}]" if s.outputs else s.name
+            names[i] = f"{s.name}[{s.output_names[0]}]" if s.output_names else s.name
     seen: dict[str, int] = {}
     for n in names:
         seen[n] = seen.get(n, 0) + 1
@@ -236,23 +236,35 @@ def _build_plan(
     from ._store import StepShape  # the store's lineage format; imported only when planning
 
     names = assign_names(steps)
-    outputs_of = [tuple(s.outputs) or (names[i],) for i, s in enumerate(steps)]
+    outputs_of = [s.output_names or (names[i],) for i, s in enumerate(steps)]
+
+    # One int object per node id, shared by every field that names the node: an int above 256
+    # is an object of its own, and five of them per step were a tenth of a plan's fresh memory.
+    ids = list(range(len(steps)))
 
     # One slot per output, a step's outputs in consecutive slots.
     slot_names = [out for outs in outputs_of for out in outs]
-    slot_producer = [i for i, outs in enumerate(outputs_of) for _ in outs]
-    slot_of = dict(zip(slot_names, range(len(slot_names)), strict=True))
+    one_each = len(slot_names) == len(steps)  # then slot i is step i's output
+    slot_producer = ids if one_each else [i for i, outs in enumerate(outputs_of) for _ in outs]
+    slot_of = dict(zip(slot_names, ids if one_each else range(len(slot_names)), strict=True))
     if len(slot_of) < len(slot_names):
         first: dict[str, int] = {}
         for out, i in zip(slot_names, slot_producer, strict=True):
             if out in first:
                 raise DuplicateOutputError(out, [names[first[out]], names[i]])
             first[out] = i
+    # ``(i,)`` for every id, made once: a node's output slots (one output each), the deps of
+    # a node reading one producer and the dependents of a producer feeding one consumer are
+    # mostly such one-item tuples, shared rather than made again for every node.
+    single: list[tuple[int, ...]] = [(i,) for i in ids]
     output_slots: list[tuple[int, ...]] = []
-    start = 0
-    for outs in outputs_of:
-        output_slots.append((start,) if len(outs) == 1 else tuple(range(start, start + len(outs))))
-        start += len(outs)
+    if one_each:
+        output_slots = single
+    else:
+        start = 0
+        for outs in outputs_of:
+            output_slots.append((start,) if len(outs) == 1 else tuple(range(start, start + len(outs))))
+            start += len(outs)
 
     # Steps often share one function: what planning reads from it (annotations, the parameter
     # layout) is read once per function, by the id of the function or of its signature.
@@ -262,27 +274,39 @@ def _build_plan(
     layouts: dict[int, _Layout] = {}
     shared_types: dict[tuple[int, int], StepTypes] = {}  # by function and number of outputs
     types: list[StepTypes | None] = [None] * len(steps)
-    for i, s in enumerate(steps):
-        if s.map_over or s.stream:
-            continue
-        key = id(s.body)
-        if key not in hints:
-            hints[key] = _annotations_that_matter(s)
-        known = hints[key]
-        if known is not None:
-            t = shared_types.get((key, len(outputs_of[i])))
-            if t is None:
-                t = read_types(s, outputs_of[i], known)
-                if not t.routed:  # then nothing in it depends on the outputs' names
-                    shared_types[key, len(outputs_of[i])] = t
-            types[i] = t
-    routed = {out: kind for t in types if t is not None for out, kind in t.routed.items()}
+    # With a million steps, each pass over them costs a cache miss per step: what only needs
+    # the step is read in this one pass.
+    qualified: dict[int, str] = {}
+    wheres: list[str] = []  # per step: the module and qualified name of its function
     itemized: list[bool] = []
+    itemized_ids: list[int] = []
     limited: list[int] = []
     direct: list[bool] = []
-    for i, s in enumerate(steps):
+    grouped = False
+    for i, s in zip(ids, steps, strict=True):
+        key = id(s.body)
+        where = qualified.get(key)
+        if where is None:
+            body = s.body
+            where = qualified[key] = (
+                f"{getattr(body, '__module__', '?')}.{getattr(body, '__qualname__', '?')}"
+            )
+        wheres.append(where)
         item = bool(s.map_over or s.stream)
         itemized.append(item)
+        if item:
+            itemized_ids.append(i)
+        else:
+            if key not in hints:
+                hints[key] = _annotations_that_matter(s)
+            known = hints[key]
+            if known is not None:
+                t = shared_types.get((key, len(outputs_of[i])))
+                if t is None:
+                    t = read_types(s, outputs_of[i], known)
+                    if not t.routed:  # then nothing in it depends on the outputs' names
+                        shared_types[key, len(outputs_of[i])] = t
+                types[i] = t
         limits = s.concurrency is not None or s.rate_limit is not None or s.limit is not None
         if limits:
             limited.append(i)
@@ -294,9 +318,15 @@ def _build_plan(
             and not limits
             and not item
         )
+        if s.execution_group is not None:
+            grouped = True
+    routed = {out: kind for t in types if t is not None for out, kind in t.routed.items()}
     bindings = []
     backward = False  # whether some step reads a step given after it
-    dependents: list[list[int]] = [[] for _ in steps]
+    # Most producers feed one consumer: that one is kept in a flat list, and only the
+    # producers with more get a list of them (a million one-item lists took 0.2 s to make).
+    dependent: list[int] = [-1] * len(steps)
+    more_dependents: dict[int, list[int]] = {}
     streams_to: dict[int, list[int]] = {}  # only the few producers whose items stream, by id
     context_needs: list[tuple[int, Source]] = []
     maps: dict[int, MapSpec] = {}
@@ -307,11 +337,11 @@ def _build_plan(
         _NO_INPUTS,
         (),
     )
-    for i, s in enumerate(steps):
+    for i, s in zip(ids, steps, strict=True):
         layout = layouts.get(id(s.signature))
         if layout is None:
             layout = layouts[id(s.signature)] = _Layout(s.signature)
-        if not s.inputs and not layout.named and not s.map_over:
+        if not s.input_names and not layout.named and not s.map_over:
             # Nothing to bind (a source step taking only *args / **kwargs, or nothing at all).
             bindings.append(unbound)
             edges.append(unwired)
@@ -339,15 +369,20 @@ def _build_plan(
                     streamed = mapped and itemized[p] and source_name in mapped
                     if streamed:
                         streams_to.setdefault(p, []).append(i)
+                    elif dependent[p] < 0:
+                        dependent[p] = i
+                    elif p in more_dependents:
+                        more_dependents[p].append(i)
                     else:
-                        dependents[p].append(i)
+                        more_dependents[p] = [dependent[p], i]
             else:
                 labels.append((parameter, -1))
                 if default is MISSING:
                     context_needs.append((i, src))
         if mapped:
             maps[i] = _map_spec(mapped, positional, var_pos, keyword, slot_producer, itemized)
-        edges.append((tuple(deps), lineage_inputs or _NO_INPUTS, tuple(labels)))
+        dep_ids = single[next(iter(deps))] if len(deps) == 1 else tuple(deps)
+        edges.append((dep_ids, lineage_inputs or _NO_INPUTS, tuple(labels)))
 
     # Shared StepTypes make shared checks and edge verdicts: keyed by the ids of what they read.
     typing: list[Typing | None] = [None] * len(steps)
@@ -381,20 +416,17 @@ def _build_plan(
             shared_typing[shape] = Typing(checks, (), validate_types) if checks else None
         typing[i] = shared_typing[shape]
 
-    qualified: dict[int, str] = {}
     nodes: list[Node] = []
     shapes: list[StepShape] = []
-    for i, s in enumerate(steps):
+    roots: list[int] = []
+    for i, s in zip(ids, steps, strict=True):
         positional, var_pos, keyword = bindings[i]
         deps_i, inputs_i, labels_i = edges[i]
-        body = s.body
-        where = qualified.get(id(body))
-        if where is None:
-            where = qualified[id(body)] = (
-                f"{getattr(body, '__module__', '?')}.{getattr(body, '__qualname__', '?')}"
-            )
+        if not deps_i:
+            roots.append(i)
         outs = outputs_of[i]
         streamed_to = streams_to.get(i)
+        d = dependent[i]
         node = _NodeBuilder(
             i,
             s,
@@ -405,9 +437,9 @@ def _build_plan(
             var_pos,
             keyword,
             deps_i,
-            tuple(dependents[i]),
+            () if d < 0 else single[d] if i not in more_dependents else tuple(more_dependents[i]),
             inputs_i,
-            f"{where}|{names[i]}|{outs[0] if len(outs) == 1 else ','.join(outs)}",
+            f"{wheres[i]}|{names[i]}|{outs[0] if len(outs) == 1 else ','.join(outs)}",
             labels_i,
             tuple(streamed_to) if streamed_to else (),
         )
@@ -415,7 +447,6 @@ def _build_plan(
         nodes.append(node)
         shapes.append(StepShape(names[i], outs, inputs_i))
     streaming = bool(streams_to)
-    grouped = any(s.execution_group is not None for s in steps)
     # Steps that each come after the steps they read cannot form a cycle, and without streams
     # or execution groups nothing else needs a topological order.
     order = _check_acyclic(nodes) if backward or streaming or grouped else []
@@ -433,7 +464,7 @@ def _build_plan(
     return Plan(
         nodes=tuple(nodes),
         slot_names=tuple(slot_names),
-        roots=tuple([n.id for n in nodes if not n.deps]),
+        roots=tuple(roots),
         by_name=dict(zip(names, nodes, strict=True)),
         context_needs=tuple((nodes[i], src) for i, src in context_needs),
         gates=gates,
@@ -444,7 +475,7 @@ def _build_plan(
         direct=tuple(direct),
         shapes=tuple(shapes),
         maps=maps,
-        itemized=tuple(i for i, yes in enumerate(itemized) if yes),
+        itemized=tuple(itemized_ids),
         limited=tuple(limited),
         unpaced=unpaced,
         typing=tuple(typing) if any(typing) else (),
@@ -592,13 +623,17 @@ def _bind(
     bound: dict[str, Source] = {}
     extra_pos: list[Source] = []
     extra_kw: list[tuple[str, Source]] = []
-    leftover = [inp for inp in s.inputs if inp not in defaults] if defaults else s.inputs
-    if len(leftover) < len(s.inputs):
-        for inp in s.inputs:
+    inputs = s.input_names
+    if defaults and not defaults.keys().isdisjoint(inputs):
+        leftover: Sequence[str] = [inp for inp in inputs if inp not in defaults]
+    else:
+        leftover = inputs
+    if len(leftover) < len(inputs):
+        for inp in inputs:
             if inp in defaults:
                 bound[inp] = _wired(inp, inp, defaults[inp], name, index, slot_of, slot_producer)
     if leftover:
-        free_positional = [p for p in layout.positional if p not in bound] if layout.positional else []
+        free_positional = [p for p in layout.positional if p not in bound] if bound else layout.positional
         n_free = len(free_positional)
         free = 0
         var_pos = layout.var_pos
@@ -626,7 +661,7 @@ def _bind(
                 )
 
     if len(bound) < len(layout.named):
-        own = set(s.outputs)
+        own = set(s.output_names)
         for param in layout.named:
             if param in bound:
                 continue
@@ -642,7 +677,7 @@ def _bind(
                 source, param, defaults[param], name, index, slot_of, slot_producer, implicit=True
             )
 
-    positional = tuple([bound[p] for p in layout.positional]) if bound else ()
+    positional = tuple(map(bound.__getitem__, layout.positional)) if bound else ()
     keyword = tuple([(p, bound[p]) for p in layout.keyword_only]) if layout.keyword_only else ()
     return positional, tuple(extra_pos), (keyword + tuple(extra_kw)) if extra_kw else keyword
 
@@ -662,12 +697,12 @@ def _wired(
     slot = slot_of.get(source_name)
     p = None if slot is None else slot_producer[slot]
     if slot is not None and p != index:
-        return Source(SLOT, slot, source_name, MISSING, parameter)
+        return _new_source(Source, (SLOT, slot, source_name, MISSING, parameter))
     if p == index and not implicit:
         raise CycleError([name, name])
     # A parameter named like the step's own output reads the context: a step is never its
     # own implicit input (``@step(outputs=["data"]) def clean(data)`` cleans the given data).
-    return Source(CONTEXT, -1, source_name, default, parameter)
+    return _new_source(Source, (CONTEXT, -1, source_name, default, parameter))
 
 
 def _default(param: inspect.Parameter) -> Any:

@@ -1817,18 +1817,28 @@ def key_layout(
     n = len(inputs)
     inputs_order = sorted(range(n), key=inputs.__getitem__)
     params_order = sorted(range(len(params)), key=params.__getitem__)
-    params_header = b"params" + _len8(len(params))
+    params_header = _header(_PARAMS_HEADERS, b"params", len(params))
     names = [_str_bytes(b"", inputs[i]) for i in inputs_order]
     names += [_str_bytes(b"", params[i]) for i in params_order]
     if params:
         names[n] = params_header + names[n]  # the params' header travels with the first one's name
     layout = (
         _DIGEST_KEY_VERSION + _str_bytes(b"id", step_identity),
-        b"inputs" + _len8(n),
+        _header(_INPUTS_HEADERS, b"inputs", n),
         tuple(names),
         b"" if params else params_header,
     )
     return layout, (*inputs_order, *(n + i for i in params_order))
+
+
+_INPUTS_HEADERS: Final = tuple(b"inputs" + _len8(n) for n in range(16))
+_PARAMS_HEADERS: Final = tuple(b"params" + _len8(n) for n in range(16))
+
+
+def _header(shared: tuple[bytes, ...], tag: bytes, n: int) -> bytes:
+    """``tag`` and a count, one shared object for the usual counts: a plan keeps a layout per
+    node, and most nodes have the same few counts."""
+    return shared[n] if n < len(shared) else tag + _len8(n)
 
 
 def fingerprint_chunk(fingerprint: str | None) -> bytes:

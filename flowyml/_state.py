@@ -16,6 +16,9 @@ from ._results import StepResult, split_outputs
 
 __all__ = ("RunState",)
 
+_NO_ARGS: list[Any] = []
+_NO_KWARGS: dict[str, Any] = {}
+
 
 class RunState:
     """Value slots, results, blocked marks and params of one execution of a plan."""
@@ -34,6 +37,10 @@ class RunState:
 
     def arguments(self, node: Node) -> tuple[list[Any], dict[str, Any]]:
         """The node's positional and keyword arguments from the slots, params and defaults."""
+        if not (node.positional or node.var_positional or node.keyword):
+            # Shared by every step without arguments (a list and a dict less per step in flight);
+            # nothing writes into the arguments of a step that has none.
+            return _NO_ARGS, _NO_KWARGS
         resolve = self.resolve
         values = self.values
         args = [values[s.slot] if s.kind == SLOT else resolve(s) for s in node.positional]

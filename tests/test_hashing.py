@@ -755,6 +755,18 @@ class TestCacheKey:
         """Identity, fingerprint, every input and every parameter are part of the key."""
         assert self.key(**change) != self.key()
 
+    def test_layouts_share_their_headers(self) -> None:
+        """A plan keeps a layout per node: the count headers most nodes have in common are one object."""
+        a, _ = key_layout("m.a", [], [])
+        b, _ = key_layout("m.b", ["x"], [])
+        c, _ = key_layout("m.c", ["y"], [])
+        assert a[3] is b[3] is c[3]  # no parameters
+        assert b[1] is c[1]  # one input
+        many, _ = key_layout("m.d", [f"i{k}" for k in range(40)], [])
+        assert layout_key(many, fingerprint_chunk(None), [identity_chunk("v")] * 40) == key_of(
+            step_identity="m.d", fingerprint=None, inputs=[(f"i{k}", "v") for k in range(40)], params=()
+        )
+
     def test_inputs_and_params_are_kept_apart(self) -> None:
         """A value passed as an input and the same value injected as a parameter differ."""
         as_input = self.key(inputs={"seed": 7}, params={})

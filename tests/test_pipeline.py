@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -248,3 +249,45 @@ def test_the_heap_at_the_first_run_is_frozen_once(tmp_path: Path) -> None:
             [sys.executable, "-c", code, mode], capture_output=True, text=True, check=True, cwd=tmp_path
         ).stdout.split()
         assert check(int(out[0]), int(out[1])), (mode, out)
+
+
+class TestWhatAPlanKeeps:
+    """What a plan keeps for its runs (key layouts, lineage shapes) is made before its first step.
+
+    Made step by step during a run, those long-lived entries were spread between the run's
+    short-lived objects and kept every allocator arena the run touched resident after it.
+    """
+
+    def test_layouts_and_shapes_are_made_before_the_first_step(self) -> None:
+        seen: list[tuple[bool, bool]] = []
+        p = Pipeline("kept", enable_cache=True, lineage=True)
+
+        @step(outputs=["a"], cache=False)  # its closure (the pipeline) has no fingerprint
+        def first() -> int:
+            plan = p.plan()
+            seen.append((p._keys.nodes[-1] is not None, plan.shapes[-1]._encoded is not None))
+            return 1
+
+        p.add_step(first)
+        p.add_step(step(inputs=["a"], outputs=["b"])(lambda a: a + 1))
+        p.add_step(step(inputs=["b"], outputs=["c"])(lambda b: b + 1))
+        assert p.run()["c"] == 3
+        assert seen == [(True, True)]
+
+    def test_a_lineage_only_run_encodes_shapes_and_lays_out_no_keys(self) -> None:
+        seen: list[bool] = []
+        p = Pipeline("shapes", enable_cache=False, lineage=True)
+        p.add_step(step(outputs=["a"])(lambda: seen.append(p.plan().shapes[-1]._encoded is not None)))
+        p.add_step(step(inputs=["a"], outputs=["b"])(lambda a: 1))
+        p.run()
+        assert seen == [True]
+        assert p._keys is None
+
+    def test_adding_a_step_lets_the_old_plan_and_its_caches_go(self) -> None:
+        p = Pipeline("replan", enable_cache=True, lineage=True)
+        p.add_step(step(outputs=["a"])(lambda: 1))
+        p.run()
+        plan = p.plan()
+        p.add_step(step(inputs=["a"], outputs=["b"])(lambda a: a + 1))
+        gc.collect()
+        assert sys.getrefcount(plan) == 2  # this name and the call's argument: nothing else holds it

@@ -4,9 +4,11 @@ concurrency, ordering, failures, cancellation, timeouts and retries."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -352,6 +354,48 @@ class TestConcurrency:
 
         p.add_step(total)
         assert p.run()["total"] == list(range(1000))
+
+
+class TestWhatAStepInFlightHolds:
+    """100,000 sleeping steps are 100,000 of whatever one waiting step holds."""
+
+    async def test_a_waiting_step_holds_two_coroutines_beyond_a_raw_task(self) -> None:
+        """The scheduler's drive and the runner's call: no closure cell, no argument containers."""
+        n = 500
+        gate = asyncio.Event()
+        started = [0]
+        at_peak: list[Counter[str]] = []
+
+        def census() -> Counter[str]:
+            gc.collect()
+            return Counter(type(o).__name__ for o in gc.get_objects())
+
+        async def wait(*_: Any) -> None:
+            started[0] += 1
+            if started[0] == n:
+                at_peak.append(census())
+                gate.set()
+            await gate.wait()
+
+        async def floor() -> None:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(n):
+                    tg.create_task(wait())
+
+        p = Pipeline("in-flight", enable_cache=False, lineage=False)
+        for i in range(n):
+            p.add_step(step(name=f"s{i}", outputs=[f"r{i}"])(wait))
+        extra: list[Counter[str]] = []
+        for run in (floor, p.arun, floor, p.arun):  # the first of each warms up (a run freezes the heap)
+            started[0] = 0
+            gate.clear()
+            before = census()
+            await run()
+            extra.append(at_peak.pop() - before)
+        raw, ours = extra[2], extra[3]
+        assert ours["coroutine"] - raw["coroutine"] <= 2 * n + 10
+        assert ours["cell"] < n / 10 and ours["list"] < n / 10, ours
+        assert sum(ours.values()) - sum(raw.values()) < 2.2 * n, ours - raw
 
 
 class TestEmbedding:

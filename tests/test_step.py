@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from flowyml import CircuitBreaker, Pipeline, StepStatus, on_failure, retry, step, unless, when
+from flowyml import CircuitBreaker, Pipeline, Step, StepStatus, on_failure, retry, step, unless, when
 from flowyml.errors import ConfigError, StepError
 from flowyml.testing import no_sleep
 
@@ -149,6 +149,32 @@ class TestStepObject:
 
         with pytest.raises(AttributeError, match="frozen"):
             one.timeout = 3  # type: ignore[misc]
+
+    def test_a_subclass_of_step_is_built_as_itself_and_frozen(self) -> None:
+        class Tagged(Step):
+            __slots__ = ()
+
+        def body(a: int) -> int:
+            return a
+
+        s = Tagged(body, inputs=["a"], outputs=["b"])
+        assert type(s) is Tagged and (s.name, s.inputs, s.outputs) == ("body", ["a"], ["b"])
+        with pytest.raises(AttributeError, match="frozen"):
+            s.name = "other"  # type: ignore[misc]
+
+    def test_a_step_keeps_no_object_of_its_own_for_the_collector_but_itself(self) -> None:
+        """Its names are plain tuples and it has no __dict__ until an attribute is set on it."""
+        import gc
+
+        @step(name="one", inputs=["a"], outputs=["b"])
+        def one(a: int) -> int:
+            return a
+
+        gc.collect()
+        shared = {id(one.func), id(one.signature), id(Step)}  # the same for every step of `one`
+        assert {id(r) for r in gc.get_referents(one) if gc.is_tracked(r)} <= shared
+        one.note = "set by hand"  # type: ignore[attr-defined]
+        assert vars(one) == {"note": "set by hand"}
 
     def test_step_stays_callable_like_its_function(self) -> None:
         @step(outputs=["x"])

@@ -681,6 +681,18 @@ class TestLifecycle:
         store._conn._conn.set_trace_callback(None)
         assert seen.count("PRAGMA shrink_memory") == 1
 
+    async def test_the_wal_is_checkpointed_after_a_batch_not_inside_its_commit(self, store: Store) -> None:
+        """The writing connection does not checkpoint in its commits; the writer does after each batch."""
+        assert list(await store._conn.execute_fetchall("PRAGMA wal_autocheckpoint")) == [(0,)]
+        seen: list[str] = []
+        store._conn._conn.set_trace_callback(seen.append)
+        put(store, out=1)
+        await store.flush()
+        await store.flush()  # the writer takes it after the first batch's checkpoint
+        store._conn._conn.set_trace_callback(None)
+        assert seen.count("PRAGMA wal_checkpoint(PASSIVE)") == 1
+        assert seen.index("PRAGMA wal_checkpoint(PASSIVE)") > seen.index("COMMIT")
+
     async def test_no_thread_left_after_close(self, root: Path) -> None:
         """aclose joins aiosqlite's thread and the file threads."""
         before = set(threading.enumerate())
@@ -1208,6 +1220,46 @@ class TestRecordFate:
         }
         assert await store.key_parts(["k1", "nope"]) == {"k1": {"input:data": "aa", "code": "c1"}}
 
+    async def test_key_parts_put_with_their_entry_live_in_its_row(self, store: Store, root: Path) -> None:
+        """Components put with an entry go in its row (no cache_key_parts row), and read back as
+        any other; an entry replaced without components keeps the ones it had."""
+        store.put(
+            key="k1", step_name="train", run_id="r", outputs={"out": 1}, duration=1.0, parts={"code": "c1"}
+        )
+        store.put_key_parts("k2", "train", {"code": "c2"})  # a miss whose step failed: no entry
+        await store.flush()
+        assert sql(root, "SELECT key FROM cache_key_parts") == [("k2",)]
+        assert sql(root, "SELECT parts FROM cache_entries WHERE key = 'k1'") == [('{"code":"c1"}',)]
+        assert await store.key_parts(["k1", "k2"]) == {"k1": {"code": "c1"}, "k2": {"code": "c2"}}
+        latest = await store.latest_key_parts(["train"])
+        assert latest["train"][0] == "k2"
+        store.put(key="k1", step_name="train", run_id="r", outputs={"out": 2}, duration=1.0)
+        await store.flush()
+        assert (await store.latest_key_parts(["train"]))["train"] == ("k1", '{"code":"c1"}')
+
+    async def test_key_parts_outlive_their_entry(self, store: Store, root: Path) -> None:
+        """A cleared or dropped entry's components stay: the next miss still says what changed."""
+        for key, step in (("k1", "a"), ("k2", "b")):
+            store.put(
+                key=key, step_name=step, run_id="r", outputs={"out": 1}, duration=1.0, parts={"code": key}
+            )
+        await store.flush()
+        assert await store.clear_cache("a") == 1
+        entry = await store.lookup("k2")
+        assert entry is not None
+        sql(root, "UPDATE cache_outputs SET inline = X'00' WHERE key = 'k2'")
+        fresh, entry = await reload(root, "k2")
+        async with fresh:
+            assert entry is not None
+            with pytest.warns(CacheCorruptionWarning):
+                assert await fresh.load(entry) is None
+        assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(0,)]
+        assert await store.key_parts(["k1", "k2"]) == {"k1": {"code": "k1"}, "k2": {"code": "k2"}}
+        assert {step: key for step, (key, _) in (await store.latest_key_parts(["a", "b"])).items()} == {
+            "a": "k1",
+            "b": "k2",
+        }
+
     async def test_cache_hits_count_in_stats(self, store: Store) -> None:
         """A cached fate counts as a hit with the time it saved."""
         for run in ("r1", "r2"):
@@ -1306,6 +1358,34 @@ class TestSchemaUpgrade:
         assert sql(root, "SELECT value FROM meta WHERE name = 'schema_version'") == [(str(SCHEMA_VERSION),)]
 
 
+SCHEMA_3_PARTS = """
+DROP INDEX cache_entries_step_time;
+CREATE INDEX cache_entries_step ON cache_entries (step_name);
+ALTER TABLE cache_entries DROP COLUMN parts;
+INSERT INTO cache_key_parts VALUES ('k', 'train', 5.0, '{"code":"c0"}');
+UPDATE meta SET value = '3' WHERE name = 'schema_version';
+"""
+
+
+class TestSchema3:
+    async def test_schema_3_key_parts_and_entries_still_read(self, root: Path) -> None:
+        """A store of schema 3 (every key's components in cache_key_parts, entries indexed by step)
+        opens upgraded: its entries hit, its components still explain, the old index is gone."""
+        async with await Store.open(root) as store:
+            put(store, key="k", step="train", out=7)
+        conn = sqlite3.connect(root / DB_NAME)
+        conn.executescript(SCHEMA_3_PARTS)
+        conn.close()
+        async with await Store.open(root) as store:
+            view = await store.preload(["train"])
+            entry = await store.lookup("k", view=view)
+            assert entry is not None and await store.load(entry) == {"out": 7}
+            assert await store.latest_key_parts(["train"]) == {"train": ("k", '{"code":"c0"}')}
+        indexes = {row[0] for row in sql(root, "SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "cache_entries_step_time" in indexes and "cache_entries_step" not in indexes
+        assert sql(root, "SELECT value FROM meta WHERE name = 'schema_version'") == [(str(SCHEMA_VERSION),)]
+
+
 class TestCacheAdmin:
     async def test_stats(self, store: Store) -> None:
         """Stats count entries, bytes, hits and time saved per step."""
@@ -1378,3 +1458,68 @@ def test_step_shape_encodes_its_inputs_as_json_would() -> None:
         {k: list(v) for k, v in inputs.items()}, ensure_ascii=False, separators=(",", ":")
     )
     assert json.loads(StepShape("s", ["out"], None).quoted_inputs) == {}
+
+
+def test_step_shapes_without_inputs_share_their_encoding() -> None:
+    """A plan keeps a shape per node; the inputs of every node without any are one string."""
+    assert StepShape("a", ["x"], None).quoted_inputs is StepShape("b", ["y"], {}).quoted_inputs
+
+
+def _sqlite_memory_used() -> int:
+    """Bytes SQLite holds in this process (all connections), from the library Python links."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("sqlite3")
+    if name is None:
+        pytest.skip("no shared SQLite library to ask")
+    lib = ctypes.CDLL(name)
+    lib.sqlite3_memory_used.restype = ctypes.c_int64
+    used: int = lib.sqlite3_memory_used()
+    return used
+
+
+class TestPageCacheAfterLargeWork:
+    """A process-long store hands back the page cache a large read or lineage batch filled."""
+
+    @staticmethod
+    def _pipeline(root: Path, n: int, *, cache: bool) -> Any:
+        from flowyml import Pipeline, step
+
+        async def noop() -> None:
+            return None
+
+        p = Pipeline("pages", enable_cache=cache, lineage=True, cache_dir=root)
+        for i in range(n):
+            p.add_step(step(name=f"s{i}", outputs=[f"r{i}"])(noop))
+        return p
+
+    @pytest.mark.slow
+    async def test_pages_a_preload_read_are_handed_back(self, tmp_path: Path) -> None:
+        from flowyml import open_store
+
+        p = self._pipeline(tmp_path, 6000, cache=True)
+        await p.arun()
+        store = await open_store(tmp_path)
+        await store.flush()
+        before = _sqlite_memory_used()
+        view = await store.preload(f"s{i}" for i in range(6000))
+        assert len(view.entries) == 6000
+        store.hand_back_pages()
+        await store.flush()
+        assert _sqlite_memory_used() - before < 256 * 1024
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("cache", [True, False], ids=["rerun", "lineage"])
+    async def test_a_large_run_keeps_no_pages(self, tmp_path: Path, cache: bool) -> None:
+        from flowyml import open_store
+
+        p = self._pipeline(tmp_path, 6000, cache=cache)
+        await p.arun()  # the store is open, its schema read, the cache filled
+        store = await open_store(tmp_path)
+        await store.flush()
+        before = _sqlite_memory_used()
+        result = await p.arun()
+        assert all(r.cached for r in result.step_results.values()) == cache
+        await store.flush()
+        assert _sqlite_memory_used() - before < 256 * 1024

@@ -223,7 +223,7 @@ class TestCraftedRows:
         # A second entry pointing at the victim by absolute path, for clear and gc.
         with sqlite3.connect(root / DB_NAME) as db:
             db.execute(
-                "INSERT INTO cache_entries VALUES ('k2', 'other', NULL, 1.0, 1.0, 1)",
+                "INSERT INTO cache_entries VALUES ('k2', 'other', NULL, 1.0, 1.0, 1, NULL)",
             )
             db.execute(
                 "INSERT INTO cache_outputs VALUES ('k2', 0, 'out', ?, 8, 'bytes', NULL)", (str(victim),)

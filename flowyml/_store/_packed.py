@@ -100,18 +100,43 @@ class StepShape:
         self._encoded: tuple[str, str, str] | None = None
 
     def encoded(self) -> tuple[str, str, str]:
-        """The quoted name, the outputs as nulls, and the inputs, as JSON: made at the first record.
+        """The quoted name, the outputs as nulls, and the inputs, as JSON: made once, kept.
 
-        Not when planning: a plan makes a shape per step, most plans record no lineage, and a
-        record is encoded on the writer's connection thread, off the event loop.
+        Not when planning: a plan makes a shape per step and most plans record no lineage. The
+        engine encodes a plan's shapes at its first run recording lineage (:meth:`encode_all`).
         """
         encoded = self._encoded
         if encoded is None:
-            null_outputs = "{" + ",".join(f"{_quote(n)}:null" for n in self.output_names) + "}"
-            # By hand, as json.dumps would (5 us a step through the encoder).
-            inputs = ",".join(f"{_quote(k)}:[{_quote(p)},{_quote(o)}]" for k, (p, o) in self.inputs.items())
-            encoded = self._encoded = (_quote(self.name), null_outputs, "{" + inputs + "}")
+            # By hand, as json.dumps would (5 us a step through the encoder); the usual one output
+            # and no inputs without a join (a plan's shapes are encoded at once, on the loop).
+            names = self.output_names
+            if len(names) == 1:
+                null_outputs = "{" + _quote(names[0]) + ":null}"
+            else:
+                null_outputs = "{" + ",".join([_quote(n) + ":null" for n in names]) + "}"
+            inputs = self.inputs
+            quoted_inputs = (
+                "{"
+                + ",".join(
+                    [_quote(k) + ":[" + _quote(p) + "," + _quote(o) + "]" for k, (p, o) in inputs.items()]
+                )
+                + "}"
+                if inputs
+                else "{}"
+            )
+            encoded = self._encoded = (_quote(self.name), null_outputs, quoted_inputs)
         return encoded
+
+    @staticmethod
+    def encode_all(shapes: Iterable[StepShape]) -> None:
+        """Encode every shape of a plan now, in one pass (the engine does so at its first lineage run).
+
+        Encoded one by one as records come, the encodings of a large run land between its
+        short-lived objects and keep the allocator arenas it touched resident after it ends.
+        """
+        for shape in shapes:
+            if shape._encoded is None:
+                shape.encoded()
 
     @property
     def quoted_inputs(self) -> str:
@@ -126,6 +151,10 @@ class StepShape:
         _, null_outputs, inputs = self.encoded()
         shape._encoded = (_quote(name), null_outputs, inputs)
         return shape
+
+
+def _quoted_or_null(text: str | None) -> str:
+    return "null" if text is None else _quote(text)
 
 
 def _num(x: float | None) -> str:
@@ -167,7 +196,8 @@ class Part:
         names = fate.outputs
         quoted_name, null_outputs, quoted_inputs = shape.encoded()
         if hashes:
-            outputs = _dumps({n: hashes.get(n) for n in names})
+            # By hand, as _dumps would (hashes are hex text): the encoder's set-up cost more.
+            outputs = "{" + ",".join([_quote(n) + ":" + _quoted_or_null(hashes.get(n)) for n in names]) + "}"
         elif not names:
             outputs = "{}"
         elif len(names) == len(shape.output_names):
