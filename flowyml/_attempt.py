@@ -234,11 +234,16 @@ class UnitRunner:
                 self._bare[i] = False
         # Nodes a cache hit may settle at once: nothing runs between their blocked check and
         # their look-up (no remote copy, no typed receive, no condition, no items).
-        self._hits = [
-            caching and n.step.cache is not False and not n.step.conditions and not n.step.map_over
-            and not n.step.stream and self.remote is None and (t is None)
-            for n, t in zip(plan.nodes, self._typing or [None] * len(plan.nodes), strict=True)
-        ]  # fmt: skip
+        if caching and self.remote is None:
+            steps = [n.step for n in plan.nodes]
+            self._hits = [
+                s.cache is not False and not (s.conditions or s.map_over or s.stream) for s in steps
+            ]
+            for i, t in enumerate(self._typing):
+                if t is not None:
+                    self._hits[i] = False
+        else:
+            self._hits = [False] * len(plan.nodes)
 
     # ------------------------------------------------------------------ one node
 

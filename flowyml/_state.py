@@ -42,9 +42,10 @@ class RunState:
             # nothing writes into the arguments of a step that has none.
             return _NO_ARGS, _NO_KWARGS
         resolve = self.resolve
-        args = [resolve(s) for s in node.positional]
+        values = self.values
+        args = [values[s.slot] if s.kind == SLOT else resolve(s) for s in node.positional]
         if node.var_positional:
-            args += [resolve(s) for s in node.var_positional]
+            args += [values[s.slot] if s.kind == SLOT else resolve(s) for s in node.var_positional]
         kwargs = {k: resolve(s) for k, s in node.keyword} if node.keyword else {}
         return args, kwargs
 

@@ -343,26 +343,29 @@ def _read_view(
     the other keys of those steps (None: more than ``limit`` keys in all)."""
     (total,) = db.execute("SELECT COUNT(*) FROM cache_entries").fetchone()
     scan = total <= _SCAN_SHARE * len(names)
-    first: dict[str, Sequence[Any]] = {}  # step -> the first head read of it
-    chosen: dict[str, Sequence[Any]] = {}  # key -> head
+    unread = set(names)  # steps no head of which was read yet
+    chosen: dict[str, Any] = {}  # key -> head (see _join)
     more: list[Sequence[Any]] = []  # the heads of steps read before
     for head in db.execute(_HEADS) if scan else db.execute(_HEADS_OF_STEPS, (json.dumps(list(names)),)):
         step_name = head[1]
-        if step_name in first:
-            more.append(head)
+        if step_name in unread:
+            unread.discard(step_name)
+            chosen[head[0]] = head
         elif not scan or step_name in names:
-            first[step_name] = chosen[head[0]] = head
-    count = len(first) + len(more)
+            more.append(head)
+    count = len(chosen) + len(more)
     others: list[Sequence[Any]] = []
     if per_step <= 0:
         others, chosen = [*chosen.values(), *more], {}
     elif more:  # steps with several entries keep their ``per_step`` newest
         groups: dict[str, list[Sequence[Any]]] = {}
         for head in more:
-            groups.setdefault(head[1], [first[head[1]]]).append(head)
-        for step_name, group in groups.items():
+            groups.setdefault(head[1], []).append(head)
+        for head in [h for h in chosen.values() if h[1] in groups]:  # the first head read of each
+            groups[head[1]].append(head)
+            del chosen[head[0]]
+        for group in groups.values():
             group.sort(key=_recency, reverse=True)
-            del chosen[first[step_name][0]]
             for head in group[:per_step]:
                 chosen[head[0]] = head
             others += group[per_step:]
@@ -378,26 +381,34 @@ def _read_view(
     else:
         rows = db.execute(_OUTPUTS_OF_KEYS, (json.dumps(list(chosen)),))
     try:
-        entries, broken = _join(chosen, rows)
+        broken = _join(chosen, rows)
     finally:
         if filtered:
             db.create_function(_CHOSEN, 1, None)
-    return entries, broken, known
+    return chosen, broken, known
 
 
-def _join(
-    chosen: Mapping[str, Sequence[Any]], rows: Iterable[Sequence[Any]]
-) -> tuple[dict[str, _Flat], dict[str, tuple[str, float, str]]]:
-    """The flat entries of these heads (by key) and output rows, and the broken ones."""
-    entries: dict[str, _Flat] = {}
+def _join(chosen: dict[str, Any], rows: Iterable[Sequence[Any]]) -> dict[str, tuple[str, float, str]]:
+    """Make each head in ``chosen`` (key -> head) its flat entry, in place, from these output
+    rows; the broken entries leave it, and are returned with why.
+
+    In place, because the slot a head is found in is the one its entry goes in (a second dict
+    of a million entries cost a random insert each). A head has six items, a flat entry
+    ``_HEAD + _OUT * outputs``: never six.
+    """
     several: dict[str, list[Sequence[Any]]] = {}  # the rows of entries not made on the way
+    made = 0
     number, text = _NUMBER, str
     for row in rows:
         key = row[0]
         head = chosen.get(key)
         if head is None:
             continue
-        if (  # the common entry, one output inline, checked and made here
+        if len(head) != 6:  # a second row of an entry made from one: made again below
+            several[key] = [(key, -1, *head[_HEAD:])]
+            chosen[key] = head = (*head[:_HEAD], 1)
+            made -= 1
+        elif (  # the common entry, one output inline, checked and made here
             head[5] == 1
             and head[3].__class__ in number
             and head[4].__class__ in number
@@ -406,24 +417,35 @@ def _join(
             and row[4].__class__ is int
             and row[5].__class__ is text
             and row[6].__class__ is bytes
+            and not (several and key in several)
         ):
-            flat = (key, head[1], head[2], float(head[3]), head[4], row[2], row[3], row[4], row[5], row[6])
-            if entries.setdefault(key, flat) is flat:
-                continue
-            several[key] = [(key, -1, *entries.pop(key)[5:])]  # a second row of a one-output entry
+            chosen[key] = (
+                key,
+                head[1],
+                head[2],
+                float(head[3]),
+                head[4],
+                row[2],
+                row[3],
+                row[4],
+                row[5],
+                row[6],
+            )
+            made += 1
+            continue
         several.setdefault(key, []).append(row)
     broken: dict[str, tuple[str, float, str]] = {}
-    if len(entries) == len(chosen):
-        return entries, broken
+    if made == len(chosen):
+        return broken
     for key, head in chosen.items():
-        if key in entries:
+        if len(head) != 6:
             continue
         parts = sorted(several.get(key, ()), key=_position)
         why = _broken(head, parts)
         if why is not None:
             broken[key] = (str(head[1]), head[4], why)
         else:
-            entries[key] = (
+            chosen[key] = (
                 key,
                 head[1],
                 head[2],
@@ -431,7 +453,9 @@ def _join(
                 head[4],
                 *(v for o in parts for v in o[2:7]),
             )
-    return entries, broken
+    for key in broken:
+        del chosen[key]
+    return broken
 
 
 def _broken(head: Sequence[Any], outputs: Sequence[Sequence[Any]]) -> str | None:
