@@ -239,6 +239,8 @@ class StoreHooks(RunHooks):
         view = self.view
         if not self.caching or view is None or view.entries:
             return
+        if not any(node.step.cache is not False for node in self.plan.nodes):
+            return  # no step is looked up: no miss needs them
         try:
             await self.ready()
         except BaseException:
