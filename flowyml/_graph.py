@@ -65,9 +65,9 @@ class Source(NamedTuple):
 class Node:
     """One step in a plan, with its arguments bound and its edges counted.
 
-    What only the cache and lineage read of a node (:attr:`labels`, :attr:`lineage_inputs`,
-    :attr:`identity`) follows from its sources and its step: it is made at the first read and
-    kept, not made for every node when planning (a million steps' worth took a second to plan).
+    What only the cache reads of a node (:attr:`labels`, :attr:`identity`) follows from its
+    sources and its step: it is made at the first read and kept, not made for every node when
+    planning (most plans are never cached).
     """
 
     id: int
@@ -82,10 +82,9 @@ class Node:
     dependents: tuple[int, ...] = ()
     streams_to: tuple[int, ...] = ()
     """Mapped consumers of this node's items, started when this node starts (not in ``dependents``)."""
-    slot_steps: Sequence[str] = dataclasses.field(default=(), repr=False)
-    """The name of the step producing each output slot: one sequence shared by a plan's nodes."""
+    lineage_inputs: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    """``(producer step, output name)`` of each parameter another step fills, for lineage."""
     _labels: tuple[tuple[str, int], ...] | None = dataclasses.field(default=None, repr=False)
-    _lineage_inputs: Mapping[str, tuple[str, str]] | None = dataclasses.field(default=None, repr=False)
     _identity: str | None = dataclasses.field(default=None, repr=False)
 
     def sources(self) -> list[tuple[str, Source]]:
@@ -112,19 +111,6 @@ class Node:
         return labels
 
     @property
-    def lineage_inputs(self) -> Mapping[str, tuple[str, str]]:
-        """``(producer step, output name)`` of each parameter another step fills, for lineage."""
-        inputs = self._lineage_inputs
-        if inputs is None:
-            steps = self.slot_steps
-            found = {
-                src.parameter: (steps[src.slot], src.name) for src in self._all_sources() if src.kind == SLOT
-            }
-            inputs = found or _NO_INPUTS
-            object.__setattr__(self, "_lineage_inputs", inputs)
-        return inputs
-
-    @property
     def identity(self) -> str:
         """Module, qualified name, step name and outputs: what a cache key says the step is."""
         identity = self._identity
@@ -145,7 +131,9 @@ class Node:
 _NodeBuilder: Any = dataclasses.make_dataclass(
     "_NodeBuilder",
     [
-        (f.name, f.type) if f.default is dataclasses.MISSING else (f.name, f.type, f.default)
+        (f.name, f.type)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        else (f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory))
         for f in dataclasses.fields(Node)
     ],
     slots=True,
@@ -195,6 +183,8 @@ class Plan:
     direct: tuple[bool, ...] = ()
     """Per node: an ``async def`` step without retry, timeout or fallback, which the run may
     await on the loop itself when its executor is the loop's."""
+    shapes: tuple[StepShape, ...] = ()
+    """Per node: its lineage record's unchanging part (name, outputs, inputs), encoded once."""
     maps: Mapping[int, MapSpec] = dataclasses.field(default_factory=dict)
     """Mapped nodes (``map_over``), by id."""
     itemized: tuple[int, ...] = ()
@@ -207,22 +197,6 @@ class Plan:
     typing: tuple[Typing | None, ...] = ()
     """Per node: what the run checks, unwraps and wraps because of its annotations (see
     :mod:`flowyml._types`); empty when no node has any."""
-    _shapes: tuple[StepShape, ...] | None = dataclasses.field(default=None, repr=False)
-
-    @property
-    def shapes(self) -> tuple[StepShape, ...]:
-        """Per node: its lineage record's unchanging part (name, outputs, inputs), encoded once.
-
-        Made at the first read (the first run recording lineage), not when planning: most plans
-        record none, and a shape per node was a fifth of a large plan's objects.
-        """
-        shapes = self._shapes
-        if shapes is None:
-            from ._store import StepShape
-
-            shapes = tuple([StepShape(n.name, n.output_names, n.lineage_inputs) for n in self.nodes])
-            object.__setattr__(self, "_shapes", shapes)
-        return shapes
 
     def check_context(self, available: Mapping[str, Any]) -> None:
         """Raise :class:`MissingInputError` for a context-bound parameter nobody can fill."""
@@ -300,6 +274,8 @@ def _build_plan(
     capacity: Mapping[str, float] | None,
     validate_types: bool,
 ) -> Plan:
+    from ._store import StepShape  # the store's lineage format; imported only when planning
+
     names = assign_names(steps)
     outputs_of = [s.output_names or (names[i],) for i, s in enumerate(steps)]
 
@@ -387,6 +363,7 @@ def _build_plan(
     context_needs: list[tuple[int, Source]] = []
     maps: dict[int, MapSpec] = {}
     deps_of: list[tuple[int, ...]] = []
+    inputs_of: list[Mapping[str, tuple[str, str]]] = []
     unbound: tuple[tuple[Source, ...], tuple[Source, ...], tuple[tuple[str, Source], ...]] = ((), (), ())
     for i, s in zip(ids, steps, strict=True):
         layout = layouts.get(id(s.signature))
@@ -396,19 +373,22 @@ def _build_plan(
             # Nothing to bind (a source step taking only *args / **kwargs, or nothing at all).
             bindings.append(unbound)
             deps_of.append(())
+            inputs_of.append(_NO_INPUTS)
             continue
         positional, var_pos, keyword = binding = _bind(
             s, names[i], i, layout, slot_of, slot_producer, types[i], routed
         )
         bindings.append(binding)
         deps: dict[int, None] = {}  # ordered, and a membership test that does not grow with the inputs
+        lineage_inputs: dict[str, tuple[str, str]] = {}
         mapped = s.map_over
         # Every source's parameter is its label: a keyword's key is the parameter it fills.
         sources = (*positional, *var_pos) if positional else var_pos
         for src in (*sources, *[kw for _, kw in keyword]) if keyword else sources:
-            kind, slot, source_name, default, _ = src
+            kind, slot, source_name, default, parameter = src
             if kind == SLOT:
                 p = slot_producer[slot]
+                lineage_inputs[parameter] = (names[p], source_name)
                 if p not in deps:
                     deps[p] = None
                     if p > i:
@@ -427,6 +407,7 @@ def _build_plan(
         if mapped:
             maps[i] = _map_spec(mapped, positional, var_pos, keyword, slot_producer, itemized)
         deps_of.append(single[next(iter(deps))] if len(deps) == 1 else tuple(deps))
+        inputs_of.append(lineage_inputs or _NO_INPUTS)
 
     # Shared StepTypes make shared checks and edge verdicts: keyed by the ids of what they read.
     typing: list[Typing | None] = [None] * len(steps)
@@ -461,12 +442,12 @@ def _build_plan(
         typing[i] = shared_typing[shape]
 
     nodes: list[Node] = []
-    # The name of each slot's producer, for the nodes' lineage inputs: a step's outputs' slots.
-    slot_steps = names if one_each else [names[p] for p in slot_producer]
     roots: list[int] = []
+    shapes: list[StepShape] = []
     for i, s in zip(ids, steps, strict=True):
         positional, var_pos, keyword = bindings[i]
         deps_i = deps_of[i]
+        inputs_i = inputs_of[i]
         if not deps_i:
             roots.append(i)
         outs = outputs_of[i]
@@ -484,10 +465,11 @@ def _build_plan(
             deps_i,
             () if d < 0 else single[d] if i not in more_dependents else tuple(more_dependents[i]),
             tuple(streamed_to) if streamed_to else (),
-            slot_steps,
+            inputs_i,
         )
         node.__class__ = Node
         nodes.append(node)
+        shapes.append(StepShape(names[i], outs, inputs_i))
     streaming = bool(streams_to)
     # Steps that each come after the steps they read cannot form a cycle, and without streams
     # or execution groups nothing else needs a topological order.
@@ -516,6 +498,7 @@ def _build_plan(
         requests=tuple(requests_for(n.name, n.step.resources, capacity) for n in nodes) if capacity else (),
         direct=tuple(direct),
         maps=maps,
+        shapes=tuple(shapes),
         itemized=tuple(itemized_ids),
         limited=tuple(limited),
         unpaced=unpaced,
