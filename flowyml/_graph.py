@@ -63,7 +63,12 @@ class Source(NamedTuple):
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Node:
-    """One step in a plan, with its arguments bound and its edges counted."""
+    """One step in a plan, with its arguments bound and its edges counted.
+
+    What only the cache reads of a node (:attr:`labels`, :attr:`identity`) follows from its
+    sources and its step: it is made at the first read and kept, not made for every node when
+    planning (most plans are never cached).
+    """
 
     id: int
     step: Step
@@ -75,14 +80,12 @@ class Node:
     keyword: tuple[tuple[str, Source], ...]
     deps: tuple[int, ...]
     dependents: tuple[int, ...] = ()
-    lineage_inputs: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
-    """``(producer step, output name)`` of each parameter another step fills, for lineage."""
-    identity: str = ""
-    """Module, qualified name, step name and outputs: what a cache key says the step is."""
-    labels: tuple[tuple[str, int], ...] = ()
-    """Every argument as ``(parameter label, output slot)``; the slot is -1 for context values."""
     streams_to: tuple[int, ...] = ()
     """Mapped consumers of this node's items, started when this node starts (not in ``dependents``)."""
+    lineage_inputs: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    """``(producer step, output name)`` of each parameter another step fills, for lineage."""
+    _labels: tuple[tuple[str, int], ...] | None = dataclasses.field(default=None, repr=False)
+    _identity: str | None = dataclasses.field(default=None, repr=False)
 
     def sources(self) -> list[tuple[str, Source]]:
         """Every bound argument as ``(parameter label, source)``, in call order."""
@@ -91,12 +94,50 @@ class Node:
         out += list(self.keyword)
         return out
 
+    def _all_sources(self) -> tuple[Source, ...]:
+        """Every bound argument's source in call order (a keyword's key is its source's parameter)."""
+        keyword = self.keyword
+        return (*self.positional, *self.var_positional, *[kw for _, kw in keyword])
+
+    @property
+    def labels(self) -> tuple[tuple[str, int], ...]:
+        """Every argument as ``(parameter label, output slot)``; the slot is -1 for context values."""
+        labels = self._labels
+        if labels is None:
+            labels = tuple(
+                [(src.parameter, src.slot if src.kind == SLOT else -1) for src in self._all_sources()]
+            )
+            object.__setattr__(self, "_labels", labels)
+        return labels
+
+    @property
+    def identity(self) -> str:
+        """Module, qualified name, step name and outputs: what a cache key says the step is."""
+        identity = self._identity
+        if identity is None:
+            body = self.step.body
+            outs = self.output_names
+            identity = (
+                f"{getattr(body, '__module__', '?')}.{getattr(body, '__qualname__', '?')}|{self.name}|"
+                f"{outs[0] if len(outs) == 1 else ','.join(outs)}"
+            )
+            object.__setattr__(self, "_identity", identity)
+        return identity
+
 
 # A mutable twin of Node with the same slots: planning fills one with a plain __init__ and turns
 # it into a Node by assigning its class, several times cheaper than the frozen dataclass's
 # __init__ (one object.__setattr__ call per field), once per step of the plan.
 _NodeBuilder: Any = dataclasses.make_dataclass(
-    "_NodeBuilder", [(f.name, f.type) for f in dataclasses.fields(Node)], slots=True, eq=False
+    "_NodeBuilder",
+    [
+        (f.name, f.type)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        else (f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory))
+        for f in dataclasses.fields(Node)
+    ],
+    slots=True,
+    eq=False,
 )
 _new_source: Final = tuple.__new__
 """``_new_source(Source, (kind, slot, name, default, parameter))``: a Source without the named
@@ -276,8 +317,6 @@ def _build_plan(
     types: list[StepTypes | None] = [None] * len(steps)
     # With a million steps, each pass over them costs a cache miss per step: what only needs
     # the step is read in this one pass.
-    qualified: dict[int, str] = {}
-    wheres: list[str] = []  # per step: the module and qualified name of its function
     itemized: list[bool] = []
     itemized_ids: list[int] = []
     limited: list[int] = []
@@ -285,13 +324,6 @@ def _build_plan(
     grouped = False
     for i, s in zip(ids, steps, strict=True):
         key = id(s.body)
-        where = qualified.get(key)
-        if where is None:
-            body = s.body
-            where = qualified[key] = (
-                f"{getattr(body, '__module__', '?')}.{getattr(body, '__qualname__', '?')}"
-            )
-        wheres.append(where)
         item = bool(s.map_over or s.stream)
         itemized.append(item)
         if item:
@@ -330,13 +362,9 @@ def _build_plan(
     streams_to: dict[int, list[int]] = {}  # only the few producers whose items stream, by id
     context_needs: list[tuple[int, Source]] = []
     maps: dict[int, MapSpec] = {}
-    edges: list[tuple[tuple[int, ...], Mapping[str, tuple[str, str]], tuple[tuple[str, int], ...]]] = []
+    deps_of: list[tuple[int, ...]] = []
+    inputs_of: list[Mapping[str, tuple[str, str]]] = []
     unbound: tuple[tuple[Source, ...], tuple[Source, ...], tuple[tuple[str, Source], ...]] = ((), (), ())
-    unwired: tuple[tuple[int, ...], Mapping[str, tuple[str, str]], tuple[tuple[str, int], ...]] = (
-        (),
-        _NO_INPUTS,
-        (),
-    )
     for i, s in zip(ids, steps, strict=True):
         layout = layouts.get(id(s.signature))
         if layout is None:
@@ -344,7 +372,8 @@ def _build_plan(
         if not s.input_names and not layout.named and not s.map_over:
             # Nothing to bind (a source step taking only *args / **kwargs, or nothing at all).
             bindings.append(unbound)
-            edges.append(unwired)
+            deps_of.append(())
+            inputs_of.append(_NO_INPUTS)
             continue
         positional, var_pos, keyword = binding = _bind(
             s, names[i], i, layout, slot_of, slot_producer, types[i], routed
@@ -352,7 +381,6 @@ def _build_plan(
         bindings.append(binding)
         deps: dict[int, None] = {}  # ordered, and a membership test that does not grow with the inputs
         lineage_inputs: dict[str, tuple[str, str]] = {}
-        labels: list[tuple[str, int]] = []
         mapped = s.map_over
         # Every source's parameter is its label: a keyword's key is the parameter it fills.
         sources = (*positional, *var_pos) if positional else var_pos
@@ -360,7 +388,6 @@ def _build_plan(
             kind, slot, source_name, default, parameter = src
             if kind == SLOT:
                 p = slot_producer[slot]
-                labels.append((parameter, slot))
                 lineage_inputs[parameter] = (names[p], source_name)
                 if p not in deps:
                     deps[p] = None
@@ -375,14 +402,12 @@ def _build_plan(
                         more_dependents[p].append(i)
                     else:
                         more_dependents[p] = [dependent[p], i]
-            else:
-                labels.append((parameter, -1))
-                if default is MISSING:
-                    context_needs.append((i, src))
+            elif default is MISSING:
+                context_needs.append((i, src))
         if mapped:
             maps[i] = _map_spec(mapped, positional, var_pos, keyword, slot_producer, itemized)
-        dep_ids = single[next(iter(deps))] if len(deps) == 1 else tuple(deps)
-        edges.append((dep_ids, lineage_inputs or _NO_INPUTS, tuple(labels)))
+        deps_of.append(single[next(iter(deps))] if len(deps) == 1 else tuple(deps))
+        inputs_of.append(lineage_inputs or _NO_INPUTS)
 
     # Shared StepTypes make shared checks and edge verdicts: keyed by the ids of what they read.
     typing: list[Typing | None] = [None] * len(steps)
@@ -417,11 +442,12 @@ def _build_plan(
         typing[i] = shared_typing[shape]
 
     nodes: list[Node] = []
-    shapes: list[StepShape] = []
     roots: list[int] = []
+    shapes: list[StepShape] = []
     for i, s in zip(ids, steps, strict=True):
         positional, var_pos, keyword = bindings[i]
-        deps_i, inputs_i, labels_i = edges[i]
+        deps_i = deps_of[i]
+        inputs_i = inputs_of[i]
         if not deps_i:
             roots.append(i)
         outs = outputs_of[i]
@@ -438,10 +464,8 @@ def _build_plan(
             keyword,
             deps_i,
             () if d < 0 else single[d] if i not in more_dependents else tuple(more_dependents[i]),
-            inputs_i,
-            f"{wheres[i]}|{names[i]}|{outs[0] if len(outs) == 1 else ','.join(outs)}",
-            labels_i,
             tuple(streamed_to) if streamed_to else (),
+            inputs_i,
         )
         node.__class__ = Node
         nodes.append(node)
@@ -473,8 +497,8 @@ def _build_plan(
         else {},
         requests=tuple(requests_for(n.name, n.step.resources, capacity) for n in nodes) if capacity else (),
         direct=tuple(direct),
-        shapes=tuple(shapes),
         maps=maps,
+        shapes=tuple(shapes),
         itemized=tuple(itemized_ids),
         limited=tuple(limited),
         unpaced=unpaced,
