@@ -27,6 +27,7 @@ import contextlib
 import inspect
 import time
 import traceback
+from array import array
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -232,6 +233,11 @@ class UnitRunner:
         for i, t in enumerate(self._typing):
             if t is not None:
                 self._bare[i] = False
+        # When each bare step began (wall clock, and the counter its duration is timed on), by
+        # node id: numbers in two arrays, not two float objects held per step in flight.
+        size = len(plan.nodes) if any(self._bare) else 0
+        self._began = array("d", bytes(8 * size))
+        self._t0 = array("d", bytes(8 * size))
         # Nodes a cache hit may settle at once: nothing runs between their blocked check and
         # their look-up (no remote copy, no typed receive, no condition, no items).
         self._hits = [
@@ -283,9 +289,7 @@ class UnitRunner:
         when it ends, its fate then handed to ``then``; None for any other node."""
         return _Call(self, node, then) if self._bare[node.id] else None
 
-    def _bare_done(
-        self, node: Node, ret: Any, began: float, t0: float, args: list[Any], kwargs: dict[str, Any]
-    ) -> bool:
+    def _bare_done(self, node: Node, ret: Any, args: list[Any], kwargs: dict[str, Any]) -> bool:
         """Record a bare step whose body returned ``ret``."""
         state = self.state
         try:
@@ -295,8 +299,9 @@ class UnitRunner:
             else:
                 produced = state.put(node, ret)
         except Exception as exc:
-            return self._bare_failed(node, StepStatus.FAILED, exc, began, t0, args, kwargs)
-        took = _perf() - t0
+            return self._bare_failed(node, StepStatus.FAILED, exc, args, kwargs)
+        began = self._began[node.id]
+        took = _perf() - self._t0[node.id]
         res = _Builder(node.name, StepStatus.SUCCEEDED, produced, None, None, 1, began, began + took, took)
         res.cache_reason = self._why[node.id]
         res.__class__ = StepResult
@@ -312,14 +317,13 @@ class UnitRunner:
         node: Node,
         status: StepStatus,
         exc: Exception | None,
-        began: float,
-        t0: float,
         args: list[Any],
         kwargs: dict[str, Any],
     ) -> bool:
         """Record a bare step that raised ``exc`` (FAILED) or was cancelled (CANCELLED, ``exc`` None)."""
+        i = node.id
         res = self._result(
-            node, status, {}, exc, None, True, began, t0, 0.0, None, None, (), self._why[node.id]
+            node, status, {}, exc, None, True, self._began[i], self._t0[i], 0.0, None, None, (), self._why[i]
         )
         if exc is not None:
             return self.settle(node, res, args, kwargs, args, kwargs)
@@ -740,7 +744,7 @@ class _Call(Coroutine[Any, Any, Any]):
     (:meth:`UnitRunner.node`) the fate is its value when awaited.
     """
 
-    __slots__ = ("_args", "_began", "_body", "_kwargs", "_node", "_runner", "_t0", "_then")
+    __slots__ = ("_args", "_body", "_kwargs", "_node", "_runner", "_then")
 
     def __init__(self, runner: UnitRunner, node: Node, then: Callable[[Node, bool], object] | None) -> None:
         self._runner = runner
@@ -767,6 +771,11 @@ class _Call(Coroutine[Any, Any, Any]):
     def __await__(self) -> Generator[Any, None, Any]:
         return self  # type: ignore[return-value]
 
+    @property
+    def __name__(self) -> str:
+        """The step's name, where a task's repr names its coroutine."""
+        return self._node.name
+
     def _step(self, value: Any, error: BaseException | None) -> Any:
         """The task's step, passed on to the body (begun at the first); when the body ends, its record."""
         runner, node, body = self._runner, self._node, self._body
@@ -781,23 +790,19 @@ class _Call(Coroutine[Any, Any, Any]):
             self._args, self._kwargs = state.arguments(node)
             if runner.watch is not None:
                 runner.watch.started(node.name)
-            self._began = _now()
-            self._t0 = _perf()
+            runner._began[node.id] = _now()
+            runner._t0[node.id] = _perf()
         try:
             if body is None:
                 body = self._body = node.step.body(*self._args, **self._kwargs)
             return body.send(value) if error is None else body.throw(error)
         except StopIteration as stop:
-            ok = runner._bare_done(node, stop.value, self._began, self._t0, self._args, self._kwargs)
+            ok = runner._bare_done(node, stop.value, self._args, self._kwargs)
         except asyncio.CancelledError:
-            runner._bare_failed(
-                node, StepStatus.CANCELLED, None, self._began, self._t0, self._args, self._kwargs
-            )
+            runner._bare_failed(node, StepStatus.CANCELLED, None, self._args, self._kwargs)
             raise
         except Exception as exc:
-            ok = runner._bare_failed(
-                node, StepStatus.FAILED, exc, self._began, self._t0, self._args, self._kwargs
-            )
+            ok = runner._bare_failed(node, StepStatus.FAILED, exc, self._args, self._kwargs)
         return self._end(ok)
 
     def _end(self, ok: bool) -> Any:
