@@ -765,7 +765,7 @@ class _Call(Coroutine[Any, Any, Any]):
         return self._step(None, error if tb is None else error.with_traceback(tb))
 
     def close(self) -> None:
-        if self._body is not None:
+        if self._body is not None and self._body is not _SPENT:
             self._body.close()
 
     def __await__(self) -> Generator[Any, None, Any]:

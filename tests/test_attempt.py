@@ -180,3 +180,4 @@ class TestBareAsyncSteps:
         assert state.values == [1] and state.results[0].status is StepStatus.SUCCEEDED  # type: ignore[union-attr]
         with pytest.raises(RuntimeError, match="'one' has ended"):
             call.send(None)
+        call.close()  # closing an ended call is a no-op, as for a coroutine
