@@ -752,17 +752,11 @@ class _Call(Coroutine[Any, Any, Any]):
         self._then = then
         self._body: Coroutine[Any, Any, Any] | None = None
 
-    def send(self, value: Any) -> Any:
-        return self._step(value, None)
-
-    def __next__(self) -> Any:
-        return self._step(None, None)
-
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
         error = typ if val is None else val
         if isinstance(error, type):
             error = error()
-        return self._step(None, error if tb is None else error.with_traceback(tb))
+        return self.send(None, error if tb is None else error.with_traceback(tb))
 
     def close(self) -> None:
         if self._body is not None and self._body is not _SPENT:
@@ -776,11 +770,10 @@ class _Call(Coroutine[Any, Any, Any]):
         """The step's name, where a task's repr names its coroutine."""
         return self._node.name
 
-    def _step(self, value: Any, error: BaseException | None) -> Any:
-        """The task's step, passed on to the body (begun at the first); when the body ends, its record."""
+    def send(self, value: Any = None, error: BaseException | None = None) -> Any:
+        """The task's step (``error``: thrown in), passed on to the body, begun at the first;
+        when the body ends, its record."""
         runner, node, body = self._runner, self._node, self._body
-        if body is _SPENT:
-            raise RuntimeError(f"the call of step {node.name!r} has ended; it cannot be resumed")
         if body is None:
             if error is not None:  # cancelled before it began: no result, the run reports it
                 raise error
@@ -792,6 +785,8 @@ class _Call(Coroutine[Any, Any, Any]):
                 runner.watch.started(node.name)
             runner._began[node.id] = _now()
             runner._t0[node.id] = _perf()
+        elif body is _SPENT:
+            raise RuntimeError(f"the call of step {node.name!r} has ended; it cannot be resumed")
         try:
             if body is None:
                 body = self._body = node.step.body(*self._args, **self._kwargs)
@@ -804,6 +799,8 @@ class _Call(Coroutine[Any, Any, Any]):
         except Exception as exc:
             ok = runner._bare_failed(node, StepStatus.FAILED, exc, self._args, self._kwargs)
         return self._end(ok)
+
+    __next__ = send
 
     def _end(self, ok: bool) -> Any:
         """The step's end: its fate to ``then``, else the fate as the value of the await.
