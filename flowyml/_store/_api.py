@@ -645,19 +645,64 @@ _UPSERT_RUN = (
 )
 
 
+class _PartRows:
+    """The ``step_records`` rows of a batch's steps, made one part at a time as SQLite takes them.
+
+    Built all at once, the rows of 100,000 steps (each step's row text, then each part's joined
+    columns) were the peak of a run's memory. Iterating again (a retry after a locked database)
+    makes the same rows again from the same steps. ``count`` is the number of rows made so far.
+    """
+
+    __slots__ = ("_steps", "count")
+
+    def __init__(self, steps: _Pending) -> None:
+        self._steps = steps
+        self.count = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._steps)
+
+    def __iter__(self) -> Iterator[tuple[str, str, bytes, str, str | None]]:
+        self.count = 0
+        parts: dict[str, _packed.Part] = {}
+        pending = iter(self._steps)
+        for run_id, fate, hashes, shape in zip(pending, pending, pending, pending, strict=True):
+            record_id = fate.run_id if run_id is None else run_id
+            part = parts.get(record_id)
+            if part is None or len(part) >= _MAX_PART:
+                if part is not None:
+                    # The part's rows go before SQLite takes their text: one copy of it alive.
+                    columns = part.columns()
+                    part = parts[record_id] = _packed.Part()
+                    self.count += 1
+                    yield (record_id, *columns)
+                    del columns
+                else:
+                    part = parts[record_id] = _packed.Part()
+            if run_id is None:
+                part.add_record(fate)
+            else:
+                part.add_fate(fate, hashes, shape)
+        for record_id in list(parts):
+            columns = parts.pop(record_id).columns()
+            self.count += 1
+            yield (record_id, *columns)
+            del columns
+
+
 class _BatchRows:
     """The rows of one batch and the transaction writing them; runs on the connection's thread."""
 
     def __init__(self, batch: _Batch) -> None:
         self._batch = batch
-        self._built: list[tuple[str, Sequence[tuple[Any, ...]]]] | None = None
+        self._built: list[tuple[str, Sequence[tuple[Any, ...]] | _PartRows]] | None = None
 
     def release(self) -> None:
         """Drop the batch and its rows (the transaction is over)."""
         self._batch = _Batch()
         self._built = None
 
-    def _build(self) -> list[tuple[str, Sequence[tuple[Any, ...]]]]:
+    def _build(self) -> list[tuple[str, Sequence[tuple[Any, ...]] | _PartRows]]:
         batch = self._batch
         now = time.time()
         # One row per distinct artifact: equal values (None, small numbers, flags) are common, and
@@ -686,21 +731,7 @@ class _BatchRows:
                 if digest not in artifacts:
                     artifacts[digest] = (digest, size, type_name, run_id, step_name, now)
         artifact_rows = list(artifacts.values())
-        part_rows: list[tuple[str, str, bytes, str, str | None]] = []
-        parts: dict[str, _packed.Part] = {}
-        pending = iter(batch.steps)
-        for run_id, fate, hashes, shape in zip(pending, pending, pending, pending, strict=True):
-            record_id = fate.run_id if run_id is None else run_id
-            part = parts.get(record_id)
-            if part is None or len(part) >= _MAX_PART:
-                if part is not None:
-                    part_rows.append((record_id, *part.columns()))
-                part = parts[record_id] = _packed.Part()
-            if run_id is None:
-                part.add_record(fate)
-            else:
-                part.add_fate(fate, hashes, shape)
-        part_rows.extend((run_id, *part.columns()) for run_id, part in parts.items())
+        part_rows = _PartRows(batch.steps)
         drop_rows = [(d.key, d.created_at) for d in batch.drops]
         key_part_rows = [
             (key, step_name, created_at, _dumps_parts(parts))
@@ -765,7 +796,8 @@ class _BatchRows:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
             raise
-        if sum(len(rows) for _, rows in self._built) >= _SHRINK_ROWS:
+        written = sum(rows.count if isinstance(rows, _PartRows) else len(rows) for _, rows in self._built)
+        if written >= _SHRINK_ROWS:
             # A large batch grew the page cache (up to _db.CACHE_KIB): hand it back, so a
             # process-long store does not keep it after the run.
             with contextlib.suppress(sqlite3.Error):
