@@ -681,6 +681,30 @@ class TestLifecycle:
         store._conn._conn.set_trace_callback(None)
         assert seen.count("PRAGMA shrink_memory") == 1
 
+    async def test_a_big_lineage_batch_commits_with_a_small_page_cache(self, store: Store) -> None:
+        """A batch of many step runs and few keyed rows (lineage only) commits with a page cache of
+        _SMALL_CACHE_KIB, then the connection's cache is CACHE_KIB again; all its steps are read back."""
+        seen: list[str] = []
+        store._conn._conn.set_trace_callback(seen.append)
+        store.record_run(run_record())
+        n = _api._SMALL_CACHE_STEPS
+        for i in range(n):
+            store.record_step(
+                StepRecord("run-1", f"s{i}", "succeeded", started_at=float(i), outputs={"v": None})
+            )
+        await store.flush()
+        put(store, out=1)  # a small batch keeps the large cache
+        await store.flush()
+        store._conn._conn.set_trace_callback(None)
+        small = f"PRAGMA cache_size = -{_api._SMALL_CACHE_KIB}"
+        assert seen.count(small) == 1
+        assert seen.index(small) < seen.index("BEGIN IMMEDIATE")
+        assert seen[seen.index(small) :].count(f"PRAGMA cache_size = -{_db.CACHE_KIB}") == 1
+        assert list(await store._conn.execute_fetchall("PRAGMA cache_size")) == [(-_db.CACHE_KIB,)]
+        detail = await store.get_run("run-1")
+        assert detail is not None
+        assert [s.step_name for s in detail.steps] == [f"s{i}" for i in range(n)]
+
     async def test_the_wal_is_checkpointed_after_a_batch_not_inside_its_commit(self, store: Store) -> None:
         """The writing connection does not checkpoint in its commits; the writer does after each batch."""
         assert list(await store._conn.execute_fetchall("PRAGMA wal_autocheckpoint")) == [(0,)]

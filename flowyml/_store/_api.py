@@ -110,6 +110,13 @@ _MAX_BATCH: Final = 10_000
 _SHRINK_ROWS: Final = 5_000
 #: At most this many step runs go in one packed ``step_records`` row.
 _MAX_PART: Final = 10_000
+#: A batch of at least this many step runs and fewer than ``_SMALL_CACHE_KEYS`` keyed rows (cache
+#: entries, drops, key components) commits with a page cache of ``_SMALL_CACHE_KIB``: its lineage
+#: is a few long appended rows, and SQLite spills their dirty pages to the WAL (uncommitted frames,
+#: ignored after a crash) instead of holding them all (15 MB at the end of a 100k-step run).
+_SMALL_CACHE_STEPS: Final = 5_000
+_SMALL_CACHE_KEYS: Final = 1_000
+_SMALL_CACHE_KIB: Final = 2_048
 #: Packed rows the lineage of one output reads by its outputs before it reads the whole run.
 _TARGETED_READS: Final = 256
 #: How long the writer holds lineage records nobody waits for yet (a run's "running" row, step
@@ -785,6 +792,11 @@ class _BatchRows:
         """Write the batch in one ``BEGIN IMMEDIATE`` transaction, or nothing of it."""
         if self._built is None:
             self._built = self._build()  # once: a retry after a locked database reuses the rows
+        batch = self._batch
+        keyed = len(batch.puts) + len(batch.drops) + len(batch.parts) // 4
+        small = len(batch.steps) // 4 >= _SMALL_CACHE_STEPS and keyed < _SMALL_CACHE_KEYS
+        if small:
+            db.execute(f"PRAGMA cache_size = -{_SMALL_CACHE_KIB}")
         db.execute("BEGIN IMMEDIATE")
         try:
             for statement, rows in self._built:
@@ -796,6 +808,10 @@ class _BatchRows:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
             raise
+        finally:
+            if small:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute(f"PRAGMA cache_size = -{_db.CACHE_KIB}")
         written = sum(rows.count if isinstance(rows, _PartRows) else len(rows) for _, rows in self._built)
         if written >= _SHRINK_ROWS:
             # A large batch grew the page cache (up to _db.CACHE_KIB): hand it back, so a
