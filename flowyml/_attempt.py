@@ -27,7 +27,8 @@ import contextlib
 import inspect
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from array import array
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -232,6 +233,11 @@ class UnitRunner:
         for i, t in enumerate(self._typing):
             if t is not None:
                 self._bare[i] = False
+        # When each bare step began (wall clock, and the counter its duration is timed on), by
+        # node id: numbers in two arrays, not two float objects held per step in flight.
+        size = len(plan.nodes) if any(self._bare) else 0
+        self._began = array("d", bytes(8 * size))
+        self._t0 = array("d", bytes(8 * size))
         # Nodes a cache hit may settle at once: nothing runs between their blocked check and
         # their look-up (no remote copy, no typed receive, no condition, no items).
         if caching and self.remote is None:
@@ -279,52 +285,32 @@ class UnitRunner:
         """Run one node through its layers and record its fate; True when its outputs exist.
 
         A plain method handing back one of two coroutines, so a step with nothing around its
-        call pays for no layer it does not have, nor for an extra coroutine.
+        call pays for no layer it does not have, nor for a coroutine frame of ours.
         """
-        return self._bare_node(node) if self._bare[node.id] else self._layered_node(node)
+        return _Call(self, node, None) if self._bare[node.id] else self._layered_node(node)
 
-    async def _bare_node(self, node: Node) -> bool:
-        """A step with nothing around its call: awaited here, then recorded (the per-step hot path).
+    def task(self, node: Node, then: Callable[[Node, bool], object]) -> Coroutine[Any, Any, None] | None:
+        """For a node with nothing around its call, what a task of its own runs: its body, recorded
+        when it ends, its fate then handed to ``then``; None for any other node."""
+        return _Call(self, node, then) if self._bare[node.id] else None
 
-        One of these waits per step in flight, so its frame holds only what the wait needs; what
-        comes after the call is in :meth:`_bare_done` and :meth:`_bare_failed`.
-        """
+    def _bare_done(self, node: Node, ret: Any, args: list[Any], kwargs: dict[str, Any]) -> bool:
+        """Record a bare step whose body returned ``ret``."""
         state = self.state
-        if state.blocked[node.id] is not None:
-            return self._blocked(node)
-        args, kwargs = state.arguments(node)
-        if self.watch is not None:
-            self.watch.started(node.name)
-        began = _now()
-        t0 = _perf()
         try:
-            ret = await node.step.body(*args, **kwargs)
             if len(node.output_slots) == 1:
                 state.values[node.output_slots[0]] = ret
-                ret = {node.output_names[0]: ret}
+                produced = {node.output_names[0]: ret}
             else:
-                ret = state.put(node, ret)
-        except asyncio.CancelledError:
-            self._bare_failed(node, StepStatus.CANCELLED, None, began, t0, args, kwargs)
-            raise
+                produced = state.put(node, ret)
         except Exception as exc:
-            return self._bare_failed(node, StepStatus.FAILED, exc, began, t0, args, kwargs)
-        return self._bare_done(node, ret, began, _perf() - t0, args, kwargs)
-
-    def _bare_done(
-        self,
-        node: Node,
-        produced: dict[str, Any],
-        began: float,
-        took: float,
-        args: list[Any],
-        kwargs: dict[str, Any],
-    ) -> bool:
-        """Record a bare step that returned ``produced``."""
+            return self._bare_failed(node, StepStatus.FAILED, exc, args, kwargs)
+        began = self._began[node.id]
+        took = _perf() - self._t0[node.id]
         res = _Builder(node.name, StepStatus.SUCCEEDED, produced, None, None, 1, began, began + took, took)
         res.cache_reason = self._why[node.id]
         res.__class__ = StepResult
-        self.state.results[node.id] = res
+        state.results[node.id] = res
         if self.hooks is not None:
             self.hooks.after(node, res, args, kwargs)
         if self.watch is not None:
@@ -336,14 +322,13 @@ class UnitRunner:
         node: Node,
         status: StepStatus,
         exc: Exception | None,
-        began: float,
-        t0: float,
         args: list[Any],
         kwargs: dict[str, Any],
     ) -> bool:
         """Record a bare step that raised ``exc`` (FAILED) or was cancelled (CANCELLED, ``exc`` None)."""
+        i = node.id
         res = self._result(
-            node, status, {}, exc, None, True, began, t0, 0.0, None, None, (), self._why[node.id]
+            node, status, {}, exc, None, True, self._began[i], self._t0[i], 0.0, None, None, (), self._why[i]
         )
         if exc is not None:
             return self.settle(node, res, args, kwargs, args, kwargs)
@@ -745,6 +730,92 @@ class UnitRunner:
         """Fetch every remote output to the driver; call before the executors close."""
         if self.remote is not None:
             await self.remote.localize_outputs(self.state)
+
+
+_SPENT: Any = object()
+"""What an ended :class:`_Call` holds instead of its body."""
+_NO_ARGS: list[Any] = []
+_NO_KWARGS: dict[str, Any] = {}
+
+
+class _Call(Coroutine[Any, Any, Any]):
+    """A bare step's call (nothing around it but the record): its body's coroutine, driven directly.
+
+    What a task runs for each waiting bare step (100,000 sleeping steps hold 100,000 of these),
+    so it is a small object, not a coroutine frame of ours around the body's: the task's ``send``
+    and ``throw`` go straight on to the body, and when the body ends this records its fate.
+    Given ``then`` (:meth:`UnitRunner.task`), it hands the fate there and ends with None: a
+    failed step is a fate, never an exception the task group would abort on. Without ``then``
+    (:meth:`UnitRunner.node`) the fate is its value when awaited.
+    """
+
+    __slots__ = ("_args", "_body", "_kwargs", "_node", "_runner", "_then")
+
+    def __init__(self, runner: UnitRunner, node: Node, then: Callable[[Node, bool], object] | None) -> None:
+        self._runner = runner
+        self._node = node
+        self._then = then
+        self._body: Coroutine[Any, Any, Any] | None = None
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        error = typ if val is None else val
+        if isinstance(error, type):
+            error = error()
+        return self.send(None, error if tb is None else error.with_traceback(tb))
+
+    def close(self) -> None:
+        if self._body is not None and self._body is not _SPENT:
+            self._body.close()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self  # type: ignore[return-value]
+
+    @property
+    def __name__(self) -> str:
+        """The step's name, where a task's repr names its coroutine."""
+        return self._node.name
+
+    def send(self, value: Any = None, error: BaseException | None = None) -> Any:
+        """The task's step (``error``: thrown in), passed on to the body, begun at the first;
+        when the body ends, its record."""
+        runner, node, body = self._runner, self._node, self._body
+        if body is None:
+            if error is not None:  # cancelled before it began: no result, the run reports it
+                raise error
+            state = runner.state
+            if state.blocked[node.id] is not None:
+                return self._end(runner._blocked(node))
+            self._args, self._kwargs = state.arguments(node)
+            if runner.watch is not None:
+                runner.watch.started(node.name)
+            runner._began[node.id] = _now()
+            runner._t0[node.id] = _perf()
+        elif body is _SPENT:
+            raise RuntimeError(f"the call of step {node.name!r} has ended; it cannot be resumed")
+        try:
+            if body is None:
+                body = self._body = node.step.body(*self._args, **self._kwargs)
+            return body.send(value) if error is None else body.throw(error)
+        except StopIteration as stop:
+            ok = runner._bare_done(node, stop.value, self._args, self._kwargs)
+        except asyncio.CancelledError:
+            runner._bare_failed(node, StepStatus.CANCELLED, None, self._args, self._kwargs)
+            raise
+        except Exception as exc:
+            ok = runner._bare_failed(node, StepStatus.FAILED, exc, self._args, self._kwargs)
+        return self._end(ok)
+
+    __next__ = send
+
+    def _end(self, ok: bool) -> Any:
+        """The step's end: its fate to ``then``, else the fate as the value of the await.
+
+        The body's finished coroutine and the arguments go now, not when the task does."""
+        self._body, self._args, self._kwargs = _SPENT, _NO_ARGS, _NO_KWARGS
+        if self._then is None:
+            raise StopIteration(ok)
+        self._then(self._node, ok)
+        raise StopIteration
 
 
 def _attempt_errors(errors: tuple[BaseException, ...]) -> tuple[AttemptError, ...]:

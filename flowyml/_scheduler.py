@@ -7,7 +7,11 @@ level barriers, no task waiting per pending step and no polling.
 
 A node whose fate the runner knows at once (a cache hit held in memory) is settled where it
 is started, without a task or a coroutine: :meth:`Run._start` walks such nodes and what they
-make ready, and only a node that has to wait gets a task of its own.
+make ready, and only a node that has to wait gets a task of its own. That task runs
+:meth:`Run._drive`, or, for a step with nothing around its call, what :meth:`Runner.task` gives:
+the step's own coroutine, which reports its fate to :meth:`Run._count` when it ends. So a
+waiting step (100,000 sleeping steps) holds its task and its body's coroutine, and no coroutine
+of the engine's.
 
 A *unit* is a node, or an execution group's chain run as one (``plan.chains``). What happens
 inside a unit — conditions, cache, resources, retries, timeouts, the executor, the record — is
@@ -31,8 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import traceback
-from collections.abc import Awaitable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol
 
 from ._errors import StepError
 from ._gates import NOT_CHOSEN, decide
@@ -57,6 +61,11 @@ class Runner(Protocol):
 
     def node(self, node: Node) -> Awaitable[bool]:
         """The node's fate: True when its outputs exist."""
+        ...
+
+    def task(self, node: Node, then: Callable[[Node, bool], object]) -> Coroutine[Any, Any, None] | None:
+        """What a task of the node's own runs, when the runner can run it without a coroutine of
+        the scheduler's around it (passing its fate to ``then``, never raising a failure); else None."""
         ...
 
     async def chain(self, nodes: Sequence[Node]) -> tuple[list[tuple[Node, bool]], bool]:
@@ -86,6 +95,8 @@ class Run:
         self._ready: list[Node] = []
         """Nodes made ready while :meth:`_start` walks, for it to take next."""
         self._walking = False
+        self._counted = self._count
+        """One bound method for every :meth:`Runner.task` (not one made per step)."""
         self.stopped_by: str | None = None
 
     @property
@@ -139,7 +150,10 @@ class Run:
                         break
                     ok = runner.now(nxt)
                     if ok is None:
-                        self._tg.create_task(self._drive(nxt, waits=True))  # type: ignore[union-attr]
+                        own = runner.task(nxt, self._counted)
+                        if own is None:
+                            own = self._drive(nxt, waits=True)
+                        self._tg.create_task(own)  # type: ignore[union-attr]
                         break
                     nxt = self._finish(nxt, ok)
         finally:
@@ -150,8 +164,8 @@ class Run:
 
         ``waits``: the runner already said the fate of ``node`` is not known at once.
         """
-        # One of these waits per step in flight (100,000 sleeping steps, 100,000 frames): its
-        # frame is kept small, without a closure cell; the rarer cases are in _drive_special.
+        # Kept small, without a closure cell (a task may be one of these per step in flight);
+        # the rarer cases are in _drive_special.
         chains = self.plan.chains
         while node is not None:
             if node.streams_to or (chains and node.id in chains):
@@ -175,6 +189,13 @@ class Run:
         for member, ok in done:
             nxt = self._finish(member, ok, chain if grouped else (), nxt)
         return nxt
+
+    def _count(self, node: Node, ok: bool) -> None:
+        """Count a node done that ran in a task of its own (:meth:`Runner.task`); the first node
+        it makes ready goes on in a new task, the rest as :meth:`_finish` starts them."""
+        nxt = self._finish(node, ok)
+        if nxt is not None:
+            self._tg.create_task(self._drive(nxt))  # type: ignore[union-attr]
 
     def _finish(
         self, node: Node, ok: bool, chain: tuple[int, ...] = (), nxt: Node | None = None

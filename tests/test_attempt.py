@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from flowyml import CircuitBreaker, Pipeline, StepStatus, context, retry, step, when
-from flowyml.errors import CircuitOpenError, StepTimeoutError
+from flowyml._attempt import UnitRunner
+from flowyml._executors._local import AsyncExecutor
+from flowyml._state import RunState
+from flowyml.errors import CircuitOpenError, OutputError, StepTimeoutError
 
 
 class TestLiftedRetry:
@@ -101,3 +106,78 @@ class TestBreakerInRuns:
         errors = [type(result.step_results[f"call{i}"].error).__name__ for i in range(5)]
         assert errors.count("ConnectionError") == 2
         assert errors.count("CircuitOpenError") == 3
+
+
+class TestBareAsyncSteps:
+    """An async step with nothing around its call runs as its task's own coroutine, recorded at its end."""
+
+    def test_a_failure_is_a_fate_not_an_abort_of_the_others(self) -> None:
+        """Without fail_fast, one failing step among many sleeping ones fails alone, with its traceback."""
+
+        def make(i: int):  # type: ignore[no-untyped-def]
+            @step(name=f"s{i}", outputs=[f"r{i}"])
+            async def wait() -> int:
+                await asyncio.sleep(0.01)
+                if i == 7:
+                    raise LookupError("seven")
+                return i
+
+            return wait
+
+        p = Pipeline("p", enable_cache=False)
+        for i in range(20):
+            p.add_step(make(i))
+        result = p.run(fail_fast=False)
+        assert result.failed_steps == ["s7"]
+        failed = result.step_results["s7"]
+        assert isinstance(failed.error, LookupError)
+        assert 'raise LookupError("seven")' in (failed.traceback or "")
+        assert [result[f"r{i}"] for i in range(20) if i != 7] == [i for i in range(20) if i != 7]
+
+    def test_a_result_times_the_body_from_its_first_step(self) -> None:
+        """Start, end and duration are the body's own, one attempt, not the time it waited for a turn."""
+
+        @step(outputs=["a", "b"])
+        async def pair() -> tuple[int, int]:
+            await asyncio.sleep(0.02)
+            return 1, 2
+
+        result = Pipeline("p", enable_cache=False).add_step(pair).run()
+        r = result.step_results["pair"]
+        assert (result["a"], result["b"], r.attempts) == (1, 2, 1)
+        assert r.start_time is not None and r.end_time is not None
+        assert r.end_time == r.start_time + r.duration_seconds
+        assert r.duration_seconds >= 0.015
+
+    def test_outputs_that_do_not_match_fail_the_step(self) -> None:
+        """The split of the returned value is part of the step: a wrong shape fails it, not the run."""
+
+        @step(outputs=["a", "b"])
+        async def three() -> tuple[int, int, int]:
+            return 1, 2, 3
+
+        @step(outputs=["c"])
+        async def other() -> int:
+            await asyncio.sleep(0.01)
+            return 3
+
+        result = Pipeline("p", enable_cache=False).add_step(three).add_step(other).run(fail_fast=False)
+        assert isinstance(result.step_results["three"].error, OutputError)
+        assert result["c"] == 3
+
+    async def test_a_call_awaited_to_its_end_cannot_be_resumed(self) -> None:
+        """The runner's call of a bare step, awaited where a chain goes on, gives its fate once."""
+
+        @step(outputs=["a"])
+        async def one() -> int:
+            return 1
+
+        plan = Pipeline("p", enable_cache=False).add_step(one).plan()
+        state = RunState(plan, {})
+        runner = UnitRunner(state, [AsyncExecutor()])
+        call = runner.node(plan.nodes[0])
+        assert await call is True
+        assert state.values == [1] and state.results[0].status is StepStatus.SUCCEEDED  # type: ignore[union-attr]
+        with pytest.raises(RuntimeError, match="'one' has ended"):
+            call.send(None)
+        call.close()  # closing an ended call is a no-op, as for a coroutine

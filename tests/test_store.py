@@ -681,6 +681,53 @@ class TestLifecycle:
         store._conn._conn.set_trace_callback(None)
         assert seen.count("PRAGMA shrink_memory") == 1
 
+    async def test_a_batch_makes_the_same_rows_each_time_it_commits(self, tmp_path: Path) -> None:
+        """A batch's rows are made as SQLite takes them; a second commit of the same batch (a
+        retry after a locked database) writes the same rows again."""
+        tables = ("artifacts", "cache_entries", "cache_outputs", "cache_key_parts", "step_records", "runs")
+        async with await Store.open(tmp_path / "a") as first, await Store.open(tmp_path / "b") as second:
+            first.record_run(run_record())
+            for i in range(30):
+                put(first, key=f"k{i}", step=f"s{i}", out=i % 7, flag=i % 2 == 0)
+                first.put_key_parts(f"k{i}", f"s{i}", {"code": f"c{i}", "inputs": "i"})
+                first.record_step(
+                    StepRecord("run-1", f"s{i}", "succeeded", started_at=float(i), outputs={"out": None})
+                )
+            first.put_key_parts("failed", "f", {"code": "c"})
+            rows = _api._BatchRows(first._take_steps(_api._Batch()))
+            await _db.on_thread(first._conn, rows.commit)
+            await _db.on_thread(second._conn, rows.commit)
+            rows.release()
+        for table in tables:
+            assert sql(tmp_path / "a", f"SELECT * FROM {table}") == sql(
+                tmp_path / "b", f"SELECT * FROM {table}"
+            )
+            assert sql(tmp_path / "a", f"SELECT count(*) FROM {table}") != [(0,)], table
+
+    async def test_a_big_lineage_batch_commits_with_a_small_page_cache(self, store: Store) -> None:
+        """A batch of many step runs and few keyed rows (lineage only) commits with a page cache of
+        _SMALL_CACHE_KIB, then the connection's cache is CACHE_KIB again; all its steps are read back."""
+        seen: list[str] = []
+        store._conn._conn.set_trace_callback(seen.append)
+        store.record_run(run_record())
+        n = _api._SMALL_CACHE_STEPS
+        for i in range(n):
+            store.record_step(
+                StepRecord("run-1", f"s{i}", "succeeded", started_at=float(i), outputs={"v": None})
+            )
+        await store.flush()
+        put(store, out=1)  # a small batch keeps the large cache
+        await store.flush()
+        store._conn._conn.set_trace_callback(None)
+        small = f"PRAGMA cache_size = -{_api._SMALL_CACHE_KIB}"
+        assert seen.count(small) == 1
+        assert seen.index(small) < seen.index("BEGIN IMMEDIATE")
+        assert seen[seen.index(small) :].count(f"PRAGMA cache_size = -{_db.CACHE_KIB}") == 1
+        assert list(await store._conn.execute_fetchall("PRAGMA cache_size")) == [(-_db.CACHE_KIB,)]
+        detail = await store.get_run("run-1")
+        assert detail is not None
+        assert [s.step_name for s in detail.steps] == [f"s{i}" for i in range(n)]
+
     async def test_the_wal_is_checkpointed_after_a_batch_not_inside_its_commit(self, store: Store) -> None:
         """The writing connection does not checkpoint in its commits; the writer does after each batch."""
         assert list(await store._conn.execute_fetchall("PRAGMA wal_autocheckpoint")) == [(0,)]

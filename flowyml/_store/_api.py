@@ -110,6 +110,13 @@ _MAX_BATCH: Final = 10_000
 _SHRINK_ROWS: Final = 5_000
 #: At most this many step runs go in one packed ``step_records`` row.
 _MAX_PART: Final = 10_000
+#: A batch of at least this many step runs and fewer than ``_SMALL_CACHE_KEYS`` keyed rows (cache
+#: entries, drops, key components) commits with a page cache of ``_SMALL_CACHE_KIB``: its lineage
+#: is a few long appended rows, and SQLite spills their dirty pages to the WAL (uncommitted frames,
+#: ignored after a crash) instead of holding them all (15 MB at the end of a 100k-step run).
+_SMALL_CACHE_STEPS: Final = 5_000
+_SMALL_CACHE_KEYS: Final = 1_000
+_SMALL_CACHE_KIB: Final = 2_048
 #: Packed rows the lineage of one output reads by its outputs before it reads the whole run.
 _TARGETED_READS: Final = 256
 #: How long the writer holds lineage records nobody waits for yet (a run's "running" row, step
@@ -645,26 +652,88 @@ _UPSERT_RUN = (
 )
 
 
+class _PartRows:
+    """The ``step_records`` rows of a batch's steps, made one part at a time as SQLite takes them.
+
+    Built all at once, the rows of 100,000 steps (each step's row text, then each part's joined
+    columns) were the peak of a run's memory. Iterating again (a retry after a locked database)
+    makes the same rows again from the same steps. ``count`` is the number of rows made so far.
+    """
+
+    __slots__ = ("_steps", "count")
+
+    def __init__(self, steps: _Pending) -> None:
+        self._steps = steps
+        self.count = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._steps)
+
+    def __iter__(self) -> Iterator[tuple[str, str, bytes, str, str | None]]:
+        self.count = 0
+        parts: dict[str, _packed.Part] = {}
+        pending = iter(self._steps)
+        for run_id, fate, hashes, shape in zip(pending, pending, pending, pending, strict=True):
+            record_id = fate.run_id if run_id is None else run_id
+            part = parts.get(record_id)
+            if part is None or len(part) >= _MAX_PART:
+                if part is not None:
+                    # The part's rows go before SQLite takes their text: one copy of it alive.
+                    columns = part.columns()
+                    part = parts[record_id] = _packed.Part()
+                    self.count += 1
+                    yield (record_id, *columns)
+                    del columns
+                else:
+                    part = parts[record_id] = _packed.Part()
+            if run_id is None:
+                part.add_record(fate)
+            else:
+                part.add_fate(fate, hashes, shape)
+        for record_id in list(parts):
+            columns = parts.pop(record_id).columns()
+            self.count += 1
+            yield (record_id, *columns)
+            del columns
+
+
+class _Lazy:
+    """Rows made by ``make`` as SQLite takes them, again at each iteration (a retry after a locked
+    database); ``count`` is the number made so far, ``bool`` whether there may be any."""
+
+    __slots__ = ("_any", "_make", "count")
+
+    def __init__(self, make: Callable[[], Iterator[tuple[Any, ...]]], any_rows: bool) -> None:
+        self._make = make
+        self._any = any_rows
+        self.count = 0
+
+    def __bool__(self) -> bool:
+        return self._any
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        self.count = 0
+        for row in self._make():
+            self.count += 1
+            yield row
+
+
 class _BatchRows:
     """The rows of one batch and the transaction writing them; runs on the connection's thread."""
 
     def __init__(self, batch: _Batch) -> None:
         self._batch = batch
-        self._built: list[tuple[str, Sequence[tuple[Any, ...]]]] | None = None
+        self._built: list[tuple[str, Sequence[tuple[Any, ...]] | _PartRows | _Lazy]] | None = None
 
     def release(self) -> None:
         """Drop the batch and its rows (the transaction is over)."""
         self._batch = _Batch()
         self._built = None
 
-    def _build(self) -> list[tuple[str, Sequence[tuple[Any, ...]]]]:
+    def _build(self) -> list[tuple[str, Sequence[tuple[Any, ...]] | _PartRows | _Lazy]]:
         batch = self._batch
         now = time.time()
-        # One row per distinct artifact: equal values (None, small numbers, flags) are common, and
-        # a row per output was an index probe per put that found the artifact there already.
-        artifacts: dict[str, tuple[Any, ...]] = {}
-        entry_rows: list[tuple[Any, ...]] = []
-        output_rows: list[tuple[Any, ...]] = []
+        puts = batch.puts
         # The components of a key put in this batch go in its entry's row; the others (no entry:
         # the step failed, or its outputs were not cached) in cache_key_parts.
         flat = iter(batch.parts)
@@ -672,40 +741,54 @@ class _BatchRows:
             key: (step_name, created_at, parts)
             for key, step_name, created_at, parts in zip(flat, flat, flat, flat, strict=True)
         }
-        for e in batch.puts:
-            key, step_name, run_id, duration, created_at = e[:_HEAD]
-            held = components.pop(key, None)
-            encoded = None if held is None else _dumps_parts(held[2])
-            entry_rows.append(
-                (key, step_name, run_id, duration, created_at, (len(e) - _HEAD) // _OUT, encoded)
-            )
-            for position, at in enumerate(range(_HEAD, len(e), _OUT)):
-                name, digest, size, type_name, data = e[at : at + _OUT]
-                inline = data if size <= INLINE_LIMIT else None
-                output_rows.append((key, position, name, digest, size, type_name, inline))
-                if digest not in artifacts:
-                    artifacts[digest] = (digest, size, type_name, run_id, step_name, now)
-        artifact_rows = list(artifacts.values())
-        part_rows: list[tuple[str, str, bytes, str, str | None]] = []
-        parts: dict[str, _packed.Part] = {}
-        pending = iter(batch.steps)
-        for run_id, fate, hashes, shape in zip(pending, pending, pending, pending, strict=True):
-            record_id = fate.run_id if run_id is None else run_id
-            part = parts.get(record_id)
-            if part is None or len(part) >= _MAX_PART:
-                if part is not None:
-                    part_rows.append((record_id, *part.columns()))
-                part = parts[record_id] = _packed.Part()
-            if run_id is None:
-                part.add_record(fate)
-            else:
-                part.add_fate(fate, hashes, shape)
-        part_rows.extend((run_id, *part.columns()) for run_id, part in parts.items())
+
+        # The rows of the puts are made as SQLite takes them (a retry makes them again): a list of
+        # each was ~40 MB alive at once for 100,000 puts, on top of the puts themselves.
+        def artifact_rows() -> Iterator[tuple[Any, ...]]:
+            # One row per distinct artifact: equal values (None, small numbers, flags) are common,
+            # and a row per output was an index probe per put that found the artifact there already.
+            seen: set[str] = set()
+            for e in puts:
+                for at in range(_HEAD, len(e), _OUT):
+                    digest = e[at + 1]
+                    if digest not in seen:
+                        seen.add(digest)
+                        yield (digest, e[at + 2], e[at + 3], e[2], e[1], now)
+
+        def delete_rows() -> Iterator[tuple[Any, ...]]:
+            for e in puts:
+                yield (e[0],)
+
+        def entry_rows() -> Iterator[tuple[Any, ...]]:
+            for e in puts:
+                key, step_name, run_id, duration, created_at = e[:_HEAD]
+                held = components.get(key)
+                encoded = None if held is None else _dumps_parts(held[2])
+                yield (key, step_name, run_id, duration, created_at, (len(e) - _HEAD) // _OUT, encoded)
+
+        def output_rows() -> Iterator[tuple[Any, ...]]:
+            for e in puts:
+                key = e[0]
+                for position, at in enumerate(range(_HEAD, len(e), _OUT)):
+                    name, digest, size, type_name, data = e[at : at + _OUT]
+                    yield (
+                        key,
+                        position,
+                        name,
+                        digest,
+                        size,
+                        type_name,
+                        data if size <= INLINE_LIMIT else None,
+                    )
+
+        def key_part_rows() -> Iterator[tuple[Any, ...]]:
+            put_keys = {e[0] for e in puts}
+            for key, (step_name, created_at, parts) in components.items():
+                if key not in put_keys:
+                    yield (key, step_name, created_at, _dumps_parts(parts))
+
+        part_rows = _PartRows(batch.steps)
         drop_rows = [(d.key, d.created_at) for d in batch.drops]
-        key_part_rows = [
-            (key, step_name, created_at, _dumps_parts(parts))
-            for key, (step_name, created_at, parts) in components.items()
-        ]
         return [
             # A dropped entry's key keeps its components: the next miss still says what changed.
             (
@@ -723,21 +806,21 @@ class _BatchRows:
             (
                 "INSERT INTO artifacts (hash, size, type_name, producer_run_id, producer_step, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hash) DO NOTHING",
-                artifact_rows,
+                _Lazy(artifact_rows, bool(puts)),
             ),
-            ("DELETE FROM cache_outputs WHERE key = ?", [(row[0],) for row in entry_rows]),
+            ("DELETE FROM cache_outputs WHERE key = ?", _Lazy(delete_rows, bool(puts))),
             (
                 "INSERT INTO cache_entries (key, step_name, run_id, duration_seconds, created_at, outputs, parts) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET step_name = excluded.step_name, "
                 "run_id = excluded.run_id, duration_seconds = excluded.duration_seconds, "
                 "created_at = excluded.created_at, outputs = excluded.outputs, "
                 "parts = COALESCE(excluded.parts, cache_entries.parts)",
-                entry_rows,
+                _Lazy(entry_rows, bool(puts)),
             ),
             (
                 "INSERT INTO cache_outputs (key, position, output_name, artifact_hash, size, type_name, inline) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                output_rows,
+                _Lazy(output_rows, bool(puts)),
             ),
             (_UPSERT_RUN, [_run_row(r) for r in batch.runs.values()]),
             (
@@ -746,7 +829,7 @@ class _BatchRows:
             ),
             (
                 "INSERT OR REPLACE INTO cache_key_parts (key, step_name, created_at, parts) VALUES (?, ?, ?, ?)",
-                key_part_rows,
+                _Lazy(key_part_rows, bool(components)),
             ),
         ]
 
@@ -754,6 +837,11 @@ class _BatchRows:
         """Write the batch in one ``BEGIN IMMEDIATE`` transaction, or nothing of it."""
         if self._built is None:
             self._built = self._build()  # once: a retry after a locked database reuses the rows
+        batch = self._batch
+        keyed = len(batch.puts) + len(batch.drops) + len(batch.parts) // 4
+        small = len(batch.steps) // 4 >= _SMALL_CACHE_STEPS and keyed < _SMALL_CACHE_KEYS
+        if small:
+            db.execute(f"PRAGMA cache_size = -{_SMALL_CACHE_KIB}")
         db.execute("BEGIN IMMEDIATE")
         try:
             for statement, rows in self._built:
@@ -765,7 +853,14 @@ class _BatchRows:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
             raise
-        if sum(len(rows) for _, rows in self._built) >= _SHRINK_ROWS:
+        finally:
+            if small:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute(f"PRAGMA cache_size = -{_db.CACHE_KIB}")
+        written = sum(
+            rows.count if isinstance(rows, _PartRows | _Lazy) else len(rows) for _, rows in self._built
+        )
+        if written >= _SHRINK_ROWS:
             # A large batch grew the page cache (up to _db.CACHE_KIB): hand it back, so a
             # process-long store does not keep it after the run.
             with contextlib.suppress(sqlite3.Error):
