@@ -146,18 +146,31 @@ class Run:
                 nxt: Node | None = ready.pop()
                 while nxt is not None:
                     if nxt.streams_to or (chains and nxt.id in chains):
-                        self._tg.create_task(self._drive(nxt))  # type: ignore[union-attr]
+                        self._spawn(self._drive(nxt))
                         break
                     ok = runner.now(nxt)
                     if ok is None:
                         own = runner.task(nxt, self._counted)
                         if own is None:
                             own = self._drive(nxt, waits=True)
-                        self._tg.create_task(own)  # type: ignore[union-attr]
+                        self._spawn(own)
                         break
                     nxt = self._finish(nxt, ok)
         finally:
             self._walking = False
+            ready.clear()  # left over only when a fail-fast abort raised through the walk
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in a task of the run's group, unless the run is stopping.
+
+        A step that swallows its cancellation and returns still counts its dependents done;
+        once the group is shutting down they are not started (``execute`` reports them
+        skipped), rather than failing the run with the group's ``RuntimeError``.
+        """
+        try:
+            self._tg.create_task(coro)  # type: ignore[union-attr]
+        except RuntimeError:  # the group is shutting down
+            coro.close()
 
     async def _drive(self, node: Node | None, *, waits: bool = False) -> None:
         """Run ``node``, then the first node it makes ready, and so on, in this task.
@@ -195,7 +208,7 @@ class Run:
         it makes ready goes on in a new task, the rest as :meth:`_finish` starts them."""
         nxt = self._finish(node, ok)
         if nxt is not None:
-            self._tg.create_task(self._drive(nxt))  # type: ignore[union-attr]
+            self._spawn(self._drive(nxt))
 
     def _finish(
         self, node: Node, ok: bool, chain: tuple[int, ...] = (), nxt: Node | None = None

@@ -500,6 +500,51 @@ class TestFailures:
         assert "bad input" in (r.traceback or "")
         assert result.state == "failed"
 
+    @staticmethod
+    def _swallowing(pipeline: Pipeline, n: int) -> Pipeline:
+        """``n`` async steps that return when cancelled, each feeding a step of its own."""
+        for i in range(n):
+
+            async def slow(i=i):  # unannotated: annotations would make it a typed, layered step
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    return i  # cleanup code that ends quietly when cancelled
+                return i
+
+            async def after(x):
+                return x
+
+            pipeline.add_step(step(slow, name=f"slow{i}", outputs=[f"o{i}"]))
+            pipeline.add_step(step(after, name=f"after{i}", inputs=[f"o{i}"], outputs=[f"a{i}"]))
+        return pipeline
+
+    async def test_steps_ending_after_a_fail_fast_abort_start_nothing(self) -> None:
+        """A step that swallows the abort's cancellation and returns is recorded, and no new task
+        is asked of the group that is shutting down: the run's result comes back (it raised an
+        ExceptionGroup of the group's RuntimeErrors)."""
+
+        @step(outputs=["bad"])
+        async def bad() -> None:
+            await asyncio.sleep(0.05)
+            raise ValueError("x")
+
+        pipeline = self._swallowing(Pipeline("p", enable_cache=False, lineage=False).add_step(bad), 3)
+        result = await pipeline.arun()
+        assert result.state == "failed"
+        assert result.step_results["bad"].status is StepStatus.FAILED
+        for i in range(3):
+            assert result.step_results[f"slow{i}"].status is StepStatus.SUCCEEDED
+            # Run where the step's task went on (a step started before the group shut down),
+            # else skipped: never failed by the group.
+            after = result.step_results[f"after{i}"]
+            assert after.status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED)
+
+    async def test_an_outer_cancel_with_swallowing_steps_raises_the_cancel(self) -> None:
+        pipeline = self._swallowing(Pipeline("p", enable_cache=False, lineage=False), 3)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pipeline.arun(fail_fast=False), 0.05)
+
     def test_fail_fast_cancels_running_and_skips_the_rest(self) -> None:
         """By default a failure cancels running steps and skips those not started."""
 
