@@ -44,7 +44,7 @@ from ._remote import RemoteValues
 from ._resources import Request, ResourcePool
 from ._results import AttemptError, StepResult, StepStatus, _Builder, finished
 from ._retry import RetryRun
-from ._state import RunState
+from ._state import NO_ARGS, NO_KWARGS, RunState
 from ._typed import produce, receive
 
 if TYPE_CHECKING:
@@ -734,8 +734,6 @@ class UnitRunner:
 
 _SPENT: Any = object()
 """What an ended :class:`_Call` holds instead of its body."""
-_NO_ARGS: list[Any] = []
-_NO_KWARGS: dict[str, Any] = {}
 
 
 class _Call(Coroutine[Any, Any, Any]):
@@ -811,7 +809,7 @@ class _Call(Coroutine[Any, Any, Any]):
         """The step's end: its fate to ``then``, else the fate as the value of the await.
 
         The body's finished coroutine and the arguments go now, not when the task does."""
-        self._body, self._args, self._kwargs = _SPENT, _NO_ARGS, _NO_KWARGS
+        self._body, self._args, self._kwargs = _SPENT, NO_ARGS, NO_KWARGS
         if self._then is None:
             raise StopIteration(ok)
         self._then(self._node, ok)

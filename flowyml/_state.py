@@ -16,8 +16,9 @@ from ._results import StepResult, split_outputs
 
 __all__ = ("RunState",)
 
-_NO_ARGS: list[Any] = []
-_NO_KWARGS: dict[str, Any] = {}
+NO_ARGS: list[Any] = []
+NO_KWARGS: dict[str, Any] = {}
+"""The arguments of every step that has none: shared, and never written into."""
 
 
 class RunState:
@@ -40,7 +41,7 @@ class RunState:
         if not (node.positional or node.var_positional or node.keyword):
             # Shared by every step without arguments (a list and a dict less per step in flight);
             # nothing writes into the arguments of a step that has none.
-            return _NO_ARGS, _NO_KWARGS
+            return NO_ARGS, NO_KWARGS
         resolve = self.resolve
         values = self.values
         args = [values[s.slot] if s.kind == SLOT else resolve(s) for s in node.positional]
