@@ -250,6 +250,11 @@ class UnitRunner:
                     self._hits[i] = False
         else:
             self._hits = [False] * len(plan.nodes)
+        self._argued: list[tuple[list[Any], dict[str, Any]] | None] = (
+            [None] * len(plan.nodes) if any(self._hits) else []
+        )
+        """The arguments :meth:`now` made for a node it left to :meth:`_layered_node`, which
+        takes them instead of making them again (its look-up goes on with the key made of them)."""
 
     # ------------------------------------------------------------------ one node
 
@@ -261,12 +266,14 @@ class UnitRunner:
         state = self.state
         if state.blocked[node.id] is not None:
             return None
-        args, kwargs = state.arguments(node)
+        argued = state.arguments(node)
+        args, kwargs = argued
         start = _now()
         t0 = _perf()
         hooks = self.hooks
         found = hooks.hit(node, args, kwargs) if hooks is not None else None
         if found is None or found.outputs is None:
+            self._argued[node.id] = argued
             return None
         outputs = found.outputs
         state.apply(node, outputs)
@@ -344,7 +351,12 @@ class UnitRunner:
         state = self.state
         if state.blocked[node.id] is not None:
             return self._blocked(node)
-        args, kwargs = state.arguments(node)
+        argued = self._argued[node.id] if self._argued else None
+        if argued is None:
+            args, kwargs = state.arguments(node)
+        else:
+            self._argued[node.id] = None
+            args, kwargs = argued
         step = node.step
         if step.map_over or step.stream:
             if self.watch is not None:

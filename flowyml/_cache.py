@@ -48,6 +48,7 @@ from ._hashing import (
     fingerprint_chunk,
     fingerprint_parts,
     identity_chunk,
+    key_head,
     key_layout,
     key_of,
     layout_key,
@@ -105,7 +106,9 @@ class StoreHooks(RunHooks):
         set when its producer's key is known."""
         self._digests: dict[int, bytes | None] = {}
         """Output slot -> content identity of a value whose producer had no key (None: none)."""
-        self._layouts = (keys if keys is not None and keys.plan is plan else PlanKeys(plan)).nodes
+        plan_keys = keys if keys is not None and keys.plan is plan else PlanKeys(plan)
+        self._layouts = plan_keys.nodes
+        self._key_shapes = plan_keys.shapes
         self._hashing: dict[int, asyncio.Future[str | None]] = {}
         self._hash_pool: ThreadPoolExecutor | None = None
         loop = asyncio.get_running_loop()
@@ -379,7 +382,7 @@ class StoreHooks(RunHooks):
         """How ``node``'s keys are laid out: made at its first key, kept with the plan."""
         made = self._layouts[node.id]
         if made is None:
-            made = self._layouts[node.id] = _lay_out(node)
+            made = self._layouts[node.id] = _lay_out(node, self._key_shapes)
         return made
 
     def _key(
@@ -771,11 +774,12 @@ class PlanKeys:
     identities of inputs and parameters) is joined in per key.
     """
 
-    __slots__ = ("nodes", "plan")
+    __slots__ = ("nodes", "plan", "shapes")
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.nodes: list[_NodeKey | None] = [None] * len(plan.nodes)
+        self.shapes: dict[_Shape, _NodeKey] = {}
 
     def fill(self) -> PlanKeys:
         """Lay out every cached node now, in one pass, before the run allocates anything.
@@ -787,31 +791,49 @@ class PlanKeys:
         first cached run, 0.6 after this). Same work, earlier: each entry was made at the first
         run anyway.
         """
-        nodes = self.nodes
+        nodes, shapes = self.nodes, self.shapes
         for node in self.plan.nodes:
             if nodes[node.id] is None and node.step.cache is not False:
-                nodes[node.id] = _lay_out(node)
+                nodes[node.id] = _lay_out(node, shapes)
         return self
 
 
-def _lay_out(node: Node) -> _NodeKey:
+_Shape = tuple[tuple[str, bool], ...]
+"""A node's argument labels, each with whether it is fed by an output slot (not which one)."""
+
+
+def _lay_out(node: Node, shapes: dict[_Shape, _NodeKey]) -> _NodeKey:
+    """``node``'s key layout; ``shapes`` keeps, by :data:`_Shape`, a layout already made for
+    another node whose arguments have the same names and kinds: all of it but its head (the step
+    identity) and its slots is the same, so only those are made again (most nodes of a plan
+    share a few shapes)."""
     policy = node.step.cache
     strategy = policy.strategy if isinstance(policy, CachePolicy) else policy
     kind = _BY_FUNCTION if callable(strategy) else _BY_CODE if strategy == "code_hash" else _BY_INPUTS
-    if not node.labels:  # a step without arguments: one key per fingerprint
-        return kind, key_layout(node.identity, (), ())[0], (), (), ()
-    fed = [(at, label, slot) for at, (label, slot) in enumerate(node.labels) if slot >= 0]
-    ctx = [(at, "param:" + label, slot) for at, (label, slot) in enumerate(node.labels) if slot < 0]
-    layout, order = key_layout(node.identity, [f[1] for f in fed], [c[1] for c in ctx])
-    both = [*fed, *ctx]
-    ordered = [both[i] for i in order]
-    return (
-        kind,
-        layout,
-        tuple(at for at, _label, _slot in ordered),
-        tuple(slot for _at, _label, slot in ordered),
-        tuple(("input:" + label if slot >= 0 else label) for _at, label, slot in ordered),
-    )
+    labels = node.labels
+    shape = tuple([(label, slot >= 0) for label, slot in labels])
+    same = shapes.get(shape)
+    if same is not None:
+        _kind, (_head, inputs_header, names, tail), positions, _slots, parts = same
+        slots = tuple([labels[at][1] for at in positions])
+        return kind, (key_head(node.identity), inputs_header, names, tail), positions, slots, parts
+    if not labels:  # a step without arguments: one key per fingerprint
+        made: _NodeKey = (kind, key_layout(node.identity, (), ())[0], (), (), ())
+    else:
+        fed = [(at, label, slot) for at, (label, slot) in enumerate(labels) if slot >= 0]
+        ctx = [(at, "param:" + label, slot) for at, (label, slot) in enumerate(labels) if slot < 0]
+        layout, order = key_layout(node.identity, [f[1] for f in fed], [c[1] for c in ctx])
+        both = [*fed, *ctx]
+        ordered = [both[i] for i in order]
+        made = (
+            kind,
+            layout,
+            tuple(at for at, _label, _slot in ordered),
+            tuple(slot for _at, _label, slot in ordered),
+            tuple(("input:" + label if slot >= 0 else label) for _at, label, slot in ordered),
+        )
+    shapes[shape] = made
+    return made
 
 
 class _ItemFate:

@@ -41,6 +41,7 @@ __all__ = (
     "fingerprint_chunk",
     "hash_value",
     "identity_chunk",
+    "key_head",
     "key_layout",
     "key_of",
     "layout_key",
@@ -1823,12 +1824,18 @@ def key_layout(
     if params:
         names[n] = params_header + names[n]  # the params' header travels with the first one's name
     layout = (
-        _DIGEST_KEY_VERSION + _str_bytes(b"id", step_identity),
+        key_head(step_identity),
         _header(_INPUTS_HEADERS, b"inputs", n),
         tuple(names),
         b"" if params else params_header,
     )
     return layout, (*inputs_order, *(n + i for i in params_order))
+
+
+def key_head(step_identity: str) -> bytes:
+    """The first part of a :func:`key_layout`, the only one made of the step's identity: steps
+    whose arguments have the same names share the rest of their layouts."""
+    return _DIGEST_KEY_VERSION + _str_bytes(b"id", step_identity)
 
 
 _INPUTS_HEADERS: Final = tuple(b"inputs" + _len8(n) for n in range(16))
