@@ -163,9 +163,9 @@ class StoreHooks(RunHooks):
         uncacheable = self._uncacheable.get(node.id) if self._uncacheable else None
         if uncacheable is not None:
             return Lookup(None, reason=uncacheable)
-        made = self._made.pop(node.id, _HASH_FIRST) if self._made else _HASH_FIRST
-        checked = made is not _HASH_FIRST and made is not None  # hit() found no inline entry
-        if made is _HASH_FIRST:
+        made = self._made.pop(node.id, _NOT_MADE) if self._made else _NOT_MADE
+        checked = made is not _NOT_MADE and made is not _HASH_FIRST and made is not None
+        if made is _NOT_MADE:  # hit() did not try (else ``checked``: it found no inline entry)
             made = self._key(node, args, kwargs, hash_large=False)
         if made is _HASH_FIRST:  # a big value whose producer had no key: hashed off the loop first
             await self._hash_large_inputs(node, args, kwargs)
@@ -761,6 +761,7 @@ _BY_INPUTS, _BY_CODE, _BY_FUNCTION = 0, 1, 2
 
 _NO_FINGERPRINT = fingerprint_chunk(None)
 _HASH_FIRST: _Made = ("", (), ())  # what _key returns for a big value it is told not to hash
+_NOT_MADE: _Made = ("", (), ())  # what lookup finds when hit() made no key for the node
 
 
 class PlanKeys:
