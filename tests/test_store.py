@@ -12,7 +12,7 @@ import sqlite3
 import stat
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,16 +209,22 @@ class TestRoundTrip:
         assert await store.lookup("k") is None
 
 
-@contextlib.contextmanager
-def statements(store: Store) -> Iterator[list[str]]:
+async def trace(store: Store, callback: Callable[[str], object] | None) -> None:
+    """Set the trace hook of the store's connection on the connection's own thread: set from the
+    loop while that thread runs a statement (the writer's checkpoint after a batch), SQLite's
+    mutex waits for the statement, whose trace call waits for the loop thread's GIL."""
+    await _db.on_thread(store._conn, lambda db: db.set_trace_callback(callback))
+
+
+@contextlib.asynccontextmanager
+async def statements(store: Store) -> AsyncIterator[list[str]]:
     """Every SQL statement the store's connection runs meanwhile, as SQLite's trace hook sees them."""
     seen: list[str] = []
-    raw = store._conn._conn
-    raw.set_trace_callback(seen.append)
+    await trace(store, seen.append)
     try:
         yield seen
     finally:
-        raw.set_trace_callback(None)
+        await trace(store, None)
 
 
 @contextlib.asynccontextmanager
@@ -244,7 +250,7 @@ class TestHotPath:
         """After preload, look-up and load through the view do not touch the database."""
         put(store, key="k1", step="s", out=1)
         async with reopened(store, root, ["s"]) as (fresh, view):
-            with statements(fresh) as seen:
+            async with statements(fresh) as seen:
                 entry = await fresh.lookup("k1", view=view)
                 assert entry is not None
                 assert await fresh.load(entry) == {"out": 1}
@@ -256,7 +262,7 @@ class TestHotPath:
         await store.aclose()
         async with await Store.open(root) as fresh:
             view = await fresh.preload(["s"])
-            with statements(fresh) as seen:
+            async with statements(fresh) as seen:
                 assert fresh.inline_hit("k1", view) == ({"out": [1, 2], "other": "x"}, 2.5, hashes)
                 assert fresh.inline_hit("k2", view) is None
                 assert fresh.inline_hit("k1", None) is None  # neither in memory nor in a view
@@ -291,11 +297,11 @@ class TestHotPath:
         """The view knows every key of its steps: any other key is a miss, no query, no wait."""
         put(store, key="k1", step="s", out=1)
         async with reopened(store, root, ["s"]) as (fresh, view):
-            with statements(fresh) as seen:
+            async with statements(fresh) as seen:
                 found = [await fresh.lookup(f"new-{i}", view=view) for i in range(50)]
             assert found == [None] * 50
             assert seen == []
-            with statements(fresh) as seen:
+            async with statements(fresh) as seen:
                 assert await fresh.lookup("new-0") is None  # without the view: asks
             assert len(reads(seen)) == 1
 
@@ -308,7 +314,7 @@ class TestHotPath:
             sql(root, "UPDATE cache_entries SET created_at = ? WHERE key = ?", (1000.0 + i, f"k{i}"))
         async with await Store.open(root) as fresh:
             view = await fresh.preload(["s"])
-            with statements(fresh) as seen:
+            async with statements(fresh) as seen:
                 oldest = await fresh.lookup("k0", view=view)
                 assert oldest is not None and await fresh.load(oldest) == {"out": 0}
                 again = await fresh.lookup("k0", view=view)  # the view keeps what it found
@@ -327,7 +333,7 @@ class TestHotPath:
         async with await Store.open(root) as fresh:
             view = await fresh.preload(["s"], per_step=1)
             assert view.keys is None
-            with statements(fresh) as seen:
+            async with statements(fresh) as seen:
                 assert await fresh.lookup("nope", view=view) is None
                 entry = await fresh.lookup("k0", view=view)
             assert entry is not None and await fresh.load(entry) == {"out": 0}
@@ -389,7 +395,7 @@ class TestHotPath:
         artifact_path(root, entry).write_bytes(b"damaged")
         with pytest.warns(CacheCorruptionWarning):
             assert await store.load(entry) is None
-        with statements(store) as seen:
+        async with statements(store) as seen:
             assert await store.lookup("k1", view=view) is None
         assert reads(seen) == []
         await store.flush()
@@ -672,13 +678,13 @@ class TestLifecycle:
         rows = await store._conn.execute_fetchall("PRAGMA cache_size")
         assert list(rows) == [(-_db.CACHE_KIB,)]
         seen: list[str] = []
-        store._conn._conn.set_trace_callback(seen.append)
+        await trace(store, seen.append)
         for i in range(_api._SHRINK_ROWS):
             put(store, key=f"k{i}", out=i)
         await store.flush()
         put(store, key="one more", out=0)
         await store.flush()
-        store._conn._conn.set_trace_callback(None)
+        await trace(store, None)
         assert seen.count("PRAGMA shrink_memory") == 1
 
     async def test_a_batch_makes_the_same_rows_each_time_it_commits(self, tmp_path: Path) -> None:
@@ -708,7 +714,7 @@ class TestLifecycle:
         """A batch of many step runs and few keyed rows (lineage only) commits with a page cache of
         _SMALL_CACHE_KIB, then the connection's cache is CACHE_KIB again; all its steps are read back."""
         seen: list[str] = []
-        store._conn._conn.set_trace_callback(seen.append)
+        await trace(store, seen.append)
         store.record_run(run_record())
         n = _api._SMALL_CACHE_STEPS
         for i in range(n):
@@ -718,7 +724,7 @@ class TestLifecycle:
         await store.flush()
         put(store, out=1)  # a small batch keeps the large cache
         await store.flush()
-        store._conn._conn.set_trace_callback(None)
+        await trace(store, None)
         small = f"PRAGMA cache_size = -{_api._SMALL_CACHE_KIB}"
         assert seen.count(small) == 1
         assert seen.index(small) < seen.index("BEGIN IMMEDIATE")
@@ -732,11 +738,11 @@ class TestLifecycle:
         """The writing connection does not checkpoint in its commits; the writer does after each batch."""
         assert list(await store._conn.execute_fetchall("PRAGMA wal_autocheckpoint")) == [(0,)]
         seen: list[str] = []
-        store._conn._conn.set_trace_callback(seen.append)
+        await trace(store, seen.append)
         put(store, out=1)
         await store.flush()
         await store.flush()  # the writer takes it after the first batch's checkpoint
-        store._conn._conn.set_trace_callback(None)
+        await trace(store, None)
         assert seen.count("PRAGMA wal_checkpoint(PASSIVE)") == 1
         assert seen.index("PRAGMA wal_checkpoint(PASSIVE)") > seen.index("COMMIT")
 

@@ -29,7 +29,7 @@ import pytest
 import flowyml
 from flowyml import Pipeline, close_stores, step
 from flowyml._errors import CacheCorruptionWarning
-from flowyml._store import INLINE_LIMIT, Store, shared_store
+from flowyml._store import INLINE_LIMIT, Store, _db, shared_store
 from flowyml._store._db import DB_NAME
 
 SCRIPT = r'''
@@ -328,11 +328,11 @@ async def test_a_first_cached_run_asks_no_query_per_step(tmp_path: Path) -> None
     pipeline = chain_pipeline(root, 60)
     store = await shared_store(root)
     seen: list[str] = []
-    store._conn._conn.set_trace_callback(seen.append)
+    await _db.on_thread(store._conn, lambda db: db.set_trace_callback(seen.append))
     try:
         result = await pipeline.arun()
     finally:
-        store._conn._conn.set_trace_callback(None)
+        await _db.on_thread(store._conn, lambda db: db.set_trace_callback(None))
     assert result.success and not any(r.cached for r in result.step_results.values())
     reads = [s for s in seen if s.lstrip().upper().startswith("SELECT") and "cache_entries" in s]
     # What the reasons of misses compare to: the rows counted (which way to read them), then read.
