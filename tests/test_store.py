@@ -687,6 +687,38 @@ class TestLifecycle:
         await trace(store, None)
         assert seen.count("PRAGMA shrink_memory") == 1
 
+    async def test_two_puts_of_one_key_in_one_batch_keep_the_later(self, store: Store, root: Path) -> None:
+        """The same key put twice before a commit (a mapped step's equal items) stores the later
+        put, and the rest of the batch with it."""
+        put(store, key="k", out=1)
+        put(store, key="other", out=3)
+        put(store, key="k", out=2)
+        await store.flush()
+        fresh, entry = await reload(root, "k")
+        async with fresh:
+            assert entry is not None and await fresh.load(entry) == {"out": 2}
+            assert await fresh.lookup("other") is not None
+
+    async def test_many_entries_commit_before_the_lineage_queued_with_them(
+        self, store: Store, root: Path
+    ) -> None:
+        """A run waits for its cache entries, not its lineage: a batch of many entries and step
+        records commits the entries in a transaction of their own first, and ``settle`` without
+        ``wait`` returns once they are in."""
+        mark = store.error_mark()
+        commits = store.commits
+        store.record_run(run_record())
+        for i in range(_api._SPLIT_ENTRIES):
+            put(store, key=f"k{i}", step=f"s{i}", out=i)
+            store.record_step(StepRecord("run-1", f"s{i}", "succeeded", started_at=float(i)))
+        assert await store.settle(mark, wait=False) == ()
+        assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(_api._SPLIT_ENTRIES,)]
+        await store.flush()
+        assert store.commits == commits + 2
+        async with await Store.open(root) as fresh:
+            detail = await fresh.get_run("run-1")
+        assert detail is not None and len(detail.steps) == _api._SPLIT_ENTRIES
+
     async def test_a_batch_makes_the_same_rows_each_time_it_commits(self, tmp_path: Path) -> None:
         """A batch's rows are made as SQLite takes them; a second commit of the same batch (a
         retry after a locked database) writes the same rows again."""
