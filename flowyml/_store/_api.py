@@ -36,7 +36,9 @@ a mismatch is quarantined and reported as a miss.
 
 Durability: cache entries are committed at once (they do not linger like lineage), in batches of
 whatever was put meanwhile; one transaction per batch, so a killed run loses at most the entries
-not yet committed, and a committed entry is whole (its artifact files were fsynced first).
+not yet committed, and a committed entry is whole (its artifact files were fsynced first). A
+batch of many entries and lineage commits the entries first, in a transaction of their own: a
+run waits for its entries (``settle``), not for its lineage.
 """
 
 from __future__ import annotations
