@@ -76,9 +76,8 @@ class Pipeline:
             (``flowyml assets``, ``Model.load(name)``), unless ``lineage`` is False.
 
     What a pipeline keeps between its runs: its plan and, from the first run that needs them,
-    each cached node's key layout and each node's encoded lineage shape (about 0.6 KiB a step
-    for no-input steps, more for a fan-in's labels), made in one pass before that run's first
-    step and freed with the pipeline or when a step is added. Nothing of a run outlives its
+    each cached node's key layout, made in one pass before that run's first step and freed
+    with the pipeline or when a step is added (lineage shapes are the plan's, and hold no text). Nothing of a run outlives its
     result; the process-wide store keeps its connection, whose page cache SQLite hands back
     after a run of 5,000 steps or more.
     """
