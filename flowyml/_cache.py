@@ -21,8 +21,8 @@ that the next miss of the step can say what changed (``"input 'data' changed"``)
 digests, and ``flowyml explain`` can list them. A hit builds none of this. After a
 step, successful outputs are put in the store and every fate is recorded; both only enqueue —
 the store's single writer commits them off the hot path. Recording a step that did not fail
-appends four items to a list (``Store.record_fate``) and the writer builds its record; what never
-changes between runs of a plan (names, inputs) is encoded once per node, in the plan.
+appends four items to a list (``Store.record_fate``) and the writer builds its record, quoting
+what never changes between runs of a plan (names, inputs: the node's ``StepShape``) as it packs it.
 """
 
 from __future__ import annotations

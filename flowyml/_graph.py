@@ -184,7 +184,7 @@ class Plan:
     """Per node: an ``async def`` step without retry, timeout or fallback, which the run may
     await on the loop itself when its executor is the loop's."""
     shapes: tuple[StepShape, ...] = ()
-    """Per node: its lineage record's unchanging part (name, outputs, inputs), encoded once."""
+    """Per node: its lineage record's unchanging part (name, outputs, inputs), quoted by the writer."""
     maps: Mapping[int, MapSpec] = dataclasses.field(default_factory=dict)
     """Mapped nodes (``map_over``), by id."""
     itemized: tuple[int, ...] = ()

@@ -76,9 +76,8 @@ class Pipeline:
             (``flowyml assets``, ``Model.load(name)``), unless ``lineage`` is False.
 
     What a pipeline keeps between its runs: its plan and, from the first run that needs them,
-    each cached node's key layout and each node's encoded lineage shape (about 0.6 KiB a step
-    for no-input steps, more for a fan-in's labels), made in one pass before that run's first
-    step and freed with the pipeline or when a step is added. Nothing of a run outlives its
+    each cached node's key layout, made in one pass before that run's first step and freed
+    with the pipeline or when a step is added (lineage shapes are the plan's, and hold no text). Nothing of a run outlives its
     result; the process-wide store keeps its connection, whose page cache SQLite hands back
     after a run of 5,000 steps or more.
     """
@@ -125,8 +124,6 @@ class Pipeline:
         self._plan: Plan | None = None
         self._keys: Any = None
         """How the cache keys of the plan's nodes are made (``_cache.PlanKeys``), kept for its reruns."""
-        self._shaped: Plan | None = None
-        """The plan whose lineage shapes are encoded (at its first run recording lineage)."""
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResourcePool] = (
             weakref.WeakKeyDictionary()
         )
@@ -193,8 +190,8 @@ class Pipeline:
 
     def _forget_plan(self) -> None:
         """A step or flow was added: the next run plans again, and what the old plan kept for
-        its runs (key layouts, encoded shapes) goes with it rather than until the next run."""
-        self._plan = self._keys = self._shaped = None
+        its runs (key layouts) goes with it rather than until the next run."""
+        self._plan = self._keys = None
 
     def plan(self) -> Plan:
         """The validated DAG, built on first use and reused until a step is added.
@@ -423,7 +420,7 @@ class Pipeline:
         if not (self.enable_cache or self.lineage):
             return None, None, 0
         from ._cache import PlanKeys, StoreHooks
-        from ._store import RunRecord, StepShape, shared_store
+        from ._store import RunRecord, shared_store
 
         store = await shared_store(self.cache_dir)  # one per process and directory, kept open
         mark = store.error_mark()
@@ -431,9 +428,6 @@ class Pipeline:
         # during the run: see PlanKeys.fill.
         if self.enable_cache and (self._keys is None or self._keys.plan is not plan):
             self._keys = PlanKeys(plan).fill()
-        if self.lineage and self._shaped is not plan:
-            StepShape.encode_all(plan.shapes)
-            self._shaped = plan
         hooks = StoreHooks(
             store, plan, run_id=run_id, caching=self.enable_cache, recording=self.lineage, keys=self._keys
         )

@@ -252,36 +252,40 @@ def test_the_heap_at_the_first_run_is_frozen_once(tmp_path: Path) -> None:
 
 
 class TestWhatAPlanKeeps:
-    """What a plan keeps for its runs (key layouts, lineage shapes) is made before its first step.
+    """What a plan keeps for its runs (key layouts) is made before its first step.
 
     Made step by step during a run, those long-lived entries were spread between the run's
     short-lived objects and kept every allocator arena the run touched resident after it.
+    Lineage shapes keep no encoding at all: the store's writer quotes them as it packs a run.
     """
 
-    def test_layouts_and_shapes_are_made_before_the_first_step(self) -> None:
-        seen: list[tuple[bool, bool]] = []
+    def test_layouts_are_made_before_the_first_step(self) -> None:
+        seen: list[bool] = []
         p = Pipeline("kept", enable_cache=True, lineage=True)
 
         @step(outputs=["a"], cache=False)  # its closure (the pipeline) has no fingerprint
         def first() -> int:
-            plan = p.plan()
-            seen.append((p._keys.nodes[-1] is not None, plan.shapes[-1]._encoded is not None))
+            seen.append(p._keys.nodes[-1] is not None)
             return 1
 
         p.add_step(first)
         p.add_step(step(inputs=["a"], outputs=["b"])(lambda a: a + 1))
         p.add_step(step(inputs=["b"], outputs=["c"])(lambda b: b + 1))
         assert p.run()["c"] == 3
-        assert seen == [(True, True)]
-
-    def test_a_lineage_only_run_encodes_shapes_and_lays_out_no_keys(self) -> None:
-        seen: list[bool] = []
-        p = Pipeline("shapes", enable_cache=False, lineage=True)
-        p.add_step(step(outputs=["a"])(lambda: seen.append(p.plan().shapes[-1]._encoded is not None)))
-        p.add_step(step(inputs=["a"], outputs=["b"])(lambda a: 1))
-        p.run()
         assert seen == [True]
+
+    def test_a_lineage_only_run_lays_out_no_keys_and_shapes_hold_no_text(self) -> None:
+        p = Pipeline("shapes", enable_cache=False, lineage=True)
+        p.add_step(step(name="one", outputs=["a"])(lambda: 1))
+        p.add_step(step(name="two", inputs=["a"], outputs=["b"])(lambda a: 1))
+        p.run()
         assert p._keys is None
+        shape = p.plan().shapes[-1]
+        assert [getattr(shape, name) for name in shape.__slots__] == [
+            {"a": ("one", "a")},
+            "two",
+            ("b",),
+        ]
 
     def test_adding_a_step_lets_the_old_plan_and_its_caches_go(self) -> None:
         p = Pipeline("replan", enable_cache=True, lineage=True)

@@ -1360,6 +1360,50 @@ class TestRecordFate:
             "b": "k2",
         }
 
+    async def test_every_field_reads_back_beside_long_and_short_inputs(self, store: Store) -> None:
+        """Each field a row keeps or leaves off reads back, whether the step's inputs are a short
+        text inside its row or a fan-in's long one (a piece of the part's text of its own)."""
+        many = {f"*xs[{i}]": (f"producer-{i}", f"out-{i}") for i in range(500)}
+        fates = {
+            "plain": Fate(cache_reason="caching is off for this run"),
+            "hit": Fate(status="cached", cache_key="k", cache_reason="cache hit", time_saved_seconds=2.0),
+            "unkeyed-hit": Fate(status="cached", cache_reason="cache hit"),
+            "keyed": Fate(cache_key="k", cache_reason=None),
+            "late": Fate(end_time=99.0, cache_reason="caching is off for this run"),
+            "failed": Fate(
+                status="failed",
+                outputs={},
+                traceback="Traceback: boom",
+                cache_reason="caching is off for this run",
+            ),
+            "reason": Fate(cache_reason="input 'x' changed", cache_key="k"),
+            "two": Fate(outputs={"b": 1, "a": 2}, cache_reason="caching is off for this run"),
+        }
+        store.record_run(run_record())
+        for inputs in (many, {"x": ("p", "o")}):
+            for name, fate in fates.items():
+                shape = StepShape(f"{name}-{len(inputs)}", ["a", "b"] if name == "two" else ["out"], inputs)
+                store.record_fate("run-1", fate, {"a": "h1"} if name == "two" else None, shape)
+        await store.flush()
+        detail = await store.get_run("run-1")
+        assert detail is not None
+        steps = {s.step_name: s for s in detail.steps}
+        for inputs in (many, {"x": ("p", "o")}):
+            for name, fate in fates.items():
+                got = steps[f"{name}-{len(inputs)}"]
+                assert got.inputs == inputs
+                assert (got.status, got.cached, got.cache_key, got.ended_at, got.traceback) == (
+                    fate.status,
+                    fate.status == "cached",
+                    fate.cache_key,
+                    fate.end_time,
+                    fate.traceback,
+                )
+                assert got.cache_reason == fate.cache_reason
+                assert got.outputs == (
+                    {"b": None, "a": "h1"} if name == "two" else dict.fromkeys(fate.outputs)
+                )
+
     async def test_cache_hits_count_in_stats(self, store: Store) -> None:
         """A cached fate counts as a hit with the time it saved."""
         for run in ("r1", "r2"):

@@ -83,13 +83,16 @@ class StepFate(Protocol):
 
 
 class StepShape:
-    """What every record of one plan node says whatever its fate, JSON-encoded once.
+    """What every record of one plan node says whatever its fate: its name, outputs and inputs.
 
-    The engine keeps one per node of a plan and hands it to :meth:`Store.record_fate`, so the
-    writer does not quote the same names and encode the same inputs on every run.
+    The engine keeps one per node of a plan and hands it to :meth:`Store.record_fate`. It holds
+    no JSON: the writer quotes the names as it adds each record to its part (:meth:`Part.add_fate`).
+    Kept per node, the encodings were ~0.2 KiB a step alive from a plan's first lineage run on
+    (a 100,000-input fan-in's inputs alone 3.4 MB), the tenth of a run's peak; made as a part is
+    built, they cost the writer's thread ~0.2 us a step and ~0.5 us an input, and go with the part.
     """
 
-    __slots__ = ("_encoded", "inputs", "name", "output_names")
+    __slots__ = ("inputs", "name", "output_names")
 
     def __init__(
         self, name: str, output_names: Iterable[str], inputs: Mapping[str, tuple[str, str]] | None
@@ -97,50 +100,22 @@ class StepShape:
         self.name = name
         self.output_names = tuple(output_names)
         self.inputs: Mapping[str, tuple[str, str]] = inputs or _NO_INPUTS
-        self._encoded: tuple[str, str, str] | None = None
-
-    def encoded(self) -> tuple[str, str, str]:
-        """The quoted name, the outputs as nulls, and the inputs, as JSON: made once, kept.
-
-        Not when planning: a plan makes a shape per step and most plans record no lineage. The
-        engine encodes a plan's shapes at its first run recording lineage (:meth:`encode_all`).
-        """
-        encoded = self._encoded
-        if encoded is None:
-            # By hand, as json.dumps would (5 us a step through the encoder); the usual one output
-            # and no inputs without a join (a plan's shapes are encoded at once, on the loop).
-            names = self.output_names
-            if len(names) == 1:
-                null_outputs = "{" + _quote(names[0]) + ":null}"
-            else:
-                null_outputs = "{" + ",".join([_quote(n) + ":null" for n in names]) + "}"
-            inputs = self.inputs
-            quoted_inputs = (
-                "{"
-                + ",".join(
-                    [_quote(k) + ":[" + _quote(p) + "," + _quote(o) + "]" for k, (p, o) in inputs.items()]
-                )
-                + "}"
-                if inputs
-                else "{}"
-            )
-            encoded = self._encoded = (_quote(self.name), null_outputs, quoted_inputs)
-        return encoded
-
-    @staticmethod
-    def encode_all(shapes: Iterable[StepShape]) -> None:
-        """Encode every shape of a plan now, in one pass (the engine does so at its first lineage run).
-
-        Encoded one by one as records come, the encodings of a large run land between its
-        short-lived objects and keep the allocator arenas it touched resident after it ends.
-        """
-        for shape in shapes:
-            if shape._encoded is None:
-                shape.encoded()
 
     @property
     def quoted_inputs(self) -> str:
-        return self.encoded()[2]
+        """The inputs as JSON, ``{parameter: [producer_step, output_name]}``, as json.dumps would."""
+        inputs = self.inputs
+        if not inputs:
+            return _EMPTY
+        if len(inputs) == 1:
+            ((k, (p, o)),) = inputs.items()
+            return "{" + _quote(k) + ":[" + _quote(p) + "," + _quote(o) + "]}"
+        # By hand, as json.dumps would: the encoder's set-up alone costs ~2 us.
+        return (
+            "{"
+            + ",".join([_quote(k) + ":[" + _quote(p) + "," + _quote(o) + "]" for k, (p, o) in inputs.items()])
+            + "}"
+        )
 
     def renamed(self, name: str) -> StepShape:
         """This shape under another step name (one item of a mapped step: ``"fetch[17]"``), cheaply."""
@@ -148,9 +123,12 @@ class StepShape:
         shape.name = name
         shape.output_names = self.output_names
         shape.inputs = self.inputs
-        _, null_outputs, inputs = self.encoded()
-        shape._encoded = (_quote(name), null_outputs, inputs)
         return shape
+
+
+_EMPTY: Final = "{}"
+#: Inputs text at least this long is a piece of its own in a part's text, not copied into its row.
+_LONG: Final = 4096
 
 
 def _quoted_or_null(text: str | None) -> str:
@@ -176,7 +154,7 @@ class Part:
 
     def __init__(self) -> None:
         #: The ``steps`` column's text in pieces, joined once by :meth:`columns`: a row's long
-        #: fields (a fan-in's inputs, the shape's own text) are referenced here, not copied.
+        #: fields (a fan-in's inputs) are referenced here, not copied.
         self._pieces: list[str] = ["["]
         self._count = 0
         self._times = array("d")
@@ -201,18 +179,18 @@ class Part:
         if self._count:
             pieces.append(",")
         self._count += 1
-        quoted_name, null_outputs, quoted_inputs = shape.encoded()
         if hashes:
             # By hand, as _dumps would (hashes are hex text): the encoder's set-up cost more.
-            outputs = "{" + ",".join([_quote(n) + ":" + _quoted_or_null(hashes.get(n)) for n in names]) + "}"
+            outputs = "{" + ",".join([_quote(o) + ":" + _quoted_or_null(hashes.get(o)) for o in names]) + "}"
         elif not names:
-            outputs = "{}"
-        elif len(names) == len(shape.output_names):
-            outputs = null_outputs  # the engine's outputs are the node's, when it has any
+            outputs = _EMPTY
+        elif len(names) == 1:
+            (only,) = names
+            outputs = "{" + _quote(only) + ":null}"
         else:
-            outputs = _dumps(dict.fromkeys(names))
+            outputs = "{" + ",".join([_quote(o) + ":null" for o in names]) + "}"
         self._names.extend(names)
-        row = f"[{quoted_name},{_quote(status)},{int(fate.attempts)},{outputs}"
+        row = f"[{_quote(shape.name)},{_quote(status)},{int(fate.attempts)},{outputs}"
         cached = status == "cached"
         key = fate.cache_key
         trace = fate.traceback
@@ -232,25 +210,26 @@ class Part:
             n = 2
         else:
             n = 1 if shape.inputs else 0
-        if n:
-            tail = [
-                quoted_inputs,
-                "1" if cached else "0",
-                "null" if key is None else _quote(key),
-                _num(end),
-                "null",
-                "null",
-                "null" if trace is None else _quote(trace),
-                "null" if reason is None else _quote(reason),
-            ]
-            # Pieces, not one string: a fan-in's inputs (100,000 producers: 3 MB of text) were
-            # copied three times by ``row + "," + ",".join(tail) + "]"``.
-            pieces.append(row)
-            for field in tail[:n]:
-                pieces += (",", field)
-            pieces.append("]")
-        else:
+        if not n:
             pieces.append(row + "]")
+            return
+        # The fields after the inputs, only as many as the row keeps (``repr`` of a float is dear).
+        after = "]"
+        if n > 1:
+            rest = ["1" if cached else "0"]
+            if n > 2:
+                rest.append("null" if key is None else _quote(key))
+                if n > 3:
+                    rest += (_num(end), "null", "null", _quoted_or_null(trace), _quoted_or_null(reason))
+                    del rest[n - 1 :]
+            after = "," + ",".join(rest) + "]"
+        inputs = shape.quoted_inputs
+        if len(inputs) < _LONG:
+            pieces.append(f"{row},{inputs}{after}")
+        else:
+            # Pieces, not one string: a fan-in's inputs (100,000 producers: 3.4 MB of text) are
+            # copied once, by the join of the part's text, and dropped with the part.
+            pieces += (row, ",", inputs, after)
 
     def add_record(self, record: StepRecord) -> None:
         """Add the row of a :class:`StepRecord` (its ``run_id`` is the part's)."""
