@@ -719,6 +719,24 @@ class TestLifecycle:
             detail = await fresh.get_run("run-1")
         assert detail is not None and len(detail.steps) == _api._SPLIT_ENTRIES
 
+    async def test_entries_put_while_entries_commit_first_are_not_held_behind_the_lineage(
+        self, store: Store, root: Path
+    ) -> None:
+        """An entry put while the writer commits a batch's entries ahead of its lineage commits
+        after that lineage in a transaction of its own, not in the lineage's."""
+        commits = store.commits
+        store.record_run(run_record())
+        for i in range(_api._SPLIT_ENTRIES):
+            put(store, key=f"k{i}", step=f"s{i}", out=i)
+            store.record_step(StepRecord("run-1", f"s{i}", "succeeded", started_at=float(i)))
+        while store._taken is None:  # the writer is committing the entries
+            await asyncio.sleep(0)
+        assert store._taken.puts and not store._taken.steps
+        put(store, key="late", out=1)
+        await store.flush()
+        assert store.commits == commits + 3
+        assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(_api._SPLIT_ENTRIES + 1,)]
+
     async def test_a_batch_makes_the_same_rows_each_time_it_commits(self, tmp_path: Path) -> None:
         """A batch's rows are made as SQLite takes them; a second commit of the same batch (a
         retry after a locked database) writes the same rows again."""

@@ -1698,7 +1698,10 @@ class Store:
             # held jobs again; the steps are still listed.
             await self._commit_safely(self._take_entries(_Batch(drops=batch.drops)))
             batch.drops = []
-        await self._commit_safely(self._take_steps(batch))
+            # Entries put meanwhile are not held back behind this lineage: their own wake-up is queued.
+            await self._commit_safely(self._take_steps(batch, entries=False))
+        else:
+            await self._commit_safely(self._take_steps(batch))
         await self._wake(f.future for f in flushes)
         if self._checkpoint_due and not stop:  # closing checkpoints by itself
             # After the runs waiting for this batch were woken: copying the batch's pages from
@@ -1717,16 +1720,16 @@ class Store:
                 # kept every other task waiting ~10 ms. A few at a time, with a yield in between.
                 await asyncio.sleep(0)
 
-    def _take_steps(self, batch: _Batch) -> _Batch:
-        """Move every entry, key, run and step listed so far into ``batch`` (they commit with the
-        jobs queued before)."""
+    def _take_steps(self, batch: _Batch, *, entries: bool = True) -> _Batch:
+        """Move every run and step listed so far, and unless ``entries`` is False every cache
+        entry and key, into ``batch`` (they commit with the jobs queued before)."""
         self._awake = False
         if self._steps:
             batch.steps, self._steps = self._steps, []
         if self._runs:
             batch.runs.update(self._runs)
             self._runs = {}
-        return self._take_entries(batch)
+        return self._take_entries(batch) if entries else batch
 
     def _take_entries(self, batch: _Batch) -> _Batch:
         """Move every cache entry and key listed so far into ``batch``."""
