@@ -41,7 +41,7 @@ import xxhash
 
 from ._attempt import CACHE_HIT, Lookup, RunHooks
 from ._errors import UncachedStepWarning, UnhashableInputError
-from ._graph import MISSING, MapSpec, Node, Plan
+from ._graph import MISSING, SLOT, MapSpec, Node, Plan, Source
 from ._hashing import (
     KeyLayout,
     content_identity,
@@ -138,10 +138,11 @@ class StoreHooks(RunHooks):
             or (self._uncacheable and node.id in self._uncacheable)
         ):
             return None
-        if self._node_key(node)[0] == _BY_FUNCTION:
+        laid = self._layouts[node.id] or self._node_key(node)
+        if laid[0] == _BY_FUNCTION:
             return None  # a user's key function runs where its error can fail the step
         try:
-            made = self._key(node, args, kwargs, hash_large=False)
+            made = self._make(node, laid, args, kwargs, False)
         except Exception:
             return None  # lookup makes it again, and the error fails the step there
         if made is None or made is _HASH_FIRST:
@@ -308,15 +309,15 @@ class StoreHooks(RunHooks):
         Made from what the key was made of only when it missed: a hit never builds them.
         """
         _key, labels, identities = made
-        policy = node.step.cache
-        strategy = policy.strategy if isinstance(policy, CachePolicy) else policy
-        parts: _KeyParts = {
-            "step": _digest(
-                f"{node.identity}|{strategy if isinstance(strategy, str) else 'callable'}".encode()
-            )
-        }
-        parts.update(zip(labels, [_digest(chunk[8:]) for chunk in identities], strict=True))  # _short of each
-        if strategy == "code_hash":
+        kind, layout = (self._layouts[node.id] or self._node_key(node))[:2]
+        # The step's identity as its layout's head encodes it (after the version, tag and
+        # length): ``_short(f"{node.identity}|{strategy}")`` without formatting it again.
+        parts: _KeyParts = {"step": _digest(layout[0][_IDENTITY_AT:] + _STRATEGY_TAGS[kind])}
+        if len(identities) == 1:
+            parts[labels[0]] = _digest(identities[0][8:])  # _short of the identity
+        elif identities:
+            parts.update(zip(labels, [_digest(chunk[8:]) for chunk in identities], strict=True))
+        if kind == _BY_CODE:
             parts.update(self._fingerprints[id(node.step.func)][2])
         return parts
 
@@ -400,7 +401,13 @@ class StoreHooks(RunHooks):
             UnhashableInputError: the code fingerprint cannot be made (only when it was not
                 checked up front).
         """
-        kind, layout, positions, slots, labels = self._node_key(node)
+        return self._make(node, self._layouts[node.id] or self._node_key(node), args, kwargs, hash_large)
+
+    def _make(
+        self, node: Node, laid: _NodeKey, args: list[Any], kwargs: dict[str, Any], hash_large: bool
+    ) -> _Made | None:
+        """:meth:`_key` with the node's layout at hand (the hot path of every look-up)."""
+        kind, layout, positions, slots, labels, fed = laid
         if kind == _BY_FUNCTION:
             policy = node.step.cache
             strategy: Any = policy.strategy if isinstance(policy, CachePolicy) else policy
@@ -421,8 +428,12 @@ class StoreHooks(RunHooks):
             fingerprint = _NO_FINGERPRINT
         if not slots:
             return layout_key(layout, fingerprint, ()), labels, ()
-        values = [*args, *kwargs.values()] if kwargs else args
         identities = self._identities
+        if fed:  # every argument an output: one pass, and the slow one only for an unknown value
+            known = [identities[slot] for slot in slots]
+            if None not in known:
+                return layout_key(layout, fingerprint, known), labels, known  # type: ignore[arg-type,return-value]
+        values = [*args, *kwargs.values()] if kwargs else args
         chunks: list[bytes] = []
         for at, slot in zip(positions, slots, strict=True):
             if slot >= 0:
@@ -752,14 +763,19 @@ class StoreHooks(RunHooks):
 _Made = tuple[str, tuple[str, ...], Sequence[bytes]]
 """A key, the component label of each identity it was made of, and those identity chunks."""
 
-_NodeKey = tuple[int, KeyLayout, tuple[int, ...], tuple[int, ...], tuple[str, ...]]
-"""How one node's keys are made (see :func:`_lay_out`)."""
+_NodeKey = tuple[int, KeyLayout, tuple[int, ...], tuple[int, ...], tuple[str, ...], bool]
+"""How one node's keys are made (see :func:`_lay_out`); the last item: every argument is fed
+by an output (no context value)."""
 
 _BY_INPUTS, _BY_CODE, _BY_FUNCTION = 0, 1, 2
 """What a node's key is made of besides its identity: its inputs (``input_hash``), its code too
 (``code_hash``), or the value of the user's key function."""
 
 _NO_FINGERPRINT = fingerprint_chunk(None)
+_IDENTITY_AT: Final = len(key_head(""))
+"""Where the step identity starts in a layout's head (:func:`~flowyml._hashing.key_head`)."""
+_STRATEGY_TAGS: Final = (b"|input_hash", b"|code_hash", b"|callable")
+"""What follows the identity in a key's ``step`` component, by the node's kind."""
 _HASH_FIRST: _Made = ("", (), ())  # what _key returns for a big value it is told not to hash
 _NOT_MADE: _Made = ("", (), ())  # what lookup finds when hit() made no key for the node
 
@@ -807,34 +823,46 @@ def _lay_out(node: Node, shapes: dict[_Shape, _NodeKey]) -> _NodeKey:
     """``node``'s key layout; ``shapes`` keeps, by :data:`_Shape`, a layout already made for
     another node whose arguments have the same names and kinds: all of it but its head (the step
     identity) and its slots is the same, so only those are made again (most nodes of a plan
-    share a few shapes)."""
+    share a few shapes).
+
+    Read from the node's sources in one pass, without making its :attr:`~Node.labels` (which
+    only a slow path needs): per node of a shared shape, one shape tuple, the slots and the head.
+    """
     policy = node.step.cache
     strategy = policy.strategy if isinstance(policy, CachePolicy) else policy
     kind = _BY_FUNCTION if callable(strategy) else _BY_CODE if strategy == "code_hash" else _BY_INPUTS
-    labels = node.labels
-    shape = tuple([(label, slot >= 0) for label, slot in labels])
+    sources = node.sources_in_order()
+    shape = tuple([(src.parameter, src.kind == SLOT) for src in sources])
     same = shapes.get(shape)
-    if same is not None:
-        _kind, (_head, inputs_header, names, tail), positions, _slots, parts = same
-        slots = tuple([labels[at][1] for at in positions])
-        return kind, (key_head(node.identity), inputs_header, names, tail), positions, slots, parts
-    if not labels:  # a step without arguments: one key per fingerprint
-        made: _NodeKey = (kind, key_layout(node.identity, (), ())[0], (), (), ())
+    if same is None:
+        same = shapes[shape] = _lay_out_shape(node.identity, shape, sources)
+        return (kind, *same[1:])
+    _kind, (_head, inputs_header, names, tail), positions, _slots, parts, fed = same
+    if fed:
+        slots = tuple([sources[at].slot for at in positions])
     else:
-        fed = [(at, label, slot) for at, (label, slot) in enumerate(labels) if slot >= 0]
-        ctx = [(at, "param:" + label, slot) for at, (label, slot) in enumerate(labels) if slot < 0]
-        layout, order = key_layout(node.identity, [f[1] for f in fed], [c[1] for c in ctx])
-        both = [*fed, *ctx]
-        ordered = [both[i] for i in order]
-        made = (
-            kind,
-            layout,
-            tuple(at for at, _label, _slot in ordered),
-            tuple(slot for _at, _label, slot in ordered),
-            tuple(("input:" + label if slot >= 0 else label) for _at, label, slot in ordered),
-        )
-    shapes[shape] = made
-    return made
+        slots = tuple([sources[at].slot if shape[at][1] else -1 for at in positions])
+    return kind, (key_head(node.identity), inputs_header, names, tail), positions, slots, parts, fed
+
+
+def _lay_out_shape(identity: str, shape: _Shape, sources: Sequence[Source]) -> _NodeKey:
+    """The layout of the first node of a shape (its kind and slots are the caller's to set)."""
+    if not shape:  # a step without arguments: one key per fingerprint
+        return (0, key_layout(identity, (), ())[0], (), (), (), True)
+    ctx = [at for at, (_label, slot_fed) in enumerate(shape) if not slot_fed]
+    if not ctx:  # every argument an output (a fan-in's 100,000): fewer passes
+        layout, positions = key_layout(identity, [label for label, _fed in shape], ())
+        labels = tuple(["input:" + shape[at][0] for at in positions])
+        return (0, layout, positions, tuple([sources[at].slot for at in positions]), labels, True)
+    fed = [at for at, (_label, slot_fed) in enumerate(shape) if slot_fed]
+    layout, order = key_layout(
+        identity, [shape[at][0] for at in fed], ["param:" + shape[at][0] for at in ctx]
+    )
+    both = fed + ctx
+    positions = tuple([both[i] for i in order])
+    labels = tuple([("input:" if shape[at][1] else "param:") + shape[at][0] for at in positions])
+    slots = tuple([sources[at].slot if shape[at][1] else -1 for at in positions])
+    return (0, layout, positions, slots, labels, not ctx)
 
 
 class _ItemFate:
