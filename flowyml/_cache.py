@@ -121,6 +121,8 @@ class StoreHooks(RunHooks):
         self._previous: asyncio.Future[_Previous] | None = None
         """The latest key components of each step of the plan, loaded (one query) at the first
         miss: an all-hit rerun never reads them."""
+        self._previous_found = True
+        """False once ``_previous`` is known to hold no step's components (a fresh store)."""
         self._waiters: list[asyncio.Future[None]] = []
         """Steps waiting for ``_previous`` (see :meth:`ready`)."""
         self._unsent: dict[int, tuple[str, str, _KeyParts]] = {}
@@ -277,7 +279,9 @@ class StoreHooks(RunHooks):
         previous.add_done_callback(self._wake)
         return previous
 
-    def _wake(self, _previous: asyncio.Task[_Previous]) -> None:
+    def _wake(self, previous: asyncio.Task[_Previous]) -> None:
+        if previous.cancelled() or previous.exception() is not None or not previous.result():
+            self._previous_found = False  # none to compare with (a fresh store): every miss a first run
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():  # a waiter cancelled meanwhile is left alone
@@ -286,7 +290,7 @@ class StoreHooks(RunHooks):
     def _miss_now(self, node: Node, made: _Made) -> str:
         key = made[0]
         parts = self._parts(node, made)
-        known = self._latest(node.name)
+        known = self._latest(node.name) if self._previous_found else None
         if known is None or known[0] != key:
             self._unsent[node.id] = (key, node.name, parts)
         if known is None:
@@ -575,13 +579,14 @@ class StoreHooks(RunHooks):
                 cached = ok and hashes is not None
                 flights = self._flights
                 claim = flights.get(key)
-                if isinstance(claim, asyncio.Future):
-                    claim.set_result(self.store if cached else None)
+                waited = claim is not self and isinstance(claim, asyncio.Future)
+                if waited:
+                    claim.set_result(self.store if cached else None)  # type: ignore[union-attr]
                 if cached:  # held in the store's memory until it commits: no future kept per step
-                    if claim is self or isinstance(claim, asyncio.Future):
+                    if claim is self or waited:
                         flights[key] = self.store
                     self._settled.append(key)
-                elif claim is self or isinstance(claim, asyncio.Future):
+                elif claim is self or waited:
                     del flights[key]
         return hashes
 
@@ -832,13 +837,19 @@ def _lay_out(node: Node, shapes: dict[_Shape, _NodeKey]) -> _NodeKey:
     strategy = policy.strategy if isinstance(policy, CachePolicy) else policy
     kind = _BY_FUNCTION if callable(strategy) else _BY_CODE if strategy == "code_hash" else _BY_INPUTS
     sources = node.sources_in_order()
-    shape = tuple([(src.parameter, src.kind == SLOT) for src in sources])
+    if len(sources) == 1:  # the usual step (a chain's): no comprehension frames for one argument
+        only = sources[0]
+        shape: _Shape = ((only.parameter, only.kind == SLOT),)
+    else:
+        shape = tuple([(src.parameter, src.kind == SLOT) for src in sources])
     same = shapes.get(shape)
     if same is None:
         same = shapes[shape] = _lay_out_shape(node.identity, shape, sources)
         return (kind, *same[1:])
     _kind, (_head, inputs_header, names, tail), positions, _slots, parts, fed = same
-    if fed:
+    if len(positions) == 1:
+        slots: tuple[int, ...] = (sources[positions[0]].slot if fed else _slots[0],)
+    elif fed:
         slots = tuple([sources[at].slot for at in positions])
     else:
         slots = tuple([sources[at].slot if shape[at][1] else -1 for at in positions])

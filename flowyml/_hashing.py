@@ -1843,7 +1843,14 @@ def _encoded(texts: list[str]) -> list[bytes]:
 def key_head(step_identity: str) -> bytes:
     """The first part of a :func:`key_layout`, the only one made of the step's identity: steps
     whose arguments have the same names share the rest of their layouts."""
-    return _DIGEST_KEY_VERSION + _str_bytes(b"id", step_identity)
+    try:
+        data = step_identity.encode()
+    except UnicodeEncodeError:
+        return _DIGEST_KEY_VERSION + _str_bytes(b"id", step_identity)
+    return _HEAD_START + _len8(len(data)) + data
+
+
+_HEAD_START: Final = _DIGEST_KEY_VERSION + b"id"
 
 
 _INPUTS_HEADERS: Final = tuple(b"inputs" + _len8(n) for n in range(16))
