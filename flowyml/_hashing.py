@@ -54,6 +54,7 @@ import enum
 import functools
 import inspect
 import io
+import itertools
 import math
 import os
 import struct
@@ -1878,8 +1879,7 @@ def layout_key(layout: KeyLayout, fingerprint: bytes, identities: Sequence[bytes
     if not identities and not names:
         return xxhash.xxh3_128_hexdigest(b"".join((head, fingerprint, inputs_header, tail)))
     chunks = [head, fingerprint, inputs_header]
-    for name, identity in zip(names, identities, strict=True):
-        chunks += (name, identity)
+    chunks += itertools.chain.from_iterable(zip(names, identities, strict=True))  # one pass in C
     chunks.append(tail)
     return xxhash.xxh3_128_hexdigest(b"".join(chunks))
 
