@@ -41,7 +41,7 @@ import xxhash
 
 from ._attempt import CACHE_HIT, Lookup, RunHooks
 from ._errors import UncachedStepWarning, UnhashableInputError
-from ._graph import MISSING, MapSpec, Node, Plan
+from ._graph import MISSING, SLOT, MapSpec, Node, Plan, Source
 from ._hashing import (
     KeyLayout,
     content_identity,
@@ -121,6 +121,8 @@ class StoreHooks(RunHooks):
         self._previous: asyncio.Future[_Previous] | None = None
         """The latest key components of each step of the plan, loaded (one query) at the first
         miss: an all-hit rerun never reads them."""
+        self._previous_found = True
+        """False once ``_previous`` is known to hold no step's components (a fresh store)."""
         self._waiters: list[asyncio.Future[None]] = []
         """Steps waiting for ``_previous`` (see :meth:`ready`)."""
         self._unsent: dict[int, tuple[str, str, _KeyParts]] = {}
@@ -138,10 +140,11 @@ class StoreHooks(RunHooks):
             or (self._uncacheable and node.id in self._uncacheable)
         ):
             return None
-        if self._node_key(node)[0] == _BY_FUNCTION:
+        laid = self._layouts[node.id] or self._node_key(node)
+        if laid[0] == _BY_FUNCTION:
             return None  # a user's key function runs where its error can fail the step
         try:
-            made = self._key(node, args, kwargs, hash_large=False)
+            made = self._make(node, laid, args, kwargs, False)
         except Exception:
             return None  # lookup makes it again, and the error fails the step there
         if made is None or made is _HASH_FIRST:
@@ -276,7 +279,9 @@ class StoreHooks(RunHooks):
         previous.add_done_callback(self._wake)
         return previous
 
-    def _wake(self, _previous: asyncio.Task[_Previous]) -> None:
+    def _wake(self, previous: asyncio.Task[_Previous]) -> None:
+        if previous.cancelled() or previous.exception() is not None or not previous.result():
+            self._previous_found = False  # none to compare with (a fresh store): every miss a first run
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():  # a waiter cancelled meanwhile is left alone
@@ -285,7 +290,7 @@ class StoreHooks(RunHooks):
     def _miss_now(self, node: Node, made: _Made) -> str:
         key = made[0]
         parts = self._parts(node, made)
-        known = self._latest(node.name)
+        known = self._latest(node.name) if self._previous_found else None
         if known is None or known[0] != key:
             self._unsent[node.id] = (key, node.name, parts)
         if known is None:
@@ -308,15 +313,15 @@ class StoreHooks(RunHooks):
         Made from what the key was made of only when it missed: a hit never builds them.
         """
         _key, labels, identities = made
-        policy = node.step.cache
-        strategy = policy.strategy if isinstance(policy, CachePolicy) else policy
-        parts: _KeyParts = {
-            "step": _digest(
-                f"{node.identity}|{strategy if isinstance(strategy, str) else 'callable'}".encode()
-            )
-        }
-        parts.update(zip(labels, [_digest(chunk[8:]) for chunk in identities], strict=True))  # _short of each
-        if strategy == "code_hash":
+        kind, layout = (self._layouts[node.id] or self._node_key(node))[:2]
+        # The step's identity as its layout's head encodes it (after the version, tag and
+        # length): ``_short(f"{node.identity}|{strategy}")`` without formatting it again.
+        parts: _KeyParts = {"step": _digest(layout[0][_IDENTITY_AT:] + _STRATEGY_TAGS[kind])}
+        if len(identities) == 1:
+            parts[labels[0]] = _digest(identities[0][8:])  # _short of the identity
+        elif identities:
+            parts.update(zip(labels, [_digest(chunk[8:]) for chunk in identities], strict=True))
+        if kind == _BY_CODE:
             parts.update(self._fingerprints[id(node.step.func)][2])
         return parts
 
@@ -400,7 +405,13 @@ class StoreHooks(RunHooks):
             UnhashableInputError: the code fingerprint cannot be made (only when it was not
                 checked up front).
         """
-        kind, layout, positions, slots, labels = self._node_key(node)
+        return self._make(node, self._layouts[node.id] or self._node_key(node), args, kwargs, hash_large)
+
+    def _make(
+        self, node: Node, laid: _NodeKey, args: list[Any], kwargs: dict[str, Any], hash_large: bool
+    ) -> _Made | None:
+        """:meth:`_key` with the node's layout at hand (the hot path of every look-up)."""
+        kind, layout, positions, slots, labels, fed = laid
         if kind == _BY_FUNCTION:
             policy = node.step.cache
             strategy: Any = policy.strategy if isinstance(policy, CachePolicy) else policy
@@ -421,8 +432,12 @@ class StoreHooks(RunHooks):
             fingerprint = _NO_FINGERPRINT
         if not slots:
             return layout_key(layout, fingerprint, ()), labels, ()
-        values = [*args, *kwargs.values()] if kwargs else args
         identities = self._identities
+        if fed:  # every argument an output: one pass, and the slow one only for an unknown value
+            known = [identities[slot] for slot in slots]
+            if None not in known:
+                return layout_key(layout, fingerprint, known), labels, known  # type: ignore[arg-type,return-value]
+        values = [*args, *kwargs.values()] if kwargs else args
         chunks: list[bytes] = []
         for at, slot in zip(positions, slots, strict=True):
             if slot >= 0:
@@ -564,13 +579,14 @@ class StoreHooks(RunHooks):
                 cached = ok and hashes is not None
                 flights = self._flights
                 claim = flights.get(key)
-                if isinstance(claim, asyncio.Future):
-                    claim.set_result(self.store if cached else None)
+                waited = claim is not self and isinstance(claim, asyncio.Future)
+                if waited:
+                    claim.set_result(self.store if cached else None)  # type: ignore[union-attr]
                 if cached:  # held in the store's memory until it commits: no future kept per step
-                    if claim is self or isinstance(claim, asyncio.Future):
+                    if claim is self or waited:
                         flights[key] = self.store
                     self._settled.append(key)
-                elif claim is self or isinstance(claim, asyncio.Future):
+                elif claim is self or waited:
                     del flights[key]
         return hashes
 
@@ -752,14 +768,19 @@ class StoreHooks(RunHooks):
 _Made = tuple[str, tuple[str, ...], Sequence[bytes]]
 """A key, the component label of each identity it was made of, and those identity chunks."""
 
-_NodeKey = tuple[int, KeyLayout, tuple[int, ...], tuple[int, ...], tuple[str, ...]]
-"""How one node's keys are made (see :func:`_lay_out`)."""
+_NodeKey = tuple[int, KeyLayout, tuple[int, ...], tuple[int, ...], tuple[str, ...], bool]
+"""How one node's keys are made (see :func:`_lay_out`); the last item: every argument is fed
+by an output (no context value)."""
 
 _BY_INPUTS, _BY_CODE, _BY_FUNCTION = 0, 1, 2
 """What a node's key is made of besides its identity: its inputs (``input_hash``), its code too
 (``code_hash``), or the value of the user's key function."""
 
 _NO_FINGERPRINT = fingerprint_chunk(None)
+_IDENTITY_AT: Final = len(key_head(""))
+"""Where the step identity starts in a layout's head (:func:`~flowyml._hashing.key_head`)."""
+_STRATEGY_TAGS: Final = (b"|input_hash", b"|code_hash", b"|callable")
+"""What follows the identity in a key's ``step`` component, by the node's kind."""
 _HASH_FIRST: _Made = ("", (), ())  # what _key returns for a big value it is told not to hash
 _NOT_MADE: _Made = ("", (), ())  # what lookup finds when hit() made no key for the node
 
@@ -807,34 +828,52 @@ def _lay_out(node: Node, shapes: dict[_Shape, _NodeKey]) -> _NodeKey:
     """``node``'s key layout; ``shapes`` keeps, by :data:`_Shape`, a layout already made for
     another node whose arguments have the same names and kinds: all of it but its head (the step
     identity) and its slots is the same, so only those are made again (most nodes of a plan
-    share a few shapes)."""
+    share a few shapes).
+
+    Read from the node's sources in one pass, without making its :attr:`~Node.labels` (which
+    only a slow path needs): per node of a shared shape, one shape tuple, the slots and the head.
+    """
     policy = node.step.cache
     strategy = policy.strategy if isinstance(policy, CachePolicy) else policy
     kind = _BY_FUNCTION if callable(strategy) else _BY_CODE if strategy == "code_hash" else _BY_INPUTS
-    labels = node.labels
-    shape = tuple([(label, slot >= 0) for label, slot in labels])
-    same = shapes.get(shape)
-    if same is not None:
-        _kind, (_head, inputs_header, names, tail), positions, _slots, parts = same
-        slots = tuple([labels[at][1] for at in positions])
-        return kind, (key_head(node.identity), inputs_header, names, tail), positions, slots, parts
-    if not labels:  # a step without arguments: one key per fingerprint
-        made: _NodeKey = (kind, key_layout(node.identity, (), ())[0], (), (), ())
+    sources = node.sources_in_order()
+    if len(sources) == 1:  # the usual step (a chain's): no comprehension frames for one argument
+        only = sources[0]
+        shape: _Shape = ((only.parameter, only.kind == SLOT),)
     else:
-        fed = [(at, label, slot) for at, (label, slot) in enumerate(labels) if slot >= 0]
-        ctx = [(at, "param:" + label, slot) for at, (label, slot) in enumerate(labels) if slot < 0]
-        layout, order = key_layout(node.identity, [f[1] for f in fed], [c[1] for c in ctx])
-        both = [*fed, *ctx]
-        ordered = [both[i] for i in order]
-        made = (
-            kind,
-            layout,
-            tuple(at for at, _label, _slot in ordered),
-            tuple(slot for _at, _label, slot in ordered),
-            tuple(("input:" + label if slot >= 0 else label) for _at, label, slot in ordered),
-        )
-    shapes[shape] = made
-    return made
+        shape = tuple([(src.parameter, src.kind == SLOT) for src in sources])
+    same = shapes.get(shape)
+    if same is None:
+        same = shapes[shape] = _lay_out_shape(node.identity, shape, sources)
+        return (kind, *same[1:])
+    _kind, (_head, inputs_header, names, tail), positions, _slots, parts, fed = same
+    if len(positions) == 1:
+        slots: tuple[int, ...] = (sources[positions[0]].slot if fed else _slots[0],)
+    elif fed:
+        slots = tuple([sources[at].slot for at in positions])
+    else:
+        slots = tuple([sources[at].slot if shape[at][1] else -1 for at in positions])
+    return kind, (key_head(node.identity), inputs_header, names, tail), positions, slots, parts, fed
+
+
+def _lay_out_shape(identity: str, shape: _Shape, sources: Sequence[Source]) -> _NodeKey:
+    """The layout of the first node of a shape (its kind and slots are the caller's to set)."""
+    if not shape:  # a step without arguments: one key per fingerprint
+        return (0, key_layout(identity, (), ())[0], (), (), (), True)
+    ctx = [at for at, (_label, slot_fed) in enumerate(shape) if not slot_fed]
+    if not ctx:  # every argument an output (a fan-in's 100,000): fewer passes
+        layout, positions = key_layout(identity, [label for label, _fed in shape], ())
+        labels = tuple(["input:" + shape[at][0] for at in positions])
+        return (0, layout, positions, tuple([sources[at].slot for at in positions]), labels, True)
+    fed = [at for at, (_label, slot_fed) in enumerate(shape) if slot_fed]
+    layout, order = key_layout(
+        identity, [shape[at][0] for at in fed], ["param:" + shape[at][0] for at in ctx]
+    )
+    both = fed + ctx
+    positions = tuple([both[i] for i in order])
+    labels = tuple([("input:" if shape[at][1] else "param:") + shape[at][0] for at in positions])
+    slots = tuple([sources[at].slot if shape[at][1] else -1 for at in positions])
+    return (0, layout, positions, slots, labels, not ctx)
 
 
 class _ItemFate:

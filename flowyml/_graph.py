@@ -94,9 +94,11 @@ class Node:
         out += list(self.keyword)
         return out
 
-    def _all_sources(self) -> tuple[Source, ...]:
+    def sources_in_order(self) -> tuple[Source, ...]:
         """Every bound argument's source in call order (a keyword's key is its source's parameter)."""
         keyword = self.keyword
+        if not keyword:
+            return self.positional + self.var_positional  # one of them is often empty: no copy
         return (*self.positional, *self.var_positional, *[kw for _, kw in keyword])
 
     @property
@@ -105,7 +107,7 @@ class Node:
         labels = self._labels
         if labels is None:
             labels = tuple(
-                [(src.parameter, src.slot if src.kind == SLOT else -1) for src in self._all_sources()]
+                [(src.parameter, src.slot if src.kind == SLOT else -1) for src in self.sources_in_order()]
             )
             object.__setattr__(self, "_labels", labels)
         return labels
