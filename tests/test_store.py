@@ -19,6 +19,7 @@ from typing import Any
 
 import cloudpickle
 import pytest
+import xxhash
 
 from flowyml._errors import CacheCorruptionWarning, StoreError, UncachedStepWarning
 from flowyml._store import (
@@ -686,6 +687,24 @@ class TestLifecycle:
         await store.flush()
         await trace(store, None)
         assert seen.count("PRAGMA shrink_memory") == 1
+
+    async def test_none_and_booleans_are_stored_as_their_pickles(self, store: Store, root: Path) -> None:
+        """The outputs put without pickling them each time (None, True, False) read back as
+        themselves, under the hash of their pickle, with their type's name."""
+        hashes = store.put(
+            key="k", step_name="s", run_id="r", outputs={"a": None, "b": True, "c": False, "d": 1}, duration=1
+        )
+        assert hashes is not None
+        for name, value in (("a", None), ("b", True), ("c", False), ("d", 1)):
+            assert hashes[name] == xxhash.xxh3_128_hexdigest(cloudpickle.dumps(value, protocol=5))
+        await store.flush()
+        fresh, entry = await reload(root, "k")
+        async with fresh:
+            assert entry is not None
+            assert [o.type_name for o in entry.outputs] == ["NoneType", "bool", "bool", "int"]
+            loaded = await fresh.load(entry)
+            assert loaded == {"a": None, "b": True, "c": False, "d": 1}
+            assert loaded is not None and loaded["b"] is True and loaded["d"] is not True
 
     async def test_two_puts_of_one_key_in_one_batch_keep_the_later(self, store: Store, root: Path) -> None:
         """The same key put twice before a commit (a mapped step's equal items) stores the later

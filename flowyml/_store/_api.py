@@ -298,6 +298,30 @@ def _pickle(value: object) -> bytes:
     return data
 
 
+#: The pickle, digest and type name of the outputs too common to pickle each time (steps run for
+#: their effect return None). Keyed by value, reached only for None and the two booleans.
+_CONSTANTS: Final[dict[object, tuple[bytes, str, str]]] = {
+    value: (data, xxhash.xxh3_128_hexdigest(data), type(value).__qualname__)
+    for value in (None, True, False)
+    for data in (pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL),)
+}
+
+
+class _Process:
+    """This process's id, kept by a fork hook: the hot path asks it of every put, and
+    ``os.getpid()`` is a system call each time."""
+
+    pid = os.getpid()
+
+    @classmethod
+    def forked(cls) -> None:
+        cls.pid = os.getpid()
+
+
+_process = _Process
+os.register_at_fork(after_in_child=_Process.forked)
+
+
 def _type_name(value: object) -> str:
     cls = type(value)
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
@@ -1176,7 +1200,7 @@ class Store:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"the flowyml store at {self.root} is closed")
-        if self.pid != os.getpid():
+        if self.pid != _process.pid:
             self._closed = True
             raise StoreError(
                 f"the flowyml store at {self.root} was opened by process {self.pid}; a forked process "
@@ -1502,6 +1526,12 @@ class Store:
         hashes: dict[str, str] = {}
         files = False
         for name, value in outputs.items():
+            constant = _CONSTANTS.get(value) if value is None or value.__class__ is bool else None
+            if constant is not None:
+                data, digest, type_name = constant
+                hashes[name] = digest
+                flat += (name, digest, len(data), type_name, data)
+                continue
             try:
                 data = _pickle(value)
             except Exception as exc:
