@@ -1688,7 +1688,10 @@ class Store:
         """If the writer ended early (the loop cancelled it), fail whoever still waits on it."""
         reason = StoreError(f"the writer of the flowyml store at {self.root} stopped; the store is closed")
         self._closed = True
-        self._release_entry_waiters(reason)
+        waiters, self._entry_waiters = self._entry_waiters, []
+        for _, future in waiters:
+            if not future.done():
+                future.set_exception(reason)
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -1797,8 +1800,9 @@ class Store:
         self._taken = None  # not when cancelled: the writer's cancel handler takes the batch again
         if batch.upto > self._committed_upto:
             self._committed_upto = batch.upto
-            if self._entry_waiters:
-                self._release_entry_waiters()
+            ready = self._ready_entry_waiters()
+            if ready:
+                await self._wake(ready)
                 # The woken runs go on first: what follows is housekeeping (100,000 entries: ~0.2 s
                 # of the loop), not what they waited for. Until it is done, memory still serves
                 # the entries it holds; nothing else reads the lists it updates.
@@ -1806,18 +1810,13 @@ class Store:
         if committed and batch.puts:
             self._committed(batch)
 
-    def _release_entry_waiters(self, reason: BaseException | None = None) -> None:
-        """Wake the runs whose cache entries are all committed (or failed, and reported)."""
-        keep = []
-        for upto, future in self._entry_waiters:
-            if reason is None and upto > self._committed_upto:
-                keep.append((upto, future))
-            elif not future.done():
-                if reason is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(reason)
-        self._entry_waiters = keep
+    def _ready_entry_waiters(self) -> list[asyncio.Future[None]]:
+        """The runs whose cache entries are all committed (or failed, and reported), taken from
+        those waiting."""
+        ready = [future for upto, future in self._entry_waiters if upto <= self._committed_upto]
+        if ready:
+            self._entry_waiters = [(u, f) for u, f in self._entry_waiters if u > self._committed_upto]
+        return ready
 
     async def _commit(self, batch: _Batch) -> None:
         # 1. Artifact files first, durably: an index row may only name a file that is in place.
