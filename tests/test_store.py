@@ -706,6 +706,37 @@ class TestLifecycle:
             assert loaded == {"a": None, "b": True, "c": False, "d": 1}
             assert loaded is not None and loaded["b"] is True and loaded["d"] is not True
 
+    async def test_settle_waits_for_an_entry_put_again_while_its_key_committed(
+        self, store: Store, root: Path
+    ) -> None:
+        """A key put again while its first put commits is not committed with it: a run that then
+        settles still waits for its own put, and finds it in the index afterwards."""
+        put(store, key="k", out=1)
+        for _ in range(10_000):
+            if store._taken is not None:
+                break
+            await asyncio.sleep(0)
+        assert store._taken is not None
+        put(store, key="k", out=2)  # another run's put of the same key
+        for _ in range(10_000):
+            if "k" not in store._unsaved:  # the first commit's housekeeping is done
+                break
+            await asyncio.sleep(0)
+        mark = store.error_mark()
+        assert await store.settle(mark, wait=False) == ()
+        value = sql(root, "SELECT inline FROM cache_outputs WHERE key = 'k'")
+        assert [pickle.loads(v) for (v,) in value] == [2]
+
+    async def test_an_artifact_put_twice_in_a_batch_names_its_first_producer(
+        self, store: Store, root: Path
+    ) -> None:
+        """Of two puts of one value in one batch, the first put (not the first key) is recorded
+        as the artifact's producer."""
+        store.put(key="b-key", step_name="first", run_id="run-1", outputs={"x": 42}, duration=1)
+        store.put(key="a-key", step_name="second", run_id="run-2", outputs={"x": 42}, duration=1)
+        await store.flush()
+        assert sql(root, "SELECT producer_run_id, producer_step FROM artifacts") == [("run-1", "first")]
+
     async def test_two_puts_of_one_key_in_one_batch_keep_the_later(self, store: Store, root: Path) -> None:
         """The same key put twice before a commit (a mapped step's equal items) stores the later
         put, and the rest of the batch with it."""
@@ -748,9 +779,11 @@ class TestLifecycle:
         for i in range(_api._SPLIT_ENTRIES):
             put(store, key=f"k{i}", step=f"s{i}", out=i)
             store.record_step(StepRecord("run-1", f"s{i}", "succeeded", started_at=float(i)))
-        while store._taken is None:  # the writer is committing the entries
+        for _ in range(10_000):
+            if store._taken is not None:  # the writer is committing the entries
+                break
             await asyncio.sleep(0)
-        assert store._taken.puts and not store._taken.steps
+        assert store._taken is not None and store._taken.puts and not store._taken.steps
         put(store, key="late", out=1)
         await store.flush()
         assert store.commits == commits + 3

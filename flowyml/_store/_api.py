@@ -805,7 +805,9 @@ class _BatchRows:
             # One row per distinct artifact: equal values (None, small numbers, flags) are common,
             # and a row per output was an index probe per put that found the artifact there already.
             if single:
-                first = dict(zip(map(_at_digest, reversed(puts)), reversed(puts), strict=True)).values()
+                # The first put of each artifact names its producer, as put (not in key order).
+                given = batch.puts
+                first = dict(zip(map(_at_digest, reversed(given)), reversed(given), strict=True)).values()
                 return zip(
                     map(_at_digest, first),
                     map(_at_size, first),
@@ -819,7 +821,7 @@ class _BatchRows:
 
         def artifacts_of_any() -> Iterator[tuple[Any, ...]]:
             seen: set[str] = set()
-            for e in puts:
+            for e in batch.puts:
                 for at in range(_HEAD, len(e), _OUT):
                     digest = e[at + 1]
                     if digest not in seen:
@@ -1024,7 +1026,7 @@ class Store:
         self.root = root
         self._db_path = root / _db.DB_NAME
         self.read_only = read_only
-        self.pid = os.getpid()
+        self.pid = _process.pid
         self._conn = conn
         self._files = files
         self._error_log: deque[tuple[int, StoreError]] = deque(maxlen=_ERROR_LOG)
@@ -1239,7 +1241,7 @@ class Store:
             if wait:
                 future = asyncio.get_running_loop().create_future()
                 self._queue.put_nowait(_Flush(future))
-            elif self._unsaved and self._committed_upto < self._put_count:
+            elif self._committed_upto < self._put_count:
                 future = asyncio.get_running_loop().create_future()
                 self._entry_waiters.append((self._put_count, future))
                 self._wake_now()
