@@ -732,7 +732,8 @@ class _PartRows:
 
 class _Lazy:
     """Rows made by ``make`` as SQLite takes them, again at each iteration (a retry after a locked
-    database); ``count`` is the number of rows, ``bool`` whether there may be any."""
+    database); ``count`` is the number of rows (at most that many, for the artifacts: equal ones
+    are written once), ``bool`` whether there may be any."""
 
     __slots__ = ("_make", "count")
 
