@@ -33,6 +33,7 @@ from flowyml._store import (
     Store,
     _api,
     _db,
+    _staged,
     resolve_root,
 )
 from flowyml._store._db import DB_NAME, SCHEMA_VERSION
@@ -752,9 +753,10 @@ class TestLifecycle:
     async def test_many_entries_commit_before_the_lineage_queued_with_them(
         self, store: Store, root: Path
     ) -> None:
-        """A run waits for its cache entries, not its lineage: a batch of many entries and step
-        records commits the entries in a transaction of their own first, and ``settle`` without
-        ``wait`` returns once they are in."""
+        """A run waits for its cache entries, not its lineage, nor for their index: a batch of
+        many entries and step records saves the entries in a transaction of their own first,
+        and ``settle`` without ``wait`` returns once they are saved. They are indexed next, then
+        the lineage commits, and nothing stays staged."""
         mark = store.error_mark()
         commits = store.commits
         store.record_run(run_record())
@@ -762,8 +764,13 @@ class TestLifecycle:
             put(store, key=f"k{i}", step=f"s{i}", out=i)
             store.record_step(StepRecord("run-1", f"s{i}", "succeeded", started_at=float(i)))
         assert await store.settle(mark, wait=False) == ()
-        assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(_api._SPLIT_ENTRIES,)]
+        saved = [_staged.unpack(data) for (data,) in sql(root, "SELECT entries FROM staged_entries")]
+        keys = {put[0] for unpacked in saved if unpacked is not None for put in unpacked[0]}
+        assert keys == {f"k{i}" for i in range(_api._SPLIT_ENTRIES)}
+        assert sql(root, "SELECT COUNT(*) FROM step_records") == [(0,)]
         await store.flush()
+        assert sql(root, "SELECT COUNT(*) FROM cache_entries") == [(_api._SPLIT_ENTRIES,)]
+        assert sql(root, "SELECT COUNT(*) FROM staged_entries") == [(0,)]
         assert store.commits == commits + 2
         async with await Store.open(root) as fresh:
             detail = await fresh.get_run("run-1")

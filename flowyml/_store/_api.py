@@ -80,7 +80,7 @@ import xxhash
 
 from flowyml._errors import CacheCorruptionWarning, StoreError, StoreWarning, UncachedStepWarning
 
-from . import _db, _packed
+from . import _db, _packed, _staged
 from ._artifacts import ORPHAN_GRACE_SECONDS, ArtifactFiles, BadHashError, make_private_dir, process_gone
 from ._packed import StepFate, StepShape
 from ._records import (
@@ -115,6 +115,8 @@ _SHRINK_ROWS: Final = 5_000
 #: A batch with at least this many cache entries and lineage commits the entries in a transaction
 #: of their own first, so the runs waiting for them go on before the lineage is written.
 _SPLIT_ENTRIES: Final = 1_000
+#: Saved entries are indexed this many a transaction (see ``Store._index``).
+_INDEX_CHUNK: Final = 16_384
 #: At most this many step runs go in one packed ``step_records`` row.
 _MAX_PART: Final = 10_000
 #: A batch of at least this many step runs and fewer than ``_SMALL_CACHE_KEYS`` keyed rows (cache
@@ -766,6 +768,8 @@ class _BatchRows:
     def __init__(self, batch: _Batch) -> None:
         self._batch = batch
         self._built: list[tuple[str, Sequence[tuple[Any, ...]] | _PartRows | _Lazy]] | None = None
+        #: The ``staged_entries`` rows this batch's transaction deletes (it indexes their entries).
+        self.staged: list[int] = []
 
     def release(self) -> None:
         """Drop the batch and its rows (the transaction is over)."""
@@ -925,12 +929,11 @@ class _BatchRows:
                 "INSERT OR REPLACE INTO cache_key_parts (key, step_name, created_at, parts) VALUES (?, ?, ?, ?)",
                 _Lazy(key_part_rows, key_parts),
             ),
+            ("DELETE FROM staged_entries WHERE id = ?", [(row_id,) for row_id in self.staged]),
         ]
 
     def commit(self, db: sqlite3.Connection) -> None:
         """Write the batch in one ``BEGIN IMMEDIATE`` transaction, or nothing of it."""
-        if self._built is None:
-            self._built = self._build()  # once: a retry after a locked database reuses the rows
         batch = self._batch
         keyed = len(batch.puts) + len(batch.drops) + len(batch.parts) // 4
         small = len(batch.steps) // 4 >= _SMALL_CACHE_STEPS and keyed < _SMALL_CACHE_KEYS
@@ -938,9 +941,7 @@ class _BatchRows:
             db.execute(f"PRAGMA cache_size = -{_SMALL_CACHE_KIB}")
         db.execute("BEGIN IMMEDIATE")
         try:
-            for statement, rows in self._built:
-                if rows:
-                    db.executemany(statement, rows)
+            self.write(db)
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -951,6 +952,7 @@ class _BatchRows:
             if small:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute(f"PRAGMA cache_size = -{_db.CACHE_KIB}")
+        assert self._built is not None
         written = sum(
             rows.count if isinstance(rows, _PartRows | _Lazy) else len(rows) for _, rows in self._built
         )
@@ -959,6 +961,94 @@ class _BatchRows:
             # process-long store does not keep it after the run.
             with contextlib.suppress(sqlite3.Error):
                 db.execute("PRAGMA shrink_memory")
+
+    def write(self, db: sqlite3.Connection) -> None:
+        """Run the batch's statements in the transaction the caller began."""
+        if self._built is None:
+            self._built = self._build()  # once: a retry after a locked database reuses the rows
+        for statement, rows in self._built:
+            if rows:
+                db.executemany(statement, rows)
+
+
+def _merge_staged(db: sqlite3.Connection, files: ArtifactFiles) -> tuple[int, list[str]]:
+    """Index the staged entries of processes that are gone (killed between saving and indexing
+    them); the entries indexed and the rows found damaged (dropped: a cache entry lost is a miss).
+
+    An entry the index already holds as recent or more is not replaced, and one whose artifact
+    file is gone (collected meanwhile) is left out: what is indexed is whole.
+    """
+    heads = db.execute("SELECT id, pid, host FROM staged_entries").fetchall()
+    gone = [row_id for row_id, pid, host in heads if _process_gone(pid, host)]
+    if not gone:
+        return 0, []
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        puts: list[_Flat] = []
+        parts: list[Any] = []
+        taken: list[int] = []
+        damaged: list[str] = []
+        for row_id in gone:
+            row = db.execute("SELECT entries FROM staged_entries WHERE id = ?", (row_id,)).fetchone()
+            if row is None:
+                continue  # another store merged it meanwhile
+            taken.append(row_id)
+            unpacked = _staged.unpack(row[0])
+            if unpacked is None:
+                damaged.append(f"staged_entries row {row_id}: not packed cache entries (dropped)")
+                continue
+            puts += unpacked[0]
+            parts += unpacked[1]
+        newer = dict(
+            db.execute(
+                "SELECT key, created_at FROM cache_entries WHERE key IN (SELECT value FROM json_each(?))",
+                (json.dumps([put[0] for put in puts]),),
+            ).fetchall()
+        )
+
+        def whole(put: _Flat) -> bool:
+            if newer.get(put[0], -1.0) >= put[4]:
+                return False
+            return all(
+                put[at + 2] <= INLINE_LIMIT or (is_hash(put[at + 1]) and files.path(put[at + 1]).is_file())
+                for at in range(_HEAD, len(put), _OUT)
+            )
+
+        rows = _BatchRows(_Batch(puts=[put for put in puts if whole(put)], parts=parts))
+        rows.staged = taken
+        rows.write(db)
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        raise
+    return len(rows._batch.puts), damaged
+
+
+class _Unindexed(Exception):
+    """A batch's cache entries were saved (staged) and indexing them failed: ``left`` is what is
+    not indexed yet, ``staged`` the rows that hold it."""
+
+    def __init__(self, staged: list[int], cause: BaseException, left: _Batch) -> None:
+        super().__init__(str(cause))
+        self.staged = staged
+        self.cause = cause
+        self.left = left
+
+
+def _chunks(batch: _Batch, size: int) -> list[_Batch]:
+    """``batch``'s puts in batches of ``size``, each with the components of its keys; the first
+    has the drops (queued before the puts), the last the components of keys put in none."""
+    if len(batch.puts) <= size:
+        return [batch]
+    chunks = [_Batch(puts=batch.puts[at : at + size]) for at in range(0, len(batch.puts), size)]
+    chunks[0].drops = batch.drops
+    where = {put[0]: at for at, chunk in enumerate(chunks) for put in chunk.puts}
+    flat = iter(batch.parts)
+    for item in zip(flat, flat, flat, flat, strict=True):
+        chunks[where.get(item[0], -1)].parts += item
+    return chunks
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -1021,9 +1111,15 @@ class Store:
     read_only: bool
 
     def __init__(
-        self, root: Path, conn: aiosqlite.Connection, files: ArtifactFiles, *, read_only: bool = False
+        self,
+        root: Path,
+        conn: aiosqlite.Connection,
+        files: ArtifactFiles,
+        *,
+        read_only: bool = False,
+        recover: bool = False,
     ) -> None:
-        """Private: use :meth:`open`."""
+        """Private: use :meth:`open` (``recover``: index what killed processes left saved first)."""
         self.root = root
         self._db_path = root / _db.DB_NAME
         self.read_only = read_only
@@ -1069,6 +1165,9 @@ class Store:
         self._committed_upto = 0
         self._entry_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._checkpoint_due = False  # committed since the WAL was last checkpointed
+        #: Batches whose entries were saved and whose index transaction failed, with their rows.
+        self._unindexed: list[tuple[list[int], _Batch]] = []
+        self._recover = recover and not read_only
         self._writer = asyncio.get_running_loop().create_task(self._run_writer(), name="flowyml-store-writer")
         self._writer.add_done_callback(self._on_writer_done)
 
@@ -1117,7 +1216,7 @@ class Store:
                 ),
                 stacklevel=2,
             )
-        return cls(path, conn, files, read_only=read_only)
+        return cls(path, conn, files, read_only=read_only, recover=create)
 
     async def __aenter__(self) -> Self:
         return self
@@ -1644,9 +1743,27 @@ class Store:
             urgent = urgent or not _lingers(job)
         return urgent or len(jobs) >= _MAX_BATCH
 
+    async def _recover_staged(self) -> None:
+        """Index the entries killed processes saved and did not index (see ``_staged``)."""
+        try:
+            _count, damaged = await _db.retry_locked(
+                lambda: _db.on_thread(self._conn, lambda db: _merge_staged(db, self._files)),
+                where=self._db_path,
+            )
+        except (sqlite3.Error, StoreError) as exc:
+            self._log_error(
+                StoreError(
+                    f"indexing the saved cache entries of the flowyml store at {self.root} failed: {exc}"
+                )
+            )
+            return
+        self.damaged.extend(damaged)
+
     async def _run_writer(self) -> None:
         stop = False
         try:
+            if self._recover:
+                await self._recover_staged()
             while not stop:
                 self._held = jobs = [await self._queue.get()]
                 urgent = self._drain_into(jobs) or not _lingers(jobs[0])
@@ -1718,7 +1835,7 @@ class Store:
             elif isinstance(job, _Call):
                 if job.future.done():
                     continue  # done before the writer was interrupted (see _run_writer)
-                await self._commit_safely(self._take_steps(batch))
+                await self._commit_listed(batch)
                 batch = _Batch()
                 self._checkpoint_due = True
                 try:
@@ -1727,17 +1844,7 @@ class Store:
                     job.future.set_exception(exc)
             elif isinstance(job, _Stop):
                 stop = True
-        if len(self._puts) >= _SPLIT_ENTRIES and (batch.runs or self._steps or self._runs):
-            # Runs wait for their cache entries, not their lineage (see settle): many entries
-            # commit on their own first, and the runs waiting for them go on meanwhile.
-            # Cancelled then, the writer takes back the entries (self._taken) and processes the
-            # held jobs again; the steps are still listed.
-            await self._commit_safely(self._take_entries(_Batch(drops=batch.drops)))
-            batch.drops = []
-            # Entries put meanwhile are not held back behind this lineage: their own wake-up is queued.
-            await self._commit_safely(self._take_steps(batch, entries=False))
-        else:
-            await self._commit_safely(self._take_steps(batch))
+        await self._commit_listed(batch)
         await self._wake(f.future for f in flushes)
         if self._checkpoint_due and not stop:  # closing checkpoints by itself
             # After the runs waiting for this batch were woken: copying the batch's pages from
@@ -1746,6 +1853,38 @@ class Store:
             with contextlib.suppress(sqlite3.Error, ValueError):
                 await _db.on_thread(self._conn, _db.checkpoint)
         return stop
+
+    async def _commit_listed(self, batch: _Batch) -> None:
+        """Commit ``batch`` with everything listed so far.
+
+        Runs wait for their cache entries, not their lineage (see settle). Many entries are saved
+        on their own first (see ``_staged``): the runs waiting for them go on while the writer
+        indexes them, then commits the lineage. Cancelled meanwhile, the writer takes back the
+        entries (self._taken) and processes the held jobs again; the steps are still listed.
+        """
+        unindexed, self._unindexed = self._unindexed, []
+        for staged, saved in unindexed:  # failing again, they are listed again
+            await self._commit_safely(saved, staged=staged)
+        if len(self._puts) < _SPLIT_ENTRIES:
+            await self._commit_safely(self._take_steps(batch))
+            return
+        await self._commit_safely(self._take_entries(_Batch(drops=batch.drops)), stage=True)
+        batch.drops = []
+        # Entries put meanwhile are not held back behind this lineage: their own wake-up is queued.
+        await self._commit_safely(self._take_steps(batch, entries=False))
+
+    async def _entries_saved(self, batch: _Batch) -> None:
+        """A batch's entries are saved (committed, staged or not): the runs waiting for them go
+        on, a few at a time, before the writer does anything more."""
+        if batch.upto > self._committed_upto:
+            self._committed_upto = batch.upto
+            ready = self._ready_entry_waiters()
+            if ready:
+                await self._wake(ready)
+                # The woken runs go on first: what follows (indexing staged entries, or the
+                # housekeeping of 100,000 entries: ~0.2 s of the loop) is not what they waited for.
+                # Until it is done, memory still serves the entries it holds.
+                await asyncio.sleep(0)
 
     async def _wake(self, futures: Iterable[asyncio.Future[None]]) -> None:
         """Resolve the flushes a commit was waited for."""
@@ -1779,14 +1918,24 @@ class Store:
             batch.parts, self._parts = self._parts, []
         return batch
 
-    async def _commit_safely(self, batch: _Batch) -> None:
+    async def _commit_safely(self, batch: _Batch, *, stage: bool = False, staged: Sequence[int] = ()) -> None:
         if not batch:
             return
         self._taken = batch
         committed = False
         try:
-            await self._commit(batch)
+            await self._commit(batch, stage=stage, staged=staged)
             committed = True
+        except _Unindexed as exc:
+            # Saved, so nothing is lost: the next batch indexes them again (or, this process
+            # gone, the next store opened for writing). Memory serves them meanwhile.
+            self._unindexed.append((exc.staged, exc.left))
+            error = StoreError(
+                f"indexing {len(exc.left.puts)} cache entries in the flowyml store at {self.root} failed "
+                f"(they are saved, and indexed at its next write): {exc.cause}"
+            )
+            error.__cause__ = exc.cause
+            self._log_error(error)
         except Exception as exc:
             # The values stay served from memory (they are right); only their persistence is lost.
             what = []
@@ -1801,16 +1950,8 @@ class Store:
             error.__cause__ = exc
             self._log_error(error)
         self._taken = None  # not when cancelled: the writer's cancel handler takes the batch again
-        if batch.upto > self._committed_upto:
-            self._committed_upto = batch.upto
-            ready = self._ready_entry_waiters()
-            if ready:
-                await self._wake(ready)
-                # The woken runs go on first: what follows is housekeeping (100,000 entries: ~0.2 s
-                # of the loop), not what they waited for. Until it is done, memory still serves
-                # the entries it holds; nothing else reads the lists it updates.
-                await asyncio.sleep(0)
-        if committed and batch.puts:
+        await self._entries_saved(batch)
+        if committed and batch.puts and not stage:  # staged: indexed and released in chunks
             self._committed(batch)
 
     def _ready_entry_waiters(self) -> list[asyncio.Future[None]]:
@@ -1821,7 +1962,13 @@ class Store:
             self._entry_waiters = [(u, f) for u, f in self._entry_waiters if u > self._committed_upto]
         return ready
 
-    async def _commit(self, batch: _Batch) -> None:
+    async def _commit(self, batch: _Batch, *, stage: bool = False, staged: Sequence[int] = ()) -> None:
+        """Commit ``batch``; with ``stage``, save its entries first (see ``_staged``); ``staged``
+        are rows already saved that its transaction replaces.
+
+        Raises:
+            _Unindexed: the entries were saved, and indexing them failed.
+        """
         # 1. Artifact files first, durably: an index row may only name a file that is in place.
         #    A put whose file cannot be written (disk full, ...) is left out; the rest still commits.
         failed: set[int] = set()
@@ -1846,7 +1993,54 @@ class Store:
         # 2. Every row of the batch in one IMMEDIATE transaction, built and run in ONE call on the
         #    connection's thread: no thread hop per statement, and the loop stays free meanwhile.
         #    A locked database rolls back and the whole call is retried.
+        if stage:
+            filed = {id(put) for put in batch.files}
+            saved = await _db.retry_locked(
+                lambda: _db.on_thread(
+                    self._conn,
+                    lambda db: _staged.stage(
+                        db, _staged.pack(batch.puts, batch.parts, filed, INLINE_LIMIT), _process.pid, _HOST
+                    ),
+                ),
+                where=self._db_path,
+            )
+            await self._entries_saved(batch)
+            await self._index(batch, saved)
+            return
+        try:
+            await self._write(batch, staged)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if staged:
+                raise _Unindexed(list(staged), exc, batch) from exc
+            raise
+
+    async def _index(self, batch: _Batch, staged: list[int]) -> None:
+        """Index saved entries, :data:`_INDEX_CHUNK` a transaction, each in its own call on the
+        connection's thread: a read queued meanwhile (the next run's preload) waits for one
+        transaction, not for 100,000 entries. The last one deletes the ``staged`` rows.
+
+        Raises:
+            _Unindexed: a transaction failed; it holds what is left to index.
+        """
+        chunks = _chunks(batch, _INDEX_CHUNK)
+        for at, chunk in enumerate(chunks):
+            last = at == len(chunks) - 1
+            try:
+                await self._write(chunk, staged if last else ())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                left = _Batch(drops=chunk.drops, puts=[p for c in chunks[at:] for p in c.puts])
+                left.parts = [item for c in chunks[at:] for item in c.parts]
+                raise _Unindexed(staged, exc, left) from exc
+            self._committed(chunk)
+
+    async def _write(self, batch: _Batch, staged: Sequence[int]) -> None:
+        """Commit the rows of ``batch`` in one transaction (replacing the ``staged`` rows)."""
         rows = _BatchRows(batch)
+        rows.staged = list(staged)
         try:
             await _db.retry_locked(lambda: _db.on_thread(self._conn, rows.commit), where=self._db_path)
         except asyncio.CancelledError:
@@ -2216,7 +2410,8 @@ class Store:
     async def clear_cache(self, step_name: str | None = None) -> int:
         """Remove the cache entries of ``step_name`` (default: all); returns how many were removed.
 
-        Artifact files no longer named by any entry are deleted. Lineage records stay.
+        Artifact files no longer named by any entry are deleted. Lineage records stay. Clearing
+        all of it also drops the entries killed processes saved and never indexed (``_staged``).
         """
         self._refuse_read_only("clear its cache")
         where = "" if step_name is None else " WHERE step_name = ?"
@@ -2247,6 +2442,17 @@ class Store:
                     )
                     cursor = await conn.execute(f"DELETE FROM cache_entries{where}", params)
                     removed = cursor.rowcount
+                    if step_name is None:
+                        # Saved by a killed process and never indexed: indexed later, they
+                        # would come back (see _staged).
+                        gone = [
+                            (row_id,)
+                            for row_id, pid, host in await conn.execute_fetchall(
+                                "SELECT id, pid, host FROM staged_entries"
+                            )
+                            if _process_gone(pid, host)
+                        ]
+                        await conn.executemany("DELETE FROM staged_entries WHERE id = ?", gone)
                     still_used = {
                         row[0]
                         for row in await conn.execute_fetchall(

@@ -79,7 +79,7 @@ from ._records import StepRecord
 from ._safety import check_private
 
 DB_NAME = "flowyml.db"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: The page cache of a connection, at most (KiB; SQLite's default is 2 MiB). A batch of 100,000 cache
 #: entries inserts random keys into seven B-trees: with 2 MiB most inserts missed the cache and
 #: re-read their page (30 us a step in SQLite at 100,000 steps, 22 with 64 MiB). The writer hands
@@ -156,12 +156,21 @@ CREATE TABLE IF NOT EXISTS cache_key_parts (
     parts      TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS cache_key_parts_step ON cache_key_parts (step_name, created_at);
+CREATE TABLE IF NOT EXISTS staged_entries (
+    id         INTEGER PRIMARY KEY,
+    pid        INTEGER,
+    host       TEXT,
+    created_at REAL NOT NULL,
+    entries    BLOB NOT NULL
+);
 """
 
 #: Columns added after a table was first made: (table, column, type). Schema 3 added the writer's
 #: process of a run (to show a run whose process is gone as interrupted) and the number of outputs
 #: of a cache entry (an entry missing output rows is a miss, not a KeyError); schema 4 the
 #: components of an entry's key (JSON, as ``cache_key_parts.parts``; NULL: none recorded there).
+#: Schema 5 added ``staged_entries``: cache entries saved in bulk and not merged into the index yet
+#: (see ``_staged``).
 _ADDED_COLUMNS = (
     ("runs", "pid", "INTEGER"),
     ("runs", "host", "TEXT"),
