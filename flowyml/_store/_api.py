@@ -37,8 +37,9 @@ a mismatch is quarantined and reported as a miss.
 Durability: cache entries are committed at once (they do not linger like lineage), in batches of
 whatever was put meanwhile; one transaction per batch, so a killed run loses at most the entries
 not yet committed, and a committed entry is whole (its artifact files were fsynced first). A
-batch of many entries and lineage commits the entries first, in a transaction of their own: a
-run waits for its entries (``settle``), not for its lineage.
+batch of many entries is saved first, packed, in a transaction of its own, then indexed (see
+``_staged``): a run waits for its entries to be saved (``settle``), not for their index nor for
+its lineage.
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ KNOWN_KEYS_PER_STEP: Final = 8
 _MAX_BATCH: Final = 10_000
 #: A batch of at least this many rows hands the page cache it grew back to the system.
 _SHRINK_ROWS: Final = 5_000
-#: A batch with at least this many cache entries and lineage commits the entries in a transaction
-#: of their own first, so the runs waiting for them go on before the lineage is written.
+#: A batch with at least this many cache entries saves them packed in a transaction of their own
+#: first (see ``_staged``), so the runs waiting for them go on before they are indexed and before
+#: the lineage is written.
 _SPLIT_ENTRIES: Final = 1_000
 #: Saved entries are indexed this many a transaction (see ``Store._index``).
 _INDEX_CHUNK: Final = 16_384
@@ -1330,8 +1332,8 @@ class Store:
         every record (committed with those of every other run queued meanwhile, in one
         transaction). Otherwise it waits only while cache entries are waiting to be written (a
         put that fails is reported on the run that made it): the writer then commits them in a
-        transaction of their own and lets the run go before it commits the lineage queued with
-        them (at 100,000 steps, that lineage is about a third of the commit). Lineage alone is
+        transaction of their own -- many of them saved packed, indexed after (see ``_staged``) --
+        and lets the run go before it commits the lineage queued with them. Lineage alone is
         not waited for: the writer commits it within ``_LINGER_SECONDS``, together with the
         next runs' -- waiting for a commit per run cost a short run several times its own time.
         Errors reported here are not raised again by :meth:`flush` or :meth:`aclose`.
