@@ -139,6 +139,24 @@ class TestSaving:
             entry = await fresh.lookup(f"k{n - 1}")
             assert entry is not None and await fresh.load(entry) == {"v": n - 1}
 
+    async def test_a_big_output_is_not_saved_again_with_the_packed_entries(
+        self, store: Store, root: Path
+    ) -> None:
+        """An output written to its own file is in the packed rows by its hash, not its bytes."""
+        mark = store.error_mark()
+        store.put(
+            key="big", step_name="s", run_id="r", outputs={"v": b"x" * (INLINE_LIMIT * 2)}, duration=0.1
+        )
+        for i in range(_api._SPLIT_ENTRIES):
+            store.put(key=f"k{i}", step_name="s", run_id="r", outputs={"v": i}, duration=0.1)
+        assert await store.settle(mark, wait=False) == ()
+        saved = [_staged.unpack(data) for (data,) in sql(root, "SELECT entries FROM staged_entries")]
+        (big,) = [put for rows in saved if rows is not None for put in rows[0] if put[0] == "big"]
+        assert big[-1] is None and big[-3] > INLINE_LIMIT
+        await store.flush()
+        entry = await store.lookup("big")
+        assert entry is not None and await store.load(entry) == {"v": b"x" * (INLINE_LIMIT * 2)}
+
     async def test_entries_indexed_in_chunks_keep_their_key_components(
         self, store: Store, root: Path
     ) -> None:
@@ -230,6 +248,21 @@ class TestRecovery:
             assert await store.lookup("lost") is None
         assert sql(root, "SELECT COUNT(*) FROM staged_entries") == [(0,)]
 
+    async def test_of_one_key_saved_twice_the_newer_is_indexed_with_its_components(self, root: Path) -> None:
+        """Two gone processes saved one key: the newer entry wins, whatever the rows' order, and
+        the components of the older are not written anywhere."""
+        await (await Store.open(root)).aclose()
+        newer = flat("k", ("v", pickle.dumps("newer")), created_at=5.0)
+        older = flat("k", ("v", pickle.dumps("older")), created_at=2.0)
+        save(root, [newer], ["k", "step", 5.0, {"step": "new"}], dead_pid())
+        save(root, [older], ["k", "step", 2.0, {"step": "old"}], dead_pid())
+        async with await Store.open(root) as store:
+            await store.flush()
+            entry = await store.lookup("k")
+            assert entry is not None and await store.load(entry) == {"v": "newer"}
+            assert await store.key_parts(["k"]) == {"k": {"step": "new"}}
+        assert sql(root, "SELECT COUNT(*) FROM cache_key_parts") == [(0,)]
+
     async def test_a_damaged_row_is_dropped_and_reported(self, root: Path) -> None:
         await (await Store.open(root)).aclose()
         sql(
@@ -277,14 +310,16 @@ async def test_a_run_killed_after_its_entries_are_saved_loses_none(root: Path) -
     assert sql(root, "PRAGMA integrity_check") == [("ok",)]
 
 
-async def test_clearing_the_cache_drops_what_a_gone_process_saved(root: Path) -> None:
-    """Cleared, the cache does not get back, later, entries a killed process saved."""
+@pytest.mark.parametrize("step_name", [None, "step"])
+async def test_clearing_the_cache_drops_what_a_gone_process_saved(root: Path, step_name: str | None) -> None:
+    """Cleared (all of it or a step's), the cache does not get back, later, entries a killed
+    process saved."""
     async with await Store.open(root, create=True) as store:
-        store.put(key="indexed", step_name="s", run_id="r", outputs={"v": 1}, duration=0.1)
+        store.put(key="indexed", step_name="step", run_id="r", outputs={"v": 1}, duration=0.1)
         await store.flush()
     async with await Store.open(root, create=False) as reader:
         save(root, [flat("saved", ("out", b"v"))], [], dead_pid())
-        assert await reader.clear_cache() == 1
+        assert await reader.clear_cache(step_name) == 2
     assert sql(root, "SELECT COUNT(*) FROM staged_entries") == [(0,)]
     async with await Store.open(root) as store:
         await store.flush()

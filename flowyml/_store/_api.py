@@ -1001,6 +1001,12 @@ def _merge_staged(db: sqlite3.Connection, files: ArtifactFiles) -> tuple[int, li
                 continue
             puts += unpacked[0]
             parts += unpacked[1]
+        latest: dict[str, _Flat] = {}
+        for put in puts:  # of one key saved twice (two gone processes), the newer
+            held = latest.get(put[0])
+            if held is None or held[4] <= put[4]:
+                latest[put[0]] = put
+        puts = list(latest.values())
         newer = dict(
             db.execute(
                 "SELECT key, created_at FROM cache_entries WHERE key IN (SELECT value FROM json_each(?))",
@@ -1016,7 +1022,15 @@ def _merge_staged(db: sqlite3.Connection, files: ArtifactFiles) -> tuple[int, li
                 for at in range(_HEAD, len(put), _OUT)
             )
 
-        rows = _BatchRows(_Batch(puts=[put for put in puts if whole(put)], parts=parts))
+        kept = [put for put in puts if whole(put)]
+        # Only the components of the entries indexed: others may be older than what it holds.
+        made = {put[0]: put[4] for put in kept}
+        kept_parts: list[Any] = []
+        flat = iter(parts)
+        for item in zip(flat, flat, flat, flat, strict=True):
+            if made.get(item[0]) == item[2]:
+                kept_parts += item
+        rows = _BatchRows(_Batch(puts=kept, parts=kept_parts))
         rows.staged = taken
         rows.write(db)
         db.execute("COMMIT")
@@ -1974,6 +1988,7 @@ class Store:
         # 1. Artifact files first, durably: an index row may only name a file that is in place.
         #    A put whose file cannot be written (disk full, ...) is left out; the rest still commits.
         failed: set[int] = set()
+        filed = {id(put) for put in batch.files}  # their big outputs are not saved packed again
         for put in batch.files:
             try:
                 for at in range(_HEAD, len(put), _OUT):
@@ -1996,7 +2011,6 @@ class Store:
         #    connection's thread: no thread hop per statement, and the loop stays free meanwhile.
         #    A locked database rolls back and the whole call is retried.
         if stage:
-            filed = {id(put) for put in batch.files}
             saved = await _db.retry_locked(
                 lambda: _db.on_thread(
                     self._conn,
@@ -2006,8 +2020,20 @@ class Store:
                 ),
                 where=self._db_path,
             )
-            await self._entries_saved(batch)
-            await self._index(batch, saved)
+            # Saved: a writer cancelled from now on indexes them again (_commit_listed), it does
+            # not save them again.
+            pending = (saved, batch)
+            self._unindexed.append(pending)
+            self._taken = None
+            try:
+                await self._entries_saved(batch)
+                await self._index(batch, saved)
+            except asyncio.CancelledError:
+                raise  # still listed: the cancelled writer indexes them before it closes
+            except BaseException:
+                self._unindexed = [u for u in self._unindexed if u is not pending]
+                raise
+            self._unindexed = [u for u in self._unindexed if u is not pending]
             return
         try:
             await self._write(batch, staged)
@@ -2412,8 +2438,8 @@ class Store:
     async def clear_cache(self, step_name: str | None = None) -> int:
         """Remove the cache entries of ``step_name`` (default: all); returns how many were removed.
 
-        Artifact files no longer named by any entry are deleted. Lineage records stay. Clearing
-        all of it also drops the entries killed processes saved and never indexed (``_staged``).
+        Artifact files no longer named by any entry are deleted. Lineage records stay. Entries
+        killed processes saved and never indexed (``_staged``) are cleared too.
         """
         self._refuse_read_only("clear its cache")
         where = "" if step_name is None else " WHERE step_name = ?"
@@ -2444,17 +2470,6 @@ class Store:
                     )
                     cursor = await conn.execute(f"DELETE FROM cache_entries{where}", params)
                     removed = cursor.rowcount
-                    if step_name is None:
-                        # Saved by a killed process and never indexed: indexed later, they
-                        # would come back (see _staged).
-                        gone = [
-                            (row_id,)
-                            for row_id, pid, host in await conn.execute_fetchall(
-                                "SELECT id, pid, host FROM staged_entries"
-                            )
-                            if _process_gone(pid, host)
-                        ]
-                        await conn.executemany("DELETE FROM staged_entries WHERE id = ?", gone)
                     still_used = {
                         row[0]
                         for row in await conn.execute_fetchall(
@@ -2469,6 +2484,11 @@ class Store:
                     raise
                 return removed, hashes - still_used
 
+            # What killed processes saved and never indexed is indexed first, then cleared with
+            # the rest: indexed later, it would come back (see _staged).
+            await _db.retry_locked(
+                lambda: _db.on_thread(conn, lambda db: _merge_staged(db, self._files)), where=self._db_path
+            )
             return await _db.retry_locked(transaction, where=self._db_path)
 
         removed, unused = await self._call(clear)

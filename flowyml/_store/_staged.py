@@ -6,7 +6,7 @@ five B-trees, and each key's components as JSON) took 1.5-2.4 s to insert, all o
 run's last step and on its wall clock. So the writer first commits a batch of at least
 ``_SPLIT_ENTRIES`` puts (see ``_api``) as a few packed rows appended to ``staged_entries`` --
 about 0.1 s for 100,000 -- lets the runs waiting for them go on, then merges them into the index
-in a second transaction that deletes the packed rows. Until the merge, this process serves the
+in transactions of ``_INDEX_CHUNK``, the last of which deletes the packed rows. Until the merge, this process serves the
 entries from memory; another process sees them once they are merged (a miss meanwhile computes
 the step again, as for any entry committed after its look-up).
 
