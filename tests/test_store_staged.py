@@ -21,6 +21,7 @@ import flowyml
 from flowyml._errors import StoreError
 from flowyml._store import INLINE_LIMIT, Store, _api, _staged
 from flowyml._store._db import DB_NAME
+from tests.test_store import sql
 
 
 @pytest.fixture
@@ -32,16 +33,6 @@ def root(tmp_path: Path) -> Path:
 async def store(root: Path) -> AsyncIterator[Store]:
     async with await Store.open(root) as opened:
         yield opened
-
-
-def sql(root: Path, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(root / DB_NAME)
-    try:
-        rows = conn.execute(statement, params).fetchall()
-        conn.commit()
-        return rows
-    finally:
-        conn.close()
 
 
 def flat(key: str, *outputs: tuple[str, bytes], created_at: float = 1.0) -> tuple[Any, ...]:

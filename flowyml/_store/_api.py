@@ -941,15 +941,9 @@ class _BatchRows:
         small = len(batch.steps) // 4 >= _SMALL_CACHE_STEPS and keyed < _SMALL_CACHE_KEYS
         if small:
             db.execute(f"PRAGMA cache_size = -{_SMALL_CACHE_KIB}")
-        db.execute("BEGIN IMMEDIATE")
         try:
-            self.write(db)
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-            raise
+            with _db.immediate(db):
+                self.write(db)
         finally:
             if small:
                 with contextlib.suppress(sqlite3.Error):
@@ -984,8 +978,7 @@ def _merge_staged(db: sqlite3.Connection, files: ArtifactFiles) -> tuple[int, li
     gone = [row_id for row_id, pid, host in heads if _process_gone(pid, host)]
     if not gone:
         return 0, []
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _db.immediate(db):
         puts: list[_Flat] = []
         parts: list[Any] = []
         taken: list[int] = []
@@ -1033,12 +1026,6 @@ def _merge_staged(db: sqlite3.Connection, files: ArtifactFiles) -> tuple[int, li
         rows = _BatchRows(_Batch(puts=kept, parts=kept_parts))
         rows.staged = taken
         rows.write(db)
-        db.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-        raise
     return len(rows._batch.puts), damaged
 
 

@@ -65,7 +65,7 @@ import random
 import re
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
@@ -267,6 +267,20 @@ async def on_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection
     """
     execute: Callable[[Callable[[], _T]], Awaitable[_T]] = conn._execute
     return await execute(lambda: fn(conn._conn))
+
+
+@contextlib.contextmanager
+def immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """One ``BEGIN IMMEDIATE`` transaction: committed at the end, rolled back on any exception."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        raise
 
 
 def checkpoint(db: sqlite3.Connection) -> None:

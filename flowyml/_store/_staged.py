@@ -25,6 +25,8 @@ import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any, Final
 
+from ._db import immediate
+
 __all__ = ("CHUNK", "pack", "stage", "unpack")
 
 #: Puts per packed row: a row of 100,000 None outputs was 24 MB, held twice while SQLite copied it.
@@ -69,8 +71,7 @@ def stage(db: sqlite3.Connection, rows: Iterable[bytes], pid: int, host: str) ->
     """Commit the packed ``rows`` in one ``BEGIN IMMEDIATE`` transaction; their ids."""
     now = time.time()
     ids: list[int] = []
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(db):
         for data in rows:
             cursor = db.execute(
                 "INSERT INTO staged_entries (pid, host, created_at, entries) VALUES (?, ?, ?, ?)",
@@ -78,11 +79,6 @@ def stage(db: sqlite3.Connection, rows: Iterable[bytes], pid: int, host: str) ->
             )
             del data
             ids.append(int(cursor.lastrowid or 0))
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     return ids
 
 
