@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from flowyml._store import Store
 from flowyml.testing import no_sleep as _no_sleep
 
 
@@ -21,3 +22,16 @@ def no_sleep() -> Iterator[list[float]]:
     """Retry back-offs return at once; the list records the delays that were asked for."""
     with _no_sleep() as delays:
         yield delays
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A store directory that does not exist yet."""
+    return tmp_path / "store"
+
+
+@pytest.fixture
+async def store(root: Path) -> AsyncIterator[Store]:
+    """A store opened (made) at ``root``, closed after the test."""
+    async with await Store.open(root) as opened:
+        yield opened

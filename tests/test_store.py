@@ -39,17 +39,6 @@ from flowyml._store import (
 from flowyml._store._db import DB_NAME, SCHEMA_VERSION
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    return tmp_path / "store"
-
-
-@pytest.fixture
-async def store(root: Path) -> AsyncIterator[Store]:
-    async with await Store.open(root) as opened:
-        yield opened
-
-
 def big(tag: int = 0) -> bytes:
     """A value whose pickle is too large to live inline."""
     return bytes([tag % 256]) * (INLINE_LIMIT + 100)

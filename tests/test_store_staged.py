@@ -11,7 +11,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +21,6 @@ from flowyml._errors import StoreError
 from flowyml._store import INLINE_LIMIT, Store, _api, _staged
 from flowyml._store._db import DB_NAME
 from tests.test_store import sql
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    return tmp_path / "store"
-
-
-@pytest.fixture
-async def store(root: Path) -> AsyncIterator[Store]:
-    async with await Store.open(root) as opened:
-        yield opened
 
 
 def flat(key: str, *outputs: tuple[str, bytes], created_at: float = 1.0) -> tuple[Any, ...]:

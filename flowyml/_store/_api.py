@@ -967,9 +967,9 @@ class _BatchRows:
                 db.executemany(statement, rows)
 
 
-def _merge_staged(db: sqlite3.Connection, files: ArtifactFiles) -> tuple[int, list[str]]:
+def _merge_staged(db: sqlite3.Connection, files: ArtifactFiles) -> list[str]:
     """Index the staged entries of processes that are gone (killed between saving and indexing
-    them); the entries indexed and the rows found damaged (dropped: a cache entry lost is a miss).
+    them); returns the rows found damaged (dropped: a cache entry lost is a miss).
 
     An entry the index already holds as recent or more is not replaced, and one whose artifact
     file is gone (collected meanwhile) is left out: what is indexed is whole.
@@ -977,7 +977,7 @@ def _merge_staged(db: sqlite3.Connection, files: ArtifactFiles) -> tuple[int, li
     heads = db.execute("SELECT id, pid, host FROM staged_entries").fetchall()
     gone = [row_id for row_id, pid, host in heads if _process_gone(pid, host)]
     if not gone:
-        return 0, []
+        return []
     with _db.immediate(db):
         puts: list[_Flat] = []
         parts: list[Any] = []
@@ -1026,7 +1026,7 @@ def _merge_staged(db: sqlite3.Connection, files: ArtifactFiles) -> tuple[int, li
         rows = _BatchRows(_Batch(puts=kept, parts=kept_parts))
         rows.staged = taken
         rows.write(db)
-    return len(rows._batch.puts), damaged
+    return damaged
 
 
 class _Unindexed(Exception):
@@ -1749,7 +1749,7 @@ class Store:
     async def _recover_staged(self) -> None:
         """Index the entries killed processes saved and did not index (see ``_staged``)."""
         try:
-            _count, damaged = await _db.retry_locked(
+            damaged = await _db.retry_locked(
                 lambda: _db.on_thread(self._conn, lambda db: _merge_staged(db, self._files)),
                 where=self._db_path,
             )
@@ -1862,8 +1862,9 @@ class Store:
 
         Runs wait for their cache entries, not their lineage (see settle). Many entries are saved
         on their own first (see ``_staged``): the runs waiting for them go on while the writer
-        indexes them, then commits the lineage. Cancelled meanwhile, the writer takes back the
-        entries (self._taken) and processes the held jobs again; the steps are still listed.
+        indexes them, then commits the lineage. Cancelled meanwhile, the writer processes the
+        held jobs again: entries not saved yet are taken back (self._taken), saved ones are
+        indexed again (self._unindexed); the steps are still listed.
         """
         unindexed, self._unindexed = self._unindexed, []
         for staged, saved in unindexed:  # failing again, they are listed again
